@@ -1,0 +1,1 @@
+"""Guest images (kernel, headers, initramfs) built from Debian packages and cached."""

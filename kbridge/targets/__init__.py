@@ -1,0 +1,1 @@
+"""Where probes run: an embedded QEMU VM (the default) or a Vagrant VM, behind one interface."""

@@ -1,0 +1,337 @@
+"""The embedded QEMU target: kbridge boots its own image and owns the QEMU process.
+
+A VM is a directory (sockets, console log, vm.json) plus a QEMU process recorded
+by pid and start time, so a stale pid that now belongs to something else is never
+mistaken for it. Ephemeral VMs die with kbridge (PR_SET_PDEATHSIG) and are shut
+down on exit, Ctrl-C or error; a kept VM (`kbridge vm up`) outlives the command
+and is reused by later ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from kbridge import progress
+from kbridge.arch import Arch, host_arch
+from kbridge.errors import KbridgeError
+from kbridge.images.image import Image
+from kbridge.paths import state_dir
+from kbridge.targets.base import OOPS_MARKERS, GuestCrash, KmsgRecord, parse_kmsg
+from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
+
+BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
+KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
+KMSG_PORT = "org.kbridge.kmsg"
+
+
+def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
+              memory_mb: int = 1024, cpus: int = 1, cmdline_extra: str = "") -> list[str]:
+    """The QEMU command line for IMAGE: pure, so it can be read and tested on its own."""
+    cpu = "host" if accel == "kvm" else arch.tcg_cpu
+    append = f"console={arch.console} quiet panic=-1 log_buf_len=8M {cmdline_extra}".strip()
+    argv = [
+        arch.qemu_binary, *arch.qemu_machine, "-cpu", cpu, "-accel", accel,
+        "-m", str(memory_mb), "-smp", str(cpus),
+        "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
+        "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
+        "-chardev", f"file,id=con,path={rundir / 'console.log'}", "-serial", "chardev:con",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+        "-chardev", f"socket,id=kmsg,path={rundir / 'kmsg.sock'},server=on,wait=off",
+        "-device", f"virtserialport,chardev=kmsg,name={KMSG_PORT}",
+        "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+    ]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when kbridge dies, so no orphan QEMU survives a crash."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def kvm_usable(arch: Arch) -> tuple[bool, str]:
+    """Whether to try KVM at all, and why not."""
+    if os.environ.get("KBRIDGE_ACCEL") == "tcg":
+        return False, "KBRIDGE_ACCEL=tcg"
+    if arch.name != host_arch():
+        return False, f"{arch.name} guest on a {host_arch()} host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    verdict = _kvm_verdict()
+    if verdict is False:
+        return False, "KVM did not boot a guest earlier on this host boot"
+    return True, ""
+
+
+def _kvm_verdict_path() -> Path:
+    return state_dir() / "kvm-verdict.json"
+
+
+def _kvm_verdict() -> bool | None:
+    try:
+        data = json.loads(_kvm_verdict_path().read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("ok") if data.get("boot_id") == _boot_id() else None
+
+
+def _record_kvm_verdict(ok: bool) -> None:
+    _kvm_verdict_path().parent.mkdir(parents=True, exist_ok=True)
+    _kvm_verdict_path().write_text(json.dumps({"boot_id": _boot_id(), "ok": ok}))
+
+
+class QemuVM:
+    """A running QEMU guest booted from a kbridge image."""
+
+    def __init__(self, rundir: Path, image: Image, accel: str, proc: psutil.Process, kept: bool) -> None:
+        self.rundir = rundir
+        self.image = image
+        self.arch = image.arch
+        self.krel = image.krel
+        self.accel = accel
+        self.proc = proc
+        self.kept = kept
+        self._agent: GuestAgent | None = None
+        self._kmsg: socket.socket | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
+        """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
+        rundir = kept_dir(image.arch) if keep else Path(
+            state_dir() / f"run-{os.getpid()}-{image.arch.name}-{time.monotonic_ns() % 100000}")
+        try_kvm, why = kvm_usable(image.arch)
+        if try_kvm:
+            try:
+                return cls._boot(image, "kvm", rundir, keep, KVM_PROBE_TIMEOUT_S, memory_mb, cpus)
+            except (ChannelError, GuestCrash) as e:
+                _record_kvm_verdict(False)
+                progress.warn(f"KVM did not boot the guest within {KVM_PROBE_TIMEOUT_S:.0f} s "
+                              f"({e.message}); falling back to TCG")
+            else:
+                pass
+        elif why:
+            progress.info(f"using TCG (software emulation): {why}")
+        return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)
+
+    @classmethod
+    def _boot(cls, image: Image, accel: str, rundir: Path, keep: bool, timeout: float,
+              memory_mb: int, cpus: int) -> QemuVM:
+        if shutil.which(image.arch.qemu_binary) is None:
+            raise KbridgeError(
+                f"{image.arch.qemu_binary} is not installed",
+                f"sudo apt-get install {'qemu-system-x86' if image.arch.name == 'x86_64' else 'qemu-system-arm'}",
+            )
+        shutil.rmtree(rundir, ignore_errors=True)
+        rundir.mkdir(parents=True)
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
+        log = open(rundir / "qemu.log", "wb")
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=keep, preexec_fn=None if keep else _die_with_parent,
+        )
+        log.close()
+        proc = psutil.Process(popen.pid)
+        vm = cls(rundir, image, accel, proc, keep)
+        (rundir / "vm.json").write_text(json.dumps({
+            "pid": proc.pid, "create_time": proc.create_time(), "accel": accel,
+            "image": str(image.dir), "suite": image.suite, "arch": image.arch.name,
+            "krel": image.krel, "memory_mb": memory_mb, "cpus": cpus,
+        }))
+        try:
+            with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
+                vm._agent = vm._connect(timeout)
+            if accel == "kvm":
+                _record_kvm_verdict(True)
+        except BaseException:
+            vm.shutdown()
+            raise
+        return vm
+
+    @classmethod
+    def attach(cls, arch: Arch) -> QemuVM | None:
+        """The kept VM for ARCH if one is running, else None (stale state is removed)."""
+        from kbridge.images.image import load
+
+        rundir = kept_dir(arch)
+        try:
+            meta = json.loads((rundir / "vm.json").read_text())
+            proc = psutil.Process(meta["pid"])
+            if abs(proc.create_time() - meta["create_time"]) > 0.01 or not proc.is_running():
+                raise psutil.NoSuchProcess(meta["pid"])
+        except (OSError, ValueError, KeyError, psutil.Error):
+            if rundir.exists():
+                shutil.rmtree(rundir, ignore_errors=True)
+            return None
+        image = load(arch, meta["suite"], verify=False)
+        if image is None or (rundir / "crashed").exists():
+            cls(rundir, image, meta["accel"], proc, True).shutdown() if image else proc.kill()
+            shutil.rmtree(rundir, ignore_errors=True)
+            return None
+        return cls(rundir, image, meta["accel"], proc, True)
+
+    def _connect(self, timeout: float) -> GuestAgent:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_process()
+            try:
+                return GuestAgent(str(self.rundir / "qga.sock"), timeout=min(1.0, deadline - time.monotonic()))
+            except ChannelError:
+                if time.monotonic() > deadline:
+                    raise ChannelError(
+                        f"the {self.arch.name} guest did not come up within {timeout:.0f} s; "
+                        f"console: {self.console_tail()!r}") from None
+
+    @property
+    def agent(self) -> GuestAgent:
+        if self._agent is None:
+            self._agent = self._connect(10.0)
+        return self._agent
+
+    def shutdown(self) -> None:
+        """Stop QEMU (QMP quit, then SIGKILL if it lingers) and remove its directory."""
+        with contextlib.suppress(Exception):
+            if self._agent:
+                self._agent.close()
+        if self._kmsg:
+            self._kmsg.close()
+        if self.proc.is_running():
+            with contextlib.suppress(Exception):
+                qmp = Qmp(str(self.rundir / "qmp.sock"), timeout=2.0)
+                # Wait for quit's reply before closing, or QEMU may miss the command.
+                qmp.execute("quit", timeout=5.0)
+                qmp.close()
+            with contextlib.suppress(psutil.Error):
+                self.proc.wait(timeout=5)
+            with contextlib.suppress(psutil.Error):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> QemuVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.kept:
+            self.shutdown()
+        else:
+            self.detach()
+
+    def detach(self) -> None:
+        """Leave a kept VM running; drop this process's connections to it."""
+        if self._agent:
+            self._agent.close()
+            self._agent = None
+        if self._kmsg:
+            self._kmsg.close()
+            self._kmsg = None
+
+    # -- health ------------------------------------------------------------------
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = (self.rundir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _check_process(self) -> None:
+        if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
+            return
+        console = self.console_tail(60)
+        if any(m in console for m in OOPS_MARKERS):
+            raise GuestCrash(f"the {self.arch.name} guest kernel panicked", console)
+        qlog = (self.rundir / "qemu.log").read_text(errors="replace") if (self.rundir / "qemu.log").exists() else ""
+        raise KbridgeError(f"QEMU exited unexpectedly: {qlog.strip()[-500:] or console[-500:]}")
+
+    def check_alive(self) -> None:
+        """Raise GuestCrash if the guest panicked (QEMU gone) or oopsed (console shows it)."""
+        self._check_process()
+        console = self.console_tail(200)
+        if any(m in console for m in OOPS_MARKERS):
+            (self.rundir / "crashed").touch()
+            raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", console)
+
+    # -- Target interface --------------------------------------------------------
+
+    def _guarded(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except ChannelError:
+            self.check_alive()
+            raise
+
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
+        return self._guarded(self.agent.run, argv, stdin, timeout)
+
+    def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
+        return self._guarded(self.agent.spawn, argv, stdin)
+
+    def poll(self, pid: int) -> ExecResult | None:
+        return self._guarded(self.agent.status, pid)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        self._guarded(self.agent.write_file, path, data)
+
+    def read_file(self, path: str) -> bytes:
+        return self._guarded(self.agent.read_file, path)
+
+    def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
+        """Kernel log records as they arrive from now on; None after IDLE s without one."""
+        if self._kmsg is None:
+            self._kmsg = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._kmsg.connect(str(self.rundir / "kmsg.sock"))
+        sock = self._kmsg
+        sock.settimeout(idle)
+        buf = b""
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except socket.timeout:
+                yield None
+                continue
+            if not chunk:
+                self.check_alive()
+                raise KbridgeError("the guest's kernel log stream closed")
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if rec := parse_kmsg(line.decode(errors="replace")):
+                    yield rec
+
+
+def kept_dir(arch: Arch) -> Path:
+    return state_dir() / arch.name
+
+
+def orphans() -> list[psutil.Process]:
+    """QEMU processes started by kbridge whose owner is gone (for `kbridge doctor`/`vm down`)."""
+    found = []
+    root = str(state_dir())
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if (p.info.get("name") or "").startswith("qemu-system") and any(root in a for a in cmd):
+            found.append(p)
+    return found

@@ -1,0 +1,198 @@
+"""Clients for QEMU's two JSON channels: qemu-guest-agent (inside the guest) and QMP (the VMM).
+
+Both speak one JSON object per line over a unix socket. The agent has no greeting:
+a client first sends 0xFF + guest-sync-delimited, and discards bytes up to the
+0xFF the agent echoes back, so a stale half-read reply from an earlier client is
+never taken for an answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+from kbridge.errors import KbridgeError
+
+
+class ChannelError(KbridgeError):
+    """The guest agent or QMP did not answer as expected."""
+
+
+class _JsonSocket:
+    def __init__(self, path: str, deadline: float) -> None:
+        self.path = path
+        self.buf = b""
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise ChannelError(f"no QEMU socket at {path}") from None
+                time.sleep(0.02)
+
+    def send(self, obj: dict, prefix: bytes = b"") -> None:
+        self.sock.sendall(prefix + json.dumps(obj).encode() + b"\n")
+
+    def recv(self, timeout: float | None) -> dict:
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                raise ChannelError(f"no answer on {self.path} within {timeout} s") from None
+            if not chunk:
+                raise ChannelError(f"{self.path} closed: the VM stopped")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class ExecResult:
+    """A finished guest command."""
+
+    exitcode: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0 and self.signal is None
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+class GuestAgent:
+    """A connected qemu-guest-agent: run programs and move files in the guest."""
+
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.chan = _JsonSocket(path, deadline)
+        self._sync(deadline)
+
+    def _sync(self, deadline: float) -> None:
+        # Each attempt uses a fresh token and only the newest one counts: replies to
+        # earlier attempts (and the parse error the agent reports for the 0xFF byte
+        # itself) all arrive before the newest reply, so nothing stale is left behind.
+        while True:
+            if time.monotonic() > deadline:
+                raise ChannelError("the guest agent did not answer: the guest did not finish booting")
+            token = random.randrange(1, 1 << 31)
+            self.chan.send({"execute": "guest-sync-delimited", "arguments": {"id": token}}, b"\xff")
+            try:
+                while True:
+                    self.chan.buf = self.chan.buf.replace(b"\xff", b"")
+                    if self.chan.recv(0.5).get("return") == token:
+                        return
+            except ChannelError as e:
+                if "closed" in e.message:
+                    raise
+            except ValueError:
+                self.chan.buf = b""
+
+    def call(self, command: str, timeout: float = 30.0, **arguments: object) -> object:
+        msg: dict = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.chan.send(msg)
+        reply = self.chan.recv(timeout)
+        if "error" in reply:
+            raise ChannelError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def spawn(self, argv: list[str], stdin: bytes | None = None, capture: bool = True) -> int:
+        """Start ARGV in the guest (no shell involved); return its guest pid."""
+        args: dict = {"path": argv[0], "arg": argv[1:], "capture-output": capture}
+        if stdin is not None:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        ret = self.call("guest-exec", **args)
+        return int(ret["pid"])  # type: ignore[index]
+
+    def status(self, pid: int) -> ExecResult | None:
+        """The result of a spawned command, or None while it runs."""
+        st = self.call("guest-exec-status", pid=pid)
+        assert isinstance(st, dict)
+        if not st.get("exited"):
+            return None
+        return ExecResult(
+            exitcode=st.get("exitcode", -1),
+            stdout=base64.b64decode(st.get("out-data", "")),
+            stderr=base64.b64decode(st.get("err-data", "")),
+            signal=st.get("signal"),
+        )
+
+    def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while (res := self.status(pid)) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ChannelError(f"guest command (pid {pid}) still running after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return res
+
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
+        return self.wait(self.spawn(argv, stdin), timeout)
+
+    def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
+        handle = self.call("guest-file-open", path=path, mode=mode)
+        try:
+            for off in range(0, len(data), 1 << 20):
+                chunk = data[off : off + (1 << 20)]
+                self.call("guest-file-write", handle=handle, **{"buf-b64": base64.b64encode(chunk).decode()})
+        finally:
+            self.call("guest-file-close", handle=handle)
+
+    def read_file(self, path: str) -> bytes:
+        handle = self.call("guest-file-open", path=path, mode="r")
+        out = b""
+        try:
+            while True:
+                ret = self.call("guest-file-read", handle=handle, count=1 << 20)
+                assert isinstance(ret, dict)
+                out += base64.b64decode(ret.get("buf-b64", ""))
+                if ret.get("eof") or not ret.get("count"):
+                    return out
+        finally:
+            self.call("guest-file-close", handle=handle)
+
+    def close(self) -> None:
+        self.chan.close()
+
+
+class Qmp:
+    """A QMP session with the QEMU process itself (used to stop it cleanly)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.chan = _JsonSocket(path, time.monotonic() + timeout)
+        self.chan.recv(timeout)  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, timeout: float = 10.0, **arguments: object) -> object:
+        msg: dict = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.chan.send(msg)
+        while True:
+            reply = self.chan.recv(timeout)
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise ChannelError(f"QMP {command}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        self.chan.close()
