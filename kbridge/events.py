@@ -26,7 +26,7 @@ for non-ASCII input, which no valid command contains.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn, Union
 
 from kbridge.errors import KbridgeError
@@ -357,7 +357,7 @@ def parse_error_log(text: str) -> list[ErrorLogEntry]:
     entries = []
     lines = text.splitlines()
     i = 0
-    while i + 2 < len(lines) + 0 and i < len(lines):
+    while i + 2 < len(lines):
         head = _LOG_HEAD.fullmatch(lines[i])
         if not (head and lines[i + 1].startswith(CMD_PREFIX) and lines[i + 2].endswith("^")):
             i += 1
@@ -540,9 +540,9 @@ class _ProbeParser:
         group, event = (None, None) if colon < 0 else self._event_name(head[colon + 1:], colon + 1)
         probe = ProbeEvent(kind="r" if target.pop("is_return") else "p", maxactive=maxactive,
                            group=group, event=event, **target)
-        args = self._args(probe)
-        self._check_symbols_at_register(probe, args)
-        return ProbeEvent(**{**probe.__dict__, "args": args})
+        args = self._args()
+        self._check_symbols_at_register(probe)
+        return replace(probe, args=args)
 
     def _maxactive(self, kind: str, head: str, colon: int) -> int | None:
         if not _isdigit(head[1:2]):
@@ -627,7 +627,7 @@ class _ProbeParser:
 
     # -- arguments -------------------------------------------------------------
 
-    def _args(self, probe: ProbeEvent) -> tuple[FetchArg, ...]:
+    def _args(self) -> tuple[FetchArg, ...]:
         names: list[str] = []
         args = []
         # 6.1 parses at most MAX_TRACE_ARGS and silently drops the rest
@@ -825,14 +825,12 @@ class _ProbeParser:
     def _symbol_memory(self, text: str) -> SymMem:
         """@SYM[+|-offs] stays text until registration (traceprobe_update_arg())."""
         cut = min((i for i in (text.find("+"), text.find("-")) if i >= 0), default=-1)
-        if cut < 0:
-            return SymMem(text)
-        offs = _kstrtoll(text[cut:])
+        sym, offs = (text, 0) if cut < 0 else (text[:cut], _kstrtoll(text[cut:]))
         if offs is None:
             self.register_errors.append("FAIL_REG_PROBE")  # kstrtol(): -EINVAL
-        elif cut == 0:
+        elif not sym:
             self.register_errors.append("BAD_PROBE_ADDR")  # no symbol "": -ENOENT
-        return SymMem(text[:cut], offs or 0)
+        return SymMem(sym, offs or 0)
 
     def _deref(self, arg: str, offs: int, code: int) -> tuple[Fetch, int]:
         """'+'/'-' case, including the kernel's own caret arithmetic."""
@@ -865,6 +863,10 @@ class _ProbeParser:
         r"""'\' case: \"string" or \IMM (str_to_immediate())."""
         if arg[1:2] == '"':
             text = arg[2:]
+            # The kernel tests str[len - 1]; for `\"` alone that byte is the
+            # opening quote itself, so 6.1 accepts it as an empty string.
+            if text == "":
+                return ImmStr("")
             if not text.endswith('"'):
                 self.fail(offs + 2 + len(text), "IMMSTR_NO_CLOSE")
             return ImmStr(text[:-1])
@@ -883,7 +885,7 @@ class _ProbeParser:
 
     # -- registration-time checks that need no kernel ----------------------------
 
-    def _check_symbols_at_register(self, probe: ProbeEvent, args: tuple[FetchArg, ...]) -> None:
+    def _check_symbols_at_register(self, probe: ProbeEvent) -> None:
         """traceprobe_update_arg() resolves @SYM when registering; errors land on argv[1].
 
         -ENOENT is forgiven (the probe waits) when the target is a MOD:SYM or
@@ -895,8 +897,88 @@ class _ProbeParser:
                 self.fail(0, error)
 
 
-def _walk(fetch: Fetch):
-    while isinstance(fetch, Deref):
-        yield fetch
-        fetch = fetch.inner
-    yield fetch
+# --- formatting -------------------------------------------------------------
+
+def format(ev: Event) -> str:  # noqa: A001 - the name the API promises
+    """Write an event back as a kprobe_events line (single spaces)."""
+    if isinstance(ev, RemoveEvent):
+        name = (f"{ev.group}/" if ev.group is not None else "") + (ev.event or "")
+        return " ".join([f"-:{name}", *ev.match])
+    return " ".join([_format_head(ev), _format_target(ev), *map(format_arg, ev.args)])
+
+
+def _format_head(ev: ProbeEvent) -> str:
+    letter = "p" if ev.return_suffix and ev.maxactive is None else ev.kind
+    head = letter + (str(ev.maxactive) if ev.maxactive is not None else "")
+    if ev.group is None and ev.event is None:
+        return head
+    return f"{head}:" + (f"{ev.group}/" if ev.group is not None else "") + (ev.event or "")
+
+
+def _format_target(ev: ProbeEvent) -> str:
+    if ev.address is not None:
+        return f"0x{ev.address:x}"
+    target = (f"{ev.module}:" if ev.module is not None else "") + (ev.symbol or "")
+    if ev.offset:
+        target += f"+{ev.offset}"
+    return target + ("%return" if ev.return_suffix else "")
+
+
+def format_arg(arg: FetchArg) -> str:
+    """One FETCHARG as written on the command line."""
+    text = (f"{arg.name}=" if arg.name is not None else "") + format_fetch(arg.fetch)
+    if isinstance(arg.type, Bitfield):
+        text += f":b{arg.type.width}@{arg.type.offset}/{arg.type.size}"
+    elif arg.type is not None:
+        text += f":{arg.type}"
+    return text + (f"[{arg.array}]" if arg.array is not None else "")
+
+
+def format_fetch(fetch: Fetch) -> str:
+    """A fetch expression tree as text."""
+    match fetch:
+        case Reg(name):
+            return f"%{name}"
+        case Mem(addr):
+            return f"@0x{addr:x}"
+        case SymMem(sym, 0):
+            return f"@{sym}"
+        case SymMem(sym, offs):
+            return f"@{sym}{offs:+d}"
+        case Stack(n):
+            return f"$stack{n}"
+        case StackPtr():
+            return "$stack"
+        case Arg(n):
+            return f"$arg{n}"
+        case Retval():
+            return "$retval"
+        case Comm():
+            return "$comm"
+        case Imm(value):
+            return f"\\{value}"
+        case ImmStr(text):
+            return f'\\"{text}"'
+        case Deref(offset, inner, user):
+            sign = "-" if offset < 0 else "+"
+            return f"{sign}{'u' if user else ''}{abs(offset)}({format_fetch(inner)})"
+    raise TypeError(f"not a fetch expression: {fetch!r}")
+
+
+def default_event_name(ev: ProbeEvent) -> str:
+    """The event name 6.1 generates when the line gives none.
+
+    "%c_%s_%ld" of p/r, [MOD:]SYM and offset, or "%c_0x%p" of the address,
+    cut to MAX_EVENT_NAME_LEN - 1, then sanitize_event_name() turns ':' and
+    '.' (except in the first character) into '_'.  For addresses the kernel
+    prints a *hashed* %p unless booted with no_hash_pointers; this returns
+    the unhashed form.
+    """
+    letter = "r" if ev.is_return else "p"
+    if ev.address is not None:
+        name = f"{letter}_0x{ev.address:016x}"
+    else:
+        sym = (f"{ev.module}:" if ev.module is not None else "") + (ev.symbol or "")
+        name = f"{letter}_{sym}_{ev.offset}"
+    name = name[: MAX_EVENT_NAME_LEN - 1]
+    return name[:1] + name[1:].replace(":", "_").replace(".", "_")

@@ -30,7 +30,7 @@ from kbridge.images.cpio import CpioWriter
 from kbridge.paths import cache_dir
 
 DEFAULT_SUITE = "bookworm"
-FORMAT = 3  # bump when the image layout changes, so old caches are rebuilt
+FORMAT = 4  # bump when the image layout changes, so old caches are rebuilt
 # Guest drivers the init loads (with their dependencies), for the agent's channel.
 GUEST_MODULES = ("virtio_pci", "virtio_console")
 
@@ -54,10 +54,6 @@ class Image:
         return self.dir / "initramfs.cpio"
 
     @property
-    def system_map(self) -> Path:
-        return self.dir / "System.map"
-
-    @property
     def headers(self) -> Path:
         """The kbuild tree to build modules against (make -C this M=...)."""
         return self.dir / "headers/usr/src" / f"linux-headers-{self.krel}"
@@ -66,6 +62,15 @@ class Image:
     def state(self) -> Path:
         """Where per-image facts learnt at run time are cached (symbol table, KVM verdict)."""
         return self.dir / "state"
+
+
+def guest_digest() -> str:
+    """A digest of the guest-side files: an image built with other ones is rebuilt."""
+    h = hashlib.sha256(str(FORMAT).encode())
+    for p in sorted(GUEST_DIR.iterdir()):
+        if p.is_file() and not p.name.endswith((".py", ".pyc")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def image_dir(arch: Arch, suite: str) -> Path:
@@ -87,7 +92,7 @@ def load(arch: Arch, suite: str = DEFAULT_SUITE, verify: bool = True) -> Image |
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") != FORMAT or manifest.get("guest") != guest_digest():
         return None
     for rel, digest in manifest["files"].items():
         p = d / rel
@@ -158,8 +163,6 @@ def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
                 extract(deb, work / ("headers" if "headers" in deb.name or "kbuild" in deb.name else "kpkg"))
             _fix_headers(work / "headers", krel)
             _install_kernel(arch, work / "kpkg", krel, work / "kernel")
-            # The kernel's own symbol table: symbols resolve on the host, before any boot.
-            shutil.copyfile(work / "kpkg/boot" / f"System.map-{krel}", work / "System.map")
         with progress.step("building the initramfs"):
             sysroot = work / "sysroot"
             for deb in user_debs:
@@ -167,8 +170,8 @@ def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
             _build_initramfs(arch, krel, work / "kpkg", sysroot, work / "initramfs.cpio")
         for tmp in ("debs", "kpkg", "sysroot"):
             shutil.rmtree(work / tmp)
-        files = {rel: _sha256(work / rel) for rel in ("kernel", "initramfs.cpio", "System.map")}
-        manifest = {"format": FORMAT, "arch": arch.name, "suite": suite, "krel": krel,
+        files = {rel: _sha256(work / rel) for rel in ("kernel", "initramfs.cpio")}
+        manifest = {"format": FORMAT, "guest": guest_digest(), "arch": arch.name, "suite": suite, "krel": krel,
                     "version": version, "files": files}
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if final.exists():

@@ -126,12 +126,11 @@ class QemuVM:
         if try_kvm:
             try:
                 return cls._boot(image, "kvm", rundir, keep, KVM_PROBE_TIMEOUT_S, memory_mb, cpus)
-            except (ChannelError, GuestCrash) as e:
+            except KbridgeError as e:  # hung (nested KVM) or QEMU refused: either way, TCG
                 _record_kvm_verdict(False)
+                first = e.message.strip().splitlines()[0][:160]
                 progress.warn(f"KVM did not boot the guest within {KVM_PROBE_TIMEOUT_S:.0f} s "
-                              f"({e.message}); falling back to TCG")
-            else:
-                pass
+                              f"({first}); falling back to TCG")
         elif why:
             progress.info(f"using TCG (software emulation): {why}")
         return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)

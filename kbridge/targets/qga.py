@@ -38,7 +38,10 @@ class _JsonSocket:
                 time.sleep(0.02)
 
     def send(self, obj: dict, prefix: bytes = b"") -> None:
-        self.sock.sendall(prefix + json.dumps(obj).encode() + b"\n")
+        try:
+            self.sock.sendall(prefix + json.dumps(obj).encode() + b"\n")
+        except OSError as e:
+            raise ChannelError(f"{self.path} closed: the VM stopped ({e.strerror})") from None
 
     def recv(self, timeout: float | None) -> dict:
         self.sock.settimeout(timeout)
@@ -47,6 +50,8 @@ class _JsonSocket:
                 chunk = self.sock.recv(1 << 16)
             except socket.timeout:
                 raise ChannelError(f"no answer on {self.path} within {timeout} s") from None
+            except OSError:
+                chunk = b""
             if not chunk:
                 raise ChannelError(f"{self.path} closed: the VM stopped")
             self.buf += chunk

@@ -1,0 +1,75 @@
+"""`kbridge doctor`: what the host has and lacks for each arch, and the command that fixes it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Annotated
+
+import typer
+
+from kbridge.arch import ARCHES, host_arch
+from kbridge.cli import app
+from kbridge.cli.output import command, emit_json, err
+from kbridge.images import image as images
+from kbridge.images.apt import KEYRING
+from kbridge.targets.qemu import kvm_usable, orphans
+
+
+def checks() -> list[dict]:
+    """Each check: name, ok, detail, and the apt package that provides it."""
+    def tool(name: str, pkg: str, why: str) -> dict:
+        path = shutil.which(name)
+        return {"check": name, "ok": bool(path), "detail": path or f"missing: {why}", "package": pkg}
+
+    res = [
+        tool("apt-get", "apt", "downloads Debian kernels and guest packages"),
+        tool("dpkg-deb", "dpkg", "unpacks them"),
+        tool("make", "make", "kbuild"),
+        {"check": "debian-archive-keyring", "ok": KEYRING.exists(), "detail": str(KEYRING),
+         "package": "debian-archive-keyring"},
+    ]
+    cc = {"x86_64": ("x86_64-linux-gnu-gcc-12", "gcc-12"), "arm64": ("aarch64-linux-gnu-gcc-12", "gcc-12-aarch64-linux-gnu")}
+    for a in ARCHES.values():
+        qpkg = "qemu-system-x86" if a.name == "x86_64" else "qemu-system-arm"
+        res.append(tool(a.qemu_binary, qpkg, f"runs {a.name} guests"))
+        gcc, pkg = cc[a.name]
+        if a.name == host_arch():
+            gcc = "gcc-12"
+        res.append(tool(gcc, pkg, f"builds {a.name} modules (the Debian kernel's compiler)"))
+    kvm_ok, why = kvm_usable(ARCHES[host_arch()]) if host_arch() in ARCHES else (False, "unknown host arch")
+    res.append({"check": "kvm", "ok": kvm_ok, "detail": "will be tried (bounded), TCG otherwise" if kvm_ok
+                else f"TCG will be used: {why}", "package": None, "optional": True})
+    for a in ARCHES.values():
+        img = images.load(a, verify=False)
+        res.append({"check": f"image {a.name}", "ok": img is not None, "optional": True, "package": None,
+                    "detail": f"cached: {img.krel}" if img else "not built yet (built on first use, ~20 s)"})
+    strays = [p.pid for p in orphans()]
+    res.append({"check": "stray qemu", "ok": True, "optional": True, "package": None,
+                "detail": f"kbridge QEMU processes running: {strays}" if strays else "none"})
+    return res
+
+
+@app.command("doctor")
+@command
+def doctor(json_out: Annotated[bool, typer.Option("--json")] = False,
+           fix: Annotated[bool, typer.Option("--fix", help="Install what is missing with apt-get (needs root).")] = False) -> None:
+    """Check the host: tools, compilers, QEMU, KVM, cached images."""
+    res = checks()
+    missing = sorted({c["package"] for c in res if not c["ok"] and c.get("package")})
+    if fix and missing:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run([*sudo, "apt-get", "install", "-y", *missing], check=False)
+        res = checks()
+        missing = sorted({c["package"] for c in res if not c["ok"] and c.get("package")})
+    if json_out:
+        emit_json({"checks": res, "missing_packages": missing, "ok": not missing})
+    else:
+        for c in res:
+            mark = "[green]✓[/]" if c["ok"] else ("[yellow]-[/]" if c.get("optional") else "[red]✗[/]")
+            err.print(f"{mark} {c['check']:28} {c['detail']}")
+        if missing:
+            err.print(f"\n[bold]install:[/] sudo apt-get install {' '.join(missing)}")
+    if missing:
+        raise typer.Exit(1)
