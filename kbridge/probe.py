@@ -16,7 +16,7 @@ from kbridge.arch import Arch, get_arch
 from kbridge.build import build
 from kbridge.images import image as images
 from kbridge.images.apt import Mirrors
-from kbridge.mechanisms import kmod
+from kbridge.mechanisms import kmod, mechanism
 from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
 from kbridge.render.kmod import render
 from kbridge.session import Session, cached_blacklist, cached_symbols, open_target
@@ -87,7 +87,5 @@ def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | 
                 ko = early.result() if early is not None else build(mod, vm.image)
                 result = kmod.run(session, resolved, ko, mod.name, work, stop, on_hit)
             else:
-                from kbridge.mechanisms import MECHANISMS  # tracefs / bpf, imported on demand
-
-                result = MECHANISMS[via](session, resolved, work, stop, on_hit)
+                result = mechanism(via)(session, resolved, work, stop, on_hit)
             return ProbeRun(resolution, arch.name, vm.krel, vm.accel, [result], work)

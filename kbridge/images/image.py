@@ -122,7 +122,8 @@ def ensure(arch: Arch | str | None = None, suite: str = DEFAULT_SUITE,
         if not rebuild and (img := load(arch, suite)):  # another process may have built it
             return img
         if (image_dir(arch, suite) / "manifest.json").exists() and not rebuild:
-            progress.warn(f"cached {suite}/{arch.name} image is damaged: rebuilding it")
+            progress.warn(f"cached {suite}/{arch.name} image is damaged or from another kbridge "
+                          "version: rebuilding it")
         return _build(arch, suite, mirrors or _mirrors_from_env(suite))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -34,6 +35,10 @@ from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
 KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
 KMSG_PORT = "org.kbridge.kmsg"
+# Byte streams from the guest to the host, one virtio-serial port each: the kernel
+# log (always streamed by the guest init) and spare ports a mechanism can point a
+# guest program at (/usr/lib/kbridge/stream SRC PORT), e.g. trace_pipe or bcc output.
+STREAM_PORTS = (KMSG_PORT, "org.kbridge.trace", "org.kbridge.bpf")
 
 
 def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
@@ -50,10 +55,11 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
         "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
-        "-chardev", f"socket,id=kmsg,path={rundir / 'kmsg.sock'},server=on,wait=off",
-        "-device", f"virtserialport,chardev=kmsg,name={KMSG_PORT}",
         "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
     ]
+    for i, port in enumerate(STREAM_PORTS):
+        argv += ["-chardev", f"socket,id=port{i},path={rundir / (port + '.sock')},server=on,wait=off",
+                 "-device", f"virtserialport,chardev=port{i},name={port}"]
     return argv
 
 
@@ -113,7 +119,9 @@ class QemuVM:
         self.proc = proc
         self.kept = kept
         self._agent: GuestAgent | None = None
-        self._kmsg: socket.socket | None = None
+        self._ports: dict[str, socket.socket] = {}
+        self._lock: int | None = None
+        self._refs = 1
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -162,6 +170,8 @@ class QemuVM:
         try:
             with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
                 vm._agent = vm._connect(timeout)
+            if keep:
+                vm._take_lock()
             if accel == "kvm":
                 _record_kvm_verdict(True)
         except BaseException:
@@ -175,6 +185,9 @@ class QemuVM:
         from kbridge.images.image import load
 
         rundir = kept_dir(arch)
+        if (mine := _attached.get(rundir)) is not None and mine.proc.is_running():
+            mine._refs += 1  # nested use in this process shares the one agent connection
+            return mine
         try:
             meta = json.loads((rundir / "vm.json").read_text())
             proc = psutil.Process(meta["pid"])
@@ -186,10 +199,38 @@ class QemuVM:
             return None
         image = load(arch, meta["suite"], verify=False)
         if image is None or (rundir / "crashed").exists():
-            cls(rundir, image, meta["accel"], proc, True).shutdown() if image else proc.kill()
+            if image is not None:
+                cls(rundir, image, meta["accel"], proc, True).shutdown()
+            else:
+                proc.kill()
             shutil.rmtree(rundir, ignore_errors=True)
+            if image is not None:
+                progress.warn(f"the kept {arch.name} VM had crashed: stopped it; a fresh one boots")
             return None
-        return cls(rundir, image, meta["accel"], proc, True)
+        vm = cls(rundir, image, meta["accel"], proc, True)
+        vm._take_lock()
+        return vm
+
+    def _take_lock(self, timeout: float = 600.0) -> None:
+        """One kbridge command at a time per VM: the agent serves a single client."""
+        fd = os.open(self.rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = fd
+                self._refs = 1
+                _attached[self.rundir] = self
+                return
+            except BlockingIOError:
+                if not told:
+                    progress.info(f"waiting for another kbridge command using the {self.arch.name} VM")
+                    told = True
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise KbridgeError(f"the {self.arch.name} VM stayed busy for {timeout:.0f} s") from None
+                time.sleep(0.1)
 
     def _connect(self, timeout: float) -> GuestAgent:
         deadline = time.monotonic() + timeout
@@ -211,11 +252,8 @@ class QemuVM:
 
     def shutdown(self) -> None:
         """Stop QEMU (QMP quit, then SIGKILL if it lingers) and remove its directory."""
-        with contextlib.suppress(Exception):
-            if self._agent:
-                self._agent.close()
-        if self._kmsg:
-            self._kmsg.close()
+        self._refs = 1
+        self.detach()
         if self.proc.is_running():
             with contextlib.suppress(Exception):
                 qmp = Qmp(str(self.rundir / "qmp.sock"), timeout=2.0)
@@ -239,13 +277,20 @@ class QemuVM:
             self.detach()
 
     def detach(self) -> None:
-        """Leave a kept VM running; drop this process's connections to it."""
+        """Leave a kept VM running; drop this process's connections to it (at the last user)."""
+        self._refs -= 1
+        if self._refs > 0:
+            return
+        _attached.pop(self.rundir, None)
         if self._agent:
-            self._agent.close()
+            with contextlib.suppress(OSError):
+                self._agent.close()
             self._agent = None
-        if self._kmsg:
-            self._kmsg.close()
-            self._kmsg = None
+        for port in list(self._ports):
+            self.close_port(port)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     # -- health ------------------------------------------------------------------
 
@@ -298,11 +343,26 @@ class QemuVM:
         return self._guarded(self.agent.read_file, path)
 
     def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
-        """Kernel log records as they arrive from now on; None after IDLE s without one."""
-        if self._kmsg is None:
-            self._kmsg = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._kmsg.connect(str(self.rundir / "kmsg.sock"))
-        sock = self._kmsg
+        """Kernel log records as they arrive; None after IDLE s without one.
+
+        A fresh connection first delivers what the guest logged while nobody
+        listened, so callers look for their own start marker.
+        """
+        for line in self.port_lines(KMSG_PORT, idle):
+            if line is None:
+                yield None
+            elif rec := parse_kmsg(line):
+                yield rec
+
+    def port_lines(self, port: str, idle: float = 0.05) -> Iterator[str | None]:
+        """Lines arriving on a guest->host stream port; None after IDLE s without one."""
+        if port not in STREAM_PORTS:
+            raise KbridgeError(f"unknown stream port {port!r}")
+        sock = self._ports.get(port)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.rundir / f"{port}.sock"))
+            self._ports[port] = sock
         sock.settimeout(idle)
         buf = b""
         while True:
@@ -313,12 +373,19 @@ class QemuVM:
                 continue
             if not chunk:
                 self.check_alive()
-                raise KbridgeError("the guest's kernel log stream closed")
+                raise KbridgeError(f"the guest stream {port} closed")
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                if rec := parse_kmsg(line.decode(errors="replace")):
-                    yield rec
+                yield line.decode(errors="replace")
+
+    def close_port(self, port: str) -> None:
+        if sock := self._ports.pop(port, None):
+            sock.close()
+
+
+# Kept VMs this process has attached (and locked), shared by nested users.
+_attached: dict[Path, QemuVM] = {}
 
 
 def kept_dir(arch: Arch) -> Path:

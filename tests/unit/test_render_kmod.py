@@ -1,0 +1,44 @@
+"""The generated module: what the template renders for each handler set and arch."""
+
+import re
+
+from kbridge.arch import ARM64, X86_64
+from kbridge.render.kmod import module_name, render
+from kbridge.spec import make_spec
+
+
+def test_kprobe_with_args_uses_the_calling_convention():
+    spec = make_spec("ksys_write", {"pre", "post"}, ["fd=1", "count=3"], X86_64)
+    src = render(spec, X86_64).source
+    assert src.startswith("// SPDX-License-Identifier: GPL-2.0-only")
+    assert "regs_get_kernel_argument(regs, 0);\t/* fd */" in src
+    assert "regs_get_kernel_argument(regs, 2);\t/* count */" in src
+    assert '.symbol_name = "ksys_write"' in src
+    assert "register_kretprobe" not in src
+    assert src.count('pr_info("hit=') == 2
+
+
+def test_syscall_wrapper_reads_the_user_pt_regs():
+    for arch in (X86_64, ARM64):
+        spec = make_spec(arch.syscall_prefix + "write", {"pre"}, ["count=3"], arch)
+        src = render(spec, arch).source
+        assert "#include <asm/syscall.h>" in src
+        assert "args[0] = sysargs[2];\t/* count */" in src
+
+
+def test_kretprobe_reports_retval_and_entry_args():
+    spec = make_spec("vfs_read", {"ret"}, ["count=3"], ARM64, maxactive=8)
+    src = render(spec, ARM64).source
+    assert "regs_return_value(regs)" in src
+    assert ".maxactive = 8," in src
+    assert "kb_fetch_args(regs, d->args);" in src  # fetched at entry, printed at return
+    assert "register_kprobe(&kp)" not in src
+    assert re.search(r'hit=ret pid=%d tid=%d cpu=%d count=%lu ret=%ld comm=%s', src)
+
+
+def test_module_names_are_short_unique_identifiers():
+    a = make_spec("a" * 120, {"pre"})
+    b = make_spec("a" * 120, {"post"})
+    assert module_name(a) != module_name(b)
+    assert len(module_name(a)) < 56 and re.fullmatch(r"\w+", module_name(a))
+    assert module_name(make_spec("x.isra.0", {"pre"})).startswith("kb_x_isra_0_")
