@@ -1,8 +1,8 @@
 """Progress of long work, as events a front end can show (the CLI draws them with rich on stderr).
 
 The library only emits; it never prints. A sink is a callable taking (kind, text):
-kind is "step" (a long step starts), "done" (it ended), "info" (a fact worth showing)
-or "warn".
+kind is "step" (a long step starts), "done" (it ended), "fail" (it raised), "info"
+(a fact worth showing) or "warn".
 """
 
 from __future__ import annotations
@@ -45,5 +45,7 @@ def step(text: str) -> Iterator[None]:
     emit("step", text)
     try:
         yield
-    finally:
-        emit("done", f"{text} ({time.monotonic() - start:.1f} s)")
+    except BaseException:
+        emit("fail", f"{text}: failed after {time.monotonic() - start:.1f} s")
+        raise
+    emit("done", f"{text} ({time.monotonic() - start:.1f} s)")

@@ -17,3 +17,9 @@ try:
     from kbridge.cli import trace  # noqa: F401
 except ImportError:  # pragma: no cover - optional while being written
     pass
+
+for _name in ("inspect", "bpf", "compare"):
+    try:
+        __import__(f"kbridge.cli.{_name}")
+    except ImportError:  # pragma: no cover - optional while being written
+        pass

@@ -24,8 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _sink(kind: str, text: str) -> None:
-    style = {"step": "dim", "done": "green", "info": "cyan", "warn": "yellow"}[kind]
-    mark = {"step": "…", "done": "✓", "info": "•", "warn": "!"}[kind]
+    style = {"step": "dim", "done": "green", "fail": "red", "info": "cyan", "warn": "yellow"}[kind]
+    mark = {"step": "…", "done": "✓", "fail": "✗", "info": "•", "warn": "!"}[kind]
     err.print(f"[{style}]{mark} {escape(text)}[/]")
 
 

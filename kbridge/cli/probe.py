@@ -98,6 +98,10 @@ def show_summary(run: ProbeRun, streamed: int) -> None:
                           str(r.missed) if i == 0 else "", str(r.lost) if i == 0 else "")
     err.print(table)
     for r in run.results:
+        if r.total == 0:
+            err.print(f"[yellow]no hits: the workload {run.workload.description!r} did not make the kernel "
+                      f"run {run.resolution.symbol} (busybox cat, for one, copies with sendfile, not read)."
+                      " Try --run with a command that does, or --duration S to watch the whole guest.[/]")
         if r.workload_exit not in (None, 0):
             err.print(f"[yellow]workload {run.workload.description!r} exited with {r.workload_exit}[/]")
             if r.workload_output.strip():

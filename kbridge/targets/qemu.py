@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -58,9 +58,19 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
         "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
     ]
     for i, port in enumerate(STREAM_PORTS):
-        argv += ["-chardev", f"socket,id=port{i},path={rundir / (port + '.sock')},server=on,wait=off",
+        argv += ["-chardev", f"socket,id=port{i},path={rundir / _port_socket(port)},server=on,wait=off",
                  "-device", f"virtserialport,chardev=port{i},name={port}"]
+    rootfs = image.dir / "rootfs.ext4"
+    if rootfs.is_file():
+        # An image flavour's root filesystem (kbridge.images.bcc); the guest init mounts it
+        # at /rootfs. snapshot=on: guest writes go to a throwaway overlay, the image stays pristine.
+        argv += ["-drive", f"file={rootfs},if=none,id=rootfs,format=raw,snapshot=on",
+                 "-device", "virtio-blk-pci,drive=rootfs"]
     return argv
+
+
+def _port_socket(port: str) -> str:
+    return f"port{STREAM_PORTS.index(port)}.sock"  # short: unix socket paths max out at 107 bytes
 
 
 def _die_with_parent() -> None:
@@ -119,7 +129,7 @@ class QemuVM:
         self.proc = proc
         self.kept = kept
         self._agent: GuestAgent | None = None
-        self._ports: dict[str, socket.socket] = {}
+        self._ports: dict[str, PortReader] = {}
         self._lock: int | None = None
         self._refs = 1
 
@@ -128,8 +138,10 @@ class QemuVM:
     @classmethod
     def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
         """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
-        rundir = kept_dir(image.arch) if keep else Path(
-            state_dir() / f"run-{os.getpid()}-{image.arch.name}-{time.monotonic_ns() % 100000}")
+        rundir = kept_dir(image.arch) if keep else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        if len(str(rundir / "qga.sock")) > 100:
+            raise KbridgeError(f"the VM state directory {rundir} is too long for unix sockets",
+                               "set KBRIDGE_STATE to a shorter directory")
         try_kvm, why = kvm_usable(image.arch)
         if try_kvm:
             try:
@@ -137,8 +149,7 @@ class QemuVM:
             except KbridgeError as e:  # hung (nested KVM) or QEMU refused: either way, TCG
                 _record_kvm_verdict(False)
                 first = e.message.strip().splitlines()[0][:160]
-                progress.warn(f"KVM did not boot the guest within {KVM_PROBE_TIMEOUT_S:.0f} s "
-                              f"({first}); falling back to TCG")
+                progress.warn(f"KVM did not boot the guest ({first}); falling back to TCG")
         elif why:
             progress.info(f"using TCG (software emulation): {why}")
         return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)
@@ -336,8 +347,9 @@ class QemuVM:
     def poll(self, pid: int) -> ExecResult | None:
         return self._guarded(self.agent.status, pid)
 
-    def write_file(self, path: str, data: bytes) -> None:
-        self._guarded(self.agent.write_file, path, data)
+    def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
+        """Write DATA to PATH in the guest; mode "a" appends (kprobe_events without clearing it)."""
+        self._guarded(self.agent.write_file, path, data, mode)
 
     def read_file(self, path: str) -> bytes:
         return self._guarded(self.agent.read_file, path)
@@ -348,40 +360,73 @@ class QemuVM:
         A fresh connection first delivers what the guest logged while nobody
         listened, so callers look for their own start marker.
         """
-        for line in self.port_lines(KMSG_PORT, idle):
-            if line is None:
-                yield None
-            elif rec := parse_kmsg(line):
-                yield rec
+        return _KmsgReader(self.port_lines(KMSG_PORT, idle))
 
-    def port_lines(self, port: str, idle: float = 0.05) -> Iterator[str | None]:
+    def port_lines(self, port: str, idle: float = 0.05) -> PortReader:
         """Lines arriving on a guest->host stream port; None after IDLE s without one."""
         if port not in STREAM_PORTS:
             raise KbridgeError(f"unknown stream port {port!r}")
-        sock = self._ports.get(port)
-        if sock is None:
+        reader = self._ports.get(port)
+        if reader is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(self.rundir / f"{port}.sock"))
-            self._ports[port] = sock
-        sock.settimeout(idle)
-        buf = b""
-        while True:
-            try:
-                chunk = sock.recv(1 << 16)
-            except socket.timeout:
-                yield None
-                continue
-            if not chunk:
-                self.check_alive()
-                raise KbridgeError(f"the guest stream {port} closed")
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                yield line.decode(errors="replace")
+            sock.connect(str(self.rundir / _port_socket(port)))
+            reader = self._ports[port] = PortReader(sock, port, self.check_alive)
+        reader.idle = idle
+        return reader
 
     def close_port(self, port: str) -> None:
-        if sock := self._ports.pop(port, None):
-            sock.close()
+        if reader := self._ports.pop(port, None):
+            reader.sock.close()
+
+
+class PortReader:
+    """Lines from a guest->host stream port; None after `idle` s without data.
+
+    An iterator object rather than a generator: an exception (Ctrl-C) raised
+    while it waits leaves it usable, so cleanup can keep reading.
+    """
+
+    def __init__(self, sock: socket.socket, port: str, check_alive: Callable[[], None]) -> None:
+        self.sock = sock
+        self.port = port
+        self.idle = 0.05
+        self.check_alive = check_alive
+        self.buf = b""
+        self.lines: list[bytes] = []
+
+    def __iter__(self) -> PortReader:
+        return self
+
+    def __next__(self) -> str | None:
+        while not self.lines:
+            self.sock.settimeout(self.idle)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                return None
+            if not chunk:
+                self.check_alive()
+                raise KbridgeError(f"the guest stream {self.port} closed")
+            *self.lines, self.buf = (self.buf + chunk).split(b"\n")
+        return self.lines.pop(0).decode(errors="replace")
+
+
+class _KmsgReader:
+    """kmsg records (parsed) over a PortReader; continuation lines are skipped."""
+
+    def __init__(self, lines: PortReader) -> None:
+        self.lines = lines
+
+    def __iter__(self) -> _KmsgReader:
+        return self
+
+    def __next__(self) -> KmsgRecord | None:
+        while True:
+            line = next(self.lines)
+            if line is None:
+                return None
+            if rec := parse_kmsg(line):
+                return rec
 
 
 # Kept VMs this process has attached (and locked), shared by nested users.
@@ -395,7 +440,7 @@ def kept_dir(arch: Arch) -> Path:
 def orphans() -> list[psutil.Process]:
     """QEMU processes started by kbridge whose owner is gone (for `kbridge doctor`/`vm down`)."""
     found = []
-    root = str(state_dir())
+    root = str(state_dir()).rstrip("/") + "/"  # with the slash: .../vms is not .../vms-other
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = p.info.get("cmdline") or []
         if (p.info.get("name") or "").startswith("qemu-system") and any(root in a for a in cmd):

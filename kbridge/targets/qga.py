@@ -86,6 +86,7 @@ class GuestAgent:
     def __init__(self, path: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         self.chan = _JsonSocket(path, deadline)
+        self._dirty = False  # a call was interrupted: its reply may still arrive
         self._sync(deadline)
 
     def _sync(self, deadline: float) -> None:
@@ -109,11 +110,15 @@ class GuestAgent:
                 self.chan.buf = b""
 
     def call(self, command: str, timeout: float = 30.0, **arguments: object) -> object:
+        if self._dirty:  # e.g. Ctrl-C mid-call: drop its late reply before asking anything else
+            self._sync(time.monotonic() + 10.0)
         msg: dict = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
+        self._dirty = True
         self.chan.send(msg)
         reply = self.chan.recv(timeout)
+        self._dirty = False
         if "error" in reply:
             raise ChannelError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")

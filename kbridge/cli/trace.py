@@ -1,0 +1,147 @@
+"""`kbridge trace LINE...`: kprobe_events lines as written, driven in a guest, read back from trace_pipe."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kbridge import events
+from kbridge.arch import get_arch
+from kbridge.cli import app
+from kbridge.cli.output import command, emit_json, err
+from kbridge.mechanisms import tracefs
+from kbridge.mechanisms.common import MechanismResult, StopRule
+from kbridge.render import tracefs as render
+from kbridge.session import Session, open_target
+from kbridge.spec import Hit
+from kbridge.workload import Workload, default_for
+
+LIVE_LINES = 200  # hits printed live before the rest are only counted
+
+
+def check_verdict(line: str, arch: str) -> dict:
+    """The offline verdict on LINE as `--check --json` prints it."""
+    try:
+        events.parse(line, arch)
+    except events.EventSyntaxError as e:
+        return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
+    return {"ok": True, "error": None, "position": None, "message": None, "line": line}
+
+
+def _show_syntax_error(e: events.EventSyntaxError, json_out: bool) -> None:
+    if json_out:
+        emit_json({"ok": False, "error": e.error, "position": e.position, "message": e.message,
+                   "line": e.line})
+    label = f" ({e.error})" if e.error else ""
+    err.print(f"[bold red]error:[/] {escape(e.message)}{label}")
+    err.print(escape(e.caret()), markup=False, highlight=False)
+
+
+def _hit_text(hit: Hit) -> str:
+    args = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in hit.args.items())
+    ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
+    event = getattr(hit, "event", hit.symbol)
+    return f"[dim]{ts}[/]{escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} [bold]{escape(event)}[/] {escape(args)}"
+
+
+@app.command("trace")
+@command
+def trace_cmd(
+    lines: Annotated[list[str], typer.Argument(help="kprobe_events lines, e.g. 'p:myw ksys_write fd=$arg1'.")],
+    check: Annotated[bool, typer.Option("--check", help="Only validate the lines offline (no VM).")] = False,
+    run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command to run while tracing.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Trace for S seconds.")] = None,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, help="Stop after N events.")] = None,
+    filter_: Annotated[Optional[str], typer.Option("--filter", help="Event filter, e.g. 'fd == 1'.")] = None,
+    pid: Annotated[Optional[int], typer.Option("--pid", help="Only events of this guest pid (common_pid).")] = None,
+    comm: Annotated[Optional[str], typer.Option("--comm", help="Only events of tasks with this comm.")] = None,
+    buffer_kb: Annotated[Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per event, then a summary.")] = False,
+) -> None:
+    """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
+    target = get_arch(arch)
+    if check:
+        bad = 0
+        for line in lines:
+            if json_out:
+                verdict = check_verdict(line, target.name)
+                emit_json(verdict)
+                bad += not verdict["ok"]
+                continue
+            try:
+                events.parse(line, target.name)
+                err.print(f"[green]✓[/] {escape(line)}")
+            except events.EventSyntaxError as e:
+                _show_syntax_error(e, False)
+                bad += 1
+        if bad:
+            raise typer.Exit(1)
+        return
+    try:
+        parsed = render.check_lines(lines, target)  # before any VM boots
+    except events.EventSyntaxError as e:
+        _show_syntax_error(e, json_out)
+        raise typer.Exit(2) from None
+    tracefs.build_filter(filter_, pid, comm)  # bad --pid/--comm fail before any boot too
+    if run:
+        work = Workload.shell(run)
+    elif duration is not None:
+        secs = str(math.ceil(duration) + 1)
+        work = Workload(("/bin/busybox", "sleep", secs), f"sleep {secs}")
+    else:
+        work = default_for(next((p.symbol for p in parsed if p.symbol), ""))
+    shown = [0]
+
+    def on_hit(hit: Hit) -> None:
+        if json_out:
+            emit_json(hit.to_json())
+        elif shown[0] < LIVE_LINES:
+            err.print(_hit_text(hit))
+        shown[0] += 1
+
+    with open_target(target) as vm:
+        session = Session(vm)
+        try:
+            result = tracefs.run_lines(session, list(lines), work, StopRule(count=count, duration=duration),
+                                       on_hit, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm)
+        except events.EventSyntaxError as e:
+            _show_syntax_error(e, json_out)
+            err.print("[dim]the guest kernel's verdict, from tracing/error_log; kprobe_events is as it was[/]")
+            raise typer.Exit(2) from None
+        summary = _summary(result, lines, target.name, vm.krel, vm.accel, work)
+    if json_out:
+        emit_json({"summary": summary})
+    else:
+        _show_summary(result, shown[0], summary)
+
+
+def _summary(r: MechanismResult, lines: list[str], arch: str, kernel: str, accel: str, work: Workload) -> dict:
+    entry: dict = {"hits": r.total, "lost": r.lost, "missed": r.missed, "counters": r.counters,
+                   "streamed": len(r.hits)}
+    if r.first_event_s is not None:
+        entry["first_event_s"] = round(r.first_event_s, 6)
+    return {"mechanisms": {"tracefs": entry}, "events": list(lines), "arch": arch, "kernel": kernel,
+            "accel": accel, "workload": work.description, "workload_exit": r.workload_exit,
+            "notes": r.notes}
+
+
+def _show_summary(r: MechanismResult, streamed: int, summary: dict) -> None:
+    if streamed > LIVE_LINES:
+        err.print(f"[dim]… {streamed - LIVE_LINES} more events not shown[/]")
+    table = Table(title=f"tracefs on {summary['kernel']} ({summary['arch']}, {summary['accel']})")
+    table.add_column("event")
+    table.add_column("events read", justify="right")
+    for name, n in r.counters.items():
+        table.add_row(name, str(n))
+    table.add_row("[dim]lost (ring buffer overrun)[/]", str(r.lost))
+    table.add_row("[dim]missed (kprobe_profile)[/]", str(r.missed))
+    err.print(table)
+    if r.workload_exit not in (None, 0):
+        err.print(f"[yellow]workload {summary['workload']!r} exited with {r.workload_exit}[/]")
+        if r.workload_output.strip():
+            err.print(r.workload_output.strip()[-1000:], markup=False)

@@ -1,0 +1,170 @@
+"""The bcc image flavour: the default image plus a Debian root filesystem with python3-bpfcc.
+
+Built from Debian packages like the default image (a private apt state, the
+package closure unpacked with dpkg-deb: no chroot, no maintainer scripts, so a
+foreign-arch rootfs needs no qemu-user binfmt), cached next to it:
+
+  kernel, headers   symlinks to the default image's (same kernel)
+  initramfs.cpio    the default initramfs + a second cpio archive (the kernel
+                    unpacks concatenated archives) with virtio_blk, ext4 and a
+                    module list that replaces the default one
+  rootfs.ext4       python3-bpfcc, its closure and the kernel headers bcc
+                    compiles against (/lib/modules/KREL/build and source); QEMU
+                    attaches it read-only in effect (snapshot=on), the guest init
+                    mounts it at /rootfs and kbridge runs bcc there with chroot
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kbridge import progress
+from kbridge.arch import Arch, get_arch
+from kbridge.errors import KbridgeError
+from kbridge.images import image as images
+from kbridge.images.apt import Mirrors, PrivateApt, extract
+from kbridge.images.cpio import CpioWriter
+from kbridge.paths import cache_dir
+
+FORMAT = 1  # bump when the flavour's layout changes
+PACKAGES = ("python3-bpfcc",)
+# Guest drivers for the rootfs disk; crc32c_generic because ext4/jbd2 ask the crypto
+# API for crc32c and there is no modprobe to load it on demand (crc32c-intel fails under TCG).
+DISK_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
+# What bcc never needs at run time: documentation, translations, manuals.
+_PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info", "usr/share/lintian")
+ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts it (kbridge/guest/init)
+
+
+def flavour_dir(arch: Arch, suite: str) -> Path:
+    return cache_dir() / "images" / f"{suite}-{arch.name}-bcc"
+
+
+def load(arch: Arch, suite: str = images.DEFAULT_SUITE) -> images.Image | None:
+    """The cached bcc image, or None when missing, partial or built for another default image."""
+    base = images.load(arch, suite, verify=False)
+    d = flavour_dir(arch, suite)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if base is None or manifest.get("format") != FORMAT or manifest.get("krel") != base.krel \
+            or manifest.get("base_guest") != images.guest_digest():
+        return None
+    if not all((d / f).exists() for f in ("kernel", "initramfs.cpio", "rootfs.ext4", "headers")):
+        return None
+    return images.Image(d, arch, suite, base.krel, base.version)
+
+
+def ensure(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,
+           mirrors: Mirrors | None = None, rebuild: bool = False) -> images.Image:
+    """The bcc image for ARCH and SUITE, built (about a minute, ~400 MB) when missing or stale."""
+    arch = arch if isinstance(arch, Arch) else get_arch(arch)
+    if not rebuild and (img := load(arch, suite)):
+        return img
+    base = images.ensure(arch, suite, mirrors)
+    with images._locked(cache_dir() / "images" / f".{suite}-{arch.name}-bcc.lock"):
+        if not rebuild and (img := load(arch, suite)):
+            return img
+        _build(arch, suite, base, mirrors or images._mirrors_from_env(suite))
+    img = load(arch, suite)
+    if img is None:
+        raise KbridgeError(f"the bcc image for {suite}/{arch.name} did not validate after building")
+    return img
+
+
+def is_bcc_image(img: images.Image) -> bool:
+    return (img.dir / "rootfs.ext4").is_file()
+
+
+def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None:
+    root = cache_dir()
+    final = flavour_dir(arch, suite)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{suite}-{arch.name}-bcc-", dir=root / "images"))
+    try:
+        apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors)
+        with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
+            apt.update()
+        image_pkg = images._kernel_package(apt, arch)
+        krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
+        if krel != base.krel:
+            raise KbridgeError(f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
+                               f"rebuild the default image first (delete {base.dir})")
+        headers_pkg = f"linux-headers-{krel}"
+        common = [d for d in apt.depends(headers_pkg) if d.startswith("linux-headers-")]
+        debs = work / "debs"
+        with progress.step(f"downloading python3-bpfcc and its closure, kernel {krel} headers ({arch.debian})"):
+            user = apt.download_closure(list(PACKAGES), debs / "user")
+            kernel = apt.download([image_pkg, headers_pkg, *common], debs / "kernel")
+        rootfs = work / "rootfs"
+        with progress.step(f"unpacking {len(user) + len(kernel) - 1} packages into the bcc root filesystem"):
+            for deb in user:
+                extract(deb, rootfs)
+            for deb in kernel:
+                extract(deb, work / "kpkg" if deb.name.startswith("linux-image") else rootfs)
+            _finish_rootfs(rootfs, krel, common)
+        with progress.step("building the bcc initramfs and ext4 root filesystem"):
+            _initramfs(base, work / "kpkg", krel, work / "initramfs.cpio")
+            _mkfs(rootfs, work / "rootfs.ext4")
+        for tmp in ("debs", "kpkg", "rootfs"):
+            shutil.rmtree(work / tmp)
+        os.symlink(base.kernel, work / "kernel")
+        os.symlink(base.dir / "headers", work / "headers")
+        (work / "manifest.json").write_text(json.dumps({
+            "format": FORMAT, "arch": arch.name, "suite": suite, "krel": krel,
+            "base_guest": images.guest_digest(), "packages": list(PACKAGES)}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress.info(f"bcc image ready: Debian {suite} {arch.name}, kernel {krel}")
+
+
+def _finish_rootfs(rootfs: Path, krel: str, common: list[str]) -> None:
+    """Links bcc needs (no CONFIG_IKHEADERS: it compiles against installed headers), minus the docs."""
+    for rel in _PRUNE:
+        shutil.rmtree(rootfs / rel, ignore_errors=True)
+    mods = rootfs / "lib/modules" / krel
+    mods.mkdir(parents=True, exist_ok=True)
+    for link, target in (("build", f"/usr/src/linux-headers-{krel}"),
+                         ("source", f"/usr/src/{common[0]}" if common else f"/usr/src/linux-headers-{krel}")):
+        if (mods / link).is_symlink() or (mods / link).exists():
+            (mods / link).unlink()
+        os.symlink(target, mods / link)
+    for d in ("proc", "sys", "dev", "tmp", "run", "etc"):
+        (rootfs / d).mkdir(exist_ok=True)
+    (rootfs / "tmp").chmod(0o1777)
+    if not (rootfs / "usr/bin/python3").exists():
+        raise KbridgeError("python3 is missing from the unpacked bcc packages")
+
+
+def _initramfs(base: images.Image, kpkg: Path, krel: str, out: Path) -> None:
+    """The default initramfs followed by a cpio with the disk drivers and a longer module list."""
+    modroot = kpkg / "lib/modules" / krel
+    with out.open("wb") as f:
+        f.write(base.initramfs.read_bytes())
+        w = CpioWriter(f)
+        listed = []
+        for ko in images.module_closure(modroot, images.GUEST_MODULES + DISK_MODULES):
+            rel = ko.relative_to(kpkg).as_posix()
+            w.copy(rel, ko)
+            listed.append("/" + rel)
+        w.file("etc/kbridge/modules", ("\n".join(listed) + "\n").encode())
+        w.close()
+
+
+def _mkfs(rootfs: Path, out: Path) -> None:
+    size = sum(p.lstat().st_size for p in rootfs.rglob("*"))
+    mb = int(size * 1.25 / 2**20) + 128
+    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "kbridge-bcc", "-O", "^has_journal", "-E", "root_owner=0:0",
+                           "-d", str(rootfs), str(out), f"{mb}M"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KbridgeError(f"mkfs.ext4 of the bcc root filesystem failed: {proc.stderr.strip()}",
+                           "install e2fsprogs >= 1.43 (mkfs.ext4 -d)")

@@ -1,0 +1,137 @@
+"""ProbeSpec <-> kprobe_events lines, built with and checked by kbridge.events.
+
+A spec becomes at most two events in the ``kbridge`` group:
+
+* ``p:kbridge/<sym>_p SYM[+off] name=FETCH:u64 ...`` for --pre, --post and
+  --entry.  tracefs has no post-handler: a kprobe event records at the point
+  the pre-handler runs, so --post (and --entry, which a kretprobe runs at
+  function entry) are served by the same ``p`` event.
+* ``r[MAXACTIVE]:kbridge/<sym>_r SYM ret=$retval:s64`` for --ret.  6.1 has no
+  $argN on return probes, so arguments are reported by the ``p`` event.
+
+Arguments are fetched by position (``$argN``, what regs_get_kernel_argument()
+reads), as u64, which is how the kbridge module prints them (%lu).  A syscall
+entry wrapper (``__x64_sys_*``, ``__arm64_sys_*``) takes one argument, the
+user's pt_regs, so the syscall's own arguments are read through it at the
+offsets of struct pt_regs (x86_64: the syscall ABI's di, si, dx, r10, r8, r9;
+arm64: regs[0..5]).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kbridge import events
+from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
+from kbridge.spec import ProbeSpec
+
+GROUP = "kbridge"
+
+# offsetof(struct pt_regs, REG) for the syscall ABI's argument registers, in order.
+# x86_64: arch/x86/include/asm/ptrace.h (r15 at 0 ... r10 at 56, r9 64, r8 72,
+# ..., dx 96, si 104, di 112).  arm64: arch/arm64/include/asm/ptrace.h, regs[31] first.
+SYSCALL_ARG_OFFSETS: dict[str, tuple[int, ...]] = {
+    "x86_64": (112, 104, 96, 56, 72, 64),
+    "arm64": (0, 8, 16, 24, 32, 40),
+}
+
+
+@dataclass(frozen=True)
+class RenderedEvent:
+    """One kprobe_events line for a spec, and which handlers it serves."""
+
+    line: str
+    event: events.ProbeEvent
+    handlers: tuple[str, ...]
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.event.effective_group}/{self.event.effective_event}"
+
+
+def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
+    return symbol.startswith(arch.syscall_prefix)
+
+
+def event_stem(symbol: str) -> str:
+    """A C identifier from SYMBOL (clone suffixes such as .isra.0 become _isra_0)."""
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", symbol)
+    return stem[: events.MAX_EVENT_NAME_LEN - 3]  # room for "_p"/"_r"
+
+
+def fetch_for(arg_index: int, symbol: str, arch: Arch) -> events.Fetch:
+    """How to fetch the ARG_INDEX-th (1-based) argument of SYMBOL at its entry."""
+    if is_syscall_wrapper(symbol, arch):
+        offsets = SYSCALL_ARG_OFFSETS[arch.name]
+        if not 1 <= arg_index <= len(offsets):
+            raise KbridgeError(f"{symbol} is a syscall: it has at most {len(offsets)} arguments, "
+                               f"not argument {arg_index}")
+        return events.Deref(offsets[arg_index - 1], events.Arg(1))
+    return events.Arg(arg_index)
+
+
+def render(spec: ProbeSpec, arch: Arch, group: str = GROUP) -> list[RenderedEvent]:
+    """The kprobe_events lines for SPEC (whose symbol is already resolved) on ARCH."""
+    stem = event_stem(spec.symbol)
+    out: list[RenderedEvent] = []
+    entry_handlers = tuple(h for h in ("pre", "post", "entry") if h in spec.handlers)
+    if entry_handlers:
+        args = tuple(events.FetchArg(fetch_for(a.index, spec.symbol, arch), a.name, "u64")
+                     for a in spec.args)
+        ev = events.ProbeEvent("p", group=group, event=f"{stem}_p", symbol=spec.symbol,
+                               offset=spec.offset, args=args)
+        out.append(_checked(ev, arch, entry_handlers))
+    if "ret" in spec.handlers:
+        ev = events.ProbeEvent("r", maxactive=spec.maxactive or None, group=group, event=f"{stem}_r",
+                               symbol=spec.symbol,
+                               args=(events.FetchArg(events.Retval(), "ret", "s64"),))
+        out.append(_checked(ev, arch, ("ret",)))
+    return out
+
+
+def _checked(ev: events.ProbeEvent, arch: Arch, handlers: tuple[str, ...]) -> RenderedEvent:
+    line = events.format(ev)
+    parsed = events.parse(line, arch.name)  # raises EventSyntaxError with the kernel's verdict
+    assert isinstance(parsed, events.ProbeEvent)
+    return RenderedEvent(line, parsed, handlers)
+
+
+def spec_notes(spec: ProbeSpec) -> list[str]:
+    """What the tracefs rendering of SPEC does differently from the module."""
+    notes = []
+    if "post" in spec.handlers:
+        notes.append("tracefs has no post-handler: --post is reported by the kprobe event, "
+                     "which records before the probed instruction (like --pre)")
+    if "entry" in spec.handlers:
+        notes.append("--entry is reported by a kprobe event at the function entry "
+                     "(6.1 has no $argN on return probes)")
+    return notes
+
+
+def removal_line(ev: events.ProbeEvent) -> str:
+    """The ``-:GRP/EVENT`` line that removes EV."""
+    return events.format(events.RemoveEvent(ev.effective_group, ev.effective_event))
+
+
+def check_lines(lines: list[str], arch: Arch) -> list[events.ProbeEvent]:
+    """Parse LINES offline as 6.1 would; only probe definitions are accepted.
+
+    Raises EventSyntaxError (the kernel's verdict and caret) for a bad line and
+    KbridgeError for removals or two lines defining the same event.
+    """
+    parsed: list[events.ProbeEvent] = []
+    seen: dict[str, str] = {}
+    for line in lines:
+        ev = events.parse(line, arch.name)
+        if isinstance(ev, events.RemoveEvent):
+            raise KbridgeError(f"{line!r} removes an event: kbridge trace defines its events and "
+                               "removes them itself when done", "give only p: and r: lines")
+        name = f"{ev.effective_group}/{ev.effective_event}"
+        if name in seen:
+            raise KbridgeError(f"{line!r} defines {name}, already defined by {seen[name]!r}",
+                               "give each line its own name: p:GROUP/NAME ...")
+        seen[name] = line
+        parsed.append(ev)
+    return parsed

@@ -1,0 +1,152 @@
+"""`kbridge probe` on real guest kernels: hits, arguments, return values, exact counters, cleanup."""
+
+import json
+import os
+import shutil
+import tempfile
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from kbridge.errors import KbridgeError
+from kbridge.mechanisms.common import StopRule
+from kbridge.probe import probe
+from kbridge.session import Session
+from kbridge.spec import make_spec
+from kbridge.symbols import SymbolError
+from kbridge.targets.qemu import QemuVM
+from kbridge.workload import Workload
+
+# Exactly 3 write() calls of 7 bytes to fd 1 (/dev/null), then dd's own report to fd 2.
+DD = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=7", "count=3"), "dd bs=7 count=3")
+
+
+def _guest_state(arch):
+    vm = QemuVM.attach(arch)
+    try:
+        s = Session(vm)
+        return s.loaded_modules(), s.kprobes_list()
+    finally:
+        vm.detach()
+
+
+def test_kprobe_and_kretprobe_see_each_write(kbridge_vm):
+    spec = make_spec("ksys_write", {"pre", "ret"}, ["fd=1", "count=3"], kbridge_vm.arch, comm="dd")
+    run = probe(spec, kbridge_vm.arch, DD)
+    r = run.results[0]
+    pre = [h for h in r.hits if h.handler == "pre" and h.args["fd"] == 1]
+    ret = [h for h in r.hits if h.handler == "ret" and h.args["fd"] == 1]
+    assert [h.args["count"] for h in pre] == [7, 7, 7]
+    assert [h.retval for h in ret] == [7, 7, 7]
+    assert {h.comm for h in r.hits} == {"dd"} and len({h.pid for h in r.hits}) == 1
+    # The exact counters agree with every streamed hit (dd's report to fd 2 included).
+    assert r.counters["pre"] == r.counters["ret"] == len(r.hits) // 2 >= 3
+    assert r.lost == 0 and r.missed == 0 and r.workload_exit == 0
+    mods, kprobes = _guest_state(kbridge_vm.arch)
+    assert not any(m.startswith("kb_") for m in mods)
+    assert "ksys_write" not in kprobes
+
+
+def test_syscall_alias_reads_the_syscall_arguments(kbridge_vm):
+    spec = make_spec("sys_write", {"pre"}, ["fd=1", "count=3"], kbridge_vm.arch, comm="dd")
+    run = probe(spec, kbridge_vm.arch, DD)
+    assert run.resolution.symbol == kbridge_vm.arch.syscall_prefix + "write"
+    hits = run.results[0].hits
+    assert sorted((h.args["fd"], h.args["count"]) for h in hits)[:3] == [(1, 7), (1, 7), (1, 7)]
+    assert run.results[0].counters == {"pre": len(hits)}
+
+
+def test_count_stops_early_but_counters_stay_exact(kbridge_vm):
+    spec = make_spec("vfs_read", {"entry", "ret"}, [], kbridge_vm.arch, comm="dd")
+    workload = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=50"), "dd bs=1 count=50")
+    r = probe(spec, kbridge_vm.arch, workload, StopRule(count=4)).results[0]
+    assert len(r.hits) == 4
+    assert r.counters["entry"] == r.counters["ret"] >= 4
+
+
+def test_unknown_symbol_fails_before_loading(kbridge_vm):
+    with pytest.raises(SymbolError, match="unknown symbol 'ksys_wrte'") as e:
+        probe(make_spec("ksys_wrte", {"pre"}), kbridge_vm.arch, DD)
+    assert "ksys_write" in e.value.hint
+    assert not any(m.startswith("kb_") for m in _guest_state(kbridge_vm.arch)[0])
+
+
+def test_blacklisted_symbol_is_refused(kbridge_vm):
+    vm = QemuVM.attach(kbridge_vm.arch)
+    try:
+        s = Session(vm)
+        name = next(n for n in sorted(s.blacklist) if s.symbols.text(n) and len(s.symbols.text(n)) == 1)
+    finally:
+        vm.detach()
+    with pytest.raises(SymbolError, match="kprobe blacklist"):
+        probe(make_spec(name, {"pre"}), kbridge_vm.arch, DD)
+
+
+def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
+    # Offset 1 is inside the first instruction on both arches (arm64: not 4-byte aligned).
+    spec = make_spec("vfs_read", {"pre"}, [], kbridge_vm.arch, offset=1)
+    with pytest.raises(KbridgeError, match=r"register_kprobe on 'vfs_read' failed with -(EILSEQ|EINVAL)"):
+        probe(spec, kbridge_vm.arch, DD)
+    mods, kprobes = _guest_state(kbridge_vm.arch)
+    assert not any(m.startswith("kb_") for m in mods) and "vfs_read" not in kprobes
+
+
+def test_cli_json_lines(kbridge_vm):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--arg", "fd=1", "--arg", "count=3",
+         "--comm", "sh", "--run", "echo hello > /tmp/x", "--arch", kbridge_vm.arch.name, "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    *hits, last = lines
+    summary = last["summary"]
+    assert summary["symbol"] == "ksys_write" and summary["arch"] == kbridge_vm.arch.name
+    assert summary["kernel"] == kbridge_vm.krel and summary["accel"] in ("kvm", "tcg")
+    assert summary["mechanisms"]["kmod"]["hits"] == len(hits) >= 1
+    assert summary["mechanisms"]["kmod"]["missed"] == 0
+    hello = [h for h in hits if h["args"]["count"] == len("hello\n")]
+    assert hello and all(h["mechanism"] == "kmod" and h["handler"] == "pre" and h["comm"] == "sh" for h in hello)
+    assert {"pid", "cpu", "args", "symbol"} <= set(hello[0])
+
+
+@pytest.fixture
+def short_dir():
+    """A state dir short enough for unix socket paths (pytest's tmp_path can be too long)."""
+    d = tempfile.mkdtemp(prefix="kb-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_ctrl_c_leaves_nothing_behind(short_dir, kbridge_arch):
+    """An ephemeral VM (own state dir): SIGINT mid-probe unloads, stops QEMU, exits 130."""
+    env = {**os.environ, "KBRIDGE_STATE": short_dir}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbridge", "probe", "vfs_read", "--pre", "--duration", "120",
+         "--run", "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done", "--arch", kbridge_arch, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    first = proc.stdout.readline()  # the first hit: the probe is armed and firing
+    assert json.loads(first)["handler"] == "pre"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if short_dir in " ".join(p.info["cmdline"] or [])]
+
+
+def test_guest_panic_is_detected(short_dir, kbridge_arch):
+    env = {**os.environ, "KBRIDGE_STATE": short_dir}
+    code = (
+        "from kbridge.images import image; from kbridge.targets.qemu import QemuVM\n"
+        "from kbridge.targets.base import GuestCrash\n"
+        f"vm = QemuVM.boot(image.ensure('{kbridge_arch}'))\n"
+        "vm.spawn(['/bin/sh', '-c', 'echo c > /proc/sysrq-trigger'])\n"
+        "import time; time.sleep(3)\n"
+        "try:\n    vm.run(['/bin/true'], timeout=10)\nexcept GuestCrash as e:\n"
+        "    print('CRASH', 'sysrq' in e.text.lower() or 'Kernel panic' in e.text)\n"
+        "vm.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert "CRASH True" in out.stdout, out.stderr[-2000:]
