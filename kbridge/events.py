@@ -72,7 +72,9 @@ ERRORS: dict[str, str] = {
     "RETVAL_ON_PROBE": "$retval is not available on probe",
     "BAD_STACK_NUM": "Invalid stack number",
     "BAD_ARG_NUM": "Invalid argument number",
-    "BAD_VAR": "Invalid $-valiable specified",  # sic, the kernel's spelling
+    # Debian's 6.1.y (checked on 6.1.0-56, 6.1.192) prints the fixed spelling;
+    # older kernels said "Invalid $-valiable specified", still mapped below.
+    "BAD_VAR": "Invalid $-variable specified",
     "BAD_REG_NAME": "Invalid register name",
     "BAD_MEM_ADDR": "Invalid memory address",
     "BAD_IMM": "Invalid immediate value",
@@ -113,6 +115,8 @@ ERRORS: dict[str, str] = {
 
 #: Message text (as printed in error_log) -> error class name.
 ERROR_CLASSES: dict[str, str] = {text: name for name, text in ERRORS.items()}
+# Messages as older kernels spelled them -> class.
+_OLD_MESSAGES: dict[str, str] = {"Invalid $-valiable specified": "BAD_VAR"}
 
 # Register names accepted by regs_query_register_offset() (regoffset_table[]).
 REGISTERS: dict[str, frozenset[str]] = {
@@ -338,7 +342,7 @@ class ErrorLogEntry:
     @property
     def error_class(self) -> str | None:
         """The trace_probe.h class of ``error`` (None for other subsystems)."""
-        return ERROR_CLASSES.get(self.error)
+        return ERROR_CLASSES.get(self.error) or _OLD_MESSAGES.get(self.error)
 
     def __str__(self) -> str:
         # tracing_err_log_seq_show(): "[%5llu.%06u] %s%s" loc, text, then

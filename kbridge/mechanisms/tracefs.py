@@ -88,6 +88,17 @@ def build_filter(user: str | None = None, pid: int | None = None, comm: str | No
 
 # --- guest tracefs helpers -----------------------------------------------------
 
+def existing_events(text: str, arch: str) -> dict[str, str]:
+    """GROUP/EVENT -> line, for what kprobe_events lists now."""
+    out = {}
+    for line in text.splitlines():
+        with contextlib.suppress(KbridgeError):
+            ev = events.parse(line, arch)
+            if isinstance(ev, events.ProbeEvent):
+                out[f"{ev.effective_group}/{ev.effective_event}"] = line
+    return out
+
+
 def _event_dir(ev: events.ProbeEvent) -> str:
     return f"{TRACING}/events/{ev.effective_group}/{ev.effective_event}"
 
@@ -163,12 +174,6 @@ def read_stats(vm: QemuVM) -> dict[str, CpuStats]:
     return out
 
 
-def _resync(vm: QemuVM) -> None:
-    """After an interrupted agent call, drop the reply still in flight (guest-sync)."""
-    with contextlib.suppress(Exception):
-        vm.agent._sync(time.monotonic() + 10)
-
-
 def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
                     notes: list[str]) -> list[events.ProbeEvent]:
     """Check each probed symbol against the target kernel; syscall aliases become their entry.
@@ -229,6 +234,14 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     result.counters = {info.full_name: 0 for info in infos.values()}
 
     state = GuestTracingState.read(vm)
+    existing = existing_events(state.kprobe_events, arch.name)
+    for ev in parsed:
+        name = f"{ev.effective_group}/{ev.effective_event}"
+        if name in existing:
+            # 6.1 would append a same-named line as another probe of that event
+            # (multi-probe events), and removing ours would remove the user's too.
+            raise KbridgeError(f"the guest already has a kprobe event {name}: {existing[name]!r}",
+                               "name yours differently: p:GROUP/NAME ...")
     token = secrets.token_hex(4)
     defined: list[events.ProbeEvent] = []
     stream_pid: int | None = None
@@ -320,8 +333,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             result.notes.append("trace_pipe did not drain to the end marker: some events may be unread")
         completed = True
     finally:
-        if not completed:
-            _resync(vm)
+        # After Ctrl-C mid-call the agent drops the late reply itself (GuestAgent.call).
         _teardown(session, state, defined, stream_pid, work, buffer_kb, result,
                   stats_before, parser, completed)
     if work and work.result:

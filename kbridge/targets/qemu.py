@@ -28,7 +28,7 @@ from kbridge import progress
 from kbridge.arch import Arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
-from kbridge.paths import state_dir
+from kbridge.paths import cache_dir, state_dir
 from kbridge.targets.base import OOPS_MARKERS, GuestCrash, KmsgRecord, parse_kmsg
 from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
 
@@ -101,7 +101,7 @@ def kvm_usable(arch: Arch) -> tuple[bool, str]:
 
 
 def _kvm_verdict_path() -> Path:
-    return state_dir() / "kvm-verdict.json"
+    return cache_dir() / "kvm-verdict.json"  # a fact about the host, shared by all state dirs
 
 
 def _kvm_verdict() -> bool | None:

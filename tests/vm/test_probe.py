@@ -144,7 +144,7 @@ def test_guest_panic_is_detected(short_dir, kbridge_arch):
         "from kbridge.targets.base import GuestCrash\n"
         f"vm = QemuVM.boot(image.ensure('{kbridge_arch}'))\n"
         "vm.spawn(['/bin/sh', '-c', 'echo c > /proc/sysrq-trigger'])\n"
-        "import time; time.sleep(3)\n"
+        "vm.proc.wait(timeout=120)\n"  # panic=-1 + -no-reboot: QEMU exits
         "try:\n    vm.run(['/bin/true'], timeout=10)\nexcept GuestCrash as e:\n"
         "    print('CRASH', 'sysrq' in e.text.lower() or 'Kernel panic' in e.text)\n"
         "vm.shutdown()\n")

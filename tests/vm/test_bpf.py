@@ -1,0 +1,96 @@
+"""The bpf mechanism on real guests booted from the bcc image (Debian python3-bpfcc)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kbridge.arch import get_arch
+from kbridge.images import bcc
+from kbridge.mechanisms import bpf
+from kbridge.mechanisms.common import StopRule
+from kbridge.render.bcc import BpfProgram
+from kbridge.session import Session
+from kbridge.spec import make_spec
+from kbridge.targets.qemu import QemuVM
+from kbridge.workload import Workload
+
+pytestmark = pytest.mark.vm
+
+DD = Workload.shell("dd if=/dev/zero of=/dev/null bs=1 count=200")  # comm "dd" (the applet link)
+
+
+def bcc_vm(arch_name: str) -> Iterator[QemuVM]:
+    """A kept VM of the bcc image for the module (replacing a kept VM without bcc)."""
+    arch = get_arch(arch_name)
+    vm = QemuVM.attach(arch)
+    if vm is not None and "-bcc" not in (vm.rundir / "vm.json").read_text():
+        vm.shutdown()
+        vm = None
+    booted = vm is None
+    if vm is None:
+        vm = QemuVM.boot(bcc.ensure(arch), keep=True)
+    vm.detach()
+    yield vm
+    if booted and (again := QemuVM.attach(arch)) is not None:
+        again.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bcc_kept(kbridge_arch: str) -> Iterator[QemuVM]:
+    yield from bcc_vm(kbridge_arch)
+
+
+@pytest.fixture
+def session(bcc_kept: QemuVM) -> Iterator[Session]:
+    vm = QemuVM.attach(bcc_kept.arch)
+    assert vm is not None
+    try:
+        yield Session(vm)
+    finally:
+        vm.detach()
+
+
+def test_kprobe_counts_and_args(session: Session) -> None:
+    spec = make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], session.arch, comm="dd")
+    r = bpf.run(session, spec, DD, StopRule())
+    # busybox dd: 200 one-byte writes to fd 1, then its summary to fd 2.
+    ones = [h for h in r.hits if h.args == {"fd": 1, "count": 1}]
+    assert len(ones) == 200
+    assert r.counters["pre"] == len(r.hits) and r.lost == 0
+    assert all(h.comm == "dd" for h in r.hits)
+
+
+def test_kretprobe_return_values(session: Session) -> None:
+    spec = make_spec("vfs_read", {"ret"}, None, session.arch, comm="dd")
+    r = bpf.run(session, spec, DD, StopRule())
+    assert r.counters["ret"] >= 200
+    assert sum(1 for h in r.hits if h.retval == 1) == 200  # each bs=1 read of /dev/zero returns 1
+
+
+def test_compile_error_is_clear_and_leaves_nothing(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec("ksys_write", {"pre"}, None, session.arch)
+    broken = BpfProgram("int kb_pre(struct pt_regs *ctx) { return no_such_variable; }\n",
+                        [{"type": "kprobe", "symbol": "ksys_write", "offset": 0, "fn": "kb_pre"}], spec)
+    monkeypatch.setattr(bpf, "render", lambda s, a: broken)
+    with pytest.raises(bpf.BpfError) as e:
+        bpf.run(session, spec, DD, StopRule())
+    assert "could not compile" in e.value.message and "no_such_variable" in e.value.message
+    assert "ksys_write" not in session.kprobes_list()
+
+
+def test_attach_error_is_clear_and_leaves_nothing(session: Session) -> None:
+    # ksys_write+1 is inside the first instruction on both arches: the kernel refuses it.
+    spec = make_spec("ksys_write", {"pre"}, None, session.arch, offset=1)
+    with pytest.raises(bpf.BpfError) as e:
+        bpf.run(session, spec, DD, StopRule())
+    assert "could not attach to 'ksys_write'+0x1" in e.value.message
+    assert "ksys_write" not in session.kprobes_list()
+
+
+def test_default_image_says_what_is_missing(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bpf, "has_bcc", lambda s: False)
+    with pytest.raises(Exception) as e:
+        bpf.run(session, make_spec("ksys_write", {"pre"}, None, session.arch), DD, StopRule())
+    assert "has no bcc" in str(e.value) and "kbridge bpf up" in str(e.value)
