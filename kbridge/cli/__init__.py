@@ -11,7 +11,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from kbridge.cli import doctor, module, probe, vm  # noqa: E402,F401  (commands register on import)
+from kbridge.cli import doctor, image, module, probe, vm  # noqa: E402,F401  (commands register on import)
 
 try:
     from kbridge.cli import trace  # noqa: F401

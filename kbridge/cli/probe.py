@@ -9,6 +9,7 @@ from rich.table import Table
 
 from kbridge.arch import get_arch
 from kbridge.cli import app
+from kbridge.cli.image import MirrorOpt, mirrors_from
 from kbridge.cli.output import command, emit_json, err, hit_line
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.common import StopRule
@@ -55,6 +56,7 @@ def probe_cmd(
     duration: Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Stop after S seconds.")] = None,
     via: Annotated[str, typer.Option("--via", help="Mechanism: kmod, tracefs or bpf.")] = "kmod",
     arch: ArchOpt = None,
+    mirror: MirrorOpt = None,
     json_out: JsonOpt = False,
     jprobe: Annotated[bool, typer.Option("--jprobe", hidden=True)] = False,
     fault_handler: Annotated[bool, typer.Option("--fault-handler", hidden=True)] = False,
@@ -76,7 +78,7 @@ def probe_cmd(
         shown[0] += 1
 
     result = run_probe(spec, target_arch, Workload.shell(run) if run else None,
-                       StopRule(count=count, duration=duration), on_hit, via=via)
+                       StopRule(count=count, duration=duration), on_hit, via=via, mirrors=mirrors_from(mirror))
     if json_out:
         emit_json({"summary": result.summary()})
     else:
