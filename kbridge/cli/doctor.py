@@ -27,6 +27,7 @@ def checks() -> list[dict]:
         tool("apt-get", "apt", "downloads Debian kernels and guest packages"),
         tool("dpkg-deb", "dpkg", "unpacks them"),
         tool("make", "make", "kbuild"),
+        tool("mkfs.ext4", "e2fsprogs", "builds the bcc root filesystem (--via bpf)"),
         {"check": "debian-archive-keyring", "ok": KEYRING.exists(), "detail": str(KEYRING),
          "package": "debian-archive-keyring"},
     ]

@@ -23,6 +23,30 @@ class StopRule:
     drain_s: float = 0.3  # quiet time after the workload ends before stopping
 
 
+class Stopper:
+    """Applies a StopRule while a collector reads: call done() after each read."""
+
+    def __init__(self, stop: StopRule, work: WorkloadRun, drain_s: float | None = None) -> None:
+        self.stop = stop
+        self.work = work
+        self.drain_s = stop.drain_s if drain_s is None else drain_s
+        self.quiet_since: float | None = None
+
+    def done(self, hits: int, got_output: bool) -> bool:
+        """Whether to stop: COUNT hits, DURATION elapsed, or the workload ended and output went quiet."""
+        now = time.monotonic()
+        if got_output:
+            self.quiet_since = None
+        if self.stop.count is not None and hits >= self.stop.count:
+            return True
+        if self.stop.duration is not None:
+            return now - self.work.started >= self.stop.duration
+        if self.work.done():
+            self.quiet_since = self.quiet_since or now
+            return not got_output and now - self.quiet_since >= self.drain_s
+        return False
+
+
 @dataclass
 class MechanismResult:
     """What one mechanism saw for one ProbeSpec and workload."""

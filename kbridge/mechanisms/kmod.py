@@ -16,7 +16,7 @@ from pathlib import Path
 from kbridge import progress
 from kbridge.collect.dmesg import parse_event, parse_hit
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule, WorkloadRun
+from kbridge.mechanisms.common import HitSink, MechanismResult, Stopper, StopRule, WorkloadRun
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec
 from kbridge.targets.base import OOPS_MARKERS, GuestCrash
@@ -70,30 +70,21 @@ def run(session: Session, spec: ProbeSpec, ko: Path, module: str, workload: Work
         loaded = True
         _wait_for(stream, module, run_id, "ready", crash)
         work = WorkloadRun(vm, workload)
-        quiet_since = None
+        stopper = Stopper(stop, work)
         while True:
             rec = next(stream)
-            now = time.monotonic()
+            hit = None
             if rec is not None:
                 if _oops(rec.text, crash):
                     break
                 hit = parse_hit(rec.text, module, spec.symbol, rec.usec)
                 if hit and (stop.count is None or len(result.hits) < stop.count):
-                    result.first_event_s = result.first_event_s or now - work.started
+                    result.first_event_s = result.first_event_s or time.monotonic() - work.started
                     result.hits.append(hit)
                     if on_hit:
                         on_hit(hit)
-                    quiet_since = None
-            if stop.count is not None and len(result.hits) >= stop.count:
+            if stopper.done(len(result.hits), hit is not None):
                 break
-            if stop.duration is not None:
-                if now - work.started >= stop.duration:
-                    break
-                continue
-            if work.done():
-                quiet_since = quiet_since or now
-                if rec is None and now - quiet_since >= stop.drain_s:
-                    break
     finally:
         if work:
             work.stop()
