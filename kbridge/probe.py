@@ -74,7 +74,7 @@ def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | 
             resolution = table.resolve(spec.symbol, arch, blacklist)  # fails before any boot
             if via == "kmod":
                 early = pool.submit(build, render(spec.with_symbol(resolution.symbol), arch), img)
-        with open_target(arch, suite, mirrors) as vm:
+        with open_target(arch, suite, mirrors, bcc=via == "bpf") as vm:
             session = Session(vm)
             if resolution is None:
                 resolution = session.resolve(spec.symbol)

@@ -91,12 +91,20 @@ class Session:
 
 @contextlib.contextmanager
 def open_target(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,
-                mirrors: Mirrors | None = None) -> Iterator[QemuVM]:
-    """The kept VM for ARCH if one runs, else a fresh VM that is shut down on exit."""
+                mirrors: Mirrors | None = None, bcc: bool = False) -> Iterator[QemuVM]:
+    """The kept VM for ARCH if one runs, else a fresh VM that is shut down on exit.
+
+    BCC: a fresh VM boots the bcc image flavour (eBPF needs its root filesystem).
+    """
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     vm = QemuVM.attach(arch)
     if vm is None:
-        vm = QemuVM.boot(images.ensure(arch, suite, mirrors))
+        if bcc:
+            from kbridge.images import bcc as bcc_images
+
+            vm = QemuVM.boot(bcc_images.ensure(arch, suite, mirrors))
+        else:
+            vm = QemuVM.boot(images.ensure(arch, suite, mirrors))
     else:
         progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
     with vm:

@@ -208,7 +208,12 @@ class QemuVM:
             if rundir.exists():
                 shutil.rmtree(rundir, ignore_errors=True)
             return None
-        image = load(arch, meta["suite"], verify=False)
+        if Path(meta.get("image", "")).name.endswith("-bcc"):  # booted from the bcc flavour
+            from kbridge.images import bcc
+
+            image = bcc.load(arch, meta["suite"])
+        else:
+            image = load(arch, meta["suite"], verify=False)
         if image is None or (rundir / "crashed").exists():
             if image is not None:
                 cls(rundir, image, meta["accel"], proc, True).shutdown()
