@@ -189,6 +189,9 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
         loaded = True
         state = _record(session, module, ins, "before")
         ins.probe_address = int(state["addr"], 16)
+        # The symbol table may be cached from an earlier boot and KASLR moves the
+        # kernel on every boot: the live address is the one the kernel resolved.
+        ins.address = ins.probe_address - ins.offset
         _ctl(session, module, "arm")
         # x86 optimizes a breakpoint into a jump after a delay (OPTIMIZE_DELAY, 5 jiffies): let it settle.
         time.sleep(0.3)

@@ -31,7 +31,7 @@ class Resolution:
 
     requested: str
     symbol: str
-    address: int
+    address: int  # from the symbol table, possibly of an earlier boot (KASLR): for ordering, not use
     note: str | None = None  # said to the user when symbol != requested
 
 

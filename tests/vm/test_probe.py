@@ -143,9 +143,11 @@ def test_guest_panic_is_detected(short_dir, kbridge_arch):
         "from kbridge.images import image; from kbridge.targets.qemu import QemuVM\n"
         "from kbridge.targets.base import GuestCrash\n"
         f"vm = QemuVM.boot(image.ensure('{kbridge_arch}'))\n"
-        "vm.spawn(['/bin/sh', '-c', 'echo c > /proc/sysrq-trigger'])\n"
-        "vm.proc.wait(timeout=120)\n"  # panic=-1 + -no-reboot: QEMU exits
-        "try:\n    vm.run(['/bin/true'], timeout=10)\nexcept GuestCrash as e:\n"
+        "try:\n"
+        "    vm.spawn(['/bin/sh', '-c', 'echo c > /proc/sysrq-trigger'])\n"  # may already see the panic
+        "    vm.proc.wait(timeout=120)\n"  # panic=-1 + -no-reboot: QEMU exits
+        "    vm.run(['/bin/true'], timeout=10)\n"
+        "except GuestCrash as e:\n"
         "    print('CRASH', 'sysrq' in e.text.lower() or 'Kernel panic' in e.text)\n"
         "vm.shutdown()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
