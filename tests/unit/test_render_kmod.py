@@ -42,3 +42,16 @@ def test_module_names_are_short_unique_identifiers():
     assert module_name(a) != module_name(b)
     assert len(module_name(a)) < 56 and re.fullmatch(r"\w+", module_name(a))
     assert module_name(make_spec("x.isra.0", {"pre"})).startswith("kb_x_isra_0_")
+
+
+def test_compiler_errors_show_the_generated_line():
+    from kbridge.build import explain_build_failure
+
+    mod = render(make_spec("ksys_write", {"pre"}, ["fd=1"], X86_64), X86_64)
+    line_no = mod.source.splitlines().index("\tatomic64_inc(&hits_pre);") + 1
+    gcc = (f"/tmp/x/{mod.name}.c: In function 'kb_pre':\n"
+           f"/tmp/x/{mod.name}.c:{line_no}:9: error: implicit declaration of function 'atomic64_inc'\n"
+           "make[2]: *** [scripts/Makefile.build:250: x.o] Error 1\n")
+    text = explain_build_failure(gcc, mod)
+    assert f"{mod.name}.c:{line_no}: error: implicit declaration" in text
+    assert f"{line_no} | atomic64_inc(&hits_pre);" in text
