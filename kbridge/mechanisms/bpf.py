@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
 from kbridge.images.bcc import ROOTFS_MOUNT
-from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule, WorkloadRun
+from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule, Stopper, WorkloadRun
 from kbridge.render.bcc import render
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
@@ -78,27 +78,17 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         ready = _wait_ready(session, stream, pid, run_id, spec)
         result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s")
         work = WorkloadRun(vm, workload)
-        quiet_since = None
+        stopper = Stopper(stop, work)
         while True:
             msg = next(stream)
-            now = time.monotonic()
-            if msg is not None and msg.get("run") == run_id:
-                if msg["ev"] == "hit":
-                    if stop.count is None or len(result.hits) < stop.count:
-                        _take(result, msg, on_hit, now - work.started)
-                    quiet_since = None
-                elif msg["ev"] == "error":
-                    raise BpfError(f"bcc runner failed while running: {msg.get('message')}")
-            if stop.count is not None and len(result.hits) >= stop.count:
+            hit = msg is not None and msg.get("run") == run_id and msg["ev"] == "hit"
+            if hit:
+                if stop.count is None or len(result.hits) < stop.count:
+                    _take(result, msg, on_hit, time.monotonic() - work.started)
+            elif msg is not None and msg.get("run") == run_id and msg["ev"] == "error":
+                raise BpfError(f"bcc runner failed while running: {msg.get('message')}")
+            if stopper.done(len(result.hits), hit):
                 break
-            if stop.duration is not None:
-                if now - work.started >= stop.duration:
-                    break
-                continue
-            if work.done():
-                quiet_since = quiet_since or now
-                if msg is None and now - quiet_since >= stop.drain_s:
-                    break
         if work:
             work.stop()
         _finish(session, stream, pid, run_id, result, stop, on_hit)
