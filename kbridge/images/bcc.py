@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from kbridge import progress
@@ -85,8 +84,7 @@ def is_bcc_image(img: images.Image) -> bool:
 def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None:
     root = cache_dir()
     final = flavour_dir(arch, suite)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{suite}-{arch.name}-bcc-", dir=root / "images"))
-    try:
+    with images.staged(final) as work:
         apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors)
         with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
             apt.update()
@@ -118,12 +116,6 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
         (work / "manifest.json").write_text(json.dumps({
             "format": FORMAT, "arch": arch.name, "suite": suite, "krel": krel,
             "base_guest": images.guest_digest(), "packages": list(PACKAGES)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     progress.info(f"bcc image ready: Debian {suite} {arch.name}, kernel {krel}")
 
 

@@ -135,11 +135,29 @@ def _mirrors_from_env(suite: str) -> Mirrors:
     )
 
 
+@contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """A temporary directory beside FINAL that replaces it when the block completes.
+
+    On any error (Ctrl-C included) it is removed and FINAL is left as it was, so
+    the cache never holds a half-built image under the real name.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
+    try:
+        yield work
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
     root = cache_dir()
     final = image_dir(arch, suite)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{suite}-{arch.name}-", dir=root / "images"))
-    try:
+    with staged(final) as work:
         apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors)
         host_apt = apt if host_arch() == arch.name else PrivateApt(
             root / "apt" / f"{suite}-{get_arch(None).debian}", suite, get_arch(None).debian, mirrors)
@@ -175,12 +193,6 @@ def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
         manifest = {"format": FORMAT, "guest": guest_digest(), "arch": arch.name, "suite": suite, "krel": krel,
                     "version": version, "files": files}
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     img = load(arch, suite)
     assert img is not None
     progress.info(f"guest image ready: Debian {suite} {arch.name}, kernel {krel}")

@@ -2,52 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from kbridge.arch import get_arch
 from kbridge.compare import compare
-from kbridge.images import bcc
 from kbridge.session import Session
 from kbridge.spec import make_spec
-from kbridge.targets.qemu import QemuVM
 
 
 pytestmark = pytest.mark.vm
 
 DD = "dd if=/dev/zero of=/dev/null bs=1 count=300"
-
-
-def bcc_vm(arch_name: str) -> Iterator[QemuVM]:
-    """A kept VM of the bcc image for the module (replacing a kept VM without bcc)."""
-    arch = get_arch(arch_name)
-    vm = QemuVM.attach(arch)
-    if vm is not None and "-bcc" not in (vm.rundir / "vm.json").read_text():
-        vm.shutdown()
-        vm = None
-    booted = vm is None
-    if vm is None:
-        vm = QemuVM.boot(bcc.ensure(arch), keep=True)
-    vm.detach()
-    yield vm
-    if booted and (again := QemuVM.attach(arch)) is not None:
-        again.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bcc_kept(kbridge_arch: str) -> Iterator[QemuVM]:
-    yield from bcc_vm(kbridge_arch)
-
-
-@pytest.fixture
-def session(bcc_kept: QemuVM) -> Iterator[Session]:
-    vm = QemuVM.attach(bcc_kept.arch)
-    assert vm is not None
-    try:
-        yield Session(vm)
-    finally:
-        vm.detach()
 
 
 def test_three_mechanisms_equal_counts(session: Session) -> None:
