@@ -29,15 +29,6 @@ from kbridge.spec import ProbeSpec
 
 GROUP = "kbridge"
 
-# offsetof(struct pt_regs, REG) for the syscall ABI's argument registers, in order.
-# x86_64: arch/x86/include/asm/ptrace.h (r15 at 0 ... r10 at 56, r9 64, r8 72,
-# ..., dx 96, si 104, di 112).  arm64: arch/arm64/include/asm/ptrace.h, regs[31] first.
-SYSCALL_ARG_OFFSETS: dict[str, tuple[int, ...]] = {
-    "x86_64": (112, 104, 96, 56, 72, 64),
-    "arm64": (0, 8, 16, 24, 32, 40),
-}
-
-
 @dataclass(frozen=True)
 class RenderedEvent:
     """One kprobe_events line for a spec, and which handlers it serves."""
@@ -51,10 +42,6 @@ class RenderedEvent:
         return f"{self.event.effective_group}/{self.event.effective_event}"
 
 
-def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
-    return symbol.startswith(arch.syscall_prefix)
-
-
 def event_stem(symbol: str) -> str:
     """A C identifier from SYMBOL (clone suffixes such as .isra.0 become _isra_0)."""
     stem = re.sub(r"[^A-Za-z0-9_]", "_", symbol)
@@ -63,8 +50,8 @@ def event_stem(symbol: str) -> str:
 
 def fetch_for(arg_index: int, symbol: str, arch: Arch) -> events.Fetch:
     """How to fetch the ARG_INDEX-th (1-based) argument of SYMBOL at its entry."""
-    if is_syscall_wrapper(symbol, arch):
-        offsets = SYSCALL_ARG_OFFSETS[arch.name]
+    if arch.is_syscall_wrapper(symbol):
+        offsets = arch.syscall_arg_offsets
         if not 1 <= arg_index <= len(offsets):
             raise KbridgeError(f"{symbol} is a syscall: it has at most {len(offsets)} arguments, "
                                f"not argument {arg_index}")

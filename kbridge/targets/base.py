@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.targets.qga import ExecResult
+
+if TYPE_CHECKING:
+    from kbridge.images.image import Image
 
 
 class GuestCrash(KbridgeError):
@@ -48,17 +51,66 @@ OOPS_MARKERS = ("Oops", "BUG: ", "Kernel panic", "general protection fault",
                 "Unable to handle kernel", "Internal error:", "WARNING: CPU:")
 
 
+class LineStream(Protocol):
+    """Lines from a guest program, as they arrive; None after `idle` seconds without one."""
+
+    idle: float
+
+    def __iter__(self) -> LineStream: ...
+    def __next__(self) -> str | None: ...
+
+
 class Target(Protocol):
-    """A running guest kernel kbridge can drive."""
+    """A running guest kernel kbridge can drive: the only view mechanisms, collectors,
+    `inspect` and sessions have of a guest (the embedded QEMU VM, a Vagrant machine).
 
+    Guest commands are argv lists (no shell unless the argv says /bin/sh -c). A guest
+    has busybox at /bin/busybox and kbridge's helpers under /usr/lib/kbridge.
+    """
+
+    name: str  # how the user names it: "qemu:x86_64", "vagrant:kbridge-arm64"
     arch: Arch
-    krel: str
-    accel: str
+    krel: str  # `uname -r` in the guest
+    accel: str  # "kvm", "tcg", or what the provider says
+    flavour: str  # "default" | "bcc": whether bcc_python() can run eBPF programs
+    image: Image  # the kernel's headers (module builds) and the per-kernel fact cache (state)
+    kept: bool  # outlives this command (kbridge vm up, a Vagrant machine)
 
-    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult: ...
-    def spawn(self, argv: list[str], stdin: bytes | None = None) -> int: ...
-    def poll(self, pid: int) -> ExecResult | None: ...
-    def write_file(self, path: str, data: bytes) -> None: ...
-    def read_file(self, path: str) -> bytes: ...
-    def kmsg(self) -> Iterator[KmsgRecord | None]: ...
-    def check_alive(self) -> None: ...
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
+        """Run ARGV as root in the guest and wait for it."""
+    def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
+        """Start ARGV as root in the guest; a handle for poll()/wait()."""
+    def poll(self, pid: int) -> ExecResult | None:
+        """The result of a spawned command, or None while it runs."""
+    def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
+        """Wait for a spawned command (KbridgeError after TIMEOUT s)."""
+    def guest_pid(self, handle: int) -> int:
+        """The guest tgid of a spawned command (for kill and for pid filters)."""
+    def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
+        """Write DATA to PATH; mode "a" appends (kprobe_events without clearing it)."""
+    def read_file(self, path: str) -> bytes:
+        """The bytes of PATH in the guest."""
+    def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
+        """Kernel log records as they arrive (a fresh stream replays the backlog first)."""
+    def stream(self, port: str, idle: float = 0.05) -> LineStream:
+        """The host end of stream PORT (one of STREAM_PORTS), opened before the guest writes."""
+    def stream_path(self, port: str) -> str:
+        """The guest path a program writes to so its lines arrive on stream PORT."""
+    def close_stream(self, port: str) -> None:
+        """Close the host end of stream PORT."""
+    def bcc_python(self) -> list[str] | None:
+        """The argv prefix that runs a python3 with bcc in the guest, or None without bcc."""
+    def check_alive(self) -> None:
+        """Raise GuestCrash if the guest panicked or oopsed."""
+    def mark_crashed(self) -> None:
+        """The guest oopsed: the next command must not reuse it as it is."""
+    def console_tail(self, lines: int = 40) -> str:
+        """The end of the guest's console output (crash reports)."""
+    def release(self) -> None:
+        """Done with it: an ephemeral VM is shut down, a kept one is left running."""
+
+
+# Guest -> host line streams a mechanism can point a guest program at.
+TRACE_PORT = "org.kbridge.trace"
+BPF_PORT = "org.kbridge.bpf"
+STREAM_PORTS = (TRACE_PORT, BPF_PORT)

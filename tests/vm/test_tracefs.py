@@ -11,7 +11,6 @@ from kbridge import events
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.common import StopRule
-from kbridge.render.tracefs import SYSCALL_ARG_OFFSETS
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
@@ -41,7 +40,7 @@ def test_fetch_arg_kinds_and_types(kbridge_session: Session) -> None:
     """$argN, user-string derefs, pt_regs derefs of the syscall wrapper, $comm, $retval."""
     s = kbridge_session
     before = snapshot(s)
-    off = SYSCALL_ARG_OFFSETS[s.arch.name]
+    off = s.arch.syscall_arg_offsets
     wrapper = f"{s.arch.syscall_prefix}write"
     lines = [
         "p:kbt/w ksys_write fd=$arg1:u64 buf=+0($arg2):ustring count=$arg3:u64 c=$comm",
