@@ -1,18 +1,28 @@
-"""`kbridge module render|build`: the generated C, shown or built, without running anything."""
+"""`kbridge module render|build|load|unload`: kbridge's generated modules and the user's own.
+
+`render` shows the C kbridge generates for a probe. `build`, `load` and `unload`
+handle the user's own out-of-tree module (a directory with a Kbuild or Makefile):
+built against the guest kernel's headers, loaded into the kept VM, removed again.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.output import command, emit_json, err
+from kbridge.cli.output import command, emit_json, err, out
+from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
+from kbridge.targets.base import Target
 
-module_app = typer.Typer(help="Generated kernel modules: render or build them without loading.", no_args_is_help=True)
+module_app = typer.Typer(help="Kernel modules: kbridge's generated probes (render) and your own (build, load, unload).",
+                         no_args_is_help=True)
 app.add_typer(module_app, name="module")
 
 
@@ -24,16 +34,15 @@ def render_cmd(
     post: Annotated[bool, typer.Option("--post")] = False,
     entry: Annotated[bool, typer.Option("--entry")] = False,
     ret: Annotated[bool, typer.Option("--ret")] = False,
-    arg: Annotated[Optional[list[str]], typer.Option("--arg", help="NAME=N")] = None,
+    arg: Annotated[list[str] | None, typer.Option("--arg", help="NAME=N")] = None,
     offset: Annotated[int, typer.Option("--offset")] = 0,
     maxactive: Annotated[int, typer.Option("--maxactive")] = 0,
-    arch: Annotated[Optional[str], typer.Option("--arch")] = None,
+    arch: Annotated[str | None, typer.Option("--arch")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print the module's C source and Kbuild file for SYMBOL; build and load nothing."""
-    from kbridge.render.kmod import render
-
     from kbridge.images import image as images
+    from kbridge.render.kmod import render
     from kbridge.session import cached_blacklist, cached_symbols
 
     a = get_arch(arch)
@@ -55,3 +64,124 @@ def render_cmd(
     for fname, text in mod.files.items():
         # Plain writes: rich would wrap long C lines at the terminal width.
         sys.stdout.write(f"/* ==== {fname} ==== */\n{text}")
+
+
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")]
+KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Debian suite or kernel line: bookworm|6.1, ...")]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="qemu (default) or vagrant[:MACHINE].")]
+DirArg = Annotated[Path, typer.Argument(help="Your module's directory (a Kbuild or Makefile with obj-m).",
+                                        show_default=False)]
+
+
+def _show_log(lines: list[str]) -> None:
+    for line in lines:
+        err.print(f"  [dim]kernel:[/] {escape(line)}")
+
+
+@module_app.command("build")
+@command
+def build_cmd(
+    src: DirArg,
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build your module against the guest kernel's headers (cross-compiled for arm64), cached."""
+    from kbridge import kernels, usermod
+    from kbridge.targets import kept_image
+
+    a = get_arch(arch)
+    img = kept_image(a, kernels.resolve(kernel))
+    mods = usermod.build_modules(src, img)
+    if json_out:
+        emit_json({"kernel": img.krel, "arch": a.name, "modules": [
+            {"name": m.name, "ko": str(m.ko), "params": m.params} for m in mods],
+            "warnings": list(mods[0].warnings)})
+        return
+    for w in mods[0].warnings:
+        err.print(f"[yellow]{escape(w)}[/]")
+    for m in mods:
+        params = ", ".join(f"{k} ({v})" for k, v in sorted(m.params.items())) or "none"
+        err.print(f"[green]✓ {m.name}.ko for {img.krel} ({a.name})[/]: parameters: {escape(params)}")
+        out.print(str(m.ko), soft_wrap=True)
+
+
+@module_app.command("load")
+@command
+def load_cmd(
+    src: DirArg,
+    param: Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE, a module_param (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Which module, when obj-m builds several.")] = None,
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build (if needed), push and insmod your module in the kept VM (booted if none runs); show its log."""
+    from kbridge import kernels, usermod
+    from kbridge.targets import acquire
+
+    params = dict(usermod.parse_param(p) for p in param or ())
+    a = get_arch(arch)
+    with acquire(a, keep=True, kernel=kernels.resolve(kernel), target=target) as guest:
+        built = usermod.build_module(src, guest.image, name)
+        for w in built.warnings:
+            err.print(f"[yellow]{escape(w)}[/]")
+        try:
+            mod = usermod.load_module(guest, built, params)
+        except usermod.LoadError as e:
+            if json_out:
+                emit_json({"loaded": False, "module": built.name, "errno": e.errno, "log": e.log})
+            raise
+    if json_out:
+        emit_json({"loaded": True, "module": mod.name, "params": mod.params, "log": mod.log,
+                   "arch": guest.arch.name, "kernel": guest.krel})
+        return
+    _show_log(mod.log)
+    err.print(f"[green]✓ {mod.name} loaded in the {guest.arch.name} guest ({guest.krel})[/]")
+    err.print(f"[dim]  kbridge probe {mod.name}:FUNCTION ... probes it; kbridge module unload {mod.name} removes it[/]")
+
+
+@module_app.command("unload")
+@command
+def unload_cmd(
+    name: Annotated[str, typer.Argument(help="The module's name (as lsmod shows it).", show_default=False)],
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """rmmod your module from the kept VM; show its exit's kernel log."""
+    from kbridge import kernels
+    from kbridge.targets import parse_target
+    from kbridge.targets.qemu import QemuVM
+
+    a = get_arch(arch)
+    where = parse_target(target)
+    if where.kind == "qemu":
+        vm = QemuVM.attach(a, kernels.resolve(kernel))
+        if vm is None:
+            raise KbridgeError(f"no {a.name} VM is up, so no module of yours is loaded",
+                               f"kbridge vm up --arch {a.name}, then kbridge module load DIR")
+        guest: Target = vm
+    else:
+        from kbridge.targets import acquire
+
+        with acquire(a, kernel=kernels.resolve(kernel), target=where) as guest:
+            _unload(guest, name, json_out)
+        return
+    try:
+        _unload(guest, name, json_out)
+    finally:
+        guest.release()
+
+
+def _unload(guest: Target, name: str, json_out: bool) -> None:
+    from kbridge import usermod
+
+    lines = usermod.unload_module(guest, name)
+    if json_out:
+        emit_json({"unloaded": name, "log": lines})
+        return
+    _show_log(lines)
+    err.print(f"[green]✓ {name} unloaded from the {guest.arch.name} guest[/]")
