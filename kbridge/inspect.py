@@ -5,11 +5,19 @@ host steps it through arm -> remove, reading the instruction bytes at the probe
 address (the module's debugfs `insn` file) and the probe's mode (debugfs
 kprobes/list) between steps. The bytes are disassembled on the host with
 objdump (aarch64-linux-gnu-objdump for arm64).
+
+The kernel picks one of three ways to plant a kprobe: an ftrace callback when
+the address is the function's ftrace site (x86_64: KPROBES_ON_FTRACE), a jump
+to a detour buffer when the instructions there can be relocated (x86_64:
+OPTPROBES, after a first int3), else a breakpoint (int3, BRK #4 on arm64).
+`breakpoint=True` forces the last: optimization off for the duration, and the
+probe moved past an ftrace site; both are restored and reported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import hashlib
 import re
 import secrets
@@ -17,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +41,11 @@ from kbridge.spec import validate_symbol
 
 NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm64 words
 STEPS = ("before", "armed", "after")
+OPTIMIZATION = "/proc/sys/debug/kprobes-optimization"  # CONFIG_OPTPROBES only (x86_64 here, not arm64)
+X86_FTRACE_SITE_LEN = 5  # the nop that becomes `call __fentry__` (MCOUNT_INSN_SIZE)
+# arm64 (6.1, -fpatchable-function-entry=2): the second nop becomes `bl ftrace_caller`; without
+# KPROBES_ON_FTRACE, check_ftrace_location() refuses a kprobe there.
+ARM64_FTRACE_SITE = 4
 _LIST_FLAGS = re.compile(r"\[(GONE|DISABLED|OPTIMIZED|FTRACE)\]")
 
 
@@ -53,16 +67,27 @@ class Inspection:
     list_lines: dict[str, str] = field(default_factory=dict)  # step -> kprobes/list line ("" if none)
     insn: dict[str, str] = field(default_factory=dict)  # step -> hex bytes in memory order
     disasm: dict[str, list[str]] = field(default_factory=dict)
-    hits: int = 0
+    hits: int = 0  # the module's exact count, read after unregister_kprobe() (no hit can follow)
+    nmissed: int = 0  # kp.nmissed, read with it
     note: str | None = None
+    breakpoint: bool = False  # --breakpoint: the breakpoint path was forced
+    requested_offset: int = 0  # what the user asked; `offset` may have moved past an ftrace site
+    ftrace_site: bool = False  # the kernel flagged the address as an ftrace site at registration
+    optimization: str | None = None  # kprobes-optimization as found (None: no CONFIG_OPTPROBES)
+    changes: list[str] = field(default_factory=list)  # what --breakpoint changed, and that it was restored
+    why: str = ""  # one sentence: why the kernel chose this mode, and how to get the others
 
     def to_json(self) -> dict:
         return {"symbol": self.symbol, "requested": self.requested, "offset": self.offset,
+                "requested_offset": self.requested_offset,
                 "address": f"{self.address:#x}",
                 "probe_address": f"{self.probe_address:#x}" if self.probe_address is not None else None,
                 "aliases": self.aliases, "blacklisted": self.blacklisted, "ftraceable": self.ftraceable,
-                "mode": self.mode, "kprobes_list": self.list_lines, "insn": self.insn,
-                "disasm": self.disasm, "arch": self.arch, "kernel": self.kernel, "hits_while_armed": self.hits}
+                "ftrace_site": self.ftrace_site, "mode": self.mode, "why": self.why,
+                "breakpoint_forced": self.breakpoint, "kprobes_optimization": self.optimization,
+                "changes": self.changes, "kprobes_list": self.list_lines, "insn": self.insn,
+                "disasm": self.disasm, "arch": self.arch, "kernel": self.kernel,
+                "hits": self.hits, "nmissed": self.nmissed}
 
 
 def render_inspect(symbol: str, offset: int) -> ModuleSource:
@@ -138,20 +163,133 @@ def is_ftraceable(session: Session, symbol: str) -> bool:
     raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")
 
 
-def inspect(session: Session, name: str, offset: int = 0) -> Inspection:
-    """Resolve NAME on the session's kernel and show the probe's bytes and mode before, armed and after."""
+def inspect(session: Session, name: str, offset: int = 0, breakpoint: bool = False) -> Inspection:
+    """Resolve NAME on the session's kernel and show the probe's bytes and mode before, armed and after.
+
+    BREAKPOINT forces the breakpoint path: kprobes-optimization 0 while armed
+    (restored after) and, if the address is an ftrace site, the probe moved to
+    the instruction after it. Inspection.changes says what was done.
+    """
     res = session.symbols.resolve(name, session.arch, frozenset())  # blacklist is reported, not refused
-    ins = Inspection(name, res.symbol, offset, session.arch.name, session.vm.krel, res.address, note=res.note)
+    ins = Inspection(name, res.symbol, offset, session.arch.name, session.vm.krel, res.address, note=res.note,
+                     breakpoint=breakpoint, requested_offset=offset)
     ins.aliases = aliases_of(session, res.symbol, res.address)
     ins.blacklisted = res.symbol in session.blacklist
     ins.ftraceable = is_ftraceable(session, res.symbol)
     if ins.blacklisted:
         ins.mode = "blacklisted"
+        ins.why = (f"{res.symbol} is on the kprobe blacklist (debugfs kprobes/blacklist: code the kprobe "
+                   "machinery itself runs, or marked NOKPROBE_SYMBOL): register_kprobe() refuses it, "
+                   "in every mode")
         return ins
+    ins.optimization = _read_optional(session, OPTIMIZATION)
     mod = render_inspect(res.symbol, offset)
     ko = build(mod, session.image)
-    _step_through(session, mod.name, ko, ins)
+    if breakpoint and ins.arch == "x86_64":
+        state = _peek(session, mod.name, ko, ins)
+        if state.get("ftrace") == "1":
+            # The kernel would attach through ftrace here whatever the optimizer says: probe the
+            # instruction after the ftrace site instead (x86 IBT kernels moved +0 past endbr64 first).
+            site = int(state["addr"], 16) - res.address
+            ins.offset = site + X86_FTRACE_SITE_LEN
+            ins.changes.append(f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
+                               f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it")
+            mod = render_inspect(res.symbol, ins.offset)
+            ko = build(mod, session.image)
+    with _optimization_off(session, ins) if breakpoint else contextlib.nullcontext():
+        _step_through(session, mod.name, ko, ins)
+    ins.why = why(ins)
     return ins
+
+
+def _read_optional(session: Session, path: str) -> str | None:
+    res = session.vm.run(["/bin/busybox", "cat", path], timeout=30)
+    return res.stdout.decode().strip() if res.ok else None
+
+
+@contextlib.contextmanager
+def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
+    """kprobes-optimization 0 for the block (all optimized probes fall back to int3), then as found."""
+    was = ins.optimization
+    if was is None:
+        if ins.arch == "arm64":
+            ins.changes.append("arm64 has no jump optimization (no CONFIG_OPTPROBES): nothing to turn off")
+        yield
+        return
+    if was == "0":
+        ins.changes.append(f"{OPTIMIZATION} was already 0: left as it was")
+        yield
+        return
+    _write_sysctl(session, OPTIMIZATION, "0")
+    try:
+        yield
+    finally:
+        _write_sysctl(session, OPTIMIZATION, was)
+        now = _read_optional(session, OPTIMIZATION)
+        ins.changes.append(f"{OPTIMIZATION} set to 0 while armed (every optimized kprobe in the guest "
+                           f"falls back to int3), then restored to {now}")
+        if now != was:
+            raise KbridgeError(f"{OPTIMIZATION} is {now}, not {was} as before",
+                               f"kbridge vm exec -- sh -c 'echo {was} > {OPTIMIZATION}'")
+
+
+def _write_sysctl(session: Session, path: str, value: str) -> None:
+    # PATH is one of ours and VALUE a digit read back from it: no user text reaches the shell.
+    if not value.isdigit():
+        raise KbridgeError(f"unexpected value {value!r} in {path}")
+    res = session.vm.run(["/bin/sh", "-c", f"echo {value} > {path}"], timeout=30)
+    if not res.ok:
+        raise KbridgeError(f"could not write {value} to {path}: {res.stderr.decode(errors='replace').strip()}")
+
+
+def _peek(session: Session, module: str, ko: Path, ins: Inspection) -> dict[str, str]:
+    """Load the module (probe registered disabled), read its state, unload it: nothing is armed."""
+    vm = session.vm
+    guest_ko = f"/tmp/{module}.ko"
+    run_id = secrets.token_hex(4)
+    vm.write_file(guest_ko, ko.read_bytes())
+    try:
+        _insmod(session, module, guest_ko, run_id, ins)
+        try:
+            return _read_state(session, module)
+        finally:
+            vm.run(["/sbin/rmmod", module], timeout=60)
+    finally:
+        with contextlib.suppress(Exception):
+            vm.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
+
+
+def why(ins: Inspection) -> str:
+    """One sentence: why the kernel planted the probe the way it did, and how to get the other modes."""
+    where = f"{ins.symbol}+{ins.offset:#x}"
+    if ins.arch == "arm64":
+        return (f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
+                "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
+                f"the original instruction out of line; there is no other mode to get, and the ftrace "
+                f"site ({ins.symbol}+{ARM64_FTRACE_SITE:#x}) is refused")
+    if ins.mode == "ftrace":
+        return (f"{where} is {ins.symbol}'s ftrace site (the 5-byte nop that ftrace turns into a call), "
+                "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap, "
+                "no single-step; the handler sees ip = addr + 1 as after an int3); for an int3 use "
+                f"--breakpoint, for an optimized jump --offset {ins.offset + X86_FTRACE_SITE_LEN:#x}")
+    if ins.mode == "optimized":
+        return (f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
+                "so the optimizer replaced the int3 it first planted with a 5-byte jmp (OPTPROBES, "
+                f"{OPTIMIZATION} = {ins.optimization}; a probe with a post-handler is never optimized); "
+                "for the int3 use --breakpoint, for the ftrace mode probe the function's entry (--offset 0)")
+    if ins.mode == "breakpoint":
+        if ins.breakpoint:
+            cause = "--breakpoint turned jump optimization off" + (
+                " and moved the probe past the ftrace site" if ins.offset != ins.requested_offset else "")
+        elif ins.optimization == "0":
+            cause = f"jump optimization is off ({OPTIMIZATION} = 0)"
+        else:
+            cause = ("the optimizer could not relocate the instructions there (a jump target, an "
+                     "instruction that cannot run from a detour buffer, or too little room)")
+        return (f"{where} is an int3 (0xcc) because {cause}; the trap runs the pre-handler, the original "
+                "instruction is single-stepped, then the post-handler runs; without --breakpoint the "
+                "function's entry uses ftrace and other offsets usually an optimized jump")
+    return f"the kernel reported mode {ins.mode!r} for {where}"
 
 
 def _read_state(session: Session, module: str) -> dict[str, str]:
@@ -180,15 +318,11 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
     vm.write_file(guest_ko, ko.read_bytes())
     loaded = False
     try:
-        r = vm.run(["/sbin/insmod", guest_ko, f"run={run_id}"], timeout=60)
-        if not r.ok:
-            err = _register_errno(session, module, run_id)
-            if err:
-                raise explain_register_error(err, "kprobe", f"{ins.symbol}+{ins.offset:#x}")
-            raise KbridgeError(f"insmod {module}.ko failed: {r.stderr.decode(errors='replace').strip()}")
+        _insmod(session, module, guest_ko, run_id, ins)
         loaded = True
         state = _record(session, module, ins, "before")
         ins.probe_address = int(state["addr"], 16)
+        ins.ftrace_site = state.get("ftrace") == "1"
         # The symbol table may be cached from an earlier boot and KASLR moves the
         # kernel on every boot: the live address is the one the kernel resolved.
         ins.address = ins.probe_address - ins.offset
@@ -198,8 +332,12 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
         state = _record(session, module, ins, "armed")
         ins.mode = mode_of(ins.list_lines["armed"]) if ins.list_lines["armed"] else "unknown"
         vm.run(["/bin/busybox", "true"], timeout=30)  # some activity, so hits show the probe is live
-        ins.hits = int(_read_state(session, module).get("hits", "0"))
         _ctl(session, module, "remove")
+        # After unregister_kprobe() no handler runs: these are the final counts, the ones the
+        # module's unload message prints.
+        final = _read_state(session, module)
+        ins.hits = int(final.get("hits", "0"))
+        ins.nmissed = int(final.get("nmissed", "0"))
         # Unoptimizing (x86) is also deferred to the optimizer: poll until the text is restored.
         deadline = time.monotonic() + 2.0
         while True:
@@ -216,6 +354,37 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
     for step, hexbytes in ins.insn.items():
         if hexbytes and hexbytes != "unreadable":
             ins.disasm[step] = disassemble(bytes.fromhex(hexbytes), session.arch, addr)
+
+
+def _insmod(session: Session, module: str, guest_ko: str, run_id: str, ins: Inspection) -> None:
+    r = session.vm.run(["/sbin/insmod", guest_ko, f"run={run_id}"], timeout=60)
+    if not r.ok:
+        err = _register_errno(session, module, run_id)
+        if err:
+            raise explain_refusal(err, session.arch, ins.symbol, ins.offset, ins.ftraceable)
+        raise KbridgeError(f"insmod {module}.ko failed: {r.stderr.decode(errors='replace').strip()}")
+
+
+def explain_refusal(err: int, arch: Arch, symbol: str, offset: int, ftraceable: bool) -> KbridgeError:
+    """register_kprobe()'s error on SYMBOL+OFFSET, with the actual cause when kbridge can tell it."""
+    where = f"{symbol}+{offset:#x}"
+    if arch.name == "arm64" and ftraceable and offset == ARM64_FTRACE_SITE and err == errnos.EINVAL:
+        return KbridgeError(
+            f"register_kprobe on {where!r} failed with -EINVAL: {where} is {symbol}'s ftrace call site "
+            "(the patchable-function-entry nop ftrace turns into `bl ftrace_caller`), and arm64 has no "
+            "kprobes-on-ftrace, so check_ftrace_location() refuses it",
+            f"probe {symbol}+0x0 or {symbol}+{ARM64_FTRACE_SITE + 4:#x} (the next instruction)")
+    if arch.name == "arm64" and offset % 4 and err == errnos.EINVAL:
+        return KbridgeError(
+            f"register_kprobe on {where!r} failed with -EINVAL: arm64 instructions are 4 bytes, "
+            f"{offset:#x} is not a multiple of 4 (arch_prepare_kprobe)",
+            f"use --offset {offset - offset % 4:#x} or {offset - offset % 4 + 4:#x}")
+    if arch.name == "x86_64" and err == errnos.EILSEQ:
+        return KbridgeError(
+            f"register_kprobe on {where!r} failed with -EILSEQ: {offset:#x} is inside an instruction "
+            "(can_probe() decodes the function from its start and found no instruction boundary there)",
+            "kbridge inspect SYMBOL shows the instructions at the entry; pick an offset where one starts")
+    return explain_register_error(err, "kprobe", where)
 
 
 def _register_errno(session: Session, module: str, run_id: str) -> int | None:

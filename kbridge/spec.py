@@ -48,6 +48,7 @@ class ProbeSpec:
     maxactive: int = 0  # kretprobe instances; 0 lets the kernel choose
     pid: int | None = None  # only count/report this process (tgid)
     comm: str | None = None  # only count/report tasks with this comm
+    fault: bool = False  # kprobe fault_handler (Linux <= 5.13): report faults taken in the handlers
 
     @property
     def kprobe(self) -> bool:
@@ -99,7 +100,7 @@ def parse_arg(text: str, arch: Arch | None = None) -> ArgSpec:
 
 def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, arch: Arch | None = None,
               offset: int = 0, maxactive: int = 0, pid: int | None = None,
-              comm: str | None = None) -> ProbeSpec:
+              comm: str | None = None, fault: bool = False) -> ProbeSpec:
     """Build and validate a ProbeSpec from command-line style values."""
     validate_symbol(symbol)
     if not handlers:
@@ -122,28 +123,66 @@ def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, ar
         raise KbridgeError(f"invalid --comm {comm!r}: 1-15 printable characters without spaces, quotes or backslashes")
     if pid is not None and pid <= 0:
         raise KbridgeError(f"invalid --pid {pid}")
-    return ProbeSpec(symbol, frozenset(handlers), offset, parsed, maxactive, pid, comm)
+    if fault and not handlers & KPROBE_HANDLERS:
+        raise KbridgeError("--fault needs a kprobe handler: the fault handler belongs to struct kprobe",
+                           "add --pre (or --post)")
+    return ProbeSpec(symbol, frozenset(handlers), offset, parsed, maxactive, pid, comm, fault)
 
 
 @dataclass
 class Hit:
-    """One handler invocation, whatever mechanism reported it."""
+    """One handler invocation, whatever mechanism reported it.
+
+    ``addr`` is the probe address; ``ip`` and ``flags`` are the instruction
+    pointer and flags register the handler saw in its pt_regs (on arm64 the pc
+    and pstate: JSON names them so). A pre-handler runs from the breakpoint, a
+    post-handler after the probed instruction was single-stepped, so ``ip``
+    moves across that instruction. ``duration_ns`` is a return hit's time
+    since the function's entry; ``trap`` a fault hit's trap number.
+    """
 
     mechanism: str
     symbol: str
-    handler: str
+    handler: str  # pre | post | entry | ret | fault
     pid: int
     comm: str
     cpu: int
     args: dict[str, int | str] = field(default_factory=dict)
     retval: int | None = None
     timestamp: float | None = None  # seconds, guest clock
+    tid: int | None = None
+    addr: int | None = None
+    ip: int | None = None
+    flags: int | None = None
+    arch: str | None = None  # names ip/flags in JSON: "pc"/"pstate" on arm64
+    duration_ns: int | None = None
+    trap: int | None = None
+
+    @property
+    def ip_name(self) -> str:
+        return "pc" if self.arch == "arm64" else "ip"
+
+    @property
+    def flags_name(self) -> str:
+        return "pstate" if self.arch == "arm64" else "flags"
 
     def to_json(self) -> dict:
-        out = {"mechanism": self.mechanism, "symbol": self.symbol, "handler": self.handler,
-               "pid": self.pid, "comm": self.comm, "cpu": self.cpu, "args": self.args}
+        out: dict = {"mechanism": self.mechanism, "symbol": self.symbol, "handler": self.handler,
+                     "pid": self.pid, "comm": self.comm, "cpu": self.cpu, "args": self.args}
+        if self.tid is not None:
+            out["tid"] = self.tid
         if self.handler == "ret" or self.retval is not None:
             out["retval"] = self.retval
         if self.timestamp is not None:
             out["timestamp"] = self.timestamp
+        if self.addr is not None:
+            out["addr"] = f"{self.addr:#x}"
+        if self.ip is not None:
+            out[self.ip_name] = f"{self.ip:#x}"
+        if self.flags is not None:
+            out[self.flags_name] = f"{self.flags:#x}"
+        if self.duration_ns is not None:
+            out["duration_ns"] = self.duration_ns
+        if self.trap is not None:
+            out["trap"] = self.trap
         return out

@@ -7,14 +7,20 @@ from dataclasses import dataclass
 
 from kbridge.spec import Hit
 
+# Fixed fields come first and cannot be mistaken for an --arg (printed as NAME=DECIMAL):
+# registers are hex with 0x, a duration ends in "ns"; a fault line has no arguments.
 _HIT = re.compile(
-    r"^(?P<mod>[\w]+): hit=(?P<handler>pre|post|entry|ret) pid=(?P<pid>\d+) tid=(?P<tid>\d+) "
-    r"cpu=(?P<cpu>\d+)(?P<kv>(?: \w+=-?\d+)*) comm=(?P<comm>.*)$"
+    r"^(?P<mod>[\w]+): hit=(?P<handler>pre|post|entry|ret|fault) pid=(?P<pid>\d+) tid=(?P<tid>\d+) "
+    r"cpu=(?P<cpu>\d+)"
+    r"(?: addr=0x(?P<addr>[0-9a-f]+) (?P<ipname>ip|pc)=0x(?P<ip>[0-9a-f]+) (?:flags|pstate)=0x(?P<flags>[0-9a-f]+))?"
+    r"(?: took=(?P<took>\d+)ns)?"
+    r"(?P<kv>(?: \w+=-?\d+)*) comm=(?P<comm>.*)$"
 )
 _KV = re.compile(r" (\w+)=(-?\d+)")
 _FAIL = re.compile(r"^(?P<mod>\w+): register_(?P<what>kprobe|kretprobe) failed: (?P<err>-?\d+) run=(?P<run>\S*)")
 _UNLOADED = re.compile(r"^(?P<mod>\w+): unloaded run=(?P<run>\S*)(?P<kv>(?: \w+=-?\d+)*)")
 _READY = re.compile(r"^(?P<mod>\w+): ready run=(?P<run>\S*)")
+_DURATIONS = re.compile(r"^(?P<mod>\w+): durations run=(?P<run>\S*) log2_ns=(?P<buckets>-|\d+:\d+(?:,\d+:\d+)*)$")
 
 
 def parse_hit(text: str, module: str, symbol: str, usec: int | None = None) -> Hit | None:
@@ -23,38 +29,65 @@ def parse_hit(text: str, module: str, symbol: str, usec: int | None = None) -> H
     if not m or m["mod"] != module:
         return None
     values = {k: int(v) for k, v in _KV.findall(m["kv"])}
-    retval = values.pop("ret", None)
-    return Hit(mechanism="kmod", symbol=symbol, handler=m["handler"], pid=int(m["pid"]),
+    handler = m["handler"]
+    retval = values.pop("ret", None) if handler == "ret" else None
+    trap = values.pop("trap", None) if handler == "fault" else None
+    regs = m["addr"] is not None
+    return Hit(mechanism="kmod", symbol=symbol, handler=handler, pid=int(m["pid"]),
                comm=m["comm"], cpu=int(m["cpu"]), args=dict(values), retval=retval,
-               timestamp=None if usec is None else usec / 1e6)
+               timestamp=None if usec is None else usec / 1e6, tid=int(m["tid"]),
+               addr=int(m["addr"], 16) if regs else None, ip=int(m["ip"], 16) if regs else None,
+               flags=int(m["flags"], 16) if regs else None,
+               arch=("arm64" if m["ipname"] == "pc" else "x86_64") if regs else None,
+               duration_ns=int(m["took"]) if m["took"] is not None else None, trap=trap)
 
 
 @dataclass(frozen=True)
 class ModuleEvent:
     """A lifecycle line of a kbridge module: ready, failed (errno) or unloaded (final counters)."""
 
-    kind: str  # "ready" | "failed" | "unloaded"
+    kind: str  # "ready" | "failed" | "durations" | "unloaded"
     run: str
     errno: int = 0
     what: str = ""
     counters: dict[str, int] | None = None
+    buckets: dict[int, int] | None = None  # durations: log2 bucket -> count
+
+
+def parse_buckets(text: str) -> dict[int, int]:
+    """'3:10,4:2' (or '-') as the module prints its log2 duration histogram."""
+    if text == "-":
+        return {}
+    return {int(b): int(c) for b, c in (item.split(":") for item in text.split(","))}
 
 
 def parse_event(text: str, module: str) -> ModuleEvent | None:
+    """A lifecycle line of MODULE: ready, register failure, return-duration histogram, unloaded."""
     if (m := _READY.match(text)) and m["mod"] == module:
         return ModuleEvent("ready", m["run"])
     if (m := _FAIL.match(text)) and m["mod"] == module:
         return ModuleEvent("failed", m["run"], errno=-int(m["err"]), what=m["what"])
+    if (m := _DURATIONS.match(text)) and m["mod"] == module:
+        return ModuleEvent("durations", m["run"], buckets=parse_buckets(m["buckets"]))
     if (m := _UNLOADED.match(text)) and m["mod"] == module:
         return ModuleEvent("unloaded", m["run"], counters={k: int(v) for k, v in _KV.findall(m["kv"])})
     return None
 
 
 def parse_stats(text: str) -> dict[str, int]:
-    """The module's debugfs stats file: 'NAME VALUE' lines."""
+    """The module's debugfs stats file: 'NAME VALUE' lines (the duration histogram: parse_stats_durations)."""
     out = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
+
+
+def parse_stats_durations(text: str) -> dict[int, int] | None:
+    """The log2 duration histogram in the module's stats file, or None without a ret handler."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "durations_log2_ns":
+            return parse_buckets(parts[1])
+    return None

@@ -40,7 +40,8 @@ class ModuleSource:
 
 def module_name(spec: ProbeSpec) -> str:
     """kb_<symbol>_<hash>: readable in lsmod, unique per spec, within MODULE_NAME_LEN (56)."""
-    key = repr((spec.symbol, sorted(spec.handlers), spec.offset, spec.args, spec.maxactive, spec.comm))
+    key = repr((spec.symbol, sorted(spec.handlers), spec.offset, spec.args, spec.maxactive, spec.comm,
+                spec.fault))
     stem = re.sub(r"[^A-Za-z0-9_]", "_", spec.symbol)[:36]
     return f"kb_{stem}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -49,10 +50,38 @@ def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
     return symbol.startswith(arch.syscall_prefix)
 
 
-def render(spec: ProbeSpec, arch: Arch) -> ModuleSource:
-    """The C source and Kbuild for SPEC on ARCH (SPEC's symbol must already be resolved)."""
+FAULT_HANDLER_REMOVED = (5, 14)  # commit ec6aba3d2be1 "kprobes: Remove kprobe::fault_handler"
+
+
+def kernel_version(krel: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release such as 6.1.0-56-amd64."""
+    m = re.match(r"(\d+)\.(\d+)", krel)
+    if not m:
+        raise KbridgeError(f"cannot read a kernel version from {krel!r}")
+    return int(m[1]), int(m[2])
+
+
+def fault_handler_removed(krel: str) -> KbridgeError:
+    """The error for --fault on a kernel without kprobe fault_handler."""
+    return KbridgeError(
+        f"--fault: kprobe fault_handler was removed in Linux 5.14 (commit ec6aba3d2be1), and this "
+        f"kernel is {krel}; it was called when a handler faulted (with the trap number), and no "
+        "in-tree user needed it",
+        "on 5.14+ a handler reads memory with copy_from_user_nofault()/copy_from_kernel_nofault(), "
+        "whose exception-table fixup handles the fault (kbridge's handlers do); to see it fire, "
+        "run on a 5.10 kernel (--kernel 5.10)")
+
+
+def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource:
+    """The C source and Kbuild for SPEC on ARCH (SPEC's symbol must already be resolved).
+
+    KREL, the target kernel's release when known, lets --fault fail here with
+    an explanation on 5.14+; the generated C refuses it too (#error).
+    """
     if is_syscall_wrapper(spec.symbol, arch) and any(a.index > 6 for a in spec.args):
         raise KbridgeError(f"{spec.symbol} is a syscall: it has at most 6 arguments")
+    if spec.fault and krel is not None and kernel_version(krel) >= FAULT_HANDLER_REMOVED:
+        raise fault_handler_removed(krel)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_dir()),
         undefined=jinja2.StrictUndefined,
@@ -73,6 +102,10 @@ def render(spec: ProbeSpec, arch: Arch) -> ModuleSource:
         "comm": spec.comm,
         "syscall_wrapper": is_syscall_wrapper(spec.symbol, arch),
         "arch": arch.name,
+        "fault": spec.fault,
+        # The pt_regs fields a handler reports (x86_64: ip, flags; arm64: pc, pstate).
+        "ipreg": arch.ip_register,
+        "flagsreg": arch.flags_register,
     }
     return ModuleSource(name, {
         f"{name}.c": env.get_template("probe.c.j2").render(ctx),

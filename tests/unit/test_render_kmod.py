@@ -33,7 +33,7 @@ def test_kretprobe_reports_retval_and_entry_args():
     assert ".maxactive = 8," in src
     assert "kb_fetch_args(regs, d->args);" in src  # fetched at entry, printed at return
     assert "register_kprobe(&kp)" not in src
-    assert re.search(r'hit=ret pid=%d tid=%d cpu=%d count=%lu ret=%ld comm=%s', src)
+    assert re.search(r'hit=ret pid=%d tid=%d cpu=%d took=%lluns count=%lu ret=%ld comm=%s', src)
 
 
 def test_module_names_are_short_unique_identifiers():
@@ -55,3 +55,40 @@ def test_compiler_errors_show_the_generated_line():
     text = explain_build_failure(gcc, mod)
     assert f"{mod.name}.c:{line_no}: error: implicit declaration" in text
     assert f"{line_no} | atomic64_inc(&hits_pre);" in text
+
+
+def test_handlers_report_probe_address_and_registers():
+    for arch, ip, flags in ((X86_64, "ip", "flags"), (ARM64, "pc", "pstate")):
+        src = render(make_spec("ksys_write", {"pre", "post"}, ["fd=1"], arch), arch).source
+        assert f"addr=0x%lx {ip}=0x%lx {flags}=0x%lx fd=%lu comm=%s" in src
+        assert src.count(f"(unsigned long)p->addr, instruction_pointer(regs), (unsigned long)regs->{flags}") == 2
+
+
+def test_return_hits_carry_their_duration_and_a_histogram():
+    src = render(make_spec("vfs_read", {"entry", "ret"}, [], X86_64), X86_64).source
+    assert "d->entry_ns = ktime_get_ns();" in src  # per-instance data, set at entry
+    assert "took = ktime_get_ns() - d->entry_ns;" in src
+    assert "atomic64_inc(&dur_log2[fls64(took)]);" in src
+    assert 'pr_info("durations run=%s log2_ns=%s\\n"' in src
+    assert src.index('"durations run=') < src.index('"unloaded run=')  # read before the host stops
+    pre_only = render(make_spec("vfs_read", {"pre"}, [], X86_64), X86_64).source
+    assert "dur_log2" not in pre_only and "took=%llu" not in pre_only
+
+
+def test_fault_handler_only_where_the_kernel_has_it():
+    import pytest
+
+    from kbridge.errors import KbridgeError
+
+    spec = make_spec("ksys_write", {"pre", "post"}, [], X86_64, fault=True)
+    src = render(spec, X86_64, "5.10.0-35-amd64").source
+    assert ".fault_handler = kb_fault," in src
+    assert "static int kb_fault(struct kprobe *p, struct pt_regs *regs, int trapnr)" in src
+    assert "#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 14, 0)\n#error" in src  # built for 5.14+: refused
+    assert module_name(spec) != module_name(make_spec("ksys_write", {"pre", "post"}, [], X86_64))
+    with pytest.raises(KbridgeError) as e:
+        render(spec, X86_64, "6.1.0-56-amd64")
+    assert "removed in Linux 5.14" in e.value.message and "6.1.0-56-amd64" in e.value.message
+    assert "fault_handler" not in render(make_spec("ksys_write", {"pre"}, [], X86_64), X86_64).source
+    with pytest.raises(KbridgeError):
+        make_spec("vfs_read", {"ret"}, fault=True)  # a kretprobe has no fault handler of its own
