@@ -1,0 +1,115 @@
+"""`kbridge lab list|start|check|solution`: kernel-course labs graded in a real guest kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kbridge.cli import app
+from kbridge.cli.options import ArchOpt
+from kbridge.cli.output import command, emit_json, err, out
+from kbridge.labs import LABS, get, labdir
+from kbridge.labs.grading import Report, Status
+from kbridge.labs.runner import check_dirs, require_dirs
+
+lab_app = typer.Typer(help="Kernel-course labs: start one, check it in a real kernel, see the solution.",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+DirOpt = Annotated[Optional[Path], typer.Option("--dir", help="Where to write it (default: ./LAB).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty directory.")]
+
+
+@lab_app.command("list")
+@command
+def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON object per lab.")] = False) -> None:
+    """The labs: what each teaches, its kernel and arches, a student's time and a check's time."""
+    if json_out:
+        for lab in LABS.values():
+            emit_json({"name": lab.name, "title": lab.title, "teaches": lab.teaches, "files": list(lab.files),
+                       "kernel": lab.kernel or "6.1", "arches": list(lab.arches), "minutes": lab.minutes,
+                       "check_seconds": lab.check_seconds})
+        return
+    t = Table(title="kbridge labs")
+    for col in ("lab", "teaches", "kernel", "arches", "student", "check"):
+        t.add_column(col)
+    for lab in LABS.values():
+        t.add_row(lab.name, lab.teaches, lab.kernel or "6.1", " ".join(lab.arches), f"~{lab.minutes} min",
+                  " / ".join(f"{a} ~{s} s" for a, s in lab.check_seconds.items()))
+    out.print(t)
+    err.print("start one with: kbridge lab start LAB")
+
+
+def _write(name: str, which: str, dest: Path | None, force: bool) -> Path:
+    lab = get(name)
+    target = dest or Path(name if which == "skeleton" else f"{name}-solution")
+    written = labdir.write(lab, target, which, force)
+    err.print(f"[green]✓[/] wrote {escape(str(target))}/: {', '.join(escape(p.name) for p in written)}")
+    return target
+
+
+@lab_app.command("start")
+@command
+def start(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
+          dest: DirOpt = None, force: ForceOpt = False) -> None:
+    """Write the lab's skeleton (with numbered TODOs) and README to ./LAB."""
+    target = _write(name, "skeleton", dest, force)
+    err.print(f"next: read {escape(str(target))}/README.md, fill in the TODOs, then: kbridge lab check {escape(str(target))}")
+
+
+@lab_app.command("solution")
+@command
+def solution(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
+             dest: Annotated[Optional[Path], typer.Option("--dir", help="Where to write it (default: ./LAB-solution).")] = None,
+             force: ForceOpt = False) -> None:
+    """For teachers: write the reference solution next to the lab (./LAB-solution)."""
+    _write(name, "solution", dest, force)
+
+
+@lab_app.command("check")
+@command
+def check(dirs: Annotated[list[str], typer.Argument(help="Lab directories (from kbridge lab start).")],
+          arch: ArchOpt = None,
+          json_out: Annotated[bool, typer.Option("--json", help="One JSON object per directory: a score per check.")] = False,
+          keep: Annotated[bool, typer.Option("--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")] = False) -> None:
+    """Build, load, run and grade each lab directory in a real guest kernel (one VM for all).
+
+    Exit status: 0 when every check of every directory passed, 1 otherwise.
+    """
+    all_ok = True
+    for report in check_dirs(require_dirs(dirs), arch, keep=keep):
+        all_ok &= report.ok
+        if json_out:
+            emit_json(report.to_json())
+        else:
+            show(report)
+    if not all_ok:
+        raise typer.Exit(1)
+
+
+_MARK = {Status.PASS: "[green]✓[/]", Status.FAIL: "[red]✗[/]", Status.SKIP: "[dim]-[/]"}
+
+
+def show(report: Report) -> None:
+    """One line per check, with what was seen and, for a failed check, the hint."""
+    head = f"{report.lab} in {report.directory} on {report.arch} {report.kernel}".strip()
+    if report.skipped:
+        err.print(f"[yellow]skipped[/] {escape(head)}: {escape(report.skipped)}")
+        return
+    err.print(f"[bold]{escape(head)}[/]")
+    for c in report.checks:
+        lines = c.detail.splitlines() or [""]
+        shown = lines if c.status is Status.FAIL else lines[:1]
+        err.print(f"  {_MARK[c.status]} {c.name:<14} {escape(shown[0])}")
+        for extra in shown[1:60]:
+            err.print(f"      {escape(extra)}")
+        if c.status is Status.FAIL:
+            err.print(f"      [cyan]hint: {escape(c.hint)}[/]")
+    got, total = report.score
+    style = "green" if report.ok else "red"
+    err.print(f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
+              + (" [red]the guest crashed: it was restarted[/]" if report.crashed else ""))

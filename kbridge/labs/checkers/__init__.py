@@ -1,0 +1,1 @@
+"""One checker per lab: CHECKS (name, what it verifies, hint) and run(ctx, grader)."""

@@ -1,0 +1,119 @@
+"""What every lab check does in the guest: watch the kernel log for an oops, run the workload.
+
+Everything goes through the Target protocol (kbridge.targets.base.Target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
+from kbridge.labs.grading import StudentCrash
+from kbridge.paths import cache_dir
+from kbridge.targets.base import OOPS_MARKERS, Target
+from kbridge.targets.qga import ChannelError
+
+GUEST_DIR = "/tmp/kblab"
+WORKLOAD = f"{GUEST_DIR}/kblab"  # its comm is "kblab": the labs' filters select it
+WORKLOAD_COMM = "kblab"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+class LogWatch:
+    """The guest's kernel log from a marker on: what the student's module printed, and any oops."""
+
+    def __init__(self, target: Target, timeout: float = 30.0) -> None:
+        self.target = target
+        self.stream = target.kmsg()
+        self.lines: list[str] = []
+        token = secrets.token_hex(4)
+        target.run(["/bin/sh", "-c", f"echo kblab-start-{token} > /dev/kmsg"], timeout=30)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = next(self.stream)
+            if rec is not None and rec.text.endswith(f"kblab-start-{token}"):
+                return
+        raise KbridgeError("the guest's kernel log did not reach the host (no start marker)",
+                           "kbridge doctor checks the guest's stream ports")
+
+    def poll(self, quiet: float = 0.3, limit: float = 10.0) -> list[str]:
+        """Read the log until QUIET s pass without a record (at most LIMIT s); StudentCrash on an oops."""
+        new: list[str] = []
+        deadline = time.monotonic() + limit
+        last = time.monotonic()
+        oops = False
+        while time.monotonic() < deadline:
+            rec = next(self.stream)
+            now = time.monotonic()
+            if rec is None:
+                if now - last >= (1.5 if oops else quiet):
+                    break
+                continue
+            last = now
+            new.append(rec.text)
+            if any(m in rec.text for m in OOPS_MARKERS):
+                oops = True
+        self.lines += new
+        if oops:
+            start = next(i for i, t in enumerate(self.lines) if any(m in t for m in OOPS_MARKERS))
+            raise StudentCrash("the guest kernel oopsed", "\n".join(self.lines[max(0, start - 2):start + 40]))
+        return new
+
+    def mine(self, module: str) -> list[str]:
+        """Lines the module printed (pr_fmt prefix "MODULE: ")."""
+        return [t for t in self.lines if t.startswith(f"{module}: ")]
+
+
+def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
+              timeout: float = 60.0) -> tuple[int, str]:
+    """Run ARGV in the guest; a hang or an oops becomes StudentCrash (exit code, output)."""
+    try:
+        res = target.run(argv, timeout=timeout)
+    except (ChannelError, KbridgeError) as e:
+        if log is not None:
+            log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
+        raise StudentCrash(f"{' '.join(argv)} did not finish within {timeout:.0f} s: the guest hung",
+                           target.console_tail(40) or str(e)) from None
+    if log is not None:
+        log.poll()
+    return res.exitcode if res.exitcode is not None else -1, (res.stdout + res.stderr).decode(errors="replace")
+
+
+def workload_binary(arch: Arch) -> Path:
+    """kblab for ARCH, built on the host with -nostdlib (cached by source and arch)."""
+    src = DATA / "kblab.c"
+    text = src.read_bytes()
+    out = cache_dir() / "labs" / f"kblab-{arch.name}-{hashlib.sha256(text).hexdigest()[:12]}"
+    if out.is_file():
+        return out
+    cc = f"{arch.cross_compile()}gcc-12"
+    if shutil.which(cc) is None:
+        raise KbridgeError(f"cannot build the lab workload: {cc} not found", "kbridge doctor --fix installs it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    proc = subprocess.run([cc, "-static", "-nostdlib", "-fno-pic", "-no-pie", "-O2", "-fno-stack-protector",
+                           "-fno-builtin", "-ffreestanding", "-o", str(tmp), str(src)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KbridgeError(f"building the lab workload failed: {proc.stderr.strip()[-1000:]}")
+    tmp.rename(out)
+    return out
+
+
+def install_workload(target: Target) -> None:
+    """Put kblab into the guest at WORKLOAD."""
+    target.run(["/bin/busybox", "mkdir", "-p", GUEST_DIR], timeout=30)
+    target.write_file(WORKLOAD, workload_binary(target.arch).read_bytes())
+    res = target.run(["/bin/busybox", "chmod", "755", WORKLOAD], timeout=30)
+    if not res.ok:
+        raise KbridgeError(f"could not install the lab workload in the guest: {res.stderr.decode(errors='replace')}")
+
+
+def cleanup_guest_dir(target: Target) -> None:
+    target.run(["/bin/busybox", "rm", "-rf", GUEST_DIR], timeout=30)

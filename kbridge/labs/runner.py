@@ -1,0 +1,118 @@
+"""Grade lab directories in a guest: one Target reused for a batch, restarted after a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kbridge import kernels, progress
+from kbridge.arch import Arch, get_arch
+from kbridge.errors import KbridgeError
+from kbridge.labs import Lab, labdir
+from kbridge.labs.context import LabContext
+from kbridge.labs.grading import Grader, Report, StudentCrash
+from kbridge.labs.guest import LogWatch, cleanup_guest_dir, install_workload
+from kbridge.labs.kmodule import crash_detail
+from kbridge.session import Session
+from kbridge.targets.base import GuestCrash, Target
+
+CRASHED = "not run: the guest kernel crashed (the VM is restarted for the next check)"
+
+
+def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -> Report:
+    """Grade one lab directory in TARGET. Student code that oopses or hangs the guest fails the
+    check it was in, with the kernel's text; TARGET is then marked crashed (restarted on next use)."""
+    report = Report(lab.name, str(directory), target.arch.name, target.krel)
+    grader = Grader(list(lab.checker.CHECKS), report)
+    t0 = time.monotonic()
+    reason = "not run"
+    with tempfile.TemporaryDirectory(prefix="kblab-") as tmp:
+        ctx = LabContext(target, Session(target), directory, files, Path(tmp))
+        try:
+            try:
+                install_workload(target)
+                ctx.log = LogWatch(target)
+                lab.checker.run(ctx, grader)
+            except GuestCrash as e:  # seen by the target itself (a channel broke, the console shows it)
+                raise StudentCrash(e.message, e.text) from None
+        except StudentCrash as crash:
+            report.crashed = True
+            target.mark_crashed()
+            current = next((c.name for c in lab.checker.CHECKS if not grader.done(c.name)), None)
+            if current is not None:
+                grader.fail(current, crash_detail(crash, ctx.module, target.arch.cross_compile()))
+            reason = CRASHED
+        finally:
+            if not report.crashed:
+                for fn in reversed(ctx.cleanups):
+                    with contextlib.suppress(Exception):
+                        fn()
+                with contextlib.suppress(Exception):
+                    cleanup_guest_dir(target)
+    grader.finish(reason)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def kernel_available(lab: Lab, arch: Arch) -> str | None:
+    """Why LAB cannot run on ARCH here (its kernel's image is not built), or None."""
+    if lab.kernel is None:
+        return None
+    suite = kernels.resolve(lab.kernel)
+    from kbridge.images import image as images
+
+    if images.load(arch, suite, verify=False) is None:
+        return (f"needs the {lab.kernel} kernel ({suite}), whose {arch.name} image is not built here: "
+                f"`kbridge image build --kernel {lab.kernel} --arch {arch.name}` builds it")
+    return None
+
+
+Acquire = Callable[..., contextlib.AbstractContextManager[Target]]
+
+
+def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
+               acquire: Acquire | None = None) -> Iterator[Report]:
+    """Grade each directory on ARCH, reusing one guest per kernel and image flavour; a guest the
+    student crashed is released and a fresh one acquired for the next directory."""
+    if acquire is None:
+        from kbridge.targets import acquire as default_acquire
+
+        acquire = default_acquire
+    a = get_arch(arch)
+    loaded = [(d, *labdir.load(d)) for d in directories]  # all bad input is reported before any boot
+    with contextlib.ExitStack() as stack:
+        current: tuple[str | None, str] | None = None
+        target: Target | None = None
+        for directory, lab, files in loaded:
+            if a.name not in lab.arches:
+                yield Report(lab.name, str(directory), a.name, skipped=f"{lab.name} runs on {', '.join(lab.arches)}")
+                continue
+            if why := kernel_available(lab, a):
+                progress.warn(f"{directory}: {lab.name} skipped: {why}")
+                yield Report(lab.name, str(directory), a.name, skipped=why)
+                continue
+            want = (lab.kernel, lab.flavour)
+            if target is None or want != current:
+                stack.close()
+                target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel))
+                current = want
+            if lab.flavour == "bcc" and target.bcc_python() is None:
+                yield Report(lab.name, str(directory), a.name, target.krel,
+                             skipped="needs a guest with bcc, and the kept VM has none: stop it "
+                                     "(kbridge vm down) so the check boots the bcc image")
+                continue
+            progress.info(f"checking {directory} ({lab.name}) on {target.name} {target.krel}")
+            report = check_in(target, directory, lab, files)
+            yield report
+            if report.crashed:
+                stack.close()  # the crashed guest is released; the next directory gets a fresh one
+                target = None
+
+
+def require_dirs(paths: list[str]) -> list[Path]:
+    if not paths:
+        raise KbridgeError("no lab directory given", "kbridge lab check DIR [DIR...]")
+    return [Path(p) for p in paths]
