@@ -50,7 +50,8 @@ CHARP_MAX = 1024  # kernel/params.c: param_set_charp refuses longer strings (-EN
 
 # Build products and VCS state: neither part of the source nor of the cache key.
 _SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".tmp_versions"})
-_SKIP_SUFFIXES = (".py", ".pyc", ".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers", ".d", ".tmp")
+_SKIP_SUFFIXES = (".py", ".pyc", ".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers",
+                  ".d", ".tmp")
 _SKIP_NAMES = frozenset({"Module.symvers", "modules.order", "Module.markers"})
 _OBJ_M = re.compile(r"^\s*obj-m\s*[:+]?=", re.MULTILINE)
 _OBJ_CONFIG = re.compile(r"^\s*obj-\$\((CONFIG_\w+)\)", re.MULTILINE)
@@ -486,7 +487,8 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
 def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: float = 60.0) -> list[str]:
     """rmmod NAME (a module loaded by load_module); the kernel log of its exit."""
     if not _MODNAME.fullmatch(name or "") or len(name) >= MODULE_NAME_LEN:
-        raise KbridgeError(f"invalid module name {name!r}", "a module name is like mydrv (see kbridge vm exec -- lsmod)")
+        raise KbridgeError(f"invalid module name {name!r}",
+                           "a module name is like mydrv (kbridge vm exec -- lsmod lists them)")
     name = name.replace("-", "_")  # the kernel's own spelling of a module name
     mods = loaded_modules(target)
     if name not in mods:
@@ -494,7 +496,8 @@ def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: 
             return []
         ours = sorted(n for n, f in mods.items() if "O" in f)
         raise KbridgeError(f"module {name!r} is not loaded in the {target.arch.name} guest",
-                           f"loaded out-of-tree modules: {', '.join(ours)}" if ours else "no out-of-tree module is loaded")
+                           f"loaded out-of-tree modules: {', '.join(ours)}" if ours
+                           else "no out-of-tree module is loaded")
     if "O" not in mods[name]:
         # The guest's own drivers (virtio_console carries the agent kbridge talks through).
         raise KbridgeError(f"module {name!r} is part of the guest kernel, not one you loaded",
@@ -691,13 +694,15 @@ def resolve_module_symbol(target: Target, name: str, kernel: SymbolTable | None 
             mods = loaded_modules(target)
             if mod not in mods:
                 raise SymbolError(f"module {mod!r} in {name!r} is not loaded", "kbridge module load DIR first")
-            raise SymbolError(f"module {mod} has no function {sym!r}", f"its symbols: grep '\\[{mod}\\]' /proc/kallsyms")
+            raise SymbolError(f"module {mod} has no function {sym!r}",
+                              f"its symbols: kbridge vm exec -- grep '\\[{mod}\\]' /proc/kallsyms")
         if len(mine) > 1:
             raise SymbolError(f"{name!r} is not unique: {len(mine)} functions of {mod} have that name")
         return Resolution(name, name, mine[0], None)
     if not found:
         return None
-    in_kernel = bool(kernel and kernel.text(sym))
+    # KERNEL may have been read while modules were loaded: only other addresses are the kernel's.
+    in_kernel = bool(kernel and set(kernel.text(sym)) - {a for a, _ in found})
     if len(found) > 1 or in_kernel:
         where = sorted({m for _, m in found}) + (["the kernel"] if in_kernel else [])
         raise SymbolError(f"{sym!r} is not unique: it is in {', '.join(where)}",

@@ -28,8 +28,8 @@ def compiler(arch: str) -> str:
     for name in names:
         if path := shutil.which(name):
             return path
-    pytest.fail(f"no compiler for {arch} user space: apt-get install {'gcc' if arch == 'x86_64' else 'gcc-aarch64-linux-gnu'}"
-                " (and libc6-dev-arm64-cross for static arm64 binaries)")
+    pkg = "gcc" if arch == "x86_64" else "gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+    pytest.fail(f"no compiler for static {arch} programs: sudo apt-get install {pkg}")
 
 
 @pytest.fixture(scope="session")
