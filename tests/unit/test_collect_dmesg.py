@@ -53,11 +53,16 @@ def test_hit_registers_show_the_single_step():
 
 
 def test_arm64_registers_are_pc_and_pstate():
-    h = parse_hit("kb_m_1: hit=post pid=7 tid=8 cpu=1 addr=0xffff800008311f48 pc=0xffff800008311f4c "
-                  "pstate=0x60400005 fd=1 comm=sh", "kb_m_1", "ksys_write")
-    assert (h.arch, h.ip - h.addr, h.flags, h.args) == ("arm64", 4, 0x60400005, {"fd": 1})
+    # Captured from a bookworm arm64 guest (6.1.0-56-arm64): ksys_write+0 with --pre --post.
+    mod = "kb_ksys_write_0bb91dfe"
+    pre = parse_hit(f"{mod}: hit=pre pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac154 "
+                    "pstate=0x80000005 fd=1 comm=sh", mod, "ksys_write")
+    h = parse_hit(f"{mod}: hit=post pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac158 "
+                  "pstate=0x80000005 fd=1 comm=sh", mod, "ksys_write")
+    assert pre.ip == pre.addr  # BRK: the pre-handler sees pc at the probe address
+    assert (h.arch, h.ip - h.addr, h.flags, h.args) == ("arm64", 4, 0x80000005, {"fd": 1})
     j = h.to_json()
-    assert j["pc"] == "0xffff800008311f4c" and j["pstate"] == "0x60400005" and "ip" not in j
+    assert j["pc"] == "0xffffa21f135ac158" and j["pstate"] == "0x80000005" and "ip" not in j
 
 
 def test_args_named_like_fixed_fields_stay_args():

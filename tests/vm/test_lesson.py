@@ -1,0 +1,117 @@
+"""The kprobe walk-through's lesson on real guests: the single-step seen in the registers, the return
+time of each call with its histogram, and the fault handler where the kernel still has it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kbridge.collect.histogram import bucket_of
+from kbridge.errors import KbridgeError
+from kbridge.inspect import inspect
+from kbridge.probe import probe_on
+from kbridge.session import Session
+from kbridge.spec import Hit, make_spec
+from kbridge.workload import Workload
+
+pytestmark = pytest.mark.vm
+
+# Exactly 3 write() calls of 7 bytes to /dev/null, then dd's own report to fd 2.
+DD = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=7", "count=3"), "dd bs=7 count=3")
+
+
+def _insn_len(session: Session, symbol: str, offset: int) -> int:
+    """The length of the instruction at SYMBOL+OFFSET: objdump of the bytes the running kernel has there."""
+    lines = inspect(session, symbol, offset).disasm["before"]
+    first, second = (int(line.split(":", 1)[0], 16) for line in lines[:2])
+    return second - first
+
+
+def _pairs(hits: list[Hit]) -> list[tuple[Hit, Hit]]:
+    """Each pre hit with the post hit that follows it on the same thread."""
+    out, open_pre = [], {}
+    for h in hits:
+        if h.handler == "pre":
+            open_pre[h.tid] = h
+        elif h.handler == "post" and h.tid in open_pre:
+            out.append((open_pre.pop(h.tid), h))
+    return out
+
+
+@pytest.mark.parametrize("where", ["entry", "inside"])
+def test_post_handler_runs_after_the_single_stepped_instruction(kbridge_session: Session, where: str) -> None:
+    arm64 = kbridge_session.arch.name == "arm64"
+    # x86_64: +0 is the ftrace site (the kernel emulates the step over its 5-byte nop); +5 is the
+    # next instruction, an int3 that is really single-stepped (a post-handler forbids jump optimization).
+    # arm64: +0 and +8 (+4 is the ftrace site, refused) are both BRK #4, single-stepped.
+    offset = 0 if where == "entry" else (8 if arm64 else 5)
+    length = 4 if arm64 else _insn_len(kbridge_session, "ksys_write", offset)
+    spec = make_spec("ksys_write", {"pre", "post"}, [], kbridge_session.arch, offset=offset, comm="dd")
+    run = probe_on(kbridge_session, spec, workload=DD)
+    r = run.result
+    pairs = _pairs(r.hits)
+    assert len(pairs) == r.counters["pre"] == r.counters["post"] >= 3
+    addr = pairs[0][0].addr
+    assert addr is not None and addr % (4 if arm64 else 1) == 0
+    for pre, post in pairs:
+        assert pre.addr == post.addr == addr
+        if arm64:
+            # BRK: the pre-handler sees pc at the probe address, the post-handler past the 4-byte step.
+            assert pre.ip == addr and post.ip == addr + 4
+            assert pre.flags is not None and pre.flags & 0xF == 0x5  # pstate: EL1h
+            assert pre.to_json()["pc"] == f"{pre.ip:#x}" and "pstate" in pre.to_json()
+        else:
+            # int3 (or its ftrace emulation): ip = addr + 1 in the pre-handler, addr + length after the step.
+            assert pre.ip == addr + 1
+            assert post.ip == addr + length
+            assert post.ip - pre.ip == length - 1
+            assert pre.flags is not None and pre.flags & 0x2  # EFLAGS bit 1 is always set
+            assert pre.to_json()["ip"] == f"{pre.ip:#x}" and "flags" in pre.to_json()
+
+
+def test_return_durations_and_their_histogram(kbridge_session: Session) -> None:
+    spec = make_spec("ksys_write", {"entry", "ret"}, ["fd=1"], kbridge_session.arch, comm="dd")
+    run = probe_on(kbridge_session, spec, workload=DD)
+    r = run.result
+    rets = [h for h in r.hits if h.handler == "ret"]
+    assert len(rets) == r.counters["ret"] >= 3
+    assert all(h.duration_ns is not None and h.duration_ns > 0 for h in rets)
+    # The module's own histogram counts every call, exactly; each streamed duration is in it.
+    hist = r.durations
+    assert hist is not None and hist.source == "module"
+    assert hist.total == r.counters["ret"]
+    for h in rets:
+        assert hist.buckets.get(bucket_of(h.duration_ns), 0) > 0
+    j = run.summary()["mechanisms"]["kmod"]["durations"]
+    assert sum(b["count"] for b in j["buckets"]) == r.counters["ret"]
+
+
+def test_fault_handler_on_a_kernel_without_it_is_refused_and_nothing_loads(kbridge_session: Session) -> None:
+    if kbridge_session.vm.krel.startswith("5.10"):
+        pytest.skip("5.10 still has fault_handler: see test_fault_handler_fires_on_5_10")
+    spec = make_spec("ksys_write", {"pre"}, [], kbridge_session.arch, fault=True)
+    before = kbridge_session.loaded_modules()
+    with pytest.raises(KbridgeError) as e:
+        probe_on(kbridge_session, spec, workload=DD)
+    assert "removed in Linux 5.14" in e.value.message and kbridge_session.vm.krel in e.value.message
+    assert kbridge_session.loaded_modules() == before
+
+
+def test_fault_handler_fires_on_5_10(kbridge_session: Session) -> None:
+    if not kbridge_session.vm.krel.startswith("5.10"):
+        pytest.skip("fault_handler exists through 5.13: run with --kbridge-kernel 5.10")
+    spec = make_spec("ksys_write", {"pre", "post"}, [], kbridge_session.arch, comm="dd", fault=True)
+    run = probe_on(kbridge_session, spec, workload=DD)
+    r = run.result
+    faults = [h for h in r.hits if h.handler == "fault"]
+    # The pre-handler reads an unmapped user address: each call takes page faults inside the handler
+    # (x86_64: two, the bulk copy and its byte-wise retry after the exception-table fixup).
+    assert r.counters["pre"] >= 3 and len(faults) >= r.counters["pre"]
+    assert r.counters["fault"] == len(faults)
+    trap = 14 if kbridge_session.arch.name == "x86_64" else None  # x86 #PF; arm64 passes the ESR
+    for f in faults:
+        assert f.addr == faults[0].addr and f.ip is not None and f.ip != f.addr
+        if trap is not None:
+            assert f.trap == trap
+        else:
+            assert f.trap is not None and f.trap >> 26 == 0x25  # ESR EC: data abort taken at EL1 (DABT_CUR)
+    assert r.counters["post"] == r.counters["pre"]  # the fixup let the probed function go on
