@@ -96,11 +96,12 @@ class Grader:
         self._results: dict[str, CheckResult] = {}
         self._t0 = time.monotonic()
 
-    def _add(self, name: str, status: Status, detail: str) -> None:
+    def _add(self, name: str, status: Status, detail: str, hint: str | None = None) -> None:
         if name not in self.specs:
             raise KeyError(f"unknown check {name!r}")
         now = time.monotonic()
-        self._results[name] = CheckResult(name, status, detail.rstrip(), self.specs[name].hint, now - self._t0)
+        self._results[name] = CheckResult(name, status, detail.rstrip(), hint or self.specs[name].hint,
+                                          now - self._t0)
         self._t0 = now
 
     def passed(self, name: str) -> bool:
@@ -119,8 +120,9 @@ class Grader:
         self._add(name, Status.PASS if ok else Status.FAIL, detail)
         return ok
 
-    def fail(self, name: str, detail: str) -> bool:
-        return self.result(name, False, detail)
+    def fail(self, name: str, detail: str, hint: str | None = None) -> bool:
+        self._add(name, Status.FAIL, detail, hint)
+        return False
 
     def done(self, name: str) -> bool:
         return name in self._results

@@ -18,6 +18,7 @@ from kbridge.labs.guest import GUEST_DIR, LogWatch, guest_run
 from kbridge.labs.grading import StudentCrash
 from kbridge.render.kmod import ModuleSource
 from kbridge.targets.base import Target
+from kbridge.targets.qga import ChannelError
 
 # "RIP: 0010:handler_pre+0x1d/0x60 [kprobe_lab]" (x86_64), "pc : handler_pre+0x1c/0x48 [kprobe_lab]"
 # (arm64), and the same form in call traces.
@@ -145,6 +146,21 @@ def kprobes_list(target: Target) -> list[tuple[str, str, str, str]]:
 
 
 def read_state(target: Target, path: str) -> dict[str, str]:
-    """A 'key value' per line debugfs file the lab module provides."""
-    text = target.read_file(path).decode(errors="replace")
+    """A 'key value' per line debugfs file the lab module provides ({} if it is missing)."""
+    try:
+        text = target.read_file(path).decode(errors="replace")
+    except ChannelError:
+        return {}
     return dict(line.split(None, 1) for line in text.splitlines() if len(line.split(None, 1)) == 2)
+
+
+def int_state(target: Target, path: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """KEYS of a state file as integers (0 for a missing or unreadable one: the check then fails)."""
+    raw = read_state(target, path)
+    out = {}
+    for k in keys:
+        try:
+            out[k] = int(raw.get(k, "0"), 0)
+        except ValueError:
+            out[k] = 0
+    return out

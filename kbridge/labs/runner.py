@@ -18,8 +18,11 @@ from kbridge.labs.guest import LogWatch, cleanup_guest_dir, install_workload
 from kbridge.labs.kmodule import crash_detail
 from kbridge.session import Session
 from kbridge.targets.base import GuestCrash, Target
+from kbridge.targets.qga import ChannelError
 
 CRASHED = "not run: the guest kernel crashed (the VM is restarted for the next check)"
+CRASH_HINT = ("your code crashed (or hung) the kernel at the place shown: in the kernel there is no "
+              "segfault that only kills your program; fix it, then check again in the restarted VM")
 
 
 def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -> Report:
@@ -28,7 +31,7 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
     report = Report(lab.name, str(directory), target.arch.name, target.krel)
     grader = Grader(list(lab.checker.CHECKS), report)
     t0 = time.monotonic()
-    reason = "not run"
+    reason = "not run: a check it needs failed"
     with tempfile.TemporaryDirectory(prefix="kblab-") as tmp:
         ctx = LabContext(target, Session(target), directory, files, Path(tmp))
         try:
@@ -38,13 +41,14 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
                 lab.checker.run(ctx, grader)
             except GuestCrash as e:  # seen by the target itself (a channel broke, the console shows it)
                 raise StudentCrash(e.message, e.text) from None
+            except ChannelError as e:  # the agent stopped answering: a hung guest, or a broken one
+                target.check_alive()  # GuestCrash if the console shows an oops or QEMU is gone
+                raise StudentCrash(f"the guest stopped answering ({e.message})", target.console_tail(40)) from None
+        except GuestCrash as e:
+            crash = StudentCrash(e.message, e.text)
+            reason = _crashed(target, grader, lab, ctx, report, crash)
         except StudentCrash as crash:
-            report.crashed = True
-            target.mark_crashed()
-            current = next((c.name for c in lab.checker.CHECKS if not grader.done(c.name)), None)
-            if current is not None:
-                grader.fail(current, crash_detail(crash, ctx.module, target.arch.cross_compile()))
-            reason = CRASHED
+            reason = _crashed(target, grader, lab, ctx, report, crash)
         finally:
             if not report.crashed:
                 for fn in reversed(ctx.cleanups):
@@ -55,6 +59,17 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
     grader.finish(reason)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _crashed(target: Target, grader: Grader, lab: Lab, ctx: LabContext, report: Report,
+             crash: StudentCrash) -> str:
+    """Fail the check in progress with the kernel's text, and mark the guest for a restart."""
+    report.crashed = True
+    target.mark_crashed()
+    current = next((c.name for c in lab.checker.CHECKS if not grader.done(c.name)), None)
+    if current is not None:
+        grader.fail(current, crash_detail(crash, ctx.module, target.arch.cross_compile()), CRASH_HINT)
+    return CRASHED
 
 
 def kernel_available(lab: Lab, arch: Arch) -> str | None:
@@ -106,10 +121,14 @@ def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
                 continue
             progress.info(f"checking {directory} ({lab.name}) on {target.name} {target.krel}")
             report = check_in(target, directory, lab, files)
-            yield report
             if report.crashed:
-                stack.close()  # the crashed guest is released; the next directory gets a fresh one
+                was_kept = target.kept
+                stack.close()  # the crashed guest is released (an ephemeral one is stopped)
                 target = None
+                if was_kept:  # a kept VM is restarted now, so nothing broken is left running
+                    with acquire(arch=a, flavour=lab.flavour, keep=True, kernel=lab.kernel):
+                        progress.info(f"restarted the kept {a.name} VM")
+            yield report
 
 
 def require_dirs(paths: list[str]) -> list[Path]:

@@ -6,7 +6,7 @@ from kbridge.labs.checkers.common import build_and_load, probe_entry, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import WORKLOAD, guest_run
-from kbridge.labs.kmodule import LoadedModule, read_state
+from kbridge.labs.kmodule import LoadedModule, int_state
 
 MODULE = "kretprobe_lab"
 SYMBOL = "ksys_write"
@@ -14,6 +14,7 @@ CALLS = 30  # kblab write 30: write() of 1, 2, ... 30 bytes to /dev/null
 RET_SUM = CALLS * (CALLS + 1) // 2
 BLOCKERS = 4  # kblab block 4: four writes asleep in ksys_write at once
 STATE = f"/sys/kernel/debug/{MODULE}/state"
+KEYS = ("entries", "returns", "ret_sum", "mismatches", "min_ns", "max_ns", "nmissed", "maxactive")
 
 CHECKS = [
     CheckSpec("builds", "the module compiles against the guest kernel's headers",
@@ -55,7 +56,7 @@ def run(ctx: LabContext, g: Grader) -> None:
     if code != 0:
         g.fail("entries", f"the workload {' '.join(work)} failed ({code}): {out}")
         return
-    s = {k: int(v) for k, v in read_state(ctx.target, STATE).items()}
+    s = int_state(ctx.target, STATE, KEYS)
     g.result("entries", s["entries"] == CALLS, f"entries = {s['entries']} for {CALLS} write() calls")
     g.result("return-values", s["returns"] == CALLS and s["ret_sum"] == RET_SUM,
              f"returns = {s['returns']}, sum of return values = {s['ret_sum']} (want {CALLS} and {RET_SUM})")
@@ -78,7 +79,7 @@ def run(ctx: LabContext, g: Grader) -> None:
         g.fail("nmissed", f"insmod {MODULE}.ko maxactive=1 failed: {said}")
         return
     code, out = guest_run(ctx.target, [WORKLOAD, "block", str(BLOCKERS)], ctx.log, timeout=90)
-    s = {k: int(v) for k, v in read_state(ctx.target, STATE).items()}
+    s = int_state(ctx.target, STATE, KEYS)
     again.rmmod()
     g.result("nmissed", code == 0 and s["maxactive"] == 1 and s["nmissed"] >= BLOCKERS - 1,
              f"maxactive = {s['maxactive']}, nmissed = {s['nmissed']} after {BLOCKERS} writes blocked at once"
