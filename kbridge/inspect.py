@@ -10,7 +10,7 @@ The kernel picks one of three ways to plant a kprobe: an ftrace callback when
 the address is the function's ftrace site (x86_64: KPROBES_ON_FTRACE), a jump
 to a detour buffer when the instructions there can be relocated (x86_64:
 OPTPROBES, after a first int3), else a breakpoint (int3, BRK #4 on arm64).
-`breakpoint=True` forces the last: optimization off for the duration, and the
+`force_breakpoint=True` forces the last: optimization off for the duration, and the
 probe moved past an ftrace site; both are restored and reported.
 """
 
@@ -163,16 +163,16 @@ def is_ftraceable(session: Session, symbol: str) -> bool:
     raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")
 
 
-def inspect(session: Session, name: str, offset: int = 0, breakpoint: bool = False) -> Inspection:
+def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool = False) -> Inspection:
     """Resolve NAME on the session's kernel and show the probe's bytes and mode before, armed and after.
 
-    BREAKPOINT forces the breakpoint path: kprobes-optimization 0 while armed
+    FORCE_BREAKPOINT forces the breakpoint path: kprobes-optimization 0 while armed
     (restored after) and, if the address is an ftrace site, the probe moved to
     the instruction after it. Inspection.changes says what was done.
     """
     res = session.symbols.resolve(name, session.arch, frozenset())  # blacklist is reported, not refused
     ins = Inspection(name, res.symbol, offset, session.arch.name, session.vm.krel, res.address, note=res.note,
-                     breakpoint=breakpoint, requested_offset=offset)
+                     breakpoint=force_breakpoint, requested_offset=offset)
     ins.aliases = aliases_of(session, res.symbol, res.address)
     ins.blacklisted = res.symbol in session.blacklist
     ins.ftraceable = is_ftraceable(session, res.symbol)
@@ -185,7 +185,7 @@ def inspect(session: Session, name: str, offset: int = 0, breakpoint: bool = Fal
     ins.optimization = _read_optional(session, OPTIMIZATION)
     mod = render_inspect(res.symbol, offset)
     ko = build(mod, session.image)
-    if breakpoint and ins.arch == "x86_64":
+    if force_breakpoint and ins.arch == "x86_64":
         state = _peek(session, mod.name, ko, ins)
         if state.get("ftrace") == "1":
             # The kernel would attach through ftrace here whatever the optimizer says: probe the
@@ -196,7 +196,7 @@ def inspect(session: Session, name: str, offset: int = 0, breakpoint: bool = Fal
                                f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it")
             mod = render_inspect(res.symbol, ins.offset)
             ko = build(mod, session.image)
-    with _optimization_off(session, ins) if breakpoint else contextlib.nullcontext():
+    with _optimization_off(session, ins) if force_breakpoint else contextlib.nullcontext():
         _step_through(session, mod.name, ko, ins)
     ins.why = why(ins)
     return ins

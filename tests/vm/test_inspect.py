@@ -76,7 +76,7 @@ def test_offset_probe_is_a_breakpoint_or_jump(kbridge_session: Session) -> None:
 def test_breakpoint_mode_plants_int3_or_brk_and_restores_everything(kbridge_session: Session) -> None:
     arm64 = kbridge_session.arch.name == "arm64"
     optimization_before = _optimization(kbridge_session)
-    ins = inspect(kbridge_session, "ksys_write", breakpoint=True)
+    ins = inspect(kbridge_session, "ksys_write", force_breakpoint=True)
     assert ins.mode == "breakpoint"
     assert ins.insn["before"] == ins.insn["after"] != ins.insn["armed"]
     assert ins.list_lines["after"] == "" and ins.hits > 0

@@ -1,0 +1,51 @@
+"""The single-step, seen in the hits: a pre-handler's ip/pc and the post-handler's that follows it.
+
+x86_64: the pre-handler runs from int3 (or its ftrace emulation) with ip = addr + 1;
+the post-handler runs after the probed instruction was stepped, with ip = addr + its
+length. arm64: pc = addr in the pre-handler (BRK does not advance it), addr + 4 after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kbridge.spec import Hit
+
+
+@dataclass(frozen=True)
+class SingleStep:
+    """One pre/post pair on one thread."""
+
+    pre: Hit
+    post: Hit
+
+    @property
+    def length(self) -> int | None:
+        """Bytes of the instruction stepped between the handlers (post ip - probe address)."""
+        if self.post.ip is None or self.post.addr is None:
+            return None
+        return self.post.ip - self.post.addr
+
+    def text(self) -> str:
+        name = self.pre.ip_name
+        assert self.pre.ip is not None and self.post.ip is not None and self.pre.addr is not None
+        return (f"single-step: {name} {self.pre.ip:#x} -> {self.post.ip:#x} "
+                f"(pre at probe {'+1, after int3' if self.pre.ip == self.pre.addr + 1 else '+0'}; "
+                f"post past the {self.length}-byte instruction at {self.pre.addr:#x})")
+
+
+class StepPairer:
+    """Feed hits in order; returns the SingleStep a post hit completes, if any."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, int], Hit] = {}
+
+    def feed(self, hit: Hit) -> SingleStep | None:
+        if hit.ip is None:
+            return None
+        key = (hit.mechanism, hit.tid if hit.tid is not None else hit.pid)
+        if hit.handler == "pre":
+            self._open[key] = hit
+        elif hit.handler == "post" and (pre := self._open.pop(key, None)) is not None and pre.addr == hit.addr:
+            return SingleStep(pre, hit)
+        return None
