@@ -318,6 +318,8 @@ def _from_cache(out: Path, src: Path, image: Image) -> list[BuiltModule] | None:
 def map_paths(output: str, work: Path, src: Path) -> str:
     """kbuild's output with the build copy's paths replaced by the user's own."""
     shown = str(src).rstrip("/") or "."
+    # gcc quotes with U+2018/U+2019 when it thinks the terminal takes UTF-8: plain ASCII reads alike.
+    output = output.replace("\u2018", "'").replace("\u2019", "'")
     return output.replace(str(work) + "/", shown + "/").replace(str(work), shown)
 
 

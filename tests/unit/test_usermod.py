@@ -85,11 +85,11 @@ def test_compiler_errors_point_at_the_users_file():
     assert "/tmp/kbwork" not in shown
     msg = usermod.explain_build_failure(shown, src)
     assert msg.startswith(f"building the module in {str(src)!r} failed:\n")
-    assert f"{src}/kbchardev.c:52: error: expected ‘;’ before ‘undeclared_thing’" in msg
+    assert f"{src}/kbchardev.c:52: error: expected ';' before 'undeclared_thing'" in msg
     assert "    52 | kb_rejects++" in msg  # the user's own line, read from the user's file
     assert "warning" not in msg  # errors only when there are errors
     warnings = [d for d in usermod.diagnostics(shown, src) if " warning: " in d]
-    assert warnings == [f"{src}/kbchardev.c:25: warning: ‘unused_var’ defined but not used "
+    assert warnings == [f"{src}/kbchardev.c:25: warning: 'unused_var' defined but not used "
                         "[-Wunused-variable]\n    25 | static int unused_var;"]
 
 
