@@ -82,7 +82,10 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
                            target.console_tail(40) or str(e)) from None
     if log is not None:
         log.poll()
-    return res.exitcode if res.exitcode is not None else -1, (res.stdout + res.stderr).decode(errors="replace")
+    output = (res.stdout + res.stderr).decode(errors="replace")
+    if res.signal:
+        return 128 + res.signal, f"{output}(killed by signal {res.signal})"
+    return res.exitcode, output
 
 
 def workload_binary(arch: Arch) -> Path:
