@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kbridge import elf, progress
+from kbridge import buildroot, elf, kernels, progress
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
 from kbridge.paths import cache_dir
@@ -32,11 +32,33 @@ def cache_key(mod: ModuleSource, image: Image) -> str:
     return hashlib.sha256(f"{mod.digest()}|{image.krel}|{image.arch.name}|{image.version}".encode()).hexdigest()[:24]
 
 
+HOST_GCC = "12"  # the host's (bookworm's) gcc, which builds bullseye's and bookworm's modules
+
+
+def uses_build_root(image: Image) -> bool:
+    """True when IMAGE's kernel needs its suite's own compiler (trixie, sid), see kbridge.buildroot."""
+    suite = kernels.SUITES.get(image.suite)
+    return suite is not None and not suite.host_gcc
+
+
 def kbuild_argv(image: Image, moddir: Path) -> list[str]:
-    """make -C <headers> M=<moddir> ARCH=... CROSS_COMPILE=... modules (an argv, never a shell string)."""
+    """make -C <headers> M=<moddir> ARCH=... CROSS_COMPILE=... modules (an argv, never a shell string).
+
+    bullseye's headers ask for gcc-10 (CC in .kernelvariables): the host's gcc-12 builds
+    modules that load on 5.10, so CC is overridden. trixie (gcc-14) and sid (gcc-16) run
+    make inside their suite's build root (made on first use) with the headers as shipped.
+    """
     arch = image.arch
+    if uses_build_root(image):
+        headers_tree = (image.dir / "headers").resolve()
+        root = buildroot.ensure(image.suite, arch, headers_tree)
+        # Inside the root the host is still host_arch(): same CROSS_COMPILE rule.
+        argv = ["make", "-s", "-C", f"{buildroot.HEADERS_AT}/usr/src/linux-headers-{image.krel}",
+                f"M={buildroot.MODULE_AT}", f"ARCH={arch.kernel_arch}",
+                f"CROSS_COMPILE={arch.cross_compile()}", "modules"]
+        return buildroot.wrap(root, headers_tree, moddir, argv)
     return ["make", "-s", "-C", str(image.headers), f"M={moddir}", f"ARCH={arch.kernel_arch}",
-            f"CROSS_COMPILE={arch.cross_compile()}", "modules"]
+            f"CROSS_COMPILE={arch.cross_compile()}", f"CC={arch.cross_compile()}gcc-{HOST_GCC}", "modules"]
 
 
 def build(mod: ModuleSource, image: Image) -> Path:
@@ -48,8 +70,8 @@ def build(mod: ModuleSource, image: Image) -> Path:
             return out
         except KbridgeError:
             shutil.rmtree(out.parent, ignore_errors=True)  # stale or damaged: rebuild
-    missing = [t for t in ("make", f"{image.arch.cross_compile()}gcc-12") if shutil.which(t) is None]
-    if missing:
+    missing = [t for t in ("make", f"{image.arch.cross_compile()}gcc-{HOST_GCC}") if shutil.which(t) is None]
+    if missing and not uses_build_root(image):
         pkg = "gcc-12" if not image.arch.cross_compile() else f"gcc-12-{image.arch.gnu_triplet}"
         raise KbridgeError(f"cannot build modules: {', '.join(missing)} not found",
                            f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)")

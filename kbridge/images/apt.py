@@ -20,6 +20,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY = "http://deb.debian.org/debian-security"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 _LIST_MAX_AGE_S = 24 * 3600
+UNRELEASED = frozenset({"sid", "unstable"})
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,17 @@ def _entries(text: str, deb822: bool) -> list[tuple[list[str], list[str]]]:
     return [(u, s) for u, s in out if any(x.startswith(("http://", "https://", "file:")) for x in u)]
 
 
+class FetchError(KbridgeError):
+    """The archive lists a package that its pool does not serve (HTTP 404 and the like)."""
+
+
 class PrivateApt:
     """apt-get/apt-cache over a private state directory for one suite and Debian architecture."""
 
-    def __init__(self, root: Path, suite: str, debian_arch: str, mirrors: Mirrors) -> None:
+    def __init__(self, root: Path, suite: str, debian_arch: str, mirrors: Mirrors,
+                 security: bool = True) -> None:
         self.root = root
+        self.security = security
         self.suite = suite
         self.arch = debian_arch
         self.mirrors = mirrors
@@ -115,11 +122,13 @@ class PrivateApt:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "state/status").touch()
         opts = f"[arch={self.arch} signed-by={KEYRING}]"
-        lines = [
-            f"deb {opts} {self.mirrors.main} {self.suite} main",
-            f"deb {opts} {self.mirrors.main} {self.suite}-updates main",
-            f"deb {opts} {self.mirrors.security} {self.suite}-security main",
-        ]
+        lines = [f"deb {opts} {self.mirrors.main} {self.suite} main"]
+        # sid has no -updates or -security suites (an apt-get update asking for them fails);
+        # the released suites get their current kernels from -security (bullseye's only there).
+        if self.suite not in UNRELEASED:
+            lines.append(f"deb {opts} {self.mirrors.main} {self.suite}-updates main")
+            if self.security:
+                lines.append(f"deb {opts} {self.mirrors.security} {self.suite}-security main")
         (self.root / "sources.list").write_text("\n".join(lines) + "\n")
 
     def _run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
@@ -127,6 +136,10 @@ class PrivateApt:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
         if proc.returncode != 0:
             err = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("W:"))
+            if "Failed to fetch" in err and tool == "apt-get" and args[:1] != ("update",):
+                raise FetchError(f"Debian {self.suite}/{self.arch}: the archive lists packages it cannot "
+                                 f"serve:\n{err.strip()}",
+                                 f"try another mirror with --mirror or KBRIDGE_MIRROR (now {self.mirrors.main})")
             raise KbridgeError(
                 f"{tool} {' '.join(args)} failed ({self.suite}/{self.arch}):\n{err.strip()}",
                 f"check the mirror {self.mirrors.main} (override with --mirror or KBRIDGE_MIRROR)",
@@ -146,6 +159,16 @@ class PrivateApt:
         """Direct Depends of PACKAGE (used to follow metapackages such as linux-image-arm64)."""
         out = self._run("apt-cache", "depends", "--no-recommends", "--no-suggests", package)
         return re.findall(r"^\s+Depends: ([^\s<>]+)", out, re.M)
+
+    def versions(self, package: str) -> list[str]:
+        """Every version of PACKAGE the lists offer, newest first (apt-cache madison order)."""
+        out = self._run("apt-cache", "madison", package)
+        seen: list[str] = []
+        for ln in out.splitlines():
+            parts = [p.strip() for p in ln.split("|")]
+            if len(parts) >= 2 and parts[1] not in seen:
+                seen.append(parts[1])
+        return seen
 
     def version(self, package: str) -> str:
         out = self._run("apt-cache", "show", "--no-all-versions", package)

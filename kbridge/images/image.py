@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from kbridge import elf, progress
 from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
-from kbridge.images.apt import Mirrors, PrivateApt, extract, host_mirrors
+from kbridge.images.apt import UNRELEASED, FetchError, Mirrors, PrivateApt, extract, host_mirrors
 from kbridge.images.cpio import CpioWriter
 from kbridge.paths import cache_dir
 
@@ -44,6 +45,7 @@ class Image:
     suite: str
     krel: str  # the kernel release, `uname -r` in the guest
     version: str  # the Debian package version of the kernel
+    flavour: str = "default"  # "bcc": with a root filesystem holding python3-bpfcc (images/bcc.py)
 
     @property
     def kernel(self) -> Path:
@@ -154,44 +156,91 @@ def staged(final: Path) -> Iterator[Path]:
         raise
 
 
+@dataclass(frozen=True)
+class KernelPackages:
+    """Which packages carry one Debian kernel: its binary and modules, and its kbuild tree."""
+
+    krel: str
+    version: str
+    binary: tuple[str, ...]  # vmlinuz, modules, System.map/config (sid splits these in three)
+    headers: tuple[str, ...]  # the arch headers and the -common tree
+    kbuild: tuple[str, ...]  # linux-kbuild-*: host programs, so fetched for the host's arch
+
+
+def kernel_packages(apt: PrivateApt, arch: Arch) -> KernelPackages:
+    """Follow the linux-image-ARCH metapackage to the packages of its kernel.
+
+    Up to trixie the versioned linux-image-KREL holds vmlinuz and modules; sid (7.x)
+    made it a metapackage of linux-binary-KREL (vmlinuz), linux-modules-KREL and
+    linux-base-KREL (System.map, config, modules.builtin).
+    """
+    meta = f"linux-image-{arch.debian}"
+    image_pkg = next((d for d in apt.depends(meta) if re.fullmatch(r"linux-image-\d.*", d)), None)
+    if image_pkg is None:
+        raise KbridgeError(f"no kernel package behind linux-image-{arch.debian} in Debian {apt.suite}",
+                           "the suite may not carry a kernel for this architecture")
+    krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
+    binary = [image_pkg] + [d for d in apt.depends(image_pkg)
+                            if d.startswith(("linux-binary-", "linux-modules-", f"linux-base-{krel}"))]
+    headers_pkg = f"linux-headers-{krel}"
+    deps = apt.depends(headers_pkg)
+    common = [d for d in deps if d.startswith("linux-headers-")]
+    kbuild = [d for d in deps if d.startswith("linux-kbuild-")]
+    return KernelPackages(krel, apt.version(image_pkg), tuple(binary), (headers_pkg, *common), tuple(kbuild))
+
+
 def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
+    try:
+        return _build_from(arch, suite, mirrors, security=True)
+    except FetchError:
+        if suite in UNRELEASED:
+            raise
+        # Seen here: a mirror whose bullseye-security lists arm64 packages that its pool
+        # does not serve (404), while amd64's download. The point release still boots.
+        progress.warn(f"Debian {suite}-security's {arch.debian} packages cannot be fetched from "
+                      f"{mirrors.security}: building from {suite} and {suite}-updates only")
+        return _build_from(arch, suite, mirrors, security=False)
+
+
+def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Image:
     root = cache_dir()
     final = image_dir(arch, suite)
+    tag = "" if security else "-nosecurity"
     with staged(final) as work:
-        apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors)
+        apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}{tag}", suite, arch.debian, mirrors, security)
         host_apt = apt if host_arch() == arch.name else PrivateApt(
-            root / "apt" / f"{suite}-{get_arch(None).debian}", suite, get_arch(None).debian, mirrors)
+            root / "apt" / f"{suite}-{get_arch(None).debian}{tag}", suite, get_arch(None).debian, mirrors,
+            security)
         with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
             apt.update()
             if host_apt is not apt:
                 host_apt.update()
-        image_pkg = _kernel_package(apt, arch)
-        krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
-        headers_pkg = f"linux-headers-{krel}"
-        deps = apt.depends(headers_pkg)
-        common = [d for d in deps if d.startswith("linux-headers-")]
-        kbuild = [d for d in deps if d.startswith("linux-kbuild-")]
-        version = apt.version(image_pkg)
         debs = work / "debs"
-        with progress.step(f"downloading kernel {krel} ({version}), headers and guest userspace"):
-            kernel_debs = apt.download([image_pkg, headers_pkg, *common], debs / "kernel")
-            kbuild_debs = host_apt.download(kbuild, debs / "kbuild")
+        with progress.step(f"downloading Debian {suite}'s kernel and headers ({arch.debian})"):
+            pkgs = kernel_packages(apt, arch)
+            kernel_debs = apt.download([*pkgs.binary, *pkgs.headers], debs / "kernel")
+            kbuild_debs = host_apt.download(list(pkgs.kbuild), debs / "kbuild")
+        krel, version = pkgs.krel, pkgs.version
+        with progress.step(f"downloading the guest userspace ({arch.debian})"):
             user_debs = apt.download_closure(["busybox-static", "qemu-guest-agent"], debs / "user")
-        with progress.step("unpacking kernel and headers"):
+        with progress.step(f"unpacking kernel {krel} ({version}) and its headers"):
             for deb in kernel_debs + kbuild_debs:
-                extract(deb, work / ("headers" if "headers" in deb.name or "kbuild" in deb.name else "kpkg"))
+                extract(deb, work / ("headers" if deb.name.startswith(("linux-headers-", "linux-kbuild-"))
+                                     else "kpkg"))
+            modroot = _modroot(work / "kpkg", krel)
+            check_config(_read_config(work / "headers", krel), f"Debian {suite} {arch.name} kernel {krel}")
             _fix_headers(work / "headers", krel)
-            _install_kernel(arch, work / "kpkg", krel, work / "kernel")
+            _install_kernel(arch, _vmlinuz(work / "kpkg", krel), work / "kernel")
         with progress.step("building the initramfs"):
             sysroot = work / "sysroot"
             for deb in user_debs:
                 extract(deb, sysroot)
-            _build_initramfs(arch, krel, work / "kpkg", sysroot, work / "initramfs.cpio")
+            _build_initramfs(arch, krel, modroot, sysroot, work / "initramfs.cpio")
         for tmp in ("debs", "kpkg", "sysroot"):
             shutil.rmtree(work / tmp)
         files = {rel: _sha256(work / rel) for rel in ("kernel", "initramfs.cpio")}
         manifest = {"format": FORMAT, "guest": guest_digest(), "arch": arch.name, "suite": suite, "krel": krel,
-                    "version": version, "files": files}
+                    "version": version, "security": security, "files": files}
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     img = load(arch, suite)
     assert img is not None
@@ -200,28 +249,70 @@ def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
 
 
 def _kernel_package(apt: PrivateApt, arch: Arch) -> str:
-    """Follow the linux-image-ARCH metapackage to the versioned kernel package."""
-    for dep in apt.depends(f"linux-image-{arch.debian}"):
-        if re.fullmatch(r"linux-image-\d.*", dep):
-            return dep
-    raise KbridgeError(f"no kernel package behind linux-image-{arch.debian} in {apt.suite}")
+    """The versioned linux-image-KREL package behind the linux-image-ARCH metapackage."""
+    pkgs = kernel_packages(apt, arch)
+    return pkgs.binary[0]
+
+
+def _modroot(kpkg: Path, krel: str) -> Path:
+    """lib/modules/KREL, or usr/lib/modules/KREL where the packages are /usr-merged (trixie on)."""
+    for cand in (kpkg / "lib/modules" / krel, kpkg / "usr/lib/modules" / krel):
+        if (cand / "modules.builtin").is_file():
+            return cand
+    raise KbridgeError(f"kernel {krel}: no modules.builtin in its packages (unexpected layout)")
+
+
+def _vmlinuz(kpkg: Path, krel: str) -> Path:
+    """boot/vmlinuz-KREL, or (sid, linux-binary-KREL) usr/lib/modules/KREL/vmlinuz."""
+    for cand in (kpkg / "boot" / f"vmlinuz-{krel}", kpkg / "usr/lib/modules" / krel / "vmlinuz"):
+        if cand.is_file():
+            return cand
+    raise KbridgeError(f"kernel {krel}: no vmlinuz in its packages (unexpected layout)")
+
+
+def _read_config(tree: Path, krel: str) -> dict[str, str]:
+    return parse_config((tree / "usr/src" / f"linux-headers-{krel}" / ".config").read_text())
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """CONFIG_* = value pairs of a kernel .config ('is not set' lines are left out)."""
+    out = {}
+    for ln in text.splitlines():
+        if ln.startswith("CONFIG_") and "=" in ln:
+            k, _, v = ln.partition("=")
+            out[k] = v.strip('"')
+    return out
+
+
+# What kbridge needs of a kernel: kprobes, and the tracefs kprobe_events for `trace`.
+REQUIRED_CONFIG = ("CONFIG_KPROBES", "CONFIG_MODULES", "CONFIG_KPROBE_EVENTS")
+
+
+def check_config(config: dict[str, str], what: str) -> None:
+    """A KbridgeError naming the first option kbridge needs that the kernel lacks."""
+    for opt in REQUIRED_CONFIG:
+        if config.get(opt) != "y":
+            raise KbridgeError(f"{what} was built without {opt}: kbridge cannot probe it",
+                               "choose another --kernel (kbridge image list shows the matrix)")
 
 
 def _fix_headers(tree: Path, krel: str) -> None:
-    """Point the headers' one-line Makefile at the private -common tree instead of /usr/src.
+    """Point the headers' Makefile at the private -common tree instead of /usr/src.
 
     The path is relative (make -C runs in the headers directory), so the tree can move.
+    sid's headers also set KBUILD_OUTPUT=/usr/src/linux-headers-KREL: it becomes the
+    directory make runs in.
     """
     makefile = tree / "usr/src" / f"linux-headers-{krel}" / "Makefile"
     text = makefile.read_text()
     fixed = re.sub(r"include /usr/src/", "include ../", text)
-    if fixed == text:
+    fixed = re.sub(r"(?m)^KBUILD_OUTPUT\s*:?=\s*/usr/src/\S+$", "KBUILD_OUTPUT := $(CURDIR)", fixed)
+    if fixed == text or "/usr/src/" in fixed:
         raise KbridgeError(f"unexpected headers Makefile for {krel}: {text.strip()!r}")
     makefile.write_text(fixed)
 
 
-def _install_kernel(arch: Arch, kpkg: Path, krel: str, dest: Path) -> None:
-    vmlinuz = kpkg / "boot" / f"vmlinuz-{krel}"
+def _install_kernel(arch: Arch, vmlinuz: Path, dest: Path) -> None:
     if arch.direct_vmlinux:
         # The ELF vmlinux inside the bzImage boots directly through its PVH entry
         # (CONFIG_PVH), skipping the decompressor: seconds saved under TCG.
@@ -240,6 +331,9 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     payload = bzimage[start : start + payload_length]
     if payload.startswith(b"\xfd7zXZ"):
         data = lzma.LZMADecompressor().decompress(payload)
+    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
+        # zstd (trixie and later); the kernel appends the decompressed size (4 bytes).
+        data = _unzstd(payload[:-4])
     elif payload.startswith(b"\x1f\x8b"):
         import zlib
         data = zlib.decompressobj(31).decompress(payload)
@@ -250,10 +344,44 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     return data
 
 
+def _unzstd(data: bytes) -> bytes:
+    if shutil.which("zstd") is None:
+        raise KbridgeError("this kernel is zstd-compressed and zstd is not installed",
+                           "sudo apt-get install zstd")
+    proc = subprocess.run(["zstd", "-d", "-q", "-c"], input=data, capture_output=True)
+    if proc.returncode != 0:
+        raise KbridgeError(f"zstd could not unpack the kernel: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file's ELF bytes; trixie and sid ship them xz-compressed (CONFIG_MODULE_COMPRESS_XZ)."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".zst"):
+        return _unzstd(data)
+    if path.name.endswith(".gz"):
+        import gzip
+        return gzip.decompress(data)
+    return data
+
+
+def _module_name(path: Path) -> str:
+    name = path.name
+    for suf in MODULE_SUFFIXES[::-1]:
+        if name.endswith(suf):
+            return name[: -len(suf)].replace("-", "_")
+    return name
+
+
 def module_closure(modroot: Path, names: tuple[str, ...]) -> list[Path]:
     """The .ko files for NAMES and their dependencies, dependencies first; built-ins skipped."""
-    builtin = {Path(line).stem for line in (modroot / "modules.builtin").read_text().split()}
-    by_name = {p.name.removesuffix(".ko").replace("-", "_"): p for p in modroot.rglob("*.ko")}
+    builtin = {Path(line).stem.replace("-", "_") for line in (modroot / "modules.builtin").read_text().split()}
+    by_name = {_module_name(p): p for suf in MODULE_SUFFIXES for p in modroot.rglob("*" + suf)}
     order: list[Path] = []
 
     def visit(name: str) -> None:
@@ -262,7 +390,7 @@ def module_closure(modroot: Path, names: tuple[str, ...]) -> list[Path]:
             return
         if name not in by_name:
             raise KbridgeError(f"guest kernel has no module {name!r} (and it is not built in)")
-        deps = elf.modinfo(by_name[name].read_bytes(), name).get("depends", "")
+        deps = elf.modinfo(module_bytes(by_name[name]), name).get("depends", "")
         for dep in filter(None, deps.split(",")):
             visit(dep)
         order.append(by_name[name])
@@ -272,22 +400,23 @@ def module_closure(modroot: Path, names: tuple[str, ...]) -> list[Path]:
     return order
 
 
-def _build_initramfs(arch: Arch, krel: str, kpkg: Path, sysroot: Path, out: Path) -> None:
+def _build_initramfs(arch: Arch, krel: str, modroot: Path, sysroot: Path, out: Path) -> None:
     with out.open("wb") as f:
         w = CpioWriter(f)
         for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "etc/kbridge"):
             w.dir(d)
         w.chardev("dev/console", 5, 1)  # the kernel opens it for init's stdio before devtmpfs
         w.chardev("dev/null", 1, 3)
-        w.copy("bin/busybox", sysroot / "bin/busybox")
+        w.file("bin/busybox", _inside(sysroot, "bin/busybox").read_bytes(), 0o755)
         w.file("init", (GUEST_DIR / "init").read_bytes(), 0o755)
         w.file("usr/lib/kbridge/stream", (GUEST_DIR / "stream").read_bytes(), 0o755)
         _copy_with_libs(w, sysroot, "usr/sbin/qemu-ga")
-        modroot = kpkg / "lib/modules" / krel
         listed = []
         for ko in module_closure(modroot, GUEST_MODULES):
-            rel = ko.relative_to(kpkg).as_posix()
-            w.copy(rel, ko)
+            # Stored uncompressed under /lib/modules: busybox insmod takes plain ELF only.
+            rel = f"lib/modules/{krel}/" + ko.relative_to(modroot).as_posix()
+            rel = rel[: rel.index(".ko") + 3]
+            w.file(rel, module_bytes(ko))
             listed.append("/" + rel)
         w.file("etc/kbridge/modules", ("\n".join(listed) + "\n").encode())
         w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
@@ -297,7 +426,8 @@ def _build_initramfs(arch: Arch, krel: str, kpkg: Path, sysroot: Path, out: Path
 
 def _copy_with_libs(w: CpioWriter, sysroot: Path, rel: str) -> None:
     """Copy a dynamically linked program and its library closure (DT_NEEDED) from SYSROOT."""
-    search = [d for d in ("lib", "usr/lib") for d in (f"{d}/{_multiarch(sysroot)}", d)]
+    search = [d for d in ("lib", "usr/lib") for d in (f"{d}/{_multiarch(sysroot)}", d)
+              if (sysroot / d).is_dir()]
     pending = [rel]
     seen: set[str] = set()
     while pending:
@@ -323,6 +453,11 @@ def _inside(sysroot: Path, rel: str) -> Path:
     """Resolve REL's symlinks as the guest would, with SYSROOT as /, never escaping to the host."""
     for _ in range(40):
         p = sysroot / rel
+        if not p.exists() and not p.is_symlink() and (sysroot / "usr" / rel).exists():
+            # /usr-merged packages (trixie on) ship usr/bin, usr/lib: the /bin, /lib and
+            # /lib64 links come from base-files, which the closure does not unpack.
+            p = sysroot / "usr" / rel
+            rel = "usr/" + rel
         if not p.is_symlink():
             return p
         target = os.readlink(p)
@@ -332,7 +467,8 @@ def _inside(sysroot: Path, rel: str) -> Path:
 
 
 def _multiarch(sysroot: Path) -> str:
-    for cand in (sysroot / "lib").iterdir():
-        if cand.is_dir() and cand.name.endswith("-linux-gnu"):
-            return cand.name
+    for lib in (sysroot / "lib", sysroot / "usr/lib"):
+        for cand in (lib.iterdir() if lib.is_dir() and not lib.is_symlink() else ()):
+            if cand.is_dir() and cand.name.endswith("-linux-gnu"):
+                return cand.name
     raise KbridgeError("guest libc not found in the unpacked packages")
