@@ -269,8 +269,9 @@ def why(ins: Inspection) -> str:
                 f"site ({ins.symbol}+{ARM64_FTRACE_SITE:#x}) is refused")
     if ins.mode == "ftrace":
         return (f"{where} is {ins.symbol}'s ftrace site (the 5-byte nop that ftrace turns into a call), "
-                "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap, "
-                "no single-step; the handler sees ip = addr + 1 as after an int3); for an int3 use "
+                "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
+                "no real single-step: the pre-handler sees ip = addr + 1 as after an int3, the post-handler "
+                "addr + 5 as if the nop had been stepped); for an int3 use "
                 f"--breakpoint, for an optimized jump --offset {ins.offset + X86_FTRACE_SITE_LEN:#x}")
     if ins.mode == "optimized":
         return (f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
