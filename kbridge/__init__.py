@@ -1,0 +1,26 @@
+"""kbridge: drive real kprobes in real Linux kernels (kernel modules, tracefs, eBPF) in QEMU or Vagrant guests.
+
+    import kbridge
+
+    with kbridge.vm(arch="x86_64") as vm:
+        run = vm.probe("ksys_write", pre=True, args={"count": 3}, run="echo hi > /tmp/x")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+__all__ = ["Guest", "vm"]
+
+if TYPE_CHECKING:
+    from kbridge.api import Guest, vm
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `kbridge --help` and `import kbridge.spec` stay light.
+    if name in __all__:
+        from kbridge import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kbridge' has no attribute {name!r}")

@@ -20,17 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 from kbridge import progress
-from kbridge.arch import Arch, get_arch
-from kbridge.build import build
 from kbridge.errors import KbridgeError
-from kbridge.images import bcc as bcc_images
-from kbridge.images import image as images
-from kbridge.mechanisms import NAMES, kmod, mechanism
+from kbridge.mechanisms import NAMES
+from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.common import MechanismResult, StopRule, WorkloadRun
-from kbridge.render.kmod import render as render_kmod
+from kbridge.probe import check_offset
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
-from kbridge.targets.qemu import QemuVM
 from kbridge.workload import Workload
 
 _MARK = re.compile(r"^\[\s*(?P<t>\d+\.\d+)\] kbt (?P<run>\w+) (?P<phase>\w+) (?P<i>\d+) (?P<be>[be])$")
@@ -70,9 +66,11 @@ class Comparison:
     mechanisms: dict[str, MechanismStats]
     equal_counts: bool | None = None
     explanation: list[str] = field(default_factory=list)
+    target: str = "qemu"
 
     def summary(self) -> dict:
         return {"symbol": self.symbol, "arch": self.arch, "kernel": self.kernel, "accel": self.accel,
+                "target": self.target,
                 "workload": self.workload, "repeats": self.repeats,
                 "baseline": {"run_median_ns": _median(self.baseline_ns), "run_spread_ns": _spread(self.baseline_ns)},
                 "equal_counts": self.equal_counts, "explanation": self.explanation,
@@ -124,31 +122,8 @@ def agreement(ref: list[Hit], other: list[Hit]) -> str:
     return "yes"
 
 
-def _run_one(session: Session, name: str, spec: ProbeSpec, work: Workload) -> MechanismResult:
-    if name == "kmod":
-        mod = render_kmod(spec, session.arch)
-        ko = build(mod, session.image)
-        return kmod.run(session, spec, ko, mod.name, work, StopRule())
-    return mechanism(name)(session, spec, work, StopRule())
-
-
 def _unprobed(session: Session, work: Workload) -> None:
-    w = WorkloadRun(session.vm, work)
-    while not w.done():
-        time.sleep(0.02)
-
-
-def open_compare_target(arch: Arch, suite: str = images.DEFAULT_SUITE) -> tuple[QemuVM, str | None]:
-    """The kept VM if one runs (bpf is skipped when it has no bcc), else a fresh VM of the bcc image."""
-    vm = QemuVM.attach(arch)
-    if vm is not None:
-        progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
-        return vm, None
-    try:
-        return QemuVM.boot(bcc_images.ensure(arch, suite)), None
-    except KbridgeError as e:
-        progress.warn(f"no bcc image ({e.message}); booting the default image, bpf is skipped")
-        return QemuVM.boot(images.ensure(arch, suite)), f"no bcc image: {e.message}"
+    WorkloadRun(session.target, work).wait(timeout=None)
 
 
 def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
@@ -157,17 +132,19 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
     if repeats < 1:
         raise KbridgeError(f"invalid --repeats {repeats}: must be >= 1")
     res = session.resolve(spec.symbol)
+    check_offset(spec, res)
     if res.note:
         progress.info(f"resolved {res.note}")
     spec = spec.with_symbol(res.symbol)
     run_id = secrets.token_hex(4)
     stats = {n: MechanismStats(n) for n in names}
-    from kbridge.mechanisms import bpf as bpf_mech
-
-    if "bpf" in stats and not bpf_mech.has_bcc(session):
-        stats["bpf"].skipped = "the guest has no bcc (booted from the default image; kbridge bpf up boots one)"
-    if "bpf" in stats and "post" in spec.handlers:
-        stats["bpf"].skipped = "eBPF kprobes have no post handler"
+    for n, st in stats.items():
+        try:
+            get_mechanism(n).check(spec, session.arch)
+        except KbridgeError as e:
+            st.skipped = e.message
+    if "bpf" in stats and not stats["bpf"].skipped and session.target.bcc_python() is None:
+        stats["bpf"].skipped = f"{session.target.name} has no bcc (booted from the default image)"
     with progress.step(f"unprobed runs of {command!r} (x{repeats})"):
         _unprobed(session, timed_script(command, run_id, "base0", repeats))
     for n, st in stats.items():
@@ -176,33 +153,31 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
         try:
             with progress.step(f"{n}: {spec.symbol} with {command!r} (x{repeats})"):
                 t0 = time.monotonic()
-                st.result = _run_one(session, n, spec, timed_script(command, run_id, n, repeats))
+                st.result = get_mechanism(n).run(session, spec, timed_script(command, run_id, n, repeats),
+                                                 StopRule())
                 st.setup_s = round(time.monotonic() - t0, 3)
-        except ImportError as e:
-            st.skipped = f"mechanism not available: {e}"
         except KbridgeError as e:
             st.skipped = f"failed: {e.message}"
     _unprobed(session, timed_script(command, run_id, "base1", repeats))
-    log = session.vm.run(["/bin/busybox", "dmesg"], timeout=60).stdout.decode(errors="replace")
+    log = session.target.run(["/bin/busybox", "dmesg"], timeout=60).stdout.decode(errors="replace")
     baseline = durations(log, run_id, "base0") + durations(log, run_id, "base1")
-    ran = [st for st in stats.values() if st.result is not None]
-    for st in ran:
+    ran = [(st, st.result) for st in stats.values() if st.result is not None]
+    for st, r in ran:
         st.durations_ns = durations(log, run_id, st.name)
-        per_rep = st.result.total / repeats if st.result.total else 0
+        per_rep = r.total / repeats if r.total else 0
         if st.durations_ns and baseline and per_rep:
             st.overhead_ns = round((statistics.median(st.durations_ns) - statistics.median(baseline)) / per_rep, 1)
-    comp = Comparison(spec.symbol, session.arch.name, session.vm.krel, session.vm.accel, command, repeats,
-                      baseline, stats)
+    comp = Comparison(spec.symbol, session.arch.name, session.target.krel, session.target.accel, command,
+                      repeats, baseline, stats, target=session.target.name)
     if ran:
-        ref = ran[0]
-        for st in ran:
-            st.agree = "reference" if st is ref else agreement(ref.result.hits, st.result.hits)
-        totals = {st.name: st.result.total for st in ran}
+        ref, ref_result = ran[0]
+        for st, r in ran:
+            st.agree = "reference" if st is ref else agreement(ref_result.hits, r.hits)
+        totals = {st.name: r.total for st, r in ran}
         comp.equal_counts = len(set(totals.values())) == 1
         if not comp.equal_counts:
             top = max(totals.values())
-            for st in ran:
-                r = st.result
+            for st, r in ran:
                 if r.total < top or r.missed or r.lost:
                     why = [f"nmissed {r.missed}"] if r.missed else []
                     why += [f"lost {r.lost}"] if r.lost else []
@@ -220,7 +195,3 @@ def workload_command(run: str | None, symbol: str) -> str:
 
     w = default_for(symbol)
     return " ".join(shlex.quote(a) for a in w.argv)
-
-
-def target_arch(arch: str | None) -> Arch:
-    return get_arch(arch)

@@ -1,28 +1,26 @@
 """`kbridge probe`: spec -> resolve -> render -> build -> target -> collect, for one mechanism.
 
 When the symbol table of the image is already cached, the symbol is resolved
-and the module built before the VM is up, in parallel with its boot; a bad
-symbol then fails before any VM starts.
+and the mechanism prepared (the module built) before the VM is up, in parallel
+with its boot; a bad symbol then fails before any VM starts.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from kbridge import progress
+from kbridge import kernels, progress
 from kbridge.arch import Arch, get_arch
-from kbridge.build import build
-from kbridge.images import image as images
+from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
-from kbridge.mechanisms import kmod, mechanism
+from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
-from kbridge.render.kmod import render
-from kbridge.session import Session, cached_blacklist, cached_symbols, open_target
-from kbridge.spec import ProbeSpec
-from kbridge.symbols import Resolution
-from kbridge.targets.qemu import QemuVM
+from kbridge.session import Session, cached_blacklist, cached_symbols
+from kbridge.spec import Hit, ProbeSpec
+from kbridge.symbols import Resolution, SymbolError
+from kbridge.targets import acquire, kept_image, parse_target
+from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
 
 
@@ -36,56 +34,96 @@ class ProbeRun:
     accel: str
     results: list[MechanismResult]
     workload: Workload
+    target: str = "qemu"
+
+    @property
+    def hits(self) -> list[Hit]:
+        """Every hit streamed to the host, in order (all mechanisms)."""
+        return [h for r in self.results for h in r.hits]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Exact hits per handler (pre, post, entry, ret), whatever the stream lost."""
+        out: dict[str, int] = {}
+        for r in self.results:
+            for h, n in r.counters.items():
+                out[h] = out.get(h, 0) + n
+        return out
+
+    @property
+    def result(self) -> MechanismResult:
+        """The one mechanism's result (a probe runs one)."""
+        return self.results[0]
 
     def summary(self) -> dict:
-        mechs = {}
-        for r in self.results:
-            entry = {"hits": r.total, "counters": r.counters, "streamed": len(r.hits)}
-            entry["missed" if r.mechanism == "kmod" else "lost"] = r.missed if r.mechanism == "kmod" else r.lost
-            if r.mechanism == "kmod":
-                entry["lost"] = r.lost
-            if r.first_event_s is not None:
-                entry["first_event_s"] = round(r.first_event_s, 6)
-            mechs[r.mechanism] = entry
-        return {"mechanisms": mechs, "symbol": self.resolution.symbol, "requested": self.resolution.requested,
-                "arch": self.arch, "kernel": self.kernel, "accel": self.accel,
-                "workload": self.workload.description}
+        return {"mechanisms": {r.mechanism: r.summary() for r in self.results},
+                "symbol": self.resolution.symbol, "requested": self.resolution.requested,
+                "arch": self.arch, "kernel": self.kernel, "accel": self.accel, "target": self.target,
+                "workload": self.workload.description,
+                "workload_exit": self.results[0].workload_exit if self.results else None}
 
 
-def _vm_image(arch: Arch, suite: str, mirrors: Mirrors | None) -> images.Image:
-    kept = QemuVM.attach(arch)
-    if kept:
-        kept.detach()
-        return kept.image
-    return images.ensure(arch, suite, mirrors)
+def check_offset(spec: ProbeSpec, res: Resolution) -> None:
+    """An offset past the function's end would probe another function (or be truncated)."""
+    if spec.offset and res.size is not None and spec.offset >= res.size:
+        raise KbridgeError(f"--offset {spec.offset:#x} is past the end of {res.symbol}, which is "
+                           f"{res.size:#x} bytes long", f"use an offset below {res.size:#x}; "
+                           f"kbridge inspect {res.symbol} --offset N shows the instruction there")
 
 
 def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | None = None,
           stop: StopRule = StopRule(), on_hit: HitSink | None = None, via: str = "kmod",
-          suite: str = images.DEFAULT_SUITE, mirrors: Mirrors | None = None) -> ProbeRun:
-    """Probe SPEC on a guest of ARCH through the mechanism VIA and collect every hit."""
+          kernel: str | None = None, mirrors: Mirrors | None = None, target: str | None = None) -> ProbeRun:
+    """Probe SPEC on a guest of ARCH (and KERNEL, or TARGET) through the mechanism VIA; collect every hit."""
+    mech = get_mechanism(via)
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
-    img = _vm_image(arch, suite, mirrors)
-    table, blacklist = cached_symbols(img), cached_blacklist(img)
+    mech.check(spec, arch)
+    where = parse_target(target)
+    suite = kernels.resolve(kernel)
+    early: Future[object] | None = None
+    resolution = None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        early: Future[Path] | None = None
-        resolution = None
-        if table is not None and blacklist is not None:
-            resolution = table.resolve(spec.symbol, arch, blacklist)  # fails before any boot
-            if via == "kmod":
-                early = pool.submit(build, render(spec.with_symbol(resolution.symbol), arch), img)
-        with open_target(arch, suite, mirrors, bcc=via == "bpf") as vm:
-            session = Session(vm)
+        if where.kind == "qemu":
+            img = kept_image(arch, suite, mirrors)
+            table, blacklist = cached_symbols(img), cached_blacklist(img)
+            if table is not None and blacklist is not None:
+                try:
+                    resolution = table.resolve(spec.symbol, arch, blacklist)  # fails before any boot
+                except SymbolError:
+                    from kbridge.targets.qemu import QemuVM
+
+                    # Not the kernel's: a module loaded into the kept VM (kbridge module load) may
+                    # define it, which only the running guest knows. With no kept VM, fail now.
+                    if (kept := QemuVM.attach(arch, suite)) is None:
+                        raise
+                    kept.detach()
+            if resolution is not None:
+                check_offset(spec, resolution)
+                mech.check(spec.with_symbol(resolution.symbol), arch)
+                if mech.prepare is not None:
+                    early = pool.submit(mech.prepare, spec.with_symbol(resolution.symbol), img)
+        with acquire(arch, mech.flavour, kernel=suite, target=where, mirrors=mirrors) as guest:
+            session = Session(guest)
             if resolution is None:
                 resolution = session.resolve(spec.symbol)
-            if resolution.note:
-                progress.info(f"resolved {resolution.note}")
-            resolved = spec.with_symbol(resolution.symbol)
-            work = workload or default_for(resolution.symbol)
-            if via == "kmod":
-                mod = render(resolved, arch)
-                ko = early.result() if early is not None else build(mod, vm.image)
-                result = kmod.run(session, resolved, ko, mod.name, work, stop, on_hit)
-            else:
-                result = mechanism(via)(session, resolved, work, stop, on_hit)
-            return ProbeRun(resolution, arch.name, vm.krel, vm.accel, [result], work)
+                check_offset(spec, resolution)
+            return probe_on(session, spec, resolution, workload, stop, on_hit, via,
+                            early.result() if early is not None else None)
+
+
+def probe_on(session: Session, spec: ProbeSpec, resolution: Resolution | None = None,
+             workload: Workload | None = None, stop: StopRule = StopRule(), on_hit: HitSink | None = None,
+             via: str = "kmod", prepared: object = None) -> ProbeRun:
+    """Probe SPEC on SESSION's guest (already acquired) through VIA."""
+    mech = get_mechanism(via)
+    if resolution is None:
+        resolution = session.resolve(spec.symbol)
+        check_offset(spec, resolution)
+    if resolution.note:
+        progress.info(f"resolved {resolution.note}")
+    resolved = spec.with_symbol(resolution.symbol)
+    mech.check(resolved, session.arch)
+    work = workload or default_for(resolution.symbol)
+    result = mech.run(session, resolved, work, stop, on_hit, prepared)
+    guest: Target = session.target
+    return ProbeRun(resolution, guest.arch.name, guest.krel, guest.accel, [result], work, guest.name)

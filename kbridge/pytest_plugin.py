@@ -1,11 +1,15 @@
 """pytest fixtures for VM-based integration tests (registered as the `kbridge` pytest plugin).
 
-    def test_write_is_probed(kbridge_session):
-        run = kbridge.probe.probe(make_spec("ksys_write", {"pre"}), kbridge_session.arch, ...)
+    def test_write_is_probed(kbridge_vm):
+        run = kbridge_vm.probe("ksys_write", pre=True, args={"count": 3}, run="echo hi > /tmp/x")
+        assert run.counts["pre"] >= 1
 
-`kbridge_arch` is parametrised over --kbridge-arch (repeatable; default: x86_64
-and arm64), `kbridge_vm` is a kept VM per arch for the whole test session (one
-boot each; reused by kbridge.probe.probe and friends), `kbridge_session` wraps it.
+`kbridge_vm` is a kbridge.Guest (the object `kbridge.vm()` gives) on a VM kept
+for the whole test session, one per arch and kernel, parametrised over
+--kbridge-arch (default: x86_64 and arm64) and --kbridge-kernel (default:
+bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine.
+`kbridge_session` gives a Session (symbols, guest commands) holding the VM for
+one test.
 """
 
 from __future__ import annotations
@@ -14,16 +18,21 @@ from collections.abc import Iterator
 
 import pytest
 
+from kbridge import kernels
+from kbridge.api import Guest
 from kbridge.arch import ARCHES, get_arch
-from kbridge.images import image as images
 from kbridge.session import Session
-from kbridge.targets.qemu import QemuVM
+from kbridge.targets import parse_target, resolve_image
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kbridge")
     group.addoption("--kbridge-arch", action="append", default=None,
                     help="guest arch for kbridge VM tests (repeatable; default: x86_64 and arm64)")
+    group.addoption("--kbridge-kernel", action="append", default=None,
+                    help=f"guest kernel for kbridge VM tests (repeatable; {kernels.choices()}; default: bookworm)")
+    group.addoption("--kbridge-target", default=None,
+                    help="run kbridge VM tests on vagrant:MACHINE instead of the embedded QEMU VM")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,30 +43,55 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kbridge_arch" in metafunc.fixturenames:
         arches = metafunc.config.getoption("--kbridge-arch") or list(ARCHES)
         metafunc.parametrize("kbridge_arch", [get_arch(a).name for a in arches], scope="session")
+    if "kbridge_kernel" in metafunc.fixturenames:
+        wanted = metafunc.config.getoption("--kbridge-kernel") or [kernels.DEFAULT]
+        metafunc.parametrize("kbridge_kernel", [kernels.resolve(k) for k in wanted], scope="session")
 
 
 @pytest.fixture(scope="session")
-def kbridge_vm(kbridge_arch: str) -> Iterator[QemuVM]:
-    """A kept VM of kbridge_arch, booted once per test session and stopped after it."""
+def kbridge_kernel() -> str:
+    """The guest kernel's suite (parametrised by --kbridge-kernel when a test asks for it)."""
+    return kernels.DEFAULT
+
+
+@pytest.fixture(scope="session")
+def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel: str) -> Iterator[Guest]:
+    """A Guest on a kept VM of kbridge_arch and kbridge_kernel, booted once per test session."""
+    from kbridge.targets.qemu import QemuVM
+
+    where = parse_target(request.config.getoption("--kbridge-target"))
     arch = get_arch(kbridge_arch)
-    vm = QemuVM.attach(arch)
+    if where.kind != "qemu":
+        yield Guest(arch, kbridge_kernel, where)
+        return
+    vm = QemuVM.attach(arch, kbridge_kernel)
     booted = vm is None
     if vm is None:
-        vm = QemuVM.boot(images.ensure(arch), keep=True)
-    vm.detach()  # each test attaches (and locks) it; nested library calls share that
-    yield vm
-    if booted:
-        again = QemuVM.attach(arch)
-        if again is not None:
-            again.shutdown()
+        vm = QemuVM.boot(resolve_image(arch, kbridge_kernel), keep=True)
+    vm.detach()  # each call attaches (and locks) it; nested library calls share that
+    yield Guest(arch, kbridge_kernel, where)
+    if booted and (again := QemuVM.attach(arch, kbridge_kernel)) is not None:
+        again.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _kbridge_unload_user_modules(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Modules a test loads into kbridge_vm are unloaded after it, even when it fails."""
+    if "kbridge_vm" not in request.fixturenames:
+        yield
+        return
+    from kbridge import usermod
+
+    guest: Guest = request.getfixturevalue("kbridge_vm")
+    with guest.session() as s:
+        before = set(usermod.loaded_modules(s.target))
+    yield
+    with guest.session() as s:
+        usermod.unload_since(s.target, before)
 
 
 @pytest.fixture
-def kbridge_session(kbridge_vm: QemuVM) -> Iterator[Session]:
+def kbridge_session(kbridge_vm: Guest) -> Iterator[Session]:
     """A Session on the kept VM, holding its lock for the test."""
-    vm = QemuVM.attach(kbridge_vm.arch)
-    assert vm is not None, "the kept VM went away (crashed?)"
-    try:
-        yield Session(vm)
-    finally:
-        vm.detach()
+    with kbridge_vm.session() as s:
+        yield s

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-from collections.abc import Iterator
 
 from kbridge import progress
-from kbridge.arch import Arch, get_arch
-from kbridge.images import image as images
-from kbridge.images.apt import Mirrors
-from kbridge.symbols import Resolution, SymbolTable, parse_blacklist
-from kbridge.targets.qemu import QemuVM
+from kbridge.images.image import Image
+from kbridge.symbols import Resolution, SymbolError, SymbolTable, parse_blacklist
+from kbridge.targets.base import Target
 
 KPROBES_DEBUGFS = "/sys/kernel/debug/kprobes"
 
 
-def cached_symbols(img: images.Image) -> SymbolTable | None:
+def cached_symbols(img: Image) -> SymbolTable | None:
+    """The image's kernel symbols as read from a guest earlier, if any."""
     path = img.state / "kallsyms.gz"
     if not path.is_file():
         return None
@@ -30,7 +28,8 @@ def cached_symbols(img: images.Image) -> SymbolTable | None:
         return None
 
 
-def cached_blacklist(img: images.Image) -> frozenset[str] | None:
+def cached_blacklist(img: Image) -> frozenset[str] | None:
+    """The image's kprobe blacklist as read from a guest earlier, if any."""
     path = img.state / "blacklist"
     return parse_blacklist(path.read_text()) if path.is_file() else None
 
@@ -38,12 +37,18 @@ def cached_blacklist(img: images.Image) -> frozenset[str] | None:
 class Session:
     """One target kernel: resolve symbols, know kbridge's own guest processes."""
 
-    def __init__(self, vm: QemuVM) -> None:
-        self.vm = vm
-        self.image = vm.image
-        self.arch = vm.arch
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.image = target.image
+        self.arch = target.arch
         self._symbols: SymbolTable | None = None
+        self._live = False  # _symbols came from this guest's /proc/kallsyms, not the cache
         self._blacklist: frozenset[str] | None = None
+
+    @property
+    def vm(self) -> Target:
+        """The target (the name older callers use)."""
+        return self.target
 
     @property
     def symbols(self) -> SymbolTable:
@@ -51,69 +56,58 @@ class Session:
             self._symbols = cached_symbols(self.image)
         if self._symbols is None:
             with progress.step("reading the guest kernel's symbol table (once per image)"):
-                text = self.vm.read_file("/proc/kallsyms")
+                text = self._read_kallsyms()
                 self.image.state.mkdir(parents=True, exist_ok=True)
                 tmp = self.image.state / "kallsyms.gz.tmp"
-                tmp.write_bytes(gzip.compress(text, 1))
+                # Only the kernel's own symbols are cached: modules come and go.
+                base = "\n".join(ln for ln in text.splitlines() if not ln.endswith("]"))
+                tmp.write_bytes(gzip.compress(base.encode(), 1))
                 tmp.rename(self.image.state / "kallsyms.gz")
-            self._symbols = SymbolTable.parse(text.decode())
+            self._symbols = SymbolTable.parse(text)
+            self._live = True
         return self._symbols
+
+    def _read_kallsyms(self) -> str:
+        return self.target.read_file("/proc/kallsyms").decode(errors="replace")
 
     @property
     def blacklist(self) -> frozenset[str]:
         if self._blacklist is None:
             self._blacklist = cached_blacklist(self.image)
         if self._blacklist is None:
-            text = self.vm.read_file(f"{KPROBES_DEBUGFS}/blacklist").decode()
+            text = self.target.read_file(f"{KPROBES_DEBUGFS}/blacklist").decode()
             self.image.state.mkdir(parents=True, exist_ok=True)
             (self.image.state / "blacklist").write_text(text)
             self._blacklist = parse_blacklist(text)
         return self._blacklist
 
     def resolve(self, name: str) -> Resolution:
-        return self.symbols.resolve(name, self.arch, self.blacklist)
+        """NAME as the running kernel knows it; symbols of modules loaded since are read live."""
+        if ":" in name:  # MOD:SYM, a function of one loaded module (kbridge.usermod)
+            from kbridge.usermod import resolve_module_symbol
+
+            if (res := resolve_module_symbol(self.target, name, self.symbols)) is not None:
+                return res
+        try:
+            return self.symbols.resolve(name, self.arch, self.blacklist)
+        except SymbolError:
+            if self._live:
+                raise
+            self._symbols = SymbolTable.parse(self._read_kallsyms())
+            self._live = True
+            return self._symbols.resolve(name, self.arch, self.blacklist)
 
     def plumbing_pids(self) -> list[int]:
         """tgids of kbridge's guest-side helpers (agent, log streamer): never probed."""
         pids = []
         for name in ("qga", "kmsg"):
             with contextlib.suppress(Exception):
-                pids.append(int(self.vm.read_file(f"/run/kbridge/{name}.pid").decode().strip()))
+                pids.append(int(self.target.read_file(f"/run/kbridge/{name}.pid").decode().strip()))
         return pids
 
     def kprobes_list(self) -> str:
-        return self.vm.read_file(f"{KPROBES_DEBUGFS}/list").decode(errors="replace")
+        return self.target.read_file(f"{KPROBES_DEBUGFS}/list").decode(errors="replace")
 
     def loaded_modules(self) -> set[str]:
-        text = self.vm.read_file("/proc/modules").decode(errors="replace")
+        text = self.target.read_file("/proc/modules").decode(errors="replace")
         return {line.split()[0] for line in text.splitlines() if line.strip()}
-
-
-@contextlib.contextmanager
-def open_target(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,
-                mirrors: Mirrors | None = None, bcc: bool = False) -> Iterator[QemuVM]:
-    """The kept VM for ARCH if one runs, else a fresh VM that is shut down on exit.
-
-    BCC: a fresh VM boots the bcc image flavour (eBPF needs its root filesystem).
-    """
-    arch = arch if isinstance(arch, Arch) else get_arch(arch)
-    vm = QemuVM.attach(arch)
-    if vm is None:
-        if bcc:
-            from kbridge.images import bcc as bcc_images
-
-            vm = QemuVM.boot(bcc_images.ensure(arch, suite, mirrors))
-        else:
-            vm = QemuVM.boot(images.ensure(arch, suite, mirrors))
-    else:
-        progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
-    with vm:
-        yield vm
-
-
-def image_for(arch: Arch | str | None, suite: str = images.DEFAULT_SUITE,
-              mirrors: Mirrors | None = None) -> images.Image:
-    """The image a command on ARCH will use: the kept VM's, else the cached default."""
-    arch = arch if isinstance(arch, Arch) else get_arch(arch)
-    return images.ensure(arch, suite, mirrors)
-

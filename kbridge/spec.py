@@ -18,9 +18,12 @@ KPROBE_HANDLERS = frozenset({"pre", "post"})
 KRETPROBE_HANDLERS = frozenset({"entry", "ret"})
 KSYM_NAME_LEN = 128  # include/linux/kallsyms.h in 6.1 (raised to 512 in 6.2)
 KRETPROBE_MAXACTIVE_MAX = 4096  # kernel/trace/trace_kprobe.c
+PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h on 64-bit
+MAX_OFFSET = 1 << 20  # far beyond any function; the symbol table bounds it exactly once resolved
 
 # A kernel symbol: a C identifier, optionally with compiler suffixes (.isra.0, .constprop.1).
-_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+# MOD:SYM names a function of one loaded module, as tracefs and kallsyms_lookup_name (6.1) take it.
+_SYMBOL = re.compile(r"([A-Za-z0-9_-]{1,55}:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _C_KEYWORDS = frozenset("""auto break case char const continue default do double else enum extern
 float for goto if inline int long register restrict return short signed sizeof static struct switch
@@ -87,7 +90,7 @@ def parse_arg(text: str, arch: Arch | None = None) -> ArgSpec:
     if name in _RESERVED_ARGS:
         raise KbridgeError(f"argument name {name!r} in --arg {text!r} is reserved",
                            f"pick another name; reserved: {', '.join(sorted(_RESERVED_ARGS))}")
-    if not index.isdigit():
+    if not (index.isascii() and index.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise KbridgeError(f"invalid argument position {index!r} in --arg {text!r}: expected 1, 2, ...")
     n = int(index)
     limit = arch.max_args if arch else 8
@@ -121,8 +124,11 @@ def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, ar
         raise KbridgeError(f"--maxactive {maxactive} is out of range 0..{KRETPROBE_MAXACTIVE_MAX}")
     if comm is not None and (not re.fullmatch(r"[\x21-\x7e]{1,15}", comm) or any(c in comm for c in '"\\')):
         raise KbridgeError(f"invalid --comm {comm!r}: 1-15 printable characters without spaces, quotes or backslashes")
-    if pid is not None and pid <= 0:
-        raise KbridgeError(f"invalid --pid {pid}")
+    if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
+        raise KbridgeError(f"invalid --pid {pid}: guest pids are 1..{PID_MAX_LIMIT}")
+    if offset > MAX_OFFSET:
+        raise KbridgeError(f"invalid --offset {offset}: no function is that long",
+                           "offsets are bytes into the function, e.g. --offset 4")
     if fault and not handlers & KPROBE_HANDLERS:
         raise KbridgeError("--fault needs a kprobe handler: the fault handler belongs to struct kprobe",
                            "add --pre (or --post)")

@@ -1,17 +1,16 @@
 """Symbol resolution on the target kernel, before anything is built or loaded.
 
-The table comes from the image's System.map (the kernel package ships it), so
-resolution needs no boot; the kprobe blacklist is read from the running guest
-once (debugfs kprobes/blacklist) and cached with the image.
+The table is the guest's /proc/kallsyms and the kprobe blacklist its debugfs
+kprobes/blacklist, both read from a running guest once per image and cached
+with it (kbridge.session), so later runs resolve names before any boot.
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
@@ -33,6 +32,7 @@ class Resolution:
     symbol: str
     address: int  # from the symbol table, possibly of an earlier boot (KASLR): for ordering, not use
     note: str | None = None  # said to the user when symbol != requested
+    size: int | None = None  # bytes up to the next symbol (kallsyms has no sizes): offsets must stay below
 
 
 class SymbolTable:
@@ -40,6 +40,14 @@ class SymbolTable:
 
     def __init__(self, entries: dict[str, list[tuple[int, str]]]) -> None:
         self.entries = entries
+        self._starts: list[int] | None = None
+
+    def size(self, address: int) -> int | None:
+        """Bytes from ADDRESS to the next symbol's address: the function's extent, padding included."""
+        if self._starts is None:
+            self._starts = sorted({a for e in self.entries.values() for a, _ in e})
+        i = bisect.bisect_right(self._starts, address)
+        return self._starts[i] - address if i < len(self._starts) else None
 
     @classmethod
     def parse(cls, text: str) -> SymbolTable:
@@ -74,7 +82,7 @@ class SymbolTable:
         note = None
         if not addrs and self.entries.get(name):
             kind = self.entries[name][0][1]
-            raise SymbolError(f"{name!r} is a data symbol (System.map type {kind!r}), not a function",
+            raise SymbolError(f"{name!r} is a data symbol (kallsyms type {kind!r}), not a function",
                               "kprobes attach to code; pick the function that uses it")
         if not addrs:
             name, addrs, note = self._alias(name, arch)
@@ -88,7 +96,7 @@ class SymbolTable:
                 f"{name!r} is on the kprobe blacklist (debugfs kprobes/blacklist): "
                 "probing it could recurse into the kprobe machinery itself",
                 "pick its caller or a function it calls")
-        return Resolution(requested, name, addrs[0], note)
+        return Resolution(requested, name, addrs[0], note, self.size(addrs[0]))
 
     def _alias(self, name: str, arch: Arch) -> tuple[str, list[int], str]:
         m = re.fullmatch(r"(?:sys|SyS|__sys)_(\w+)", name)
@@ -106,11 +114,6 @@ class SymbolTable:
         near = self.near(name)
         hint = f"did you mean: {', '.join(near)}?" if near else "check the spelling against /proc/kallsyms"
         raise SymbolError(f"unknown symbol {name!r} in this kernel", hint)
-
-
-@lru_cache(maxsize=4)
-def load_table(system_map: Path) -> SymbolTable:
-    return SymbolTable.parse(system_map.read_text())
 
 
 def parse_blacklist(text: str) -> frozenset[str]:

@@ -7,44 +7,50 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kbridge.arch import get_arch
+from kbridge import kernels, progress
+from kbridge.arch import Arch, get_arch
 from kbridge.cli import app
+from kbridge.cli.options import (
+    ArchOpt, ArgOpt, CommOpt, EntryOpt, JsonOpt, KernelOpt, PidOpt, PreOpt, RetOpt, TargetOpt, handlers,
+)
 from kbridge.cli.output import command, emit_json, err, out
-from kbridge.compare import Comparison, compare, open_compare_target, workload_command
+from kbridge.compare import Comparison, compare, workload_command
+from kbridge.errors import KbridgeError
 from kbridge.mechanisms import NAMES
+from kbridge.mechanisms import get as get_mechanism
 from kbridge.session import Session
 from kbridge.spec import make_spec
+from kbridge.targets import acquire, parse_target, resolve_image
+from kbridge.targets.qemu import kept_dir
 
 
 @app.command("compare")
 @command
 def compare_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function, e.g. ksys_write, vfs_read.")],
-    pre: Annotated[bool, typer.Option("--pre", help="kprobe pre-handler (the default unless --ret/--entry).")] = False,
-    entry: Annotated[bool, typer.Option("--entry")] = False,
-    ret: Annotated[bool, typer.Option("--ret", help="kretprobe return handler (return values compared).")] = False,
-    arg: Annotated[Optional[list[str]], typer.Option("--arg", help="NAME=N: fetch the Nth argument as NAME.")] = None,
-    pid: Annotated[Optional[int], typer.Option("--pid", help="Only count this guest tgid.")] = None,
-    comm: Annotated[Optional[str], typer.Option("--comm", help="Only count tasks with this comm (e.g. dd).")] = None,
+    pre: PreOpt = False,
+    entry: EntryOpt = False,
+    ret: RetOpt = False,
+    arg: ArgOpt = None,
+    pid: PidOpt = None,
+    comm: CommOpt = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command (the workload).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=100, help="Workload repetitions per mechanism.")] = 5,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Mechanisms to run (default: all three).")] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: each mechanism's hits, then a summary.")] = False,
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
     a = get_arch(arch)
-    handlers = {h for h, on in (("pre", pre), ("entry", entry), ("ret", ret)) if on} or {"pre"}
-    spec = make_spec(symbol, handlers, arg, a, 0, 0, pid, comm)
+    suite = kernels.resolve(kernel)
+    spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm)
     names = tuple(only or NAMES)
     for n in names:
-        if n not in NAMES:
-            from kbridge.errors import KbridgeError
-
-            raise KbridgeError(f"unknown mechanism {n!r} in --only", f"use {', '.join(NAMES)}")
-    vm, _ = open_compare_target(a)
-    with vm:
-        comp = compare(Session(vm), spec, workload_command(run, symbol), repeats, names)
+        get_mechanism(n)  # an unknown name in --only fails here
+    with acquire(a, _flavour(a, suite, target), kernel=suite, target=target) as guest:
+        comp = compare(Session(guest), spec, workload_command(run, symbol), repeats, names)
     if json_out:
         for st in comp.mechanisms.values():
             for h in (st.result.hits if st.result else []):
@@ -52,6 +58,18 @@ def compare_cmd(
         emit_json({"summary": comp.summary()})
     else:
         show(comp)
+
+
+def _flavour(arch: Arch, suite: str, target: str | None) -> str:
+    """bcc, so all three mechanisms run; the default image (bpf skipped) if the bcc one cannot be built."""
+    if parse_target(target).kind != "qemu" or (kept_dir(arch, suite) / "vm.json").exists():
+        return "bcc"  # a running guest is used as it is: bpf runs if it has bcc
+    try:
+        resolve_image(arch, suite, "bcc")
+        return "bcc"
+    except KbridgeError as e:
+        progress.warn(f"no bcc image ({e.message}); booting the default image, bpf is skipped")
+        return "default"
 
 
 def _ns(x: float | None) -> str:

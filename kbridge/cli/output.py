@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,10 +16,11 @@ from rich.markup import escape
 
 from kbridge import progress
 from kbridge.errors import KbridgeError
+from kbridge.events import EventSyntaxError
 from kbridge.spec import Hit
 from kbridge.targets.base import GuestCrash
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line when piped
 out = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +40,12 @@ def command(fn: F) -> F:
         progress.add_sink(_sink)
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except EventSyntaxError as e:
+            err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
+            err.print(escape(e.caret()), markup=False, highlight=False)
+            raise typer.Exit(2) from None
         except GuestCrash as e:
             err.print(f"[bold red]error:[/] {escape(e.message)}")
             err.print(escape(e.text))
@@ -49,8 +58,15 @@ def command(fn: F) -> F:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted: probes removed, modules unloaded, VM stopped[/]")
+            err.print("[yellow]interrupted: what kbridge armed in the guest was removed; "
+                      "a VM started for this command was stopped[/]")
             raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - a bug must still end in one line and an exit code
+            if os.environ.get("KBRIDGE_DEBUG"):
+                traceback.print_exc()
+            err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(str(e))[:500]}")
+            err.print("[dim]hint: this is a kbridge bug; KBRIDGE_DEBUG=1 shows the traceback[/]")
+            raise typer.Exit(1) from None
         finally:
             progress.remove_sink(_sink)
 
@@ -68,3 +84,34 @@ def hit_line(hit: Hit) -> str:
     ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
     return (f"[dim]{ts}[/][bold]{hit.handler:5}[/] {escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} "
             f"{escape(hit.symbol)} {escape(args)}{ret}")
+
+
+LIVE_LINES = 200  # hits printed live before the rest are only counted
+
+
+class HitPrinter:
+    """The on_hit sink of the CLI: JSON Lines on stdout, or the first LIVE_LINES hits on stderr."""
+
+    def __init__(self, json_out: bool, fmt: Callable[[Hit], str] = hit_line) -> None:
+        self.json_out = json_out
+        self.fmt = fmt
+        self.shown = 0
+
+    def __call__(self, hit: Hit) -> None:
+        if self.json_out:
+            emit_json(hit.to_json())
+        elif self.shown < LIVE_LINES:
+            err.print(self.fmt(hit))
+        self.shown += 1
+
+    def finish(self) -> None:
+        if not self.json_out and self.shown > LIVE_LINES:
+            err.print(f"[dim]… {self.shown - LIVE_LINES} more hits not shown[/]")
+
+
+def show_workload(description: str, exitcode: int | None, output: str) -> None:
+    """Say when the workload failed, with the end of what it printed."""
+    if exitcode not in (None, 0):
+        err.print(f"[yellow]workload {escape(repr(description))} exited with {exitcode}[/]")
+        if output.strip():
+            err.print(output.strip()[-1000:], markup=False)

@@ -1,110 +1,108 @@
-"""`kbridge probe SYMBOL`: one probe, built, loaded and heard from in a guest."""
+"""`kbridge probe SYMBOL`: one probe, armed through one mechanism in a guest, every hit heard from."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from kbridge import kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.image import MirrorOpt, mirrors_from
-from kbridge.cli.output import command, emit_json, err, hit_line
-from kbridge.errors import KbridgeError
+from kbridge.cli.options import (
+    ArchOpt, ArgOpt, CommOpt, CountOpt, DurationOpt, EntryOpt, FaultOpt, JprobeOpt, JsonOpt, KernelOpt,
+    MaxactiveOpt, MirrorOpt, OffsetOpt, PidOpt, PostOpt, PreOpt, RetOpt, RunOpt, TargetOpt, ViaOpt,
+    explain_fault_removed, explain_removed, handlers, workload,
+)
+from kbridge.cli.output import HitPrinter, command, emit_json, err, show_workload
+from kbridge.images.apt import Mirrors
+from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.common import StopRule
-from kbridge.probe import ProbeRun, probe as run_probe
-from kbridge.spec import Hit, make_spec
-from kbridge.workload import Workload
-
-LIVE_LINES = 200  # hits printed live before the rest are only counted
-
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per hit, then a summary.")]
+from kbridge.probe import ProbeRun
+from kbridge.probe import probe as run_probe
+from kbridge.spec import make_spec
 
 
-def explain_removed(jprobe: bool, fault_handler: bool) -> None:
-    """kprobe features that no longer exist: say what replaced them instead of failing obscurely."""
-    if jprobe:
-        raise KbridgeError(
-            "jprobes were removed in Linux 4.15 (commit 590c84593045); they mirrored the probed "
-            "function's signature to read its arguments",
-            "use --arg NAME=N to fetch the Nth argument from the registers at entry "
-            "(e.g. --pre --arg fd=1), or --entry with a kretprobe")
-    if fault_handler:
-        raise KbridgeError(
-            "kprobe fault_handler was removed in Linux 5.14 (commit ec6aba3d2be1): no in-tree "
-            "user handled faults in it",
-            "handlers that touch user memory should use copy_from_user_nofault(), as kbridge's do")
+def mirrors_from(mirror: str | None, suite: str) -> Mirrors | None:
+    """--mirror as the image builder's Mirrors (None: the host's apt sources)."""
+    if mirror is None:
+        return None
+    from kbridge.cli.image import mirrors_from as parse
+
+    return parse(mirror, suite)
 
 
 @app.command("probe")
 @command
 def probe_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function, e.g. sys_write, ksys_write, vfs_read.")],
-    pre: Annotated[bool, typer.Option("--pre", help="kprobe pre-handler (before the probed instruction).")] = False,
-    post: Annotated[bool, typer.Option("--post", help="kprobe post-handler (after single-stepping it).")] = False,
-    entry: Annotated[bool, typer.Option("--entry", help="kretprobe entry handler.")] = False,
-    ret: Annotated[bool, typer.Option("--ret", help="kretprobe return handler (with the return value).")] = False,
-    arg: Annotated[Optional[list[str]], typer.Option("--arg", help="NAME=N: report the Nth (1-based) argument as NAME.")] = None,
-    offset: Annotated[int, typer.Option("--offset", help="Probe at SYMBOL+OFFSET (kprobe only).")] = 0,
-    maxactive: Annotated[int, typer.Option("--maxactive", help="kretprobe instances (0: kernel default).")] = 0,
-    pid: Annotated[Optional[int], typer.Option("--pid", help="Only count this guest process (tgid).")] = None,
-    comm: Annotated[Optional[str], typer.Option("--comm", help="Only count tasks with this comm.")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command to run while armed.")] = None,
-    count: Annotated[Optional[int], typer.Option("--count", min=1, help="Stop after N hits.")] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Stop after S seconds.")] = None,
-    via: Annotated[str, typer.Option("--via", help="Mechanism: kmod, tracefs or bpf.")] = "kmod",
+    pre: PreOpt = False,
+    post: PostOpt = False,
+    entry: EntryOpt = False,
+    ret: RetOpt = False,
+    arg: ArgOpt = None,
+    offset: OffsetOpt = 0,
+    maxactive: MaxactiveOpt = 0,
+    pid: PidOpt = None,
+    comm: CommOpt = None,
+    run: RunOpt = None,
+    count: CountOpt = None,
+    duration: DurationOpt = None,
+    via: ViaOpt = "kmod",
     arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
     mirror: MirrorOpt = None,
     json_out: JsonOpt = False,
-    jprobe: Annotated[bool, typer.Option("--jprobe", hidden=True)] = False,
-    fault_handler: Annotated[bool, typer.Option("--fault-handler", hidden=True)] = False,
+    jprobe: JprobeOpt = False,
+    fault: FaultOpt = False,
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
-    explain_removed(jprobe, fault_handler)
-    if via not in ("kmod", "tracefs", "bpf"):
-        raise KbridgeError(f"unknown mechanism {via!r} in --via", "use kmod, tracefs or bpf")
-    target_arch = get_arch(arch)
-    handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
-    spec = make_spec(symbol, handlers, arg, target_arch, offset, maxactive, pid, comm)
-    shown = [0]
-
-    def on_hit(hit: Hit) -> None:
-        if json_out:
-            emit_json(hit.to_json())
-        elif shown[0] < LIVE_LINES:
-            err.print(hit_line(hit))
-        shown[0] += 1
-
-    result = run_probe(spec, target_arch, Workload.shell(run) if run else None,
-                       StopRule(count=count, duration=duration), on_hit, via=via, mirrors=mirrors_from(mirror))
+    explain_removed(jprobe)
+    suite = kernels.get(kernel)
+    if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):
+        raise explain_fault_removed(suite.major_minor)
+    get_mechanism(via)  # an unknown --via fails before anything else
+    a = get_arch(arch)
+    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm)
+    printer = HitPrinter(json_out)
+    result = run_probe(spec, a, workload(run), StopRule(count=count, duration=duration), printer, via=via,
+                       kernel=suite.name, mirrors=mirrors_from(mirror, suite.name), target=target)
     if json_out:
         emit_json({"summary": result.summary()})
     else:
-        show_summary(result, shown[0])
+        printer.finish()
+        show_summary(result)
 
 
-def show_summary(run: ProbeRun, streamed: int) -> None:
-    if streamed > LIVE_LINES:
-        err.print(f"[dim]… {streamed - LIVE_LINES} more hits not shown[/]")
+def show_summary(run: ProbeRun) -> None:
     table = Table(title=f"{run.resolution.symbol} on {run.kernel} ({run.arch}, {run.accel})")
     table.add_column("mechanism")
     table.add_column("handler")
     table.add_column("hits (exact)", justify="right")
+    table.add_column("streamed", justify="right")
     table.add_column("missed", justify="right")
     table.add_column("lost output", justify="right")
     for r in run.results:
+        streamed = {h: sum(1 for x in r.hits if x.handler == h) for h in r.counters}
         for i, (handler, n) in enumerate(r.counters.items()):
-            table.add_row(r.mechanism if i == 0 else "", handler, str(n),
+            table.add_row(r.mechanism if i == 0 else "", handler, str(n), str(streamed[handler]),
                           str(r.missed) if i == 0 else "", str(r.lost) if i == 0 else "")
     err.print(table)
     for r in run.results:
+        if r.total > len(r.hits) and r.lost == 0:
+            err.print(f"[dim]streamed {len(r.hits)} of {r.total} hits (--count stopped the stream; "
+                      "the exact counts above include every hit)[/]")
+        if r.missed:
+            err.print(f"[dim]missed: {r.missed} hits the kernel skipped (nmissed: the probe fired while "
+                      "another kprobe handler was running)[/]")
+        for note in r.notes:
+            err.print(f"[dim]{escape(note)}[/]")
         if r.total == 0:
-            err.print(f"[yellow]no hits: the workload {run.workload.description!r} did not make the kernel "
-                      f"run {run.resolution.symbol} (busybox cat, for one, copies with sendfile, not read)."
-                      " Try --run with a command that does, or --duration S to watch the whole guest.[/]")
-        if r.workload_exit not in (None, 0):
-            err.print(f"[yellow]workload {run.workload.description!r} exited with {r.workload_exit}[/]")
-            if r.workload_output.strip():
-                err.print(r.workload_output.strip()[-1000:], markup=False)
+            err.print(f"[yellow]no hits: the workload {escape(repr(run.workload.description))} did not make "
+                      f"the kernel run {escape(run.resolution.symbol)} (busybox cat, for one, copies with "
+                      "sendfile, not read). Try --run with a command that does, or --duration S to watch the "
+                      "whole guest.[/]")
+        show_workload(run.workload.description, r.workload_exit, r.workload_output)

@@ -9,18 +9,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kbridge import events
+from kbridge import events, kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.output import command, emit_json, err
+from kbridge.cli.options import ArchOpt, CommOpt, CountOpt, DurationOpt, JsonOpt, KernelOpt, RunOpt, TargetOpt, workload
+from kbridge.cli.output import HitPrinter, command, emit_json, err, show_workload
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.common import MechanismResult, StopRule
 from kbridge.render import tracefs as render
-from kbridge.session import Session, open_target
+from kbridge.session import Session
 from kbridge.spec import Hit
+from kbridge.targets import acquire
+from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
-
-LIVE_LINES = 200  # hits printed live before the rest are only counted
 
 
 def check_verdict(line: str, arch: str) -> dict:
@@ -53,28 +54,31 @@ def _hit_text(hit: Hit) -> str:
 def trace_cmd(
     lines: Annotated[list[str], typer.Argument(help="kprobe_events lines, e.g. 'p:myw ksys_write fd=$arg1'.")],
     check: Annotated[bool, typer.Option("--check", help="Only validate the lines offline (no VM).")] = False,
-    run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command to run while tracing.")] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Trace for S seconds.")] = None,
-    count: Annotated[Optional[int], typer.Option("--count", min=1, help="Stop after N events.")] = None,
+    run: RunOpt = None,
+    duration: DurationOpt = None,
+    count: CountOpt = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", help="Event filter, e.g. 'fd == 1'.")] = None,
     pid: Annotated[Optional[int], typer.Option("--pid", help="Only events of this guest pid (common_pid).")] = None,
-    comm: Annotated[Optional[str], typer.Option("--comm", help="Only events of tasks with this comm.")] = None,
+    comm: CommOpt = None,
     buffer_kb: Annotated[Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per event, then a summary.")] = False,
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
-    target = get_arch(arch)
+    a = get_arch(arch)
+    suite = kernels.resolve(kernel)
     if check:
         bad = 0
         for line in lines:
             if json_out:
-                verdict = check_verdict(line, target.name)
+                verdict = check_verdict(line, a.name)
                 emit_json(verdict)
                 bad += not verdict["ok"]
                 continue
             try:
-                events.parse(line, target.name)
+                events.parse(line, a.name)
                 err.print(f"[green]✓[/] {escape(line)}")
             except events.EventSyntaxError as e:
                 _show_syntax_error(e, False)
@@ -83,56 +87,44 @@ def trace_cmd(
             raise typer.Exit(1)
         return
     try:
-        parsed = render.check_lines(lines, target)  # before any VM boots
+        parsed = render.check_lines(lines, a)  # before any VM boots
     except events.EventSyntaxError as e:
         _show_syntax_error(e, json_out)
         raise typer.Exit(2) from None
     tracefs.build_filter(filter_, pid, comm)  # bad --pid/--comm fail before any boot too
     if run:
-        work = Workload.shell(run)
+        work = workload(run)
     elif duration is not None:
         secs = str(math.ceil(duration) + 1)
         work = Workload(("/bin/busybox", "sleep", secs), f"sleep {secs}")
     else:
         work = default_for(next((p.symbol for p in parsed if p.symbol), ""))
-    shown = [0]
-
-    def on_hit(hit: Hit) -> None:
-        if json_out:
-            emit_json(hit.to_json())
-        elif shown[0] < LIVE_LINES:
-            err.print(_hit_text(hit))
-        shown[0] += 1
-
-    with open_target(target) as vm:
-        session = Session(vm)
+    assert work is not None
+    printer = HitPrinter(json_out, _hit_text)
+    with acquire(a, kernel=suite, target=target) as guest:
+        session = Session(guest)
         try:
             result = tracefs.run_lines(session, list(lines), work, StopRule(count=count, duration=duration),
-                                       on_hit, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm)
+                                       printer, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm)
         except events.EventSyntaxError as e:
             _show_syntax_error(e, json_out)
             err.print("[dim]the guest kernel's verdict, from tracing/error_log; kprobe_events is as it was[/]")
             raise typer.Exit(2) from None
-        summary = _summary(result, lines, target.name, vm.krel, vm.accel, work)
+        summary = _summary(result, lines, guest, work)
     if json_out:
         emit_json({"summary": summary})
     else:
-        _show_summary(result, shown[0], summary)
+        printer.finish()
+        _show_summary(result, summary)
 
 
-def _summary(r: MechanismResult, lines: list[str], arch: str, kernel: str, accel: str, work: Workload) -> dict:
-    entry: dict = {"hits": r.total, "lost": r.lost, "missed": r.missed, "counters": r.counters,
-                   "streamed": len(r.hits)}
-    if r.first_event_s is not None:
-        entry["first_event_s"] = round(r.first_event_s, 6)
-    return {"mechanisms": {"tracefs": entry}, "events": list(lines), "arch": arch, "kernel": kernel,
-            "accel": accel, "workload": work.description, "workload_exit": r.workload_exit,
-            "notes": r.notes}
+def _summary(r: MechanismResult, lines: list[str], guest: Target, work: Workload) -> dict:
+    return {"mechanisms": {"tracefs": r.summary()}, "events": list(lines), "arch": guest.arch.name,
+            "kernel": guest.krel, "accel": guest.accel, "target": guest.name, "workload": work.description,
+            "workload_exit": r.workload_exit, "notes": r.notes}
 
 
-def _show_summary(r: MechanismResult, streamed: int, summary: dict) -> None:
-    if streamed > LIVE_LINES:
-        err.print(f"[dim]… {streamed - LIVE_LINES} more events not shown[/]")
+def _show_summary(r: MechanismResult, summary: dict) -> None:
     table = Table(title=f"tracefs on {summary['kernel']} ({summary['arch']}, {summary['accel']})")
     table.add_column("event")
     table.add_column("events read", justify="right")
@@ -141,7 +133,4 @@ def _show_summary(r: MechanismResult, streamed: int, summary: dict) -> None:
     table.add_row("[dim]lost (ring buffer overrun)[/]", str(r.lost))
     table.add_row("[dim]missed (kprobe_profile)[/]", str(r.missed))
     err.print(table)
-    if r.workload_exit not in (None, 0):
-        err.print(f"[yellow]workload {summary['workload']!r} exited with {r.workload_exit}[/]")
-        if r.workload_output.strip():
-            err.print(r.workload_output.strip()[-1000:], markup=False)
+    show_workload(summary["workload"], r.workload_exit, r.workload_output)

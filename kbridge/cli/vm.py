@@ -2,106 +2,177 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
+import psutil
 import typer
 
+from kbridge import kernels
 from kbridge.arch import ARCHES, get_arch
 from kbridge.cli import app
+from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.images import image as images
-from kbridge.targets.qemu import QemuVM, orphans
+from kbridge.targets import parse_target, resolve_image
+from kbridge.targets.base import Target
+from kbridge.targets.qemu import QemuVM, kept_dir, orphans
 
 vm_app = typer.Typer(help="A kept guest VM, reused by later commands.", no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
-
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")]
 
 
 @vm_app.command("up")
 @command
 def up(arch: ArchOpt = None,
-       memory: Annotated[int, typer.Option("--memory", help="Guest memory in MiB.")] = 1024,
-       cpus: Annotated[int, typer.Option("--cpus", help="Guest CPUs.")] = 1,
-       json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Boot a VM and keep it running for later commands."""
+       kernel: KernelOpt = None,
+       bcc: Annotated[bool, typer.Option("--bcc", help="Boot the image with bcc (for --via bpf).")] = False,
+       memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
+       cpus: Annotated[int, typer.Option("--cpus", min=1, max=64, help="Guest CPUs.")] = 1,
+       json_out: JsonOpt = False) -> None:
+    """Boot a VM and keep it running for later commands (one per arch and kernel)."""
     a = get_arch(arch)
-    vm = QemuVM.attach(a)
+    suite = kernels.resolve(kernel)
+    vm = QemuVM.attach(a, suite)
     if vm is None:
-        vm = QemuVM.boot(images.ensure(a), keep=True, memory_mb=memory, cpus=cpus)
+        vm = QemuVM.boot(resolve_image(a, suite, "bcc" if bcc else "default"), keep=True,
+                         memory_mb=memory, cpus=cpus)
     else:
-        err.print(f"[cyan]• a {a.name} VM is already up[/]")
+        err.print(f"[cyan]• a {a.name} {suite} VM is already up[/]")
     info = _info(vm)
     vm.detach()
-    emit_json(info) if json_out else err.print(f"[green]✓ {a.name} VM up: {info['kernel']} ({info['accel']}), pid {info['pid']}[/]")
+    if json_out:
+        emit_json(info)
+    else:
+        err.print(f"[green]✓ {a.name} VM up: {info['kernel']} ({info['accel']}, {info['flavour']}), pid {info['pid']}[/]")
 
 
 def _info(vm: QemuVM) -> dict:
-    return {"arch": vm.arch.name, "kernel": vm.krel, "accel": vm.accel, "pid": vm.proc.pid,
-            "dir": str(vm.rundir), "image": str(vm.image.dir)}
+    return {"arch": vm.arch.name, "suite": vm.image.suite, "kernel": vm.krel, "accel": vm.accel,
+            "flavour": vm.flavour, "pid": vm.proc.pid, "dir": str(vm.rundir), "image": str(vm.image.dir)}
+
+
+def _kept_vms() -> list[QemuVM]:
+    """Every running kept VM, attached (the caller detaches)."""
+    vms = []
+    for a in ARCHES.values():
+        for suite in kernels.SUITES:
+            if (kept_dir(a, suite) / "vm.json").exists() and (vm := QemuVM.attach(a, suite)):
+                vms.append(vm)
+    return vms
 
 
 @vm_app.command("status")
 @command
-def status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(json_out: JsonOpt = False) -> None:
     """Show the kept VMs and any stray kbridge QEMU processes."""
     vms = []
-    for a in ARCHES.values():
-        vm = QemuVM.attach(a)
-        if vm:
-            vms.append(_info(vm))
-            vm.detach()
-    kept = {v["pid"] for v in vms}
-    strays = [p.pid for p in orphans() if p.pid not in kept]
+    for vm in _kept_vms():
+        vms.append(_info(vm))
+        vm.detach()
+    strays = [p.pid for p in orphans()]
     if json_out:
         emit_json({"vms": vms, "stray_qemu_pids": strays})
         return
     if not vms:
         err.print("no kept VM is running (kbridge vm up starts one)")
     for v in vms:
-        out.print(f"{v['arch']:7} {v['kernel']:18} {v['accel']:4} pid {v['pid']}")
+        out.print(f"{v['arch']:7} {v['suite']:9} {v['kernel']:22} {v['accel']:4} {v['flavour']:8} pid {v['pid']}")
     if strays:
-        err.print(f"[yellow]! QEMU processes from kbridge without an owner: {strays} (kbridge vm down removes them)[/]")
+        err.print(f"[yellow]! QEMU processes from kbridge without an owner: {strays} (kbridge vm down --all removes them)[/]")
 
 
 @vm_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @command
-def exec_(ctx: typer.Context, arch: ArchOpt = None,
-          timeout: Annotated[float, typer.Option("--timeout")] = 120.0) -> None:
-    """Run a command in the kept VM: kbridge vm exec -- CMD ARGS..."""
+def exec_(ctx: typer.Context, arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None,
+          timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 120.0) -> None:
+    """Run a command in the kept VM (or a Vagrant machine): kbridge vm exec -- CMD ARGS..."""
     argv = list(ctx.args)
     if not argv:
         raise KbridgeError("no command given", "kbridge vm exec -- uname -a")
-    vm = QemuVM.attach(get_arch(arch))
-    if vm is None:
-        raise KbridgeError(f"no {get_arch(arch).name} VM is up", "start one with kbridge vm up")
+    guest = _running(arch, kernel, target)
     try:
-        res = vm.run(argv, timeout=timeout)
+        res = guest.run(argv, timeout=timeout)
     finally:
-        vm.detach()
+        guest.release()
     sys.stdout.buffer.write(res.stdout)
     sys.stderr.buffer.write(res.stderr)
     raise typer.Exit(res.exitcode if res.signal is None else 128 + res.signal)
 
 
+def _running(arch: str | None, kernel: str | None, target: str | None) -> Target:
+    """A guest that is already up: the kept VM of ARCH and KERNEL, or the Vagrant machine."""
+    where = parse_target(target)
+    if where.kind == "vagrant":
+        from kbridge.targets import vagrant
+
+        return vagrant.connect(where.machine)
+    a, suite = get_arch(arch), kernels.resolve(kernel)
+    vm = QemuVM.attach(a, suite)
+    if vm is None:
+        up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
+        raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
+    return vm
+
+
 @vm_app.command("down")
 @command
 def down(arch: ArchOpt = None,
+         kernel: KernelOpt = None,
          all_: Annotated[bool, typer.Option("--all", help="Every kept VM and stray kbridge QEMU.")] = False) -> None:
-    """Stop the kept VM (and with --all, every kbridge QEMU process)."""
-    arches = list(ARCHES.values()) if all_ or arch is None else [get_arch(arch)]
+    """Stop the kept VM (with --all: every kept VM and every QEMU left by a killed kbridge)."""
     stopped = 0
-    for a in arches:
-        vm = QemuVM.attach(a)
-        if vm:
+    suite = kernels.resolve(kernel)
+    for vm in _kept_vms():
+        if all_ or ((arch is None or vm.arch == get_arch(arch)) and (kernel is None or vm.image.suite == suite)):
+            name = f"{vm.arch.name} {vm.image.suite}"
             vm.shutdown()
             stopped += 1
-            err.print(f"[green]✓ {a.name} VM stopped[/]")
+            err.print(f"[green]✓ {name} VM stopped[/]")
+        else:
+            vm.detach()
     if all_:
         for p in orphans():
-            p.kill()
-            stopped += 1
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                stopped += 1
     if not stopped:
         err.print("no kept VM was running")
+
+
+@vm_app.command("push")
+@command
+def push(src: Annotated[str, typer.Argument(help="A local file (e.g. your static test program).", show_default=False)],
+         dst: Annotated[str, typer.Argument(help="Where in the guest: an absolute path, or a directory ending in /.",
+                                            show_default=False)],
+         arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None) -> None:
+    """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
+    from pathlib import Path
+
+    from kbridge import usermod
+
+    vm = _running(arch, kernel, target)
+    try:
+        where = usermod.push(vm, Path(src), dst)
+    finally:
+        vm.release()
+    err.print(f"[green]✓ {src} -> {where} in the {vm.arch.name} guest[/]")
+
+
+@vm_app.command("pull")
+@command
+def pull(src: Annotated[str, typer.Argument(help="A file in the guest (absolute path).", show_default=False)],
+         dst: Annotated[str, typer.Argument(help="A local file or directory.", show_default=False)],
+         arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None) -> None:
+    """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
+    from pathlib import Path
+
+    from kbridge import usermod
+
+    vm = _running(arch, kernel, target)
+    try:
+        where = usermod.pull(vm, src, Path(dst))
+    finally:
+        vm.release()
+    err.print(f"[green]✓ {src} in the {vm.arch.name} guest -> {where}[/]")

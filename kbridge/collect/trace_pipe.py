@@ -254,8 +254,9 @@ class TracePipeParser:
         info = self.events[rec.event]
         retval = None
         for arg in info.args:
-            if arg.retval and isinstance(rec.args.get(arg.name), int):
-                retval = rec.args[arg.name]  # type: ignore[assignment]
+            value = rec.args.get(arg.name)
+            if arg.retval and isinstance(value, int):
+                retval = value
                 break
         return TraceHit(mechanism="tracefs", symbol=info.symbol,
                         handler="ret" if info.is_return else "pre", pid=rec.pid, comm=rec.comm,

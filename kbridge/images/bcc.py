@@ -57,7 +57,7 @@ def load(arch: Arch, suite: str = images.DEFAULT_SUITE) -> images.Image | None:
         return None
     if not all((d / f).exists() for f in ("kernel", "initramfs.cpio", "rootfs.ext4", "headers")):
         return None
-    return images.Image(d, arch, suite, base.krel, base.version)
+    return images.Image(d, arch, suite, base.krel, base.version, flavour="bcc")
 
 
 def ensure(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,

@@ -1,4 +1,4 @@
-"""What every mechanism shares: when to stop, what a run produced, guest process control."""
+"""What every mechanism shares: when to stop, what a run produced, the workload in the guest."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kbridge.spec import Hit, ProbeSpec
-from kbridge.targets.qemu import QemuVM
+from kbridge.targets.base import ExecResult, Target
 from kbridge.workload import Workload
 
 HitSink = Callable[[Hit], None]
@@ -66,26 +66,64 @@ class MechanismResult:
     def total(self) -> int:
         return sum(self.counters.values())
 
+    def take(self, hit: Hit, stop: StopRule, on_hit: HitSink | None, work: WorkloadRun | None) -> bool:
+        """Keep HIT unless --count already has enough; the one place hits are taken."""
+        if stop.count is not None and len(self.hits) >= stop.count:
+            return False
+        if self.first_event_s is None and work is not None:
+            self.first_event_s = time.monotonic() - work.started
+        self.hits.append(hit)
+        if on_hit:
+            on_hit(hit)
+        return True
+
+    def record_workload(self, work: WorkloadRun | None) -> None:
+        """The workload's exit status and output, once it has ended."""
+        if work is not None and work.result is not None:
+            self.workload_exit = work.result.exitcode
+            self.workload_output = (work.result.stdout + work.result.stderr).decode(errors="replace")
+
+    def summary(self) -> dict:
+        """The JSON summary entry every mechanism reports: exact hits, then what the stream saw."""
+        entry: dict = {"hits": self.total, "counters": self.counters, "streamed": len(self.hits),
+                       "missed": self.missed, "lost": self.lost}
+        if self.first_event_s is not None:
+            entry["first_event_s"] = round(self.first_event_s, 6)
+        if self.notes:
+            entry["notes"] = self.notes
+        return entry
+
 
 class WorkloadRun:
     """A workload started in the guest; stopped with kill if still running when we are done."""
 
-    def __init__(self, vm: QemuVM, workload: Workload) -> None:
-        self.vm = vm
+    def __init__(self, target: Target, workload: Workload) -> None:
+        self.target = target
         self.started = time.monotonic()
-        self.pid = vm.spawn(list(workload.argv))
-        self.result = None
+        self.handle = target.spawn(list(workload.argv))
+        self.result: ExecResult | None = None
         self._next_poll = 0.0
+
+    @property
+    def pid(self) -> int:
+        """The workload's guest pid."""
+        return self.target.guest_pid(self.handle)
 
     def done(self) -> bool:
         """Whether it exited (polled at most every 20 ms)."""
         if self.result is None and time.monotonic() >= self._next_poll:
-            self.result = self.vm.poll(self.pid)
+            self.result = self.target.poll(self.handle)
             self._next_poll = time.monotonic() + 0.02
         return self.result is not None
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """Wait for it to exit on its own."""
+        if self.result is None:
+            self.result = self.target.wait(self.handle, timeout)
+        return self.result
 
     def stop(self) -> None:
         if self.result is None:
             with contextlib.suppress(Exception):
-                self.vm.run(["/bin/busybox", "kill", "-9", str(self.pid)], timeout=10)
-                self.result = self.vm.agent.wait(self.pid, timeout=5)
+                self.target.run(["/bin/busybox", "kill", "-9", str(self.pid)], timeout=10)
+                self.result = self.target.wait(self.handle, timeout=5)

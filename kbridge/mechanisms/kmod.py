@@ -11,15 +11,22 @@ import errno as errnos
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from kbridge import progress
-from kbridge.collect.dmesg import parse_event, parse_hit
+from kbridge.arch import Arch
+from kbridge.build import build
+from kbridge.collect.dmesg import ModuleEvent, parse_event, parse_hit
 from kbridge.errors import KbridgeError
+from kbridge.images.image import Image
+from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.common import HitSink, MechanismResult, Stopper, StopRule, WorkloadRun
+from kbridge.render.kmod import render
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec
-from kbridge.targets.base import OOPS_MARKERS, GuestCrash
+from kbridge.targets.base import OOPS_MARKERS, GuestCrash, KmsgRecord
 from kbridge.workload import Workload
 
 # What register_kprobe()/register_kretprobe() errors mean (kernel/kprobes.c, 6.1).
@@ -46,15 +53,46 @@ def explain_register_error(err: int, what: str, symbol: str) -> KbridgeError:
                         "kbridge inspect SYMBOL shows how the kernel sees it")
 
 
-def run(session: Session, spec: ProbeSpec, ko: Path, module: str, workload: Workload,
-        stop: StopRule = StopRule(), on_hit: HitSink | None = None) -> MechanismResult:
-    """Load KO (built from SPEC) into the session's guest, run WORKLOAD, collect, unload."""
-    vm = session.vm
+@dataclass(frozen=True)
+class BuiltProbe:
+    """A module rendered from a spec and built for one image."""
+
+    name: str
+    ko: Path
+
+
+def check(spec: ProbeSpec, arch: Arch) -> None:
+    """What the generated module cannot do for SPEC, said before any VM boots."""
+    if arch.is_syscall_wrapper(spec.symbol):
+        if bad := [a for a in spec.args if a.index > len(arch.syscall_arg_fields)]:
+            raise KbridgeError(f"{spec.symbol} is a syscall: it has at most {len(arch.syscall_arg_fields)} "
+                               f"arguments, not --arg {bad[0].name}={bad[0].index}")
+        if spec.args and spec.offset:
+            # The wrapper's first argument register holds the user pt_regs only at entry;
+            # past it the register may hold anything, and dereferencing it oopses.
+            raise KbridgeError(
+                f"--arg with --offset {spec.offset:#x} on {spec.symbol}: the syscall's arguments are read "
+                "through the user pt_regs in the first argument register, which only holds it at the "
+                "function entry", f"drop --offset, or drop --arg to probe {spec.symbol}+{spec.offset:#x}")
+
+
+def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
+    """Render SPEC into C and build it for IMAGE (cached): may run while the guest boots."""
+    mod = render(spec, image.arch)
+    return BuiltProbe(mod.name, build(mod, image))
+
+
+def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = StopRule(),
+        on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult:
+    """Load the module built from SPEC into the session's guest, run WORKLOAD, collect, unload."""
+    built = prepared if isinstance(prepared, BuiltProbe) else prepare(spec, session.image)
+    target = session.target
+    module = built.name
     result = MechanismResult("kmod", spec)
     run_id = secrets.token_hex(4)
     guest_ko = f"/tmp/{module}.ko"
-    stream = vm.kmsg()
-    vm.write_file(guest_ko, ko.read_bytes())
+    stream = target.kmsg()
+    target.write_file(guest_ko, built.ko.read_bytes())
     params = [f"run={run_id}"]
     if pids := session.plumbing_pids():
         params.append("exclude=" + ",".join(map(str, pids)))
@@ -64,12 +102,12 @@ def run(session: Session, spec: ProbeSpec, ko: Path, module: str, workload: Work
     work: WorkloadRun | None = None
     crash: list[str] = []
     try:
-        ins = vm.run(["/sbin/insmod", guest_ko, *params], timeout=60)
+        ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)
         if not ins.ok:
             raise _load_failure(stream, module, run_id, spec.symbol, ins.stderr.decode(errors="replace"))
         loaded = True
         _wait_for(stream, module, run_id, "ready", crash)
-        work = WorkloadRun(vm, workload)
+        work = WorkloadRun(target, workload)
         stopper = Stopper(stop, work)
         while True:
             rec = next(stream)
@@ -78,11 +116,8 @@ def run(session: Session, spec: ProbeSpec, ko: Path, module: str, workload: Work
                 if _oops(rec.text, crash):
                     break
                 hit = parse_hit(rec.text, module, spec.symbol, rec.usec)
-                if hit and (stop.count is None or len(result.hits) < stop.count):
-                    result.first_event_s = result.first_event_s or time.monotonic() - work.started
-                    result.hits.append(hit)
-                    if on_hit:
-                        on_hit(hit)
+                if hit:
+                    result.take(hit, stop, on_hit, work)
             if stopper.done(len(result.hits), hit is not None):
                 break
     finally:
@@ -92,13 +127,11 @@ def run(session: Session, spec: ProbeSpec, ko: Path, module: str, workload: Work
             with contextlib.suppress(KbridgeError) if crash else contextlib.nullcontext():
                 _unload(session, stream, module, run_id, result, stop, on_hit, crash)
         with contextlib.suppress(Exception):
-            vm.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
+            target.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
     if crash:
-        (vm.rundir / "crashed").touch()
+        target.mark_crashed()
         raise GuestCrash(f"the guest kernel oopsed while {module} was loaded", "\n".join(crash))
-    if work and work.result:
-        result.workload_exit = work.result.exitcode
-        result.workload_output = (work.result.stdout + work.result.stderr).decode(errors="replace")
+    result.record_workload(work)
     return result
 
 
@@ -109,7 +142,8 @@ def _oops(text: str, crash: list[str]) -> bool:
     return False
 
 
-def _wait_for(stream, module: str, run_id: str, kind: str, crash: list[str], timeout: float = 30.0):  # type: ignore[no-untyped-def]
+def _wait_for(stream: Iterator[KmsgRecord | None], module: str, run_id: str, kind: str, crash: list[str],
+              timeout: float = 30.0) -> ModuleEvent:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = next(stream)
@@ -122,7 +156,8 @@ def _wait_for(stream, module: str, run_id: str, kind: str, crash: list[str], tim
     raise KbridgeError(f"{module}: no '{kind}' message in the guest log within {timeout:.0f} s")
 
 
-def _load_failure(stream, module: str, run_id: str, symbol: str, stderr: str) -> KbridgeError:  # type: ignore[no-untyped-def]
+def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str, symbol: str,
+                  stderr: str) -> KbridgeError:
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         rec = next(stream)
@@ -134,10 +169,9 @@ def _load_failure(stream, module: str, run_id: str, symbol: str, stderr: str) ->
     return KbridgeError(f"insmod {module}.ko failed: {stderr.strip()}")
 
 
-def _unload(session: Session, stream, module: str, run_id: str, result: MechanismResult,  # type: ignore[no-untyped-def]
+def _unload(session: Session, stream: Iterator[KmsgRecord | None], module: str, run_id: str, result: MechanismResult,
             stop: StopRule, on_hit: HitSink | None, crash: list[str]) -> None:
-    vm = session.vm
-    rm = vm.run(["/sbin/rmmod", module], timeout=60)
+    rm = session.target.run(["/sbin/rmmod", module], timeout=60)
     if not rm.ok:
         raise KbridgeError(f"rmmod {module} failed: {rm.stderr.decode(errors='replace').strip()}")
     # Hits printed before unregistering precede the unload message in the log.
@@ -150,10 +184,7 @@ def _unload(session: Session, stream, module: str, run_id: str, result: Mechanis
             return
         hit = parse_hit(rec.text, module, result.spec.symbol, rec.usec)
         if hit:
-            if stop.count is None or len(result.hits) < stop.count:
-                result.hits.append(hit)
-                if on_hit:
-                    on_hit(hit)
+            result.take(hit, stop, on_hit, None)
             continue
         ev = parse_event(rec.text, module)
         if ev and ev.run == run_id and ev.kind == "unloaded":
@@ -167,3 +198,6 @@ def _unload(session: Session, stream, module: str, run_id: str, result: Mechanis
         progress.warn(f"{module}: the unload message did not arrive; counters unknown")
     if module in session.loaded_modules():
         raise KbridgeError(f"{module} is still loaded after rmmod")
+
+
+MECHANISM = Mechanism("kmod", "default", check, prepare, run)

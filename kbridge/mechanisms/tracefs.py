@@ -15,6 +15,7 @@ kprobe_profile's nmissed is `missed`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import secrets
 import time
@@ -22,22 +23,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from kbridge import events, progress
+from kbridge.arch import Arch
 from kbridge.collect.trace_pipe import (
     CpuStats, EventInfo, TracePipeParser, parse_cpu_stats, parse_kprobe_profile,
 )
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule, WorkloadRun
+from kbridge.mechanisms import Mechanism
+from kbridge.mechanisms.common import HitSink, MechanismResult, Stopper, StopRule, WorkloadRun
 from kbridge.render import tracefs as render
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
-from kbridge.targets.qemu import QemuVM
+from kbridge.targets.base import TRACE_PORT, Target
 from kbridge.targets.qga import ChannelError
 from kbridge.workload import Workload
 
 TRACING = "/sys/kernel/tracing"
 KPROBE_EVENTS = f"{TRACING}/kprobe_events"
-TRACE_PORT = "org.kbridge.trace"
-STREAM = "/usr/lib/kbridge/stream"
+# Copy a file (trace_pipe) to a stream's guest path; the paths are arguments, never pasted into the script.
+STREAM = ["/bin/sh", "-c", 'exec cat "$1" > "$2"', "kbridge-stream"]
 MARKER_TIMEOUT_S = 60.0  # TCG on a loaded host: trace_pipe -> cat -> virtio -> host
 _COMM = re.compile(r"[\x21-\x7e]{1,15}")
 
@@ -51,7 +54,7 @@ class GuestTracingState:
     tracing_on: str
 
     @classmethod
-    def read(cls, vm: QemuVM) -> GuestTracingState:
+    def read(cls, vm: Target) -> GuestTracingState:
         size = vm.read_file(f"{TRACING}/buffer_size_kb").decode()
         # "7 (expanded: 1408)": the boot-time buffer is tiny until tracing is
         # first used, then grows to the expanded size; that is the one to restore.
@@ -103,7 +106,7 @@ def _event_dir(ev: events.ProbeEvent) -> str:
     return f"{TRACING}/events/{ev.effective_group}/{ev.effective_event}"
 
 
-def _error_log(vm: QemuVM) -> list[events.ErrorLogEntry]:
+def _error_log(vm: Target) -> list[events.ErrorLogEntry]:
     with contextlib.suppress(ChannelError):
         return events.parse_error_log(vm.read_file(f"{TRACING}/error_log").decode(errors="replace"))
     return []
@@ -125,7 +128,7 @@ def map_position(line: str, kernel_position: int) -> int:
     return len(line)
 
 
-def define(vm: QemuVM, line: str) -> None:
+def define(vm: Target, line: str) -> None:
     """Append LINE to kprobe_events; a rejection is reported with error_log's verdict and caret."""
     before = _error_log(vm)
     try:
@@ -142,11 +145,11 @@ def define(vm: QemuVM, line: str) -> None:
                                       entry.position) from None
 
 
-def remove(vm: QemuVM, ev: events.ProbeEvent) -> None:
+def remove(vm: Target, ev: events.ProbeEvent) -> None:
     vm.write_file(KPROBE_EVENTS, (render.removal_line(ev) + "\n").encode(), mode="a")
 
 
-def set_filter(vm: QemuVM, ev: events.ProbeEvent, text: str) -> None:
+def set_filter(vm: Target, ev: events.ProbeEvent, text: str) -> None:
     """Write an event filter; a parse error is reported with the kernel's message and caret."""
     if not text:
         return
@@ -163,7 +166,7 @@ def set_filter(vm: QemuVM, ev: events.ProbeEvent, text: str) -> None:
         ) from None
 
 
-def read_stats(vm: QemuVM) -> dict[str, CpuStats]:
+def read_stats(vm: Target) -> dict[str, CpuStats]:
     """per_cpu/cpuN/stats for every CPU the guest has."""
     out = {}
     listing = vm.run(["/bin/busybox", "ls", f"{TRACING}/per_cpu"], timeout=30).text.split()
@@ -212,7 +215,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
     overwritten before they were read; ``missed`` is kprobe_profile's nmissed.
     """
-    vm = session.vm
+    vm = session.target
     arch = session.arch
     for line in lines:
         if any(c in line for c in "\n\r\0"):
@@ -235,8 +238,14 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
 
     state = GuestTracingState.read(vm)
     existing = existing_events(state.kprobe_events, arch.name)
+    by_event = {full.split("/", 1)[1]: full for full in existing}
     for ev in parsed:
         name = f"{ev.effective_group}/{ev.effective_event}"
+        if name not in existing and ev.effective_event in by_event:
+            other = by_event[ev.effective_event]
+            raise KbridgeError(f"the guest already has a kprobe event {other} ({existing[other]!r}): trace_pipe "
+                               f"would print its hits and those of {name} alike, as {ev.effective_event!r}",
+                               "give yours another event name: p:GROUP/NAME ...")
         if name in existing:
             # 6.1 would append a same-named line as another probe of that event
             # (multi-probe events), and removing ours would remove the user's too.
@@ -251,22 +260,17 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     seen_start = False
     completed = False
 
-    def handle(line: str) -> None:
+    def handle(line: str) -> bool:
         rec = parser.feed(line)
         if rec is None:
-            return
+            return False
         info = infos[rec.event]
         result.counters[info.full_name] += 1
         if stop.count is not None and len(result.hits) >= stop.count:
-            return
+            return True
         hit = parser.hit(rec)
-        if adapt is not None:
-            hit = adapt(info, hit)
-        if result.first_event_s is None and work is not None:
-            result.first_event_s = time.monotonic() - work.started
-        result.hits.append(hit)
-        if on_hit:
-            on_hit(hit)
+        result.take(adapt(info, hit) if adapt is not None else hit, stop, on_hit, work)
+        return True
 
     def read_until(marker: str, timeout: float) -> bool:
         """Handle lines up to our trace_marker line; lines before the start marker are not ours
@@ -294,11 +298,11 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             define(vm, line if ev == original else events.format(ev))
             defined.append(ev)
         vm.write_file(f"{TRACING}/trace", b"")  # start from an empty ring buffer
-        port = vm.port_lines(TRACE_PORT)
+        port = vm.stream(TRACE_PORT)
         next(port)  # connect the host side before the guest writes
         stats_before = read_stats(vm)
-        stream_pid = vm.spawn([STREAM, f"{TRACING}/trace_pipe", TRACE_PORT])
-        exclude = sorted(set(session.plumbing_pids() + [stream_pid]))
+        stream_pid = vm.spawn([*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
+        exclude = sorted(set(session.plumbing_pids() + [vm.guest_pid(stream_pid)]))
         text = build_filter(filter, pid, comm, exclude) if filter_base or exclude else ""
         for ev in defined:
             if filter is not None and filter.strip():
@@ -312,18 +316,12 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         for ev in defined:
             vm.write_file(f"{_event_dir(ev)}/enable", b"1")
         work = WorkloadRun(vm, workload)
+        # No quiet time once the workload ends: the end marker below drains what is left.
+        stopper = Stopper(stop, work, drain_s=0.0)
         while True:
-            line = next(port)
-            now = time.monotonic()
-            if line is not None:
-                handle(line)
-            if stop.count is not None and len(result.hits) >= stop.count:
-                break
-            if stop.duration is not None:
-                if now - work.started >= stop.duration:
-                    break
-                continue
-            if work.done():
+            pipe_line = next(port)
+            got = pipe_line is not None and handle(pipe_line)
+            if stopper.done(len(result.hits), got):
                 break
         # Drain: disable, then read up to a marker written after the last event.
         for ev in defined:
@@ -336,9 +334,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         # After Ctrl-C mid-call the agent drops the late reply itself (GuestAgent.call).
         _teardown(session, state, defined, stream_pid, work, buffer_kb, result,
                   stats_before, parser, completed)
-    if work and work.result:
-        result.workload_exit = work.result.exitcode
-        result.workload_output = (work.result.stdout + work.result.stderr).decode(errors="replace")
+    result.record_workload(work)
     return result
 
 
@@ -347,7 +343,7 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
               result: MechanismResult, stats_before: dict[str, CpuStats],
               parser: TracePipeParser, completed: bool) -> None:
     """Undo everything the run did, step by step, so one failure does not skip the rest."""
-    vm = session.vm
+    vm = session.target
     failures: list[str] = []
 
     def step(what: str, fn: Callable[[], object]) -> None:
@@ -359,17 +355,17 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
     if work is not None:
         step("stop the workload", work.stop)
     for ev in defined:
-        step(f"disable {ev.effective_event}", lambda ev=ev: vm.write_file(f"{_event_dir(ev)}/enable", b"0"))
+        step(f"disable {ev.effective_event}", functools.partial(vm.write_file, f"{_event_dir(ev)}/enable", b"0"))
     if stream_pid is not None:
         step("stop the trace_pipe stream",
-             lambda: vm.run(["/bin/busybox", "kill", str(stream_pid)], timeout=10))
-        step("reap the trace_pipe stream", lambda: vm.agent.wait(stream_pid, timeout=10))
+             lambda: vm.run(["/bin/busybox", "kill", str(vm.guest_pid(stream_pid))], timeout=10))
+        step("reap the trace_pipe stream", lambda: vm.wait(stream_pid, timeout=10))
     with contextlib.suppress(Exception):
-        vm.close_port(TRACE_PORT)
+        vm.close_stream(TRACE_PORT)
     if completed:
         step("count lost and missed events", lambda: _count_losses(vm, result, stats_before, parser, defined))
     for ev in reversed(defined):
-        step(f"remove {ev.effective_group}/{ev.effective_event}", lambda ev=ev: remove(vm, ev))
+        step(f"remove {ev.effective_group}/{ev.effective_event}", functools.partial(remove, vm, ev))
     if buffer_kb is not None:
         step("restore buffer_size_kb",
              lambda: vm.write_file(f"{TRACING}/buffer_size_kb", str(state.buffer_size_kb).encode()))
@@ -386,7 +382,7 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
         progress.warn(msg)
 
 
-def _count_losses(vm: QemuVM, result: MechanismResult, stats_before: dict[str, CpuStats],
+def _count_losses(vm: Target, result: MechanismResult, stats_before: dict[str, CpuStats],
                   parser: TracePipeParser, defined: list[events.ProbeEvent]) -> None:
     parser.flush()
     already = len(result.notes)
@@ -405,8 +401,13 @@ def _count_losses(vm: QemuVM, result: MechanismResult, stats_before: dict[str, C
         progress.warn(note)
 
 
+def check(spec: ProbeSpec, arch: Arch) -> None:
+    """What kprobe_events cannot do for SPEC, said before any VM boots (rendering checks it all)."""
+    render.render(spec, arch)
+
+
 def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = StopRule(),
-        on_hit: HitSink | None = None) -> MechanismResult:
+        on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult:
     """Probe SPEC through kprobe_events: the `--via tracefs` path of kbridge probe.
 
     Counters are by handler, as for the module; handlers tracefs cannot tell
@@ -431,3 +432,6 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     result.counters = counters
     result.notes[:0] = render.spec_notes(spec)
     return result
+
+
+MECHANISM = Mechanism("tracefs", "default", check, None, run)

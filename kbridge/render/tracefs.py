@@ -109,16 +109,23 @@ def check_lines(lines: list[str], arch: Arch) -> list[events.ProbeEvent]:
     KbridgeError for removals or two lines defining the same event.
     """
     parsed: list[events.ProbeEvent] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # event name -> (GROUP/EVENT, line)
     for line in lines:
         ev = events.parse(line, arch.name)
         if isinstance(ev, events.RemoveEvent):
             raise KbridgeError(f"{line!r} removes an event: kbridge trace defines its events and "
                                "removes them itself when done", "give only p: and r: lines")
         name = f"{ev.effective_group}/{ev.effective_event}"
-        if name in seen:
-            raise KbridgeError(f"{line!r} defines {name}, already defined by {seen[name]!r}",
-                               "give each line its own name: p:GROUP/NAME ...")
-        seen[name] = line
+        if ev.effective_event in seen:
+            other, before = seen[ev.effective_event]
+            if other == name:
+                raise KbridgeError(f"{line!r} defines {name}, already defined by {before!r}",
+                                   "give each line its own name: p:GROUP/NAME ...")
+            # trace_pipe and kprobe_profile name an event without its group: two events of
+            # one name in different groups would be counted as each other.
+            raise KbridgeError(f"{line!r} defines {name} and {before!r} defines {other}: trace_pipe prints "
+                               f"both as {ev.effective_event!r}, so their hits could not be told apart",
+                               "give each event its own name: p:GROUP/NAME ...")
+        seen[ev.effective_event] = (name, line)
         parsed.append(ev)
     return parsed

@@ -1,1 +1,117 @@
-"""Where probes run: an embedded QEMU VM (the default) or a Vagrant VM, behind one interface."""
+"""Where a guest kernel comes from: `acquire()` gives the one Target a command uses.
+
+`--target qemu` (the default) is kbridge's embedded VM: the kept VM of the arch
+and kernel if `kbridge vm up` started one, else a fresh VM shut down afterwards.
+`--target vagrant[:MACHINE]` is a machine of the Vagrantfile in the current
+directory (or VAGRANT_CWD), which kbridge uses as it finds it and never destroys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kbridge import kernels, progress
+from kbridge.arch import Arch, get_arch
+from kbridge.errors import KbridgeError
+from kbridge.images.apt import Mirrors
+from kbridge.targets.base import Target
+
+if TYPE_CHECKING:
+    from kbridge.images.image import Image
+
+FLAVOURS = ("default", "bcc")
+_MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A parsed --target value: 'qemu', 'vagrant' or 'vagrant:MACHINE'."""
+
+    kind: str
+    machine: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.machine is None else f"{self.kind}:{self.machine}"
+
+
+def parse_target(text: str | None) -> TargetSpec:
+    """Validate a --target value; a bad one is quoted back with the valid forms."""
+    if text is None or text.strip() in ("", "qemu"):
+        return TargetSpec("qemu")
+    kind, sep, machine = text.strip().partition(":")
+    if kind == "vagrant" and (not sep or _MACHINE.fullmatch(machine)):
+        return TargetSpec("vagrant", machine or None)
+    raise KbridgeError(f"invalid --target {text!r}: expected qemu, vagrant or vagrant:MACHINE",
+                       "MACHINE is a name from `vagrant status`, e.g. --target vagrant:kbridge-arm64")
+
+
+def resolve_image(arch: Arch, suite: str, flavour: str = "default", mirrors: Mirrors | None = None) -> Image:
+    """The image a fresh VM of ARCH, SUITE and FLAVOUR boots (built on first use)."""
+    if flavour == "bcc":
+        from kbridge.images import bcc
+
+        return bcc.ensure(arch, suite, mirrors)
+    from kbridge.images import image
+
+    return image.ensure(arch, suite, mirrors)
+
+
+@contextlib.contextmanager
+def acquire(arch: Arch | str | None = None, flavour: str = "default", keep: bool = False,
+            kernel: str | None = None, target: str | TargetSpec | None = None,
+            mirrors: Mirrors | None = None, vagrantfile: Path | None = None) -> Iterator[Target]:
+    """The guest a command runs in, released (stopped if ephemeral) when the block ends.
+
+    qemu: the kept VM of ARCH and KERNEL if one runs, else a fresh one of FLAVOUR
+    ("bcc" boots the image with bcc for eBPF), kept running afterwards if KEEP.
+    vagrant: the named (or primary) machine, which must be up.
+    """
+    if flavour not in FLAVOURS:
+        raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
+    spec = target if isinstance(target, TargetSpec) else parse_target(target)
+    if spec.kind == "vagrant":
+        from kbridge.targets import vagrant
+
+        guest: Target = vagrant.connect(spec.machine, vagrantfile)
+        if arch is not None and get_arch(arch if isinstance(arch, str) else arch.name) != guest.arch:
+            guest.release()
+            raise KbridgeError(f"--arch {arch if isinstance(arch, str) else arch.name} does not match "
+                               f"{guest.name}, which is {guest.arch.name}", "drop --arch with --target vagrant")
+    else:
+        guest = _qemu(get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel),
+                      flavour, keep, mirrors)
+    try:
+        yield guest
+    finally:
+        guest.release()
+
+
+def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None) -> Target:
+    from kbridge.targets.qemu import QemuVM
+
+    vm = QemuVM.attach(arch, suite)
+    if vm is not None:
+        progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
+        return vm
+    return QemuVM.boot(resolve_image(arch, suite, flavour, mirrors), keep=keep)
+
+
+def kept_image(arch: Arch, suite: str, mirrors: Mirrors | None = None) -> Image:
+    """The image a command on ARCH and SUITE will use: the kept VM's, else the default flavour's.
+
+    Read without locking the kept VM, so work that needs only the image (symbols,
+    a module build) can start before the guest is attached or booted.
+    """
+    from kbridge.targets.qemu import QemuVM
+
+    vm = QemuVM.attach(arch, suite)
+    if vm is not None:
+        img = vm.image
+        vm.detach()
+        return img
+    return resolve_image(arch, suite, "default", mirrors)

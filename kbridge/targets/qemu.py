@@ -10,35 +10,36 @@ and is reused by later ones.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 from kbridge import progress
 from kbridge.arch import Arch, host_arch
 from kbridge.errors import KbridgeError
-from kbridge.images.image import Image
+from kbridge.images.image import DEFAULT_SUITE, Image
 from kbridge.paths import cache_dir, state_dir
-from kbridge.targets.base import OOPS_MARKERS, GuestCrash, KmsgRecord, parse_kmsg
+from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, parse_kmsg
 from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
 
+_T = TypeVar("_T")
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
 KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
 KMSG_PORT = "org.kbridge.kmsg"
 # Byte streams from the guest to the host, one virtio-serial port each: the kernel
-# log (always streamed by the guest init) and spare ports a mechanism can point a
-# guest program at (/usr/lib/kbridge/stream SRC PORT), e.g. trace_pipe or bcc output.
-STREAM_PORTS = (KMSG_PORT, "org.kbridge.trace", "org.kbridge.bpf")
+# log (always streamed by the guest init) and the ports a mechanism points a guest
+# program at (Target.stream_path), e.g. trace_pipe or bcc output.
+PORTS = (KMSG_PORT, *STREAM_PORTS)
+ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts an image flavour's root filesystem
 
 
 def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
@@ -57,7 +58,7 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
         "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
         "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
     ]
-    for i, port in enumerate(STREAM_PORTS):
+    for i, port in enumerate(PORTS):
         argv += ["-chardev", f"socket,id=port{i},path={rundir / _port_socket(port)},server=on,wait=off",
                  "-device", f"virtserialport,chardev=port{i},name={port}"]
     rootfs = image.dir / "rootfs.ext4"
@@ -70,13 +71,18 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
 
 
 def _port_socket(port: str) -> str:
-    return f"port{STREAM_PORTS.index(port)}.sock"  # short: unix socket paths max out at 107 bytes
+    return f"port{PORTS.index(port)}.sock"  # short: unix socket paths max out at 107 bytes
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when kbridge dies, so no orphan QEMU survives a crash."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _spawn_prefix(keep: bool) -> list[str]:
+    """What QEMU is started through: an ephemeral VM gets SIGKILL when kbridge dies.
+
+    setpriv (util-linux) sets PR_SET_PDEATHSIG in the child without running Python
+    there, which is unsafe while other threads (a module build) run.
+    """
+    if keep or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
 def _boot_id() -> str:
@@ -118,7 +124,7 @@ def _record_kvm_verdict(ok: bool) -> None:
 
 
 class QemuVM:
-    """A running QEMU guest booted from a kbridge image."""
+    """A running QEMU guest booted from a kbridge image: the embedded Target."""
 
     def __init__(self, rundir: Path, image: Image, accel: str, proc: psutil.Process, kept: bool) -> None:
         self.rundir = rundir
@@ -126,6 +132,8 @@ class QemuVM:
         self.arch = image.arch
         self.krel = image.krel
         self.accel = accel
+        self.flavour = image.flavour
+        self.name = f"qemu:{self.arch.name}"
         self.proc = proc
         self.kept = kept
         self._agent: GuestAgent | None = None
@@ -138,7 +146,7 @@ class QemuVM:
     @classmethod
     def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
         """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
-        rundir = kept_dir(image.arch) if keep else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        rundir = kept_dir(image.arch, image.suite) if keep else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         if len(str(rundir / "qga.sock")) > 100:
             raise KbridgeError(f"the VM state directory {rundir} is too long for unix sockets",
                                "set KBRIDGE_STATE to a shorter directory")
@@ -166,16 +174,19 @@ class QemuVM:
         rundir.mkdir(parents=True)
         argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
         log = open(rundir / "qemu.log", "wb")
+        # A session of its own: Ctrl-C at the terminal reaches kbridge, which stops the
+        # VM itself, instead of killing QEMU first (the guest would look crashed).
         popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=keep, preexec_fn=None if keep else _die_with_parent,
+            [*_spawn_prefix(keep), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         proc = psutil.Process(popen.pid)
         vm = cls(rundir, image, accel, proc, keep)
         (rundir / "vm.json").write_text(json.dumps({
             "pid": proc.pid, "create_time": proc.create_time(), "accel": accel,
-            "image": str(image.dir), "suite": image.suite, "arch": image.arch.name,
+            "image": str(image.dir), "suite": image.suite, "arch": image.arch.name, "flavour": image.flavour,
+            "owner": os.getpid(), "owner_create_time": psutil.Process().create_time(),
             "krel": image.krel, "memory_mb": memory_mb, "cpus": cpus,
         }))
         try:
@@ -191,11 +202,11 @@ class QemuVM:
         return vm
 
     @classmethod
-    def attach(cls, arch: Arch) -> QemuVM | None:
-        """The kept VM for ARCH if one is running, else None (stale state is removed)."""
+    def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE) -> QemuVM | None:
+        """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed)."""
         from kbridge.images.image import load
 
-        rundir = kept_dir(arch)
+        rundir = kept_dir(arch, suite)
         if (mine := _attached.get(rundir)) is not None and mine.proc.is_running():
             mine._refs += 1  # nested use in this process shares the one agent connection
             return mine
@@ -208,7 +219,7 @@ class QemuVM:
             if rundir.exists():
                 shutil.rmtree(rundir, ignore_errors=True)
             return None
-        if Path(meta.get("image", "")).name.endswith("-bcc"):  # booted from the bcc flavour
+        if meta.get("flavour") == "bcc":
             from kbridge.images import bcc
 
             image = bcc.load(arch, meta["suite"])
@@ -287,6 +298,10 @@ class QemuVM:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Done with it: an ephemeral VM is shut down, a kept one is left running."""
         if not self.kept:
             self.shutdown()
         else:
@@ -294,6 +309,8 @@ class QemuVM:
 
     def detach(self) -> None:
         """Leave a kept VM running; drop this process's connections to it (at the last user)."""
+        if self._refs <= 0:
+            return  # already detached: release() twice is harmless
         self._refs -= 1
         if self._refs > 0:
             return
@@ -331,12 +348,17 @@ class QemuVM:
         self._check_process()
         console = self.console_tail(200)
         if any(m in console for m in OOPS_MARKERS):
-            (self.rundir / "crashed").touch()
+            self.mark_crashed()
             raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", console)
+
+    def mark_crashed(self) -> None:
+        """The guest oopsed: the next command restarts a kept VM instead of reusing it."""
+        with contextlib.suppress(OSError):
+            (self.rundir / "crashed").touch()
 
     # -- Target interface --------------------------------------------------------
 
-    def _guarded(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _guarded(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
         try:
             return fn(*args, **kwargs)
         except ChannelError:
@@ -352,6 +374,18 @@ class QemuVM:
     def poll(self, pid: int) -> ExecResult | None:
         return self._guarded(self.agent.status, pid)
 
+    def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
+        return self._guarded(self.agent.wait, pid, timeout)
+
+    def guest_pid(self, handle: int) -> int:
+        return handle  # guest-exec hands out the guest pid itself
+
+    def bcc_python(self) -> list[str] | None:
+        """python3 with bcc: the bcc flavour's root filesystem, entered with chroot."""
+        if self.flavour != "bcc":
+            return None
+        return ["/bin/busybox", "chroot", ROOTFS_MOUNT, "/usr/bin/python3"]
+
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
         """Write DATA to PATH in the guest; mode "a" appends (kprobe_events without clearing it)."""
         self._guarded(self.agent.write_file, path, data, mode)
@@ -365,11 +399,22 @@ class QemuVM:
         A fresh connection first delivers what the guest logged while nobody
         listened, so callers look for their own start marker.
         """
-        return _KmsgReader(self.port_lines(KMSG_PORT, idle))
+        return _KmsgReader(self._port(KMSG_PORT, idle))
 
-    def port_lines(self, port: str, idle: float = 0.05) -> PortReader:
-        """Lines arriving on a guest->host stream port; None after IDLE s without one."""
+    def stream(self, port: str, idle: float = 0.05) -> PortReader:
+        """Lines arriving on stream PORT; None after IDLE s without one."""
         if port not in STREAM_PORTS:
+            raise KbridgeError(f"unknown stream port {port!r}")
+        return self._port(port, idle)
+
+    def stream_path(self, port: str) -> str:
+        return f"/dev/virtio-ports/{port}"
+
+    def close_stream(self, port: str) -> None:
+        self.close_port(port)
+
+    def _port(self, port: str, idle: float = 0.05) -> PortReader:
+        if port not in PORTS:
             raise KbridgeError(f"unknown stream port {port!r}")
         reader = self._ports.get(port)
         if reader is None:
@@ -438,16 +483,64 @@ class _KmsgReader:
 _attached: dict[Path, QemuVM] = {}
 
 
-def kept_dir(arch: Arch) -> Path:
-    return state_dir() / arch.name
+def kept_dir(arch: Arch, suite: str = DEFAULT_SUITE) -> Path:
+    """The kept VM of ARCH and SUITE (one each, e.g. vms/x86_64, vms/arm64-sid)."""
+    return state_dir() / (arch.name if suite == DEFAULT_SUITE else f"{arch.name}-{suite}")
+
+
+def kept_dirs() -> list[Path]:
+    """Every kept VM's directory (vm.json inside), whatever its arch and suite."""
+    root = state_dir()
+    return sorted(p.parent for p in root.glob("*/vm.json") if not p.parent.name.startswith("run-"))
+
+
+def _owner_alive(meta: dict) -> bool:
+    """Whether the kbridge process that started an ephemeral VM still runs (pid + start time)."""
+    try:
+        owner = psutil.Process(meta["owner"])
+        return abs(owner.create_time() - meta["owner_create_time"]) < 0.01 and owner.is_running()
+    except (KeyError, TypeError, psutil.Error):
+        return False
+
+
+def _abandoned(rundir: Path) -> bool:
+    """A run directory without QEMU whose owner is gone (or that never got a QEMU, 2 min on)."""
+    try:
+        return not _owner_alive(json.loads((rundir / "vm.json").read_text()))
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            return time.time() - rundir.stat().st_mtime > 120
+        return False
 
 
 def orphans() -> list[psutil.Process]:
-    """QEMU processes started by kbridge whose owner is gone (for `kbridge doctor`/`vm down`)."""
+    """QEMU processes started by kbridge that nobody owns: not a kept VM, and their kbridge is gone.
+
+    An ephemeral VM whose kbridge command still runs is not a stray (`vm down --all`
+    must not kill a probe in progress). Run directories of dead owners are removed.
+    """
     found = []
-    root = str(state_dir()).rstrip("/") + "/"  # with the slash: .../vms is not .../vms-other
+    root = state_dir()
+    prefix = str(root).rstrip("/") + "/"  # with the slash: .../vms is not .../vms-other
+    running: set[Path] = set()
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if (p.info.get("name") or "").startswith("qemu-system") and any(root in a for a in cmd):
-            found.append(p)
+        if not (p.info.get("name") or "").startswith("qemu-system"):
+            continue
+        dirs = {Path(a.split("path=", 1)[1].split(",", 1)[0]).parent for a in cmd
+                if "path=" in a and prefix in a}
+        if not dirs:
+            continue
+        rundir = dirs.pop()
+        running.add(rundir)
+        try:
+            meta = json.loads((rundir / "vm.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("pid") == p.pid and (not rundir.name.startswith("run-") or _owner_alive(meta)):
+            continue  # a kept VM, or an ephemeral one whose command is still running
+        found.append(p)
+    for d in root.glob("run-*"):
+        if d not in running and _abandoned(d):
+            shutil.rmtree(d, ignore_errors=True)  # left by a kbridge that was killed
     return found

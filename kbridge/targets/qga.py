@@ -110,6 +110,10 @@ class GuestAgent:
                 self.chan.buf = b""
 
     def call(self, command: str, timeout: float = 30.0, **arguments: object) -> object:
+        return self.call_with(command, arguments, timeout)
+
+    def call_with(self, command: str, arguments: dict[str, object], timeout: float = 30.0) -> object:
+        """call() for arguments whose names are not Python identifiers (buf-b64)."""
         if self._dirty:  # e.g. Ctrl-C mid-call: drop its late reply before asking anything else
             self._sync(time.monotonic() + 10.0)
         msg: dict = {"execute": command}
@@ -162,7 +166,7 @@ class GuestAgent:
         try:
             for off in range(0, len(data), 1 << 20):
                 chunk = data[off : off + (1 << 20)]
-                self.call("guest-file-write", handle=handle, **{"buf-b64": base64.b64encode(chunk).decode()})
+                self.call_with("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
         finally:
             self.call("guest-file-close", handle=handle)
 

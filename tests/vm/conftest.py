@@ -20,7 +20,7 @@ def bcc_vm(arch_name: str) -> Iterator[QemuVM]:
     """A kept VM of the bcc image for the module (replacing a kept VM without bcc)."""
     arch = get_arch(arch_name)
     vm = QemuVM.attach(arch)
-    if vm is not None and "-bcc" not in (vm.rundir / "vm.json").read_text():
+    if vm is not None and vm.flavour != "bcc":
         vm.shutdown()
         vm = None
     booted = vm is None

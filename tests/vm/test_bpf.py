@@ -7,6 +7,7 @@ import pytest
 from kbridge.mechanisms import bpf
 from kbridge.mechanisms.common import StopRule
 from kbridge.render.bcc import BpfProgram
+from kbridge.errors import KbridgeError
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
@@ -54,7 +55,7 @@ def test_attach_error_is_clear_and_leaves_nothing(session: Session) -> None:
 
 
 def test_default_image_says_what_is_missing(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bpf, "has_bcc", lambda s: False)
-    with pytest.raises(Exception) as e:
+    monkeypatch.setattr(session.target, "bcc_python", lambda: None)  # as a default-image guest says
+    with pytest.raises(KbridgeError) as e:
         bpf.run(session, make_spec("ksys_write", {"pre"}, None, session.arch), DD, StopRule())
     assert "has no bcc" in str(e.value) and "kbridge bpf up" in str(e.value)

@@ -15,23 +15,16 @@ import pytest
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.common import StopRule
 from kbridge.probe import probe
-from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.symbols import SymbolError
-from kbridge.targets.qemu import QemuVM
 from kbridge.workload import Workload
 
 # Exactly 3 write() calls of 7 bytes to fd 1 (/dev/null), then dd's own report to fd 2.
 DD = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=7", "count=3"), "dd bs=7 count=3")
 
 
-def _guest_state(arch):
-    vm = QemuVM.attach(arch)
-    try:
-        s = Session(vm)
-        return s.loaded_modules(), s.kprobes_list()
-    finally:
-        vm.detach()
+def _guest_state(vm):
+    return vm.loaded_modules(), vm.kprobes_list()
 
 
 def test_kprobe_and_kretprobe_see_each_write(kbridge_vm):
@@ -46,7 +39,7 @@ def test_kprobe_and_kretprobe_see_each_write(kbridge_vm):
     # The exact counters agree with every streamed hit (dd's report to fd 2 included).
     assert r.counters["pre"] == r.counters["ret"] == len(r.hits) // 2 >= 3
     assert r.lost == 0 and r.missed == 0 and r.workload_exit == 0
-    mods, kprobes = _guest_state(kbridge_vm.arch)
+    mods, kprobes = _guest_state(kbridge_vm)
     assert not any(m.startswith("kb_") for m in mods)
     assert "ksys_write" not in kprobes
 
@@ -72,16 +65,12 @@ def test_unknown_symbol_fails_before_loading(kbridge_vm):
     with pytest.raises(SymbolError, match="unknown symbol 'ksys_wrte'") as e:
         probe(make_spec("ksys_wrte", {"pre"}), kbridge_vm.arch, DD)
     assert "ksys_write" in e.value.hint
-    assert not any(m.startswith("kb_") for m in _guest_state(kbridge_vm.arch)[0])
+    assert not any(m.startswith("kb_") for m in _guest_state(kbridge_vm)[0])
 
 
 def test_blacklisted_symbol_is_refused(kbridge_vm):
-    vm = QemuVM.attach(kbridge_vm.arch)
-    try:
-        s = Session(vm)
+    with kbridge_vm.session() as s:
         name = next(n for n in sorted(s.blacklist) if s.symbols.text(n) and len(s.symbols.text(n)) == 1)
-    finally:
-        vm.detach()
     with pytest.raises(SymbolError, match="kprobe blacklist"):
         probe(make_spec(name, {"pre"}), kbridge_vm.arch, DD)
 
@@ -91,7 +80,7 @@ def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
     spec = make_spec("vfs_read", {"pre"}, [], kbridge_vm.arch, offset=1)
     with pytest.raises(KbridgeError, match=r"register_kprobe on 'vfs_read' failed with -(EILSEQ|EINVAL)"):
         probe(spec, kbridge_vm.arch, DD)
-    mods, kprobes = _guest_state(kbridge_vm.arch)
+    mods, kprobes = _guest_state(kbridge_vm)
     assert not any(m.startswith("kb_") for m in mods) and "vfs_read" not in kprobes
 
 

@@ -21,7 +21,7 @@ TEXT = 'kbridge says "hi" x=1'  # spaces, quotes and a NAME=VALUE look-alike, th
 
 def snapshot(session: Session) -> tuple[str, str]:
     """kprobe_events and buffer_size_kb, the guest state a run must leave as it found it."""
-    vm = session.vm
+    vm = session.target
     size = vm.read_file(f"{T}/buffer_size_kb").decode()
     if "expanded" in size:
         # "7 (expanded: 1408)": a fresh kernel grows its boot-time buffer on the first
@@ -86,12 +86,12 @@ def test_filters_pid_and_comm(kbridge_session: Session) -> None:
                             filter="count == 5", comm="sh")
     assert [(h.comm, h.args["count"]) for h in res.hits] == [("sh", 5)]
     # --pid: only the spawned process's write, not the workload's identical one.
-    other = s.vm.spawn(["/bin/sh", "-c", "sleep 2; printf 12345 >/dev/null"])
+    other = s.target.spawn(["/bin/sh", "-c", "sleep 2; printf 12345 >/dev/null"])
     try:
         res = tracefs.run_lines(s, [line], sh("printf 12345 >/dev/null; sleep 4"), pid=other,
                                 filter="count == 5")
     finally:
-        s.vm.agent.wait(other, timeout=30)
+        s.target.wait(other, timeout=30)
     assert [(h.pid, h.args["count"]) for h in res.hits] == [(other, 5)]
     assert snapshot(s) == before
 
@@ -123,13 +123,13 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     before = snapshot(s)
     for line in good:
         ev = events.parse(line, s.arch.name)
-        tracefs.define(s.vm, line)
-        tracefs.remove(s.vm, ev)  # type: ignore[arg-type]
+        tracefs.define(s.target, line)
+        tracefs.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
         with pytest.raises(events.EventSyntaxError) as offline:
             events.parse(line, s.arch.name)
         with pytest.raises(events.EventSyntaxError) as kernel:
-            tracefs.define(s.vm, line)
+            tracefs.define(s.target, line)
         got = (kernel.value.error, kernel.value.kernel_position, kernel.value.command)
         assert got == (offline.value.error, offline.value.kernel_position, offline.value.command), line
     assert snapshot(s) == before
@@ -138,7 +138,7 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
 @pytest.mark.vm
 def test_clean_state_after_failures(kbridge_session: Session) -> None:
     s = kbridge_session
-    vm = s.vm
+    vm = s.target
     vm.write_file(f"{T}/kprobe_events", b"p:kbtkeep/keep vfs_read\n", mode="a")  # the user's own
     try:
         before = snapshot(s)

@@ -1,0 +1,192 @@
+"""The Python API: a guest kernel to probe from tests and notebooks.
+
+    import kbridge
+
+    with kbridge.vm(arch="arm64") as vm:
+        run = vm.probe("ksys_write", pre=True, args={"count": 3}, run="echo hi > /tmp/x")
+        print(run.counts, [h.args for h in run.hits])
+
+The pytest plugin's `kbridge_vm` fixture is the same object. A Guest on a kept
+VM (`kbridge vm up`, or the fixture's) attaches to it for each call only, so
+kbridge commands in other processes can use the VM between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kbridge import kernels
+from kbridge.arch import Arch, get_arch
+from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
+from kbridge.probe import ProbeRun, probe_on
+from kbridge.session import Session
+from kbridge.spec import ProbeSpec, make_spec
+from kbridge.targets import TargetSpec, acquire, parse_target
+from kbridge.targets.base import ExecResult, Target
+from kbridge.workload import Workload
+
+if TYPE_CHECKING:
+    from kbridge.compare import Comparison
+    from kbridge.inspect import Inspection
+    from kbridge.usermod import LoadedModule
+
+
+class Guest:
+    """A guest kernel: probe, trace, compare, inspect, run commands, move files, load modules."""
+
+    def __init__(self, arch: Arch, suite: str, where: TargetSpec, held: Target | None = None) -> None:
+        self.arch = arch
+        self.suite = suite
+        self.where = where
+        self._held = held  # an ephemeral VM this Guest owns for its whole life
+        with self._target() as t:
+            self.krel = t.krel
+            self.name = t.name
+            self.accel = t.accel
+            self.flavour = t.flavour
+
+    @contextlib.contextmanager
+    def _target(self) -> Iterator[Target]:
+        if self._held is not None:
+            yield self._held
+            return
+        with acquire(self.arch, kernel=self.suite, target=self.where) as t:
+            yield t
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A Session on the guest, holding it (the kept VM's lock) for the block."""
+        with self._target() as t:
+            yield Session(t)
+
+    # -- probes ------------------------------------------------------------------
+
+    def spec(self, symbol: str, *, pre: bool = False, post: bool = False, entry: bool = False,
+             ret: bool = False, args: dict[str, int] | list[str] | None = None, offset: int = 0,
+             maxactive: int = 0, pid: int | None = None, comm: str | None = None) -> ProbeSpec:
+        """A validated ProbeSpec; args as {"count": 3} or ["count=3"]. No handler given means pre."""
+        handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
+        arg_list = [f"{k}={v}" for k, v in args.items()] if isinstance(args, dict) else list(args or [])
+        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch, offset, maxactive, pid, comm)
+
+    def probe(self, symbol: str, *, pre: bool = False, post: bool = False, entry: bool = False,
+              ret: bool = False, args: dict[str, int] | list[str] | None = None, offset: int = 0,
+              maxactive: int = 0, pid: int | None = None, comm: str | None = None,
+              run: str | list[str] | None = None, count: int | None = None, duration: float | None = None,
+              via: str = "kmod", on_hit: HitSink | None = None) -> ProbeRun:
+        """Probe SYMBOL through VIA while RUN runs in the guest; `.hits`, `.counts` on the result."""
+        spec = self.spec(symbol, pre=pre, post=post, entry=entry, ret=ret, args=args, offset=offset,
+                         maxactive=maxactive, pid=pid, comm=comm)
+        with self.session() as s:
+            return probe_on(s, spec, None, _workload(run), StopRule(count=count, duration=duration), on_hit, via)
+
+    def trace(self, *lines: str, run: str | list[str] | None = None, filter: str | None = None,  # noqa: A002
+              pid: int | None = None, comm: str | None = None, count: int | None = None,
+              duration: float | None = None, buffer_kb: int | None = None,
+              on_hit: HitSink | None = None) -> MechanismResult:
+        """kprobe_events LINES, as written, while RUN runs; counters are keyed GROUP/EVENT."""
+        from kbridge.mechanisms import tracefs
+        from kbridge.workload import default_for
+
+        with self.session() as s:
+            work = _workload(run) or default_for("")
+            return tracefs.run_lines(s, list(lines), work, StopRule(count=count, duration=duration), on_hit,
+                                     filter=filter, buffer_kb=buffer_kb, pid=pid, comm=comm)
+
+    def compare(self, symbol: str, run: str, *, pre: bool = False, entry: bool = False, ret: bool = False,
+                args: dict[str, int] | list[str] | None = None, pid: int | None = None,
+                comm: str | None = None, repeats: int = 5, only: tuple[str, ...] | None = None) -> Comparison:
+        """SYMBOL through kmod, tracefs and bpf (bpf needs the bcc flavour) with RUN repeated REPEATS times."""
+        from kbridge.compare import compare
+        from kbridge.mechanisms import NAMES
+
+        spec = self.spec(symbol, pre=pre, entry=entry, ret=ret, args=args, pid=pid, comm=comm)
+        with self.session() as s:
+            return compare(s, spec, run, repeats, only or NAMES)
+
+    def inspect(self, symbol: str, offset: int = 0) -> Inspection:
+        """How the kernel plants a kprobe on SYMBOL+OFFSET: bytes before, armed, after; the mode."""
+        from kbridge.inspect import inspect
+
+        with self.session() as s:
+            return inspect(s, symbol, offset)
+
+    # -- the guest itself ------------------------------------------------------------
+
+    def run(self, command: str | list[str], timeout: float | None = 120) -> ExecResult:
+        """Run COMMAND as root in the guest (a string goes to /bin/sh -c) and wait for it."""
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        with self._target() as t:
+            return t.run(argv, timeout=timeout)
+
+    def read_file(self, path: str) -> bytes:
+        with self._target() as t:
+            return t.read_file(path)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        with self._target() as t:
+            t.write_file(path, data)
+
+    def push(self, local: str | Path, guest: str) -> str:
+        """Copy a local file into the guest (mode kept); the guest path it landed at."""
+        from kbridge import usermod
+
+        with self._target() as t:
+            return str(usermod.push(t, Path(local), guest))
+
+    def pull(self, guest: str, local: str | Path) -> Path:
+        """Copy a guest file to LOCAL (a file or directory); the local path written."""
+        from kbridge import usermod
+
+        with self._target() as t:
+            return Path(usermod.pull(t, guest, Path(local)))
+
+    def load_module(self, path: str | Path, params: dict[str, str | int] | None = None) -> LoadedModule:
+        """Build (if needed) and insmod the out-of-tree module in directory PATH."""
+        from kbridge import usermod
+
+        with self._target() as t:
+            return usermod.load_module(t, Path(path), params)
+
+    def unload_module(self, name: str) -> None:
+        """rmmod NAME (a module loaded with load_module)."""
+        from kbridge import usermod
+
+        with self._target() as t:
+            usermod.unload_module(t, name)
+
+    def loaded_modules(self) -> set[str]:
+        with self.session() as s:
+            return s.loaded_modules()
+
+    def kprobes_list(self) -> str:
+        with self.session() as s:
+            return s.kprobes_list()
+
+
+def _workload(run: str | list[str] | None) -> Workload | None:
+    if run is None:
+        return None
+    if isinstance(run, str):
+        return Workload.shell(run)
+    return Workload(tuple(run), " ".join(run))
+
+
+@contextlib.contextmanager
+def vm(arch: str | None = None, kernel: str | None = None, target: str | None = None,
+       keep: bool = False, bcc: bool = False) -> Iterator[Guest]:
+    """A guest for the block: the kept VM of ARCH and KERNEL if one runs, else a fresh one.
+
+    A fresh VM is stopped when the block ends, unless KEEP. BCC boots the image
+    with bcc (for via="bpf"). TARGET "vagrant:NAME" uses a Vagrant machine instead.
+    """
+    a, suite, where = get_arch(arch), kernels.resolve(kernel), parse_target(target)
+    with acquire(a, "bcc" if bcc else "default", keep=keep, kernel=suite, target=where) as t:
+        if t.kept:
+            t.release()  # re-attached per call, so other kbridge processes can use it in between
+            yield Guest(a, suite, where)
+        else:
+            yield Guest(a, suite, where, held=t)
