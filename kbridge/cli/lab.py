@@ -58,13 +58,15 @@ def start(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list)."
           dest: DirOpt = None, force: ForceOpt = False) -> None:
     """Write the lab's skeleton (with numbered TODOs) and README to ./LAB."""
     target = _write(name, "skeleton", dest, force)
-    err.print(f"next: read {escape(str(target))}/README.md, fill in the TODOs, then: kbridge lab check {escape(str(target))}")
+    where = escape(str(target))
+    err.print(f"next: read {where}/README.md, fill in the TODOs, then: kbridge lab check {where}")
 
 
 @lab_app.command("solution")
 @command
 def solution(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
-             dest: Annotated[Optional[Path], typer.Option("--dir", help="Where to write it (default: ./LAB-solution).")] = None,
+             dest: Annotated[Optional[Path], typer.Option(
+                 "--dir", help="Where to write it (default: ./LAB-solution).")] = None,
              force: ForceOpt = False) -> None:
     """For teachers: write the reference solution next to the lab (./LAB-solution)."""
     _write(name, "solution", dest, force)
@@ -74,8 +76,10 @@ def solution(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list
 @command
 def check(dirs: Annotated[list[str], typer.Argument(help="Lab directories (from kbridge lab start).")],
           arch: ArchOpt = None,
-          json_out: Annotated[bool, typer.Option("--json", help="One JSON object per directory: a score per check.")] = False,
-          keep: Annotated[bool, typer.Option("--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")] = False) -> None:
+          json_out: Annotated[bool, typer.Option(
+              "--json", help="One JSON object per directory: a score per check.")] = False,
+          keep: Annotated[bool, typer.Option(
+              "--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")] = False) -> None:
     """Build, load, run and grade each lab directory in a real guest kernel (one VM for all).
 
     Exit status: 0 when every check of every directory passed, 1 otherwise.

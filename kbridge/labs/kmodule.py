@@ -14,8 +14,8 @@ from pathlib import Path
 from kbridge import build as kbuild
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
-from kbridge.labs.guest import GUEST_DIR, LogWatch, guest_run
 from kbridge.labs.grading import StudentCrash
+from kbridge.labs.guest import GUEST_DIR, LogWatch, guest_run
 from kbridge.render.kmod import ModuleSource
 from kbridge.targets.base import Target
 from kbridge.targets.qga import ChannelError

@@ -73,15 +73,16 @@ def _crashed(target: Target, grader: Grader, lab: Lab, ctx: LabContext, report: 
 
 
 def kernel_available(lab: Lab, arch: Arch) -> str | None:
-    """Why LAB cannot run on ARCH here (its kernel's image is not built), or None."""
+    """Why LAB cannot run on ARCH without building an image first (its kernel's image is not
+    built here), or None."""
     if lab.kernel is None:
         return None
     suite = kernels.resolve(lab.kernel)
     from kbridge.images import image as images
 
     if images.load(arch, suite, verify=False) is None:
-        return (f"needs the {lab.kernel} kernel ({suite}), whose {arch.name} image is not built here: "
-                f"`kbridge image build --kernel {lab.kernel} --arch {arch.name}` builds it")
+        return (f"needs the {lab.kernel} kernel ({suite}), whose {arch.name} image is not built here "
+                f"(kbridge vm up --kernel {lab.kernel} --arch {arch.name} builds and boots it)")
     return None
 
 
@@ -105,14 +106,23 @@ def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
             if a.name not in lab.arches:
                 yield Report(lab.name, str(directory), a.name, skipped=f"{lab.name} runs on {', '.join(lab.arches)}")
                 continue
-            if why := kernel_available(lab, a):
-                progress.warn(f"{directory}: {lab.name} skipped: {why}")
-                yield Report(lab.name, str(directory), a.name, skipped=why)
-                continue
             want = (lab.kernel, lab.flavour)
             if target is None or want != current:
                 stack.close()
-                target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel))
+                target = None
+                if why := kernel_available(lab, a):
+                    progress.info(f"{lab.name} {why}: building it (once)")
+                try:
+                    target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep,
+                                                         kernel=lab.kernel))
+                except KbridgeError as e:
+                    if lab.kernel is None:
+                        raise
+                    # The lab's kernel cannot be had here: say so; the lab is not run, not faked.
+                    progress.warn(f"{directory}: {lab.name} skipped: {e.message}")
+                    yield Report(lab.name, str(directory), a.name, skipped=f"the {lab.kernel} kernel is not "
+                                 f"available: {e.message}")
+                    continue
                 current = want
             if lab.flavour == "bcc" and target.bcc_python() is None:
                 yield Report(lab.name, str(directory), a.name, target.krel,

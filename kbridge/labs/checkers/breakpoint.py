@@ -113,7 +113,7 @@ def run(ctx: LabContext, g: Grader) -> None:
              f"kprobes/list while armed: {inner.list_lines.get('armed', '')}")
     _compare(g, "inner-armed", ans.get("inner_armed", ""), _armed(inner),
              f"armed: {(inner.disasm.get('armed') or ['?'])[0]}")
-    noopt = inspect(ctx.session, SYMBOL, offset, breakpoint=True)
+    noopt = inspect(ctx.session, SYMBOL, offset, force_breakpoint=True)
     if noopt.offset != offset:
         # inspect moved the probe off an ftrace site: that is not the student's offset any more.
         g.fail("noopt-mode", f"{SYMBOL}+{offset:#x} is an ftrace site: choose an offset past it")

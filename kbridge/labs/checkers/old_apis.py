@@ -62,7 +62,8 @@ def run(ctx: LabContext, g: Grader) -> None:
     if ctx.target.arch.name == "x86_64":
         trap_ok, what = trap == X86_TRAP_PF, "want 14: X86_TRAP_PF, a page fault"
     else:  # arm64 passes the ESR: exception class 0x25 is a data abort taken in the kernel
-        trap_ok, what = trap >> 26 == ESR_EC_DABT_CUR, f"the ESR, exception class {trap >> 26:#x}; want 0x25, a data abort"
+        trap_ok = trap >> 26 == ESR_EC_DABT_CUR
+        what = f"the ESR, exception class {trap >> 26:#x}; want 0x25, a data abort"
     g.result("fault-handler", s["faults"] >= CALLS and s["faults"] % CALLS == 0 and trap_ok,
              f"fault_handler ran {s['faults']} times for {CALLS} calls; last trapnr {trap:#x} ({what})")
     g.result("nmissed", s["nmissed"] >= CALLS and s["nmissed"] == s["faults"],
