@@ -83,6 +83,14 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
                     *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
                     suite, str(work), *sources(suite, m)]
             proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0 and "apt-get update" in proc.stderr:
+                # A frozen mirror (or snapshot.debian.org) serves a Release file past its
+                # Valid-Until; the host's own apt reads such a mirror with a warning only.
+                progress.warn(f"apt could not read {suite} from {m.main}: retrying without Valid-Until checks")
+                shutil.rmtree(work)
+                work.mkdir()
+                argv.insert(1, "--aptopt=Acquire::Check-Valid-Until false")
+                proc = subprocess.run(argv, capture_output=True, text=True)
             if proc.returncode != 0:
                 errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("E: ")]
                 tail = "\n".join(errs[:4] or proc.stderr.strip().splitlines()[-6:])

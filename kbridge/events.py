@@ -118,6 +118,106 @@ ERROR_CLASSES: dict[str, str] = {text: name for name, text in ERRORS.items()}
 # Messages as older kernels spelled them -> class.
 _OLD_MESSAGES: dict[str, str] = {"Invalid $-valiable specified": "BAD_VAR"}
 
+# Error classes later kernels added, and messages they reworded (seen in 6.12's
+# and 7.2's error_log).
+LATER_ERRORS: dict[str, str] = {
+    "NEED_STRING_TYPE": "$comm and immediate-string only accepts string type",
+}
+ERROR_CLASSES.update({text: name for name, text in LATER_ERRORS.items()})
+_OLD_MESSAGES["Maxactive is only for function exit"] = "MAXACT_NO_KPROBE"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What one kernel accepts in kprobe_events: its version, arch and the config that matters.
+
+    Each rule below was checked against the error_log of Debian's kernels (5.10, 6.1,
+    6.12, 7.2 on x86_64 and arm64), kept in tests/unit/data/error_log/.
+    """
+
+    version: tuple[int, int] = (6, 1)
+    arch: str = "x86_64"
+    ibt: bool = False  # CONFIG_X86_KERNEL_IBT: functions start with endbr64
+    btf_args: bool = False  # CONFIG_PROBE_EVENTS_BTF_ARGS: $arg*, arguments by name
+
+    @property
+    def symstr(self) -> bool:
+        """':symstr' (6.2, in Debian's 6.1.y as a stable backport; 5.10 says BAD_TYPE)."""
+        return self.version >= (6, 1)
+
+    @property
+    def char(self) -> bool:
+        """':char' (6.5)."""
+        return self.version >= (6, 5)
+
+    @property
+    def hyphen_groups(self) -> bool:
+        """'-' in group names (a 6.1.y backport; 5.10 says BAD_GROUP_NAME)."""
+        return self.version >= (6, 1)
+
+    @property
+    def args_on_return(self) -> bool:
+        """$argN in a return probe (6.9: the entry's arguments are saved for the exit)."""
+        return self.version >= (6, 9)
+
+    @property
+    def logs_string_type(self) -> bool:
+        """'$comm:u8' logged as NEED_STRING_TYPE (6.8); before, -EINVAL with no log."""
+        return self.version >= (6, 8)
+
+    def entry_offset_max(self) -> int:
+        """The largest SYM+offs that is still the function entry (arch_kprobe_on_func_entry()).
+
+        x86 with IBT: +4, past endbr64 (6.2 on, Debian enables it from trixie's 6.12);
+        otherwise, and always on arm64 (whose +4 is the ftrace call site), only +0.
+        """
+        return 4 if self.arch == "x86_64" and self.ibt else 0
+
+    def message(self, error: str) -> str:
+        if error == "MAXACT_NO_KPROBE" and self.version >= (6, 6):
+            return "Maxactive is only for function exit"
+        return ERRORS.get(error) or LATER_ERRORS[error]
+
+
+# A sid kernel not built yet is taken as the newest known one.
+NEWEST_KNOWN = (7, 2)
+
+
+def grammar_for(kernel: str | None, arch: str = "x86_64", config: dict[str, str] | None = None,
+                krel: str | None = None, use_image: bool = True) -> Grammar:
+    """The grammar of KERNEL (a --kernel value) on ARCH.
+
+    With CONFIG (a kernel .config) and KREL the kernel's own facts are used; without,
+    the built image's (unless USE_IMAGE is False) when there is one, else the suite table's.
+    """
+    from kbridge import kernels
+
+    arch_key = _ARCH_ALIASES.get(arch)
+    if arch_key is None:
+        raise KbridgeError(f"unknown arch {arch!r}", hint="use 'x86_64' or 'arm64'")
+    suite = kernels.get(kernel)
+    if config is None and use_image:
+        config, krel = _image_config(suite.name, arch_key)
+    if config is not None and krel is not None:
+        return Grammar(kernels.version_tuple(krel), arch_key,
+                       ibt=config.get("CONFIG_X86_KERNEL_IBT") == "y",
+                       btf_args=config.get("CONFIG_PROBE_EVENTS_BTF_ARGS") == "y")
+    version = suite.major_minor or NEWEST_KNOWN
+    # Debian turns both on from trixie (6.12); bullseye and bookworm have neither.
+    newer = version >= (6, 12)
+    return Grammar(version, arch_key, ibt=newer and arch_key == "x86_64", btf_args=newer)
+
+
+def _image_config(suite: str, arch: str) -> tuple[dict[str, str] | None, str | None]:
+    from kbridge.arch import get_arch
+    from kbridge.images import image
+
+    img = image.load(get_arch(arch), suite, verify=False)
+    if img is None or not (img.headers / ".config").is_file():
+        return None, None
+    return image.parse_config((img.headers / ".config").read_text()), img.krel
+
+
 # Register names accepted by regs_query_register_offset() (regoffset_table[]).
 REGISTERS: dict[str, frozenset[str]] = {
     "x86_64": frozenset(
@@ -177,6 +277,20 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class BtfArg:
+    """``NAME``: a function argument by its name in BTF (CONFIG_PROBE_EVENTS_BTF_ARGS, 6.6).
+
+    Whether the function has it is the kernel's to say (NO_BTFARG), not checked offline.
+    """
+    name: str
+
+
+@dataclass(frozen=True)
+class AllArgs:
+    """``$arg*``: every argument, by their BTF names (6.6)."""
+
+
+@dataclass(frozen=True)
 class Retval:
     """``$retval``: the return value, return probes only."""
 
@@ -202,11 +316,11 @@ class ImmStr:
 class Deref:
     """``+|-[u]OFFS(FETCHARG)``: memory at inner + offset (``u``: user memory)."""
     offset: int
-    inner: "Fetch"
+    inner: Fetch
     user: bool = False
 
 
-Fetch = Union[Reg, Mem, SymMem, Stack, StackPtr, Arg, Retval, Comm, Imm, ImmStr, Deref]
+Fetch = Union[Reg, Mem, SymMem, Stack, StackPtr, Arg, BtfArg, AllArgs, Retval, Comm, Imm, ImmStr, Deref]
 
 
 @dataclass(frozen=True)
@@ -317,7 +431,7 @@ class EventSyntaxError(KbridgeError):
         pad = "".join(c if c == "\t" else " " for c in self.line[: self.position])
         return f"{self.line}\n{pad}{' ' * (self.position - len(pad))}^"
 
-    def log_entry(self, timestamp: float = 0.0) -> "ErrorLogEntry | None":
+    def log_entry(self, timestamp: float = 0.0) -> ErrorLogEntry | None:
         """The error_log entry 6.1 would write for this line, if any."""
         if self.error is None or self.command is None or self.kernel_position is None:
             return None
@@ -459,22 +573,22 @@ _WORD = re.compile(r"[^ \t\n\v\f\r]+")  # argv_split() splits on isspace()
 _TOKENS = tuple[tuple[int, str], ...]
 
 
-def parse(line: str, arch: str = "x86_64") -> Event:
-    """Parse one kprobe_events line as Linux 6.1 would, or raise EventSyntaxError.
+def parse(line: str, arch: str = "x86_64", kernel: str | Grammar | None = None) -> Event:
+    """Parse one kprobe_events line as KERNEL would, or raise EventSyntaxError.
 
-    ``arch`` ("x86_64" or "arm64") selects the register names.  A ``#``
-    comment is dropped first, as trace_parse_run_command() does.
+    ``arch`` ("x86_64" or "arm64") selects the register names; ``kernel`` is a
+    --kernel value (default bookworm's 6.1) or a Grammar.  A ``#`` comment is
+    dropped first, as trace_parse_run_command() does.
     """
-    arch_key = _ARCH_ALIASES.get(arch)
-    if arch_key is None:
-        raise KbridgeError(f"unknown arch {arch!r}", hint="use 'x86_64' or 'arm64'")
+    grammar = kernel if isinstance(kernel, Grammar) else grammar_for(kernel, arch)
+    arch_key = grammar.arch
     text = line.split("#", 1)[0]
     words = tuple((m.start(), m.group()) for m in _WORD.finditer(text))
     # create_or_delete_trace_kprobe() looks at the raw first byte, before
     # argv_split(): " -:foo" is not a removal (and is then rejected).
     if text.startswith("-"):
         return _parse_remove(line, words)
-    return _ProbeParser(line, words, arch_key).parse()
+    return _ProbeParser(line, words, arch_key, grammar).parse()
 
 
 def _unlogged(line: str, why: str) -> NoReturn:
@@ -501,7 +615,8 @@ class _ProbeParser:
     relative to, exactly as trace_probe_log_set_index() sets it.
     """
 
-    def __init__(self, line: str, words: _TOKENS, arch: str) -> None:
+    def __init__(self, line: str, words: _TOKENS, arch: str, grammar: Grammar) -> None:
+        self.grammar = grammar
         self.line = line
         self.starts = [start for start, _ in words]
         self.argv = [word for _, word in words]
@@ -516,13 +631,11 @@ class _ProbeParser:
         """__trace_probe_log_err(): caret = offset of argv[index] in the joined command + offset."""
         command = " ".join(self.argv)
         joined = [sum(len(w) + 1 for w in self.argv[:i]) for i in range(len(self.argv))]
-        if self.index < len(self.argv):
-            kpos = joined[self.index] + offset
-        else:  # "next to the last arg + space"
-            kpos = len(command) + 1
+        # Past the last word the kernel points "next to the last arg + space".
+        kpos = joined[self.index] + offset if self.index < len(self.argv) else len(command) + 1
         word = max(i for i, j in enumerate(joined) if j <= kpos)
         position = self.starts[word] + kpos - joined[word]
-        raise EventSyntaxError(self.line, error, ERRORS[error], position, command, kpos)
+        raise EventSyntaxError(self.line, error, self.grammar.message(error), position, command, kpos)
 
     # -- the command head -----------------------------------------------------
 
@@ -584,9 +697,8 @@ class _ProbeParser:
         if not colon and (not name or _isdigit(name[0])):
             # Can't be a kernel symbol: number_of_same_symbols() finds 0.
             self.fail(0, "BAD_PROBE_ADDR")
-        on_entry = offset == 0 or (self.arch == "x86_64" and offset == 4)
-        # kprobe_on_func_entry(): x86 accepts +4 when the function starts with
-        # ENDBR (IBT kernels); that depends on the target, so it passes here.
+        # kprobe_on_func_entry(): +0, or up to +4 on x86 IBT kernels (past endbr64).
+        on_entry = offset <= self.grammar.entry_offset_max()
         if is_return and not on_entry:
             self.fail(0, "BAD_RETPROBE")
         self.flags_return, self.flags_fentry = is_return, on_entry
@@ -615,7 +727,7 @@ class _ProbeParser:
             if slash + 1 > MAX_EVENT_NAME_LEN:
                 self.fail(offset, "GROUP_TOO_LONG")
             group = text[:slash]
-            if not _is_good_name(group, hyphen_ok=True):
+            if not _is_good_name(group, hyphen_ok=self.grammar.hyphen_groups):
                 self.fail(offset, "BAD_GROUP_NAME")
             offset += slash + 1
             text = text[slash + 1:]
@@ -675,9 +787,11 @@ class _ProbeParser:
             type_text, count = self._array(type_text, offset + tpos)
         if expr in ("$comm", "$COMM") or expr.startswith('\\"'):
             if count is not None or type_text not in (None, "string"):
-                # 6.1 returns -EINVAL here without logging; upstream logs
-                # BAD_TYPE since "tracing/probes: Fix to show a parse error
-                # for bad type for $comm" (6.5).
+                # 5.10 and 6.1 return -EINVAL here without logging; 6.8 logs
+                # NEED_STRING_TYPE ("tracing/probes: Fix to show a parse error
+                # for bad type for $comm"), with the caret on the type.
+                if self.grammar.logs_string_type:
+                    self.fail(offset + tpos, "NEED_STRING_TYPE")
                 _unlogged(self.line, "$comm and immediate strings only take ':string' "
                           "(-EINVAL, nothing logged by 6.1)")
             type_ = type_text
@@ -725,7 +839,9 @@ class _ProbeParser:
             if width == 0 or rest[:1] != "@" or used2 == 0 or rest[1 + used2:2 + used2] != "/":
                 return Bitfield(0, 0, size)  # invalid: reported as BAD_BITFIELD later
             return Bitfield(width, bit_offset, size)
-        if text not in BASIC_TYPES + STRING_TYPES:
+        if text not in BASIC_TYPES + STRING_TYPES + ("char",) \
+                or (text == "symstr" and not self.grammar.symstr) \
+                or (text == "char" and not self.grammar.char):
             self.fail(pos, "BAD_TYPE")
         return text
 
@@ -746,9 +862,8 @@ class _ProbeParser:
         if kind == "symstr":
             if not (isinstance(fetch, (Reg, Stack, Retval, Arg)) or (deref and not user)):
                 self.fail(offset + tpos, "BAD_SYMSTRING")
-        elif kind in STRING_TYPES:
-            if not (deref or isinstance(fetch, (Imm, Comm, ImmStr))):
-                self.fail(offset + tpos, "BAD_STRING")
+        elif kind in STRING_TYPES and not (deref or isinstance(fetch, (Imm, Comm, ImmStr))):
+            self.fail(offset + tpos, "BAD_STRING")
         if kind in STRING_TYPES:
             if kind == "symstr" or isinstance(fetch, (Imm, Comm, ImmStr)) or count:
                 code = self._next(code, offset, "TOO_MANY_OPS")
@@ -781,6 +896,8 @@ class _ProbeParser:
             return self._deref(arg, offs, code)
         if first == "\\":
             return self._immediate(arg, offs), code
+        if self.grammar.btf_args and self.flags_fentry and re.fullmatch(r"[A-Za-z_]\w*", arg):
+            return BtfArg(arg), code  # 6.6: an argument by name; the kernel checks BTF
         self.fail(offs, "BAD_FETCH_ARG")
 
     def _var(self, var: str, offs: int) -> Fetch:
@@ -803,7 +920,11 @@ class _ProbeParser:
             return Comm()
         # $argN needs flags == KERNEL|FENTRY: symbol at function entry and not
         # a return probe (6.1 has no $argN on kretprobes or addresses).
-        if self.flags_fentry and not self.flags_return and var.startswith("arg"):
+        if self.grammar.btf_args and var == "arg*" and self.flags_fentry:
+            return AllArgs()
+        # 6.9 saves the entry's arguments for the return handler, so $argN works there too.
+        if self.flags_fentry and (not self.flags_return or self.grammar.args_on_return) \
+                and var.startswith("arg"):
             n = _kstrtoull(var[3:], 10)
             if n is None:
                 self.fail(offs, "BAD_VAR")
@@ -955,6 +1076,10 @@ def format_fetch(fetch: Fetch) -> str:
             return "$stack"
         case Arg(n):
             return f"$arg{n}"
+        case BtfArg(name):
+            return name
+        case AllArgs():
+            return "$arg*"
         case Retval():
             return "$retval"
         case Comm():

@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import pytest
 
+from kbridge import events
 from kbridge.errors import KbridgeError
 from kbridge.events import (
-    ERROR_CLASSES, ERRORS, Arg, Bitfield, Comm, Deref, ErrorLogEntry, EventSyntaxError,
-    FetchArg, Imm, ImmStr, Mem, ProbeEvent, Reg, RemoveEvent, Retval, Stack, StackPtr,
-    SymMem, default_event_name, format, parse, parse_error_log,
+    ERROR_CLASSES,
+    ERRORS,
+    Arg,
+    Bitfield,
+    Comm,
+    Deref,
+    ErrorLogEntry,
+    EventSyntaxError,
+    FetchArg,
+    Imm,
+    ImmStr,
+    Mem,
+    ProbeEvent,
+    Reg,
+    RemoveEvent,
+    Retval,
+    Stack,
+    StackPtr,
+    SymMem,
+    default_event_name,
+    format,  # noqa: A004 - the module's own name for it
+    parse,
+    parse_error_log,
 )
 
 GOOD = [
@@ -298,10 +319,14 @@ def test_bad_lines_arm64(line, error, position):
     assert (info.value.error, info.value.position) == (error, position)
 
 
-def test_x86_endbr_offset_is_left_to_the_kernel():
-    # x86 treats +4 as the entry when the function starts with ENDBR (IBT).
-    assert parse("r vfs_read+4 $retval").offset == 4
-    assert parse("p vfs_read+4 $arg1").args[0].fetch == Arg(1)
+def test_x86_endbr_offset_is_the_entry_only_with_ibt():
+    # x86 treats +4 as the entry when the kernel has IBT (endbr64 first): trixie's 6.12 on.
+    assert parse("r vfs_read+4 $retval", kernel="6.12").offset == 4
+    assert parse("p vfs_read+4 $arg1", kernel="6.12").args[0].fetch == Arg(1)
+    # bookworm's 6.1 has no IBT: +4 is no function entry (the kernel's BAD_RETPROBE).
+    with pytest.raises(EventSyntaxError) as info:
+        parse("r vfs_read+4 $retval")
+    assert info.value.error == "BAD_RETPROBE"
 
 
 @pytest.mark.parametrize(("line", "kpos", "position"), [
@@ -395,5 +420,5 @@ def test_error_table():
     names = list(ERRORS)
     assert names[0] == "FILE_NOT_FOUND" and names[-1] == "NO_EP_FILTER"
     assert len(names) == 60
-    assert len(ERROR_CLASSES) == len(ERRORS)  # messages are unique
+    assert len(ERROR_CLASSES) == len(ERRORS) + len(events.LATER_ERRORS)  # messages are unique
     assert ERROR_CLASSES["Invalid probed address or symbol"] == "BAD_PROBE_ADDR"
