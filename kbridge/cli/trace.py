@@ -24,10 +24,10 @@ from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
 
 
-def check_verdict(line: str, arch: str) -> dict:
+def check_verdict(line: str, arch: str, kernel: str | None = None) -> dict:
     """The offline verdict on LINE as `--check --json` prints it."""
     try:
-        events.parse(line, arch)
+        events.parse(line, arch, kernel=kernel)
     except events.EventSyntaxError as e:
         return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
     return {"ok": True, "error": None, "position": None, "message": None, "line": line}
@@ -73,12 +73,12 @@ def trace_cmd(
         bad = 0
         for line in lines:
             if json_out:
-                verdict = check_verdict(line, a.name)
+                verdict = check_verdict(line, a.name, suite)
                 emit_json(verdict)
                 bad += not verdict["ok"]
                 continue
             try:
-                events.parse(line, a.name)
+                events.parse(line, a.name, kernel=suite)
                 err.print(f"[green]✓[/] {escape(line)}")
             except events.EventSyntaxError as e:
                 _show_syntax_error(e, False)
