@@ -111,7 +111,9 @@ class LoadedModule:
         return self.loaded, (out.strip() + ("\n" + said if said else "")).strip()
 
     def rmmod(self) -> tuple[bool, str]:
-        code, out = guest_run(self.target, ["/sbin/rmmod", self.mod.name], self.log)
+        # rmmod takes well under a second; a hang here is a broken exit function (or a probe
+        # left behind whose handlers were freed): do not wait the workload's minute for it.
+        code, out = guest_run(self.target, ["/sbin/rmmod", self.mod.name], self.log, timeout=20)
         if code == 0:
             self.loaded = False
         return code == 0, out.strip()
