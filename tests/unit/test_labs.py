@@ -217,7 +217,7 @@ def test_oops_is_mapped_to_the_students_line(tmp_path: Path) -> None:
     site = oops_site(OOPS.format(off=off), mod, "")
     assert site == f"km/kprobe_lab.c:7 (handler_pre+{off:#x})"
     detail = crash_detail(StudentCrash("the guest kernel oopsed", OOPS.format(off=off)), mod, "")
-    assert detail.startswith(f"the guest kernel oopsed, at km/kprobe_lab.c:7") and "Oops: 0003" in detail
+    assert detail.startswith("the guest kernel oopsed, at km/kprobe_lab.c:7") and "Oops: 0003" in detail
     # Frames of other modules, or none, give no line.
     assert oops_site(OOPS.replace("[kprobe_lab]", "[other]").format(off=off), mod, "") is None
 
