@@ -521,6 +521,27 @@ def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: 
     return lines
 
 
+def unload_since(target: Target, before: set[str]) -> list[str]:
+    """Unload the out-of-tree modules loaded since BEFORE was taken (test cleanup); their names.
+
+    Dependants go first: a module another one uses cannot be removed before it.
+    """
+    left = {n for n, flags in loaded_modules(target).items() if n not in before and "O" in flags}
+    done: list[str] = []
+    while left:
+        progress_made = False
+        for name in sorted(left):
+            with contextlib.suppress(KbridgeError):
+                unload_module(target, name)
+                done.append(name)
+                progress_made = True
+        left -= set(done)
+        if not progress_made:
+            raise KbridgeError(f"could not unload {', '.join(sorted(left))} after the test",
+                               "something holds them (an open device, another module)")
+    return done
+
+
 def _holders(target: Target, name: str) -> list[str]:
     with contextlib.suppress(KbridgeError):
         out = target.run(["/bin/busybox", "ls", f"/sys/module/{name}/holders"], timeout=10)

@@ -15,11 +15,15 @@ from kbridge import usermod
 from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
+from kbridge.paths import cache_dir
 from kbridge.targets.base import GuestCrash
 from kbridge.targets.qemu import QemuVM
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "chardev"
 OOPS = Path(__file__).parent / "data" / "oops_init"
+CACHE = cache_dir()  # before pytester moves HOME
+
+pytest_plugins = ["pytester"]
 
 
 def _leftovers(vm) -> list[str]:
@@ -115,3 +119,17 @@ def test_an_oops_in_init_is_reported_with_the_console_text(kbridge_arch):
         assert (vm.rundir / "crashed").exists()  # a kept VM in this state would be restarted
     finally:
         vm.shutdown()
+
+
+def test_a_failing_test_leaves_no_module_behind(kbridge_vm, pytester, monkeypatch):
+    monkeypatch.setenv("KBRIDGE_CACHE", str(CACHE))  # pytester points HOME elsewhere
+    pytester.makepyfile(f"""
+        def test_loads_then_fails(kbridge_vm):
+            kbridge_vm.load_module({str(EXAMPLE)!r})
+            assert "kbchardev" in kbridge_vm.loaded_modules()
+            raise AssertionError("failing with kbchardev loaded")
+    """)
+    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch.name, "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    assert "failing with kbchardev loaded" in result.stdout.str()
+    assert "kbchardev" not in kbridge_vm.loaded_modules()
