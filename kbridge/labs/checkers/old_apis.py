@@ -34,7 +34,7 @@ CHECKS = [
               "(x86_64 5.10 calls it twice per fault: from the fault entry and again before the fixup)",
               "attach .fault_handler and make the pre-handler fault: copy_from_user_nofault() from user "
               "address 0; the kernel calls fault_handler before its own exception fixup"),
-    CheckSpec("nmissed", "the kernel counted each fault in a handler in kp.nmissed (one per fault_handler call)",
+    CheckSpec("nmissed", "the kernel counted every faulting handler run in kp.nmissed",
               "kprobe_fault_handler() increments nmissed for a fault in a pre/post handler on 5.10, "
               "whatever the fault_handler returns: make the pre-handler fault on every call"),
     CheckSpec("unloads", "rmmod works and leaves no kprobe behind",
@@ -66,7 +66,7 @@ def run(ctx: LabContext, g: Grader) -> None:
         what = f"the ESR, exception class {trap >> 26:#x}; want 0x25, a data abort"
     g.result("fault-handler", s["faults"] >= CALLS and s["faults"] % CALLS == 0 and trap_ok,
              f"fault_handler ran {s['faults']} times for {CALLS} calls; last trapnr {trap:#x} ({what})")
-    g.result("nmissed", s["nmissed"] >= CALLS and s["nmissed"] == s["faults"],
+    g.result("nmissed", s["nmissed"] >= CALLS,
              f"kp.nmissed = {s['nmissed']} after {CALLS} faulting calls ({s['faults']} fault_handler calls)")
     if g.ready("unloads", "registered"):
         unload(ctx, g, lm, MODULE, SYMBOL, "k", work)
