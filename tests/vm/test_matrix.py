@@ -1,0 +1,125 @@
+"""Kernel drift, each shown on the kernel where it matters, in real guests.
+
+The default run covers bullseye (5.10) and trixie (6.12) on x86_64 and sid (newest)
+on arm64; every other kernel x arch carries the `matrix` marker (deselected by
+default; `pytest -m matrix tests/vm/test_matrix.py` runs the whole matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from kbridge import events, kernels
+from kbridge.targets import acquire
+from kbridge.targets.base import Target
+from tests.unit.test_events_kernels import KERNEL_ONLY
+from tests.vm.error_log_capture import DATA, corpus, live_verdicts
+
+ARCHES = ("x86_64", "arm64")
+DEFAULT_RUN = {("bullseye", "x86_64"), ("trixie", "x86_64"), ("sid", "arm64")}
+TRACING = "/sys/kernel/tracing"
+
+
+def kernels_where(pred=lambda suite, arch: True) -> list:  # type: ignore[no-untyped-def]
+    """Every (suite, arch) of the matrix satisfying PRED; those outside DEFAULT_RUN marked `matrix`."""
+    return [pytest.param(s, a, id=f"{s}-{a}", marks=() if (s, a) in DEFAULT_RUN else (pytest.mark.matrix,))
+            for s in kernels.SUITES for a in ARCHES if pred(s, a)]
+
+
+@pytest.fixture(scope="module")
+def guests() -> Iterator[dict]:
+    """One booted guest per (suite, arch) for the module, shut down at its end."""
+    with ExitStack() as stack:
+        booted: dict[tuple[str, str], Target] = {}
+
+        def get(suite: str, arch: str) -> Target:
+            if (suite, arch) not in booted:
+                booted[suite, arch] = stack.enter_context(acquire(arch, kernel=suite))
+            return booted[suite, arch]
+
+        yield get  # type: ignore[misc]
+
+
+def _sh(guest: Target, script: str) -> str:
+    res = guest.run(["/bin/busybox", "sh", "-c", script], timeout=120)
+    out = res.stdout
+    return out.decode() if isinstance(out, bytes) else out
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where())
+def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
+    """The kernel's error_log still says what was captured, and the offline grammar agrees."""
+    guest = guests(suite, arch)
+    captured = json.loads((DATA / f"{suite}-{arch}.json").read_text())
+    live = live_verdicts(guest, corpus())
+    assert live == captured["verdicts"], (
+        f"{guest.krel} answers differently from the capture of {captured['krel']}: "
+        "re-capture with python -m tests.vm.error_log_capture")
+    grammar = events.grammar_for(suite, arch)  # from the image's own .config
+    for v in live:
+        if v["line"] in KERNEL_ONLY:
+            continue
+        try:
+            events.parse(v["line"], arch, kernel=grammar)
+            assert v["ok"], v
+        except events.EventSyntaxError as e:
+            assert not v["ok"] and e.kernel_position == v["kernel_position"], (v, e)
+
+
+def _kprobes_list(guest: Target, line: str) -> str:
+    """Define LINE, return debugfs kprobes/list while it is armed, then remove it."""
+    group_event = line.split()[0].split(":", 1)[1]
+    out = _sh(guest, f"cd {TRACING} && printf '%s\\n' '{line}' >> kprobe_events && "
+                     f"echo 1 > events/{group_event}/enable && cat /sys/kernel/debug/kprobes/list; "
+                     f"echo 0 > events/{group_event}/enable; echo '-:{group_event}' >> kprobe_events")
+    assert group_event.split("/")[1] not in _sh(guest, f"cat {TRACING}/kprobe_events")
+    return out
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "x86_64"))
+def test_entry_probe_lands_after_endbr64_on_ibt_kernels(guests, suite, arch):
+    """x86 IBT (trixie's 6.12 on) starts functions with endbr64: kprobes move an entry probe to +4."""
+    guest = guests(suite, arch)
+    listing = _kprobes_list(guest, "p:kbibt/w ksys_write")
+    line = next(ln for ln in listing.splitlines() if "ksys_write" in ln)
+    ibt = events.grammar_for(suite, arch).ibt
+    assert ibt == (suite in ("trixie", "sid"))
+    assert ("ksys_write+0x4" if ibt else "ksys_write+0x0") in line, line
+    assert "[FTRACE]" in line  # both: ftrace's call sits right at the (moved) entry
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "arm64"))
+def test_arm64_refuses_the_ftrace_call_site(guests, suite, arch):
+    """arm64 (no KPROBES_ON_FTRACE) refuses SYM+4, the patched ftrace call; SYM+0 works."""
+    guest = guests(suite, arch)
+    out = _sh(guest, f"cd {TRACING} && : > error_log; "
+                     "printf 'p:kbft/a ksys_write+4\\n' >> kprobe_events; echo rc=$?; cat error_log; "
+                     "printf 'p:kbft/b ksys_write\\n' >> kprobe_events; echo rc=$?; : > kprobe_events")
+    entries = events.parse_error_log(out)
+    assert "rc=1" in out and out.count("rc=0") == 1, out
+    assert [e.error_class for e in entries] == ["FAIL_REG_PROBE"], out
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where())
+def test_module_built_with_the_suites_compiler_fires(suite, arch):
+    """kmod pre + kretprobe: host gcc-12 (5.10, 6.1) or the suite's build root (6.12, sid);
+    the template's kretprobe code compiles against ri->rp (5.10) and get_kretprobe() (5.11+)."""
+    env = {**os.environ}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--ret", "--kernel", suite,
+         "--arch", arch, "--json", "--run", "echo hi > /dev/null"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+    counters = summary["mechanisms"]["kmod"]["counters"]
+    assert counters.get("pre", 0) >= 1 and counters.get("ret", 0) >= 1, summary
+    version = kernels.SUITES[suite].major_minor
+    if version is not None:
+        assert kernels.version_tuple(summary["kernel"]) == version
