@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Iterator
 
+from kbridge import ownership
 from kbridge.collect import bpf as collect
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
@@ -63,7 +64,10 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     handle = target.spawn([*python, "-u", RUNNER, PLAN])
     work: WorkloadRun | None = None
     ended = False
+    record = None
     try:
+        # A killed kbridge's runner stays attached: the next command stops it.
+        record = ownership.claim_process(target, target.guest_pid(handle))
         ready = _wait_ready(session, stream, handle, spec)
         result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s")
         work = WorkloadRun(target, workload)
@@ -87,6 +91,8 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
             with contextlib.suppress(Exception):
                 target.run(["/bin/busybox", "kill", "-9", str(target.guest_pid(handle))], timeout=10)
                 target.wait(handle, timeout=10)
+        if record is not None:
+            ownership.release(target, record)
         target.close_stream(BPF_PORT)
     result.record_workload(work)
     return result

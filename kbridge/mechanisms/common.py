@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kbridge import ownership
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets.base import ExecResult, Target
 from kbridge.workload import Workload
@@ -103,6 +104,7 @@ class WorkloadRun:
         self.handle = target.spawn(list(workload.argv))
         self.result: ExecResult | None = None
         self._next_poll = 0.0
+        self._record: ownership.Record | None = ownership.claim_process(target, self.pid)
 
     @property
     def pid(self) -> int:
@@ -114,16 +116,26 @@ class WorkloadRun:
         if self.result is None and time.monotonic() >= self._next_poll:
             self.result = self.target.poll(self.handle)
             self._next_poll = time.monotonic() + 0.02
+            if self.result is not None:
+                self._forget()
         return self.result is not None
 
     def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for it to exit on its own."""
         if self.result is None:
             self.result = self.target.wait(self.handle, timeout)
+            self._forget()
         return self.result
+
+    def _forget(self) -> None:
+        if self._record is not None:
+            ownership.release(self.target, self._record)
+            self._record = None
 
     def stop(self) -> None:
         if self.result is None:
             with contextlib.suppress(Exception):
                 self.target.run(["/bin/busybox", "kill", "-9", str(self.pid)], timeout=10)
                 self.result = self.target.wait(self.handle, timeout=5)
+        if self.result is not None:
+            self._forget()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbridge import progress
+from kbridge import ownership, progress
 from kbridge.arch import Arch
 from kbridge.build import build
 from kbridge.collect.dmesg import ModuleEvent, parse_event, parse_hit
@@ -101,6 +101,7 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     loaded = False
     work: WorkloadRun | None = None
     crash: list[str] = []
+    record = ownership.claim(target, "module", module)  # a killed kbridge's module is unloaded by the next one
     try:
         ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)
         if not ins.ok:
@@ -126,6 +127,8 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         if loaded:
             with contextlib.suppress(KbridgeError) if crash else contextlib.nullcontext():
                 _unload(session, stream, module, run_id, result, stop, on_hit, crash)
+        if not crash:  # unloaded (or never loaded); after an oops the VM is restarted anyway
+            ownership.release(target, record)
         with contextlib.suppress(Exception):
             target.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
     if crash:

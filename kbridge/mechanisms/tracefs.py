@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from kbridge import events, progress
+from kbridge import events, ownership, progress
 from kbridge.arch import Arch
 from kbridge.collect.trace_pipe import (
     CpuStats, EventInfo, TracePipeParser, parse_cpu_stats, parse_kprobe_profile,
@@ -252,6 +252,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             raise KbridgeError(f"the guest already has a kprobe event {name}: {existing[name]!r}",
                                "name yours differently: p:GROUP/NAME ...")
     token = secrets.token_hex(4)
+    records: list[ownership.Record] = []  # what a killed run leaves is reclaimed by the next command
     defined: list[events.ProbeEvent] = []
     stream_pid: int | None = None
     port: Iterator[str | None] | None = None
@@ -295,6 +296,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         if state.tracing_on != "1":
             vm.write_file(f"{TRACING}/tracing_on", b"1")
         for ev, original, line in zip(parsed, checked, lines):
+            records.append(ownership.claim(vm, "event", f"{ev.effective_group}/{ev.effective_event}"))
             define(vm, line if ev == original else events.format(ev))
             defined.append(ev)
         vm.write_file(f"{TRACING}/trace", b"")  # start from an empty ring buffer
@@ -302,6 +304,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         next(port)  # connect the host side before the guest writes
         stats_before = read_stats(vm)
         stream_pid = vm.spawn([*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
+        records.append(ownership.claim_process(vm, vm.guest_pid(stream_pid)))
         exclude = sorted(set(session.plumbing_pids() + [vm.guest_pid(stream_pid)]))
         text = build_filter(filter, pid, comm, exclude) if filter_base or exclude else ""
         for ev in defined:
@@ -334,6 +337,8 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         # After Ctrl-C mid-call the agent drops the late reply itself (GuestAgent.call).
         _teardown(session, state, defined, stream_pid, work, buffer_kb, result,
                   stats_before, parser, completed)
+        for rec in records:
+            ownership.release(vm, rec)
     result.record_workload(work)
     return result
 

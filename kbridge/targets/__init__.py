@@ -86,6 +86,11 @@ def acquire(arch: Arch | str | None = None, flavour: str = "default", keep: bool
         guest = _qemu(get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel),
                       flavour, keep, mirrors)
     try:
+        if guest.kept:
+            from kbridge import ownership
+
+            if done := ownership.reclaim(guest):
+                progress.warn(f"{guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}")
         yield guest
     finally:
         guest.release()
