@@ -50,7 +50,7 @@ CHARP_MAX = 1024  # kernel/params.c: param_set_charp refuses longer strings (-EN
 
 # Build products and VCS state: neither part of the source nor of the cache key.
 _SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".tmp_versions"})
-_SKIP_SUFFIXES = (".py", ".pyc", ".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers",
+_SKIP_SUFFIXES = (".py", ".pyc", ".md", ".rst", ".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers",
                   ".d", ".tmp")
 _SKIP_NAMES = frozenset({"Module.symvers", "modules.order", "Module.markers"})
 _OBJ_M = re.compile(r"^\s*obj-m\s*[:+]?=", re.MULTILINE)
