@@ -48,10 +48,11 @@ MAX_PUSH_BYTES = 256 << 20  # the guest agent moves ~3 MiB/s: larger files belon
 MODULE_NAME_LEN = 56  # include/linux/module.h: MODULE_NAME_LEN (64 - sizeof(unsigned long))
 CHARP_MAX = 1024  # kernel/params.c: param_set_charp refuses longer strings (-ENOSPC)
 
-# Build products and VCS state: neither part of the source nor of the cache key.
+# Build products, VCS state, tests and docs: kbuild reads none of them, so they are
+# neither copied nor part of the cache key.
 _SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".tmp_versions"})
-_SKIP_SUFFIXES = (".py", ".pyc", ".md", ".rst", ".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers",
-                  ".d", ".tmp")
+_SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers", ".d", ".tmp",
+                  ".py", ".pyc", ".md", ".rst")
 _SKIP_NAMES = frozenset({"Module.symvers", "modules.order", "Module.markers"})
 _OBJ_M = re.compile(r"^\s*obj-m\s*[:+]?=", re.MULTILINE)
 _OBJ_CONFIG = re.compile(r"^\s*obj-\$\((CONFIG_\w+)\)", re.MULTILINE)
