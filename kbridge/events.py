@@ -600,6 +600,7 @@ def _parse_remove(line: str, words: _TOKENS) -> RemoveEvent:
     head = words[0][1]
     if head[1:2] != ":":
         _unlogged(line, "a removal must start with '-:' (-EINVAL, nothing logged)")
+    group: str | None
     group, slash, event = head[2:].partition("/")
     if not slash:
         group, event = None, head[2:]
@@ -779,9 +780,9 @@ class _ProbeParser:
             self.fail(offset, "ARG_TOO_LONG")
         if not body:
             self.fail(offset, "NO_ARG_BODY")
-        expr, colon, type_text = body.partition(":")
+        expr, colon, after = body.partition(":")
         tpos = len(expr) + 1 if colon else 0  # "t - arg" in the kernel
-        type_text = type_text if colon else None
+        type_text: str | None = after if colon else None
         count = None
         if type_text is not None and "[" in type_text:
             type_text, count = self._array(type_text, offset + tpos)
@@ -794,7 +795,7 @@ class _ProbeParser:
                     self.fail(offset + tpos, "NEED_STRING_TYPE")
                 _unlogged(self.line, "$comm and immediate strings only take ':string' "
                           "(-EINVAL, nothing logged by 6.1)")
-            type_ = type_text
+            type_: str | Bitfield | None = type_text
             kind = "string"
         else:
             type_ = self._fetch_type(type_text, offset + tpos)

@@ -64,8 +64,8 @@ def _entries(text: str, deb822: bool) -> list[tuple[list[str], list[str]]]:
             if "deb" in fields.get("types", "").split():
                 out.append((fields.get("uris", "").split(), fields.get("suites", "").split()))
     else:
-        for ln in text.splitlines():
-            ln = re.sub(r"\[[^]]*\]", "", ln.split("#", 1)[0]).split()
+        for raw in text.splitlines():
+            ln = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
             if len(ln) >= 3 and ln[0] == "deb":
                 out.append(([ln[1]], [ln[2]]))
     return [(u, s) for u, s in out if any(x.startswith(("http://", "https://", "file:")) for x in u)]
