@@ -256,9 +256,12 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
                          "ko": ko.relative_to(work).as_posix(), "params": module_params(data)})
         warnings = [d for d in diagnostics(output, src) if " warning: " in d]
         (work / "kbridge-build.json").write_text(json.dumps({"modules": mods, "warnings": warnings}))
-        with contextlib.suppress(OSError):
-            shutil.rmtree(out)  # a damaged earlier build under the same key
-        work.rename(out)
+        if out.exists() and _from_cache(out, src, image) is None:
+            shutil.rmtree(out, ignore_errors=True)  # a damaged earlier build under the same key
+        try:
+            work.rename(out)
+        except OSError:  # another kbridge built the same source meanwhile: use that one
+            shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -473,12 +476,14 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
         with contextlib.suppress(KbridgeError):
             target.run(["/bin/busybox", "rm", "-f", guest_ko, guest_loader], timeout=10)
     lines = [r.text for r in log]
-    if _oops_lines(lines) or res.signal is not None:
+    if _crash_lines(lines) or res.signal is not None:
         target.mark_crashed()
         text = "\n".join(lines) or target.console_tail()
         how = f"the loader was killed by signal {res.signal}" if res.signal else "the kernel log shows an oops"
         raise GuestCrash(f"loading {built.name} crashed the guest kernel in its init ({how}); "
                          "the module cannot be removed from this guest", text)
+    if _oops_lines(lines):  # a WARN in init: the module loaded, the log shows the warning
+        progress.warn(f"{built.name}'s init triggered a kernel warning (WARN_ON): see its log")
     if not res.ok:
         err = res.exitcode if 0 < res.exitcode < 250 else None
         why = "the loader could not open the module file" if res.exitcode == 250 else res.text
@@ -508,7 +513,7 @@ def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: 
     with _logged(target, f"rmmod {name}") as log:
         res = target.run(["/sbin/rmmod", name], timeout=timeout)
     lines = [r.text for r in log]
-    if _oops_lines(lines):
+    if _crash_lines(lines):
         target.mark_crashed()
         raise GuestCrash(f"unloading {name} crashed the guest kernel: its exit function oopsed", "\n".join(lines))
     if not res.ok:
@@ -589,6 +594,15 @@ def _collect(stream: Iterator[KmsgRecord | None], start: str, end: str, records:
 
 def _oops_lines(lines: list[str]) -> bool:
     return any(m in line for line in lines for m in OOPS_MARKERS)
+
+
+# A WARN_ON prints "WARNING: CPU:" and carries on; these leave the kernel in a state
+# nothing should be trusted after (the faulting task was killed holding what it held).
+_CRASH_MARKERS = tuple(m for m in OOPS_MARKERS if not m.startswith("WARNING"))
+
+
+def _crash_lines(lines: list[str]) -> bool:
+    return any(m in line for line in lines for m in _CRASH_MARKERS)
 
 
 def _load_error(name: str, err: int | None, other: str, log: list[str], left: bool) -> LoadError:

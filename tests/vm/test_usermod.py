@@ -21,6 +21,7 @@ from kbridge.targets.qemu import QemuVM
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "chardev"
 OOPS = Path(__file__).parent / "data" / "oops_init"
+WARN = Path(__file__).parent / "data" / "warn_init"
 CACHE = cache_dir()  # before pytester moves HOME
 
 pytest_plugins = ["pytester"]
@@ -103,13 +104,18 @@ def test_module_functions_resolve_for_tracefs_and_kprobes(kbridge_vm):
     assert "kbchardev" not in kbridge_vm.loaded_modules()
 
 
-def test_an_oops_in_init_is_reported_with_the_console_text(kbridge_arch):
+def test_a_warning_in_init_loads_an_oops_crashes(kbridge_arch):
     # An oops leaves the module half-initialised in a guest that cannot be trusted after it:
     # this runs in a VM of its own, never in the kept one the other tests share.
     img = images.ensure(get_arch(kbridge_arch))
     built = usermod.build_module(OOPS, img)
     vm = QemuVM.boot(img)
     try:
+        warned = usermod.load_module(vm, WARN)
+        assert any("WARNING: CPU:" in line for line in warned.log)
+        assert "warn_init: loaded after a warning" in warned.log
+        usermod.unload_module(vm, "warn_init")
+        assert not (vm.rundir / "crashed").exists()
         with pytest.raises(GuestCrash) as e:
             usermod.load_module(vm, built)
         assert "loading oops_init crashed the guest kernel in its init" in e.value.message
