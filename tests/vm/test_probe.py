@@ -126,6 +126,47 @@ def test_ctrl_c_leaves_nothing_behind(short_dir, kbridge_arch):
     assert not [p for p in psutil.process_iter(["cmdline"]) if short_dir in " ".join(p.info["cmdline"] or [])]
 
 
+def test_ctrl_c_at_a_terminal_signals_the_whole_group(short_dir, kbridge_arch):
+    """A terminal sends SIGINT to the whole foreground process group: QEMU must not die first and
+    be reported as a crash; kbridge says it was interrupted, exits 130 and leaves nothing."""
+    env = {**os.environ, "KBRIDGE_STATE": short_dir}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbridge", "probe", "vfs_read", "--pre", "--duration", "120",
+         "--run", "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done", "--arch", kbridge_arch,
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True)
+    first = proc.stdout.readline()
+    assert json.loads(first)["handler"] == "pre"
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: every process of the group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and "QEMU exited" not in stderr
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if short_dir in " ".join(p.info["cmdline"] or [])]
+
+
+def test_vm_down_all_leaves_a_running_probe_alone(short_dir, kbridge_arch):
+    """An ephemeral VM whose kbridge still runs is not a stray: vm status and vm down --all spare it."""
+    env = {**os.environ, "KBRIDGE_STATE": short_dir}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "dd", "--arch", kbridge_arch,
+         "--run", "sleep 3; dd if=/dev/zero of=/dev/null bs=7 count=3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 120
+    while not [p for p in psutil.process_iter(["name", "cmdline"]) if (p.info["name"] or "").startswith("qemu")
+               and short_dir in " ".join(p.info["cmdline"] or [])]:
+        assert time.monotonic() < deadline and proc.poll() is None, "no QEMU started"
+        time.sleep(0.1)
+    status = subprocess.run([sys.executable, "-m", "kbridge", "vm", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["stray_qemu_pids"] == []
+    subprocess.run([sys.executable, "-m", "kbridge", "vm", "down", "--all"], env=env, timeout=60, check=True)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    hits = [json.loads(line) for line in out.splitlines() if '"handler"' in line]
+    assert sum(1 for h in hits if h["args"] == {}) >= 3
+    assert not os.listdir(short_dir) or all(not d.startswith("run-") for d in os.listdir(short_dir))
+
+
 def test_guest_panic_is_detected(short_dir, kbridge_arch):
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
     code = (
