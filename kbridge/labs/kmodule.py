@@ -113,7 +113,7 @@ class LoadedModule:
     def rmmod(self) -> tuple[bool, str]:
         # rmmod takes well under a second; a hang here is a broken exit function (or a probe
         # left behind whose handlers were freed): do not wait the workload's minute for it.
-        code, out = guest_run(self.target, ["/sbin/rmmod", self.mod.name], self.log, timeout=20)
+        code, out = guest_run(self.target, ["/sbin/rmmod", self.mod.name], self.log, timeout=10)
         if code == 0:
             self.loaded = False
         return code == 0, out.strip()
