@@ -85,29 +85,32 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
     root = cache_dir()
     final = flavour_dir(arch, suite)
     with images.staged(final) as work:
-        apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors)
+        # The same archive pockets as the default image (it may have done without -security).
+        security = json.loads((base.dir / "manifest.json").read_text()).get("security", True)
+        tag = "" if security else "-nosecurity"
+        apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}{tag}", suite, arch.debian, mirrors, security)
         with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
             apt.update()
-        image_pkg = images._kernel_package(apt, arch)
-        krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
+        pkgs = images.kernel_packages(apt, arch)
+        krel = pkgs.krel
         if krel != base.krel:
             raise KbridgeError(f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
-                               f"rebuild the default image first (delete {base.dir})")
-        headers_pkg = f"linux-headers-{krel}"
-        common = [d for d in apt.depends(headers_pkg) if d.startswith("linux-headers-")]
+                               f"rebuild the default image first: kbridge image build --kernel {suite} "
+                               f"--arch {arch.name} --rebuild")
+        common = list(pkgs.headers[1:])
         debs = work / "debs"
         with progress.step(f"downloading python3-bpfcc and its closure, kernel {krel} headers ({arch.debian})"):
             user = apt.download_closure(list(PACKAGES), debs / "user")
-            kernel = apt.download([image_pkg, headers_pkg, *common], debs / "kernel")
+            kernel = apt.download([*pkgs.binary, *pkgs.headers], debs / "kernel")
         rootfs = work / "rootfs"
         with progress.step(f"unpacking {len(user) + len(kernel) - 1} packages into the bcc root filesystem"):
             for deb in user:
                 extract(deb, rootfs)
             for deb in kernel:
-                extract(deb, work / "kpkg" if deb.name.startswith("linux-image") else rootfs)
+                extract(deb, rootfs if deb.name.startswith("linux-headers-") else work / "kpkg")
             _finish_rootfs(rootfs, krel, common)
         with progress.step("building the bcc initramfs and ext4 root filesystem"):
-            _initramfs(base, work / "kpkg", krel, work / "initramfs.cpio")
+            _initramfs(base, images._modroot(work / "kpkg", krel), krel, work / "initramfs.cpio")
             _mkfs(rootfs, work / "rootfs.ext4")
         for tmp in ("debs", "kpkg", "rootfs"):
             shutil.rmtree(work / tmp)
@@ -123,6 +126,11 @@ def _finish_rootfs(rootfs: Path, krel: str, common: list[str]) -> None:
     """Links bcc needs (no CONFIG_IKHEADERS: it compiles against installed headers), minus the docs."""
     for rel in _PRUNE:
         shutil.rmtree(rootfs / rel, ignore_errors=True)
+    # /usr-merged packages (trixie on) ship nothing under /bin, /lib...: the links that
+    # base-files would make (not in the closure) are needed for /lib64/ld-linux-*.so.
+    for top in ("bin", "sbin", "lib", "lib64"):
+        if not (rootfs / top).exists() and not (rootfs / top).is_symlink() and (rootfs / "usr" / top).is_dir():
+            os.symlink(f"usr/{top}", rootfs / top)
     mods = rootfs / "lib/modules" / krel
     mods.mkdir(parents=True, exist_ok=True)
     for link, target in (("build", f"/usr/src/linux-headers-{krel}"),
@@ -137,16 +145,17 @@ def _finish_rootfs(rootfs: Path, krel: str, common: list[str]) -> None:
         raise KbridgeError("python3 is missing from the unpacked bcc packages")
 
 
-def _initramfs(base: images.Image, kpkg: Path, krel: str, out: Path) -> None:
+def _initramfs(base: images.Image, modroot: Path, krel: str, out: Path) -> None:
     """The default initramfs followed by a cpio with the disk drivers and a longer module list."""
-    modroot = kpkg / "lib/modules" / krel
     with out.open("wb") as f:
         f.write(base.initramfs.read_bytes())
         w = CpioWriter(f)
         listed = []
         for ko in images.module_closure(modroot, images.GUEST_MODULES + DISK_MODULES):
-            rel = ko.relative_to(kpkg).as_posix()
-            w.copy(rel, ko)
+            # Uncompressed under /lib/modules, as in the default image (busybox insmod).
+            rel = f"lib/modules/{krel}/" + ko.relative_to(modroot).as_posix()
+            rel = rel[: rel.index(".ko") + 3]
+            w.file(rel, images.module_bytes(ko))
             listed.append("/" + rel)
         w.file("etc/kbridge/modules", ("\n".join(listed) + "\n").encode())
         w.close()
