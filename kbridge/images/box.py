@@ -266,7 +266,7 @@ def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str]
     (etc / "shadow").chmod(0o640)
     (etc / "hostname").write_text("kbridge\n")
     (etc / "hosts").write_text("127.0.0.1 localhost\n127.0.1.1 kbridge\n::1 localhost ip6-localhost\n")
-    (etc / "fstab").write_text("# the initramfs mounts /dev/vda on /; the rest is mounted by /usr/lib/kbridge/box/rcS\n")
+    (etc / "fstab").write_text("# the initramfs mounts /dev/vda on /; /usr/lib/kbridge/box/rcS mounts the rest\n")
     for name, text in _PAM.items():
         (etc / "pam.d" / name).write_text(text)
     sudoers = etc / "sudoers.d/vagrant"
@@ -297,8 +297,8 @@ def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str]
     (home / ".ssh/authorized_keys").chmod(0o600)
     if bcc_common is not None:
         mods = rootfs / "lib/modules" / krel
-        for link, target in (("build", f"/usr/src/linux-headers-{krel}"),
-                             ("source", f"/usr/src/{bcc_common[0]}" if bcc_common else f"/usr/src/linux-headers-{krel}")):
+        headers = f"/usr/src/linux-headers-{krel}"
+        for link, target in (("build", headers), ("source", f"/usr/src/{bcc_common[0]}" if bcc_common else headers)):
             if not (mods / link).is_symlink():
                 os.symlink(target, mods / link)
     (rootfs / "etc/kbridge/box.json").write_text(json.dumps(
@@ -347,7 +347,8 @@ def _mkfs(rootfs: Path, out: Path) -> None:
 
 def _qcow2(raw: Path, out: Path) -> None:
     if shutil.which("qemu-img") is None:
-        raise KbridgeError("qemu-img is not installed (it makes the box's qcow2 disk)", "sudo apt-get install qemu-utils")
+        raise KbridgeError("qemu-img is not installed (it makes the box's qcow2 disk)",
+                           "sudo apt-get install qemu-utils")
     proc = subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise KbridgeError(f"qemu-img convert failed: {proc.stderr.strip()}")
@@ -420,7 +421,8 @@ def vagrant_add(box: Box) -> None:
         proc = subprocess.run(["vagrant", "box", "add", "--provider", "libvirt", str(catalog)],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise KbridgeError(f"vagrant box add {box.name} failed: {' '.join((proc.stderr or proc.stdout).split())[-400:]}")
+        why = " ".join((proc.stderr or proc.stdout).split())[-400:]
+        raise KbridgeError(f"vagrant box add {box.name} failed: {why}")
 
 
 def added_boxes() -> dict[str, list[str]]:
@@ -438,6 +440,6 @@ def added_boxes() -> dict[str, list[str]]:
             names.append(parts[3])
         elif len(parts) == 4 and parts[2] == "box-version":
             versions.append(parts[3])
-    for name, version in zip(names, versions):
+    for name, version in zip(names, versions, strict=False):
         found.setdefault(name, []).append(version)
     return found

@@ -14,21 +14,24 @@ only closes the control master and the readers it started.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import hashlib
 import os
 import re
+import secrets
 import select
 import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from kbridge import progress
 from kbridge.arch import Arch, get_arch, host_arch
@@ -51,7 +54,8 @@ _PROBE = (
     "echo \"tainted=$(cat /proc/sys/kernel/tainted)\"; "
     "[ -e /usr/lib/python3/dist-packages/bcc/__init__.py ] && echo bcc=yes; "
     "dmesg 2>/dev/null | grep -q 'Hypervisor detected: KVM' && echo kvm=yes; "
-    "sudo -n mkdir -p " + RUN_DIR + " && echo \"$PPID\" | sudo -n tee " + RUN_DIR + "/ssh.pid " + RUN_DIR + "/qga.pid >/dev/null; "
+    # qga.pid: the channel kbridge drives the guest through (qemu-guest-agent's in the embedded VM).
+    f"sudo -n mkdir -p {RUN_DIR} && echo \"$PPID\" | sudo -n tee {RUN_DIR}/ssh.pid {RUN_DIR}/qga.pid >/dev/null; "
     "true"
 )
 
@@ -116,6 +120,42 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
         where = str(vagrantfile_dir)
     elif env.get("VAGRANT_CWD"):
         where = env["VAGRANT_CWD"]
+    # `vagrant ssh-config` succeeds only for a running machine: one Vagrant call on the
+    # usual path; `vagrant status` says why when it fails.
+    cfg = _vagrant(["ssh-config", *([machine] if machine else [])], env)
+    host = re.search(r"^Host (\S+)", cfg.stdout, re.M)
+    if cfg.returncode != 0 or host is None:
+        _explain_not_ready(machine, env, where, _vagrant_message(cfg))
+    machine = machine or host.group(1)
+    provider = _provider(env, machine)
+    target = VagrantTarget(machine, cfg.stdout, provider, env)
+    try:
+        target._start()
+    except BaseException:
+        target.release()
+        raise
+    return target
+
+
+def _dotdir(env: dict[str, str]) -> Path:
+    """Where Vagrant keeps the machines' state (.vagrant beside the Vagrantfile)."""
+    if env.get("VAGRANT_DOTFILE_PATH"):
+        return Path(env["VAGRANT_DOTFILE_PATH"])
+    return Path(env.get("VAGRANT_CWD") or os.getcwd()) / ".vagrant"
+
+
+def _provider(env: dict[str, str], machine: str) -> str:
+    """The provider that created MACHINE (.vagrant/machines/NAME/PROVIDER/id)."""
+    with contextlib.suppress(OSError):
+        for p in sorted((_dotdir(env) / "machines" / machine).iterdir()):
+            if (p / "id").is_file():
+                return p.name
+    return "vagrant"
+
+
+def _explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh_config_error: str) -> NoReturn:
+    """Raise the one-line reason a machine cannot be reached: no Vagrantfile, no such machine,
+    a missing plugin, not created, not running."""
     status = _vagrant(["status", "--machine-readable", *([machine] if machine else [])], env)
     if status.returncode != 0:
         msg = _vagrant_message(status)
@@ -125,42 +165,102 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
             raise KbridgeError(f"no machine {machine!r} in the Vagrantfile of {where}: {msg}",
                                "see `vagrant status` for the machine names")
         if "A Vagrant environment or target machine is required" in msg:
-            raise KbridgeError(f"no Vagrantfile in {where}",
-                               "cd to the directory with the Vagrantfile, or pass --vagrantfile DIR / set VAGRANT_CWD")
+            raise KbridgeError(f"no Vagrantfile in {where}", "cd to the directory with the Vagrantfile, "
+                               "or pass --vagrantfile DIR / set VAGRANT_CWD")
         raise KbridgeError(f"vagrant status failed: {msg}")
     machines = parse_status(status.stdout)
     if machine is None:
-        if len(machines) == 1:
-            machine = next(iter(machines))
-        else:
-            machine = _primary(env, machines)
+        if len(machines) != 1:
+            names = ", ".join(f"vagrant:{n}" for n in machines)
+            raise KbridgeError(f"the Vagrantfile in {where} has several machines and no running primary one: "
+                               f"{ssh_config_error}", f"name one: --target {names}")
+        machine = next(iter(machines))
     state, provider = machines.get(machine, ("", ""))
-    if provider and provider != "libvirt" and _plugin_missing(env) and provider not in ("virtualbox", "docker"):
-        raise KbridgeError(f"the Vagrant provider {provider!r} of {machine} is not installed", _INSTALL)
+    if provider == "libvirt" and _plugin_missing(env):
+        raise KbridgeError(f"the vagrant-libvirt plugin is missing (the provider of {machine})", _INSTALL)
     if state != "running":
         why = {"not_created": "not created", "shutoff": "shut off", "": "in an unknown state"}.get(state, state)
         raise KbridgeError(f"vagrant machine {machine!r} is {why}", f"vagrant up {machine}")
-    cfg = _vagrant(["ssh-config", machine], env)
-    if cfg.returncode != 0:
-        raise KbridgeError(f"vagrant ssh-config {machine} failed: {_vagrant_message(cfg)}", f"vagrant up {machine}")
-    target = VagrantTarget(machine, cfg.stdout, provider or "libvirt", env)
-    try:
-        target._start()
-    except BaseException:
-        target.release()
-        raise
-    return target
+    raise KbridgeError(f"vagrant ssh-config {machine} failed: {ssh_config_error}", f"vagrant reload {machine}")
 
 
-def _primary(env: dict[str, str], machines: dict[str, tuple[str, str]]) -> str:
-    """The machine `vagrant ssh-config` picks without a name (the one marked primary)."""
-    proc = _vagrant(["ssh-config"], env)
-    m = re.search(r"^Host (\S+)", proc.stdout, re.M)
-    if proc.returncode == 0 and m:
-        return m.group(1)
-    names = ", ".join(f"vagrant:{n}" for n in machines)
-    raise KbridgeError(f"the Vagrantfile has several machines and no running primary one: {_vagrant_message(proc)}",
-                       f"name one: --target {names}")
+# A root shell kept open over one SSH channel runs run()'s commands: no sudo, PAM or
+# login-shell start per command (under TCG those cost ~0.5-1 s each). Commands run one
+# at a time; each is framed by a random marker the host chose, its stdout goes straight
+# to the channel (as qemu-guest-agent's exec output does, so the only writes are the
+# command's own), stderr through a file.
+_AGENT = r'''
+d=/run/kbridge/agent.$$
+mkdir -p "$d" && : > "$d/in" || exit 1
+echo "$$" > /run/kbridge/agent.pid
+kb_in() { base64 -d > "$d/in"; }
+kb_run() {
+    m=$1; shift
+    printf 'KB<%s\n' "$m"
+    ( exec "$@" ) < "$d/in" 2> "$d/err"
+    rc=$?
+    printf '\nKB>%s %s\n' "$m" "$rc"
+    if [ -s "$d/err" ]; then printf 'KBERR %s\n' "$(wc -c < "$d/err")"; cat "$d/err"; else printf 'KBERR 0\n'; fi
+    : > "$d/in"
+}
+trap 'rm -rf "$d"' EXIT
+printf 'KBREADY %s\n' "$$"
+'''
+
+
+class _Agent:
+    """The host end of the root shell: send a framed command, read its framed result."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc = proc
+        self.stdin = proc.stdin
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+        self.pid = 0
+
+    def _fill(self, deadline: float | None) -> None:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([self.fd], [], [], wait)
+        if not ready:
+            raise TimeoutError
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            raise ChannelError("the guest's root shell closed")
+        self.buf += chunk
+
+    def _until(self, token: bytes, deadline: float | None) -> bytes:
+        while (i := self.buf.find(token)) < 0:
+            self._fill(deadline)
+        head, self.buf = self.buf[:i], self.buf[i + len(token):]
+        return head
+
+    def _exactly(self, n: int, deadline: float | None) -> bytes:
+        while len(self.buf) < n:
+            self._fill(deadline)
+        head, self.buf = self.buf[:n], self.buf[n:]
+        return head
+
+    def ready(self, timeout: float) -> None:
+        line = self._until(b"\n", time.monotonic() + timeout)
+        self.pid = int(line.split(b"KBREADY ", 1)[1])
+
+    def run(self, argv: list[str], stdin: bytes | None, timeout: float | None) -> ExecResult:
+        mark = secrets.token_hex(8)
+        text = ""
+        if stdin:
+            b64 = base64.encodebytes(stdin).decode()
+            text += f"kb_in <<'KBIN{mark}'\n{b64}KBIN{mark}\n"
+        text += "kb_run " + shlex.join([mark, *argv]) + "\n"
+        self.stdin.write(text.encode())
+        self.stdin.flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._until(f"KB<{mark}\n".encode(), deadline)
+        out = self._until(f"\nKB>{mark} ".encode(), deadline)
+        code = int(self._until(b"\n", deadline))
+        size = int(self._until(b"\n", deadline).split(b"KBERR ", 1)[1])
+        err = self._exactly(size, deadline)
+        return ExecResult(code, out, err, code - 128 if 128 < code < 192 else None)
 
 
 class PipeLines:
@@ -251,6 +351,8 @@ class VagrantTarget:
         self._kmsg: tuple[subprocess.Popen[bytes], PipeLines] | None = None
         self._sshd_pid: int | None = None
         self._crashed = False
+        self._agent: _Agent | None = None
+        self._agent_lock = threading.Lock()
 
     # -- connection ----------------------------------------------------------------
 
@@ -264,17 +366,17 @@ class VagrantTarget:
 
     def _start(self) -> None:
         with progress.step(f"connecting to {self.name} over SSH"):
-            err = open(self.dir / "master.log", "wb")
-            self._master = subprocess.Popen(self._ssh("", master=True), stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=err, env=self.env,
-                                            preexec_fn=_die_with_parent)
-            err.close()
+            with open(self.dir / "master.log", "wb") as err:
+                self._master = subprocess.Popen(self._ssh("", master=True), stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=err, env=self.env,
+                                                preexec_fn=_die_with_parent)
             deadline = time.monotonic() + MASTER_TIMEOUT_S
             while not self.control.exists():
                 if self._master.poll() is not None or time.monotonic() > deadline:
                     log = (self.dir / "master.log").read_text(errors="replace").strip()
-                    raise KbridgeError(f"cannot reach {self.name} over SSH: {' '.join(log.split())[-300:] or 'timed out'}",
-                                       f"check `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs")
+                    why = " ".join(log.split())[-300:] or "timed out"
+                    raise KbridgeError(f"cannot reach {self.name} over SSH: {why}",
+                                       f"try `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs")
                 time.sleep(0.02)
             facts = self._facts()
         if facts.get("sudo") != "ok":
@@ -318,6 +420,8 @@ class VagrantTarget:
 
     def release(self) -> None:
         """Close the readers and the control master; the machine keeps running."""
+        with contextlib.suppress(Exception):
+            self._agent_down()
         for port in list(self._readers):
             with contextlib.suppress(Exception):
                 self.close_stream(port)
@@ -372,23 +476,65 @@ class VagrantTarget:
         return ExecResult(code, out, err, code - 128 if 128 < code < 192 else None)
 
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
-        """Run ARGV as root in the guest and wait for it."""
+        """Run ARGV as root in the guest and wait for it (through the root shell: one round trip)."""
+        if not argv:
+            raise KbridgeError("empty guest command")
+        with self._agent_lock:
+            agent = self._agent_up()
+            try:
+                return agent.run(argv, stdin, timeout)
+            except TimeoutError:
+                self._agent_down(kill_children=True)
+                raise ChannelError(f"guest command {shlex.join(argv)[:80]!r} still running after {timeout} s") from None
+            except (ChannelError, OSError) as e:
+                self._agent_down()
+                self._check_master()
+                raise ChannelError(f"the root shell in {self.name} failed: {e}") from None
+
+    def _agent_up(self) -> _Agent:
+        if self._agent is not None and self._agent.proc.poll() is None:
+            return self._agent
         self._check_master()
+        proc = subprocess.Popen(self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env,
+                                preexec_fn=_die_with_parent)
+        agent = _Agent(proc)
         try:
-            proc = subprocess.run(self._ssh(self._wrap(argv, False)), input=stdin or b"", capture_output=True,
-                                  env=self.env, timeout=timeout)
+            agent.stdin.write(_AGENT.encode())
+            agent.stdin.flush()
+            agent.ready(60)
+        except (TimeoutError, ChannelError, OSError, ValueError, IndexError):
+            proc.kill()
+            proc.wait()
+            raise ChannelError(f"could not start a root shell in {self.name} (sudo -n /bin/sh)") from None
+        self._agent = agent
+        return agent
+
+    def _agent_down(self, kill_children: bool = False) -> None:
+        agent, self._agent = self._agent, None
+        if agent is None:
+            return
+        if kill_children and agent.pid and self._master is not None and self._master.poll() is None:
+            # A command that overran its timeout: stop it, not just the shell waiting for it.
+            with contextlib.suppress(Exception):
+                subprocess.run(self._ssh(f"sudo -n pkill -KILL -P {agent.pid}; sudo -n kill {agent.pid}"),
+                               capture_output=True, env=self.env, timeout=30, stdin=subprocess.DEVNULL)
+        with contextlib.suppress(OSError):
+            agent.stdin.close()  # the shell exits at end of input (its trap removes its directory)
+        try:
+            agent.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            raise ChannelError(f"guest command {shlex.join(argv)[:80]!r} still running after {timeout} s") from None
-        if proc.returncode == 255:
-            self._check_master()
-            raise ChannelError(f"ssh to {self.name} failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
-        return self._result(proc.returncode, proc.stdout, proc.stderr)
+            agent.proc.kill()
+            agent.proc.wait()
+        if agent.proc.stdout:
+            agent.proc.stdout.close()
 
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
         """Start ARGV as root in the guest; a handle for poll()/wait()/guest_pid()."""
         self._check_master()
-        out = tempfile.TemporaryFile(dir=self.dir)
-        err = tempfile.TemporaryFile(dir=self.dir)
+        # Output goes to files, not pipes: nothing to drain while it runs. Closed in _finish().
+        out = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115
+        err = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115
         proc = subprocess.Popen(self._ssh(self._wrap(argv, True)), stdin=subprocess.PIPE, stdout=out, stderr=err,
                                 env=self.env, preexec_fn=_die_with_parent)
         assert proc.stdin is not None
@@ -463,28 +609,47 @@ class VagrantTarget:
         script = ('t=$(mktemp) || exit 1; cat > "$t" && cat "$t" ' + redirect + ' "$1"; s=$?; rm -f "$t"; exit $s')
         res = self.run(["/bin/sh", "-c", script, "kbridge", path], stdin=data, timeout=60)
         if not res.ok:
-            why = res.stderr.decode(errors="replace").strip().splitlines()
-            raise ChannelError(f"writing {path} in {self.name} failed: {why[-1].rsplit(':', 1)[-1].strip() if why else res.exitcode}")
+            lines = res.stderr.decode(errors="replace").strip().splitlines()
+            why = lines[-1].rsplit(":", 1)[-1].strip() if lines else f"exit {res.exitcode}"
+            raise ChannelError(f"writing {path} in {self.name} failed: {why}")
 
     def read_file(self, path: str) -> bytes:
         """The bytes of PATH in the guest."""
         res = self.run(["cat", path], timeout=60)
         if not res.ok:
-            why = res.stderr.decode(errors="replace").strip()
-            raise ChannelError(f"reading {path} in {self.name} failed: {why.rsplit(':', 1)[-1].strip() or res.exitcode}")
+            why = res.stderr.decode(errors="replace").strip().rsplit(":", 1)[-1].strip() or f"exit {res.exitcode}"
+            raise ChannelError(f"reading {path} in {self.name} failed: {why}")
         return res.stdout
 
     # -- streams -------------------------------------------------------------------
 
     def _reader(self, what: str, remote_argv: list[str]) -> tuple[subprocess.Popen[bytes], PipeLines]:
-        """A long-lived `ssh ... sudo sh -c 'echo $$ > PIDFILE; exec ARGV'` whose stdout we read."""
+        """A long-lived `ssh ... sudo sh -c 'echo $$ > PIDFILE; echo $$; exec ARGV'` whose stdout we read.
+
+        Returns once the guest process has written its pid (file and first line), so a
+        probe armed after this call already knows to exclude it.
+        """
         pidfile = f"{RUN_DIR}/{what}.pid"
-        script = f'mkdir -p {RUN_DIR}; echo $$ > {pidfile}; exec "$@"'
+        script = f'mkdir -p {RUN_DIR}; echo $$ > {pidfile}; echo $$; exec "$@"'
         remote = shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *remote_argv])
         proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
         assert proc.stdout is not None
-        return proc, PipeLines(proc.stdout, what, self)
+        lines = PipeLines(proc.stdout, what, self)
+        lines.idle = 0.2
+        deadline = time.monotonic() + 60
+        first = None
+        while first is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise ChannelError(f"the {what} reader did not start in {self.name}")
+            first = next(lines)
+        if not first.strip().isdigit():
+            proc.kill()
+            proc.wait()
+            raise ChannelError(f"the {what} reader in {self.name} said {first[:80]!r} instead of its pid")
+        return proc, lines
 
     def _kill_reader(self, what: str, proc: subprocess.Popen[bytes]) -> None:
         pidfile = f"{RUN_DIR}/{what}.pid"
@@ -506,21 +671,29 @@ class VagrantTarget:
         return _KmsgLines(self._kmsg[1])
 
     def stream_path(self, port: str) -> str:
-        """The guest FIFO a program writes to so its lines arrive on stream PORT."""
+        """The guest path a program writes to so its lines arrive on stream PORT.
+
+        stream() makes it a link to the stdout of a holder process, which is the SSH
+        channel itself: the writer's bytes go straight to sshd, and no relay process
+        (which a probe on the write path would see) sits in between.
+        """
         if port not in STREAM_PORTS:
             raise KbridgeError(f"unknown stream port {port!r}")
         return f"{RUN_DIR}/{port}"
 
     def stream(self, port: str, idle: float = 0.05) -> PipeLines:
-        """The host end of stream PORT: a FIFO in the guest, held open read-write by the reader
-        (so writers come and go without an end of file, like a virtio-serial port)."""
-        fifo = self.stream_path(port)
+        """The host end of stream PORT, open before the guest writes; writers come and go."""
+        link = self.stream_path(port)
         if port not in self._readers or self._readers[port][0].poll() is not None:
-            made = self.run(["/bin/sh", "-c", f'mkdir -p {RUN_DIR} && {{ [ -p "$1" ] || mkfifo -m 600 "$1"; }}',
-                             "kbridge", fifo], timeout=30)
-            if not made.ok:
-                raise KbridgeError(f"cannot make the stream FIFO {fifo} in {self.name}: {made.stderr.decode().strip()}")
-            self._readers[port] = self._reader(port, ["/bin/sh", "-c", 'exec cat 0<>"$1"', "kbridge", fifo])
+            # The holder never writes; it keeps the channel open between writers (like a
+            # virtio-serial port) and its pid file says whom to kill on close.
+            script = 'ln -sfn "/proc/$$/fd/1" "$1" && exec sleep infinity'
+            self._readers[port] = self._reader(port, ["/bin/sh", "-c", script, "kbridge", link])
+            deadline = time.monotonic() + 30
+            while not self.run(["test", "-L", link], timeout=30).ok:
+                if self._readers[port][0].poll() is not None or time.monotonic() > deadline:
+                    raise KbridgeError(f"could not open stream {port} in {self.name}")
+                time.sleep(0.05)
         reader = self._readers[port][1]
         reader.idle = idle
         return reader
@@ -534,11 +707,12 @@ class VagrantTarget:
 
     def plumbing_pids(self) -> list[int]:
         """Guest tgids that carry kbridge's own traffic (sshd's session, the readers): never probed."""
-        pids = [self._sshd_pid] if self._sshd_pid else []
         names = ["kmsg", *self._readers]
         script = "; ".join(f"cat {RUN_DIR}/{n}.pid 2>/dev/null" for n in names) + "; true"
+        pids: list[int] = []
         with contextlib.suppress(KbridgeError):
             pids += [int(x) for x in self.run(["/bin/sh", "-c", script], timeout=10).text.split() if x.isdigit()]
+        pids += [p for p in (self._sshd_pid, self._agent.pid if self._agent else None) if p]
         return sorted(set(pids))
 
     def bcc_python(self) -> list[str] | None:
@@ -586,12 +760,51 @@ class VagrantTarget:
         """The file libvirt writes the machine's serial console to, if the domain has one."""
         if shutil.which("virsh") is None:
             return None
-        dotdir = Path(self.env.get("VAGRANT_DOTFILE_PATH") or Path(self.env.get("VAGRANT_CWD", os.getcwd())) / ".vagrant")
         try:
-            uuid = (dotdir / "machines" / self.machine / "libvirt" / "id").read_text().strip()
+            uuid = (_dotdir(self.env) / "machines" / self.machine / "libvirt" / "id").read_text().strip()
             xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", uuid], capture_output=True,
                                  text=True, timeout=20).stdout
         except (OSError, subprocess.TimeoutExpired):
             return None
         m = re.search(r"<serial type='file'>\s*<source path='([^']+)'", xml)
         return Path(m.group(1)) if m else None
+
+
+def readiness() -> list[dict]:
+    """`kbridge doctor`'s Vagrant checks (all optional): vagrant, the libvirt plugin, libvirtd, boxes."""
+    from kbridge.arch import ARCHES
+    from kbridge.images import box as boxes
+
+    def row(check: str, ok: bool, detail: str) -> dict:
+        return {"check": check, "ok": ok, "detail": detail, "package": None, "optional": True}
+
+    if shutil.which("vagrant") is None:
+        return [row("vagrant", False, f"not installed (for --target vagrant:NAME): {_INSTALL}")]
+    env = dict(os.environ)
+    version = _vagrant(["--version"], env, timeout=60).stdout.strip()
+    res = [row("vagrant", True, version or "installed")]
+    plugins = _vagrant(["plugin", "list"], env, timeout=60).stdout
+    m = re.search(r"vagrant-libvirt \(([^)]*)\)", plugins)
+    res.append(row("vagrant-libvirt", bool(m), m.group(1) if m else f"plugin missing: {_INSTALL}"))
+    sock = Path("/run/libvirt/libvirt-sock")
+    if shutil.which("virsh"):
+        proc = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+        first = (proc.stdout or proc.stderr).strip().splitlines()
+        res.append(row("libvirtd", proc.returncode == 0,
+                       first[0] if proc.returncode == 0 and first else
+                       f"qemu:///system does not answer ({' '.join(first)[:120]}): start libvirtd "
+                       "(sudo systemctl start libvirtd) and join the libvirt group"))
+    else:
+        res.append(row("libvirtd", sock.exists(), "install libvirt-daemon-system libvirt-clients"))
+    added = boxes.added_boxes()
+    for a in ARCHES.values():
+        box = boxes.load(a)
+        name = boxes.box_name(a)
+        if box is None:
+            res.append(row(f"box {name}", False, f"not built: kbridge box build --arch {a.name}"))
+        else:
+            ok = box.version in added.get(name, [])
+            res.append(row(f"box {name}", ok, f"{box.krel}, version {box.version}" + (
+                "" if ok else f", not added to Vagrant: kbridge box build --arch {a.name}")))
+    return res

@@ -1,0 +1,64 @@
+"""`kbridge box build|list`: Vagrant boxes (libvirt) from the same Debian packages as the images."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated, Optional
+
+import typer
+
+from kbridge import progress
+from kbridge.arch import ARCHES, get_arch
+from kbridge.cli import app
+from kbridge.cli.image import MirrorOpt, mirrors_from
+from kbridge.cli.output import command, emit_json, out
+from kbridge.images import box as boxes
+from kbridge.images import image as images
+
+box_app = typer.Typer(help="Vagrant boxes (libvirt provider) with kbridge's kernel, for --target vagrant:NAME.",
+                      no_args_is_help=True)
+app.add_typer(box_app, name="box")
+
+
+@box_app.command("build")
+@command
+def build_cmd(
+    arch: Annotated[Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")] = None,
+    bcc: Annotated[bool, typer.Option("--bcc", help="Add python3-bpfcc and the kernel headers (--via bpf).")] = False,
+    mirror: MirrorOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if cached.")] = False,
+    add: Annotated[bool, typer.Option("--add/--no-add", help="Run `vagrant box add` (needs vagrant).")] = True,
+) -> None:
+    """Build (or check) the box for ARCH and add it to Vagrant as kbridge/SUITE-ARCH."""
+    box = boxes.ensure(get_arch(arch), bcc=bcc, mirrors=mirrors_from(mirror), rebuild=rebuild)
+    if add and shutil.which("vagrant"):
+        with progress.step(f"vagrant box add {box.name} (version {box.version})"):
+            boxes.vagrant_add(box)
+    elif add:
+        progress.warn("vagrant is not installed: install vagrant and vagrant-libvirt, then run this command again "
+                      "to add the box")
+    out.print(f"{box.name} {box.version} {box.krel} {box.dir}")
+
+
+@box_app.command("list")
+@command
+def list_cmd(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Built boxes and whether Vagrant has them (`vagrant box list`)."""
+    added = boxes.added_boxes()
+    rows = []
+    for a in ARCHES.values():
+        for bcc in (False, True):
+            box = boxes.load(a, bcc=bcc)
+            name = boxes.box_name(a, images.DEFAULT_SUITE, bcc)
+            if box is None and bcc:
+                continue  # the bcc variant is listed only once built
+            rows.append({"name": name, "arch": a.name, "bcc": bcc, "built": box is not None,
+                         "version": box.version if box else None, "kernel": box.krel if box else None,
+                         "added": bool(box and box.version in added.get(name, [])),
+                         "dir": str(boxes.box_dir(a, images.DEFAULT_SUITE, bcc))})
+    if json_out:
+        emit_json({"boxes": rows})
+        return
+    for r in rows:
+        state = ("added" if r["added"] else "built, not added") if r["built"] else "not built"
+        out.print(f"{r['name']:28} {r['kernel'] or '-':18} {state:17} {r['dir']}")
