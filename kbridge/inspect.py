@@ -38,6 +38,7 @@ from kbridge.mechanisms.kmod import explain_register_error
 from kbridge.render.kmod import ModuleSource, template_dir
 from kbridge.session import Session
 from kbridge.spec import validate_symbol
+from kbridge.symbols import SymbolError
 
 NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm64 words
 STEPS = ("before", "armed", "after")
@@ -157,7 +158,9 @@ def is_ftraceable(session: Session, symbol: str) -> bool:
     """Whether SYMBOL is in tracefs available_filter_functions (grep in the guest: the file is large)."""
     for path in ("/sys/kernel/tracing/available_filter_functions",
                  "/sys/kernel/debug/tracing/available_filter_functions"):
-        res = session.vm.run(["/bin/busybox", "grep", "-qxF", symbol, path], timeout=60)
+        mod, _, func = symbol.rpartition(":")  # a module's functions are listed as "FUNC [MOD]"
+        res = session.vm.run(["/bin/busybox", "grep", "-qxF", f"{func} [{mod}]" if mod else symbol, path],
+                             timeout=60)
         if res.exitcode in (0, 1):
             return res.exitcode == 0
     raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")
@@ -170,7 +173,15 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
     (restored after) and, if the address is an ftrace site, the probe moved to
     the instruction after it. Inspection.changes says what was done.
     """
-    res = session.symbols.resolve(name, session.arch, frozenset())  # blacklist is reported, not refused
+    try:
+        res = session.symbols.resolve(name, session.arch, frozenset())  # blacklist is reported, not refused
+    except SymbolError:
+        from kbridge.usermod import resolve_module_symbol
+
+        # A function of a module loaded since the table was read (kbridge module load): MOD:SYM.
+        if (found := resolve_module_symbol(session.vm, name, session.symbols)) is None:
+            raise
+        res = found
     ins = Inspection(name, res.symbol, offset, session.arch.name, session.vm.krel, res.address, note=res.note,
                      breakpoint=force_breakpoint, requested_offset=offset)
     ins.aliases = aliases_of(session, res.symbol, res.address)

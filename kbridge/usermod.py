@@ -718,7 +718,7 @@ def split_module_symbol(name: str) -> tuple[str | None, str]:
 
 
 def resolve_module_symbol(target: Target, name: str, kernel: SymbolTable | None = None) -> Resolution | None:
-    """NAME ('sym' or 'mod:sym') among the functions of the modules loaded now.
+    """NAME ('sym' or 'mod:sym') among the functions of the modules loaded now, as MOD:SYM.
 
     None when a plain name is in no loaded module. A name in several modules (or
     in a module and the kernel, per KERNEL) must be qualified as MOD:SYM, as
@@ -745,4 +745,5 @@ def resolve_module_symbol(target: Target, name: str, kernel: SymbolTable | None 
         where = sorted({m for _, m in found}) + (["the kernel"] if in_kernel else [])
         raise SymbolError(f"{sym!r} is not unique: it is in {', '.join(where)}",
                           f"name it as MODULE:FUNCTION, e.g. {found[0][1]}:{sym}")
-    return Resolution(name, sym, found[0][0], f"{sym} is in module {found[0][1]}")
+    # Qualified, so later steps (kprobe symbol_name, tracefs, ftrace's function list) find this one.
+    return Resolution(name, f"{found[0][1]}:{sym}", found[0][0], f"{sym} is in module {found[0][1]}")

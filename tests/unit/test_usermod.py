@@ -214,7 +214,7 @@ def test_module_symbols_resolve():
     guest = CapturedGuest()
     kernel = SymbolTable.parse((DATA / "kallsyms-modules-x86_64.txt").read_text())
     res = usermod.resolve_module_symbol(guest, "kbchardev_write", kernel)  # type: ignore[arg-type]
-    assert (res.symbol, res.address, res.note) == ("kbchardev_write", 0xffffffffc0219000,
+    assert (res.symbol, res.address, res.note) == ("kbchardev:kbchardev_write", 0xffffffffc0219000,
                                                    "kbchardev_write is in module kbchardev")
     res = usermod.resolve_module_symbol(guest, "kbchardev:kbchardev_reject")  # type: ignore[arg-type]
     assert (res.symbol, res.address) == ("kbchardev:kbchardev_reject", 0xffffffffc021919f)

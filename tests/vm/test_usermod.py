@@ -99,6 +99,10 @@ def test_module_functions_resolve_for_tracefs_and_kprobes(kbridge_vm):
         # A plain name that only a module defines resolves too (read live from /proc/kallsyms).
         run = kbridge_vm.probe("kbchardev_read", ret=True, run="cat /dev/kbchardev")
         assert [h.retval for h in run.hits] == [6, 0]  # "hello\n", then end of file
+        # inspect plants a kprobe on the module's function and reads its bytes back.
+        ins = kbridge_vm.inspect("kbchardev_reject")
+        assert (ins.symbol, ins.blacklisted, ins.ftraceable) == ("kbchardev:kbchardev_reject", False, True)
+        assert ins.probe_address == ins.address and ins.insn["before"] == ins.insn["after"]
     finally:
         kbridge_vm.unload_module("kbchardev")
     assert "kbchardev" not in kbridge_vm.loaded_modules()
