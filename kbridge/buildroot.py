@@ -132,7 +132,9 @@ def _main(args: list[str]) -> None:
     root, headers, moddir = (Path(a) for a in args[:3])
     cmd = args[4:]
     binds = [(headers, root / HEADERS_AT.lstrip("/")), (moddir, root / MODULE_AT.lstrip("/")),
-             (Path("/dev"), root / "dev")]
+             (Path("/dev"), root / "dev"),
+             # sid's objtool reads its stack limit from /proc (read_stack_limit()).
+             (Path("/proc"), root / "proc")]
     for src, dst in binds:
         subprocess.run(["mount", "--rbind", str(src), str(dst)], check=True)
     os.chroot(root)
