@@ -132,11 +132,11 @@ def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
             progress.info(f"checking {directory} ({lab.name}) on {target.name} {target.krel}")
             report = check_in(target, directory, lab, files)
             if report.crashed:
-                was_kept = target.kept
+                was_kept, flavour = target.kept, target.flavour
                 stack.close()  # the crashed guest is released (an ephemeral one is stopped)
                 target = None
-                if was_kept:  # a kept VM is restarted now, so nothing broken is left running
-                    with acquire(arch=a, flavour=lab.flavour, keep=True, kernel=lab.kernel):
+                if was_kept:  # a kept VM is restarted now, as it was, so nothing broken is left running
+                    with acquire(arch=a, flavour=flavour, keep=True, kernel=lab.kernel):
                         progress.info(f"restarted the kept {a.name} VM")
             yield report
 
