@@ -33,8 +33,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kbridge import elf, progress
-from kbridge.build import check_vermagic, kbuild_argv
+from kbridge import buildroot, elf, progress
+from kbridge.build import HOST_GCC, check_vermagic, kbuild_argv, uses_build_root
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
 from kbridge.paths import cache_dir
@@ -225,8 +225,8 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
     out = cache_dir() / "usermods" / cache_key(files, image)
     if (cached := _from_cache(out, src, image)) is not None:
         return cached
-    cc = f"{image.arch.cross_compile()}gcc-12"
-    if missing := [t for t in ("make", cc) if shutil.which(t) is None]:
+    cc = f"{image.arch.cross_compile()}gcc-{HOST_GCC}"
+    if (missing := [t for t in ("make", cc) if shutil.which(t) is None]) and not uses_build_root(image):
         pkg = "gcc-12" if not image.arch.cross_compile() else f"gcc-12-{image.arch.gnu_triplet}"
         raise KbridgeError(f"cannot build modules: {', '.join(missing)} not found",
                            f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)")
@@ -271,8 +271,11 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
 
 
 def build_loader(image: Image) -> Path:
-    """The guest's finit_module loader (LOADER_C) for IMAGE's arch, built once and cached."""
-    cc = f"{image.arch.cross_compile()}gcc-12"
+    """The guest's finit_module loader (LOADER_C) for IMAGE's arch, built once and cached.
+
+    It uses no library, so the host's compiler builds it for every kernel.
+    """
+    cc = f"{image.arch.cross_compile()}gcc-{HOST_GCC}"
     digest = hashlib.sha256(f"{LOADER_C}|{cc}".encode()).hexdigest()[:16]
     out = cache_dir() / "usermods" / "loader" / f"kbridge-insmod-{image.arch.name}-{digest}"
     if out.is_file():
@@ -324,7 +327,10 @@ def map_paths(output: str, work: Path, src: Path) -> str:
     shown = str(src).rstrip("/") or "."
     # gcc quotes with U+2018/U+2019 when it thinks the terminal takes UTF-8: plain ASCII reads alike.
     output = output.replace("\u2018", "'").replace("\u2019", "'")
-    return output.replace(str(work) + "/", shown + "/").replace(str(work), shown)
+    # Inside a suite's build root (kbridge.buildroot) the copy is mounted at MODULE_AT.
+    for where in (str(work), buildroot.MODULE_AT):
+        output = output.replace(where + "/", shown + "/").replace(where, shown)
+    return output
 
 
 def diagnostics(output: str, src: Path) -> list[str]:
