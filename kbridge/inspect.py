@@ -119,12 +119,17 @@ def mode_of(list_line: str) -> str:
     return "breakpoint"
 
 
-def find_list_line(text: str, symbol: str, offset: int) -> str:
-    """Our probe's line in kprobes/list ('ADDR  k  SYMBOL+0xOFF  [FLAGS]'), or ''."""
+def find_list_line(text: str, symbol: str, offset: int, address: int | None = None) -> str:
+    """Our probe's line in kprobes/list ('ADDR  k  SYMBOL+0xOFF  [FLAGS]'), or ''.
+
+    x86 IBT kernels (Debian's 6.12 on) move an entry probe past endbr64: the line then
+    says SYMBOL+0x4, so the probe's live ADDRESS, when known, finds it too.
+    """
     want = f"{symbol}+{offset:#x}"
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[1] == "k" and parts[2] == want:
+        if len(parts) >= 3 and parts[1] == "k" and (
+                parts[2] == want or (address is not None and parts[0] == f"{address:016x}")):
             return line.strip()
     return ""
 
@@ -319,7 +324,7 @@ def _ctl(session: Session, module: str, cmd: str) -> None:
 def _record(session: Session, module: str, ins: Inspection, step: str) -> dict[str, str]:
     state = _read_state(session, module)
     ins.insn[step] = state.get("insn", "")
-    ins.list_lines[step] = find_list_line(session.kprobes_list(), ins.symbol, ins.offset)
+    ins.list_lines[step] = find_list_line(session.kprobes_list(), ins.symbol, ins.offset, ins.probe_address)
     return state
 
 
