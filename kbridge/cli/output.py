@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,9 +16,11 @@ from rich.markup import escape
 
 from kbridge import progress
 from kbridge.errors import KbridgeError
-from kbridge.events import EventSyntaxError
 from kbridge.spec import Hit
 from kbridge.targets.base import GuestCrash
+
+if TYPE_CHECKING:
+    from kbridge.events import EventSyntaxError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line when piped
 out = Console(highlight=False)
@@ -32,6 +34,13 @@ def _sink(kind: str, text: str) -> None:
     err.print(f"[{style}]{mark} {escape(text)}[/]")
 
 
+def _syntax_error(e: KbridgeError) -> TypeGuard[EventSyntaxError]:
+    # kbridge.events (the grammar, slow to import) is loaded only by the commands that parse
+    # event lines: if it was never imported, E cannot be one of its errors.
+    events = sys.modules.get("kbridge.events")
+    return events is not None and isinstance(e, events.EventSyntaxError)
+
+
 def command(fn: F) -> F:
     """Wrap a CLI command: progress to stderr, KbridgeError and Ctrl-C to a clean exit."""
 
@@ -42,10 +51,6 @@ def command(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except EventSyntaxError as e:
-            err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
-            err.print(escape(e.caret()), markup=False, highlight=False)
-            raise typer.Exit(2) from None
         except GuestCrash as e:
             err.print(f"[bold red]error:[/] {escape(e.message)}")
             err.print(escape(e.text))
@@ -53,6 +58,10 @@ def command(fn: F) -> F:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(3) from None
         except KbridgeError as e:
+            if _syntax_error(e):  # a kprobe_events line: the message, then a caret under the bad part
+                err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
+                err.print(escape(e.caret()), markup=False, highlight=False)
+                raise typer.Exit(2) from None
             err.print(f"[bold red]error:[/] {escape(e.message)}")
             if e.hint:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")

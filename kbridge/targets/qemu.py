@@ -28,6 +28,7 @@ from kbridge.arch import Arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import DEFAULT_SUITE, Image
 from kbridge.paths import cache_dir, state_dir
+from kbridge.targets import snapshot
 from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, parse_kmsg
 from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
 
@@ -146,7 +147,8 @@ class QemuVM:
     @classmethod
     def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
         """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
-        rundir = kept_dir(image.arch, image.suite) if keep else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        rundir = (kept_dir(image.arch, image.suite) if keep
+                  else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}")
         if len(str(rundir / "qga.sock")) > 100:
             raise KbridgeError(f"the VM state directory {rundir} is too long for unix sockets",
                                "set KBRIDGE_STATE to a shorter directory")
@@ -170,17 +172,37 @@ class QemuVM:
                 f"{image.arch.qemu_binary} is not installed",
                 f"sudo apt-get install {'qemu-system-x86' if image.arch.name == 'x86_64' else 'qemu-system-arm'}",
             )
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
+        state_key = None
+        if snapshot.supported(image, accel):
+            with contextlib.suppress(Exception):  # no key, no saved state: a normal boot
+                state_key = snapshot.key(argv, image, rundir)
+        if state_key is not None and (state := snapshot.path_for(image, state_key)).is_file():
+            try:
+                return cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, state)
+            except Exception:  # noqa: BLE001 - any failure to restore: boot instead, and save afresh
+                snapshot.discard(image, state_key)
+        vm = cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, None)
+        if state_key is not None:
+            with contextlib.suppress(Exception):  # not saved: the next fresh VM boots too
+                snapshot.save(rundir / "qmp.sock", image, state_key)
+        return vm
+
+    @classmethod
+    def _launch(cls, image: Image, accel: str, rundir: Path, keep: bool, argv: list[str], memory_mb: int,
+                cpus: int, timeout: float, state: Path | None) -> QemuVM:
+        """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
         shutil.rmtree(rundir, ignore_errors=True)
         rundir.mkdir(parents=True)
-        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
-        log = open(rundir / "qemu.log", "wb")
+        if state is not None:
+            argv = [*argv, *snapshot.restore_args(state)]
         # A session of its own: Ctrl-C at the terminal reaches kbridge, which stops the
         # VM itself, instead of killing QEMU first (the guest would look crashed).
-        popen = subprocess.Popen(
-            [*_spawn_prefix(keep), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(rundir / "qemu.log", "wb") as log:
+            popen = subprocess.Popen(
+                [*_spawn_prefix(keep), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = psutil.Process(popen.pid)
         vm = cls(rundir, image, accel, proc, keep)
         (rundir / "vm.json").write_text(json.dumps({
@@ -190,8 +212,12 @@ class QemuVM:
             "krel": image.krel, "memory_mb": memory_mb, "cpus": cpus,
         }))
         try:
-            with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
-                vm._agent = vm._connect(timeout)
+            if state is not None:
+                with progress.step(f"starting {image.arch.name} guest ({image.krel}, {accel}) from its saved state"):
+                    vm._agent = vm._resume(time.monotonic() + snapshot.RESTORE_TIMEOUT_S)
+            else:
+                with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
+                    vm._agent = vm._connect(timeout)
             if keep:
                 vm._take_lock()
             if accel == "kvm":
@@ -200,6 +226,23 @@ class QemuVM:
             vm.shutdown()
             raise
         return vm
+
+    def _resume(self, deadline: float) -> GuestAgent:
+        """A restored guest: run it, reconnect the agent, and set its clock (it stopped at the save)."""
+        qmp = snapshot.wait_restored(self.rundir / "qmp.sock", deadline)
+        qmp.close()
+        while True:
+            self._check_process()
+            try:
+                # The agent misses syncs sent while the restored guest settles: resend every 20 ms.
+                agent = GuestAgent(str(self.rundir / "qga.sock"), timeout=max(0.05, deadline - time.monotonic()),
+                                   retry_s=0.02)
+                break
+            except ChannelError:
+                if time.monotonic() > deadline:
+                    raise
+        agent.call("guest-set-time", time=time.time_ns())
+        return agent
 
     @classmethod
     def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE) -> QemuVM | None:
@@ -452,7 +495,7 @@ class PortReader:
             self.sock.settimeout(self.idle)
             try:
                 chunk = self.sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 return None
             if not chunk:
                 self.check_alive()

@@ -48,7 +48,7 @@ class _JsonSocket:
         while b"\n" not in self.buf:
             try:
                 chunk = self.sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 raise ChannelError(f"no answer on {self.path} within {timeout} s") from None
             except OSError:
                 chunk = b""
@@ -83,13 +83,13 @@ class ExecResult:
 class GuestAgent:
     """A connected qemu-guest-agent: run programs and move files in the guest."""
 
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
+    def __init__(self, path: str, timeout: float = 60.0, retry_s: float = 0.5) -> None:
         deadline = time.monotonic() + timeout
         self.chan = _JsonSocket(path, deadline)
         self._dirty = False  # a call was interrupted: its reply may still arrive
-        self._sync(deadline)
+        self._sync(deadline, retry_s)
 
-    def _sync(self, deadline: float) -> None:
+    def _sync(self, deadline: float, retry_s: float = 0.5) -> None:
         # Each attempt uses a fresh token and only the newest one counts: replies to
         # earlier attempts (and the parse error the agent reports for the 0xFF byte
         # itself) all arrive before the newest reply, so nothing stale is left behind.
@@ -101,7 +101,7 @@ class GuestAgent:
             try:
                 while True:
                     self.chan.buf = self.chan.buf.replace(b"\xff", b"")
-                    if self.chan.recv(0.5).get("return") == token:
+                    if self.chan.recv(retry_s).get("return") == token:
                         return
             except ChannelError as e:
                 if "closed" in e.message:
