@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from kbridge.arch import get_arch
 from kbridge.cli import app
+from kbridge.cli.options import ArchOpt, KernelOpt, TargetOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
@@ -66,9 +67,6 @@ def render_cmd(
         sys.stdout.write(f"/* ==== {fname} ==== */\n{text}")
 
 
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")]
-KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Debian suite or kernel line: bookworm|6.1, ...")]
-TargetOpt = Annotated[str | None, typer.Option("--target", help="qemu (default) or vagrant[:MACHINE].")]
 DirArg = Annotated[Path, typer.Argument(help="Your module's directory (a Kbuild or Makefile with obj-m).",
                                         show_default=False)]
 
@@ -84,7 +82,7 @@ def build_cmd(
     src: DirArg,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Build your module against the guest kernel's headers (cross-compiled for arm64), cached."""
     from kbridge import kernels, usermod
@@ -115,9 +113,9 @@ def load_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
-    """Build (if needed), push and insmod your module in the kept VM (booted if none runs); show its log."""
+    """Build (if needed), push and load your module into the kept VM (booted if none runs); show its kernel log."""
     from kbridge import kernels, usermod
     from kbridge.targets import acquire
 
@@ -149,7 +147,7 @@ def unload_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """rmmod your module from the kept VM; show its exit's kernel log."""
     from kbridge import kernels
