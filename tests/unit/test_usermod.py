@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kbridge import usermod
+from kbridge import elf, usermod
 from kbridge.arch import ARM64, X86_64
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
@@ -239,3 +239,16 @@ def test_module_symbol_errors():
     for bad in ("a b:f", "m:1f", ":f"):
         with pytest.raises(SymbolError, match="expected MODULE:FUNCTION"):
             usermod.split_module_symbol(bad)
+
+
+# -- the guest's loader ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [X86_64, ARM64])
+def test_the_loader_is_a_static_program_for_the_guest(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBRIDGE_CACHE", str(tmp_path))
+    data = usermod.build_loader(image(arch)).read_bytes()
+    machine = int.from_bytes(data[18:20], "little")  # e_machine
+    assert machine == {"x86_64": 62, "arm64": 183}[arch.name]  # EM_X86_64, EM_AARCH64
+    assert elf.interpreter(data) is None and elf.needed(data) == []  # runs in any guest
+    assert usermod.build_loader(image(arch)).read_bytes() == data  # cached
