@@ -123,3 +123,17 @@ def test_module_built_with_the_suites_compiler_fires(suite, arch):
     version = kernels.SUITES[suite].major_minor
     if version is not None:
         assert kernels.version_tuple(summary["kernel"]) == version
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "x86_64"))
+def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
+    """`kbridge inspect ksys_write`: the armed probe's kprobes/list line names the real offset."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbridge", "inspect", "ksys_write", "--kernel", suite, "--arch", arch, "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    armed = report["kprobes_list"]["armed"]
+    ibt = suite in ("trixie", "sid")
+    assert ("ksys_write+0x4" if ibt else "ksys_write+0x0") in armed, report
+    assert report["mode"] == "ftrace"
