@@ -25,6 +25,7 @@ for non-ASCII input, which no valid command contains.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import NoReturn, Union
@@ -213,9 +214,18 @@ def _image_config(suite: str, arch: str) -> tuple[dict[str, str] | None, str | N
     from kbridge.images import image
 
     img = image.load(get_arch(arch), suite, verify=False)
-    if img is None or not (img.headers / ".config").is_file():
+    if img is None or not (cfg := img.headers / ".config").is_file():
         return None, None
-    return image.parse_config((img.headers / ".config").read_text()), img.krel
+    return _config_file(str(cfg), cfg.stat().st_mtime_ns), img.krel
+
+
+@functools.lru_cache(maxsize=16)  # read for every line checked: parsed once per file version
+def _config_file(path: str, mtime_ns: int) -> dict[str, str]:
+    from pathlib import Path
+
+    from kbridge.images import image
+
+    return image.parse_config(Path(path).read_text())
 
 
 # Register names accepted by regs_query_register_offset() (regoffset_table[]).

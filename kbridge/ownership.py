@@ -2,13 +2,15 @@
 
 Every module kbridge loads, kprobe event it defines and helper process it
 starts (a trace_pipe reader, the bcc runner, the workload) is recorded in the
-guest under /run/kbridge/owned/, with the host process that owns it (pid and
+guest in /run/kbridge/owned.log, with the host process that owns it (pid and
 start time, so a reused pid is never mistaken for the owner). A kbridge killed
 with SIGKILL cannot clean up after itself; the next command on that guest
 reclaims what a dead owner left before it does anything else, and says so.
 
 Records live in the guest's /run (a tmpfs): a rebooted guest has none, and
-nothing of an earlier boot survives there either.
+nothing of an earlier boot survives there either. The ledger is one append-only
+file ("+" JSON when claimed, "-" KEY when released): claiming, releasing and
+listing are a few agent calls each, with no guest program started.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import psutil
 from kbridge.errors import KbridgeError
 from kbridge.targets.base import Target
 
-LEDGER = "/run/kbridge/owned"
+LEDGER = "/run/kbridge/owned.log"
+COMPACT_AT = 256  # ledger lines past which reclaim() rewrites it with only the live records
 KINDS = ("process", "event", "module")  # reclaimed in this order: stop readers before removing events
 _NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
 
@@ -61,12 +64,12 @@ def claim(target: Target, kind: str, name: str) -> Record:
         raise ValueError(f"bad ownership record {kind!r} {name!r}")
     pid, start = _me()
     rec = Record(kind, name, pid, start)
-    data = json.dumps(rec.__dict__).encode()
+    line = f"+{json.dumps(rec.__dict__)}\n".encode()
     try:
-        target.write_file(f"{LEDGER}/{rec.key}", data)
-    except KbridgeError:  # the first record in this guest: no ledger directory yet
-        target.run(["/bin/busybox", "mkdir", "-p", LEDGER], timeout=10)
-        target.write_file(f"{LEDGER}/{rec.key}", data)
+        target.write_file(LEDGER, line, mode="a")
+    except KbridgeError:  # a guest without /run/kbridge (not kbridge's init)
+        target.run(["/bin/busybox", "mkdir", "-p", LEDGER.rsplit("/", 1)[0]], timeout=10)
+        target.write_file(LEDGER, line, mode="a")
     return rec
 
 
@@ -86,7 +89,7 @@ def _start_time(target: Target, pid: int) -> str:
 def release(target: Target, rec: Record) -> None:
     """NAME is gone from the guest: forget it (best effort; a stale record is harmless)."""
     with contextlib.suppress(Exception):
-        target.run(["/bin/busybox", "rm", "-f", f"{LEDGER}/{rec.key}"], timeout=10)
+        target.write_file(LEDGER, f"-{rec.key}\n".encode(), mode="a")
 
 
 @contextlib.contextmanager
@@ -100,23 +103,40 @@ def owned(target: Target, kind: str, name: str) -> Iterator[Record]:
 
 
 def records(target: Target) -> list[Record]:
-    """Every record in the guest (one guest command)."""
-    # One command prints every record: NAME, a tab, its JSON, one per line.
-    res = target.run(["/bin/sh", "-c", 'mkdir -p "$1"; for f in "$1"/*; do [ -f "$f" ] && '
-                      'printf "%s\\t%s\\n" "${f##*/}" "$(cat "$f")"; done; true', "kbridge-ledger", LEDGER],
-                     timeout=30)
-    out = []
-    for line in res.text.splitlines():
-        _, _, body = line.partition("\t")
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            d = json.loads(body)
-            out.append(Record(d["kind"], str(d["name"]), int(d["owner"]), float(d["owner_start"])))
-    return out
+    """Every record in the guest (one file read)."""
+    return list(_fold(_read(target)).values())
+
+
+def _read(target: Target) -> list[str]:
+    try:
+        return target.read_file(LEDGER).decode(errors="replace").splitlines()
+    except KbridgeError:
+        return []  # nothing claimed in this guest yet
+
+
+def _fold(lines: list[str]) -> dict[str, Record]:
+    """The records claimed and not released, by key, in claim order."""
+    live: dict[str, Record] = {}
+    for line in lines:
+        if line.startswith("-"):
+            live.pop(line[1:], None)
+            continue
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            d = json.loads(line[1:])
+            rec = Record(d["kind"], str(d["name"]), int(d["owner"]), float(d["owner_start"]))
+            live[rec.key] = rec
+    return live
 
 
 def reclaim(target: Target) -> list[str]:
     """Remove what dead kbridge processes left in the guest; what was done, one phrase each."""
-    dead = [r for r in records(target) if not r.owner_alive()]
+    lines = _read(target)
+    live = _fold(lines)
+    dead = [r for r in live.values() if not r.owner_alive()]
+    if not dead and len(lines) > COMPACT_AT:
+        # Only live owners' records are kept; one command uses a kept VM at a time (its lock).
+        with contextlib.suppress(Exception):
+            target.write_file(LEDGER, "".join(f"+{json.dumps(r.__dict__)}\n" for r in live.values()).encode())
     done: list[str] = []
     for kind in KINDS:
         for rec in (r for r in dead if r.kind == kind):

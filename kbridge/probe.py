@@ -16,7 +16,7 @@ from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
 from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
-from kbridge.session import Session, cached_blacklist, cached_symbols
+from kbridge.session import Session, cached_resolution
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.symbols import Resolution, SymbolError
 from kbridge.targets import acquire, kept_image, parse_target
@@ -85,18 +85,16 @@ def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | 
     with ThreadPoolExecutor(max_workers=1) as pool:
         if where.kind == "qemu":
             img = kept_image(arch, suite, mirrors)
-            table, blacklist = cached_symbols(img), cached_blacklist(img)
-            if table is not None and blacklist is not None:
-                try:
-                    resolution = table.resolve(spec.symbol, arch, blacklist)  # fails before any boot
-                except SymbolError:
-                    from kbridge.targets.qemu import QemuVM
+            try:
+                resolution = cached_resolution(img, spec.symbol, arch)  # fails before any boot
+            except SymbolError:
+                from kbridge.targets.qemu import QemuVM
 
-                    # Not the kernel's: a module loaded into the kept VM (kbridge module load) may
-                    # define it, which only the running guest knows. With no kept VM, fail now.
-                    if (kept := QemuVM.attach(arch, suite)) is None:
-                        raise
-                    kept.detach()
+                # Not the kernel's: a module loaded into the kept VM (kbridge module load) may
+                # define it, which only the running guest knows. With no kept VM, fail now.
+                if (kept := QemuVM.attach(arch, suite)) is None:
+                    raise
+                kept.detach()
             if resolution is not None:
                 check_offset(spec, resolution)
                 mech.check(spec.with_symbol(resolution.symbol), arch)

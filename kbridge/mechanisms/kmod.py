@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import hashlib
 import os
 import secrets
 import time
@@ -90,9 +91,12 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     module = built.name
     result = MechanismResult("kmod", spec)
     run_id = secrets.token_hex(4)
-    guest_ko = f"/tmp/{module}.ko"
-    stream = target.kmsg()
-    target.write_file(guest_ko, built.ko.read_bytes())
+    ko = built.ko.read_bytes()
+    # Named by content and left in the guest's /tmp: removing it would cost a guest
+    # command per run, and a kept VM probing the same spec again overwrites it in place.
+    guest_ko = f"/tmp/kbridge-{hashlib.sha256(ko).hexdigest()[:16]}.ko"
+    stream = target.kmsg(idle=0.02)
+    target.write_file(guest_ko, ko)
     params = [f"run={run_id}"]
     if pids := session.plumbing_pids():
         params.append("exclude=" + ",".join(map(str, pids)))
@@ -109,7 +113,9 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         loaded = True
         _wait_for(stream, module, run_id, "ready", crash)
         work = WorkloadRun(target, workload)
-        stopper = Stopper(stop, work)
+        # No quiet time after the workload ends: every hit printed before rmmod precedes
+        # the unload message, and _unload reads up to it.
+        stopper = Stopper(stop, work, drain_s=0.0)
         while True:
             rec = next(stream)
             hit = None
@@ -129,8 +135,6 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
                 _unload(session, stream, module, run_id, result, stop, on_hit, crash)
         if not crash:  # unloaded (or never loaded); after an oops the VM is restarted anyway
             ownership.release(target, record)
-        with contextlib.suppress(Exception):
-            target.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
     if crash:
         target.mark_crashed()
         raise GuestCrash(f"the guest kernel oopsed while {module} was loaded", "\n".join(crash))

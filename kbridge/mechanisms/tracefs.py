@@ -173,12 +173,22 @@ def set_filter(vm: Target, ev: events.ProbeEvent, text: str) -> None:
 def read_stats(vm: Target) -> dict[str, CpuStats]:
     """per_cpu/cpuN/stats for every CPU the guest has."""
     out = {}
-    listing = vm.run(["/bin/busybox", "ls", f"{TRACING}/per_cpu"], timeout=30).text.split()
-    for cpu in listing:
-        if cpu.startswith("cpu"):
-            with contextlib.suppress(ChannelError):
-                out[cpu] = parse_cpu_stats(vm.read_file(f"{TRACING}/per_cpu/{cpu}/stats").decode())
+    # tracefs has a per_cpu/cpuN for each possible CPU (for_each_tracing_cpu): read that
+    # list, a file, rather than start ls in the guest.
+    for n in parse_cpu_list(vm.read_file("/sys/devices/system/cpu/possible").decode()):
+        with contextlib.suppress(ChannelError):
+            out[f"cpu{n}"] = parse_cpu_stats(vm.read_file(f"{TRACING}/per_cpu/cpu{n}/stats").decode())
     return out
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A kernel CPU list ('0', '0-3', '0,2-5') as CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            cpus.extend(range(int(lo), int(hi if hi.isdigit() else lo) + 1))
+    return cpus
 
 
 def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
