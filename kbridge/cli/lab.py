@@ -34,14 +34,19 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
                        "kernel": lab.kernel or "6.1", "arches": list(lab.arches), "minutes": lab.minutes,
                        "check_seconds": lab.check_seconds})
         return
-    t = Table(title="kbridge labs")
-    for col in ("lab", "teaches", "kernel", "arches", "student", "check"):
-        t.add_column(col)
+    t = Table(title="kbridge labs (x86_64 and arm64)", caption="check: seconds per `kbridge lab check` "
+              "with the VM up (x86_64 / arm64)")
+    t.add_column("lab", no_wrap=True)
+    t.add_column("what it teaches")
+    t.add_column("kernel", no_wrap=True)
+    t.add_column("student", no_wrap=True)
+    t.add_column("check", no_wrap=True)
     for lab in LABS.values():
-        t.add_row(lab.name, lab.teaches, lab.kernel or "6.1", " ".join(lab.arches), f"~{lab.minutes} min",
-                  " / ".join(f"{a} ~{s} s" for a, s in lab.check_seconds.items()))
+        secs = " / ".join(f"{lab.check_seconds[a]}" for a in lab.arches if a in lab.check_seconds)
+        t.add_row(lab.name, f"{lab.title}: {lab.teaches}", lab.kernel or "6.1", f"~{lab.minutes} min",
+                  f"{secs} s" if secs else "?")
     out.print(t)
-    err.print("start one with: kbridge lab start LAB")
+    err.print("start one with: kbridge lab start LAB (--json lists them for programs)")
 
 
 def _write(name: str, which: str, dest: Path | None, force: bool) -> Path:

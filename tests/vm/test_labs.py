@@ -47,17 +47,13 @@ BUGS = [
     Bug("kprobe-module", "post-ip", (("kprobe_lab.c", "last_post_ip = instruction_pointer(regs);",
                                       "last_post_ip = last_pre_ip;"),), ("x86_64", "arm64")),
     Bug("kprobe-events", "filter", (("events.sh", "echo 'comm == \"kblab\"' >", ": "),)),
-    Bug("kprobe-events", "read", (("events.sh", "cat $T/trace", "cat $T/kprobe_events"),)),
     Bug("kretprobe", "entry-data", (("kretprobe_lab.c", "regs_get_kernel_argument(regs, 2)",
                                      "regs_get_kernel_argument(regs, 1)"),)),
-    Bug("kretprobe", "duration", (("kretprobe_lab.c", "\tdata->entry = ktime_get();\n", ""),)),
     Bug("kretprobe", "nmissed", (("kretprobe_lab.c", "\tif (maxactive > 0)\n\t\trp.maxactive = maxactive;\n", ""),)),
     Bug("breakpoint", "entry-mode", (("answers.txt", "x86_64.entry_mode = ftrace", "x86_64.entry_mode = breakpoint"),
                                      ("answers.txt", "arm64.entry_mode = breakpoint", "arm64.entry_mode = ftrace"))),
 ]
 OLD_BUGS = [
-    Bug("old-apis", "arguments", (("old_lab.c", "count = regs_get_kernel_argument(regs, 2);",
-                                   "count = regs_get_kernel_argument(regs, 1);"),)),
     Bug("old-apis", "fault-handler", (("old_lab.c", "\t.fault_handler = handler_fault,\n", ""),)),
 ]
 
