@@ -49,6 +49,9 @@ def checks() -> list[dict]:
     strays = [p.pid for p in orphans()]
     res.append({"check": "stray qemu", "ok": True, "optional": True, "package": None,
                 "detail": f"kbridge QEMU processes running: {strays}" if strays else "none"})
+    from kbridge.targets.vagrant import readiness as vagrant_readiness  # Vagrant: optional checks
+
+    res += vagrant_readiness()
     return res
 
 

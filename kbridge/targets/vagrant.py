@@ -623,7 +623,8 @@ class VagrantTarget:
 
     # -- streams -------------------------------------------------------------------
 
-    def _reader(self, what: str, remote_argv: list[str]) -> tuple[subprocess.Popen[bytes], PipeLines]:
+    def _reader(self, what: str, remote_argv: list[str],
+                hold_stdin: bool = False) -> tuple[subprocess.Popen[bytes], PipeLines]:
         """A long-lived `ssh ... sudo sh -c 'echo $$ > PIDFILE; echo $$; exec ARGV'` whose stdout we read.
 
         Returns once the guest process has written its pid (file and first line), so a
@@ -632,8 +633,10 @@ class VagrantTarget:
         pidfile = f"{RUN_DIR}/{what}.pid"
         script = f'mkdir -p {RUN_DIR}; echo $$ > {pidfile}; echo $$; exec "$@"'
         remote = shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *remote_argv])
-        proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
+        # HOLD_STDIN: the guest side waits on its stdin, which ends when this ssh goes away.
+        proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.PIPE if hold_stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env,
+                                preexec_fn=_die_with_parent)
         assert proc.stdout is not None
         lines = PipeLines(proc.stdout, what, self)
         lines.idle = 0.2
@@ -653,6 +656,9 @@ class VagrantTarget:
 
     def _kill_reader(self, what: str, proc: subprocess.Popen[bytes]) -> None:
         pidfile = f"{RUN_DIR}/{what}.pid"
+        if proc.stdin:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         if self._master is not None and self._master.poll() is None:
             self.run(["/bin/sh", "-c", f'[ -s {pidfile} ] && kill "$(cat {pidfile})"; rm -f {pidfile}'], timeout=10)
         try:
@@ -686,9 +692,9 @@ class VagrantTarget:
         link = self.stream_path(port)
         if port not in self._readers or self._readers[port][0].poll() is not None:
             # The holder never writes; it keeps the channel open between writers (like a
-            # virtio-serial port) and its pid file says whom to kill on close.
-            script = 'ln -sfn "/proc/$$/fd/1" "$1" && exec sleep infinity'
-            self._readers[port] = self._reader(port, ["/bin/sh", "-c", script, "kbridge", link])
+            # virtio-serial port) until its stdin ends: when we close it, or when kbridge dies.
+            script = 'ln -sfn "/proc/$$/fd/1" "$1" && read -r _; rm -f "$1"'
+            self._readers[port] = self._reader(port, ["/bin/sh", "-c", script, "kbridge", link], hold_stdin=True)
             deadline = time.monotonic() + 30
             while not self.run(["test", "-L", link], timeout=30).ok:
                 if self._readers[port][0].poll() is not None or time.monotonic() > deadline:

@@ -1,0 +1,89 @@
+"""Pure parts of the Vagrant target and boxes: Vagrant's machine-readable output, the box
+Vagrantfile, and the root shell's framing, run against a real local /bin/sh."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kbridge.arch import get_arch
+from kbridge.images import box
+from kbridge.targets import vagrant
+
+# `vagrant status --machine-readable` from this repository's Vagrantfile (vagrant 2.3.4).
+STATUS = """\
+1795760000,kbridge-x86_64,metadata,provider,libvirt
+1795760000,kbridge-arm64,metadata,provider,libvirt
+1795760001,kbridge-x86_64,provider-name,libvirt
+1795760001,kbridge-x86_64,state,running
+1795760001,kbridge-x86_64,state-human-short,running
+1795760001,kbridge-arm64,provider-name,libvirt
+1795760001,kbridge-arm64,state,not_created
+1795760001,kbridge-arm64,state-human-short,not created
+1795760001,,ui,info,Current machine states:
+"""
+
+
+def test_parse_status() -> None:
+    assert vagrant.parse_status(STATUS) == {"kbridge-x86_64": ("running", "libvirt"),
+                                            "kbridge-arm64": ("not_created", "libvirt")}
+
+
+def test_vagrant_error_message_from_machine_readable_rows() -> None:
+    proc = subprocess.CompletedProcess(["vagrant"], 1, stdout=(
+        "1795760002,,error-exit,Vagrant::Errors::MachineNotFound,The machine with the name 'nope' was not "
+        "found configured for\\nthis Vagrant environment.\n"), stderr="")
+    msg = vagrant._vagrant_message(proc)
+    assert msg == "The machine with the name 'nope' was not found configured for this Vagrant environment."
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_box_vagrantfile(arch: str) -> None:
+    text = box.box_vagrantfile(get_arch(arch))
+    assert 'lv.kernel = File.join(dir, "kernel")' in text and 'lv.initrd = File.join(dir, "initrd")' in text
+    assert f"console={get_arch(arch).console}" in text and "root=/dev/vda" in text
+    assert ("lv.inputs = []" in text) == (arch == "arm64")  # the virt machine has no PS/2
+
+
+def test_connect_without_vagrant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(vagrant.KbridgeError) as err:
+        vagrant.connect("kbridge-x86_64")
+    assert err.value.message == "vagrant is not installed" and "vagrant-libvirt" in (err.value.hint or "")
+
+
+def test_connect_rejects_a_directory_without_vagrantfile(tmp_path: Path) -> None:
+    if vagrant.shutil.which("vagrant") is None or vagrant.shutil.which("ssh") is None:
+        pytest.skip("vagrant or ssh is not installed")
+    with pytest.raises(vagrant.KbridgeError, match="no Vagrantfile in"):
+        vagrant.connect(None, tmp_path)
+
+
+@pytest.fixture
+def shell(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The root shell's script in a local /bin/sh, with its directory moved under TMP_PATH."""
+    proc = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent = vagrant._Agent(proc)
+    agent.stdin.write(vagrant._AGENT.replace("/run/kbridge", str(tmp_path)).encode())
+    agent.stdin.flush()
+    agent.ready(10)
+    yield agent
+    agent.stdin.close()
+    proc.wait(timeout=10)
+
+
+def test_root_shell_framing(shell) -> None:  # type: ignore[no-untyped-def]
+    res = shell.run(["/bin/sh", "-c", 'printf "a\\nKB>x 0\\n"; echo err >&2; exit 3'], None, 10)
+    assert (res.exitcode, res.stdout, res.stderr, res.signal) == (3, b"a\nKB>x 0\n", b"err\n", None)
+    data = bytes(range(256)) * 40
+    assert shell.run(["cat"], data, 10).stdout == data  # stdin through base64, binary output
+    assert shell.run(["cat"], None, 10).stdout == b""  # stdin is reset between commands
+    killed = shell.run(["/bin/sh", "-c", "kill -9 $$"], None, 10)
+    assert killed.signal == 9 and not killed.ok
+    missing = shell.run(["/nonexistent/prog", "a b"], None, 10)
+    assert missing.exitcode == 127 and b"not found" in missing.stderr
+    assert shell.run(["echo", "$HOME", "'quoted'", "a;b"], None, 10).stdout == b"$HOME 'quoted' a;b\n"
+    with pytest.raises(TimeoutError):
+        shell.run(["sleep", "5"], None, 0.3)
