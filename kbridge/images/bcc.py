@@ -151,7 +151,7 @@ def _initramfs(base: images.Image, modroot: Path, krel: str, out: Path) -> None:
         f.write(base.initramfs.read_bytes())
         w = CpioWriter(f)
         listed = []
-        for ko in images.module_closure(modroot, images.GUEST_MODULES + DISK_MODULES):
+        for ko in images.module_closure(modroot, images.GUEST_MODULES + DISK_MODULES, optional=("crc32c_generic",)):
             # Uncompressed under /lib/modules, as in the default image (busybox insmod).
             rel = f"lib/modules/{krel}/" + ko.relative_to(modroot).as_posix()
             rel = rel[: rel.index(".ko") + 3]

@@ -378,8 +378,12 @@ def _module_name(path: Path) -> str:
     return name
 
 
-def module_closure(modroot: Path, names: tuple[str, ...]) -> list[Path]:
-    """The .ko files for NAMES and their dependencies, dependencies first; built-ins skipped."""
+def module_closure(modroot: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[Path]:
+    """The .ko files for NAMES and their dependencies, dependencies first; built-ins skipped.
+
+    Names in OPTIONAL are left out when the kernel has no such module (e.g.
+    crc32c_generic, gone in 6.14 when ext4 moved to the crc32c library).
+    """
     builtin = {Path(line).stem.replace("-", "_") for line in (modroot / "modules.builtin").read_text().split()}
     by_name = {_module_name(p): p for suf in MODULE_SUFFIXES for p in modroot.rglob("*" + suf)}
     order: list[Path] = []
@@ -396,6 +400,8 @@ def module_closure(modroot: Path, names: tuple[str, ...]) -> list[Path]:
         order.append(by_name[name])
 
     for n in names:
+        if n in optional and n.replace("-", "_") not in by_name:
+            continue
         visit(n)
     return order
 
