@@ -137,3 +137,15 @@ def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
     ibt = suite in ("trixie", "sid")
     assert ("ksys_write+0x4" if ibt else "ksys_write+0x0") in armed, report
     assert report["mode"] == "ftrace"
+
+
+@pytest.mark.parametrize(("suite", "arch"), [pytest.param(s, a, id=f"{s}-{a}", marks=pytest.mark.matrix)
+                                             for s in kernels.SUITES for a in ARCHES])
+def test_three_mechanisms_agree(suite, arch):
+    """compare: kmod, tracefs and eBPF (that suite's bcc image) count the same hits."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbridge", "compare", "ksys_write", "--comm", "dd", "--run",
+         "dd if=/dev/zero of=/dev/null bs=1 count=50", "--kernel", suite, "--arch", arch],
+        capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "every mechanism counted the same hits" in proc.stdout + proc.stderr
