@@ -203,6 +203,14 @@ kb_run() {
     if [ -s "$d/err" ]; then printf 'KBERR %s\n' "$(wc -c < "$d/err")"; cat "$d/err"; else printf 'KBERR 0\n'; fi
     : > "$d/in"
 }
+kb_write() {
+    printf 'KB<%s\n' "$1"
+    if [ "$2" = a ]; then cat "$d/in" >> "$3"; else cat "$d/in" > "$3"; fi 2> "$d/err"
+    rc=$?
+    printf '\nKB>%s %s\n' "$1" "$rc"
+    if [ -s "$d/err" ]; then printf 'KBERR %s\n' "$(wc -c < "$d/err")"; cat "$d/err"; else printf 'KBERR 0\n'; fi
+    : > "$d/in"
+}
 trap 'rm -rf "$d"' EXIT
 printf 'KBREADY %s\n' "$$"
 '''
@@ -245,13 +253,18 @@ class _Agent:
         line = self._until(b"\n", time.monotonic() + timeout)
         self.pid = int(line.split(b"KBREADY ", 1)[1])
 
-    def run(self, argv: list[str], stdin: bytes | None, timeout: float | None) -> ExecResult:
+    def run(self, argv: list[str], stdin: bytes | None, timeout: float | None,
+            write_to: tuple[str, str] | None = None) -> ExecResult:
+        """Run ARGV with STDIN; or, with WRITE_TO (path, "w" | "a"), write STDIN to path in one write(2)."""
         mark = secrets.token_hex(8)
         text = ""
         if stdin:
             b64 = base64.encodebytes(stdin).decode()
             text += f"kb_in <<'KBIN{mark}'\n{b64}KBIN{mark}\n"
-        text += "kb_run " + shlex.join([mark, *argv]) + "\n"
+        if write_to is not None:
+            text += "kb_write " + shlex.join([mark, write_to[1], write_to[0]]) + "\n"
+        else:
+            text += "kb_run " + shlex.join([mark, *argv]) + "\n"
         self.stdin.write(text.encode())
         self.stdin.flush()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -479,10 +492,14 @@ class VagrantTarget:
         """Run ARGV as root in the guest and wait for it (through the root shell: one round trip)."""
         if not argv:
             raise KbridgeError("empty guest command")
+        return self._shell(argv, stdin, timeout)
+
+    def _shell(self, argv: list[str], stdin: bytes | None, timeout: float | None,
+               write_to: tuple[str, str] | None = None) -> ExecResult:
         with self._agent_lock:
             agent = self._agent_up()
             try:
-                return agent.run(argv, stdin, timeout)
+                return agent.run(argv, stdin, timeout, write_to)
             except TimeoutError:
                 self._agent_down(kill_children=True)
                 raise ChannelError(f"guest command {shlex.join(argv)[:80]!r} still running after {timeout} s") from None
@@ -605,9 +622,7 @@ class VagrantTarget:
         """Write DATA to PATH; mode "a" appends. One write(2) (a tracefs file parses each write)."""
         if mode not in ("w", "a"):
             raise KbridgeError(f"unknown write mode {mode!r}")
-        redirect = ">>" if mode == "a" else ">"
-        script = ('t=$(mktemp) || exit 1; cat > "$t" && cat "$t" ' + redirect + ' "$1"; s=$?; rm -f "$t"; exit $s')
-        res = self.run(["/bin/sh", "-c", script, "kbridge", path], stdin=data, timeout=60)
+        res = self._shell([], data, 60, write_to=(path, mode))
         if not res.ok:
             lines = res.stderr.decode(errors="replace").strip().splitlines()
             why = lines[-1].rsplit(":", 1)[-1].strip() if lines else f"exit {res.exitcode}"

@@ -87,3 +87,13 @@ def test_root_shell_framing(shell) -> None:  # type: ignore[no-untyped-def]
     assert shell.run(["echo", "$HOME", "'quoted'", "a;b"], None, 10).stdout == b"$HOME 'quoted' a;b\n"
     with pytest.raises(TimeoutError):
         shell.run(["sleep", "5"], None, 0.3)
+
+
+def test_root_shell_writes_files(shell, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "f"
+    assert shell.run([], b"one\n", 10, write_to=(str(target), "w")).ok
+    assert shell.run([], b"two\n", 10, write_to=(str(target), "a")).ok
+    assert target.read_bytes() == b"one\ntwo\n"
+    assert shell.run([], b"", 10, write_to=(str(target), "w")).ok and target.read_bytes() == b""  # truncates
+    bad = shell.run([], b"x", 10, write_to=(str(tmp_path / "no/such/dir"), "a"))
+    assert not bad.ok and b"nonexistent" in bad.stderr or b"No such file" in bad.stderr or b"cannot create" in bad.stderr
