@@ -10,6 +10,7 @@ the lost callback's count is kept in the notes), never as missing hits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import time
@@ -24,12 +25,13 @@ from kbridge.mechanisms.common import HitSink, MechanismResult, Stopper, StopRul
 from kbridge.render.bcc import check, render
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec
-from kbridge.targets.base import BPF_PORT, ExecResult
+from kbridge.targets.base import BPF_PORT, ExecResult, Target
 from kbridge.workload import Workload
 
 READY_TIMEOUT_S = 180.0  # bcc import + clang compile under TCG: 6-10 s on x86_64, more on emulated arm64
 RUNNER = "/tmp/kbridge_bpf_runner.py"  # /tmp is bound into the bcc rootfs at the same path
 PLAN = "/tmp/kbridge_bpf_plan.json"
+SERVE_PID = "/run/kbridge/bpf-runner.pid"  # a kept runner's pid and the hash of its text (bpf_runner.py)
 
 
 class BpfError(KbridgeError):
@@ -59,17 +61,27 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     result = MechanismResult("bpf", spec)
     stream = collect.messages(target.stream(BPF_PORT, idle=0.05), run_id)
     next(stream)  # connect the host end before the runner opens the port
-    target.write_file(RUNNER, (GUEST_DIR / "bpf_runner.py").read_bytes())
     target.write_file(PLAN, json.dumps(plan).encode())
-    handle = target.spawn([*python, "-u", RUNNER, PLAN])
+    runner = (GUEST_DIR / "bpf_runner.py").read_bytes()
+    server = _serving_runner(target, runner) if target.kept else None
+    handle: int | None = None
+    if server is not None:
+        pid = server  # a kept runner: bcc imported, programs compiled before kept by text hash
+        target.run(["/bin/busybox", "kill", "-USR1", str(pid)], timeout=30)
+    else:
+        target.write_file(RUNNER, runner)
+        # On a kept VM the runner stays for the next probe (bpf_runner.py --serve).
+        handle = target.spawn([*python, "-u", RUNNER, *(["--serve"] if target.kept else []), PLAN])
+        pid = target.guest_pid(handle)
     work: WorkloadRun | None = None
     ended = False
     record = None
     try:
         # A killed kbridge's runner stays attached: the next command stops it.
-        record = ownership.claim_process(target, target.guest_pid(handle))
-        ready = _wait_ready(session, stream, handle, spec)
-        result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s")
+        record = ownership.claim_process(target, pid)
+        ready = _wait_ready(session, stream, handle, pid, spec)
+        result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
+                            + (" (compiled earlier, kept by the runner)" if ready.get("cached") else ""))
         work = WorkloadRun(target, workload)
         stopper = Stopper(stop, work)
         while True:
@@ -82,15 +94,16 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
             if stopper.done(len(result.hits), hit):
                 break
         work.stop()
-        _finish(session, stream, handle, result, stop, on_hit)
+        _finish(session, stream, handle, pid, result, stop, on_hit)
         ended = True
     finally:
         if work:
             work.stop()
         if not ended:
             with contextlib.suppress(Exception):
-                target.run(["/bin/busybox", "kill", "-9", str(target.guest_pid(handle))], timeout=10)
-                target.wait(handle, timeout=10)
+                target.run(["/bin/busybox", "kill", "-9", str(pid)], timeout=10)
+                if handle is not None:
+                    target.wait(handle, timeout=10)
         if record is not None:
             ownership.release(target, record)
         target.close_stream(BPF_PORT)
@@ -98,21 +111,53 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     return result
 
 
-def _wait_ready(session: Session, stream: Iterator[dict | None], handle: int, spec: ProbeSpec) -> dict:
+def _serving_runner(target: Target, runner: bytes) -> int | None:
+    """The pid of the kept runner of this very runner text, if one waits in the guest."""
+    try:
+        pid_text, digest = target.read_file(SERVE_PID).decode().split()
+        cmdline = target.read_file(f"/proc/{int(pid_text)}/cmdline")
+    except (KbridgeError, ValueError):
+        return None
+    if b"--serve" not in cmdline or RUNNER.encode() not in cmdline:
+        return None  # gone, and the pid reused
+    if digest != hashlib.sha256(runner).hexdigest():
+        # Started by another kbridge version: replace it.
+        with contextlib.suppress(KbridgeError):
+            target.run(["/bin/busybox", "kill", pid_text], timeout=10)
+        return None
+    return int(pid_text)
+
+
+def _alive(target: Target, pid: int) -> bool:
+    try:
+        return RUNNER.encode() in target.read_file(f"/proc/{pid}/cmdline")
+    except KbridgeError:
+        return False
+
+
+def _wait_ready(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int,
+                spec: ProbeSpec) -> dict:
     target = session.target
     deadline = time.monotonic() + READY_TIMEOUT_S
+    next_check = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         msg = next(stream)
         if msg is not None:
             if msg["ev"] == "ready":
                 return msg
             if msg["ev"] == "error":
-                res = target.wait(handle, timeout=30)
-                raise _explain(msg, spec, res.stderr.decode(errors="replace"))
+                stderr = msg.get("stderr") or ""
+                if not stderr and handle is not None and not target.kept:
+                    stderr = target.wait(handle, timeout=30).stderr.decode(errors="replace")
+                raise _explain(msg, spec, stderr)
         res2: ExecResult | None
-        if msg is None and (res2 := target.poll(handle)) is not None:
+        if msg is None and handle is not None and (res2 := target.poll(handle)) is not None:
             raise BpfError(f"the bcc runner exited ({res2.exitcode}) before attaching: "
                            f"{(res2.stderr or res2.stdout).decode(errors='replace').strip()[-1500:]}")
+        if msg is None and handle is None and time.monotonic() > next_check:
+            next_check = time.monotonic() + 1.0
+            if not _alive(target, pid):
+                raise BpfError("the kept bcc runner exited before attaching")
     raise BpfError(f"bcc did not compile and attach within {READY_TIMEOUT_S:.0f} s")
 
 
@@ -130,11 +175,11 @@ def _explain(msg: dict, spec: ProbeSpec, stderr: str) -> BpfError:
     return BpfError(f"the bcc runner failed ({stage}): {detail}\n{diag}")
 
 
-def _finish(session: Session, stream: Iterator[dict | None], handle: int, result: MechanismResult,
-            stop: StopRule, on_hit: HitSink | None) -> None:
-    """Stop the runner (it detaches, drains and reports the exact counts), then check nothing stays attached."""
+def _finish(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int,
+            result: MechanismResult, stop: StopRule, on_hit: HitSink | None) -> None:
+    """Stop the run (the runner detaches, drains and reports the exact counts), then check nothing stays attached."""
     target = session.target
-    target.run(["/bin/busybox", "kill", "-INT", str(target.guest_pid(handle))], timeout=30)
+    target.run(["/bin/busybox", "kill", "-INT", str(pid)], timeout=30)
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
         msg = next(stream)
@@ -155,8 +200,9 @@ def _finish(session: Session, stream: Iterator[dict | None], handle: int, result
             raise BpfError(f"bcc runner failed while stopping: {msg.get('message')}")
     else:
         raise BpfError("the bcc runner did not report its counts within 60 s of being stopped")
-    with contextlib.suppress(Exception):
-        target.wait(handle, timeout=30)
+    if handle is not None and not msg.get("kept"):
+        with contextlib.suppress(Exception):
+            target.wait(handle, timeout=30)
     left = [ln for ln in session.kprobes_list().splitlines() if f" {result.spec.symbol}+" in ln]
     if left:
         raise BpfError(f"probes still attached after the bcc runner exited: {left}")

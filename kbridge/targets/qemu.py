@@ -47,7 +47,11 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
               memory_mb: int = 1024, cpus: int = 1, cmdline_extra: str = "") -> list[str]:
     """The QEMU command line for IMAGE: pure, so it can be read and tested on its own."""
     cpu = "host" if accel == "kvm" else arch.tcg_cpu
-    append = f"console={arch.console} quiet panic=-1 log_buf_len=8M {cmdline_extra}".strip()
+    # The guest streams the kernel log to the host one record per write, ~5k records/s
+    # under TCG, while a probed tight loop logs far faster: the log buffer must hold a
+    # burst until the stream catches up. 32 MiB holds ~200k hit lines (6.1 sizes the
+    # record descriptors from it too: ~140 MiB of the guest's memory in all).
+    append = f"console={arch.console} quiet panic=-1 log_buf_len=32M {cmdline_extra}".strip()
     argv = [
         arch.qemu_binary, *arch.qemu_machine, "-cpu", cpu, "-accel", accel,
         "-m", str(memory_mb), "-smp", str(cpus),
