@@ -46,6 +46,7 @@ MAX_SOURCE_FILES = 2000
 MAX_SOURCE_BYTES = 64 << 20
 MAX_PUSH_BYTES = 256 << 20  # the guest agent moves ~3 MiB/s: larger files belong in an image
 MODULE_NAME_LEN = 56  # include/linux/module.h: MODULE_NAME_LEN (64 - sizeof(unsigned long))
+GUEST_PREFIX = "/tmp/kbridge-usermod-"  # the module and loader files while a load runs
 CHARP_MAX = 1024  # kernel/params.c: param_set_charp refuses longer strings (-ENOSPC)
 
 # Build products, VCS state, tests and docs: kbuild reads none of them, so they are
@@ -470,7 +471,9 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
         raise KbridgeError(f"module {built.name} is already loaded in the {target.arch.name} guest",
                            f"kbridge module unload {built.name}")
     loader = build_loader(target.image)
-    guest_ko, guest_loader = f"/tmp/kbridge-{built.name}.ko", f"/tmp/kbridge-insmod-{secrets.token_hex(4)}"
+    # Both are removed once loaded: the kernel keeps its own copy of the module.
+    guest_ko = f"{GUEST_PREFIX}{built.name}.ko"
+    guest_loader = f"{GUEST_PREFIX}insmod-{secrets.token_hex(4)}"
     try:
         target.write_file(guest_ko, built.ko.read_bytes())
         target.write_file(guest_loader, loader.read_bytes())

@@ -94,10 +94,11 @@ def test_failed_init_leaves_nothing(kbridge_vm):
 
 
 def test_unload_leaves_nothing(kbridge_vm, client):
+    files = kbridge_vm.run("ls -a /tmp").text.split()
     kbridge_vm.load_module(HERE)
     kbridge_vm.run([client, "fill", "65"])
     kbridge_vm.unload_module("kbchardev")
     assert "kbchardev" not in kbridge_vm.loaded_modules()
     assert not kbridge_vm.run("ls /dev/kbchardev").ok
     assert "kbchardev" not in kbridge_vm.kprobes_list()
-    assert [f for f in kbridge_vm.run("ls /tmp").text.split() if f.startswith("kbridge")] == []
+    assert kbridge_vm.run("ls -a /tmp").text.split() == files

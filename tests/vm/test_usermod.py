@@ -28,7 +28,7 @@ pytest_plugins = ["pytester"]
 
 
 def _leftovers(vm) -> list[str]:
-    return [f for f in vm.run(["/bin/busybox", "ls", "/tmp"]).text.split() if f.startswith("kbridge")]
+    return [f for f in vm.run(["/bin/busybox", "ls", "/tmp"]).text.split() if f.startswith("kbridge-usermod-")]
 
 
 def test_compiler_errors_name_the_users_file_and_line(kbridge_arch, tmp_path):
