@@ -15,7 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from kbridge import progress
+from kbridge.collect.histogram import durations_of
+from kbridge.collect.singlestep import StepPairer
 from kbridge.errors import KbridgeError
+from kbridge.mechanisms.common import MechanismResult
 from kbridge.spec import Hit
 from kbridge.targets.base import GuestCrash
 
@@ -90,9 +93,25 @@ def emit_json(obj: dict) -> None:
 def hit_line(hit: Hit) -> str:
     args = " ".join(f"{k}={v}" for k, v in hit.args.items())
     ret = f" ret={hit.retval}" if hit.retval is not None else ""
+    took = f" took {hit.duration_ns} ns" if hit.duration_ns is not None else ""
+    trap = f" trap={hit.trap}" if hit.trap is not None else ""
+    regs = ""
+    if hit.ip is not None:
+        regs = f" [dim]addr={hit.addr:#x} {hit.ip_name}={hit.ip:#x} {hit.flags_name}={hit.flags or 0:#x}[/]"
     ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
     return (f"[dim]{ts}[/][bold]{hit.handler:5}[/] {escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} "
-            f"{escape(hit.symbol)} {escape(args)}{ret}")
+            f"{escape(hit.symbol)} {escape(args)}{ret}{took}{trap}{regs}")
+
+
+def show_durations(r: MechanismResult) -> None:
+    """The log2 histogram of return durations (the module's exact one, else from the hits streamed)."""
+    hist = r.durations or durations_of(r.hits)
+    if hist is None:
+        return
+    where = "every call, counted in the kernel" if hist.source == "module" else "the returns streamed"
+    err.print(f"[bold]{r.mechanism}: return durations[/] ({hist.total} calls, {where})")
+    for line in hist.text():
+        err.print(f"  {line}", markup=False)
 
 
 LIVE_LINES = 200  # hits printed live before the rest are only counted
@@ -105,12 +124,15 @@ class HitPrinter:
         self.json_out = json_out
         self.fmt = fmt
         self.shown = 0
+        self.steps = StepPairer()
 
     def __call__(self, hit: Hit) -> None:
         if self.json_out:
             emit_json(hit.to_json())
         elif self.shown < LIVE_LINES:
             err.print(self.fmt(hit))
+            if (step := self.steps.feed(hit)) is not None:
+                err.print(f"[cyan]      {escape(step.text())}[/]")
         self.shown += 1
 
     def finish(self) -> None:

@@ -16,7 +16,7 @@ from kbridge.cli.options import (
     MaxactiveOpt, MirrorOpt, OffsetOpt, PidOpt, PostOpt, PreOpt, RetOpt, RunOpt, TargetOpt, ViaOpt,
     explain_fault_removed, explain_removed, handlers, workload,
 )
-from kbridge.cli.output import HitPrinter, command, emit_json, err, show_workload
+from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
 from kbridge.images.apt import Mirrors
 from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.common import StopRule
@@ -66,7 +66,7 @@ def probe_cmd(
         raise explain_fault_removed(suite.major_minor)
     get_mechanism(via)  # an unknown --via fails before anything else
     a = get_arch(arch)
-    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm)
+    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault)
     printer = HitPrinter(json_out)
     result = run_probe(spec, a, workload(run), StopRule(count=count, duration=duration), printer, via=via,
                        kernel=suite.name, mirrors=mirrors_from(mirror, suite.name), target=target)
@@ -105,4 +105,5 @@ def show_summary(run: ProbeRun) -> None:
                       f"the kernel run {escape(run.resolution.symbol)} (busybox cat, for one, copies with "
                       "sendfile, not read). Try --run with a command that does, or --duration S to watch the "
                       "whole guest.[/]")
+        show_durations(r)
         show_workload(run.workload.description, r.workload_exit, r.workload_output)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kbridge import ownership
+from kbridge.collect.histogram import Log2Histogram, durations_of
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets.base import ExecResult, Target
 from kbridge.workload import Workload
@@ -62,6 +63,7 @@ class MechanismResult:
     workload_exit: int | None = None
     workload_output: str = ""
     notes: list[str] = field(default_factory=list)
+    durations: Log2Histogram | None = None  # return durations: the module's exact histogram, else from hits
 
     @property
     def total(self) -> int:
@@ -92,6 +94,8 @@ class MechanismResult:
             entry["first_event_s"] = round(self.first_event_s, 6)
         if self.notes:
             entry["notes"] = self.notes
+        if (hist := self.durations or durations_of(self.hits)) is not None:
+            entry["durations"] = hist.to_json()
         return entry
 
 

@@ -20,6 +20,7 @@ from kbridge import ownership, progress
 from kbridge.arch import Arch
 from kbridge.build import build
 from kbridge.collect.dmesg import ModuleEvent, parse_event, parse_hit
+from kbridge.collect.histogram import Log2Histogram
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
 from kbridge.mechanisms import Mechanism
@@ -34,9 +35,8 @@ from kbridge.workload import Workload
 REGISTER_ERRORS: dict[int, str] = {
     errnos.ENOENT: "the symbol is not in the kernel's symbol table (kallsyms_lookup_name failed)",
     errnos.EINVAL: "the address cannot be probed: it is on the kprobe blacklist, not in kernel text, "
-                   "or the offset is not inside the function / not at an instruction boundary",
-    errnos.EILSEQ: "the offset is not at an instruction boundary (or, on arm64, it is the ftrace "
-                   "call site, which kprobes refuse on 6.1)",
+                   "not inside the function, or (arm64) the ftrace call site or not a multiple of 4",
+    errnos.EILSEQ: "the offset is not at an instruction boundary (x86_64: can_probe())",
     errnos.EBUSY: "the location is busy: another tracer owns it (e.g. an ftrace user with IPMODIFY, "
                   "such as livepatch)",
     errnos.EEXIST: "this probe is already registered",
@@ -79,7 +79,7 @@ def check(spec: ProbeSpec, arch: Arch) -> None:
 
 def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
     """Render SPEC into C and build it for IMAGE (cached): may run while the guest boots."""
-    mod = render(spec, image.arch)
+    mod = render(spec, image.arch, image.krel)  # --fault on 5.14+ is refused here, before any boot
     return BuiltProbe(mod.name, build(mod, image))
 
 
@@ -109,7 +109,7 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
     try:
         ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)
         if not ins.ok:
-            raise _load_failure(stream, module, run_id, spec.symbol, ins.stderr.decode(errors="replace"))
+            raise _load_failure(stream, module, run_id, spec, ins.stderr.decode(errors="replace"), session)
         loaded = True
         _wait_for(stream, module, run_id, "ready", crash)
         work = WorkloadRun(target, workload)
@@ -163,8 +163,8 @@ def _wait_for(stream: Iterator[KmsgRecord | None], module: str, run_id: str, kin
     raise KbridgeError(f"{module}: no '{kind}' message in the guest log within {timeout:.0f} s")
 
 
-def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str, symbol: str,
-                  stderr: str) -> KbridgeError:
+def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str, spec: ProbeSpec,
+                  stderr: str, session: Session) -> KbridgeError:
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         rec = next(stream)
@@ -172,7 +172,12 @@ def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str,
             continue
         ev = parse_event(rec.text, module)
         if ev and ev.run == run_id and ev.kind == "failed":
-            return explain_register_error(ev.errno, ev.what, symbol)
+            if ev.what == "kprobe":
+                from kbridge.inspect import explain_refusal, is_ftraceable  # inspect imports this module
+
+                return explain_refusal(ev.errno, session.arch, spec.symbol, spec.offset,
+                                       is_ftraceable(session, spec.symbol))
+            return explain_register_error(ev.errno, ev.what, spec.symbol)
     return KbridgeError(f"insmod {module}.ko failed: {stderr.strip()}")
 
 
@@ -194,10 +199,16 @@ def _unload(session: Session, stream: Iterator[KmsgRecord | None], module: str, 
             result.take(hit, stop, on_hit, None)
             continue
         ev = parse_event(rec.text, module)
+        if ev and ev.run == run_id and ev.kind == "durations":
+            result.durations = Log2Histogram(ev.buckets or {}, source="module")
         if ev and ev.run == run_id and ev.kind == "unloaded":
             c = ev.counters or {}
-            result.counters = {h: c.get(h, 0) for h in ("pre", "post", "entry", "ret") if h in result.spec.handlers}
+            wanted = {*result.spec.handlers, *(("fault",) if result.spec.fault else ())}
+            result.counters = {h: c.get(h, 0) for h in ("pre", "post", "entry", "ret", "fault") if h in wanted}
             result.missed = c.get("kprobe_nmissed", 0) + c.get("kretprobe_nmissed", 0)
+            if c.get("fault"):
+                result.notes.append("kprobe_fault_handler() also counts each fault taken in a handler as "
+                                    "missed (nmissed), so missed includes the fault hits")
             if stop.count is None:
                 result.lost = max(0, result.total - len(result.hits))
             break

@@ -24,7 +24,7 @@ def test_single_step_pairs_pre_and_post_of_one_thread():
     step = p.feed(POST)
     assert step is not None and step.length == 2  # push %r13 (41 55)
     assert "ip 0xffffffff81367686 -> 0xffffffff81367687" in step.text()
-    assert "2-byte instruction" in step.text() and "after int3" in step.text()
+    assert "past the 2-byte instruction" in step.text() and "as after int3" in step.text()
     assert p.feed(POST) is None  # a post without its pre
 
 
