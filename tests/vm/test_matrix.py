@@ -73,6 +73,33 @@ def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
             assert not v["ok"] and e.kernel_position == v["kernel_position"], (v, e)
 
 
+def _trampoline(suite: str, arch: str) -> str:
+    """Where a kretprobe'd function returns to, by kernel: the symbol names changed twice."""
+    version = kernels.SUITES[suite].major_minor or events.NEWEST_KNOWN
+    if version < (5, 11):
+        return "kretprobe_trampoline"  # renamed __kretprobe_trampoline in 5.11
+    if arch == "x86_64":
+        return "arch_rethook_trampoline"  # x86 moved kretprobes onto rethook in 5.19
+    return "__kretprobe_trampoline"  # arm64 kept kprobes' own trampoline (7.2 still)
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where())
+def test_symbols_are_the_images_own(guests, suite, arch):
+    """Each image has its own symbol table: syscall entry and kretprobe trampoline by version."""
+    from kbridge.session import Session
+
+    session = Session(guests(suite, arch))
+    assert session.image.suite == suite
+    res = session.resolve("sys_write")
+    assert res.symbol == session.image.arch.syscall_prefix + "write", res
+    table = session.symbols
+    want = _trampoline(suite, arch)
+    others = {"kretprobe_trampoline", "__kretprobe_trampoline", "arch_rethook_trampoline"} - {want}
+    assert table.text(want), f"{want} missing on {session.image.krel}"
+    assert not [t for t in others if table.text(t)], f"{others} on {session.image.krel}"
+    assert session.blacklist and "ksys_write" not in session.blacklist  # the image's own, read live
+
+
 def _kprobes_list(guest: Target, line: str) -> str:
     """Define LINE, return debugfs kprobes/list while it is armed, then remove it."""
     group_event = line.split()[0].split(":", 1)[1]
