@@ -132,6 +132,9 @@ class PrivateApt:
         (self.root / "sources.list").write_text("\n".join(lines) + "\n")
 
     def _run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
+        return self._proc(tool, *args, cwd=cwd).stdout
+
+    def _proc(self, tool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         argv = [tool, "-q", *self._options(), *args]
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -144,7 +147,7 @@ class PrivateApt:
                 f"{tool} {' '.join(args)} failed ({self.suite}/{self.arch}):\n{err.strip()}",
                 f"check the mirror {self.mirrors.main} (override with --mirror or KBRIDGE_MIRROR)",
             )
-        return proc.stdout
+        return proc
 
     def update(self, force: bool = False) -> None:
         """Fetch the package lists, at most once a day unless forced."""
@@ -152,7 +155,9 @@ class PrivateApt:
         stamp = self.root / "state/updated"
         if not force and stamp.exists() and time.time() - stamp.stat().st_mtime < _LIST_MAX_AGE_S:
             return
-        self._run("apt-get", "update")
+        proc = self._proc("apt-get", "update")
+        if err := update_error(proc.stderr, self.suite, self.arch):
+            raise err
         stamp.touch()
 
     def depends(self, package: str) -> list[str]:
@@ -192,6 +197,21 @@ class PrivateApt:
             f"-oDir::Cache::archives={dest}", *packages,
         )
         return sorted(dest.glob("*.deb"))
+
+
+def update_error(stderr: str, suite: str, arch: str) -> KbridgeError | None:
+    """The error for an `apt-get update` that exited 0 but could not reach a source.
+
+    apt only warns ("W: Failed to fetch"); building from the other pockets alone
+    would fail later, less clearly. When only the security archive is unreachable
+    the error is a FetchError, which image builds answer by building without it.
+    """
+    failed = [ln for ln in stderr.splitlines() if ln.startswith("W: Failed to fetch")]
+    if not failed:
+        return None
+    cls = FetchError if all("-security" in ln for ln in failed) else KbridgeError
+    return cls(f"cannot read Debian {suite} ({arch}) package lists: {failed[0].removeprefix('W: ')}",
+               "check the mirror and the network (--mirror or KBRIDGE_MIRROR)")
 
 
 def extract(deb: Path, dest: Path) -> None:

@@ -168,3 +168,21 @@ def test_bullseye_modules_use_the_host_gcc_12():
 
 def test_trixie_and_sid_use_a_build_root():
     assert uses_build_root(_img("trixie", "x86_64")) and uses_build_root(_img("sid", "arm64"))
+
+
+def test_unreachable_sources_are_errors():
+    from kbridge.images.apt import FetchError, update_error
+
+    main = "W: Failed to fetch http://127.0.0.1:9/debian/dists/trixie/InRelease  Could not connect\n"
+    sec = "W: Failed to fetch http://m/debian-security/dists/bullseye-security/InRelease  404\n"
+    assert update_error("W: something else\n", "trixie", "amd64") is None
+    err = update_error(main + sec, "trixie", "amd64")
+    assert type(err) is KbridgeError and "trixie (amd64)" in err.message and "127.0.0.1:9" in err.message
+    assert isinstance(update_error(sec, "bullseye", "arm64"), FetchError)  # build without -security
+
+
+def test_optional_module_absent_from_a_kernel_is_skipped(tmp_path):
+    (tmp_path / "modules.builtin").write_text("kernel/drivers/virtio/virtio.ko\n")
+    assert image.module_closure(tmp_path, ("virtio", "crc32c_generic"), optional=("crc32c_generic",)) == []
+    with pytest.raises(KbridgeError, match="no module 'crc32c_generic'"):
+        image.module_closure(tmp_path, ("crc32c_generic",))
