@@ -13,7 +13,8 @@ from kbridge import events, kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt, CommOpt, CountOpt, DurationOpt, JsonOpt, KernelOpt, RunOpt, TargetOpt, workload
-from kbridge.cli.output import HitPrinter, command, emit_json, err, show_workload
+from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
+from kbridge.collect.tracefs_steps import Step
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.common import MechanismResult, StopRule
 from kbridge.render import tracefs as render
@@ -46,7 +47,19 @@ def _hit_text(hit: Hit) -> str:
     args = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in hit.args.items())
     ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
     event = getattr(hit, "event", hit.symbol)
-    return f"[dim]{ts}[/]{escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} [bold]{escape(event)}[/] {escape(args)}"
+    took = f" took {hit.duration_ns} ns" if hit.duration_ns is not None else ""
+    return f"[dim]{ts}[/]{escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} [bold]{escape(event)}[/] {escape(args)}{took}"
+
+
+def _show_step(step: Step) -> None:
+    """One tracefs operation as the walk-through writes it, then what the kernel shows there now."""
+    style = "cyan" if step.ok else "red"
+    err.print(f"[{style}]$ {escape(step.command)}[/]")
+    for path, text in step.readback.items():
+        lines = text.rstrip("\n").splitlines() or ["(empty)"]
+        err.print(f"[dim]  {escape(path)}:[/] {escape(lines[0])}")
+        for line in lines[1:]:
+            err.print(f"  {' ' * len(path)}  {escape(line)}", markup=False)
 
 
 @app.command("trace")
@@ -65,6 +78,10 @@ def trace_cmd(
     kernel: KernelOpt = None,
     target: TargetOpt = None,
     json_out: JsonOpt = False,
+    steps: Annotated[bool, typer.Option(
+        "--steps", help="Print each tracefs operation as it is done (kprobe_events, the event's directory, "
+                        "filter, enable, trace_pipe, kprobe_profile, the -: removal) with the files read "
+                        "back.")] = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
     a = get_arch(arch)
@@ -105,7 +122,8 @@ def trace_cmd(
         session = Session(guest)
         try:
             result = tracefs.run_lines(session, list(lines), work, StopRule(count=count, duration=duration),
-                                       printer, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm)
+                                       printer, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm,
+                                       steps=_show_step if steps else None)
         except events.EventSyntaxError as e:
             _show_syntax_error(e, json_out)
             err.print("[dim]the guest kernel's verdict, from tracing/error_log; kprobe_events is as it was[/]")
@@ -133,4 +151,5 @@ def _show_summary(r: MechanismResult, summary: dict) -> None:
     table.add_row("[dim]lost (ring buffer overrun)[/]", str(r.lost))
     table.add_row("[dim]missed (kprobe_profile)[/]", str(r.missed))
     err.print(table)
+    show_durations(r)
     show_workload(summary["workload"], r.workload_exit, r.workload_output)

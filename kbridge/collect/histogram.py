@@ -76,25 +76,34 @@ class Log2Histogram:
         return out
 
 
-def pair_durations(hits: list[Hit]) -> list[Hit]:
-    """Give each return hit without a duration the time since its thread's last entry hit.
+class ReturnPairer:
+    """Gives each return hit without a duration the time since its thread's last entry hit.
 
     For mechanisms that report an entry and a return event with timestamps
     (tracefs p/r pairs on one symbol): nested or recursive calls pair innermost first.
-    Returns the return hits that got a duration.
+    Feed hits in the order they were recorded (per thread, that is trace order).
     """
-    open_entries: dict[tuple[int, str], list[float]] = {}
-    paired = []
-    for hit in hits:
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, str], list[float]] = {}
+
+    def feed(self, hit: Hit) -> bool:
+        """Record an entry, or set a return's duration_ns; True if HIT got a duration."""
         key = (hit.tid if hit.tid is not None else hit.pid, hit.symbol)
         if hit.handler in ("entry", "pre") and hit.timestamp is not None:
-            open_entries.setdefault(key, []).append(hit.timestamp)
+            self._open.setdefault(key, []).append(hit.timestamp)
         elif hit.handler == "ret" and hit.duration_ns is None and hit.timestamp is not None:
-            stack = open_entries.get(key)
+            stack = self._open.get(key)
             if stack:
                 hit.duration_ns = max(0, round((hit.timestamp - stack.pop()) * 1e9))
-                paired.append(hit)
-    return paired
+                return True
+        return False
+
+
+def pair_durations(hits: list[Hit]) -> list[Hit]:
+    """ReturnPairer over HITS; the return hits that got a duration."""
+    pairer = ReturnPairer()
+    return [h for h in hits if pairer.feed(h)]
 
 
 def durations_of(hits: list[Hit]) -> Log2Histogram | None:

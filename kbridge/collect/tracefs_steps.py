@@ -80,14 +80,14 @@ class StepReporter:
         """PATH is being read (streamed) from now on: no read-back, it is the hits that follow."""
         self.sink(Step(f"cat {relative(path)}   # {what}"))
 
-    def show(self, path: str) -> None:
-        """cat PATH, as the kernel has it now."""
-        self.sink(Step(f"cat {relative(path)}", {relative(path): self._read(path)}))
+    def show(self, path: str, note: str = "") -> None:
+        """cat PATH, as the kernel has it now (NOTE: what its columns mean)."""
+        self.sink(Step(f"cat {relative(path)}" + (f"   # {note}" if note else ""), {relative(path): self._read(path)}))
 
     def removed(self, line: str, group: str, event: str) -> None:
         """LINE (-:GROUP/EVENT) was appended: kprobe_events without it, and the directory gone."""
         self.wrote(f"{TRACING}/kprobe_events", line, append=True)
-        self.sink(Step(f"ls {group}/", {f"events/{group}/": self._ls(f"{TRACING}/events/{group}")}))
+        self.sink(Step(f"ls events/{group}/", {f"events/{group}/": self._ls(f"{TRACING}/events/{group}")}))
 
     def failed(self, command: str) -> None:
         """COMMAND was refused: the kernel's error_log says why."""

@@ -24,9 +24,11 @@ from dataclasses import dataclass, replace
 
 from kbridge import events, ownership, progress
 from kbridge.arch import Arch
+from kbridge.collect.histogram import ReturnPairer
 from kbridge.collect.trace_pipe import (
     CpuStats, EventInfo, TracePipeParser, parse_cpu_stats, parse_kprobe_profile,
 )
+from kbridge.collect.tracefs_steps import StepReporter, StepSink, shell_quote, syscall_rewrite_note
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.common import HitSink, MechanismResult, Stopper, StopRule, WorkloadRun
@@ -132,12 +134,14 @@ def map_position(line: str, kernel_position: int) -> int:
     return len(line)
 
 
-def define(vm: Target, line: str) -> None:
+def define(vm: Target, line: str, steps: StepReporter | None = None) -> None:
     """Append LINE to kprobe_events; a rejection is reported with error_log's verdict and caret."""
     before = _error_log(vm)
     try:
         vm.write_file(KPROBE_EVENTS, (line + "\n").encode(), mode="a")
     except ChannelError as e:
+        if steps:
+            steps.failed(f"echo {shell_quote(line)} >> kprobe_events")
         why = str(e).rsplit(":", 1)[-1].strip()
         new = [x for x in _new_entries(before, _error_log(vm)) if x.subsystem == "trace_kprobe"]
         if not new:
@@ -153,7 +157,7 @@ def remove(vm: Target, ev: events.ProbeEvent) -> None:
     vm.write_file(KPROBE_EVENTS, (render.removal_line(ev) + "\n").encode(), mode="a")
 
 
-def set_filter(vm: Target, ev: events.ProbeEvent, text: str) -> None:
+def set_filter(vm: Target, ev: events.ProbeEvent, text: str, steps: StepReporter | None = None) -> None:
     """Write an event filter; a parse error is reported with the kernel's message and caret."""
     if not text:
         return
@@ -161,7 +165,11 @@ def set_filter(vm: Target, ev: events.ProbeEvent, text: str) -> None:
     before = _error_log(vm)
     try:
         vm.write_file(path, text.encode())
+        if steps:
+            steps.wrote(path, text)
     except ChannelError:
+        if steps:
+            steps.failed(f"echo {shell_quote(text)} > {path}")
         new = _new_entries(before, _error_log(vm))
         detail = str(new[-1]).rstrip() if new else vm.read_file(path).decode(errors="replace").rstrip()
         raise KbridgeError(
@@ -206,6 +214,8 @@ def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
         res = session.resolve(ev.symbol)
         if res.symbol != ev.symbol:
             notes.append(f"resolved {res.note}")
+            if why := syscall_rewrite_note(ev.symbol, res.symbol, session.arch):
+                notes.append(why)
             if any(isinstance(a.fetch, events.Arg) for a in ev.args):
                 notes.append(f"{res.symbol}'s only argument is the user's pt_regs: $argN there is not "
                              f"the syscall's argument (fetch them through it, e.g. +OFFSET($arg1))")
@@ -223,13 +233,18 @@ HitAdapter = Callable[[EventInfo, Hit], Hit]
 def run_lines(session: Session, lines: list[str], workload: Workload, stop: StopRule = StopRule(),
               on_hit: HitSink | None = None, filter: str | None = None,  # noqa: A002 - the CLI's name
               buffer_kb: int | None = None, pid: int | None = None, comm: str | None = None,
-              spec: ProbeSpec | None = None, adapt: HitAdapter | None = None) -> MechanismResult:
+              spec: ProbeSpec | None = None, adapt: HitAdapter | None = None,
+              steps: StepSink | None = None) -> MechanismResult:
     """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them.
 
     ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
     overwritten before they were read; ``missed`` is kprobe_profile's nmissed.
+    STEPS, if given, receives each tracefs operation with the files read back after it.
+    A return event's hits get the time since their thread's hit of an entry event on
+    the same symbol (duration_ns, from trace_pipe's microsecond timestamps).
     """
     vm = session.target
+    rep = StepReporter(vm, steps) if steps else None
     arch = session.arch
     for line in lines:
         if any(c in line for c in "\n\r\0"):
@@ -276,6 +291,8 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     work: WorkloadRun | None = None
     seen_start = False
     completed = False
+    returns = ReturnPairer()
+    entries = {f"{ev.effective_group}/{ev.effective_event}" for ev in parsed if not ev.is_return and not ev.offset}
 
     def handle(line: str) -> bool:
         rec = parser.feed(line)
@@ -286,6 +303,8 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         if stop.count is not None and len(result.hits) >= stop.count:
             return True
         hit = parser.hit(rec)
+        if info.is_return or info.full_name in entries:
+            returns.feed(hit)  # a return's duration: since its thread's hit of an entry event on that symbol
         result.take(adapt(info, hit) if adapt is not None else hit, stop, on_hit, work)
         return True
 
@@ -313,8 +332,11 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             vm.write_file(f"{TRACING}/tracing_on", b"1")
         for ev, original, line in zip(parsed, checked, lines):
             records.append(ownership.claim(vm, "event", f"{ev.effective_group}/{ev.effective_event}"))
-            define(vm, line if ev == original else events.format(ev))
+            written = line if ev == original else events.format(ev)
+            define(vm, written, rep)
             defined.append(ev)
+            if rep:
+                rep.defined(written, ev.effective_group, ev.effective_event)
         vm.write_file(f"{TRACING}/trace", b"")  # start from an empty ring buffer
         port = vm.stream(TRACE_PORT)
         next(port)  # connect the host side before the guest writes
@@ -326,14 +348,18 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         for ev in defined:
             if filter is not None and filter.strip():
                 # The user's expression alone first, so the kernel's caret points into it.
-                set_filter(vm, ev, filter.strip())
-            set_filter(vm, ev, text)
+                set_filter(vm, ev, filter.strip(), rep)
+            set_filter(vm, ev, text, rep)
         vm.write_file(f"{TRACING}/trace_marker", f"kbridge-start-{token}".encode())
         if not read_until(f"kbridge-start-{token}", MARKER_TIMEOUT_S):
             raise KbridgeError("trace_pipe did not reach the host (no start marker within "
                                f"{MARKER_TIMEOUT_S:.0f} s)", "kbridge doctor checks the guest's stream ports")
         for ev in defined:
             vm.write_file(f"{_event_dir(ev)}/enable", b"1")
+            if rep:
+                rep.wrote(f"{_event_dir(ev)}/enable", "1")
+        if rep:
+            rep.reading(f"{TRACING}/trace_pipe", "each event as the kernel records it (the hits below)")
         work = WorkloadRun(vm, workload)
         # No quiet time once the workload ends: the end marker below drains what is left.
         stopper = Stopper(stop, work, drain_s=0.0)
@@ -345,6 +371,8 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         # Drain: disable, then read up to a marker written after the last event.
         for ev in defined:
             vm.write_file(f"{_event_dir(ev)}/enable", b"0")
+            if rep:
+                rep.wrote(f"{_event_dir(ev)}/enable", "0")
         vm.write_file(f"{TRACING}/trace_marker", f"kbridge-end-{token}".encode())
         if not read_until(f"kbridge-end-{token}", MARKER_TIMEOUT_S):
             result.notes.append("trace_pipe did not drain to the end marker: some events may be unread")
@@ -352,7 +380,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     finally:
         # After Ctrl-C mid-call the agent drops the late reply itself (GuestAgent.call).
         _teardown(session, state, defined, stream_pid, work, buffer_kb, result,
-                  stats_before, parser, completed)
+                  stats_before, parser, completed, rep)
         for rec in records:
             ownership.release(vm, rec)
     result.record_workload(work)
@@ -362,7 +390,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
 def _teardown(session: Session, state: GuestTracingState, defined: list[events.ProbeEvent],
               stream_pid: int | None, work: WorkloadRun | None, buffer_kb: int | None,
               result: MechanismResult, stats_before: dict[str, CpuStats],
-              parser: TracePipeParser, completed: bool) -> None:
+              parser: TracePipeParser, completed: bool, rep: StepReporter | None = None) -> None:
     """Undo everything the run did, step by step, so one failure does not skip the rest."""
     vm = session.target
     failures: list[str] = []
@@ -385,8 +413,13 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
         vm.close_stream(TRACE_PORT)
     if completed:
         step("count lost and missed events", lambda: _count_losses(vm, result, stats_before, parser, defined))
+        if rep:
+            rep.show(f"{TRACING}/kprobe_profile", "EVENT, times the probe fired (before any filter), "
+                                                  "times it was missed")
     for ev in reversed(defined):
         step(f"remove {ev.effective_group}/{ev.effective_event}", functools.partial(remove, vm, ev))
+        if rep:
+            rep.removed(render.removal_line(ev), ev.effective_group, ev.effective_event)
     if buffer_kb is not None:
         step("restore buffer_size_kb",
              lambda: vm.write_file(f"{TRACING}/buffer_size_kb", str(state.buffer_size_kb).encode()))
@@ -450,6 +483,11 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         hit.handler = handlers[0]
         if info.is_return:
             hit.retval = hit.args.pop("ret", None)  # type: ignore[assignment]
+        if render.IP_ARG in hit.args:
+            # %ip/%pc and %flags/%pstate as the kprobe handler saw them; tracefs shows no probe address.
+            hit.ip = int(hit.args.pop(render.IP_ARG))
+            hit.flags = int(hit.args.pop(render.FLAGS_ARG))
+            hit.arch = session.arch.name
         return hit
 
     result = run_lines(session, [r.line for r in rendered], workload, stop, on_hit,

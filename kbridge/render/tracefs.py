@@ -28,6 +28,9 @@ from kbridge.errors import KbridgeError
 from kbridge.spec import ProbeSpec
 
 GROUP = "kbridge"
+# The registers a kprobe event records for --pre/--post/--entry, as the module's handlers
+# print them: the instruction pointer and the flags register (x86_64 %ip %flags, arm64 %pc %pstate).
+IP_ARG, FLAGS_ARG = "kb_ip", "kb_flags"
 
 @dataclass(frozen=True)
 class RenderedEvent:
@@ -67,6 +70,8 @@ def render(spec: ProbeSpec, arch: Arch, group: str = GROUP) -> list[RenderedEven
     if entry_handlers:
         args = tuple(events.FetchArg(fetch_for(a.index, spec.symbol, arch), a.name, "u64")
                      for a in spec.args)
+        args += (events.FetchArg(events.Reg(arch.ip_register), IP_ARG, "x64"),
+                 events.FetchArg(events.Reg(arch.flags_register), FLAGS_ARG, "x64"))
         ev = events.ProbeEvent("p", group=group, event=f"{stem}_p", symbol=spec.symbol,
                                offset=spec.offset, args=args)
         out.append(_checked(ev, arch, entry_handlers))

@@ -14,13 +14,13 @@ from kbridge.spec import make_spec
 
 def test_pre_with_args_by_position() -> None:
     (ev,) = render(make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], X86_64), X86_64)
-    assert ev.line == "p:kbridge/ksys_write_p ksys_write fd=$arg1:u64 count=$arg3:u64"
+    assert ev.line == "p:kbridge/ksys_write_p ksys_write fd=$arg1:u64 count=$arg3:u64 kb_ip=%ip:x64 kb_flags=%flags:x64"
     assert ev.handlers == ("pre",) and ev.full_name == "kbridge/ksys_write_p"
 
 
 def test_offset_and_clone_names() -> None:
     (ev,) = render(make_spec("foo.isra.0", {"pre"}, offset=4), X86_64)
-    assert ev.line == "p:kbridge/foo_isra_0_p foo.isra.0+4"
+    assert ev.line == "p:kbridge/foo_isra_0_p foo.isra.0+4 kb_ip=%ip:x64 kb_flags=%flags:x64"
 
 
 @pytest.mark.parametrize("arch,fd,count", [(X86_64, "+112($arg1)", "+96($arg1)"),
@@ -28,7 +28,8 @@ def test_offset_and_clone_names() -> None:
 def test_syscall_wrapper_reads_through_pt_regs(arch, fd, count) -> None:  # type: ignore[no-untyped-def]
     sym = f"{arch.syscall_prefix}write"
     (ev,) = render(make_spec(sym, {"pre"}, ["fd=1", "count=3"], arch), arch)
-    assert ev.line == f"p:kbridge/{sym}_p {sym} fd={fd}:u64 count={count}:u64"
+    regs = "kb_ip=%ip:x64 kb_flags=%flags:x64" if arch is X86_64 else "kb_ip=%pc:x64 kb_flags=%pstate:x64"
+    assert ev.line == f"p:kbridge/{sym}_p {sym} fd={fd}:u64 count={count}:u64 {regs}"
 
 
 def test_x86_syscall_fourth_argument_is_r10() -> None:
