@@ -104,7 +104,7 @@ def trace_cmd(
             raise typer.Exit(1)
         return
     try:
-        parsed = render.check_lines(lines, a)  # before any VM boots
+        parsed = render.check_lines(lines, a, suite)  # before any VM boots
     except events.EventSyntaxError as e:
         _show_syntax_error(e, json_out)
         raise typer.Exit(2) from None

@@ -249,7 +249,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     for line in lines:
         if any(c in line for c in "\n\r\0"):
             raise KbridgeError(f"invalid event line {line!r}: one kprobe_events command per line")
-    checked = render.check_lines(lines, arch)
+    checked = render.check_lines(lines, arch, session.image.suite)  # that kernel's grammar
     if not checked:
         raise KbridgeError("no event line given", "e.g. kbridge trace 'p:myw ksys_write fd=$arg1'")
     if buffer_kb is not None and buffer_kb <= 0:

@@ -107,8 +107,8 @@ def removal_line(ev: events.ProbeEvent) -> str:
     return events.format(events.RemoveEvent(ev.effective_group, ev.effective_event))
 
 
-def check_lines(lines: list[str], arch: Arch) -> list[events.ProbeEvent]:
-    """Parse LINES offline as 6.1 would; only probe definitions are accepted.
+def check_lines(lines: list[str], arch: Arch, kernel: str | None = None) -> list[events.ProbeEvent]:
+    """Parse LINES offline as KERNEL (a --kernel value; default 6.1) would; only probe definitions are accepted.
 
     Raises EventSyntaxError (the kernel's verdict and caret) for a bad line and
     KbridgeError for removals or two lines defining the same event.
@@ -116,7 +116,7 @@ def check_lines(lines: list[str], arch: Arch) -> list[events.ProbeEvent]:
     parsed: list[events.ProbeEvent] = []
     seen: dict[str, tuple[str, str]] = {}  # event name -> (GROUP/EVENT, line)
     for line in lines:
-        ev = events.parse(line, arch.name)
+        ev = events.parse(line, arch.name, kernel=kernel)
         if isinstance(ev, events.RemoveEvent):
             raise KbridgeError(f"{line!r} removes an event: kbridge trace defines its events and "
                                "removes them itself when done", "give only p: and r: lines")
