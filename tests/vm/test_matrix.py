@@ -176,3 +176,23 @@ def test_three_mechanisms_agree(suite, arch):
         capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "every mechanism counted the same hits" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "x86_64"))
+def test_kretprobe_past_endbr64_is_an_entry_only_with_ibt(suite, arch):
+    """`r ksys_write+4`: a function entry on IBT kernels (it fires), BAD_RETPROBE elsewhere (before any boot)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbridge", "trace", "r:kbibt/r ksys_write+4 ret=$retval", "--kernel", suite,
+         "--arch", arch, "--json", "--count", "1", "--run", "echo hi > /dev/null"],
+        capture_output=True, text=True, timeout=900)
+    if events.grammar_for(suite, arch).ibt:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+        assert summary["kernel"].startswith(("6.12", "7.")), summary
+        assert summary["mechanisms"]["tracefs"]["counters"]["kbibt/r"] >= 1, summary
+        hit = json.loads(proc.stdout.splitlines()[0])
+        assert hit["handler"] == "ret" and hit["retval"] == 3  # "hi\n": 3 bytes written
+    else:
+        assert proc.returncode == 2
+        assert "BAD_RETPROBE" in proc.stdout + proc.stderr
+        assert "booting" not in proc.stderr  # refused offline
