@@ -115,3 +115,67 @@ def test_fault_handler_fires_on_5_10(kbridge_session: Session) -> None:
         else:
             assert f.trap is not None and f.trap >> 26 == 0x25  # ESR EC: data abort taken at EL1 (DABT_CUR)
     assert r.counters["post"] == r.counters["pre"]  # the fixup let the probed function go on
+
+
+def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session) -> None:
+    from kbridge.collect.tracefs_steps import Step
+    from kbridge.mechanisms import tracefs
+
+    s = kbridge_session
+    wrapper = f"{s.arch.syscall_prefix}write"
+    before = s.target.read_file("/sys/kernel/tracing/kprobe_events").decode()
+    steps: list[Step] = []
+    res = tracefs.run_lines(s, ["p:sys_write_event sys_write"], Workload.shell("echo hi > /tmp/kb_lesson"),
+                            comm="sh", steps=steps.append)
+    # The literal line names a symbol the kernel no longer has: said, and rewritten.
+    assert any("would refuse 'sys_write'" in n and wrapper in n for n in res.notes)
+    cmds = [st.command.split("   #")[0] for st in steps]  # without the explaining comment
+    d = "events/kprobes/sys_write_event"
+    order = [f"echo 'p:sys_write_event {wrapper}' >> kprobe_events", f"ls {d}/",
+             f"echo '1' > {d}/enable", "cat trace_pipe", f"echo '0' > {d}/enable", "cat kprobe_profile",
+             "echo '-:kprobes/sys_write_event' >> kprobe_events", "ls events/kprobes/"]
+    at = [cmds.index(o) for o in order]
+    assert at == sorted(at), cmds
+    by = {st.command.split("   #")[0]: st.readback for st in steps}
+    assert by[order[0]]["kprobe_events"].splitlines()[-1] == f"p:kprobes/sys_write_event {wrapper}"
+    listing = by[f"ls {d}/"]
+    assert {"enable", "filter", "format", "id", "trigger"} <= set(listing[f"{d}/"].split())
+    assert listing[f"{d}/enable"] == "0\n" and listing[f"{d}/filter"] == "none\n"
+    filt = next(st for st in steps if st.command.endswith(f"> {d}/filter"))
+    assert 'comm == "sh"' in filt.readback[f"{d}/filter"]  # the kernel's own rendering of it
+    assert by[order[2]][f"{d}/enable"] == "1\n" and by[order[4]][f"{d}/enable"] == "0\n"
+    profile = by["cat kprobe_profile"]["kprobe_profile"].split()
+    i = profile.index("sys_write_event")
+    assert int(profile[i + 1]) >= res.counters["kprobes/sys_write_event"] >= 1  # fired >= passed the filter
+    assert "sys_write_event" not in by[order[6]]["kprobe_events"]
+    assert "sys_write_event" not in by["ls events/kprobes/"]["events/kprobes/"]  # the directory went with it
+    assert s.target.read_file("/sys/kernel/tracing/kprobe_events").decode() == before
+
+
+def test_trace_steps_show_error_log_when_the_kernel_refuses(kbridge_session: Session) -> None:
+    from kbridge import events
+    from kbridge.collect.tracefs_steps import Step
+    from kbridge.mechanisms import tracefs
+
+    s = kbridge_session
+    steps: list[Step] = []
+    # Offline the line is fine; only the kernel knows +1 is inside ksys_write's first instruction.
+    with pytest.raises(events.EventSyntaxError):
+        tracefs.run_lines(s, ["p:kbt/inside ksys_write+1"], DD, steps=steps.append)
+    failed = [st for st in steps if not st.ok]
+    assert failed and failed[0].command == "echo 'p:kbt/inside ksys_write+1' >> kprobe_events"
+    log = failed[0].readback["error_log"]
+    assert "trace_kprobe: error:" in log and "p:kbt/inside ksys_write+1" in log
+
+
+def test_trace_return_pairs_have_durations(kbridge_session: Session) -> None:
+    from kbridge.collect.histogram import durations_of
+    from kbridge.mechanisms import tracefs
+
+    res = tracefs.run_lines(kbridge_session, ["p:kbt/w ksys_write", "r:kbt/wr ksys_write"], DD, comm="dd")
+    rets = [h for h in res.hits if h.handler == "ret"]
+    assert len(rets) == res.counters["kbt/wr"] >= 3
+    assert all(h.duration_ns is not None and h.duration_ns > 0 for h in rets)
+    hist = durations_of(res.hits)
+    assert hist is not None and hist.total == len(rets)
+    assert sum(b["count"] for b in res.summary()["durations"]["buckets"]) == len(rets)
