@@ -120,13 +120,21 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
         where = str(vagrantfile_dir)
     elif env.get("VAGRANT_CWD"):
         where = env["VAGRANT_CWD"]
+    elif "VAGRANT_CWD" in env:
+        del env["VAGRANT_CWD"]  # set but empty: Vagrant would refuse it
     # `vagrant ssh-config` succeeds only for a running machine: one Vagrant call on the
     # usual path; `vagrant status` says why when it fails.
     cfg = _vagrant(["ssh-config", *([machine] if machine else [])], env)
-    host = re.search(r"^Host (\S+)", cfg.stdout, re.M)
-    if cfg.returncode != 0 or host is None:
+    hosts = re.findall(r"^Host (\S+)", cfg.stdout, re.M)
+    if machine is None and len(hosts) > 1:
+        # Without a name, ssh-config answers for every running machine.
+        raise KbridgeError(f"several machines of the Vagrantfile in {where} are running",
+                           "name one: --target " + ", ".join(f"vagrant:{h}" for h in hosts))
+    if len(hosts) != 1 or (machine is not None and cfg.returncode != 0):
         _explain_not_ready(machine, env, where, _vagrant_message(cfg))
-    machine = machine or host.group(1)
+    if machine is None:  # the one running machine: only its block is kept
+        machine = hosts[0]
+        cfg = subprocess.CompletedProcess(cfg.args, 0, _host_block(cfg.stdout, machine), "")
     provider = _provider(env, machine)
     target = VagrantTarget(machine, cfg.stdout, provider, env)
     try:
@@ -135,6 +143,12 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
         target.release()
         raise
     return target
+
+
+def _host_block(ssh_config: str, host: str) -> str:
+    """The `Host HOST` block of an ssh-config text."""
+    m = re.search(rf"^Host {re.escape(host)}\n(?:(?!Host ).*\n?)*", ssh_config, re.M)
+    return m.group(0) if m else ""
 
 
 def _dotdir(env: dict[str, str]) -> Path:
@@ -172,8 +186,8 @@ def _explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh
     if machine is None:
         if len(machines) != 1:
             names = ", ".join(f"vagrant:{n}" for n in machines)
-            raise KbridgeError(f"the Vagrantfile in {where} has several machines and no running primary one: "
-                               f"{ssh_config_error}", f"name one: --target {names}")
+            raise KbridgeError(f"no machine of the Vagrantfile in {where} is running",
+                               f"vagrant up, then --target vagrant (or name one: --target {names})")
         machine = next(iter(machines))
     state, provider = machines.get(machine, ("", ""))
     if provider == "libvirt" and _plugin_missing(env):
