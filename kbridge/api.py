@@ -151,12 +151,12 @@ class Guest:
         with self._target() as t:
             return usermod.load_module(t, Path(path), params)
 
-    def unload_module(self, name: str) -> None:
-        """rmmod NAME (a module loaded with load_module)."""
+    def unload_module(self, name: str) -> list[str]:
+        """rmmod NAME (a module loaded with load_module); the kernel log lines of the unload."""
         from kbridge import usermod
 
         with self._target() as t:
-            usermod.unload_module(t, name)
+            return usermod.unload_module(t, name)
 
     def loaded_modules(self) -> set[str]:
         with self.session() as s:

@@ -14,6 +14,7 @@ one test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ import pytest
 from kbridge import kernels
 from kbridge.api import Guest
 from kbridge.arch import ARCHES, get_arch
+from kbridge.paths import state_dir
 from kbridge.session import Session
 from kbridge.targets import parse_target, resolve_image
 
@@ -33,10 +35,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"guest kernel for kbridge VM tests (repeatable; {kernels.choices()}; default: bookworm)")
     group.addoption("--kbridge-target", default=None,
                     help="run kbridge VM tests on vagrant:MACHINE instead of the embedded QEMU VM")
+    group.addoption("--kbridge-bcc", action="store_true", default=False,
+                    help="boot the kept VMs from the image with bcc, so via='bpf' works in every test")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real guest VM through kbridge (slow; needs QEMU)")
+    # Under pytest-xdist each worker keeps VMs of its own: a kept VM serves one command at a time,
+    # and a worker's session teardown must not stop a VM another worker is using.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and not os.environ.get("KBRIDGE_XDIST_STATE"):
+        os.environ["KBRIDGE_STATE"] = os.environ["KBRIDGE_XDIST_STATE"] = str(state_dir() / worker)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of one arch and kernel go to one xdist worker (--dist loadgroup): one boot each."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "kbridge_arch" in params:
+            group = f"{params['kbridge_arch']}-{params.get('kbridge_kernel', kernels.DEFAULT)}"
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -64,10 +82,14 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
     if where.kind != "qemu":
         yield Guest(arch, kbridge_kernel, where)
         return
+    flavour = "bcc" if request.config.getoption("--kbridge-bcc") else "default"
     vm = QemuVM.attach(arch, kbridge_kernel)
+    if vm is not None and flavour == "bcc" and vm.flavour != "bcc":
+        vm.shutdown()  # a VM without bcc cannot serve via="bpf"
+        vm = None
     booted = vm is None
     if vm is None:
-        vm = QemuVM.boot(resolve_image(arch, kbridge_kernel), keep=True)
+        vm = QemuVM.boot(resolve_image(arch, kbridge_kernel, flavour), keep=True)
     vm.detach()  # each call attaches (and locks) it; nested library calls share that
     yield Guest(arch, kbridge_kernel, where)
     if booted and (again := QemuVM.attach(arch, kbridge_kernel)) is not None:

@@ -77,10 +77,6 @@ def ensure(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,
     return img
 
 
-def is_bcc_image(img: images.Image) -> bool:
-    return (img.dir / "rootfs.ext4").is_file()
-
-
 def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None:
     root = cache_dir()
     final = flavour_dir(arch, suite)

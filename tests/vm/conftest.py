@@ -1,13 +1,15 @@
-"""VM tests boot real guests through kbridge's own pytest plugin (fixtures kbridge_vm, kbridge_session)."""
+"""VM tests boot real guests through kbridge's own pytest plugin (fixtures kbridge_vm, kbridge_session).
+
+This suite runs with --kbridge-bcc (pyproject's addopts): the kept VMs boot the image with bcc, so
+kmod, tracefs and bpf tests share one VM per arch and kernel.
+"""
 
 from collections.abc import Iterator
 
 import pytest
 
-from kbridge.arch import get_arch
-from kbridge.images import bcc
+from kbridge.api import Guest
 from kbridge.session import Session
-from kbridge.targets.qemu import QemuVM
 
 
 def pytest_collection_modifyitems(items):
@@ -16,33 +18,16 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.vm)
 
 
-def bcc_vm(arch_name: str) -> Iterator[QemuVM]:
-    """A kept VM of the bcc image for the module (replacing a kept VM without bcc)."""
-    arch = get_arch(arch_name)
-    vm = QemuVM.attach(arch)
-    if vm is not None and vm.flavour != "bcc":
-        vm.shutdown()
-        vm = None
-    booted = vm is None
-    if vm is None:
-        vm = QemuVM.boot(bcc.ensure(arch), keep=True)
-    vm.detach()
-    yield vm
-    if booted and (again := QemuVM.attach(arch)) is not None:
-        again.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bcc_kept(kbridge_arch: str) -> Iterator[QemuVM]:
-    yield from bcc_vm(kbridge_arch)
+@pytest.fixture
+def bcc_kept(kbridge_vm: Guest) -> Guest:
+    """The kept VM, which has bcc (eBPF tests)."""
+    if kbridge_vm.flavour != "bcc":
+        pytest.skip("the kept VM has no bcc: run with --kbridge-bcc")
+    return kbridge_vm
 
 
 @pytest.fixture
-def session(bcc_kept: QemuVM) -> Iterator[Session]:
+def session(bcc_kept: Guest) -> Iterator[Session]:
     """A Session on the kept bcc VM (eBPF and compare tests)."""
-    vm = QemuVM.attach(bcc_kept.arch)
-    assert vm is not None
-    try:
-        yield Session(vm)
-    finally:
-        vm.detach()
+    with bcc_kept.session() as s:
+        yield s
