@@ -31,14 +31,12 @@ def checks() -> list[dict]:
         {"check": "debian-archive-keyring", "ok": KEYRING.exists(), "detail": str(KEYRING),
          "package": "debian-archive-keyring"},
     ]
-    cc = {"x86_64": ("x86_64-linux-gnu-gcc-12", "gcc-12"), "arm64": ("aarch64-linux-gnu-gcc-12", "gcc-12-aarch64-linux-gnu")}
     for a in ARCHES.values():
-        qpkg = "qemu-system-x86" if a.name == "x86_64" else "qemu-system-arm"
-        res.append(tool(a.qemu_binary, qpkg, f"runs {a.name} guests"))
-        gcc, pkg = cc[a.name]
-        if a.name == host_arch():
-            gcc = "gcc-12"
-        res.append(tool(gcc, pkg, f"builds {a.name} modules (the Debian kernel's compiler)"))
+        res.append(tool(a.qemu_binary, a.qemu_package, f"runs {a.name} guests"))
+        res.append(tool(f"{a.cross_compile()}gcc-12", a.gcc_package(12),
+                        f"builds {a.name} modules for 5.10 and 6.1 (newer kernels bring a build root)"))
+        res.append(tool(a.objdump(), "binutils" if not a.cross_compile() else f"binutils-{a.gnu_triplet}",
+                        f"disassembles {a.name} code for kbridge inspect"))
     kvm_ok, why = kvm_usable(ARCHES[host_arch()]) if host_arch() in ARCHES else (False, "unknown host arch")
     res.append({"check": "kvm", "ok": kvm_ok, "detail": "will be tried (bounded), TCG otherwise" if kvm_ok
                 else f"TCG will be used: {why}", "package": None, "optional": True})
