@@ -165,16 +165,6 @@ class PrivateApt:
         out = self._run("apt-cache", "depends", "--no-recommends", "--no-suggests", package)
         return re.findall(r"^\s+Depends: ([^\s<>]+)", out, re.M)
 
-    def versions(self, package: str) -> list[str]:
-        """Every version of PACKAGE the lists offer, newest first (apt-cache madison order)."""
-        out = self._run("apt-cache", "madison", package)
-        seen: list[str] = []
-        for ln in out.splitlines():
-            parts = [p.strip() for p in ln.split("|")]
-            if len(parts) >= 2 and parts[1] not in seen:
-                seen.append(parts[1])
-        return seen
-
     def version(self, package: str) -> str:
         out = self._run("apt-cache", "show", "--no-all-versions", package)
         m = re.search(r"^Version: (\S+)", out, re.M)

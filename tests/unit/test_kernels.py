@@ -186,3 +186,46 @@ def test_optional_module_absent_from_a_kernel_is_skipped(tmp_path):
     assert image.module_closure(tmp_path, ("virtio", "crc32c_generic"), optional=("crc32c_generic",)) == []
     with pytest.raises(KbridgeError, match="no module 'crc32c_generic'"):
         image.module_closure(tmp_path, ("crc32c_generic",))
+
+
+class _Apt:
+    """apt-cache answers as captured from Debian's archive (trixie and sid, amd64)."""
+
+    suite = "sid"
+
+    def __init__(self, depends: dict[str, list[str]]) -> None:
+        self._depends = depends
+
+    def depends(self, package: str) -> list[str]:
+        return self._depends[package]
+
+    def version(self, package: str) -> str:
+        return "7.2.13-1"
+
+
+def test_sid_kernel_packages_are_split_in_three():
+    k = "7.2.13+deb14-amd64"
+    apt = _Apt({
+        "linux-image-amd64": ["linux-base-amd64", f"linux-image-{k}"],
+        f"linux-image-{k}": [f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}"],
+        f"linux-headers-{k}": ["gcc-16-for-host", "linux-base", f"linux-base-{k}",
+                               "linux-headers-7.2.13+deb14-common", "linux-kbuild-7.2.13+deb14"],
+    })
+    pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
+    assert pkgs.krel == k
+    assert pkgs.binary == (f"linux-image-{k}", f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}")
+    assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-7.2.13+deb14-common")
+    assert pkgs.kbuild == ("linux-kbuild-7.2.13+deb14",)
+
+
+def test_trixie_kernel_package_holds_the_kernel():
+    k = "6.12.118+deb13-amd64"
+    apt = _Apt({
+        "linux-image-amd64": [f"linux-image-{k}"],
+        f"linux-image-{k}": ["kmod"],
+        f"linux-headers-{k}": ["linux-base", "linux-headers-6.12.118+deb13-common",
+                               f"linux-image-{k}-unsigned", "linux-kbuild-6.12.118+deb13", "gcc-14"],
+    })
+    pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
+    assert pkgs.binary == (f"linux-image-{k}",)
+    assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-6.12.118+deb13-common")
