@@ -1,9 +1,12 @@
-"""The kprobe_events grammar of Linux 6.1, with the kernel's own error verdicts.
+"""The kprobe_events grammar of Linux 6.1 and its drift in 5.10, 6.12 and 7.x, with the kernel's own verdicts.
 
 `parse()` turns one line written to ``/sys/kernel/tracing/kprobe_events`` into a
 typed model, `format()` turns it back.  Invalid lines raise `EventSyntaxError`
 carrying the kernel's error class, message and caret position, computed the way
-6.1 computes them, so a line can be checked offline before it reaches a guest.
+the kernel computes them, so a line can be checked offline before it reaches a
+guest.  A `Grammar` (kernel version, arch, IBT, BTF arguments) selects what
+differs between kernels; each difference is tested against the error_log of
+Debian's kernels (tests/unit/data/error_log/).
 
 Reference: linux-6.1.119 (the Debian bookworm kernel line), files
 ``kernel/trace/trace_kprobe.c`` (``__trace_kprobe_create``),
