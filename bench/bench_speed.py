@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kbridge.targets.base import Target
 
 SECTIONS = ("help", "floor", "warm", "cold", "load", "bpf")
 FLOOR_EVENT = "kbfloor/w"
@@ -46,8 +51,16 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def timed_cli(argv: list[str], timeout: float = 600.0) -> tuple[float, float, str]:
-    """(seconds to the first hit line on stdout, seconds to exit, that line) for one kbridge command."""
+def child_cpu() -> float:
+    """CPU seconds (user + system) of the child processes waited for so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_cli(argv: list[str], timeout: float = 600.0) -> tuple[float, float, str, float]:
+    """(seconds to the first hit line on stdout, seconds to exit, that line, CPU seconds of the
+    kbridge process) for one kbridge command."""
+    cpu0 = child_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen([*KBRIDGE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -62,10 +75,10 @@ def timed_cli(argv: list[str], timeout: float = 600.0) -> tuple[float, float, st
     total = time.perf_counter() - start
     if proc.returncode != 0 or not line:
         raise SystemExit(f"kbridge {' '.join(argv)} failed ({proc.returncode}): {errs.strip()[-800:]}")
-    return first, total, line
+    return first, total, line, child_cpu() - cpu0
 
 
-def floor_once(vm) -> float:  # type: ignore[no-untyped-def]
+def floor_once(vm: Target) -> float:
     """Raw tracefs through the agent: define, enable, one write, read trace. Seconds."""
     tr = "/sys/kernel/tracing"
     start = time.perf_counter()
@@ -138,12 +151,13 @@ def warm_rows(arch: str, runs: int, vias: list[str]) -> dict[str, dict[str, list
         if ("tracefs" if name == "trace" else name.split()[-1]) not in vias:
             continue
         timed_cli(argv)  # warm-up: module build, symbol cache, first translation of the code paths
-        firsts, totals = [], []
+        firsts, totals, cpus = [], [], []
         for _ in range(runs):
-            f, t, _line = timed_cli(argv)
+            f, t, _line, c = timed_cli(argv)
             firsts.append(f)
             totals.append(t)
-        out[name] = {"first_hit_s": firsts, "exit_s": totals}
+            cpus.append(c)
+        out[name] = {"first_hit_s": firsts, "exit_s": totals, "host_cpu_s": cpus}
     return out
 
 
@@ -157,12 +171,13 @@ def bench_arch(arch: str, runs: int, sections: set[str], calls: int, log: Callab
             old.shutdown()
         argv = ["probe", "ksys_write", "--pre", "--arch", arch, "--json", "--comm", "dd", "--run", ONE_WRITE]
         timed_cli(argv)  # builds/caches the module and, where supported, the saved guest state
-        firsts, totals = [], []
+        firsts, totals, cpus = [], [], []
         for _ in range(runs):
-            f, t, _ = timed_cli(argv)
+            f, t, _, c = timed_cli(argv)
             firsts.append(f)
             totals.append(t)
-        res["cold"] = {"probe kmod": {"first_hit_s": firsts, "exit_s": totals}}
+            cpus.append(c)
+        res["cold"] = {"probe kmod": {"first_hit_s": firsts, "exit_s": totals, "host_cpu_s": cpus}}
         log(f"{arch} cold first hit {median(firsts):.2f} s")
     if sections & {"floor", "warm", "load"}:
         with kept(arch) as _vm:
@@ -189,33 +204,39 @@ def bench_arch(arch: str, runs: int, sections: set[str], calls: int, log: Callab
     return res
 
 
-def help_times(runs: int) -> list[float]:
-    out = []
+def help_times(runs: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `kbridge --help`."""
+    wall, cpu = [], []
     for _ in range(runs + 1):
+        c = child_cpu()
         t = time.perf_counter()
         subprocess.run([*KBRIDGE, "--help"], stdout=subprocess.DEVNULL, check=True)
-        out.append(time.perf_counter() - t)
-    return out[1:]  # the first pays a cold page cache
+        wall.append(time.perf_counter() - t)
+        cpu.append(child_cpu() - c)
+    return wall[1:], cpu[1:]  # the first pays a cold page cache
 
 
 def show(report: dict) -> None:
     print(f"machine: {report['machine']}")
-    print(f"{'arch':7} {'measure':34} {'median s':>9} {'x floor':>8}  runs")
+    print(f"{'arch':7} {'measure':34} {'median s':>9} {'x floor':>8}  runs  host CPU s (the kbridge process)")
     if "help_s" in report:
-        print(f"{'-':7} {'kbridge --help':34} {median(report['help_s']):9.3f} {'':>8}  {len(report['help_s'])}")
+        print(f"{'-':7} {'kbridge --help':34} {median(report['help_s']):9.3f} {'':>8}  {len(report['help_s']):4}  "
+              f"{median(report['help_cpu_s']):.3f}")
     for a in report["arches"]:
         floor = median(a.get("floor_s", []))
 
-        def row(label: str, xs: list[float], arch: str = a["arch"], floor: float = floor) -> None:
+        def row(label: str, xs: list[float], cpu: list[float] | None = None, arch: str = a["arch"],
+                floor: float = floor) -> None:
             ratio = median(xs) / floor if floor == floor else float("nan")
-            print(f"{arch:7} {label:34} {median(xs):9.3f} {ratio:8.1f}  {len(xs)}")
+            print(f"{arch:7} {label:34} {median(xs):9.3f} {ratio:8.1f}  {len(xs):4}"
+                  + (f"  {median(cpu):.3f}" if cpu else ""))
 
         if "floor_s" in a:
             row("floor: raw tracefs by hand", a["floor_s"])
         for group in ("warm", "cold"):
             for name, m in a.get(group, {}).items():
                 row(f"{group} {name}: to first hit", m["first_hit_s"])
-                row(f"{group} {name}: to exit", m["exit_s"])
+                row(f"{group} {name}: to exit", m["exit_s"], m.get("host_cpu_s"))
         for via, m in a.get("load", {}).items():
             print(f"{a['arch']:7} load 200k {via:8} hits {m['hits']:>7} streamed {m['streamed']:>7} "
                   f"lost {m['lost']:>6} missed {m['missed']:>4} {m['events_per_s'] or 0:>8} ev/s  "
@@ -244,7 +265,7 @@ def main() -> None:
     report: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
                                f"load {load[0]:.1f}, python {platform.python_version()}", "arches": []}
     if "help" in sections:
-        report["help_s"] = help_times(args.runs)
+        report["help_s"], report["help_cpu_s"] = help_times(args.runs)
     for arch in args.arch or ["x86_64", "arm64"]:
         report["arches"].append(bench_arch(arch, args.runs, sections, args.calls, log))
     if args.json:

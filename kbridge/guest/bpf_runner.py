@@ -7,8 +7,9 @@ Usage (inside the bcc root filesystem, as root):
                                        (rewritten by then), SIGTERM = exit
 PLAN (written by kbridge.mechanisms.bpf from kbridge.render.bcc): the BPF C
 text, the attach plan, argument names, tgids to exclude and the output port.
-Every output line is one JSON object on PLAN["port"] (a virtio-serial port the
-host reads): {"ev": "ready"|"hit"|"error"|"end", "run": RUN, ...}. SIGINT stops
+Every output line goes to PLAN["port"] (a virtio-serial port the host reads):
+{"ev": "ready"|"error"|"end", "run": RUN, ...} as JSON, and each hit as
+"H<RUN> <base64 of the raw perf event>" (kbridge.collect.bpf decodes it). SIGINT stops
 a run: probes are detached first, then the perf buffer is drained, then the
 exact counts and the lost-event count are reported.
 
@@ -19,6 +20,7 @@ between runs (no wakeups, nothing for a probe to see) and writes its pid and
 its own hash to SERVE_PID for the next kbridge command.
 """
 
+import binascii
 import contextlib
 import ctypes
 import hashlib
@@ -31,9 +33,9 @@ import time
 import traceback
 
 HANDLERS = ("pre", "post", "entry", "ret")
-# Per-CPU perf buffer pages (4 MiB): a burst of hits waits there while Python turns
-# them into lines; 64 pages lost 97 % of a 200k-hit run under TCG.
-PAGES = 1024
+# Per-CPU perf buffer pages (32 MiB): a burst of hits (~100 bytes each) waits there while
+# the runner streams them (~9k/s under TCG); 64 pages lost 97 % of a 200k-hit run, 1024 55 %.
+PAGES = 8192
 SERVE_PID = "/run/kbridge/bpf-runner.pid"
 
 _compiled = {}  # text hash -> _Program, kept by a serving runner
@@ -52,15 +54,32 @@ class _Program:
 
 def run_plan(plan, stop, bpf_class, import_s, keep):
     """One run of PLAN; the exit status one-shot mode returns."""
-    with open(plan["port"], "w", buffering=1 << 16) as out:
+    with open(plan["port"], "wb", buffering=1 << 16) as out:
         return _run(plan, out, stop, bpf_class, import_s, keep)
+
+
+def layout_of(table):
+    """The perf event struct as [name, offset, struct format, count]: the host decodes raw hits with it."""
+    cls = type(table.event(ctypes.create_string_buffer(4096)))
+    fields = []
+    for name, ctype in cls._fields_:
+        n = 1
+        if issubclass(ctype, ctypes.Array):
+            ctype, n = ctype._type_, ctype._length_
+        if ctype is ctypes.c_char:
+            code = "s"
+        else:
+            code = {1: "b", 2: "h", 4: "i", 8: "q"}[ctypes.sizeof(ctype)]
+            code = code if ctype(-1).value < 0 else code.upper()
+        fields.append([name, getattr(cls, name).offset, code, n])
+    return {"size": ctypes.sizeof(cls), "fields": fields}
 
 
 def _run(plan, out, stop, bpf_class, import_s, keep):
     run = plan["run"]
 
     def emit(ev, **fields):
-        out.write(json.dumps({"ev": ev, "run": run, **fields}) + "\n")
+        out.write((json.dumps({"ev": ev, "run": run, **fields}) + "\n").encode())
         out.flush()
 
     key = hashlib.sha256(plan["text"].encode()).hexdigest()
@@ -110,24 +129,21 @@ def _run(plan, out, stop, bpf_class, import_s, keep):
         _compiled.pop(key, None)
         b.cleanup()  # leaves nothing attached
         return 4
-    names = plan["args"]
-    table = b["events"]
     lost = [0]
+    # Each hit leaves as "H<run> <base64 of the raw event>": decoding and JSON happen on
+    # the host, which is ~50x faster than Python under TCG (1.4k hits/s as JSON here).
+    prefix = f"H{run} ".encode()
+    string_at, b64, write = ctypes.string_at, binascii.b2a_base64, out.write
 
     def on_event(cpu, data, size):
-        ev = table.event(data)
-        hit = {"ev": "hit", "run": run, "h": HANDLERS[ev.handler], "pid": ev.pid, "tid": ev.tid,
-               "cpu": ev.cpu, "ts": ev.ts / 1e9, "comm": ev.comm.decode(errors="replace"),
-               "args": {n: int(ev.args[i]) for i, n in enumerate(names)}}
-        if hit["h"] == "ret":
-            hit["ret"] = int(ev.ret)
-        out.write(json.dumps(hit) + "\n")  # flushed after each poll: one port write per batch
+        write(prefix + b64(string_at(data, size)))  # flushed after each poll: one port write per batch
 
     def on_lost(count):
         lost[0] += count
 
     prog.on_event, prog.on_lost = on_event, on_lost
-    emit("ready", import_s=round(import_s, 3), compile_s=round(t_compile, 3), cached=cached)
+    emit("ready", import_s=round(import_s, 3), compile_s=round(t_compile, 3), cached=cached,
+         layout=layout_of(b["events"]))
     try:
         while not stop:
             b.perf_buffer_poll(timeout=50)

@@ -2,7 +2,7 @@
 
 kbridge/guest/bpf_runner.py is pushed into the guest with the rendered program
 and its attach plan (a JSON file), run in the bcc root filesystem with chroot,
-and writes JSON lines to the target's bpf stream (kbridge.collect.bpf). Counts come
+and writes lines to the target's bpf stream (kbridge.collect.bpf): JSON, and raw hits. Counts come
 from a BPF array map, so hits the perf buffer dropped show up as `lost` (and
 the lost callback's count is kept in the notes), never as missing hits.
 """
@@ -80,6 +80,7 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         # A killed kbridge's runner stays attached: the next command stops it.
         record = ownership.claim_process(target, pid)
         ready = _wait_ready(session, stream, handle, pid, spec)
+        decoder = collect.Decoder(ready["layout"], plan["args"], spec.symbol) if ready.get("layout") else None
         result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
                             + (" (compiled earlier, kept by the runner)" if ready.get("cached") else ""))
         work = WorkloadRun(target, workload)
@@ -88,13 +89,13 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
             msg = next(stream)
             hit = msg is not None and msg["ev"] == "hit"
             if msg is not None and hit:
-                result.take(collect.parse_hit(msg, spec.symbol), stop, on_hit, work)
+                result.take(collect.parse_hit(msg, spec.symbol, decoder), stop, on_hit, work)
             elif msg is not None and msg["ev"] == "error":
                 raise BpfError(f"bcc runner failed while running: {msg.get('message')}")
             if stopper.done(len(result.hits), hit):
                 break
         work.stop()
-        _finish(session, stream, handle, pid, result, stop, on_hit)
+        _finish(session, stream, handle, pid, result, stop, on_hit, decoder)
         ended = True
     finally:
         if work:
@@ -176,7 +177,8 @@ def _explain(msg: dict, spec: ProbeSpec, stderr: str) -> BpfError:
 
 
 def _finish(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int,
-            result: MechanismResult, stop: StopRule, on_hit: HitSink | None) -> None:
+            result: MechanismResult, stop: StopRule, on_hit: HitSink | None,
+            decoder: collect.Decoder | None) -> None:
     """Stop the run (the runner detaches, drains and reports the exact counts), then check nothing stays attached."""
     target = session.target
     target.run(["/bin/busybox", "kill", "-INT", str(pid)], timeout=30)
@@ -186,7 +188,7 @@ def _finish(session: Session, stream: Iterator[dict | None], handle: int | None,
         if msg is None:
             continue
         if msg["ev"] == "hit":
-            result.take(collect.parse_hit(msg, result.spec.symbol), stop, on_hit, None)
+            result.take(collect.parse_hit(msg, result.spec.symbol, decoder), stop, on_hit, None)
         elif msg["ev"] == "end":
             counts = msg["counts"]
             result.counters = {h: counts.get(h, 0) for h in ("pre", "entry", "ret") if h in result.spec.handlers}
