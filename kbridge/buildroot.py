@@ -82,7 +82,7 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
             argv = ["mmdebstrap", "--variant=apt", "--quiet", f"--include={','.join(pkgs)}",
                     *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
                     suite, str(work), *sources(suite, m)]
-            proc = subprocess.run(argv, capture_output=True, text=True)
+            proc = _mmdebstrap(argv, work)
             if proc.returncode != 0 and "apt-get update" in proc.stderr:
                 # A frozen mirror (or snapshot.debian.org) serves a Release file past its
                 # Valid-Until; the host's own apt reads such a mirror with a warning only.
@@ -90,7 +90,7 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
                 shutil.rmtree(work)
                 work.mkdir()
                 argv.insert(1, "--aptopt=Acquire::Check-Valid-Until false")
-                proc = subprocess.run(argv, capture_output=True, text=True)
+                proc = _mmdebstrap(argv, work)
             if proc.returncode != 0:
                 errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("E: ")]
                 tail = "\n".join(errs[:4] or proc.stderr.strip().splitlines()[-6:])
@@ -100,6 +100,17 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
                 (work / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
             (work / ".kbridge-root").write_text(want + "\n")
     return final
+
+
+def _mmdebstrap(argv: list[str], work: Path) -> subprocess.CompletedProcess[str]:
+    """Run mmdebstrap; if it is interrupted, unmount what it mounted before the tree is removed."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True)
+    except BaseException:
+        for sub in ("proc", "sys", "dev/pts", "dev"):
+            if os.path.ismount(work / sub):
+                subprocess.run(["umount", "--lazy", "--recursive", str(work / sub)], check=False)
+        raise
 
 
 def sources(suite: str, m: Mirrors) -> list[str]:
