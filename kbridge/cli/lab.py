@@ -121,4 +121,5 @@ def show(report: Report) -> None:
     got, total = report.score
     style = "green" if report.ok else "red"
     err.print(f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
-              + (" [red]the guest crashed: it was restarted[/]" if report.crashed else ""))
+              + (" [red]the VM was restarted: the code crashed the kernel or left it unsafe[/]"
+                 if report.crashed else ""))

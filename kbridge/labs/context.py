@@ -21,6 +21,7 @@ class LabContext:
     log: LogWatch | None = None
     module: BuiltModule | None = None  # set once built: an oops is mapped to its source lines
     cleanups: list = field(default_factory=list)  # callables run after the check, last first
+    restart: bool = False  # the student's code left the kernel unsafe (no oops yet): restart the VM
 
     def student_path(self, name: str) -> str:
         return str(self.directory / name)

@@ -5,6 +5,7 @@ Everything goes through the Target protocol (kbridge.targets.base.Target).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import shutil
@@ -70,12 +71,38 @@ class LogWatch:
         return [t for t in self.lines if t.startswith(f"{module}: ")]
 
 
+def _oops_lines(console: str) -> set[str]:
+    return {ln for ln in console.splitlines() if any(m in ln for m in OOPS_MARKERS)}
+
+
 def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
               timeout: float = 60.0) -> tuple[int, str]:
-    """Run ARGV in the guest; a hang or an oops becomes StudentCrash (exit code, output)."""
+    """Run ARGV in the guest; (exit code, output). An oops or a hang becomes StudentCrash.
+
+    The guest's console is watched on the host while ARGV runs: an oops that takes the guest's
+    agent or log streamer down with it (a kprobe calling freed handlers hits them first) is
+    reported at once, instead of after the agent's own timeout.
+    """
+    seen = _oops_lines(target.console_tail(400))
+    deadline = time.monotonic() + timeout
     try:
-        res = target.run(argv, timeout=timeout)
+        handle = target.spawn(argv)
+        while True:
+            fresh = _oops_lines(target.console_tail(400)) - seen
+            if fresh:
+                if log is not None:
+                    with contextlib.suppress(StudentCrash, KbridgeError):
+                        log.poll(quiet=0.5, limit=3.0)
+                raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(120)))
+            res = target.poll(handle)
+            if res is not None:
+                break
+            if time.monotonic() > deadline:
+                raise KbridgeError(f"still running after {timeout:.0f} s")
+            time.sleep(0.05)
     except (ChannelError, KbridgeError) as e:
+        if isinstance(e, StudentCrash):
+            raise
         if log is not None:
             log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
         raise StudentCrash(f"{' '.join(argv)} did not finish within {timeout:.0f} s: the guest hung",
@@ -86,6 +113,13 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
     if res.signal:
         return 128 + res.signal, f"{output}(killed by signal {res.signal})"
     return res.exitcode, output
+
+
+def _console_oops(console: str) -> str:
+    """The console from the first oops line on (what the kernel said about the crash)."""
+    lines = console.splitlines()
+    first = next((i for i, ln in enumerate(lines) if any(m in ln for m in OOPS_MARKERS)), 0)
+    return "\n".join(lines[max(0, first - 2):first + 45])
 
 
 def workload_binary(arch: Arch) -> Path:

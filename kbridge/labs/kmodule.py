@@ -60,6 +60,12 @@ def build_student_module(name: str, source: str, student_file: str, image: Image
     return BuiltModule(name, ko, student_file, warnings)
 
 
+def imports(mod: BuiltModule, cross: str) -> set[str]:
+    """The kernel symbols the module calls (its undefined symbols, resolved at insmod)."""
+    out = subprocess.run([f"{cross}nm", "-u", str(mod.ko)], capture_output=True, text=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
 def oops_site(text: str, mod: BuiltModule, cross: str) -> str | None:
     """'file:line (function+0xOFF)' of the first frame in the student's module in an oops, if any."""
     for m in _SITE.finditer(text):

@@ -45,11 +45,13 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
                 target.check_alive()  # GuestCrash if the console shows an oops or QEMU is gone
                 raise StudentCrash(f"the guest stopped answering ({e.message})", target.console_tail(40)) from None
         except GuestCrash as e:
-            crash = StudentCrash(e.message, e.text)
-            reason = _crashed(target, grader, lab, ctx, report, crash)
+            reason = _crashed(target, grader, lab, ctx, report, StudentCrash(e.message, e.text))
         except StudentCrash as crash:
             reason = _crashed(target, grader, lab, ctx, report, crash)
         finally:
+            if ctx.restart and not report.crashed:  # left unsafe without an oops yet (a dangling kprobe)
+                report.crashed = True
+                target.mark_crashed()
             if not report.crashed:
                 for fn in reversed(ctx.cleanups):
                     with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kbridge.errors import KbridgeError
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import Grader
-from kbridge.labs.kmodule import LoadedModule, build_student_module, kprobes_list, loaded_modules
+from kbridge.labs.kmodule import LoadedModule, build_student_module, imports, kprobes_list, loaded_modules
 
 
 def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...] = ()) -> LoadedModule | None:
@@ -44,21 +44,56 @@ def probes_on(ctx: LabContext, symbols: set[str]) -> list[tuple[str, str, str, s
     return [e for e in kprobes_list(ctx.target) if e[2].split("+", 1)[0] in symbols]
 
 
+KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"
+UNREGISTER = {"k": ("unregister_kprobe", "unregister_kprobes"),
+              "r": ("unregister_kretprobe", "unregister_kretprobes")}
+
+
 def unload(ctx: LabContext, g: Grader, lm: LoadedModule, name: str, symbol: str, kind: str,
            workload: list[str]) -> None:
-    """The 'unloads' check: rmmod works, the probe leaves kprobes/list, and the next call of the
-    probed function does not run freed handler code (that oopses: StudentCrash)."""
+    """The 'unloads' check: rmmod works and the probe leaves kprobes/list.
+
+    Every kprobe is disarmed (debugfs kprobes/enabled = 0) while the module goes: a probe its
+    exit function forgot to unregister would otherwise run handler code freed with the module at
+    its next hit, and the guest's own helpers write() all the time, so the guest would die
+    before the checker could say why. Such a probe fails the check, and the guest, which still
+    holds it, is restarted.
+    """
     from kbridge.labs.guest import guest_run
 
-    ok, out = lm.rmmod()
-    if not ok:
-        g.fail("unloads", f"rmmod {name} failed: {out}")
+    t = ctx.target
+    unregister = UNREGISTER[kind]
+    if ctx.module is not None and not imports(ctx.module, t.arch.cross_compile()) & set(unregister):
+        # rmmod would leave the probe registered with its handlers freed: the next hit crashes the
+        # kernel, and reading kprobes/list touches the freed probe too. Say so without doing it.
+        ctx.restart = True
+        g.fail("unloads", f"{name}.ko never calls {unregister[0]}(): after rmmod its probe on {symbol} "
+               "would stay registered and run handler code freed with the module, crashing the kernel "
+               "at its next hit. Not unloaded; the VM is restarted.")
         return
-    left = [e for e in kprobes_list(ctx.target) if e[2].split("+", 1)[0] == symbol and e[1] == kind]
-    guest_run(ctx.target, workload, ctx.log)  # a probe left behind would call the unloaded handlers
-    if left:
-        g.fail("unloads", "after rmmod, kprobes/list still has: " + "  ".join(e[0] + " " + e[2] for e in left))
-        return
-    still = name in loaded_modules(ctx.target)
+    t.write_file(KPROBES_ENABLED, b"0")
+    rearm = True
+    try:
+        ok, out = lm.rmmod()
+        if not ok:
+            g.fail("unloads", f"rmmod {name} failed: {out}")
+            return
+        # Read by a process of its own: the entry of a forgotten probe lives in freed module memory.
+        code, listing = guest_run(t, ["/bin/busybox", "cat", "/sys/kernel/debug/kprobes/list"], ctx.log)
+        left = [ln.strip() for ln in listing.splitlines()
+                if len(ln.split()) >= 3 and ln.split()[1] == kind and ln.split()[2].split("+", 1)[0] == symbol]
+        if left or code != 0:
+            rearm = False
+            ctx.restart = True
+            g.fail("unloads", f"after rmmod {name}, the kprobe is still registered: "
+                   + ("  ".join(left) or listing.strip()[-300:])
+                   + "\nits handlers were freed with the module: the next hit would crash the kernel "
+                     "(kprobes were disarmed for this check; the VM is restarted)")
+            return
+    finally:
+        if rearm:
+            t.write_file(KPROBES_ENABLED, b"1")
+    guest_run(t, workload, ctx.log)  # the probed function runs again, unprobed, without harm
+    still = name in loaded_modules(t)
     g.result("unloads", not still, f"rmmod {name}: gone from /proc/modules and from kprobes/list"
              if not still else f"{name} is still in /proc/modules")
