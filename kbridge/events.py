@@ -424,7 +424,7 @@ class EventSyntaxError(KbridgeError):
         label = f" ({error})" if error else ""
         super().__init__(
             f"kprobe_events would reject {line!r}: {message}{label}{where}",
-            hint="see Documentation/trace/kprobetrace.rst (Linux 6.1)",
+            hint="see Documentation/trace/kprobetrace.rst of that kernel",
         )
         self.message = message
         self.error = error
