@@ -203,7 +203,7 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
     ko = build(mod, session.image)
     if force_breakpoint and ins.arch == "x86_64":
         state = _peek(session, mod.name, ko, ins)
-        if state.get("ftrace") == "1":
+        if state.get("ftrace", "0") != "0":
             # The kernel would attach through ftrace here whatever the optimizer says: probe the
             # instruction after the ftrace site instead (x86 IBT kernels moved +0 past endbr64 first).
             site = int(state["addr"], 16) - res.address
@@ -339,7 +339,7 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
         loaded = True
         state = _record(session, module, ins, "before")
         ins.probe_address = int(state["addr"], 16)
-        ins.ftrace_site = state.get("ftrace") == "1"
+        ins.ftrace_site = state.get("ftrace", "0") != "0"
         # The symbol table may be cached from an earlier boot and KASLR moves the
         # kernel on every boot: the live address is the one the kernel resolved.
         ins.address = ins.probe_address - ins.offset

@@ -51,7 +51,10 @@ def test_entry_probe_bytes_and_mode(kbridge_session: Session) -> None:
         # x86_64: ksys_write+0 is the ftrace site: the 5-byte nop becomes a call to the trampoline.
         assert ins.mode == "ftrace" and ins.ftrace_site
         assert "[FTRACE]" in ins.list_lines["armed"]
-        assert ins.insn["before"][:10] == "0f1f440000"
+        # The 5-byte nop ftrace patched in at boot: 0f 1f 44 00 00 on 6.1, 66 66 66 66 90 on 5.10 (ideal_nops).
+        assert ins.insn["before"][:10] in ("0f1f440000", "6666666690")
+        first, second = (int(line.split(":", 1)[0], 16) for line in ins.disasm["before"][:2])
+        assert second - first == 5
         assert ins.insn["armed"][:2] == "e8"
         assert ins.insn["armed"][10:] == ins.insn["before"][10:]
         assert "ftrace site" in ins.why and "--breakpoint" in ins.why
