@@ -46,9 +46,10 @@ def messages(lines: Iterator[str | None], run_id: str) -> Iterator[dict | None]:
 class Decoder:
     """Raw perf events of one program -> Hits, from the layout in the runner's "ready" message."""
 
-    def __init__(self, layout: dict, arg_names: list[str], symbol: str) -> None:
+    def __init__(self, layout: dict, arg_names: list[str], symbol: str, arch: str | None = None) -> None:
         self.symbol = symbol
         self.names = arg_names
+        self.arch = arch  # names ip/flags as the arch's pt_regs does (pc/pstate on arm64)
         self.fields: dict[str, tuple[struct.Struct, int]] = {}
         for name, offset, code, count in layout["fields"]:
             fmt = f"<{count}s" if code == "s" else f"<{count}{code}"
@@ -63,10 +64,17 @@ class Decoder:
         handler = HANDLERS[g(raw, "handler")[0]]
         args = g(raw, "args")
         comm = g(raw, "comm")[0].split(b"\0", 1)[0].decode(errors="replace")
-        return Hit(mechanism="bpf", symbol=self.symbol, handler=handler, pid=g(raw, "pid")[0], comm=comm,
-                   cpu=g(raw, "cpu")[0], args={n: int(args[i]) for i, n in enumerate(self.names)},
-                   retval=int(g(raw, "ret")[0]) if handler == "ret" else None,
-                   timestamp=g(raw, "ts")[0] / 1e9, tid=g(raw, "tid")[0])
+        hit = Hit(mechanism="bpf", symbol=self.symbol, handler=handler, pid=g(raw, "pid")[0], comm=comm,
+                  cpu=g(raw, "cpu")[0], args={n: int(args[i]) for i, n in enumerate(self.names)},
+                  retval=int(g(raw, "ret")[0]) if handler == "ret" else None,
+                  timestamp=g(raw, "ts")[0] / 1e9, tid=g(raw, "tid")[0])
+        if "ip" in self.fields:  # kmod/bpf.c.j2: the probe address (bpf_get_func_ip), ip/pc, flags/pstate
+            if handler == "ret":
+                hit.duration_ns = g(raw, "duration")[0]
+            else:
+                hit.addr, hit.ip, hit.flags = g(raw, "addr")[0], g(raw, "ip")[0], g(raw, "flags")[0]
+                hit.arch = self.arch
+        return hit
 
 
 def parse_hit(msg: dict, symbol: str, decoder: Decoder | None = None) -> Hit:

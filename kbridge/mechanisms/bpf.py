@@ -80,7 +80,8 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         # A killed kbridge's runner stays attached: the next command stops it.
         record = ownership.claim_process(target, pid)
         ready = _wait_ready(session, stream, handle, pid, spec)
-        decoder = collect.Decoder(ready["layout"], plan["args"], spec.symbol) if ready.get("layout") else None
+        decoder = (collect.Decoder(ready["layout"], plan["args"], spec.symbol, session.arch.name)
+                   if ready.get("layout") else None)
         result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
                             + (" (compiled earlier, kept by the runner)" if ready.get("cached") else ""))
         work = WorkloadRun(target, workload)

@@ -179,3 +179,22 @@ def test_trace_return_pairs_have_durations(kbridge_session: Session) -> None:
     hist = durations_of(res.hits)
     assert hist is not None and hist.total == len(rets)
     assert sum(b["count"] for b in res.summary()["durations"]["buckets"]) == len(rets)
+
+
+def test_bpf_hits_carry_the_probe_address_registers_and_durations(session: Session) -> None:
+    """eBPF sees the probe address (bpf_get_func_ip), the registers and, per call, the return time."""
+    from kbridge.mechanisms import bpf
+    from kbridge.mechanisms.common import StopRule
+
+    arm64 = session.arch.name == "arm64"
+    spec = make_spec("ksys_write", {"pre", "entry", "ret"}, [], session.arch, comm="dd")
+    r = bpf.run(session, spec, DD, StopRule())
+    pre = [h for h in r.hits if h.handler == "pre"]
+    rets = [h for h in r.hits if h.handler == "ret"]
+    assert len(pre) == r.counters["pre"] >= 3 and len(rets) == r.counters["ret"] >= 3
+    for h in pre:
+        assert h.addr is not None and h.addr == pre[0].addr
+        assert h.ip == (h.addr if arm64 else h.addr + 1)  # BRK leaves pc; int3 / ftrace: ip = addr + 1
+        assert h.flags is not None
+    assert all(h.duration_ns is not None and h.duration_ns > 0 for h in rets)
+    assert sum(b["count"] for b in r.summary()["durations"]["buckets"]) == r.counters["ret"]
