@@ -97,3 +97,28 @@ def test_root_shell_writes_files(shell, tmp_path: Path) -> None:  # type: ignore
     assert shell.run([], b"", 10, write_to=(str(target), "w")).ok and target.read_bytes() == b""  # truncates
     bad = shell.run([], b"x", 10, write_to=(str(tmp_path / "no/such/dir"), "a"))
     assert not bad.ok and b"nonexistent" in bad.stderr or b"No such file" in bad.stderr or b"cannot create" in bad.stderr
+
+
+def test_box_filesystem_owned_by_root_when_built_unprivileged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built without root, mkfs.ext4 -d copies the builder's uid: debugfs gives files to root,
+    the vagrant home to uid 1000, and sudo its setuid bit back."""
+    if not all(box.shutil.which(t) for t in ("mkfs.ext4", "debugfs")) or box.os.geteuid() != 0:
+        pytest.skip("needs e2fsprogs, and root to make files owned by another user")
+    root = tmp_path / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "home/vagrant/.ssh").mkdir(parents=True)
+    (root / "usr/bin/sudo").write_bytes(b"\x7fELF")
+    (root / "usr/bin/sudo").chmod(0o755)  # as an unprivileged dpkg-deb -x leaves it
+    (root / "home/vagrant/.ssh/authorized_keys").write_text("ssh-rsa AAAA vagrant\n")
+    for p in [root, *root.rglob("*")]:
+        box.os.lchown(p, 4321, 4321)
+    monkeypatch.setattr(box.os, "geteuid", lambda: 4321)
+    box._mkfs(root, tmp_path / "fs.ext4")
+
+    def stat(path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"stat {path}", str(tmp_path / "fs.ext4")],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert "User:     0   Group:     0" in stat("/usr/bin/sudo") and "Mode:  04755" in stat("/usr/bin/sudo")
+    assert "User:  1000   Group:  1000" in stat("/home/vagrant/.ssh/authorized_keys")
+    assert "User:     0   Group:     0" in stat("/usr")

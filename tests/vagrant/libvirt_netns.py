@@ -146,3 +146,10 @@ def prune_box_volumes(keep: set[str]) -> None:
     for name in re.findall(r"^\s*(kbridge-VAGRANTSLASH-\S+)", vols, re.M):
         if not any(k in name for k in keep):
             virsh("vol-delete", "--pool", "default", name)
+
+
+def remove_stale_domain(name: str) -> None:
+    """A domain NAME left defined by an interrupted earlier run (its .vagrant state is gone)."""
+    if name in virsh("list", "--all", "--name").stdout.split():
+        virsh("destroy", name)
+        virsh("undefine", name, "--remove-all-storage")

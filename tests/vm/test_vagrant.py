@@ -38,7 +38,8 @@ from kbridge.targets.vagrant import connect
 from kbridge.workload import Workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vagrant"))
-from libvirt_netns import APT_PACKAGES, LibvirtInNetns, missing_tools, prune_box_volumes, virsh
+from libvirt_netns import (APT_PACKAGES, LibvirtInNetns, missing_tools, prune_box_volumes,
+                           remove_stale_domain, virsh)
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +102,7 @@ def test_vagrant_target(vagrant_env: LibvirtInNetns, arch_name: str) -> None:
     boxes.vagrant_add(box)
     TIMINGS[f"{arch_name} box add"] = time.monotonic() - t0
     prune_box_volumes({box.version.replace(".", "_"), box.version})
+    remove_stale_domain(f"{REPO.name}_{machine}")  # vagrant-libvirt's domain name: <dir>_<machine>
 
     with netns.entered(vagrant_env.name):
         # Before `vagrant up`: the machine exists only in the Vagrantfile.
