@@ -38,8 +38,7 @@ from kbridge.targets.vagrant import connect
 from kbridge.workload import Workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vagrant"))
-from libvirt_netns import (APT_PACKAGES, LibvirtInNetns, missing_tools, prune_box_volumes,
-                           remove_stale_domain, virsh)
+from libvirt_netns import APT_PACKAGES, LibvirtInNetns, missing_tools, prune_box_volumes, remove_stale_domain, virsh
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
