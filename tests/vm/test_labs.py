@@ -36,11 +36,16 @@ class Bug:
     check: str
     edits: tuple[tuple[str, str, str], ...]  # (file, old text, new text): every occurrence
     arches: tuple[str, ...] = ("x86_64",)  # the checkers are arch-neutral; arch-specific logic runs on both
+    tag: str = ""  # tells apart two bugs failing the same check
 
 
 BUGS = [
     Bug("kprobe-module", "registered", (("kprobe_lab.c", '"__x64_sys_write"', '"ksys_write"'),
                                         ("kprobe_lab.c", '"__arm64_sys_write"', '"ksys_write"'))),
+    # Prints and counts as if it worked, without a kprobe: the kernel's list says otherwise.
+    Bug("kprobe-module", "registered", (("kprobe_lab.c", "\tret = register_kprobe(&kp);\n",
+                                         "\tret = 0;\n\tatomic_set(&pre_count, 25);\n"
+                                         "\tatomic_set(&post_count, 25);\n"),), tag="no-probe"),
     Bug("kprobe-module", "pre-count", (("kprobe_lab.c", "\tatomic_inc(&pre_count);\n",
                                         "\tatomic_inc(&pre_count);\n\tatomic_inc(&pre_count);\n"),)),
     Bug("kprobe-module", "prints", (("kprobe_lab.c", "p->addr = 0x%px", "p->addr = 0x%p"),)),
@@ -106,7 +111,7 @@ def test_solutions_pass_and_skeletons_fail(kbridge_vm: Guest, tmp_path: Path) ->
 def test_one_bug_fails_exactly_its_check(kbridge_vm: Guest, tmp_path: Path) -> None:
     arch = kbridge_vm.arch.name
     bugs = [b for b in BUGS if arch in b.arches]
-    dirs = [make(tmp_path, b.lab, "solution", f"{b.lab}-{b.check}", b.edits) for b in bugs]
+    dirs = [make(tmp_path, b.lab, "solution", f"{b.lab}-{b.check}{b.tag}", b.edits) for b in bugs]
     for bug, r in zip(bugs, grade(arch, dirs), strict=True):
         assert failed(r) == [bug.check], f"{bug.lab} with a {bug.check} bug:\n{show(r)}"
         assert not r.crashed

@@ -55,6 +55,8 @@ def run(ctx: LabContext, g: Grader) -> None:
         g.fail("arguments", f"the workload {' '.join(work)} failed ({code}): {out}")
         return
     s = int_state(ctx.target, STATE, KEYS)
+    if not g.ready("arguments", "registered"):
+        return
     g.result("arguments", s["calls"] == CALLS and s["count_sum"] == COUNT_SUM and s["bad_fd"] == 0,
              f"{s['calls']} calls, counts summing to {s['count_sum']}, {s['bad_fd']} with an fd below 3 "
              f"(want {CALLS}, {COUNT_SUM}, 0)")
