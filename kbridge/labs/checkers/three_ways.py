@@ -150,14 +150,17 @@ def run(ctx: LabContext, g: Grader) -> None:
     while time.monotonic() < deadline:
         if t.run(["/bin/busybox", "test", "-e", f"{GUEST_DIR}/bpf.ready"], timeout=30).ok:
             break
-        if t.poll(handle) is not None:
+        if (res := t.poll(handle)) is not None:
             bpf_error = json.loads(_read(ctx, f"{GUEST_DIR}/bpf.json") or '{"error": "bcc exited"}').get("error")
+            # clang's diagnostics (the student's file and line) go to the runner's stderr.
+            diag = res.stderr.decode(errors="replace").replace("/virtual/main.c", "three_bpf.c").strip()
+            bpf_error = f"{diag}\n{bpf_error}" if diag else bpf_error
             break
         time.sleep(0.5)
     else:
         bpf_error = f"bcc did not attach within {BPF_READY_S:.0f} s"
     if bpf_error:
-        g.fail("bpf-attach", bpf_error[-3000:])
+        g.fail("bpf-attach", str(bpf_error)[-3000:])
     else:
         g.result("bpf-attach", True, "count_write attached to ksys_write")
 
