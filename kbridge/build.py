@@ -53,12 +53,28 @@ def kbuild_argv(image: Image, moddir: Path) -> list[str]:
         headers_tree = (image.dir / "headers").resolve()
         root = buildroot.ensure(image.suite, arch, headers_tree)
         # Inside the root the host is still host_arch(): same CROSS_COMPILE rule.
-        argv = ["make", "-s", "-C", f"{buildroot.HEADERS_AT}/usr/src/linux-headers-{image.krel}",
-                f"M={buildroot.MODULE_AT}", f"ARCH={arch.kernel_arch}",
-                f"CROSS_COMPILE={arch.cross_compile()}", "modules"]
+        argv = [
+            "make",
+            "-s",
+            "-C",
+            f"{buildroot.HEADERS_AT}/usr/src/linux-headers-{image.krel}",
+            f"M={buildroot.MODULE_AT}",
+            f"ARCH={arch.kernel_arch}",
+            f"CROSS_COMPILE={arch.cross_compile()}",
+            "modules",
+        ]
         return buildroot.wrap(root, headers_tree, moddir, argv)
-    return ["make", "-s", "-C", str(image.headers), f"M={moddir}", f"ARCH={arch.kernel_arch}",
-            f"CROSS_COMPILE={arch.cross_compile()}", f"CC={arch.cross_compile()}gcc-{HOST_GCC}", "modules"]
+    return [
+        "make",
+        "-s",
+        "-C",
+        str(image.headers),
+        f"M={moddir}",
+        f"ARCH={arch.kernel_arch}",
+        f"CROSS_COMPILE={arch.cross_compile()}",
+        f"CC={arch.cross_compile()}gcc-{HOST_GCC}",
+        "modules",
+    ]
 
 
 def build(mod: ModuleSource, image: Image) -> Path:
@@ -73,19 +89,24 @@ def build(mod: ModuleSource, image: Image) -> Path:
     missing = [t for t in ("make", f"{image.arch.cross_compile()}gcc-{HOST_GCC}") if shutil.which(t) is None]
     if missing and not uses_build_root(image):
         pkg = "gcc-12" if not image.arch.cross_compile() else f"gcc-12-{image.arch.gnu_triplet}"
-        raise KbridgeError(f"cannot build modules: {', '.join(missing)} not found",
-                           f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)")
+        raise KbridgeError(
+            f"cannot build modules: {', '.join(missing)} not found",
+            f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)",
+        )
     out.parent.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{mod.name}-", dir=out.parent.parent))
     try:
         for fname, text in mod.files.items():
             (work / fname).write_text(text)
         with progress.step(f"building {mod.name}.ko for {image.krel}"):
-            proc = subprocess.run(kbuild_argv(image, work), capture_output=True, text=True,
-                                  env={**os.environ, "LC_ALL": "C"})
+            proc = subprocess.run(
+                kbuild_argv(image, work), capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}
+            )
         if proc.returncode != 0:
-            raise BuildError(explain_build_failure(proc.stdout + proc.stderr, mod),
-                             "this is a kbridge template bug if your input was accepted: please report it")
+            raise BuildError(
+                explain_build_failure(proc.stdout + proc.stderr, mod),
+                "this is a kbridge template bug if your input was accepted: please report it",
+            )
         ko = work / f"{mod.name}.ko"
         check_vermagic(ko.read_bytes(), image.krel)
         # Debug info is most of a module's size; the guest needs none of it.
@@ -115,6 +136,8 @@ def check_vermagic(ko: bytes, krel: str) -> str:
     """The module's vermagic, if it was built for KREL; otherwise a KbridgeError."""
     vermagic = elf.modinfo(ko).get("vermagic", "")
     if vermagic.split(" ", 1)[0] != krel:
-        raise KbridgeError(f"module vermagic {vermagic!r} does not match the guest kernel {krel}",
-                           "it was built for another kernel; kbridge rebuilds it")
+        raise KbridgeError(
+            f"module vermagic {vermagic!r} does not match the guest kernel {krel}",
+            "it was built for another kernel; kbridge rebuilds it",
+        )
     return vermagic

@@ -71,17 +71,29 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
             raise KbridgeError(
                 f"Debian {suite}'s kernel needs gcc-{gcc}, which kbridge installs into a build root "
                 "made with mmdebstrap, and mmdebstrap is not installed",
-                "sudo apt-get install mmdebstrap")
+                "sudo apt-get install mmdebstrap",
+            )
         found = host_mirrors(suite)
-        m = mirrors or Mirrors(os.environ.get("KBRIDGE_MIRROR", found.main),
-                               os.environ.get("KBRIDGE_SECURITY_MIRROR", found.security))
+        m = mirrors or Mirrors(
+            os.environ.get("KBRIDGE_MIRROR", found.main), os.environ.get("KBRIDGE_SECURITY_MIRROR", found.security)
+        )
         pkgs = packages(arch, gcc, kbuild_package(headers_tree))
-        with staged(final) as work, progress.step(
-                f"making the {suite} build root with gcc-{gcc} for {arch.name} "
-                "(once, ~300 MB, about a minute)"):
-            argv = ["mmdebstrap", "--variant=apt", "--quiet", f"--include={','.join(pkgs)}",
-                    *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
-                    suite, str(work), *sources(suite, m)]
+        with (
+            staged(final) as work,
+            progress.step(
+                f"making the {suite} build root with gcc-{gcc} for {arch.name} (once, ~300 MB, about a minute)"
+            ),
+        ):
+            argv = [
+                "mmdebstrap",
+                "--variant=apt",
+                "--quiet",
+                f"--include={','.join(pkgs)}",
+                *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
+                suite,
+                str(work),
+                *sources(suite, m),
+            ]
             proc = _mmdebstrap(argv, work)
             if proc.returncode != 0 and "apt-get update" in proc.stderr:
                 # A frozen mirror (or snapshot.debian.org) serves a Release file past its
@@ -94,8 +106,10 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
             if proc.returncode != 0:
                 errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("E: ")]
                 tail = "\n".join(errs[:4] or proc.stderr.strip().splitlines()[-6:])
-                raise KbridgeError(f"making the {suite} build root failed:\n{tail}",
-                                   f"check the mirror {m.main} (--mirror or KBRIDGE_MIRROR)")
+                raise KbridgeError(
+                    f"making the {suite} build root failed:\n{tail}",
+                    f"check the mirror {m.main} (--mirror or KBRIDGE_MIRROR)",
+                )
             for d in (HEADERS_AT, MODULE_AT):
                 (work / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
             (work / ".kbridge-root").write_text(want + "\n")
@@ -119,8 +133,11 @@ def sources(suite: str, m: Mirrors) -> list[str]:
 
     if suite in UNRELEASED:
         return [f"deb {m.main} {suite} main"]
-    return [f"deb {m.main} {suite} main", f"deb {m.main} {suite}-updates main",
-            f"deb {m.security} {suite}-security main"]
+    return [
+        f"deb {m.main} {suite} main",
+        f"deb {m.main} {suite}-updates main",
+        f"deb {m.security} {suite}-security main",
+    ]
 
 
 def kbuild_package(headers_tree: Path) -> str:
@@ -142,10 +159,13 @@ def wrap(root: Path, headers: Path, moddir: Path, argv: list[str]) -> list[str]:
 def _main(args: list[str]) -> None:
     root, headers, moddir = (Path(a) for a in args[:3])
     cmd = args[4:]
-    binds = [(headers, root / HEADERS_AT.lstrip("/")), (moddir, root / MODULE_AT.lstrip("/")),
-             (Path("/dev"), root / "dev"),
-             # sid's objtool reads its stack limit from /proc (read_stack_limit()).
-             (Path("/proc"), root / "proc")]
+    binds = [
+        (headers, root / HEADERS_AT.lstrip("/")),
+        (moddir, root / MODULE_AT.lstrip("/")),
+        (Path("/dev"), root / "dev"),
+        # sid's objtool reads its stack limit from /proc (read_stack_limit()).
+        (Path("/proc"), root / "proc"),
+    ]
     for src, dst in binds:
         subprocess.run(["mount", "--rbind", str(src), str(dst)], check=True)
     os.chroot(root)

@@ -187,8 +187,13 @@ class Grammar:
 NEWEST_KNOWN = (7, 2)
 
 
-def grammar_for(kernel: str | None, arch: str = "x86_64", config: dict[str, str] | None = None,
-                krel: str | None = None, use_image: bool = True) -> Grammar:
+def grammar_for(
+    kernel: str | None,
+    arch: str = "x86_64",
+    config: dict[str, str] | None = None,
+    krel: str | None = None,
+    use_image: bool = True,
+) -> Grammar:
     """The grammar of KERNEL (a --kernel value) on ARCH.
 
     With CONFIG (a kernel .config) and KREL the kernel's own facts are used; without,
@@ -203,9 +208,12 @@ def grammar_for(kernel: str | None, arch: str = "x86_64", config: dict[str, str]
     if config is None and use_image:
         config, krel = _image_config(suite.name, arch_key)
     if config is not None and krel is not None:
-        return Grammar(kernels.version_tuple(krel), arch_key,
-                       ibt=config.get("CONFIG_X86_KERNEL_IBT") == "y",
-                       btf_args=config.get("CONFIG_PROBE_EVENTS_BTF_ARGS") == "y")
+        return Grammar(
+            kernels.version_tuple(krel),
+            arch_key,
+            ibt=config.get("CONFIG_X86_KERNEL_IBT") == "y",
+            btf_args=config.get("CONFIG_PROBE_EVENTS_BTF_ARGS") == "y",
+        )
     version = suite.major_minor or NEWEST_KNOWN
     # Debian turns both on from trixie (6.12); bullseye and bookworm have neither.
     newer = version >= (6, 12)
@@ -234,40 +242,72 @@ def _config_file(path: str, mtime_ns: int) -> dict[str, str]:
 # Register names accepted by regs_query_register_offset() (regoffset_table[]).
 REGISTERS: dict[str, frozenset[str]] = {
     "x86_64": frozenset(
-        ["r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "bx", "cx", "dx",
-         "si", "di", "bp", "ax", "orig_ax", "ip", "cs", "flags", "sp", "ss"]
+        [
+            "r15",
+            "r14",
+            "r13",
+            "r12",
+            "r11",
+            "r10",
+            "r9",
+            "r8",
+            "bx",
+            "cx",
+            "dx",
+            "si",
+            "di",
+            "bp",
+            "ax",
+            "orig_ax",
+            "ip",
+            "cs",
+            "flags",
+            "sp",
+            "ss",
+        ]
     ),
     "arm64": frozenset([f"x{i}" for i in range(31)] + ["lr", "sp", "pc", "pstate"]),
 }
 _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "arm64": "arm64", "aarch64": "arm64"}
 
-BASIC_TYPES = ("u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64",
-               "x8", "x16", "x32", "x64", "symbol")
+BASIC_TYPES = ("u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "x8", "x16", "x32", "x64", "symbol")
 STRING_TYPES = ("string", "ustring", "symstr")  # symstr: 6.1.y backport
 # Field names a probe argument may not take (reserved_field_names[]).
 RESERVED_FIELD_NAMES = frozenset(
-    ["common_type", "common_flags", "common_preempt_count", "common_pid",
-     "common_tgid", "__probe_ip", "__probe_ret_ip", "__probe_func"]
+    [
+        "common_type",
+        "common_flags",
+        "common_preempt_count",
+        "common_pid",
+        "common_tgid",
+        "__probe_ip",
+        "__probe_ret_ip",
+        "__probe_func",
+    ]
 )
 
 
 # --- the model --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Reg:
     """``%REG``: a register, named as in the arch's regoffset_table."""
+
     name: str
 
 
 @dataclass(frozen=True)
 class Mem:
     """``@ADDR``: memory at a kernel address."""
+
     addr: int
 
 
 @dataclass(frozen=True)
 class SymMem:
     """``@SYM[+|-offs]``: memory at a data symbol plus offset."""
+
     sym: str
     offs: int = 0
 
@@ -275,6 +315,7 @@ class SymMem:
 @dataclass(frozen=True)
 class Stack:
     """``$stackN``: the Nth stack entry."""
+
     n: int
 
 
@@ -286,6 +327,7 @@ class StackPtr:
 @dataclass(frozen=True)
 class Arg:
     """``$argN``: the Nth function argument (N >= 1), function entry only."""
+
     n: int
 
 
@@ -295,6 +337,7 @@ class BtfArg:
 
     Whether the function has it is the kernel's to say (NO_BTFARG), not checked offline.
     """
+
     name: str
 
 
@@ -316,18 +359,21 @@ class Comm:
 @dataclass(frozen=True)
 class Imm:
     """``\\IMM``: an immediate number."""
+
     value: int
 
 
 @dataclass(frozen=True)
 class ImmStr:
     """``\\"text"``: an immediate string."""
+
     text: str
 
 
 @dataclass(frozen=True)
 class Deref:
     """``+|-[u]OFFS(FETCHARG)``: memory at inner + offset (``u``: user memory)."""
+
     offset: int
     inner: Fetch
     user: bool = False
@@ -339,6 +385,7 @@ Fetch = Union[Reg, Mem, SymMem, Stack, StackPtr, Arg, BtfArg, AllArgs, Retval, C
 @dataclass(frozen=True)
 class Bitfield:
     """``b<width>@<offset>/<size>``: a bitfield in a ``size``-bit container."""
+
     width: int
     offset: int
     size: int
@@ -347,6 +394,7 @@ class Bitfield:
 @dataclass(frozen=True)
 class FetchArg:
     """One FETCHARG: ``[NAME=]FETCH[:TYPE[[N]]]``; None means "left out"."""
+
     fetch: Fetch
     name: str | None = None
     type: str | Bitfield | None = None
@@ -361,6 +409,7 @@ class ProbeEvent:
     ``return_suffix`` remembers that spelling so `format` can keep it.
     ``group``/``event`` are None when the line left them out.
     """
+
     kind: str
     maxactive: int | None = None
     group: str | None = None
@@ -396,6 +445,7 @@ class RemoveEvent:
     ``name=expr`` of the event to remove.  ``event`` None with a group means
     "every event of that group".
     """
+
     group: str | None
     event: str | None
     match: tuple[str, ...] = ()
@@ -405,6 +455,7 @@ Event = Union[ProbeEvent, RemoveEvent]
 
 
 # --- errors -----------------------------------------------------------------
+
 
 class EventSyntaxError(KbridgeError):
     """A line the kernel would reject, with the kernel's own verdict.
@@ -417,9 +468,15 @@ class EventSyntaxError(KbridgeError):
     back onto ``line``: same word, same distance from the word's start.
     """
 
-    def __init__(self, line: str, error: str | None, message: str,
-                 position: int | None = None, command: str | None = None,
-                 kernel_position: int | None = None) -> None:
+    def __init__(
+        self,
+        line: str,
+        error: str | None,
+        message: str,
+        position: int | None = None,
+        command: str | None = None,
+        kernel_position: int | None = None,
+    ) -> None:
         where = f" at column {position}" if position is not None else ""
         label = f" ({error})" if error else ""
         super().__init__(
@@ -448,8 +505,7 @@ class EventSyntaxError(KbridgeError):
         """The error_log entry 6.1 would write for this line, if any."""
         if self.error is None or self.command is None or self.kernel_position is None:
             return None
-        return ErrorLogEntry(timestamp, "trace_kprobe", self.message,
-                             self.command, self.kernel_position)
+        return ErrorLogEntry(timestamp, "trace_kprobe", self.message, self.command, self.kernel_position)
 
 
 # --- error_log --------------------------------------------------------------
@@ -460,6 +516,7 @@ CMD_PREFIX = "  Command: "  # kernel/trace/trace.c
 @dataclass(frozen=True)
 class ErrorLogEntry:
     """One entry of tracing/error_log."""
+
     timestamp: float
     subsystem: str
     error: str
@@ -475,9 +532,11 @@ class ErrorLogEntry:
         # tracing_err_log_seq_show(): "[%5llu.%06u] %s%s" loc, text, then
         # "\n  Command: %s\n", then CMD_PREFIX-wide + pos spaces and "^".
         sec, usec = divmod(round(self.timestamp * 1_000_000), 1_000_000)
-        return (f"[{sec:5d}.{usec:06d}] {self.subsystem}: error: {self.error}\n"
-                f"{CMD_PREFIX}{self.command}\n"
-                f"{' ' * (len(CMD_PREFIX) + self.position)}^\n")
+        return (
+            f"[{sec:5d}.{usec:06d}] {self.subsystem}: error: {self.error}\n"
+            f"{CMD_PREFIX}{self.command}\n"
+            f"{' ' * (len(CMD_PREFIX) + self.position)}^\n"
+        )
 
 
 _LOG_HEAD = re.compile(r"\[\s*(\d+)\.(\d{6})\] (.+?): error: (.*)")
@@ -494,13 +553,15 @@ def parse_error_log(text: str) -> list[ErrorLogEntry]:
             i += 1
             continue
         sec, usec, subsystem, error = head.groups()
-        entries.append(ErrorLogEntry(
-            timestamp=int(sec) + int(usec) / 1_000_000,
-            subsystem=subsystem,
-            error=error,
-            command=lines[i + 1][len(CMD_PREFIX):],
-            position=len(lines[i + 2]) - 1 - len(CMD_PREFIX),
-        ))
+        entries.append(
+            ErrorLogEntry(
+                timestamp=int(sec) + int(usec) / 1_000_000,
+                subsystem=subsystem,
+                error=error,
+                command=lines[i + 1][len(CMD_PREFIX) :],
+                position=len(lines[i + 2]) - 1 - len(CMD_PREFIX),
+            )
+        )
         i += 3
     return entries
 
@@ -514,8 +575,7 @@ def _parse_integer(s: str, base: int) -> tuple[int, int, bool]:
     """lib/kstrtox.c _parse_integer_fixup_radix + _parse_integer: value, chars used (incl. 0x), overflow."""
     skip = 0
     if base == 0:
-        base = 16 if s[:1] == "0" and s[1:2].lower() == "x" and _isxdigit(s[2:3]) else (
-            8 if s[:1] == "0" else 10)
+        base = 16 if s[:1] == "0" and s[1:2].lower() == "x" and _isxdigit(s[2:3]) else (8 if s[:1] == "0" else 10)
     if base == 16 and s[:1] == "0" and s[1:2].lower() == "x":
         skip = 2
     value, used, overflow = 0, 0, False
@@ -575,9 +635,12 @@ def _simple_strtoul(s: str) -> tuple[int, int]:
 def _is_good_name(name: str, hyphen_ok: bool = False) -> bool:
     """__is_good_name(): C identifier; 6.1.y group names may also use '-'."""
     extra = "-" if hyphen_ok else ""
-    return (bool(name) and name.isascii()
-            and (name[0].isalpha() or name[0] in "_" + extra)
-            and all(c.isalnum() or c in "_" + extra for c in name[1:]))
+    return (
+        bool(name)
+        and name.isascii()
+        and (name[0].isalpha() or name[0] in "_" + extra)
+        and all(c.isalnum() or c in "_" + extra for c in name[1:])
+    )
 
 
 # --- parsing ----------------------------------------------------------------
@@ -668,9 +731,10 @@ class _ProbeParser:
         # Anything else between p/r and ':' (e.g. "pfoo:") is ignored by 6.1.
         target = self._target(kind)
         self.index = 0
-        group, event = (None, None) if colon < 0 else self._event_name(head[colon + 1:], colon + 1)
-        probe = ProbeEvent(kind="r" if target.pop("is_return") else "p", maxactive=maxactive,
-                           group=group, event=event, **target)
+        group, event = (None, None) if colon < 0 else self._event_name(head[colon + 1 :], colon + 1)
+        probe = ProbeEvent(
+            kind="r" if target.pop("is_return") else "p", maxactive=maxactive, group=group, event=event, **target
+        )
         args = self._args()
         self._check_symbols_at_register(probe)
         return replace(probe, args=args)
@@ -716,8 +780,13 @@ class _ProbeParser:
         if is_return and not on_entry:
             self.fail(0, "BAD_RETPROBE")
         self.flags_return, self.flags_fentry = is_return, on_entry
-        return {"symbol": name, "module": module if colon else None, "offset": offset,
-                "return_suffix": suffix, "is_return": is_return}
+        return {
+            "symbol": name,
+            "module": module if colon else None,
+            "offset": offset,
+            "return_suffix": suffix,
+            "is_return": is_return,
+        }
 
     def _split_symbol_offset(self, symbol: str) -> tuple[str, int]:
         """traceprobe_split_symbol_offset() plus the range check around it."""
@@ -744,7 +813,7 @@ class _ProbeParser:
             if not _is_good_name(group, hyphen_ok=self.grammar.hyphen_groups):
                 self.fail(offset, "BAD_GROUP_NAME")
             offset += slash + 1
-            text = text[slash + 1:]
+            text = text[slash + 1 :]
         if not text:
             if group is None:
                 self.fail(offset, "NO_EVENT_NAME")
@@ -762,7 +831,7 @@ class _ProbeParser:
         args = []
         # 6.1 parses at most MAX_TRACE_ARGS and silently drops the rest
         # (newer kernels log TOO_MANY_ARGS instead).
-        for i, word in enumerate(self.argv[2:2 + MAX_TRACE_ARGS]):
+        for i, word in enumerate(self.argv[2 : 2 + MAX_TRACE_ARGS]):
             self.index = i + 2
             args.append(self._arg(word, i, names))
         return tuple(args)
@@ -775,7 +844,7 @@ class _ProbeParser:
                 self.fail(0, "ARG_NAME_TOO_LONG")
             if eq == 0:
                 self.fail(0, "NO_ARG_NAME")
-            name, body, start = word[:eq], word[eq + 1:], eq + 1
+            name, body, start = word[:eq], word[eq + 1 :], eq + 1
         else:
             name, body, start = f"arg{i + 1}", word, 0
         if not _is_good_name(name):
@@ -806,8 +875,7 @@ class _ProbeParser:
                 # for bad type for $comm"), with the caret on the type.
                 if self.grammar.logs_string_type:
                     self.fail(offset + tpos, "NEED_STRING_TYPE")
-                _unlogged(self.line, "$comm and immediate strings only take ':string' "
-                          "(-EINVAL, nothing logged by 6.1)")
+                _unlogged(self.line, "$comm and immediate strings only take ':string' (-EINVAL, nothing logged by 6.1)")
             type_: str | Bitfield | None = type_text
             kind = "string"
         else:
@@ -848,14 +916,16 @@ class _ProbeParser:
             if size not in (8, 16, 32, 64):
                 self.fail(pos, "BAD_TYPE")
             width, used = _simple_strtoul(text[1:])
-            rest = text[1 + used:]
+            rest = text[1 + used :]
             bit_offset, used2 = _simple_strtoul(rest[1:])
-            if width == 0 or rest[:1] != "@" or used2 == 0 or rest[1 + used2:2 + used2] != "/":
+            if width == 0 or rest[:1] != "@" or used2 == 0 or rest[1 + used2 : 2 + used2] != "/":
                 return Bitfield(0, 0, size)  # invalid: reported as BAD_BITFIELD later
             return Bitfield(width, bit_offset, size)
-        if text not in BASIC_TYPES + STRING_TYPES + ("char",) \
-                or (text == "symstr" and not self.grammar.symstr) \
-                or (text == "char" and not self.grammar.char):
+        if (
+            text not in BASIC_TYPES + STRING_TYPES + ("char",)
+            or (text == "symstr" and not self.grammar.symstr)
+            or (text == "char" and not self.grammar.char)
+        ):
             self.fail(pos, "BAD_TYPE")
         return text
 
@@ -868,8 +938,7 @@ class _ProbeParser:
             self.fail(pos, "BAD_BITFIELD")
         return code
 
-    def _store(self, fetch: Fetch, kind: str, count: int | None, code: int,
-               offset: int, tpos: int) -> tuple[str, int]:
+    def _store(self, fetch: Fetch, kind: str, count: int | None, code: int, offset: int, tpos: int) -> tuple[str, int]:
         """The store op of traceprobe_parse_probe_arg_body(), with its checks."""
         user = isinstance(fetch, Deref) and fetch.user
         deref = isinstance(fetch, (Deref, Mem, SymMem))
@@ -937,8 +1006,7 @@ class _ProbeParser:
         if self.grammar.btf_args and var == "arg*" and self.flags_fentry:
             return AllArgs()
         # 6.9 saves the entry's arguments for the return handler, so $argN works there too.
-        if self.flags_fentry and (not self.flags_return or self.grammar.args_on_return) \
-                and var.startswith("arg"):
+        if self.flags_fentry and (not self.flags_return or self.grammar.args_on_return) and var.startswith("arg"):
             n = _kstrtoull(var[3:], 10)
             if n is None:
                 self.fail(offs, "BAD_VAR")
@@ -987,7 +1055,7 @@ class _ProbeParser:
         # offs += (tmp + 1 - arg) + (arg[0] != '-' ? 1 : 0); note that this is
         # one short for "+u"/"-u" derefs, and the kernel's caret is too.
         offs += brace + 1 + (arg[0] != "-")
-        inner = arg[brace + 1:]
+        inner = arg[brace + 1 :]
         close = inner.rfind(")")
         if close < 0:
             self.fail(offs + len(inner), "DEREF_OPEN_BRACE")
@@ -1037,6 +1105,7 @@ class _ProbeParser:
 
 
 # --- formatting -------------------------------------------------------------
+
 
 def format(ev: Event) -> str:  # noqa: A001 - the name the API promises
     """Write an event back as a kprobe_events line (single spaces)."""

@@ -29,16 +29,19 @@ class Suite:
         return f"{self.name} ({self.version})"
 
 
-SUITES: dict[str, Suite] = {s.name: s for s in (
-    # bullseye's kernel is built with gcc-10, but the host's gcc-12 makes modules that load
-    # (measured); its current kernel is only in bullseye-security.
-    Suite("bullseye", "5.10", (5, 10), "gcc-10", host_gcc=True, security=True),
-    Suite("bookworm", "6.1", (6, 1), "gcc-12", host_gcc=True, security=True),
-    # trixie (gcc-14) and sid: their linux-kbuild tools need a newer glibc than the host's,
-    # and kbuild refuses a compiler other than the kernel's, so they get a build root.
-    Suite("trixie", "6.12", (6, 12), "gcc-14", host_gcc=False, security=True),
-    Suite("sid", "latest", None, "gcc", host_gcc=False, security=False),
-)}
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        # bullseye's kernel is built with gcc-10, but the host's gcc-12 makes modules that load
+        # (measured); its current kernel is only in bullseye-security.
+        Suite("bullseye", "5.10", (5, 10), "gcc-10", host_gcc=True, security=True),
+        Suite("bookworm", "6.1", (6, 1), "gcc-12", host_gcc=True, security=True),
+        # trixie (gcc-14) and sid: their linux-kbuild tools need a newer glibc than the host's,
+        # and kbuild refuses a compiler other than the kernel's, so they get a build root.
+        Suite("trixie", "6.12", (6, 12), "gcc-14", host_gcc=False, security=True),
+        Suite("sid", "latest", None, "gcc", host_gcc=False, security=False),
+    )
+}
 
 _BY_VERSION = {s.version: s.name for s in SUITES.values()}
 # "unstable" is sid's other name in the archive.
@@ -61,8 +64,10 @@ def resolve(text: str | None) -> str:
         return _BY_VERSION[key]
     if key in _ALIASES:
         return _ALIASES[key]
-    raise KbridgeError(f"unknown kernel {text!r}: expected one of {choices()}",
-                       "e.g. --kernel 5.10 or --kernel trixie (kbridge image list shows what is built)")
+    raise KbridgeError(
+        f"unknown kernel {text!r}: expected one of {choices()}",
+        "e.g. --kernel 5.10 or --kernel trixie (kbridge image list shows what is built)",
+    )
 
 
 def get(text: str | None) -> Suite:

@@ -16,13 +16,18 @@ from kbridge.errors import KbridgeError
 from kbridge.images import image as images
 from kbridge.images.apt import Mirrors, host_mirrors
 
-image_app = typer.Typer(help="Guest images (kernel, headers, initramfs) built from Debian packages.",
-                        no_args_is_help=True)
+image_app = typer.Typer(
+    help="Guest images (kernel, headers, initramfs) built from Debian packages.", no_args_is_help=True
+)
 app.add_typer(image_app, name="image")
 
-MirrorOpt = Annotated[Optional[str], typer.Option(
-    "--mirror",
-    help="Debian mirror URL (default: the host's Debian sources, else deb.debian.org; env KBRIDGE_MIRROR).")]
+MirrorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mirror",
+        help="Debian mirror URL (default: the host's Debian sources, else deb.debian.org; env KBRIDGE_MIRROR).",
+    ),
+]
 
 
 def mirrors_from(mirror: str | None, suite: str = images.DEFAULT_SUITE) -> Mirrors | None:
@@ -30,18 +35,22 @@ def mirrors_from(mirror: str | None, suite: str = images.DEFAULT_SUITE) -> Mirro
     if not mirror:
         return None
     if not mirror.startswith(("http://", "https://", "file:")):
-        raise KbridgeError(f"invalid --mirror {mirror!r}: expected an http(s):// or file: URL",
-                           "e.g. --mirror http://deb.debian.org/debian")
+        raise KbridgeError(
+            f"invalid --mirror {mirror!r}: expected an http(s):// or file: URL",
+            "e.g. --mirror http://deb.debian.org/debian",
+        )
     return Mirrors(mirror.rstrip("/"), host_mirrors(suite).security)
 
 
 @image_app.command("build")
 @command
-def build_cmd(arch: ArchOpt = None,
-              kernel: KernelOpt = None,
-              all_: Annotated[bool, typer.Option("--all", help="Every kernel x arch of the matrix.")] = False,
-              mirror: MirrorOpt = None,
-              rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if cached.")] = False) -> None:
+def build_cmd(
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every kernel x arch of the matrix.")] = False,
+    mirror: MirrorOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if cached.")] = False,
+) -> None:
     """Build (or check) the guest image of KERNEL for ARCH; prints the kernel release it gives."""
     if all_ and (arch or kernel):
         raise KbridgeError("--all builds every kernel and arch: drop --arch/--kernel, or drop --all")
@@ -51,8 +60,10 @@ def build_cmd(arch: ArchOpt = None,
         for a in arches:
             t0 = time.monotonic()
             img = images.ensure(a, suite, mirrors=mirrors_from(mirror, suite), rebuild=rebuild)
-            out.print(f"{img.arch.name:7} {img.suite:9} {img.krel:24} {img.version:14} "
-                      f"{time.monotonic() - t0:6.1f}s {img.dir}")
+            out.print(
+                f"{img.arch.name:7} {img.suite:9} {img.krel:24} {img.version:14} "
+                f"{time.monotonic() - t0:6.1f}s {img.dir}"
+            )
 
 
 @image_app.command("list")
@@ -63,15 +74,26 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     for suite in kernels.SUITES.values():
         for a in ARCHES.values():
             img = images.load(a, suite.name, verify=False)
-            rows.append({"arch": a.name, "suite": suite.name, "kernel_line": suite.version,
-                         "default": suite.name == kernels.DEFAULT, "ok": img is not None,
-                         "kernel": img.krel if img else None, "version": img.version if img else None,
-                         "dir": str(images.image_dir(a, suite.name))})
+            rows.append(
+                {
+                    "arch": a.name,
+                    "suite": suite.name,
+                    "kernel_line": suite.version,
+                    "default": suite.name == kernels.DEFAULT,
+                    "ok": img is not None,
+                    "kernel": img.krel if img else None,
+                    "version": img.version if img else None,
+                    "dir": str(images.image_dir(a, suite.name)),
+                }
+            )
     if json_out:
         emit_json({"images": rows})
         return
     for r in rows:
         label = f"{r['suite']} ({r['kernel_line']})" + ("*" if r["default"] else "")
-        kernel = f"{r['kernel']} ({r['version']})" if r["ok"] else "(not built: kbridge image build " \
-            f"--kernel {r['suite']} --arch {r['arch']})"
+        kernel = (
+            f"{r['kernel']} ({r['version']})"
+            if r["ok"]
+            else f"(not built: kbridge image build --kernel {r['suite']} --arch {r['arch']})"
+        )
         out.print(f"{r['arch']:7} {label:17} {kernel}")

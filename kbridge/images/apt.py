@@ -78,8 +78,7 @@ class FetchError(KbridgeError):
 class PrivateApt:
     """apt-get/apt-cache over a private state directory for one suite and Debian architecture."""
 
-    def __init__(self, root: Path, suite: str, debian_arch: str, mirrors: Mirrors,
-                 security: bool = True) -> None:
+    def __init__(self, root: Path, suite: str, debian_arch: str, mirrors: Mirrors, security: bool = True) -> None:
         self.root = root
         self.security = security
         self.suite = suite
@@ -140,9 +139,10 @@ class PrivateApt:
         if proc.returncode != 0:
             err = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("W:"))
             if "Failed to fetch" in err and tool == "apt-get" and args[:1] != ("update",):
-                raise FetchError(f"Debian {self.suite}/{self.arch}: the archive lists packages it cannot "
-                                 f"serve:\n{err.strip()}",
-                                 f"try another mirror with --mirror or KBRIDGE_MIRROR (now {self.mirrors.main})")
+                raise FetchError(
+                    f"Debian {self.suite}/{self.arch}: the archive lists packages it cannot serve:\n{err.strip()}",
+                    f"try another mirror with --mirror or KBRIDGE_MIRROR (now {self.mirrors.main})",
+                )
             raise KbridgeError(
                 f"{tool} {' '.join(args)} failed ({self.suite}/{self.arch}):\n{err.strip()}",
                 f"check the mirror {self.mirrors.main} (override with --mirror or KBRIDGE_MIRROR)",
@@ -183,8 +183,13 @@ class PrivateApt:
         """Download PACKAGES and all they depend on (as if installing on an empty system) into DEST."""
         (dest / "partial").mkdir(parents=True, exist_ok=True)
         self._run(
-            "apt-get", "install", "-y", "--download-only", "--no-install-recommends",
-            f"-oDir::Cache::archives={dest}", *packages,
+            "apt-get",
+            "install",
+            "-y",
+            "--download-only",
+            "--no-install-recommends",
+            f"-oDir::Cache::archives={dest}",
+            *packages,
         )
         return sorted(dest.glob("*.deb"))
 
@@ -200,8 +205,10 @@ def update_error(stderr: str, suite: str, arch: str) -> KbridgeError | None:
     if not failed:
         return None
     cls = FetchError if all("-security" in ln for ln in failed) else KbridgeError
-    return cls(f"cannot read Debian {suite} ({arch}) package lists: {failed[0].removeprefix('W: ')}",
-               "check the mirror and the network (--mirror or KBRIDGE_MIRROR)")
+    return cls(
+        f"cannot read Debian {suite} ({arch}) package lists: {failed[0].removeprefix('W: ')}",
+        "check the mirror and the network (--mirror or KBRIDGE_MIRROR)",
+    )
 
 
 def extract(deb: Path, dest: Path) -> None:

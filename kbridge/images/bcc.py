@@ -52,16 +52,24 @@ def load(arch: Arch, suite: str = images.DEFAULT_SUITE) -> images.Image | None:
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if base is None or manifest.get("format") != FORMAT or manifest.get("krel") != base.krel \
-            or manifest.get("base_guest") != images.guest_digest():
+    if (
+        base is None
+        or manifest.get("format") != FORMAT
+        or manifest.get("krel") != base.krel
+        or manifest.get("base_guest") != images.guest_digest()
+    ):
         return None
     if not all((d / f).exists() for f in ("kernel", "initramfs.cpio", "rootfs.ext4", "headers")):
         return None
     return images.Image(d, arch, suite, base.krel, base.version, flavour="bcc")
 
 
-def ensure(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE,
-           mirrors: Mirrors | None = None, rebuild: bool = False) -> images.Image:
+def ensure(
+    arch: Arch | str | None = None,
+    suite: str = images.DEFAULT_SUITE,
+    mirrors: Mirrors | None = None,
+    rebuild: bool = False,
+) -> images.Image:
     """The bcc image for ARCH and SUITE, built (about a minute, ~400 MB) when missing or stale."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     if not rebuild and (img := load(arch, suite)):
@@ -90,9 +98,10 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
         pkgs = images.kernel_packages(apt, arch)
         krel = pkgs.krel
         if krel != base.krel:
-            raise KbridgeError(f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
-                               f"rebuild the default image first: kbridge image build --kernel {suite} "
-                               f"--arch {arch.name} --rebuild")
+            raise KbridgeError(
+                f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
+                f"rebuild the default image first: kbridge image build --kernel {suite} --arch {arch.name} --rebuild",
+            )
         common = list(pkgs.headers[1:])
         debs = work / "debs"
         with progress.step(f"downloading python3-bpfcc and its closure, kernel {krel} headers ({arch.debian})"):
@@ -112,9 +121,19 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
             shutil.rmtree(work / tmp)
         os.symlink(base.kernel, work / "kernel")
         os.symlink(base.dir / "headers", work / "headers")
-        (work / "manifest.json").write_text(json.dumps({
-            "format": FORMAT, "arch": arch.name, "suite": suite, "krel": krel,
-            "base_guest": images.guest_digest(), "packages": list(PACKAGES)}, indent=1))
+        (work / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "arch": arch.name,
+                    "suite": suite,
+                    "krel": krel,
+                    "base_guest": images.guest_digest(),
+                    "packages": list(PACKAGES),
+                },
+                indent=1,
+            )
+        )
     progress.info(f"bcc image ready: Debian {suite} {arch.name}, kernel {krel}")
 
 
@@ -129,8 +148,10 @@ def _finish_rootfs(rootfs: Path, krel: str, common: list[str]) -> None:
             os.symlink(f"usr/{top}", rootfs / top)
     mods = rootfs / "lib/modules" / krel
     mods.mkdir(parents=True, exist_ok=True)
-    for link, target in (("build", f"/usr/src/linux-headers-{krel}"),
-                         ("source", f"/usr/src/{common[0]}" if common else f"/usr/src/linux-headers-{krel}")):
+    for link, target in (
+        ("build", f"/usr/src/linux-headers-{krel}"),
+        ("source", f"/usr/src/{common[0]}" if common else f"/usr/src/linux-headers-{krel}"),
+    ):
         if (mods / link).is_symlink() or (mods / link).exists():
             (mods / link).unlink()
         os.symlink(target, mods / link)
@@ -160,8 +181,27 @@ def _initramfs(base: images.Image, modroot: Path, krel: str, out: Path) -> None:
 def _mkfs(rootfs: Path, out: Path) -> None:
     size = sum(p.lstat().st_size for p in rootfs.rglob("*"))
     mb = int(size * 1.25 / 2**20) + 128
-    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "kbridge-bcc", "-O", "^has_journal", "-E", "root_owner=0:0",
-                           "-d", str(rootfs), str(out), f"{mb}M"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "kbridge-bcc",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(rootfs),
+            str(out),
+            f"{mb}M",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise KbridgeError(f"mkfs.ext4 of the bcc root filesystem failed: {proc.stderr.strip()}",
-                           "install e2fsprogs >= 1.43 (mkfs.ext4 -d)")
+        raise KbridgeError(
+            f"mkfs.ext4 of the bcc root filesystem failed: {proc.stderr.strip()}",
+            "install e2fsprogs >= 1.43 (mkfs.ext4 -d)",
+        )

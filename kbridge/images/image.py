@@ -114,8 +114,9 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def ensure(arch: Arch | str | None = None, suite: str = DEFAULT_SUITE,
-           mirrors: Mirrors | None = None, rebuild: bool = False) -> Image:
+def ensure(
+    arch: Arch | str | None = None, suite: str = DEFAULT_SUITE, mirrors: Mirrors | None = None, rebuild: bool = False
+) -> Image:
     """The cached image for ARCH and SUITE, built first if missing or damaged."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     if not rebuild and (img := load(arch, suite, verify=False)):
@@ -124,8 +125,7 @@ def ensure(arch: Arch | str | None = None, suite: str = DEFAULT_SUITE,
         if not rebuild and (img := load(arch, suite)):  # another process may have built it
             return img
         if (image_dir(arch, suite) / "manifest.json").exists() and not rebuild:
-            progress.warn(f"cached {suite}/{arch.name} image is damaged or from another kbridge "
-                          "version: rebuilding it")
+            progress.warn(f"cached {suite}/{arch.name} image is damaged or from another kbridge version: rebuilding it")
         return _build(arch, suite, mirrors or _mirrors_from_env(suite))
 
 
@@ -177,11 +177,14 @@ def kernel_packages(apt: PrivateApt, arch: Arch) -> KernelPackages:
     meta = f"linux-image-{arch.debian}"
     image_pkg = next((d for d in apt.depends(meta) if re.fullmatch(r"linux-image-\d.*", d)), None)
     if image_pkg is None:
-        raise KbridgeError(f"no kernel package behind linux-image-{arch.debian} in Debian {apt.suite}",
-                           "the suite may not carry a kernel for this architecture")
+        raise KbridgeError(
+            f"no kernel package behind linux-image-{arch.debian} in Debian {apt.suite}",
+            "the suite may not carry a kernel for this architecture",
+        )
     krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
-    binary = [image_pkg] + [d for d in apt.depends(image_pkg)
-                            if d.startswith(("linux-binary-", "linux-modules-", f"linux-base-{krel}"))]
+    binary = [image_pkg] + [
+        d for d in apt.depends(image_pkg) if d.startswith(("linux-binary-", "linux-modules-", f"linux-base-{krel}"))
+    ]
     headers_pkg = f"linux-headers-{krel}"
     deps = apt.depends(headers_pkg)
     common = [d for d in deps if d.startswith("linux-headers-")]
@@ -197,8 +200,10 @@ def _build(arch: Arch, suite: str, mirrors: Mirrors) -> Image:
             raise
         # Seen here: a mirror whose bullseye-security lists arm64 packages that its pool
         # does not serve (404), while amd64's download. The point release still boots.
-        progress.warn(f"Debian {suite}-security's {arch.debian} packages cannot be fetched from "
-                      f"{mirrors.security}: building from {suite} and {suite}-updates only")
+        progress.warn(
+            f"Debian {suite}-security's {arch.debian} packages cannot be fetched from "
+            f"{mirrors.security}: building from {suite} and {suite}-updates only"
+        )
         return _build_from(arch, suite, mirrors, security=False)
 
 
@@ -208,9 +213,13 @@ def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Ima
     tag = "" if security else "-nosecurity"
     with staged(final) as work:
         apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}{tag}", suite, arch.debian, mirrors, security)
-        host_apt = apt if host_arch() == arch.name else PrivateApt(
-            root / "apt" / f"{suite}-{get_arch(None).debian}{tag}", suite, get_arch(None).debian, mirrors,
-            security)
+        host_apt = (
+            apt
+            if host_arch() == arch.name
+            else PrivateApt(
+                root / "apt" / f"{suite}-{get_arch(None).debian}{tag}", suite, get_arch(None).debian, mirrors, security
+            )
+        )
         with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
             apt.update()
             if host_apt is not apt:
@@ -225,8 +234,7 @@ def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Ima
             user_debs = apt.download_closure(["busybox-static", "qemu-guest-agent"], debs / "user")
         with progress.step(f"unpacking kernel {krel} ({version}) and its headers"):
             for deb in kernel_debs + kbuild_debs:
-                extract(deb, work / ("headers" if deb.name.startswith(("linux-headers-", "linux-kbuild-"))
-                                     else "kpkg"))
+                extract(deb, work / ("headers" if deb.name.startswith(("linux-headers-", "linux-kbuild-")) else "kpkg"))
             modroot = _modroot(work / "kpkg", krel)
             check_config(_read_config(work / "headers", krel), f"Debian {suite} {arch.name} kernel {krel}")
             _fix_headers(work / "headers", krel)
@@ -239,8 +247,16 @@ def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Ima
         for tmp in ("debs", "kpkg", "sysroot"):
             shutil.rmtree(work / tmp)
         files = {rel: _sha256(work / rel) for rel in ("kernel", "initramfs.cpio")}
-        manifest = {"format": FORMAT, "guest": guest_digest(), "arch": arch.name, "suite": suite, "krel": krel,
-                    "version": version, "security": security, "files": files}
+        manifest = {
+            "format": FORMAT,
+            "guest": guest_digest(),
+            "arch": arch.name,
+            "suite": suite,
+            "krel": krel,
+            "version": version,
+            "security": security,
+            "files": files,
+        }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     img = load(arch, suite)
     assert img is not None
@@ -292,8 +308,10 @@ def check_config(config: dict[str, str], what: str) -> None:
     """A KbridgeError naming the first option kbridge needs that the kernel lacks."""
     for opt in REQUIRED_CONFIG:
         if config.get(opt) != "y":
-            raise KbridgeError(f"{what} was built without {opt}: kbridge cannot probe it",
-                               "choose another --kernel (kbridge image list shows the matrix)")
+            raise KbridgeError(
+                f"{what} was built without {opt}: kbridge cannot probe it",
+                "choose another --kernel (kbridge image list shows the matrix)",
+            )
 
 
 def _fix_headers(tree: Path, krel: str) -> None:
@@ -336,6 +354,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         data = _unzstd(payload[:-4])
     elif payload.startswith(b"\x1f\x8b"):
         import zlib
+
         data = zlib.decompressobj(31).decompress(payload)
     else:
         raise KbridgeError(f"unsupported bzImage compression (magic {payload[:4].hex()})")
@@ -346,8 +365,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
 
 def _unzstd(data: bytes) -> bytes:
     if shutil.which("zstd") is None:
-        raise KbridgeError("this kernel is zstd-compressed and zstd is not installed",
-                           "sudo apt-get install zstd")
+        raise KbridgeError("this kernel is zstd-compressed and zstd is not installed", "sudo apt-get install zstd")
     proc = subprocess.run(["zstd", "-d", "-q", "-c"], input=data, capture_output=True)
     if proc.returncode != 0:
         raise KbridgeError(f"zstd could not unpack the kernel: {proc.stderr.decode(errors='replace').strip()}")
@@ -366,6 +384,7 @@ def module_bytes(path: Path) -> bytes:
         return _unzstd(data)
     if path.name.endswith(".gz"):
         import gzip
+
         return gzip.decompress(data)
     return data
 
@@ -432,8 +451,7 @@ def _build_initramfs(arch: Arch, krel: str, modroot: Path, sysroot: Path, out: P
 
 def _copy_with_libs(w: CpioWriter, sysroot: Path, rel: str) -> None:
     """Copy a dynamically linked program and its library closure (DT_NEEDED) from SYSROOT."""
-    search = [d for d in ("lib", "usr/lib") for d in (f"{d}/{_multiarch(sysroot)}", d)
-              if (sysroot / d).is_dir()]
+    search = [d for d in ("lib", "usr/lib") for d in (f"{d}/{_multiarch(sysroot)}", d) if (sysroot / d).is_dir()]
     pending = [rel]
     seen: set[str] = set()
     while pending:
@@ -467,14 +485,15 @@ def _inside(sysroot: Path, rel: str) -> Path:
         if not p.is_symlink():
             return p
         target = os.readlink(p)
-        rel = os.path.normpath(target.lstrip("/") if target.startswith("/")
-                               else os.path.join(os.path.dirname(rel), target))
+        rel = os.path.normpath(
+            target.lstrip("/") if target.startswith("/") else os.path.join(os.path.dirname(rel), target)
+        )
     raise KbridgeError(f"symlink loop at {rel} in the guest packages")
 
 
 def _multiarch(sysroot: Path) -> str:
     for lib in (sysroot / "lib", sysroot / "usr/lib"):
-        for cand in (lib.iterdir() if lib.is_dir() and not lib.is_symlink() else ()):
+        for cand in lib.iterdir() if lib.is_dir() and not lib.is_symlink() else ():
             if cand.is_dir() and cand.name.endswith("-linux-gnu"):
                 return cand.name
     raise KbridgeError("guest libc not found in the unpacked packages")

@@ -72,7 +72,7 @@ GOOD = [
     "p vfs_read a=%ax:s8 b=%ax:s16 c=%ax:s32 d=%ax:s64",
     "p vfs_read a=%ax:x8 b=%ax:x16 c=%ax:x32 d=%ax:x64 e=%ip:symbol",
     "p vfs_read f=+0(%si):string g=+u0(%si):ustring h=+0(%si):ustring",
-    "p vfs_read $comm:string \\\"x\":string @0x10:string \\16:string",
+    'p vfs_read $comm:string \\"x":string @0x10:string \\16:string',
     "p vfs_read %ax:symstr $stack1:symstr $arg1:symstr +0(%di):symstr",
     "r vfs_read $retval:symstr",
     "p vfs_read %ax:b4@0/8 %ax:b1@63/64 +0(%di):b3@5/32",
@@ -115,24 +115,27 @@ def test_whitespace_is_normalised():
     assert format(parse("  p:grp/ev   vfs_read\t\t%ax  ")) == "p:grp/ev vfs_read %ax"
 
 
-@pytest.mark.parametrize(("line", "canonical"), [
-    ("p:grp.ev vfs_read", "p:grp/ev vfs_read"),  # '.' separates GRP.EVENT in 6.1.y
-    ("p vfs_read+0", "p vfs_read"),
-    ("p vfs_read+0x10", "p vfs_read+16"),
-    ("r0x10 vfs_read", "r16 vfs_read"),  # kstrtouint(base 0)
-    ("pfoo vfs_read", "p vfs_read"),  # 6.1 ignores junk before ':'
-    ("p vfs_read $arg+1", "p vfs_read $arg1"),  # kstrtoul() takes a '+'
-    ("p vfs_read @0X10 \\+7 \\0x10", "p vfs_read @0x10 \\7 \\16"),
-    ("p vfs_read $COMM +0x10($stack)", "p vfs_read $comm +16($stack)"),
-    ("p:grp/ev vfs_read+0%return", "p:grp/ev vfs_read%return"),
-    ("p vfs_read +8(%ax)junk", "p vfs_read +8(%ax)"),  # text after last ')' dropped
-    ("p vfs_read +0x8(%ax):u8[0x4]", "p vfs_read +8(%ax):u8[4]"),
-    ("p vfs_read %ax:b0x4@0x2/0x20", "p vfs_read %ax:b4@2/32"),
-    ("r vfs_read%return", "p vfs_read%return"),
-    ('p vfs_read \\"', 'p vfs_read \\""'),  # str[len - 1] is the opening quote
-    ("p vfs_read # a comment", "p vfs_read"),
-    ("p vfs_read $comm # comment", "p vfs_read $comm"),
-])
+@pytest.mark.parametrize(
+    ("line", "canonical"),
+    [
+        ("p:grp.ev vfs_read", "p:grp/ev vfs_read"),  # '.' separates GRP.EVENT in 6.1.y
+        ("p vfs_read+0", "p vfs_read"),
+        ("p vfs_read+0x10", "p vfs_read+16"),
+        ("r0x10 vfs_read", "r16 vfs_read"),  # kstrtouint(base 0)
+        ("pfoo vfs_read", "p vfs_read"),  # 6.1 ignores junk before ':'
+        ("p vfs_read $arg+1", "p vfs_read $arg1"),  # kstrtoul() takes a '+'
+        ("p vfs_read @0X10 \\+7 \\0x10", "p vfs_read @0x10 \\7 \\16"),
+        ("p vfs_read $COMM +0x10($stack)", "p vfs_read $comm +16($stack)"),
+        ("p:grp/ev vfs_read+0%return", "p:grp/ev vfs_read%return"),
+        ("p vfs_read +8(%ax)junk", "p vfs_read +8(%ax)"),  # text after last ')' dropped
+        ("p vfs_read +0x8(%ax):u8[0x4]", "p vfs_read +8(%ax):u8[4]"),
+        ("p vfs_read %ax:b0x4@0x2/0x20", "p vfs_read %ax:b4@2/32"),
+        ("r vfs_read%return", "p vfs_read%return"),
+        ('p vfs_read \\"', 'p vfs_read \\""'),  # str[len - 1] is the opening quote
+        ("p vfs_read # a comment", "p vfs_read"),
+        ("p vfs_read $comm # comment", "p vfs_read $comm"),
+    ],
+)
 def test_equivalent_spellings(line, canonical):
     assert format(parse(line)) == canonical
     assert parse(canonical) == parse(line)
@@ -141,18 +144,23 @@ def test_equivalent_spellings(line, canonical):
 def test_model_fields():
     ev = parse("r8:grp/ev ext4:ext4_sync_fs+0 r=$retval:s32 x=+8(-16(%di)):b3@2/16[4] u=+u0(%si):ustring")
     assert ev == ProbeEvent(
-        kind="r", maxactive=8, group="grp", event="ev", symbol="ext4_sync_fs",
-        module="ext4", offset=0,
-        args=(FetchArg(Retval(), name="r", type="s32"),
-              FetchArg(Deref(8, Deref(-16, Reg("di"))), name="x",
-                       type=Bitfield(3, 2, 16), array=4),
-              FetchArg(Deref(0, Reg("si"), user=True), name="u", type="ustring")),
+        kind="r",
+        maxactive=8,
+        group="grp",
+        event="ev",
+        symbol="ext4_sync_fs",
+        module="ext4",
+        offset=0,
+        args=(
+            FetchArg(Retval(), name="r", type="s32"),
+            FetchArg(Deref(8, Deref(-16, Reg("di"))), name="x", type=Bitfield(3, 2, 16), array=4),
+            FetchArg(Deref(0, Reg("si"), user=True), name="u", type="ustring"),
+        ),
     )
     assert ev.is_return and ev.effective_group == "grp"
-    ev = parse("p vfs_read%return @sym-8 $stack3 $stack $comm \\5 \\\"s\" @0x10")
+    ev = parse('p vfs_read%return @sym-8 $stack3 $stack $comm \\5 \\"s" @0x10')
     assert ev.kind == "r" and ev.return_suffix and ev.group is None and ev.event is None
-    assert [a.fetch for a in ev.args] == [
-        SymMem("sym", -8), Stack(3), StackPtr(), Comm(), Imm(5), ImmStr("s"), Mem(16)]
+    assert [a.fetch for a in ev.args] == [SymMem("sym", -8), Stack(3), StackPtr(), Comm(), Imm(5), ImmStr("s"), Mem(16)]
     assert parse("p vfs_read $arg3").args[0].fetch == Arg(3)
     assert parse("p 0x1000").address == 0x1000
     assert parse("-:g/e vfs_read") == RemoveEvent("g", "e", ("vfs_read",))
@@ -164,16 +172,19 @@ def test_extra_args_are_dropped_like_6_1():
     assert len(parse(line).args) == 128
 
 
-@pytest.mark.parametrize(("event", "name"), [
-    ("p vfs_read", "p_vfs_read_0"),
-    ("p vfs_read+8", "p_vfs_read_8"),
-    ("r vfs_read", "r_vfs_read_0"),
-    ("p vfs_read%return", "r_vfs_read_0"),
-    ("p ext4:ext4_sync_fs", "p_ext4_ext4_sync_fs_0"),
-    ("p foo.isra.0+4", "p_foo_isra_0_4"),
-    ("p 0xffffffff81000000", "p_0xffffffff81000000"),
-    ("p " + "s" * 70, "p_" + "s" * 61),  # snprintf to MAX_EVENT_NAME_LEN
-])
+@pytest.mark.parametrize(
+    ("event", "name"),
+    [
+        ("p vfs_read", "p_vfs_read_0"),
+        ("p vfs_read+8", "p_vfs_read_8"),
+        ("r vfs_read", "r_vfs_read_0"),
+        ("p vfs_read%return", "r_vfs_read_0"),
+        ("p ext4:ext4_sync_fs", "p_ext4_ext4_sync_fs_0"),
+        ("p foo.isra.0+4", "p_foo_isra_0_4"),
+        ("p 0xffffffff81000000", "p_0xffffffff81000000"),
+        ("p " + "s" * 70, "p_" + "s" * 61),  # snprintf to MAX_EVENT_NAME_LEN
+    ],
+)
 def test_default_event_name(event, name):
     ev = parse(event)
     assert default_event_name(ev) == name
@@ -307,12 +318,15 @@ def test_bad_lines(line, error, position):
     assert isinstance(err, KbridgeError)
 
 
-@pytest.mark.parametrize(("line", "error", "position"), [
-    ("p vfs_read %ax", "BAD_REG_NAME", 11),
-    ("p vfs_read %x31", "BAD_REG_NAME", 11),
-    ("p vfs_read %r0", "BAD_REG_NAME", 11),
-    ("r vfs_read+4", "BAD_RETPROBE", 2),  # no ENDBR allowance on arm64
-])
+@pytest.mark.parametrize(
+    ("line", "error", "position"),
+    [
+        ("p vfs_read %ax", "BAD_REG_NAME", 11),
+        ("p vfs_read %x31", "BAD_REG_NAME", 11),
+        ("p vfs_read %r0", "BAD_REG_NAME", 11),
+        ("r vfs_read+4", "BAD_RETPROBE", 2),  # no ENDBR allowance on arm64
+    ],
+)
 def test_bad_lines_arm64(line, error, position):
     with pytest.raises(EventSyntaxError) as info:
         parse(line, arch="arm64")
@@ -329,14 +343,17 @@ def test_x86_endbr_offset_is_the_entry_only_with_ibt():
     assert info.value.error == "BAD_RETPROBE"
 
 
-@pytest.mark.parametrize(("line", "kpos", "position"), [
-    # The kernel re-joins argv with single spaces; we map its column back.
-    ("p:foo   vfs_read\t\t$retval", 15, 18),
-    ("  p5 vfs_read", 1, 3),
-    ("p  vfs_read   +8(%zz)  ", 14, 17),
-    ("p vfs_read\t%ax:u32[", 19, 19),
-    ("p vfs_read  %zz  # comment", 11, 12),
-])
+@pytest.mark.parametrize(
+    ("line", "kpos", "position"),
+    [
+        # The kernel re-joins argv with single spaces; we map its column back.
+        ("p:foo   vfs_read\t\t$retval", 15, 18),
+        ("  p5 vfs_read", 1, 3),
+        ("p  vfs_read   +8(%zz)  ", 14, 17),
+        ("p vfs_read\t%ax:u32[", 19, 19),
+        ("p vfs_read  %zz  # comment", 11, 12),
+    ],
+)
 def test_positions_map_back_onto_the_original_line(line, kpos, position):
     with pytest.raises(EventSyntaxError) as info:
         parse(line)
@@ -353,21 +370,24 @@ def test_caret():
     assert info.value.caret() == "p\tvfs_read\t%zz\n \t        \t^"
 
 
-@pytest.mark.parametrize("line", [
-    "",  # the kernel ignores empty lines
-    "# only a comment",
-    "x vfs_read",  # not p/r: -ECANCELED, then -EINVAL
-    " -:foo",  # the '-' test looks at the raw first byte
-    "p",  # argc < 2
-    "r5:ev",
-    "p /bin/sh:0x10",  # looks like a uprobe
-    "p vfs_read $comm:u32",  # 6.1 returns -EINVAL without logging
-    "p vfs_read $comm:string[2]",
-    'p vfs_read \\"a":u8',
-    "-",
-    "-foo",
-    "-:",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",  # the kernel ignores empty lines
+        "# only a comment",
+        "x vfs_read",  # not p/r: -ECANCELED, then -EINVAL
+        " -:foo",  # the '-' test looks at the raw first byte
+        "p",  # argc < 2
+        "r5:ev",
+        "p /bin/sh:0x10",  # looks like a uprobe
+        "p vfs_read $comm:u32",  # 6.1 returns -EINVAL without logging
+        "p vfs_read $comm:string[2]",
+        'p vfs_read \\"a":u8',
+        "-",
+        "-foo",
+        "-:",
+    ],
+)
 def test_rejected_without_error_log(line):
     with pytest.raises(EventSyntaxError) as info:
         parse(line)
@@ -397,8 +417,7 @@ ERROR_LOG = (
 def test_parse_error_log():
     entries = parse_error_log(ERROR_LOG)
     assert [(e.subsystem, e.error, e.command, e.position, e.error_class) for e in entries] == [
-        ("trace_kprobe", "$retval is not available on probe", "p:foo vfs_read $retval", 15,
-         "RETVAL_ON_PROBE"),
+        ("trace_kprobe", "$retval is not available on probe", "p:foo vfs_read $retval", 15, "RETVAL_ON_PROBE"),
         ("hist:sched:sched_switch", "Couldn't find field", "keys=foo", 5, None),
         ("trace_kprobe", "Invalid $-valiable specified", "r vfs_read $arg1", 11, "BAD_VAR"),
     ]

@@ -48,12 +48,14 @@ def _kernel_class(v: dict) -> str | None:
 
 
 def test_every_suite_and_arch_was_captured():
-    assert {p.stem for p in CAPTURES} == {f"{s}-{a}" for s in ("bullseye", "bookworm", "trixie", "sid")
-                                          for a in ("x86_64", "arm64")}
+    assert {p.stem for p in CAPTURES} == {
+        f"{s}-{a}" for s in ("bullseye", "bookworm", "trixie", "sid") for a in ("x86_64", "arm64")
+    }
 
 
-@pytest.mark.parametrize(("capture", "data", "verdict"), _captures(),
-                         ids=[f"{c}:{v['line']}" for c, _, v in _captures()])
+@pytest.mark.parametrize(
+    ("capture", "data", "verdict"), _captures(), ids=[f"{c}:{v['line']}" for c, _, v in _captures()]
+)
 def test_offline_verdict_matches_the_kernel(capture, data, verdict):
     if verdict["line"] in KERNEL_ONLY:
         pytest.skip("decided by the running kernel's code and symbols, not by the grammar")
@@ -75,19 +77,25 @@ def test_offline_verdict_matches_the_kernel(capture, data, verdict):
 def test_kernel_only_lines_do_differ_between_kernels():
     # Guards KERNEL_ONLY from hiding grammar bugs: each such line is accepted somewhere.
     for line in KERNEL_ONLY:
-        fates = {json.loads(p.read_text())["verdicts"][i]["ok"]
-                 for p in CAPTURES
-                 for i, v in enumerate(json.loads(p.read_text())["verdicts"]) if v["line"] == line}
+        fates = {
+            json.loads(p.read_text())["verdicts"][i]["ok"]
+            for p in CAPTURES
+            for i, v in enumerate(json.loads(p.read_text())["verdicts"])
+            if v["line"] == line
+        }
         assert fates == {True, False}
 
 
-@pytest.mark.parametrize(("kernel", "arch", "expected"), [
-    ("5.10", "x86_64", Grammar((5, 10), "x86_64")),
-    ("bookworm", "arm64", Grammar((6, 1), "arm64")),
-    ("6.12", "x86_64", Grammar((6, 12), "x86_64", ibt=True, btf_args=True)),
-    ("trixie", "aarch64", Grammar((6, 12), "arm64", ibt=False, btf_args=True)),
-    ("latest", "x86_64", Grammar(events.NEWEST_KNOWN, "x86_64", ibt=True, btf_args=True)),
-])
+@pytest.mark.parametrize(
+    ("kernel", "arch", "expected"),
+    [
+        ("5.10", "x86_64", Grammar((5, 10), "x86_64")),
+        ("bookworm", "arm64", Grammar((6, 1), "arm64")),
+        ("6.12", "x86_64", Grammar((6, 12), "x86_64", ibt=True, btf_args=True)),
+        ("trixie", "aarch64", Grammar((6, 12), "arm64", ibt=False, btf_args=True)),
+        ("latest", "x86_64", Grammar(events.NEWEST_KNOWN, "x86_64", ibt=True, btf_args=True)),
+    ],
+)
 def test_suite_table_grammar(kernel, arch, expected):
     assert grammar_for(kernel, arch, use_image=False) == expected
 
@@ -100,15 +108,18 @@ def test_grammar_from_a_kernel_config():
     assert Grammar((7, 2), "arm64", ibt=True).entry_offset_max() == 0
 
 
-@pytest.mark.parametrize(("line", "old", "new"), [
-    # (line, error on 5.10/6.1, error on 6.12) from the captures, as a readable summary.
-    ("p ksys_write s=+0($arg2):char", "BAD_TYPE", None),
-    ("r ksys_write fd=$arg1", "BAD_VAR", None),
-    ("p ksys_write fd", "BAD_FETCH_ARG", None),
-    ("p ksys_write $arg*", "BAD_VAR", None),
-    ("r ksys_write+4", "BAD_RETPROBE", None),
-    ("p ksys_write c=$comm:u8", None, "NEED_STRING_TYPE"),
-])
+@pytest.mark.parametrize(
+    ("line", "old", "new"),
+    [
+        # (line, error on 5.10/6.1, error on 6.12) from the captures, as a readable summary.
+        ("p ksys_write s=+0($arg2):char", "BAD_TYPE", None),
+        ("r ksys_write fd=$arg1", "BAD_VAR", None),
+        ("p ksys_write fd", "BAD_FETCH_ARG", None),
+        ("p ksys_write $arg*", "BAD_VAR", None),
+        ("r ksys_write+4", "BAD_RETPROBE", None),
+        ("p ksys_write c=$comm:u8", None, "NEED_STRING_TYPE"),
+    ],
+)
 def test_drift_between_6_1_and_6_12(line, old, new):
     for kernel, want in (("6.1", old), ("6.12", new)):
         g = grammar_for(kernel, "x86_64", use_image=False)

@@ -14,11 +14,21 @@ from kbridge.images import image
 from kbridge.images.apt import Mirrors, PrivateApt
 
 
-@pytest.mark.parametrize(("text", "suite"), [
-    (None, "bookworm"), ("bullseye", "bullseye"), ("5.10", "bullseye"), ("6.1", "bookworm"),
-    ("6.12", "trixie"), ("trixie", "trixie"), ("latest", "sid"), ("sid", "sid"), ("unstable", "sid"),
-    (" Bookworm ", "bookworm"),
-])
+@pytest.mark.parametrize(
+    ("text", "suite"),
+    [
+        (None, "bookworm"),
+        ("bullseye", "bullseye"),
+        ("5.10", "bullseye"),
+        ("6.1", "bookworm"),
+        ("6.12", "trixie"),
+        ("trixie", "trixie"),
+        ("latest", "sid"),
+        ("sid", "sid"),
+        ("unstable", "sid"),
+        (" Bookworm ", "bookworm"),
+    ],
+)
 def test_resolve(text, suite):
     assert kernels.resolve(text) == suite
 
@@ -37,25 +47,38 @@ def test_table():
     assert kernels.get("6.12").label == "trixie (6.12)"
 
 
-@pytest.mark.parametrize(("krel", "version"), [
-    ("5.10.0-46-amd64", (5, 10)), ("6.1.0-56-arm64", (6, 1)),
-    ("6.12.118+deb13-amd64", (6, 12)), ("7.2.13+deb14-arm64", (7, 2)),
-])
+@pytest.mark.parametrize(
+    ("krel", "version"),
+    [
+        ("5.10.0-46-amd64", (5, 10)),
+        ("6.1.0-56-arm64", (6, 1)),
+        ("6.12.118+deb13-amd64", (6, 12)),
+        ("7.2.13+deb14-arm64", (7, 2)),
+    ],
+)
 def test_version_tuple(krel, version):
     assert kernels.version_tuple(krel) == version
 
 
 # sid's (7.2) headers Makefile as shipped: an absolute KBUILD_OUTPUT and include.
-SID_MAKEFILE = ("KBUILD_OUTPUT=/usr/src/linux-headers-7.2.13+deb14-amd64\n"
-                "include /usr/src/linux-headers-7.2.13+deb14-common/Makefile\n")
+SID_MAKEFILE = (
+    "KBUILD_OUTPUT=/usr/src/linux-headers-7.2.13+deb14-amd64\n"
+    "include /usr/src/linux-headers-7.2.13+deb14-common/Makefile\n"
+)
 BOOKWORM_MAKEFILE = "include /usr/src/linux-headers-6.1.0-56-common/Makefile\n"
 
 
-@pytest.mark.parametrize(("krel", "text", "fixed"), [
-    ("7.2.13+deb14-amd64", SID_MAKEFILE,
-     "KBUILD_OUTPUT := $(CURDIR)\ninclude ../linux-headers-7.2.13+deb14-common/Makefile\n"),
-    ("6.1.0-56-amd64", BOOKWORM_MAKEFILE, "include ../linux-headers-6.1.0-56-common/Makefile\n"),
-])
+@pytest.mark.parametrize(
+    ("krel", "text", "fixed"),
+    [
+        (
+            "7.2.13+deb14-amd64",
+            SID_MAKEFILE,
+            "KBUILD_OUTPUT := $(CURDIR)\ninclude ../linux-headers-7.2.13+deb14-common/Makefile\n",
+        ),
+        ("6.1.0-56-amd64", BOOKWORM_MAKEFILE, "include ../linux-headers-6.1.0-56-common/Makefile\n"),
+    ],
+)
 def test_headers_makefile_is_made_relative(tmp_path, krel, text, fixed):
     mk = tmp_path / "usr/src" / f"linux-headers-{krel}" / "Makefile"
     mk.parent.mkdir(parents=True)
@@ -72,10 +95,13 @@ def test_unknown_headers_layout_is_an_error(tmp_path):
         image._fix_headers(tmp_path, "9.9-amd64")
 
 
-@pytest.mark.parametrize(("layout", "vmlinuz"), [
-    ("boot/vmlinuz-{k}", True),  # bullseye to trixie: linux-image-KREL
-    ("usr/lib/modules/{k}/vmlinuz", True),  # sid: linux-binary-KREL
-])
+@pytest.mark.parametrize(
+    ("layout", "vmlinuz"),
+    [
+        ("boot/vmlinuz-{k}", True),  # bullseye to trixie: linux-image-KREL
+        ("usr/lib/modules/{k}/vmlinuz", True),  # sid: linux-binary-KREL
+    ],
+)
 def test_vmlinuz_in_either_layout(tmp_path, layout, vmlinuz):
     k = "7.2.13+deb14-amd64"
     p = tmp_path / layout.format(k=k)
@@ -104,10 +130,13 @@ def test_module_names_with_compression_suffixes():
     assert image._module_name(Path("crc32c_generic.ko.zst")) == "crc32c_generic"
 
 
-@pytest.mark.parametrize(("suite", "lines"), [
-    ("sid", 1),  # no sid-updates, no sid-security
-    ("bullseye", 3),
-])
+@pytest.mark.parametrize(
+    ("suite", "lines"),
+    [
+        ("sid", 1),  # no sid-updates, no sid-security
+        ("bullseye", 3),
+    ],
+)
 def test_apt_sources_per_suite(tmp_path, suite, lines):
     apt = PrivateApt(tmp_path, suite, "amd64", Mirrors())
     apt._prepare()
@@ -123,10 +152,13 @@ def _without_security(tmp_path: Path, suite: str) -> str:
     return (tmp_path / "nosec/sources.list").read_text()
 
 
-@pytest.mark.parametrize(("text", "gcc"), [
-    ("CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-16\n", "16"),
-    ("override ARCH = x86\nCC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-10\n", "10"),
-])
+@pytest.mark.parametrize(
+    ("text", "gcc"),
+    [
+        ("CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-16\n", "16"),
+        ("override ARCH = x86\nCC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-10\n", "10"),
+    ],
+)
 def test_kernel_gcc(tmp_path, text, gcc):
     f = tmp_path / "usr/src/linux-headers-x/.kernelvariables"
     f.parent.mkdir(parents=True)
@@ -205,12 +237,19 @@ class _Apt:
 
 def test_sid_kernel_packages_are_split_in_three():
     k = "7.2.13+deb14-amd64"
-    apt = _Apt({
-        "linux-image-amd64": ["linux-base-amd64", f"linux-image-{k}"],
-        f"linux-image-{k}": [f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}"],
-        f"linux-headers-{k}": ["gcc-16-for-host", "linux-base", f"linux-base-{k}",
-                               "linux-headers-7.2.13+deb14-common", "linux-kbuild-7.2.13+deb14"],
-    })
+    apt = _Apt(
+        {
+            "linux-image-amd64": ["linux-base-amd64", f"linux-image-{k}"],
+            f"linux-image-{k}": [f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}"],
+            f"linux-headers-{k}": [
+                "gcc-16-for-host",
+                "linux-base",
+                f"linux-base-{k}",
+                "linux-headers-7.2.13+deb14-common",
+                "linux-kbuild-7.2.13+deb14",
+            ],
+        }
+    )
     pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
     assert pkgs.krel == k
     assert pkgs.binary == (f"linux-image-{k}", f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}")
@@ -220,12 +259,19 @@ def test_sid_kernel_packages_are_split_in_three():
 
 def test_trixie_kernel_package_holds_the_kernel():
     k = "6.12.118+deb13-amd64"
-    apt = _Apt({
-        "linux-image-amd64": [f"linux-image-{k}"],
-        f"linux-image-{k}": ["kmod"],
-        f"linux-headers-{k}": ["linux-base", "linux-headers-6.12.118+deb13-common",
-                               f"linux-image-{k}-unsigned", "linux-kbuild-6.12.118+deb13", "gcc-14"],
-    })
+    apt = _Apt(
+        {
+            "linux-image-amd64": [f"linux-image-{k}"],
+            f"linux-image-{k}": ["kmod"],
+            f"linux-headers-{k}": [
+                "linux-base",
+                "linux-headers-6.12.118+deb13-common",
+                f"linux-image-{k}-unsigned",
+                "linux-kbuild-6.12.118+deb13",
+                "gcc-14",
+            ],
+        }
+    )
     pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
     assert pkgs.binary == (f"linux-image-{k}",)
     assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-6.12.118+deb13-common")

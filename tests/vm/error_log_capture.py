@@ -53,13 +53,15 @@ def live_verdicts(guest: Target, lines: list[str]) -> list[dict]:
         log = log.split("@@end", 1)[0]
         entries = [e for e in events.parse_error_log(log) if e.subsystem == "trace_kprobe"]
         e = entries[-1] if entries else None
-        verdicts.append({
-            "line": line,
-            "ok": rc_text.strip() == "0",
-            "error": e.error_class if e else None,
-            "message": e.error if e else None,
-            "kernel_position": e.position if e else None,
-        })
+        verdicts.append(
+            {
+                "line": line,
+                "ok": rc_text.strip() == "0",
+                "error": e.error_class if e else None,
+                "message": e.error if e else None,
+                "kernel_position": e.position if e else None,
+            }
+        )
     return verdicts
 
 

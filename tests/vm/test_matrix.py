@@ -29,8 +29,12 @@ TRACING = "/sys/kernel/tracing"
 
 def kernels_where(pred=lambda suite, arch: True) -> list:  # type: ignore[no-untyped-def]
     """Every (suite, arch) of the matrix satisfying PRED; those outside DEFAULT_RUN marked `matrix`."""
-    return [pytest.param(s, a, id=f"{s}-{a}", marks=() if (s, a) in DEFAULT_RUN else (pytest.mark.matrix,))
-            for s in kernels.SUITES for a in ARCHES if pred(s, a)]
+    return [
+        pytest.param(s, a, id=f"{s}-{a}", marks=() if (s, a) in DEFAULT_RUN else (pytest.mark.matrix,))
+        for s in kernels.SUITES
+        for a in ARCHES
+        if pred(s, a)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,8 @@ def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
     live = live_verdicts(guest, corpus())
     assert live == captured["verdicts"], (
         f"{guest.krel} answers differently from the capture of {captured['krel']}: "
-        "re-capture with python -m tests.vm.error_log_capture")
+        "re-capture with python -m tests.vm.error_log_capture"
+    )
     grammar = events.grammar_for(suite, arch)  # from the image's own .config
     for v in live:
         if v["line"] in KERNEL_ONLY:
@@ -103,9 +108,12 @@ def test_symbols_are_the_images_own(guests, suite, arch):
 def _kprobes_list(guest: Target, line: str) -> str:
     """Define LINE, return debugfs kprobes/list while it is armed, then remove it."""
     group_event = line.split()[0].split(":", 1)[1]
-    out = _sh(guest, f"cd {TRACING} && printf '%s\\n' '{line}' >> kprobe_events && "
-                     f"echo 1 > events/{group_event}/enable && cat /sys/kernel/debug/kprobes/list; "
-                     f"echo 0 > events/{group_event}/enable; echo '-:{group_event}' >> kprobe_events")
+    out = _sh(
+        guest,
+        f"cd {TRACING} && printf '%s\\n' '{line}' >> kprobe_events && "
+        f"echo 1 > events/{group_event}/enable && cat /sys/kernel/debug/kprobes/list; "
+        f"echo 0 > events/{group_event}/enable; echo '-:{group_event}' >> kprobe_events",
+    )
     assert group_event.split("/")[1] not in _sh(guest, f"cat {TRACING}/kprobe_events")
     return out
 
@@ -126,9 +134,12 @@ def test_entry_probe_lands_after_endbr64_on_ibt_kernels(guests, suite, arch):
 def test_arm64_refuses_the_ftrace_call_site(guests, suite, arch):
     """arm64 (no KPROBES_ON_FTRACE) refuses SYM+4, the patched ftrace call; SYM+0 works."""
     guest = guests(suite, arch)
-    out = _sh(guest, f"cd {TRACING} && : > error_log; "
-                     "printf 'p:kbft/a ksys_write+4\\n' >> kprobe_events; echo rc=$?; cat error_log; "
-                     "printf 'p:kbft/b ksys_write\\n' >> kprobe_events; echo rc=$?; : > kprobe_events")
+    out = _sh(
+        guest,
+        f"cd {TRACING} && : > error_log; "
+        "printf 'p:kbft/a ksys_write+4\\n' >> kprobe_events; echo rc=$?; cat error_log; "
+        "printf 'p:kbft/b ksys_write\\n' >> kprobe_events; echo rc=$?; : > kprobe_events",
+    )
     entries = events.parse_error_log(out)
     assert "rc=1" in out and out.count("rc=0") == 1, out
     assert [e.error_class for e in entries] == ["FAIL_REG_PROBE"], out
@@ -140,9 +151,27 @@ def test_module_built_with_the_suites_compiler_fires(suite, arch):
     the template's kretprobe code compiles against ri->rp (5.10) and get_kretprobe() (5.11+)."""
     env = {**os.environ}
     proc = subprocess.run(
-        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--ret", "--kernel", suite,
-         "--arch", arch, "--json", "--run", "echo hi > /dev/null"],
-        capture_output=True, text=True, env=env, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--ret",
+            "--kernel",
+            suite,
+            "--arch",
+            arch,
+            "--json",
+            "--run",
+            "echo hi > /dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
     counters = summary["mechanisms"]["kmod"]["counters"]
@@ -157,7 +186,10 @@ def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
     """`kbridge inspect ksys_write`: the armed probe's kprobes/list line names the real offset."""
     proc = subprocess.run(
         [sys.executable, "-m", "kbridge", "inspect", "ksys_write", "--kernel", suite, "--arch", arch, "--json"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     armed = report["kprobes_list"]["armed"]
@@ -166,14 +198,32 @@ def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
     assert report["mode"] == "ftrace"
 
 
-@pytest.mark.parametrize(("suite", "arch"), [pytest.param(s, a, id=f"{s}-{a}", marks=pytest.mark.matrix)
-                                             for s in kernels.SUITES for a in ARCHES])
+@pytest.mark.parametrize(
+    ("suite", "arch"),
+    [pytest.param(s, a, id=f"{s}-{a}", marks=pytest.mark.matrix) for s in kernels.SUITES for a in ARCHES],
+)
 def test_three_mechanisms_agree(suite, arch):
     """compare: kmod, tracefs and eBPF (that suite's bcc image) count the same hits."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kbridge", "compare", "ksys_write", "--comm", "dd", "--run",
-         "dd if=/dev/zero of=/dev/null bs=1 count=50", "--kernel", suite, "--arch", arch],
-        capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "compare",
+            "ksys_write",
+            "--comm",
+            "dd",
+            "--run",
+            "dd if=/dev/zero of=/dev/null bs=1 count=50",
+            "--kernel",
+            suite,
+            "--arch",
+            arch,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "every mechanism counted the same hits" in proc.stdout + proc.stderr
 
@@ -182,9 +232,26 @@ def test_three_mechanisms_agree(suite, arch):
 def test_kretprobe_past_endbr64_is_an_entry_only_with_ibt(suite, arch):
     """`r ksys_write+4`: a function entry on IBT kernels (it fires), BAD_RETPROBE elsewhere (before any boot)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kbridge", "trace", "r:kbibt/r ksys_write+4 ret=$retval", "--kernel", suite,
-         "--arch", arch, "--json", "--count", "1", "--run", "echo hi > /dev/null"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "trace",
+            "r:kbibt/r ksys_write+4 ret=$retval",
+            "--kernel",
+            suite,
+            "--arch",
+            arch,
+            "--json",
+            "--count",
+            "1",
+            "--run",
+            "echo hi > /dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if events.grammar_for(suite, arch).ibt:
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
