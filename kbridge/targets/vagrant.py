@@ -49,13 +49,9 @@ _INSTALL = "sudo apt-get install vagrant vagrant-libvirt"
 # carries every channel of the control master: it writes what the guest sends us.
 _PROBE = (
     "echo \"ppid=$PPID\"; echo \"krel=$(uname -r)\"; echo \"machine=$(uname -m)\"; "
-    "if sudo -n true 2>/tmp/.kbridge-sudo.$$; then echo sudo=ok; "
-    "else echo \"sudo=$(head -c 300 /tmp/.kbridge-sudo.$$ | tr '\\n' ' ')\"; fi; rm -f /tmp/.kbridge-sudo.$$; "
     "echo \"tainted=$(cat /proc/sys/kernel/tainted)\"; "
     "[ -e /usr/lib/python3/dist-packages/bcc/__init__.py ] && echo bcc=yes; "
     "dmesg 2>/dev/null | grep -q 'Hypervisor detected: KVM' && echo kvm=yes; "
-    # qga.pid: the channel kbridge drives the guest through (qemu-guest-agent's in the embedded VM).
-    f"sudo -n mkdir -p {RUN_DIR} && echo \"$PPID\" | sudo -n tee {RUN_DIR}/ssh.pid {RUN_DIR}/qga.pid >/dev/null; "
     "true"
 )
 
@@ -406,10 +402,6 @@ class VagrantTarget:
                                        f"try `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs")
                 time.sleep(0.02)
             facts = self._facts()
-        if facts.get("sudo") != "ok":
-            raise KbridgeError(f"sudo -n is refused in {self.name}: {facts.get('sudo', '').strip()}",
-                               "kbridge runs guest commands as root with sudo -n: give the SSH user "
-                               "passwordless sudo (Vagrant boxes do)")
         self.krel = facts.get("krel", "")
         machine = facts.get("machine", "")
         try:
@@ -421,6 +413,15 @@ class VagrantTarget:
             raise KbridgeError(f"the kernel of {self.name} has oopsed since it booted (tainted D)",
                                f"vagrant reload {self.machine}")
         self._sshd_pid = int(facts["ppid"]) if facts.get("ppid", "").isdigit() else None
+        with self._agent_lock:
+            self._agent_up()  # sudo -n once, for every later command (and its refusal, said here)
+        if self._sshd_pid:
+            # sshd's session process carries every byte kbridge gets back: never probe it.
+            # qga.pid is where sessions look for "the channel kbridge drives the guest through"
+            # (qemu-guest-agent's in the embedded VM).
+            pid = f"{self._sshd_pid}\n".encode()
+            self.write_file(f"{RUN_DIR}/ssh.pid", pid)
+            self.write_file(f"{RUN_DIR}/qga.pid", pid)
         self.flavour = "bcc" if facts.get("bcc") == "yes" else "default"
         self.accel = f"{self.provider}/" + ("kvm" if facts.get("kvm") == "yes" else
                                            "tcg" if self.arch.name != host_arch() else "qemu")
@@ -526,9 +527,10 @@ class VagrantTarget:
         if self._agent is not None and self._agent.proc.poll() is None:
             return self._agent
         self._check_master()
-        proc = subprocess.Popen(self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env,
-                                preexec_fn=_die_with_parent)
+        errlog = self.dir / "agent.log"
+        with open(errlog, "wb") as err:
+            proc = subprocess.Popen(self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, env=self.env, preexec_fn=_die_with_parent)
         agent = _Agent(proc)
         try:
             agent.stdin.write(_AGENT.encode())
@@ -537,7 +539,12 @@ class VagrantTarget:
         except (TimeoutError, ChannelError, OSError, ValueError, IndexError):
             proc.kill()
             proc.wait()
-            raise ChannelError(f"could not start a root shell in {self.name} (sudo -n /bin/sh)") from None
+            why = " ".join(errlog.read_text(errors="replace").split())[:300]
+            if "sudo" in why:
+                raise KbridgeError(f"sudo -n is refused in {self.name}: {why}",
+                                   "kbridge runs guest commands as root with sudo -n: give the SSH user "
+                                   "passwordless sudo (Vagrant boxes do)") from None
+            raise ChannelError(f"could not start a root shell in {self.name} (sudo -n /bin/sh): {why}") from None
         self._agent = agent
         return agent
 
