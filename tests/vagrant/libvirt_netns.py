@@ -38,6 +38,28 @@ def missing_tools() -> list[str]:
             if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
 
 
+def apt_install() -> subprocess.CompletedProcess[str]:
+    """Install APT_PACKAGES without starting their daemons (a deny-all policy-rc.d while it runs):
+    libvirtd started by its package would put libvirt's default network in the host's namespace."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    made = not policy.exists()
+    if made:
+        policy.write_text("#!/bin/sh\n# no daemon starts during the test's package installation\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+            proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+                                  capture_output=True, text=True, env=env)
+        return proc
+    finally:
+        if made:
+            policy.unlink()
+
+
 def _answers(sock: Path) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
