@@ -28,6 +28,8 @@ def checks() -> list[dict]:
         tool("dpkg-deb", "dpkg", "unpacks them"),
         tool("make", "make", "kbuild"),
         tool("mkfs.ext4", "e2fsprogs", "builds the bcc root filesystem (--via bpf)"),
+        tool("mmdebstrap", "mmdebstrap", "makes the build roots of newer kernels (--kernel 6.12, latest)"),
+        tool("zstd", "zstd", "compresses the saved state a VM starts from (without it every start boots)"),
         {"check": "debian-archive-keyring", "ok": KEYRING.exists(), "detail": str(KEYRING),
          "package": "debian-archive-keyring"},
     ]

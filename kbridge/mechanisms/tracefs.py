@@ -97,12 +97,12 @@ def build_filter(user: str | None = None, pid: int | None = None, comm: str | No
 
 # --- guest tracefs helpers -----------------------------------------------------
 
-def existing_events(text: str, arch: str) -> dict[str, str]:
-    """GROUP/EVENT -> line, for what kprobe_events lists now."""
+def existing_events(text: str, arch: str, kernel: str | None = None) -> dict[str, str]:
+    """GROUP/EVENT -> line, for what kprobe_events lists now (in KERNEL's grammar: 6.6+ lists BTF names)."""
     out = {}
     for line in text.splitlines():
         with contextlib.suppress(KbridgeError):
-            ev = events.parse(line, arch)
+            ev = events.parse(line, arch, kernel=kernel)
             if isinstance(ev, events.ProbeEvent):
                 out[f"{ev.effective_group}/{ev.effective_event}"] = line
     return out
@@ -268,7 +268,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
     state = GuestTracingState.read(vm)
     if buffer_kb is None and state.buffer_size_kb < DEFAULT_BUFFER_KB:
         buffer_kb = DEFAULT_BUFFER_KB
-    existing = existing_events(state.kprobe_events, arch.name)
+    existing = existing_events(state.kprobe_events, arch.name, session.image.suite)
     by_event = {full.split("/", 1)[1]: full for full in existing}
     for ev in parsed:
         name = f"{ev.effective_group}/{ev.effective_event}"
