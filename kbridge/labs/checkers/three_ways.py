@@ -99,6 +99,19 @@ def run(ctx: LabContext, g: Grader) -> None:
     if "\n" in filt or "\0" in filt:
         why = "the filter must be one line"
 
+    # The eBPF program, attached by bcc in the guest (the runner reports through files in GUEST_DIR);
+    # started first, so bcc's compile in the guest overlaps the module's build on the host.
+    t.write_file(f"{GUEST_DIR}/three_bpf.c", ctx.files["three_bpf.c"].encode())
+    t.write_file(f"{GUEST_DIR}/bpf_count.py", (Path(__file__).resolve().parent.parent / "bpf_count.py").read_bytes())
+    handle = t.spawn([*python, f"{GUEST_DIR}/bpf_count.py", f"{GUEST_DIR}/three_bpf.c", GUEST_DIR])
+
+    def stop_bpf() -> None:
+        with contextlib.suppress(Exception):
+            t.run(["/bin/busybox", "kill", "-9", str(t.guest_pid(handle))], timeout=10)
+            t.wait(handle, timeout=10)
+
+    ctx.cleanups.append(stop_bpf)
+
     lm = build_and_load(ctx, g, MODULE)
     evdir = f"{TRACING}/events/{ev.effective_group}/{ev.effective_event}" if ev else ""
     old_kb = _read(ctx, f"{TRACING}/buffer_size_kb")
@@ -134,17 +147,6 @@ def run(ctx: LabContext, g: Grader) -> None:
     else:
         g.result("event", True, f"{keys['event']} with filter {filt!r}")
 
-    # The eBPF program, attached by bcc in the guest (the runner reports through files in GUEST_DIR).
-    t.write_file(f"{GUEST_DIR}/three_bpf.c", ctx.files["three_bpf.c"].encode())
-    t.write_file(f"{GUEST_DIR}/bpf_count.py", (Path(__file__).resolve().parent.parent / "bpf_count.py").read_bytes())
-    handle = t.spawn([*python, f"{GUEST_DIR}/bpf_count.py", f"{GUEST_DIR}/three_bpf.c", GUEST_DIR])
-
-    def stop_bpf() -> None:
-        with contextlib.suppress(Exception):
-            t.run(["/bin/busybox", "kill", "-9", str(t.guest_pid(handle))], timeout=10)
-            t.wait(handle, timeout=10)
-
-    ctx.cleanups.append(stop_bpf)
     bpf_error = None
     deadline = time.monotonic() + BPF_READY_S
     while time.monotonic() < deadline:
