@@ -206,7 +206,7 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         if state.get("ftrace", "0") != "0":
             # The kernel would attach through ftrace here whatever the optimizer says: probe the
             # instruction after the ftrace site instead (x86 IBT kernels moved +0 past endbr64 first).
-            site = int(state["addr"], 16) - res.address
+            site = int(state["listed_offset"])
             ins.offset = site + X86_FTRACE_SITE_LEN
             ins.changes.append(f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
                                f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it")
@@ -267,7 +267,11 @@ def _peek(session: Session, module: str, ko: Path, ins: Inspection) -> dict[str,
     try:
         _insmod(session, module, guest_ko, run_id, ins)
         try:
-            return _read_state(session, module)
+            state = _read_state(session, module)
+            # Where the kernel put it, as kprobes/list says (SYMBOL+0x4 after an IBT endbr64).
+            line = find_list_line(session.kprobes_list(), ins.symbol, ins.offset, int(state["addr"], 16))
+            state["listed_offset"] = str(listed_offset(line, ins.offset))
+            return state
         finally:
             vm.run(["/sbin/rmmod", module], timeout=60)
     finally:
@@ -275,9 +279,19 @@ def _peek(session: Session, module: str, ko: Path, ins: Inspection) -> dict[str,
             vm.run(["/bin/busybox", "rm", "-f", guest_ko], timeout=10)
 
 
+def listed_offset(list_line: str, default: int) -> int:
+    """The offset a kprobes/list line gives ('ADDR  k  SYMBOL+0xOFF  [FLAGS]'), else DEFAULT."""
+    parts = list_line.split()
+    if len(parts) >= 3 and (m := re.search(r"\+(0x[0-9a-f]+)$", parts[2])):
+        return int(m[1], 16)
+    return default
+
+
 def why(ins: Inspection) -> str:
     """One sentence: why the kernel planted the probe the way it did, and how to get the other modes."""
-    where = f"{ins.symbol}+{ins.offset:#x}"
+    # The offset the kernel really used: x86 IBT kernels move an entry probe past endbr64 (+0x4).
+    offset = listed_offset(ins.list_lines.get("before", ""), ins.offset)
+    where = f"{ins.symbol}+{offset:#x}"
     if ins.arch == "arm64":
         return (f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
                 "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
@@ -288,7 +302,7 @@ def why(ins: Inspection) -> str:
                 "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
                 "no real single-step: the pre-handler sees ip = addr + 1 as after an int3, the post-handler "
                 "addr + 5 as if the nop had been stepped); for an int3 use "
-                f"--breakpoint, for an optimized jump --offset {ins.offset + X86_FTRACE_SITE_LEN:#x}")
+                f"--breakpoint, for an optimized jump --offset {offset + X86_FTRACE_SITE_LEN:#x}")
     if ins.mode == "optimized":
         return (f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
                 "so the optimizer replaced the int3 it first planted with a 5-byte jmp (OPTPROBES, "

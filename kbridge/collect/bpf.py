@@ -72,7 +72,8 @@ class Decoder:
             if handler == "ret":
                 hit.duration_ns = g(raw, "duration")[0]
             else:
-                hit.addr, hit.ip, hit.flags = g(raw, "addr")[0], g(raw, "ip")[0], g(raw, "flags")[0]
+                hit.addr = g(raw, "addr")[0] or None  # 0: the kernel has no bpf_get_func_ip for kprobes (< 5.15)
+                hit.ip, hit.flags = g(raw, "ip")[0], g(raw, "flags")[0]
                 hit.arch = self.arch
         return hit
 

@@ -85,3 +85,12 @@ def test_syscall_rewrite_says_why_the_kernel_would_refuse():
     assert "4.19" in syscall_rewrite_note("sys_write", "__arm64_sys_write", ARM64)
     assert syscall_rewrite_note("ksys_write", "ksys_write", X86_64) is None
     assert syscall_rewrite_note("vfs_read", "vfs_read.isra.0", X86_64) is None
+
+
+def test_the_offset_kprobes_list_gives():
+    from kbridge.inspect import listed_offset
+
+    # The kprobes/list line format; an IBT kernel (x86_64 6.12+) lists an entry probe at +0x4.
+    assert listed_offset("ffffffff81367684  k  ksys_write+0x4    [DISABLED][FTRACE]", 0) == 4
+    assert listed_offset("ffffffff81367680  k  ksys_write+0x0    [FTRACE]", 9) == 0
+    assert listed_offset("", 7) == 7

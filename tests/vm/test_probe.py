@@ -78,7 +78,7 @@ def test_blacklisted_symbol_is_refused(kbridge_vm):
 def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
     # Offset 1 is inside the first instruction on both arches (arm64: not 4-byte aligned).
     spec = make_spec("vfs_read", {"pre"}, [], kbridge_vm.arch, offset=1)
-    with pytest.raises(KbridgeError, match=r"register_kprobe on 'vfs_read' failed with -(EILSEQ|EINVAL)"):
+    with pytest.raises(KbridgeError, match=r"register_kprobe on 'vfs_read\+0x1' failed with -(EILSEQ|EINVAL)"):
         probe(spec, kbridge_vm.arch, DD)
     mods, kprobes = _guest_state(kbridge_vm)
     assert not any(m.startswith("kb_") for m in mods) and "vfs_read" not in kprobes
