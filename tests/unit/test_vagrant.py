@@ -64,7 +64,7 @@ def test_connect_rejects_a_directory_without_vagrantfile(tmp_path: Path) -> None
 @pytest.fixture
 def shell(tmp_path: Path):  # type: ignore[no-untyped-def]
     """The root shell's script in a local /bin/sh, with its directory moved under TMP_PATH."""
-    proc = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     agent = vagrant._Agent(proc)
     agent.stdin.write(vagrant._AGENT.replace("/run/kbridge", str(tmp_path)).encode())
     agent.stdin.flush()
