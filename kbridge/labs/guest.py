@@ -105,8 +105,9 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
             raise
         if log is not None:
             log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
-        raise StudentCrash(f"{' '.join(argv)} did not finish within {timeout:.0f} s: the guest hung",
-                           target.console_tail(40) or str(e)) from None
+        what = (f"did not finish within {timeout:.0f} s" if not isinstance(e, ChannelError)
+                else f"stopped the guest from answering ({e.message})")
+        raise StudentCrash(f"{' '.join(argv)} {what}: the guest hung", target.console_tail(40) or str(e)) from None
     if log is not None:
         log.poll()
     output = (res.stdout + res.stderr).decode(errors="replace")

@@ -20,7 +20,7 @@ from kbridge.session import Session
 from kbridge.targets.base import GuestCrash, Target
 from kbridge.targets.qga import ChannelError
 
-CRASHED = "not run: the guest kernel crashed (the VM is restarted for the next check)"
+CRASHED = "not run: the guest kernel crashed or hung (the VM is restarted for the next check)"
 CRASH_HINT = ("your code crashed (or hung) the kernel at the place shown: in the kernel there is no "
               "segfault that only kills your program; fix it, then check again in the restarted VM")
 
