@@ -37,6 +37,9 @@ HANDLERS = ("pre", "post", "entry", "ret")
 # the runner streams them (~9k/s under TCG); 64 pages lost 97 % of a 200k-hit run, 1024 55 %.
 PAGES = 8192
 SERVE_PID = "/run/kbridge/bpf-runner.pid"
+# Compiled programs a serving runner keeps (the least recently used goes first): each holds
+# its perf buffer, and a guest short of memory compiles the next program far slower.
+KEEP_PROGRAMS = 2
 
 _compiled = {}  # text hash -> _Program, kept by a serving runner
 
@@ -166,7 +169,10 @@ def _run(plan, out, stop, bpf_class, import_s, keep):
         b.cleanup()
         return 5
     if keep:
-        _compiled[key] = prog
+        _compiled.pop(key, None)
+        _compiled[key] = prog  # the most recently used last
+        while len(_compiled) > KEEP_PROGRAMS:
+            _compiled.pop(next(iter(_compiled))).b.cleanup()
     else:
         b.cleanup()
     return 0

@@ -161,16 +161,48 @@ class GuestAgent:
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
         return self.wait(self.spawn(argv, stdin), timeout)
 
+    def _calls(self, msgs: list[tuple[str, dict[str, object]]], timeout: float = 30.0) -> list[object]:
+        """Send MSGS at once and read their replies in order: one round trip instead of len(MSGS).
+
+        The agent runs them one after the other, whatever each one's outcome; the first
+        error is raised once every reply has been read.
+        """
+        if self._dirty:
+            self._sync(time.monotonic() + 10.0)
+        self._dirty = True
+        for command, arguments in msgs:
+            self.chan.send({"execute": command, "arguments": arguments})
+        replies = [self.chan.recv(timeout) for _ in msgs]
+        self._dirty = False
+        for (command, _), reply in zip(msgs, replies, strict=True):
+            if "error" in reply:
+                raise ChannelError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
+        return [reply.get("return") for reply in replies]
+
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
         handle = self.call("guest-file-open", path=path, mode=mode)
+        chunks = [data[off : off + (1 << 20)] for off in range(0, len(data), 1 << 20)] or [b""]
         try:
-            for off in range(0, len(data), 1 << 20):
-                chunk = data[off : off + (1 << 20)]
+            for chunk in chunks[:-1]:  # one at a time: several 1 MiB requests in flight stalled the agent
                 self.call_with("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
-        finally:
+        except BaseException:
             self.call("guest-file-close", handle=handle)
+            raise
+        # The last write and the close go together: the close runs even if the write failed.
+        self._calls([("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunks[-1]).decode()}),
+                     ("guest-file-close", {"handle": handle})])
 
     def read_file(self, path: str) -> bytes:
+        handle = self.call("guest-file-open", path=path, mode="r")
+        # Most files kbridge reads fit one read: read and close in one round trip.
+        ret, _ = self._calls([("guest-file-read", {"handle": handle, "count": 1 << 20}),
+                              ("guest-file-close", {"handle": handle})])
+        assert isinstance(ret, dict)
+        if ret.get("eof") or not ret.get("count"):
+            return base64.b64decode(ret.get("buf-b64", ""))
+        return self._read_chunks(path)  # longer (a symbol table): read it again, to its end
+
+    def _read_chunks(self, path: str) -> bytes:
         handle = self.call("guest-file-open", path=path, mode="r")
         out = b""
         try:
