@@ -48,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["KBRIDGE_STATE"] = os.environ["KBRIDGE_XDIST_STATE"] = str(state_dir() / worker)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups in its own hook
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests of one arch and kernel go to one xdist worker (--dist loadgroup): one boot each."""
     for item in items:
