@@ -249,6 +249,14 @@ def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
                                f"kbridge vm exec -- sh -c 'echo {was} > {OPTIMIZATION}'")
 
 
+def _live_address(session: Session, symbol: str) -> int | None:
+    """SYMBOL's address in the running kernel (/proc/kallsyms), or None if it is not listed once."""
+    res = session.vm.run(["/bin/busybox", "grep", "-F", "-w", "--", symbol, "/proc/kallsyms"], timeout=60)
+    found = [ln.split() for ln in res.text.splitlines()]
+    addrs = [int(f[0], 16) for f in found if len(f) >= 3 and f[2] == symbol and f[1] in "TtWw"]
+    return addrs[0] if len(addrs) == 1 else None
+
+
 def _write_sysctl(session: Session, path: str, value: str) -> None:
     # PATH is one of ours and VALUE a digit read back from it: no user text reaches the shell.
     if not value.isdigit():
@@ -355,8 +363,9 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
         ins.probe_address = int(state["addr"], 16)
         ins.ftrace_site = state.get("ftrace", "0") != "0"
         # The symbol table may be cached from an earlier boot and KASLR moves the
-        # kernel on every boot: the live address is the one the kernel resolved.
-        ins.address = ins.probe_address - ins.offset
+        # kernel on every boot: read the live address. kp.addr is no substitute:
+        # on IBT kernels (x86_64 6.12+) the kernel moves an entry probe past endbr64.
+        ins.address = _live_address(session, ins.symbol) or ins.probe_address - ins.offset
         _ctl(session, module, "arm")
         # x86 optimizes a breakpoint into a jump after a delay (OPTIMIZE_DELAY, 5 jiffies): let it settle.
         time.sleep(0.3)
