@@ -299,7 +299,11 @@ def why(ins: Inspection) -> str:
     """One sentence: why the kernel planted the probe the way it did, and how to get the other modes."""
     # The offset the kernel really used: x86 IBT kernels move an entry probe past endbr64 (+0x4).
     offset = listed_offset(ins.list_lines.get("before", ""), ins.offset)
+    if ins.probe_address is not None and ins.address:
+        offset = ins.probe_address - ins.address
     where = f"{ins.symbol}+{offset:#x}"
+    if offset != ins.offset:
+        where += f" (the kernel moved the probe from +{ins.offset:#x}: IBT's endbr64 comes first)"
     if ins.arch == "arm64":
         return (f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
                 "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
