@@ -1,12 +1,19 @@
 """A Vagrant machine as a kbridge target, driven over OpenSSH.
 
-The machine is found the way Vagrant users expect: `vagrant status` and `vagrant
-ssh-config` of the Vagrantfile in the current directory (or VAGRANT_CWD, or the
-directory given). kbridge opens one SSH control master to it, so every guest
-command is a session on that connection (one round trip, no handshake), and runs
-guest commands with `sudo -n`. Streams (trace_pipe, bcc output) reach the host
-through a FIFO under /run/kbridge read by a long-lived `ssh ... cat`; the kernel
-log is `sudo cat /dev/kmsg` over SSH.
+The machine is found the way Vagrant users expect: `vagrant ssh-config` (and
+`vagrant status`, to say why when that fails) of the Vagrantfile in the current
+directory, in VAGRANT_CWD, or in the directory given. kbridge opens one SSH
+control master to it; every channel below is a session on that one connection:
+
+  run, files    a root shell (`sudo -n /bin/sh -s`) kept open: each command is one
+                round trip, framed by a random marker, its stdout straight on the
+                channel (no sudo, PAM or login shell per command: ~1 s each under TCG)
+  spawn         `ssh ... sudo sh -c 'echo $$; exec ...'`: the guest pid first, the
+                result when the ssh process ends
+  kmsg          `sudo cat /dev/kmsg`
+  streams       /run/kbridge/<port>, a link to the stdout of a holder process,
+                which is the channel itself: trace_pipe or bcc output goes from the
+                writer to sshd with no relay process a probe would see
 
 kbridge never destroys, halts or reboots a machine it did not create: release()
 only closes the control master and the readers it started.
@@ -41,7 +48,7 @@ from kbridge.paths import state_dir
 from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, parse_kmsg
 from kbridge.targets.qga import ChannelError, ExecResult
 
-RUN_DIR = "/run/kbridge"  # guest-side FIFOs and pid files
+RUN_DIR = "/run/kbridge"  # guest-side stream links, pid files, the root shell's directory
 TAINT_DIE = 1 << 7  # /proc/sys/kernel/tainted 'D': the kernel oopsed since boot
 MASTER_TIMEOUT_S = 30.0
 _INSTALL = "sudo apt-get install vagrant vagrant-libvirt"
@@ -447,9 +454,7 @@ class VagrantTarget:
         return img
 
     def release(self) -> None:
-        """Close the readers and the control master; the machine keeps running."""
-        with contextlib.suppress(Exception):
-            self._agent_down()
+        """Close the readers, the root shell and the control master; the machine keeps running."""
         for port in list(self._readers):
             with contextlib.suppress(Exception):
                 self.close_stream(port)
@@ -458,6 +463,8 @@ class VagrantTarget:
             self._kmsg = None
             with contextlib.suppress(Exception):
                 self._kill_reader("kmsg", proc)
+        with contextlib.suppress(Exception):
+            self._agent_down()  # last: the readers above are stopped through it
         for sp in self._spawned.values():
             if sp.proc.poll() is None:
                 sp.proc.terminate()
@@ -741,7 +748,7 @@ class VagrantTarget:
         return reader
 
     def close_stream(self, port: str) -> None:
-        """Stop the reader of stream PORT and remove its FIFO."""
+        """Stop the reader of stream PORT and remove its link."""
         if entry := self._readers.pop(port, None):
             self._kill_reader(port, entry[0])
             with contextlib.suppress(Exception):

@@ -159,7 +159,7 @@ def _exercise(arch_name: str, machine: str, krel: str) -> None:
         traced = tracefs.run_lines(session, ["p:kbvg/kbw ksys_write"], Workload.shell(DD.format(n=5)),
                                    StopRule(), comm="dd")
         assert traced.counters == {"kbvg/kbw": 5}, traced.summary()
-        assert len(traced.hits) == 5  # streamed back through the FIFO + ssh reader
+        assert len(traced.hits) == 5  # streamed back through the stream link on the SSH channel
 
         ins = inspect(session, "ksys_write")
         assert ins.kernel == krel and ins.hits >= 0
