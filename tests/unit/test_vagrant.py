@@ -122,3 +122,23 @@ def test_box_filesystem_owned_by_root_when_built_unprivileged(tmp_path: Path, mo
     assert "User:     0   Group:     0" in stat("/usr/bin/sudo") and "Mode:  04755" in stat("/usr/bin/sudo")
     assert "User:  1000   Group:  1000" in stat("/home/vagrant/.ssh/authorized_keys")
     assert "User:     0   Group:     0" in stat("/usr")
+
+
+def test_a_kernel_without_kbridge_headers_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine whose kernel is not the one of kbridge's image: modules could not be built for it."""
+    from kbridge.images.image import Image
+
+    monkeypatch.setenv("KBRIDGE_STATE", str(tmp_path))
+    image = Image(tmp_path / "img", get_arch("x86_64"), "bookworm", "6.1.0-56-amd64", "6.1.192-2")
+    monkeypatch.setattr(vagrant.images, "ensure", lambda arch: image)
+    target = vagrant.VagrantTarget("kbridge-x86_64", "Host kbridge-x86_64\n", "libvirt", {})
+    target.arch, target.krel = get_arch("x86_64"), "6.12.48+deb13-amd64"
+    with pytest.raises(vagrant.KbridgeError) as err:
+        target._headers_image()
+    assert err.value.message == ("no kernel headers for 6.12.48+deb13-amd64 (the kernel of vagrant:kbridge-x86_64): "
+                                 "kbridge's x86_64 image has 6.1.0-56-amd64")
+    assert "kbridge box build --arch x86_64" in (err.value.hint or "")
+    target.krel = "6.1.0-56-amd64"
+    assert target._headers_image() is image
+    target.release()  # nothing started: only its state directory goes
+    assert not list(tmp_path.glob("vg-*"))
