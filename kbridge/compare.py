@@ -144,7 +144,7 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
         except KbridgeError as e:
             st.skipped = e.message
     if "bpf" in stats and not stats["bpf"].skipped and session.target.bcc_python() is None:
-        stats["bpf"].skipped = f"{session.target.name} has no bcc (booted from the default image)"
+        stats["bpf"].skipped = f"{session.target.name} has no bcc (kbridge vm up --bcc, or a --bcc box)"
     with progress.step(f"unprobed runs of {command!r} (x{repeats})"):
         _unprobed(session, timed_script(command, run_id, "base0", repeats))
     for n, st in stats.items():

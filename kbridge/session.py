@@ -140,7 +140,10 @@ class Session:
             return self._symbols.resolve(name, self.arch, self.blacklist)
 
     def plumbing_pids(self) -> list[int]:
-        """tgids of kbridge's guest-side helpers (agent, log streamer): never probed."""
+        """tgids of kbridge's guest-side helpers (agent, log streamer, SSH session): never probed."""
+        own = getattr(self.target, "plumbing_pids", None)  # a target that knows its own helpers says so
+        if callable(own):
+            return list(own())
         pids = []
         for name in ("qga", "kmsg"):
             with contextlib.suppress(Exception):

@@ -8,10 +8,21 @@ import typer
 from rich.table import Table
 
 from kbridge import kernels, progress
-from kbridge.arch import Arch, get_arch
+from kbridge.arch import Arch
 from kbridge.cli import app
 from kbridge.cli.options import (
-    ArchOpt, ArgOpt, CommOpt, EntryOpt, JsonOpt, KernelOpt, PidOpt, PreOpt, RetOpt, TargetOpt, handlers,
+    ArchOpt,
+    ArgOpt,
+    CommOpt,
+    EntryOpt,
+    JsonOpt,
+    KernelOpt,
+    PidOpt,
+    PreOpt,
+    RetOpt,
+    TargetOpt,
+    guest_arch,
+    handlers,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.compare import Comparison, compare, workload_command
@@ -43,7 +54,7 @@ def compare_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
-    a = get_arch(arch)
+    a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
     spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm)
     names = tuple(only or NAMES)

@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
+from kbridge.targets import parse_target
 from kbridge.workload import Workload
 
 GUEST = "Guest"
@@ -47,6 +49,16 @@ FaultOpt = Annotated[bool, typer.Option(
     "--fault", "--fault-handler", rich_help_panel=HISTORY,
     help="kprobe fault_handler (removed in 5.14): a handler of its own on kernels that still have it "
          "(--kernel 5.10); elsewhere explains what replaced it.")]
+
+
+def guest_arch(arch: str | None, target: str | None) -> Arch:
+    """--arch, else the arch of the --target machine (a Vagrant machine says what it is), else the host's."""
+    if arch is not None or parse_target(target).kind == "qemu":
+        return get_arch(arch)
+    from kbridge.targets import acquire
+
+    with acquire(None, target=target) as guest:
+        return guest.arch
 
 
 def handlers(pre: bool = False, post: bool = False, entry: bool = False, ret: bool = False) -> set[str]:

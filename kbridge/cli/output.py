@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -44,14 +45,28 @@ def _syntax_error(e: KbridgeError) -> TypeGuard[EventSyntaxError]:
     return events is not None and isinstance(e, events.EventSyntaxError)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the program was, so `finally` blocks undo what was armed."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def command(fn: F) -> F:
     """Wrap a CLI command: progress to stderr, KbridgeError and Ctrl-C to a clean exit."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         progress.add_sink(_sink)
+        # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every cleanup block still runs.
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            err.print("[yellow]terminated: what kbridge armed in the guest was removed; "
+                      "a VM started for this command was stopped[/]")
+            raise typer.Exit(143) from None
         except typer.Exit:
             raise
         except GuestCrash as e:
@@ -80,6 +95,7 @@ def command(fn: F) -> F:
             err.print("[dim]hint: this is a kbridge bug; KBRIDGE_DEBUG=1 shows the traceback[/]")
             raise typer.Exit(1) from None
         finally:
+            signal.signal(signal.SIGTERM, previous)
             progress.remove_sink(_sink)
 
     return wrapper  # type: ignore[return-value]

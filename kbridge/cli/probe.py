@@ -9,12 +9,33 @@ from rich.markup import escape
 from rich.table import Table
 
 from kbridge import kernels
-from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import (
-    ArchOpt, ArgOpt, CommOpt, CountOpt, DurationOpt, EntryOpt, FaultOpt, JprobeOpt, JsonOpt, KernelOpt,
-    MaxactiveOpt, MirrorOpt, OffsetOpt, PidOpt, PostOpt, PreOpt, RetOpt, RunOpt, TargetOpt, ViaOpt,
-    explain_fault_removed, explain_removed, handlers, workload,
+    ArchOpt,
+    ArgOpt,
+    CommOpt,
+    CountOpt,
+    DurationOpt,
+    EntryOpt,
+    FaultOpt,
+    JprobeOpt,
+    JsonOpt,
+    KernelOpt,
+    MaxactiveOpt,
+    MirrorOpt,
+    OffsetOpt,
+    PidOpt,
+    PostOpt,
+    PreOpt,
+    RetOpt,
+    RunOpt,
+    TargetOpt,
+    ViaOpt,
+    explain_fault_removed,
+    explain_removed,
+    guest_arch,
+    handlers,
+    workload,
 )
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
 from kbridge.images.apt import Mirrors
@@ -65,7 +86,7 @@ def probe_cmd(
     if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):
         raise explain_fault_removed(suite.major_minor)
     get_mechanism(via)  # an unknown --via fails before anything else
-    a = get_arch(arch)
+    a = guest_arch(arch, target)
     spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault)
     printer = HitPrinter(json_out)
     result = run_probe(spec, a, workload(run), StopRule(count=count, duration=duration), printer, via=via,

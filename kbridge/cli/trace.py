@@ -10,9 +10,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from kbridge import events, kernels
-from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, CommOpt, CountOpt, DurationOpt, JsonOpt, KernelOpt, RunOpt, TargetOpt, workload
+from kbridge.cli.options import (
+    ArchOpt,
+    CommOpt,
+    CountOpt,
+    DurationOpt,
+    JsonOpt,
+    KernelOpt,
+    RunOpt,
+    TargetOpt,
+    guest_arch,
+    workload,
+)
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
 from kbridge.collect.tracefs_steps import Step
 from kbridge.mechanisms import tracefs
@@ -84,7 +94,7 @@ def trace_cmd(
                         "back.")] = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
-    a = get_arch(arch)
+    a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
     if check:
         bad = 0

@@ -9,7 +9,7 @@ from typing import Annotated
 import psutil
 import typer
 
-from kbridge import kernels
+from kbridge import kernels, ownership
 from kbridge.arch import ARCHES, get_arch
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
@@ -102,18 +102,30 @@ def exec_(ctx: typer.Context, arch: ArchOpt = None, kernel: KernelOpt = None, ta
 
 
 def _running(arch: str | None, kernel: str | None, target: str | None) -> Target:
-    """A guest that is already up: the kept VM of ARCH and KERNEL, or the Vagrant machine."""
+    """A guest that is already up: the kept VM of ARCH and KERNEL, or the Vagrant machine.
+
+    What a killed kbridge left in it is reclaimed first, as every command does.
+    """
     where = parse_target(target)
+    guest: Target
     if where.kind == "vagrant":
         from kbridge.targets import vagrant
 
-        return vagrant.connect(where.machine)
-    a, suite = get_arch(arch), kernels.resolve(kernel)
-    vm = QemuVM.attach(a, suite)
-    if vm is None:
-        up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
-        raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
-    return vm
+        guest = vagrant.connect(where.machine)
+    else:
+        a, suite = get_arch(arch), kernels.resolve(kernel)
+        vm = QemuVM.attach(a, suite)
+        if vm is None:
+            up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
+            raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
+        guest = vm
+    try:
+        if done := ownership.reclaim(guest):
+            err.print(f"[yellow]! {guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}[/]")
+    except BaseException:
+        guest.release()
+        raise
+    return guest
 
 
 @vm_app.command("down")

@@ -86,3 +86,25 @@ def test_bpf_runner_of_a_killed_kbridge_is_stopped(bcc_kept, kbridge_arch: str) 
         run = vm.probe("ksys_write", args={"fd": 1, "count": 3}, comm="dd", run=DD, via="bpf")
         assert sorted(h.args["count"] for h in run.hits if h.args["fd"] == 1) == [7, 7, 7]
         assert guest_state(vm) == before
+
+
+def test_sigterm_unwinds_like_ctrl_c(kbridge_vm: Guest) -> None:
+    """SIGTERM (kill, a CI timeout) runs every cleanup: nothing is left for the next command to reclaim."""
+    from kbridge import ownership
+    from kbridge.targets.qemu import QemuVM
+
+    before = guest_state(kbridge_vm)
+    proc = subprocess.Popen([sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "sh",
+                             "--run", LOOP, "--arch", kbridge_vm.arch.name, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and "handler" in json.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err, err[-2000:]
+    vm = QemuVM.attach(kbridge_vm.arch, kbridge_vm.suite)  # attach without reclaiming anything
+    assert vm is not None
+    try:
+        assert ownership.records(vm) == []
+    finally:
+        vm.detach()
+    assert guest_state(kbridge_vm) == before
