@@ -11,7 +11,18 @@ from kbridge import kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import (
-    ArchOpt, ArgOpt, CommOpt, EntryOpt, KernelOpt, MaxactiveOpt, OffsetOpt, PidOpt, PostOpt, PreOpt, RetOpt, handlers,
+    ArchOpt,
+    ArgOpt,
+    CommOpt,
+    EntryOpt,
+    KernelOpt,
+    MaxactiveOpt,
+    OffsetOpt,
+    PidOpt,
+    PostOpt,
+    PreOpt,
+    RetOpt,
+    handlers,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
