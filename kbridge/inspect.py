@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
-import hashlib
 import re
 import secrets
 import shutil
@@ -29,13 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
-
 from kbridge.arch import Arch
 from kbridge.build import build
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.kmod import explain_register_error
-from kbridge.render.kmod import ModuleSource, template_dir
+from kbridge.render import templates
+from kbridge.render.kmod import ModuleSource, name_for
 from kbridge.session import Session
 from kbridge.spec import validate_symbol
 from kbridge.symbols import SymbolError
@@ -96,10 +94,8 @@ def render_inspect(symbol: str, offset: int) -> ModuleSource:
     validate_symbol(symbol)
     if offset < 0:
         raise KbridgeError(f"invalid --offset {offset}: must be >= 0")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir()), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    key = hashlib.sha256(f"{symbol}+{offset}".encode()).hexdigest()[:8]
-    name = f"kb_insp_{re.sub(r'[^A-Za-z0-9_]', '_', symbol)[:32]}_{key}"
+    env = templates.environment()
+    name = name_for("insp", symbol, f"{symbol}+{offset}")
     ctx = {"module": name, "symbol": symbol, "offset": offset, "nbytes": NBYTES}
     return ModuleSource(name, {f"{name}.c": env.get_template("inspect.c.j2").render(ctx),
                                "Kbuild": env.get_template("Kbuild.j2").render(ctx)})

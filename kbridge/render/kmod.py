@@ -5,19 +5,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
-
-import jinja2
 
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
+from kbridge.render import templates
 from kbridge.spec import ProbeSpec
-
-
-def template_dir() -> Path:
-    """kmod/ from the installed package, else from the source tree."""
-    installed = Path(__file__).resolve().parent.parent / "kmod"
-    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "kmod"
 
 
 @dataclass(frozen=True)
@@ -38,12 +30,21 @@ class ModuleSource:
         return h.hexdigest()
 
 
+def name_for(kind: str, symbol: str, key: object) -> str:
+    """The one naming rule of generated modules: kb_[KIND_]<symbol>_<hash of KEY>.
+
+    Readable in lsmod, unique per KEY, within MODULE_NAME_LEN (56); KIND tells kbridge's
+    modules apart ("" for probes, "insp" for inspect).
+    """
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", symbol)[: 36 - len(kind)]
+    prefix = f"kb_{kind}_" if kind else "kb_"
+    return f"{prefix}{stem}_{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
+
+
 def module_name(spec: ProbeSpec) -> str:
-    """kb_<symbol>_<hash>: readable in lsmod, unique per spec, within MODULE_NAME_LEN (56)."""
-    key = repr((spec.symbol, sorted(spec.handlers), spec.offset, spec.args, spec.maxactive, spec.comm,
-                spec.fault))
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", spec.symbol)[:36]
-    return f"kb_{stem}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    """The probe module for SPEC: kb_<symbol>_<hash of the spec>."""
+    return name_for("", spec.symbol, (spec.symbol, sorted(spec.handlers), spec.offset, spec.args,
+                                      spec.maxactive, spec.comm, spec.fault))
 
 
 def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
@@ -82,13 +83,7 @@ def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource
         raise KbridgeError(f"{spec.symbol} is a syscall: it has at most 6 arguments")
     if spec.fault and krel is not None and kernel_version(krel) >= FAULT_HANDLER_REMOVED:
         raise fault_handler_removed(krel)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_dir()),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
+    env = templates.environment()
     name = module_name(spec)
     ctx = {
         "module": name,
