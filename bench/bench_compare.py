@@ -36,12 +36,26 @@ def main() -> None:
             rows[name] = {"skipped": st.skipped}
             continue
         med = statistics.median(st.durations_ns)
-        rows[name] = {"hits": st.result.total, "first_event_s": st.result.first_event_s,
-                      "first_event_ratio": round(st.result.first_event_s * 1e9 / base, 3)
-                      if st.result.first_event_s else None,
-                      "run_ratio": round(med / base, 3), "overhead_ns_per_hit": st.overhead_ns}
-    print(json.dumps({"arch": comp.arch, "accel": comp.accel, "workload": cmd, "repeats": a.repeats,
-                      "unprobed_median_ns": base, "mechanisms": rows}, indent=1))
+        rows[name] = {
+            "hits": st.result.total,
+            "first_event_s": st.result.first_event_s,
+            "first_event_ratio": round(st.result.first_event_s * 1e9 / base, 3) if st.result.first_event_s else None,
+            "run_ratio": round(med / base, 3),
+            "overhead_ns_per_hit": st.overhead_ns,
+        }
+    print(
+        json.dumps(
+            {
+                "arch": comp.arch,
+                "accel": comp.accel,
+                "workload": cmd,
+                "repeats": a.repeats,
+                "unprobed_median_ns": base,
+                "mechanisms": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,12 @@ def bench(arch_name: str, runs: int) -> dict[str, list[float]]:
     img = images.ensure(arch)
     spec = make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], arch, comm="dd")
     mod = render(spec, arch)
-    out: dict[str, list[float]] = {"build_uncached": [], "build_cached": [], "cold_first_hit": [], "warm_round_trip": []}
+    out: dict[str, list[float]] = {
+        "build_uncached": [],
+        "build_cached": [],
+        "cold_first_hit": [],
+        "warm_round_trip": [],
+    }
     for _ in range(runs):
         shutil.rmtree(cache_dir() / "modules" / cache_key(mod, img), ignore_errors=True)
         out["build_uncached"].append(timed(lambda: build(mod, img)))

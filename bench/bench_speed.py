@@ -152,14 +152,26 @@ def load_run(arch_name: str, via: str, calls: int) -> dict:
     spec = make_spec("ksys_write", {"pre"}, [], arch, comm="dd")
     times: list[float] = []
     start = time.perf_counter()
-    run = probe(spec, arch, Workload.shell(f"dd if=/dev/zero of=/dev/null bs=1 count={calls} 2>/dev/null"),
-                StopRule(), on_hit=lambda h: times.append(time.perf_counter()), via=via)
+    run = probe(
+        spec,
+        arch,
+        Workload.shell(f"dd if=/dev/zero of=/dev/null bs=1 count={calls} 2>/dev/null"),
+        StopRule(),
+        on_hit=lambda h: times.append(time.perf_counter()),
+        via=via,
+    )
     wall = time.perf_counter() - start
     r = run.result
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
-    return {"hits": r.total, "streamed": len(r.hits), "lost": r.lost, "missed": r.missed,
-            "events_per_s": round(len(r.hits) / span) if span == span and span > 0 else None,
-            "wall_s": round(wall, 2), "notes": r.notes}
+    return {
+        "hits": r.total,
+        "streamed": len(r.hits),
+        "lost": r.lost,
+        "missed": r.missed,
+        "events_per_s": round(len(r.hits) / span) if span == span and span > 0 else None,
+        "wall_s": round(wall, 2),
+        "notes": r.notes,
+    }
 
 
 def warm_rows(arch: str, runs: int, vias: list[str]) -> dict[str, dict[str, list[float]]]:
@@ -167,10 +179,34 @@ def warm_rows(arch: str, runs: int, vias: list[str]) -> dict[str, dict[str, list
     cmds: dict[str, list[str]] = {
         "trace": ["trace", "--arch", arch, "--json", "--comm", "dd", "--run", ONE_WRITE, "p:kbbench/w ksys_write"],
         "probe kmod": ["probe", "ksys_write", "--pre", "--arch", arch, "--json", "--comm", "dd", "--run", ONE_WRITE],
-        "probe tracefs": ["probe", "ksys_write", "--pre", "--via", "tracefs", "--arch", arch, "--json",
-                          "--comm", "dd", "--run", ONE_WRITE],
-        "probe bpf": ["probe", "ksys_write", "--pre", "--via", "bpf", "--arch", arch, "--json",
-                      "--comm", "dd", "--run", ONE_WRITE],
+        "probe tracefs": [
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--via",
+            "tracefs",
+            "--arch",
+            arch,
+            "--json",
+            "--comm",
+            "dd",
+            "--run",
+            ONE_WRITE,
+        ],
+        "probe bpf": [
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--via",
+            "bpf",
+            "--arch",
+            arch,
+            "--json",
+            "--comm",
+            "dd",
+            "--run",
+            ONE_WRITE,
+        ],
     }
     for name, argv in cmds.items():
         if ("tracefs" if name == "trace" else name.split()[-1]) not in vias:
@@ -254,16 +290,21 @@ def show(report: dict) -> None:
     print(f"machine: {report['machine']}")
     print(f"{'arch':7} {'measure':34} {'median s':>9} {'x floor':>8}  runs  host CPU s (the kbridge process)")
     if "help_s" in report:
-        print(f"{'-':7} {'kbridge --help':34} {median(report['help_s']):9.3f} {'':>8}  {len(report['help_s']):4}  "
-              f"{median(report['help_cpu_s']):.3f}")
+        print(
+            f"{'-':7} {'kbridge --help':34} {median(report['help_s']):9.3f} {'':>8}  {len(report['help_s']):4}  "
+            f"{median(report['help_cpu_s']):.3f}"
+        )
     for a in report["arches"]:
         floor = median(a.get("floor_s", []))
 
-        def row(label: str, xs: list[float], cpu: list[float] | None = None, arch: str = a["arch"],
-                floor: float = floor) -> None:
+        def row(
+            label: str, xs: list[float], cpu: list[float] | None = None, arch: str = a["arch"], floor: float = floor
+        ) -> None:
             ratio = median(xs) / floor if floor == floor else float("nan")
-            print(f"{arch:7} {label:34} {median(xs):9.3f} {ratio:8.1f}  {len(xs):4}"
-                  + (f"  {median(cpu):.3f}" if cpu else ""))
+            print(
+                f"{arch:7} {label:34} {median(xs):9.3f} {ratio:8.1f}  {len(xs):4}"
+                + (f"  {median(cpu):.3f}" if cpu else "")
+            )
 
         if "floor_s" in a:
             row("floor: raw tracefs by hand", a["floor_s"])
@@ -276,9 +317,11 @@ def show(report: dict) -> None:
                 row(f"{group} {name}: to first hit", m["first_hit_s"])
                 row(f"{group} {name}: to exit", m["exit_s"], m.get("host_cpu_s"))
         for via, m in a.get("load", {}).items():
-            print(f"{a['arch']:7} load 200k {via:8} hits {m['hits']:>7} streamed {m['streamed']:>7} "
-                  f"lost {m['lost']:>6} missed {m['missed']:>4} {m['events_per_s'] or 0:>8} ev/s  "
-                  f"({m['wall_s']} s)")
+            print(
+                f"{a['arch']:7} load 200k {via:8} hits {m['hits']:>7} streamed {m['streamed']:>7} "
+                f"lost {m['lost']:>6} missed {m['missed']:>4} {m['events_per_s'] or 0:>8} ev/s  "
+                f"({m['wall_s']} s)"
+            )
 
 
 def main() -> None:
@@ -300,8 +343,11 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     load = os.getloadavg()
-    report: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-                               f"load {load[0]:.1f}, python {platform.python_version()}", "arches": []}
+    report: dict = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+        f"load {load[0]:.1f}, python {platform.python_version()}",
+        "arches": [],
+    }
     if "help" in sections:
         report["help_s"], report["help_cpu_s"] = help_times(args.runs)
     for arch in args.arch or ["x86_64", "arm64"]:

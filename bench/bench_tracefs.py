@@ -31,9 +31,23 @@ def first_event(arch: str, runs: int) -> list[float]:
     for _ in range(runs):
         start = time.monotonic()
         proc = subprocess.Popen(
-            ["kbridge", "trace", "--arch", arch, "--json", "--count", "1",
-             "--run", "echo kbridge-bench", "p:kbbench/w ksys_write fd=$arg1:u64 count=$arg3:u64"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ)
+            [
+                "kbridge",
+                "trace",
+                "--arch",
+                arch,
+                "--json",
+                "--count",
+                "1",
+                "--run",
+                "echo kbridge-bench",
+                "p:kbbench/w ksys_write fd=$arg1:u64 count=$arg3:u64",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=os.environ,
+        )
         assert proc.stdout is not None
         line = proc.stdout.readline()
         elapsed = time.monotonic() - start
@@ -56,9 +70,13 @@ def throughput(arch: str, calls: int) -> tuple[int, int, float, float]:
 
     try:
         res = tracefs.run_lines(
-            Session(vm), ["p:kbbench/w ksys_write fd=$arg1:u64 count=$arg3:u64"],
+            Session(vm),
+            ["p:kbbench/w ksys_write fd=$arg1:u64 count=$arg3:u64"],
             Workload.shell(f"dd if=/dev/zero of=/dev/null bs=1 count={calls} 2>/dev/null"),
-            on_hit=on_hit, filter="fd == 1", comm="dd")
+            on_hit=on_hit,
+            filter="fd == 1",
+            comm="dd",
+        )
     finally:
         vm.detach()
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
@@ -74,12 +92,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     firsts = first_event(args.arch, args.runs)
-    print(f"first event ({args.arch}, VM kept up): "
-          f"min {min(firsts):.3f} s, median {sorted(firsts)[len(firsts) // 2]:.3f} s over {args.runs} runs")
+    print(
+        f"first event ({args.arch}, VM kept up): "
+        f"min {min(firsts):.3f} s, median {sorted(firsts)[len(firsts) // 2]:.3f} s over {args.runs} runs"
+    )
     read, lost, span, guest_span = throughput(args.arch, args.calls)
-    print(f"throughput ({args.arch}): {read} events read, {lost} lost, "
-          f"{read / span:,.0f} events/s on the host over {span:.2f} s "
-          f"(the guest produced them in {guest_span:.2f} s)")
+    print(
+        f"throughput ({args.arch}): {read} events read, {lost} lost, "
+        f"{read / span:,.0f} events/s on the host over {span:.2f} s "
+        f"(the guest produced them in {guest_span:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

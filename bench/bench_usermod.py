@@ -59,8 +59,10 @@ def bench(arch_name: str, runs: int) -> None:
     finally:
         vm.shutdown() if booted else vm.detach()
     med = statistics.median
-    print(f"{arch.name:7} build uncached {med(uncached):6.2f} s   cached {med(cached) * 1000:6.1f} ms   "
-          f"load+unload {med(trips):5.2f} s   ({vm.accel}, median of {runs})")
+    print(
+        f"{arch.name:7} build uncached {med(uncached):6.2f} s   cached {med(cached) * 1000:6.1f} ms   "
+        f"load+unload {med(trips):5.2f} s   ({vm.accel}, median of {runs})"
+    )
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """kbridge: drive real kprobes in real Linux kernels (kernel modules, tracefs, eBPF) in QEMU or Vagrant guests.
 
-    import kbridge
+import kbridge
 
-    with kbridge.vm(arch="x86_64") as vm:
-        run = vm.probe("ksys_write", pre=True, args={"count": 3}, run="echo hi > /tmp/x")
+with kbridge.vm(arch="x86_64") as vm:
+    run = vm.probe("ksys_write", pre=True, args={"count": 3}, run="echo hi > /tmp/x")
 """
 
 from __future__ import annotations

@@ -64,41 +64,104 @@ class Guest:
 
     # -- probes ------------------------------------------------------------------
 
-    def spec(self, symbol: str, *, pre: bool = False, post: bool = False, entry: bool = False,
-             ret: bool = False, args: dict[str, int] | list[str] | None = None, offset: int = 0,
-             maxactive: int = 0, pid: int | None = None, comm: str | None = None) -> ProbeSpec:
+    def spec(
+        self,
+        symbol: str,
+        *,
+        pre: bool = False,
+        post: bool = False,
+        entry: bool = False,
+        ret: bool = False,
+        args: dict[str, int] | list[str] | None = None,
+        offset: int = 0,
+        maxactive: int = 0,
+        pid: int | None = None,
+        comm: str | None = None,
+    ) -> ProbeSpec:
         """A validated ProbeSpec; args as {"count": 3} or ["count=3"]. No handler given means pre."""
         handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
         arg_list = [f"{k}={v}" for k, v in args.items()] if isinstance(args, dict) else list(args or [])
         return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch, offset, maxactive, pid, comm)
 
-    def probe(self, symbol: str, *, pre: bool = False, post: bool = False, entry: bool = False,
-              ret: bool = False, args: dict[str, int] | list[str] | None = None, offset: int = 0,
-              maxactive: int = 0, pid: int | None = None, comm: str | None = None,
-              run: str | list[str] | None = None, count: int | None = None, duration: float | None = None,
-              via: str = "kmod", on_hit: HitSink | None = None) -> ProbeRun:
+    def probe(
+        self,
+        symbol: str,
+        *,
+        pre: bool = False,
+        post: bool = False,
+        entry: bool = False,
+        ret: bool = False,
+        args: dict[str, int] | list[str] | None = None,
+        offset: int = 0,
+        maxactive: int = 0,
+        pid: int | None = None,
+        comm: str | None = None,
+        run: str | list[str] | None = None,
+        count: int | None = None,
+        duration: float | None = None,
+        via: str = "kmod",
+        on_hit: HitSink | None = None,
+    ) -> ProbeRun:
         """Probe SYMBOL through VIA while RUN runs in the guest; `.hits`, `.counts` on the result."""
-        spec = self.spec(symbol, pre=pre, post=post, entry=entry, ret=ret, args=args, offset=offset,
-                         maxactive=maxactive, pid=pid, comm=comm)
+        spec = self.spec(
+            symbol,
+            pre=pre,
+            post=post,
+            entry=entry,
+            ret=ret,
+            args=args,
+            offset=offset,
+            maxactive=maxactive,
+            pid=pid,
+            comm=comm,
+        )
         with self.session() as s:
             return probe_on(s, spec, None, _workload(run), StopRule(count=count, duration=duration), on_hit, via)
 
-    def trace(self, *lines: str, run: str | list[str] | None = None, filter: str | None = None,  # noqa: A002
-              pid: int | None = None, comm: str | None = None, count: int | None = None,
-              duration: float | None = None, buffer_kb: int | None = None,
-              on_hit: HitSink | None = None) -> MechanismResult:
+    def trace(
+        self,
+        *lines: str,
+        run: str | list[str] | None = None,
+        filter: str | None = None,  # noqa: A002 - the name of the CLI's --filter
+        pid: int | None = None,
+        comm: str | None = None,
+        count: int | None = None,
+        duration: float | None = None,
+        buffer_kb: int | None = None,
+        on_hit: HitSink | None = None,
+    ) -> MechanismResult:
         """kprobe_events LINES, as written, while RUN runs; counters are keyed GROUP/EVENT."""
         from kbridge.mechanisms import tracefs
         from kbridge.workload import default_for
 
         with self.session() as s:
             work = _workload(run) or default_for("")
-            return tracefs.run_lines(s, list(lines), work, StopRule(count=count, duration=duration), on_hit,
-                                     filter=filter, buffer_kb=buffer_kb, pid=pid, comm=comm)
+            return tracefs.run_lines(
+                s,
+                list(lines),
+                work,
+                StopRule(count=count, duration=duration),
+                on_hit,
+                filter=filter,
+                buffer_kb=buffer_kb,
+                pid=pid,
+                comm=comm,
+            )
 
-    def compare(self, symbol: str, run: str, *, pre: bool = False, entry: bool = False, ret: bool = False,
-                args: dict[str, int] | list[str] | None = None, pid: int | None = None,
-                comm: str | None = None, repeats: int = 5, only: tuple[str, ...] | None = None) -> Comparison:
+    def compare(
+        self,
+        symbol: str,
+        run: str,
+        *,
+        pre: bool = False,
+        entry: bool = False,
+        ret: bool = False,
+        args: dict[str, int] | list[str] | None = None,
+        pid: int | None = None,
+        comm: str | None = None,
+        repeats: int = 5,
+        only: tuple[str, ...] | None = None,
+    ) -> Comparison:
         """SYMBOL through kmod, tracefs and bpf (bpf needs the bcc flavour) with RUN repeated REPEATS times."""
         from kbridge.compare import compare
         from kbridge.mechanisms import NAMES
@@ -176,8 +239,9 @@ def _workload(run: str | list[str] | None) -> Workload | None:
 
 
 @contextlib.contextmanager
-def vm(arch: str | None = None, kernel: str | None = None, target: str | None = None,
-       keep: bool = False, bcc: bool = False) -> Iterator[Guest]:
+def vm(
+    arch: str | None = None, kernel: str | None = None, target: str | None = None, keep: bool = False, bcc: bool = False
+) -> Iterator[Guest]:
     """A guest for the block: the kept VM of ARCH and KERNEL if one runs, else a fresh one.
 
     A fresh VM is stopped when the block ends, unless KEEP. BCC boots the image

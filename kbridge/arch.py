@@ -76,8 +76,30 @@ X86_64 = Arch(
     syscall_arg_offsets=(112, 104, 96, 56, 72, 64),
     c_arg_fields=("di", "si", "dx", "cx", "r8", "r9"),
     tracefs_registers=frozenset(
-        ["r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "bx", "cx", "dx",
-         "si", "di", "bp", "ax", "orig_ax", "ip", "cs", "flags", "sp", "ss"]),
+        [
+            "r15",
+            "r14",
+            "r13",
+            "r12",
+            "r11",
+            "r10",
+            "r9",
+            "r8",
+            "bx",
+            "cx",
+            "dx",
+            "si",
+            "di",
+            "bp",
+            "ax",
+            "orig_ax",
+            "ip",
+            "cs",
+            "flags",
+            "sp",
+            "ss",
+        ]
+    ),
     ip_register="ip",
     flags_register="flags",
     qemu_package="qemu-system-x86",
@@ -127,6 +149,4 @@ def get_arch(name: str | None) -> Arch:
     try:
         return ARCHES[key]
     except KeyError:
-        raise KbridgeError(
-            f"unsupported arch {name!r}", f"use one of: {', '.join(ARCHES)}"
-        ) from None
+        raise KbridgeError(f"unsupported arch {name!r}", f"use one of: {', '.join(ARCHES)}") from None

@@ -48,10 +48,20 @@ class MechanismStats:
         r = self.result
         if r is None:
             return {"skipped": self.skipped}
-        return {"hits": r.total, "counters": r.counters, "streamed": len(r.hits), "missed": r.missed,
-                "lost": r.lost, "first_event_s": r.first_event_s, "overhead_ns": self.overhead_ns,
-                "run_median_ns": _median(self.durations_ns), "run_spread_ns": _spread(self.durations_ns),
-                "setup_s": self.setup_s, "agree": self.agree, "notes": r.notes}
+        return {
+            "hits": r.total,
+            "counters": r.counters,
+            "streamed": len(r.hits),
+            "missed": r.missed,
+            "lost": r.lost,
+            "first_event_s": r.first_event_s,
+            "overhead_ns": self.overhead_ns,
+            "run_median_ns": _median(self.durations_ns),
+            "run_spread_ns": _spread(self.durations_ns),
+            "setup_s": self.setup_s,
+            "agree": self.agree,
+            "notes": r.notes,
+        }
 
 
 @dataclass
@@ -69,12 +79,19 @@ class Comparison:
     target: str = "qemu"
 
     def summary(self) -> dict:
-        return {"symbol": self.symbol, "arch": self.arch, "kernel": self.kernel, "accel": self.accel,
-                "target": self.target,
-                "workload": self.workload, "repeats": self.repeats,
-                "baseline": {"run_median_ns": _median(self.baseline_ns), "run_spread_ns": _spread(self.baseline_ns)},
-                "equal_counts": self.equal_counts, "explanation": self.explanation,
-                "mechanisms": {n: m.to_json() for n, m in self.mechanisms.items()}}
+        return {
+            "symbol": self.symbol,
+            "arch": self.arch,
+            "kernel": self.kernel,
+            "accel": self.accel,
+            "target": self.target,
+            "workload": self.workload,
+            "repeats": self.repeats,
+            "baseline": {"run_median_ns": _median(self.baseline_ns), "run_spread_ns": _spread(self.baseline_ns)},
+            "equal_counts": self.equal_counts,
+            "explanation": self.explanation,
+            "mechanisms": {n: m.to_json() for n, m in self.mechanisms.items()},
+        }
 
 
 def _median(xs: list[int]) -> float | None:
@@ -88,8 +105,10 @@ def _spread(xs: list[int]) -> list[int] | None:
 def timed_script(command: str, run_id: str, phase: str, repeats: int) -> Workload:
     """COMMAND REPEATS times, each bracketed by kmsg markers (run id and phase are ours: [a-z0-9])."""
     mark = f"kbt {run_id} {phase}"
-    loop = (f"i=0; while [ $i -lt {repeats} ]; do echo \"{mark} $i b\" > /dev/kmsg; "
-            f"( {command} ) >/dev/null 2>&1; echo \"{mark} $i e\" > /dev/kmsg; i=$((i+1)); done")
+    loop = (
+        f'i=0; while [ $i -lt {repeats} ]; do echo "{mark} $i b" > /dev/kmsg; '
+        f'( {command} ) >/dev/null 2>&1; echo "{mark} $i e" > /dev/kmsg; i=$((i+1)); done'
+    )
     return Workload(("/bin/sh", "-c", loop), f"{command} (x{repeats})")
 
 
@@ -110,13 +129,14 @@ def durations(dmesg: str, run_id: str, phase: str) -> list[int]:
 
 def agreement(ref: list[Hit], other: list[Hit]) -> str:
     """Whether two mechanisms fetched the same arguments and return values, hit for hit."""
+
     def key(h: Hit) -> tuple:
         return (h.handler, tuple(sorted(h.args.items())), h.retval)
 
     a, b = [key(h) for h in ref], [key(h) for h in other]
     if len(a) != len(b):
         return f"no: {len(b)} hits streamed vs {len(a)}"
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x != y:
             return f"no: hit #{i + 1} differs ({x} vs {y})"
     return "yes"
@@ -126,8 +146,9 @@ def _unprobed(session: Session, work: Workload) -> None:
     WorkloadRun(session.target, work).wait(timeout=None)
 
 
-def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
-            names: tuple[str, ...] = NAMES) -> Comparison:
+def compare(
+    session: Session, spec: ProbeSpec, command: str, repeats: int = 5, names: tuple[str, ...] = NAMES
+) -> Comparison:
     """Run SPEC through each mechanism in NAMES on SESSION's guest with COMMAND repeated REPEATS times."""
     if repeats < 1:
         raise KbridgeError(f"invalid --repeats {repeats}: must be >= 1")
@@ -153,8 +174,7 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
         try:
             with progress.step(f"{n}: {spec.symbol} with {command!r} (x{repeats})"):
                 t0 = time.monotonic()
-                st.result = get_mechanism(n).run(session, spec, timed_script(command, run_id, n, repeats),
-                                                 StopRule())
+                st.result = get_mechanism(n).run(session, spec, timed_script(command, run_id, n, repeats), StopRule())
                 st.setup_s = round(time.monotonic() - t0, 3)
         except KbridgeError as e:
             st.skipped = f"failed: {e.message}"
@@ -167,8 +187,17 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
         per_rep = r.total / repeats if r.total else 0
         if st.durations_ns and baseline and per_rep:
             st.overhead_ns = round((statistics.median(st.durations_ns) - statistics.median(baseline)) / per_rep, 1)
-    comp = Comparison(spec.symbol, session.arch.name, session.target.krel, session.target.accel, command,
-                      repeats, baseline, stats, target=session.target.name)
+    comp = Comparison(
+        spec.symbol,
+        session.arch.name,
+        session.target.krel,
+        session.target.accel,
+        command,
+        repeats,
+        baseline,
+        stats,
+        target=session.target.name,
+    )
     if ran:
         ref, ref_result = ran[0]
         for st, r in ran:
@@ -182,8 +211,10 @@ def compare(session: Session, spec: ProbeSpec, command: str, repeats: int = 5,
                     why = [f"nmissed {r.missed}"] if r.missed else []
                     why += [f"lost {r.lost}"] if r.lost else []
                     why += [nt for nt in r.notes if "lost" in nt or "overrun" in nt]
-                    comp.explanation.append(f"{st.name}: {r.total} hits, {top - r.total} fewer than the most"
-                                            f" ({', '.join(why) or 'no miss or loss reported: filters or timing differ'})")
+                    comp.explanation.append(
+                        f"{st.name}: {r.total} hits, {top - r.total} fewer than the most"
+                        f" ({', '.join(why) or 'no miss or loss reported: filters or timing differ'})"
+                    )
     return comp
 
 

@@ -18,13 +18,11 @@ def _check(data: bytes, what: str) -> None:
 def sections(data: bytes, what: str = "file") -> dict[str, tuple[int, bytes, int]]:
     """Map section name -> (type, contents, link index)."""
     _check(data, what)
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     headers = []
     for i in range(shnum):
-        name, typ, _flags, _addr, off, size, link = struct.unpack_from(
-            "<IIQQQQI", data, shoff + i * shentsize
-        )
+        name, typ, _flags, _addr, off, size, link = struct.unpack_from("<IIQQQQI", data, shoff + i * shentsize)
         headers.append((name, typ, off, size, link))
     _, _, stroff, strsize, _ = headers[shstrndx]
     names = data[stroff : stroff + strsize]
@@ -54,7 +52,7 @@ def needed(data: bytes, what: str = "file") -> list[str]:
 def interpreter(data: bytes) -> str | None:
     """The PT_INTERP path (the dynamic loader), if any."""
     _check(data, "file")
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(phnum):
         typ, _flags, off, _v, _p, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)

@@ -77,16 +77,30 @@ class Inspection:
     why: str = ""  # one sentence: why the kernel chose this mode, and how to get the others
 
     def to_json(self) -> dict:
-        return {"symbol": self.symbol, "requested": self.requested, "offset": self.offset,
-                "requested_offset": self.requested_offset,
-                "address": f"{self.address:#x}",
-                "probe_address": f"{self.probe_address:#x}" if self.probe_address is not None else None,
-                "aliases": self.aliases, "blacklisted": self.blacklisted, "ftraceable": self.ftraceable,
-                "ftrace_site": self.ftrace_site, "mode": self.mode, "why": self.why,
-                "breakpoint_forced": self.breakpoint, "kprobes_optimization": self.optimization,
-                "changes": self.changes, "kprobes_list": self.list_lines, "insn": self.insn,
-                "disasm": self.disasm, "arch": self.arch, "kernel": self.kernel,
-                "hits": self.hits, "nmissed": self.nmissed}
+        return {
+            "symbol": self.symbol,
+            "requested": self.requested,
+            "offset": self.offset,
+            "requested_offset": self.requested_offset,
+            "address": f"{self.address:#x}",
+            "probe_address": f"{self.probe_address:#x}" if self.probe_address is not None else None,
+            "aliases": self.aliases,
+            "blacklisted": self.blacklisted,
+            "ftraceable": self.ftraceable,
+            "ftrace_site": self.ftrace_site,
+            "mode": self.mode,
+            "why": self.why,
+            "breakpoint_forced": self.breakpoint,
+            "kprobes_optimization": self.optimization,
+            "changes": self.changes,
+            "kprobes_list": self.list_lines,
+            "insn": self.insn,
+            "disasm": self.disasm,
+            "arch": self.arch,
+            "kernel": self.kernel,
+            "hits": self.hits,
+            "nmissed": self.nmissed,
+        }
 
 
 def render_inspect(symbol: str, offset: int) -> ModuleSource:
@@ -97,8 +111,13 @@ def render_inspect(symbol: str, offset: int) -> ModuleSource:
     env = templates.environment()
     name = name_for("insp", symbol, f"{symbol}+{offset}")
     ctx = {"module": name, "symbol": symbol, "offset": offset, "nbytes": NBYTES}
-    return ModuleSource(name, {f"{name}.c": env.get_template("inspect.c.j2").render(ctx),
-                               "Kbuild": env.get_template("Kbuild.j2").render(ctx)})
+    return ModuleSource(
+        name,
+        {
+            f"{name}.c": env.get_template("inspect.c.j2").render(ctx),
+            "Kbuild": env.get_template("Kbuild.j2").render(ctx),
+        },
+    )
 
 
 def mode_of(list_line: str) -> str:
@@ -124,8 +143,11 @@ def find_list_line(text: str, symbol: str, offset: int, address: int | None = No
     want = f"{symbol}+{offset:#x}"
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[1] == "k" and (
-                parts[2] == want or (address is not None and parts[0] == f"{address:016x}")):
+        if (
+            len(parts) >= 3
+            and parts[1] == "k"
+            and (parts[2] == want or (address is not None and parts[0] == f"{address:016x}"))
+        ):
             return line.strip()
     return ""
 
@@ -139,8 +161,11 @@ def disassemble(data: bytes, arch: Arch, address: int) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".bin") as f:
         f.write(data)
         f.flush()
-        proc = subprocess.run([tool, "-D", "-b", "binary", "-m", machine, f"--adjust-vma={address:#x}", f.name],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [tool, "-D", "-b", "binary", "-m", machine, f"--adjust-vma={address:#x}", f.name],
+            capture_output=True,
+            text=True,
+        )
     lines = []
     for line in proc.stdout.splitlines():
         m = re.match(r"^\s*([0-9a-f]+):\s+(.*)$", line)
@@ -151,17 +176,21 @@ def disassemble(data: bytes, arch: Arch, address: int) -> list[str]:
 
 def aliases_of(session: Session, symbol: str, address: int) -> list[str]:
     """Other text symbols at ADDRESS (e.g. a syscall alias, a __pfx_ or .localalias twin)."""
-    return sorted(name for name, entries in session.symbols.entries.items()
-                  if name != symbol and any(a == address and t in "TtWw" for a, t in entries))
+    return sorted(
+        name
+        for name, entries in session.symbols.entries.items()
+        if name != symbol and any(a == address and t in "TtWw" for a, t in entries)
+    )
 
 
 def is_ftraceable(session: Session, symbol: str) -> bool:
     """Whether SYMBOL is in tracefs available_filter_functions (grep in the guest: the file is large)."""
-    for path in ("/sys/kernel/tracing/available_filter_functions",
-                 "/sys/kernel/debug/tracing/available_filter_functions"):
+    for path in (
+        "/sys/kernel/tracing/available_filter_functions",
+        "/sys/kernel/debug/tracing/available_filter_functions",
+    ):
         mod, _, func = symbol.rpartition(":")  # a module's functions are listed as "FUNC [MOD]"
-        res = session.vm.run(["/bin/busybox", "grep", "-qxF", f"{func} [{mod}]" if mod else symbol, path],
-                             timeout=60)
+        res = session.vm.run(["/bin/busybox", "grep", "-qxF", f"{func} [{mod}]" if mod else symbol, path], timeout=60)
         if res.exitcode in (0, 1):
             return res.exitcode == 0
     raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")
@@ -183,16 +212,27 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         if (found := resolve_module_symbol(session.vm, name, session.symbols)) is None:
             raise
         res = found
-    ins = Inspection(name, res.symbol, offset, session.arch.name, session.vm.krel, res.address, note=res.note,
-                     breakpoint=force_breakpoint, requested_offset=offset)
+    ins = Inspection(
+        name,
+        res.symbol,
+        offset,
+        session.arch.name,
+        session.vm.krel,
+        res.address,
+        note=res.note,
+        breakpoint=force_breakpoint,
+        requested_offset=offset,
+    )
     ins.aliases = aliases_of(session, res.symbol, res.address)
     ins.blacklisted = res.symbol in session.blacklist
     ins.ftraceable = is_ftraceable(session, res.symbol)
     if ins.blacklisted:
         ins.mode = "blacklisted"
-        ins.why = (f"{res.symbol} is on the kprobe blacklist (debugfs kprobes/blacklist: code the kprobe "
-                   "machinery itself runs, or marked NOKPROBE_SYMBOL): register_kprobe() refuses it, "
-                   "in every mode")
+        ins.why = (
+            f"{res.symbol} is on the kprobe blacklist (debugfs kprobes/blacklist: code the kprobe "
+            "machinery itself runs, or marked NOKPROBE_SYMBOL): register_kprobe() refuses it, "
+            "in every mode"
+        )
         return ins
     ins.optimization = _read_optional(session, OPTIMIZATION)
     mod = render_inspect(res.symbol, offset)
@@ -204,8 +244,10 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
             # instruction after the ftrace site instead (x86 IBT kernels moved +0 past endbr64 first).
             site = int(state["listed_offset"])
             ins.offset = site + X86_FTRACE_SITE_LEN
-            ins.changes.append(f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
-                               f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it")
+            ins.changes.append(
+                f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
+                f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it"
+            )
             mod = render_inspect(res.symbol, ins.offset)
             ko = build(mod, session.image)
     with _optimization_off(session, ins) if force_breakpoint else contextlib.nullcontext():
@@ -238,11 +280,15 @@ def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
     finally:
         _write_sysctl(session, OPTIMIZATION, was)
         now = _read_optional(session, OPTIMIZATION)
-        ins.changes.append(f"{OPTIMIZATION} set to 0 while armed (every optimized kprobe in the guest "
-                           f"falls back to int3), then restored to {now}")
+        ins.changes.append(
+            f"{OPTIMIZATION} set to 0 while armed (every optimized kprobe in the guest "
+            f"falls back to int3), then restored to {now}"
+        )
         if now != was:
-            raise KbridgeError(f"{OPTIMIZATION} is {now}, not {was} as before",
-                               f"kbridge vm exec -- sh -c 'echo {was} > {OPTIMIZATION}'")
+            raise KbridgeError(
+                f"{OPTIMIZATION} is {now}, not {was} as before",
+                f"kbridge vm exec -- sh -c 'echo {was} > {OPTIMIZATION}'",
+            )
 
 
 def _live_address(session: Session, symbol: str) -> int | None:
@@ -301,33 +347,44 @@ def why(ins: Inspection) -> str:
     if offset != ins.offset:
         where += f" (the kernel moved the probe from +{ins.offset:#x}: IBT's endbr64 comes first)"
     if ins.arch == "arm64":
-        return (f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
-                "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
-                f"the original instruction out of line; there is no other mode to get, and the ftrace "
-                f"site ({ins.symbol}+{ARM64_FTRACE_SITE:#x}) is refused")
+        return (
+            f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
+            "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
+            f"the original instruction out of line; there is no other mode to get, and the ftrace "
+            f"site ({ins.symbol}+{ARM64_FTRACE_SITE:#x}) is refused"
+        )
     if ins.mode == "ftrace":
-        return (f"{where} is {ins.symbol}'s ftrace site (the 5-byte nop that ftrace turns into a call), "
-                "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
-                "no real single-step: the pre-handler sees ip = addr + 1 as after an int3, the post-handler "
-                "addr + 5 as if the nop had been stepped); for an int3 use "
-                f"--breakpoint, for an optimized jump --offset {offset + X86_FTRACE_SITE_LEN:#x}")
+        return (
+            f"{where} is {ins.symbol}'s ftrace site (the 5-byte nop that ftrace turns into a call), "
+            "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
+            "no real single-step: the pre-handler sees ip = addr + 1 as after an int3, the post-handler "
+            "addr + 5 as if the nop had been stepped); for an int3 use "
+            f"--breakpoint, for an optimized jump --offset {offset + X86_FTRACE_SITE_LEN:#x}"
+        )
     if ins.mode == "optimized":
-        return (f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
-                "so the optimizer replaced the int3 it first planted with a 5-byte jmp (OPTPROBES, "
-                f"{OPTIMIZATION} = {ins.optimization}; a probe with a post-handler is never optimized); "
-                "for the int3 use --breakpoint, for the ftrace mode probe the function's entry (--offset 0)")
+        return (
+            f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
+            "so the optimizer replaced the int3 it first planted with a 5-byte jmp (OPTPROBES, "
+            f"{OPTIMIZATION} = {ins.optimization}; a probe with a post-handler is never optimized); "
+            "for the int3 use --breakpoint, for the ftrace mode probe the function's entry (--offset 0)"
+        )
     if ins.mode == "breakpoint":
         if ins.breakpoint:
             cause = "--breakpoint turned jump optimization off" + (
-                " and moved the probe past the ftrace site" if ins.offset != ins.requested_offset else "")
+                " and moved the probe past the ftrace site" if ins.offset != ins.requested_offset else ""
+            )
         elif ins.optimization == "0":
             cause = f"jump optimization is off ({OPTIMIZATION} = 0)"
         else:
-            cause = ("the optimizer could not relocate the instructions there (a jump target, an "
-                     "instruction that cannot run from a detour buffer, or too little room)")
-        return (f"{where} is an int3 (0xcc) because {cause}; the trap runs the pre-handler, the original "
-                "instruction is single-stepped, then the post-handler runs; without --breakpoint the "
-                "function's entry uses ftrace and other offsets usually an optimized jump")
+            cause = (
+                "the optimizer could not relocate the instructions there (a jump target, an "
+                "instruction that cannot run from a detour buffer, or too little room)"
+            )
+        return (
+            f"{where} is an int3 (0xcc) because {cause}; the trap runs the pre-handler, the original "
+            "instruction is single-stepped, then the post-handler runs; without --breakpoint the "
+            "function's entry uses ftrace and other offsets usually an optimized jump"
+        )
     return f"the kernel reported mode {ins.mode!r} for {where}"
 
 
@@ -413,17 +470,20 @@ def explain_refusal(err: int, arch: Arch, symbol: str, offset: int, ftraceable: 
             f"register_kprobe on {where!r} failed with -EINVAL: {where} is {symbol}'s ftrace call site "
             "(the patchable-function-entry nop ftrace turns into `bl ftrace_caller`), and arm64 has no "
             "kprobes-on-ftrace, so check_ftrace_location() refuses it",
-            f"probe {symbol}+0x0 or {symbol}+{ARM64_FTRACE_SITE + 4:#x} (the next instruction)")
+            f"probe {symbol}+0x0 or {symbol}+{ARM64_FTRACE_SITE + 4:#x} (the next instruction)",
+        )
     if arch.name == "arm64" and offset % 4 and err == errnos.EINVAL:
         return KbridgeError(
             f"register_kprobe on {where!r} failed with -EINVAL: arm64 instructions are 4 bytes, "
             f"{offset:#x} is not a multiple of 4 (arch_prepare_kprobe)",
-            f"use --offset {offset - offset % 4:#x} or {offset - offset % 4 + 4:#x}")
+            f"use --offset {offset - offset % 4:#x} or {offset - offset % 4 + 4:#x}",
+        )
     if arch.name == "x86_64" and err == errnos.EILSEQ:
         return KbridgeError(
             f"register_kprobe on {where!r} failed with -EILSEQ: {offset:#x} is inside an instruction "
             "(can_probe() decodes the function from its start and found no instruction boundary there)",
-            "kbridge inspect SYMBOL shows the instructions at the entry; pick an offset where one starts")
+            "kbridge inspect SYMBOL shows the instructions at the entry; pick an offset where one starts",
+        )
     return explain_register_error(err, "kprobe", where)
 
 

@@ -38,8 +38,9 @@ def create(name: str) -> None:
     """Create network namespace NAME with its loopback up (it starts down)."""
     _need_root(f"creating network namespace {name!r}")
     if exists(name):
-        raise KbridgeError(f"network namespace {name!r} already exists",
-                           f"remove it first if it is stale: ip netns delete {name}")
+        raise KbridgeError(
+            f"network namespace {name!r} already exists", f"remove it first if it is stale: ip netns delete {name}"
+        )
     netns.create(name)
     with NetNS(name) as ns:
         lo = ns.link_lookup(ifname="lo")

@@ -157,8 +157,7 @@ def _undo(target: Target, rec: Record) -> str | None:
     if rec.kind == "event":
         group, _, event = rec.name.partition("/")
         base = f"/sys/kernel/tracing/events/{group}/{event}"
-        target.run(["/bin/sh", "-c", 'echo 0 > "$1/enable"; echo 0 > "$1/filter"', "kbridge-undo", base],
-                   timeout=10)
+        target.run(["/bin/sh", "-c", 'echo 0 > "$1/enable"; echo 0 > "$1/filter"', "kbridge-undo", base], timeout=10)
         target.write_file("/sys/kernel/tracing/kprobe_events", f"-:{group}/{event}\n".encode(), mode="a")
         return f"event {rec.name} removed"
     if rec.kind == "module":

@@ -56,24 +56,39 @@ class ProbeRun:
         return self.results[0]
 
     def summary(self) -> dict:
-        return {"mechanisms": {r.mechanism: r.summary() for r in self.results},
-                "symbol": self.resolution.symbol, "requested": self.resolution.requested,
-                "arch": self.arch, "kernel": self.kernel, "accel": self.accel, "target": self.target,
-                "workload": self.workload.description,
-                "workload_exit": self.results[0].workload_exit if self.results else None}
+        return {
+            "mechanisms": {r.mechanism: r.summary() for r in self.results},
+            "symbol": self.resolution.symbol,
+            "requested": self.resolution.requested,
+            "arch": self.arch,
+            "kernel": self.kernel,
+            "accel": self.accel,
+            "target": self.target,
+            "workload": self.workload.description,
+            "workload_exit": self.results[0].workload_exit if self.results else None,
+        }
 
 
 def check_offset(spec: ProbeSpec, res: Resolution) -> None:
     """An offset past the function's end would probe another function (or be truncated)."""
     if spec.offset and res.size is not None and spec.offset >= res.size:
-        raise KbridgeError(f"--offset {spec.offset:#x} is past the end of {res.symbol}, which is "
-                           f"{res.size:#x} bytes long", f"use an offset below {res.size:#x}; "
-                           f"kbridge inspect {res.symbol} --offset N shows the instruction there")
+        raise KbridgeError(
+            f"--offset {spec.offset:#x} is past the end of {res.symbol}, which is {res.size:#x} bytes long",
+            f"use an offset below {res.size:#x}; kbridge inspect {res.symbol} --offset N shows the instruction there",
+        )
 
 
-def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | None = None,
-          stop: StopRule = StopRule(), on_hit: HitSink | None = None, via: str = "kmod",
-          kernel: str | None = None, mirrors: Mirrors | None = None, target: str | None = None) -> ProbeRun:
+def probe(
+    spec: ProbeSpec,
+    arch: Arch | str | None = None,
+    workload: Workload | None = None,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    via: str = "kmod",
+    kernel: str | None = None,
+    mirrors: Mirrors | None = None,
+    target: str | None = None,
+) -> ProbeRun:
     """Probe SPEC on a guest of ARCH (and KERNEL, or TARGET) through the mechanism VIA; collect every hit."""
     mech = get_mechanism(via)
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
@@ -105,13 +120,21 @@ def probe(spec: ProbeSpec, arch: Arch | str | None = None, workload: Workload | 
             if resolution is None:
                 resolution = session.resolve(spec.symbol)
                 check_offset(spec, resolution)
-            return probe_on(session, spec, resolution, workload, stop, on_hit, via,
-                            early.result() if early is not None else None)
+            return probe_on(
+                session, spec, resolution, workload, stop, on_hit, via, early.result() if early is not None else None
+            )
 
 
-def probe_on(session: Session, spec: ProbeSpec, resolution: Resolution | None = None,
-             workload: Workload | None = None, stop: StopRule = StopRule(), on_hit: HitSink | None = None,
-             via: str = "kmod", prepared: object = None) -> ProbeRun:
+def probe_on(
+    session: Session,
+    spec: ProbeSpec,
+    resolution: Resolution | None = None,
+    workload: Workload | None = None,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    via: str = "kmod",
+    prepared: object = None,
+) -> ProbeRun:
     """Probe SPEC on SESSION's guest (already acquired) through VIA."""
     mech = get_mechanism(via)
     if resolution is None:

@@ -29,14 +29,27 @@ from kbridge.targets import parse_target, resolve_image
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kbridge")
-    group.addoption("--kbridge-arch", action="append", default=None,
-                    help="guest arch for kbridge VM tests (repeatable; default: x86_64 and arm64)")
-    group.addoption("--kbridge-kernel", action="append", default=None,
-                    help=f"guest kernel for kbridge VM tests (repeatable; {kernels.choices()}; default: bookworm)")
-    group.addoption("--kbridge-target", default=None,
-                    help="run kbridge VM tests on vagrant:MACHINE instead of the embedded QEMU VM")
-    group.addoption("--kbridge-bcc", action="store_true", default=False,
-                    help="boot the kept VMs from the image with bcc, so via='bpf' works in every test")
+    group.addoption(
+        "--kbridge-arch",
+        action="append",
+        default=None,
+        help="guest arch for kbridge VM tests (repeatable; default: x86_64 and arm64)",
+    )
+    group.addoption(
+        "--kbridge-kernel",
+        action="append",
+        default=None,
+        help=f"guest kernel for kbridge VM tests (repeatable; {kernels.choices()}; default: bookworm)",
+    )
+    group.addoption(
+        "--kbridge-target", default=None, help="run kbridge VM tests on vagrant:MACHINE instead of the embedded QEMU VM"
+    )
+    group.addoption(
+        "--kbridge-bcc",
+        action="store_true",
+        default=False,
+        help="boot the kept VMs from the image with bcc, so via='bpf' works in every test",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -25,9 +25,13 @@ MAX_OFFSET = 1 << 20  # far beyond any function; the symbol table bounds it exac
 # MOD:SYM names a function of one loaded module, as tracefs and kallsyms_lookup_name (6.1) take it.
 _SYMBOL = re.compile(r"([A-Za-z0-9_-]{1,55}:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_C_KEYWORDS = frozenset("""auto break case char const continue default do double else enum extern
-float for goto if inline int long register restrict return short signed sizeof static struct switch
-typedef union unsigned void volatile while _Bool bool true false NULL""".split())
+_C_KEYWORDS = frozenset(
+    """
+    auto break case char const continue default do double else enum extern float for goto if inline
+    int long register restrict return short signed sizeof static struct switch typedef union
+    unsigned void volatile while _Bool bool true false NULL
+    """.split()
+)
 # Names the generated C and the hit format use for themselves.
 _RESERVED_ARGS = frozenset({"hit", "pid", "cpu", "comm", "ret", "retval", "seq"})
 
@@ -71,8 +75,7 @@ def validate_symbol(symbol: str) -> str:
     """SYMBOL if it is a well-formed kernel symbol name; otherwise a KbridgeError quoting it."""
     if not _SYMBOL.fullmatch(symbol or ""):
         raise KbridgeError(
-            f"invalid symbol {symbol!r}: a kernel symbol is a C identifier "
-            "(optionally with a suffix such as .isra.0)",
+            f"invalid symbol {symbol!r}: a kernel symbol is a C identifier (optionally with a suffix such as .isra.0)",
             "e.g. kbridge probe ksys_write --pre",
         )
     if len(symbol) >= KSYM_NAME_LEN:
@@ -88,22 +91,33 @@ def parse_arg(text: str, arch: Arch | None = None) -> ArgSpec:
     if not _IDENT.fullmatch(name) or name in _C_KEYWORDS or keyword.iskeyword(name):
         raise KbridgeError(f"invalid argument name {name!r} in --arg {text!r}: use a C identifier")
     if name in _RESERVED_ARGS:
-        raise KbridgeError(f"argument name {name!r} in --arg {text!r} is reserved",
-                           f"pick another name; reserved: {', '.join(sorted(_RESERVED_ARGS))}")
+        raise KbridgeError(
+            f"argument name {name!r} in --arg {text!r} is reserved",
+            f"pick another name; reserved: {', '.join(sorted(_RESERVED_ARGS))}",
+        )
     if not (index.isascii() and index.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise KbridgeError(f"invalid argument position {index!r} in --arg {text!r}: expected 1, 2, ...")
     n = int(index)
     limit = arch.max_args if arch else 8
     if not 1 <= n <= limit:
         where = f" on {arch.name}" if arch else ""
-        raise KbridgeError(f"argument position {n} in --arg {text!r} is out of range{where}",
-                           f"register arguments are 1..{limit}")
+        raise KbridgeError(
+            f"argument position {n} in --arg {text!r} is out of range{where}", f"register arguments are 1..{limit}"
+        )
     return ArgSpec(name, n)
 
 
-def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, arch: Arch | None = None,
-              offset: int = 0, maxactive: int = 0, pid: int | None = None,
-              comm: str | None = None, fault: bool = False) -> ProbeSpec:
+def make_spec(
+    symbol: str,
+    handlers: set[str],
+    args: list[str] | None = None,
+    arch: Arch | None = None,
+    offset: int = 0,
+    maxactive: int = 0,
+    pid: int | None = None,
+    comm: str | None = None,
+    fault: bool = False,
+) -> ProbeSpec:
     """Build and validate a ProbeSpec from command-line style values."""
     validate_symbol(symbol)
     if not handlers:
@@ -118,8 +132,9 @@ def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, ar
     if offset < 0:
         raise KbridgeError(f"invalid offset {offset}: must be >= 0")
     if offset and handlers & KRETPROBE_HANDLERS:
-        raise KbridgeError(f"a kretprobe must be at a function entry, not {symbol}+{offset:#x}",
-                           "drop the offset, or use --pre/--post")
+        raise KbridgeError(
+            f"a kretprobe must be at a function entry, not {symbol}+{offset:#x}", "drop the offset, or use --pre/--post"
+        )
     if not 0 <= maxactive <= KRETPROBE_MAXACTIVE_MAX:
         raise KbridgeError(f"--maxactive {maxactive} is out of range 0..{KRETPROBE_MAXACTIVE_MAX}")
     if comm is not None and (not re.fullmatch(r"[\x21-\x7e]{1,15}", comm) or any(c in comm for c in '"\\')):
@@ -127,11 +142,14 @@ def make_spec(symbol: str, handlers: set[str], args: list[str] | None = None, ar
     if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
         raise KbridgeError(f"invalid --pid {pid}: guest pids are 1..{PID_MAX_LIMIT}")
     if offset > MAX_OFFSET:
-        raise KbridgeError(f"invalid --offset {offset}: no function is that long",
-                           "offsets are bytes into the function, e.g. --offset 4")
+        raise KbridgeError(
+            f"invalid --offset {offset}: no function is that long",
+            "offsets are bytes into the function, e.g. --offset 4",
+        )
     if fault and not handlers & KPROBE_HANDLERS:
-        raise KbridgeError("--fault needs a kprobe handler: the fault handler belongs to struct kprobe",
-                           "add --pre (or --post)")
+        raise KbridgeError(
+            "--fault needs a kprobe handler: the fault handler belongs to struct kprobe", "add --pre (or --post)"
+        )
     return ProbeSpec(symbol, frozenset(handlers), offset, parsed, maxactive, pid, comm, fault)
 
 
@@ -173,8 +191,15 @@ class Hit:
         return "pstate" if self.arch == "arm64" else "flags"
 
     def to_json(self) -> dict:
-        out: dict = {"mechanism": self.mechanism, "symbol": self.symbol, "handler": self.handler,
-                     "pid": self.pid, "comm": self.comm, "cpu": self.cpu, "args": self.args}
+        out: dict = {
+            "mechanism": self.mechanism,
+            "symbol": self.symbol,
+            "handler": self.handler,
+            "pid": self.pid,
+            "comm": self.comm,
+            "cpu": self.cpu,
+            "args": self.args,
+        }
         if self.tid is not None:
             out["tid"] = self.tid
         if self.handler == "ret" or self.retval is not None:

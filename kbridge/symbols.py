@@ -66,8 +66,11 @@ class SymbolTable:
         """Text symbols spelled like NAME, best first."""
         base = name.split(".", 1)[0]
         words = [w for w in base.split("_") if len(w) >= 3]
-        pool = [s for s, e in self.entries.items()
-                if any(t in _TEXT_TYPES for _, t in e) and (not words or any(w in s for w in words))]
+        pool = [
+            s
+            for s, e in self.entries.items()
+            if any(t in _TEXT_TYPES for _, t in e) and (not words or any(w in s for w in words))
+        ]
         return difflib.get_close_matches(base, pool, n=n, cutoff=0.6)
 
     def resolve(self, name: str, arch: Arch, blacklist: frozenset[str] = frozenset()) -> Resolution:
@@ -75,27 +78,33 @@ class SymbolTable:
         validate_symbol(name)
         if name.endswith(".cold") or ".cold." in name:
             base = name.split(".cold", 1)[0]
-            raise SymbolError(f"{name!r} is a .cold fragment (the out-of-line unlikely path of {base}), "
-                              "not a function entry", f"probe the function itself: {base}")
+            raise SymbolError(
+                f"{name!r} is a .cold fragment (the out-of-line unlikely path of {base}), not a function entry",
+                f"probe the function itself: {base}",
+            )
         requested = name
         addrs = self.text(name)
         note = None
         if not addrs and self.entries.get(name):
             kind = self.entries[name][0][1]
-            raise SymbolError(f"{name!r} is a data symbol (kallsyms type {kind!r}), not a function",
-                              "kprobes attach to code; pick the function that uses it")
+            raise SymbolError(
+                f"{name!r} is a data symbol (kallsyms type {kind!r}), not a function",
+                "kprobes attach to code; pick the function that uses it",
+            )
         if not addrs:
             name, addrs, note = self._alias(name, arch)
         if len(addrs) > 1:
             listing = ", ".join(f"{a:#x}" for a in addrs[:4])
             raise SymbolError(
                 f"{name!r} is not unique: {len(addrs)} functions have that name ({listing})",
-                "register_kprobe would pick one silently; probe a uniquely named caller instead")
+                "register_kprobe would pick one silently; probe a uniquely named caller instead",
+            )
         if name in blacklist:
             raise SymbolError(
                 f"{name!r} is on the kprobe blacklist (debugfs kprobes/blacklist): "
                 "probing it could recurse into the kprobe machinery itself",
-                "pick its caller or a function it calls")
+                "pick its caller or a function it calls",
+            )
         return Resolution(requested, name, addrs[0], note, self.size(addrs[0]))
 
     def _alias(self, name: str, arch: Arch) -> tuple[str, list[int], str]:
@@ -104,13 +113,13 @@ class SymbolTable:
             entry = f"{arch.syscall_prefix}{m.group(1)}"
             if addrs := self.text(entry):
                 return entry, addrs, f"{name} -> {entry} (the syscall entry on {arch.name})"
-        clones = sorted(s for s in self.entries if s.startswith(name + ".") and _CLONE.match(s)
-                        and self.text(s))
+        clones = sorted(s for s in self.entries if s.startswith(name + ".") and _CLONE.match(s) and self.text(s))
         if len(clones) == 1:
             return clones[0], self.text(clones[0]), f"{name} -> {clones[0]} (the compiler's optimised clone)"
         if clones:
-            raise SymbolError(f"{name!r} exists only as compiler clones: {', '.join(clones)}",
-                              "name the clone you want")
+            raise SymbolError(
+                f"{name!r} exists only as compiler clones: {', '.join(clones)}", "name the clone you want"
+            )
         near = self.near(name)
         hint = f"did you mean: {', '.join(near)}?" if near else "check the spelling against /proc/kallsyms"
         raise SymbolError(f"unknown symbol {name!r} in this kernel", hint)

@@ -52,13 +52,30 @@ CHARP_MAX = 1024  # kernel/params.c: param_set_charp refuses longer strings (-EN
 # Build products, VCS state, tests and docs: kbuild reads none of them, so they are
 # neither copied nor part of the cache key.
 _SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".tmp_versions"})
-_SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".mod.o", ".cmd", ".a", ".order", ".symvers", ".d", ".tmp",
-                  ".py", ".pyc", ".md", ".rst")
+_SKIP_SUFFIXES = (
+    ".o",
+    ".ko",
+    ".mod",
+    ".mod.c",
+    ".mod.o",
+    ".cmd",
+    ".a",
+    ".order",
+    ".symvers",
+    ".d",
+    ".tmp",
+    ".py",
+    ".pyc",
+    ".md",
+    ".rst",
+)
 _SKIP_NAMES = frozenset({"Module.symvers", "modules.order", "Module.markers"})
 _OBJ_M = re.compile(r"^\s*obj-m\s*[:+]?=", re.MULTILINE)
 _OBJ_CONFIG = re.compile(r"^\s*obj-\$\((CONFIG_\w+)\)", re.MULTILINE)
-_DIAG = re.compile(r"^(?P<file>[^:\s][^:]*):(?P<line>\d+):(?:(?P<col>\d+):)? "
-                   r"(?P<kind>(?:fatal )?error|warning|note): (?P<msg>.*)$")
+_DIAG = re.compile(
+    r"^(?P<file>[^:\s][^:]*):(?P<line>\d+):(?:(?P<col>\d+):)? "
+    r"(?P<kind>(?:fatal )?error|warning|note): (?P<msg>.*)$"
+)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MODNAME = re.compile(r"[A-Za-z0-9_-]+")
 # What a charp/string parameter may hold: the kernel splits insmod's arguments on
@@ -69,12 +86,28 @@ _STRING_FORBIDDEN = frozenset("\"'\\`")
 
 # (min, max) of each integer parameter type (kernel/params.c STANDARD_PARAM_DEF).
 _INT_RANGES: dict[str, tuple[int, int]] = {
-    "byte": (0, 0xFF), "short": (-(1 << 15), (1 << 15) - 1), "ushort": (0, 0xFFFF),
-    "int": (-(1 << 31), (1 << 31) - 1), "uint": (0, 0xFFFFFFFF), "hexint": (0, 0xFFFFFFFF),
-    "long": (-(1 << 63), (1 << 63) - 1), "ulong": (0, (1 << 64) - 1), "ullong": (0, (1 << 64) - 1),
+    "byte": (0, 0xFF),
+    "short": (-(1 << 15), (1 << 15) - 1),
+    "ushort": (0, 0xFFFF),
+    "int": (-(1 << 31), (1 << 31) - 1),
+    "uint": (0, 0xFFFFFFFF),
+    "hexint": (0, 0xFFFFFFFF),
+    "long": (-(1 << 63), (1 << 63) - 1),
+    "ulong": (0, (1 << 64) - 1),
+    "ullong": (0, (1 << 64) - 1),
 }
-_BOOL_WORDS = {"1": "1", "0": "0", "y": "Y", "n": "N", "yes": "Y", "no": "N", "true": "Y", "false": "N",
-               "on": "Y", "off": "N"}
+_BOOL_WORDS = {
+    "1": "1",
+    "0": "0",
+    "y": "Y",
+    "n": "N",
+    "yes": "Y",
+    "no": "N",
+    "true": "Y",
+    "false": "N",
+    "on": "Y",
+    "off": "N",
+}
 
 # insmod errors raised by the kernel's loader before the module's init runs
 # (kernel/module/main.c, 6.1); any other errno is what the init function returned.
@@ -177,11 +210,14 @@ class LoadedModule:
 def source_files(src: Path) -> dict[str, bytes]:
     """The files of the module directory SRC (relative path -> bytes), build products left out."""
     if not src.is_dir():
-        raise KbridgeError(f"module source {str(src)!r} is not a directory",
-                           "give the directory holding your Kbuild or Makefile (obj-m := mydrv.o)")
+        raise KbridgeError(
+            f"module source {str(src)!r} is not a directory",
+            "give the directory holding your Kbuild or Makefile (obj-m := mydrv.o)",
+        )
     if not (src / "Kbuild").is_file() and not (src / "Makefile").is_file():
-        raise KbridgeError(f"{str(src)!r} has no Kbuild or Makefile",
-                           "add a Kbuild file with one line: obj-m := mydrv.o")
+        raise KbridgeError(
+            f"{str(src)!r} has no Kbuild or Makefile", "add a Kbuild file with one line: obj-m := mydrv.o"
+        )
     files: dict[str, bytes] = {}
     total = 0
     for root, dirs, names in os.walk(src, followlinks=False):
@@ -197,17 +233,22 @@ def source_files(src: Path) -> dict[str, bytes]:
             total += len(data)
             files[rel] = data
             if len(files) > MAX_SOURCE_FILES or total > MAX_SOURCE_BYTES:
-                raise KbridgeError(f"module source {str(src)!r} is too large (over {MAX_SOURCE_FILES} files "
-                                   f"or {MAX_SOURCE_BYTES >> 20} MiB)",
-                                   "point at the module's own directory, not a whole tree")
+                raise KbridgeError(
+                    f"module source {str(src)!r} is too large (over {MAX_SOURCE_FILES} files "
+                    f"or {MAX_SOURCE_BYTES >> 20} MiB)",
+                    "point at the module's own directory, not a whole tree",
+                )
     text = (files.get("Kbuild") or files.get("Makefile") or b"").decode(errors="replace")
     if not _OBJ_M.search(text):
         which = "Kbuild" if "Kbuild" in files else "Makefile"
         if m := _OBJ_CONFIG.search(text):
-            raise KbridgeError(f"{src / which} builds with obj-$({m[1]}), which is not set for an "
-                               "out-of-tree build", f"use obj-m := ... in {which}")
-        raise KbridgeError(f"{src / which} has no obj-m line: kbuild would build no module",
-                           f"add to {which}: obj-m := mydrv.o")
+            raise KbridgeError(
+                f"{src / which} builds with obj-$({m[1]}), which is not set for an out-of-tree build",
+                f"use obj-m := ... in {which}",
+            )
+        raise KbridgeError(
+            f"{src / which} has no obj-m line: kbuild would build no module", f"add to {which}: obj-m := mydrv.o"
+        )
     return files
 
 
@@ -229,8 +270,10 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
     cc = f"{image.arch.cross_compile()}gcc-{HOST_GCC}"
     if (missing := [t for t in ("make", cc) if shutil.which(t) is None]) and not uses_build_root(image):
         pkg = "gcc-12" if not image.arch.cross_compile() else f"gcc-12-{image.arch.gnu_triplet}"
-        raise KbridgeError(f"cannot build modules: {', '.join(missing)} not found",
-                           f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)")
+        raise KbridgeError(
+            f"cannot build modules: {', '.join(missing)} not found",
+            f"sudo apt-get install make {pkg} (kbridge doctor checks the rest)",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
@@ -238,8 +281,9 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(data)
         with progress.step(f"building {src} for {image.krel} ({image.arch.name})"):
-            proc = subprocess.run(kbuild_argv(image, work), check=False, capture_output=True, text=True,
-                                  env={**os.environ, "LC_ALL": "C"})
+            proc = subprocess.run(
+                kbuild_argv(image, work), check=False, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}
+            )
         output = map_paths(proc.stdout + proc.stderr, work, src)
         if proc.returncode != 0:
             raise KbridgeError(explain_build_failure(output, src), "fix the code above and build again")
@@ -253,8 +297,13 @@ def build_modules(src: Path, image: Image) -> list[BuiltModule]:
             info = elf.modinfo(data, str(ko.name))
             # Debug info is most of a module's size; the guest needs none of it.
             subprocess.run([f"{image.arch.cross_compile()}objcopy", "--strip-debug", str(ko)], check=False)
-            mods.append({"name": info.get("name") or ko.stem.replace("-", "_"),
-                         "ko": ko.relative_to(work).as_posix(), "params": module_params(data)})
+            mods.append(
+                {
+                    "name": info.get("name") or ko.stem.replace("-", "_"),
+                    "ko": ko.relative_to(work).as_posix(),
+                    "params": module_params(data),
+                }
+            )
         warnings = [d for d in diagnostics(output, src) if " warning: " in d]
         (work / "kbridge-build.json").write_text(json.dumps({"modules": mods, "warnings": warnings}))
         if out.exists() and _from_cache(out, src, image) is None:
@@ -285,8 +334,19 @@ def build_loader(image: Image) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = Path(tmp) / "loader.c"
         src.write_text(LOADER_C)
-        argv = [cc, "-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-fno-pie", "-no-pie",
-                "-O2", "-o", str(Path(tmp) / "loader"), str(src)]
+        argv = [
+            cc,
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-stack-protector",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+            "-o",
+            str(Path(tmp) / "loader"),
+            str(src),
+        ]
         try:
             proc = subprocess.run(argv, check=False, capture_output=True, text=True)
         except FileNotFoundError:
@@ -314,8 +374,18 @@ def build_module(src_dir: Path, image: Image, name: str | None = None) -> BuiltM
 def _from_cache(out: Path, src: Path, image: Image) -> list[BuiltModule] | None:
     try:
         meta = json.loads((out / "kbridge-build.json").read_text())
-        mods = [BuiltModule(m["name"], out / m["ko"], src, image.krel, image.arch.name, dict(m["params"]),
-                            tuple(meta.get("warnings", ()))) for m in meta["modules"]]
+        mods = [
+            BuiltModule(
+                m["name"],
+                out / m["ko"],
+                src,
+                image.krel,
+                image.arch.name,
+                dict(m["params"]),
+                tuple(meta.get("warnings", ())),
+            )
+            for m in meta["modules"]
+        ]
         for m in mods:
             check_vermagic(m.ko.read_bytes(), image.krel)
         return mods
@@ -369,7 +439,7 @@ def module_params(ko: bytes) -> dict[str, str]:
     body = elf.sections(ko, "module").get(".modinfo")
     for item in (body[1] if body else b"").split(b"\0"):
         if item.startswith(b"parmtype="):
-            pname, _, ptype = item[len(b"parmtype="):].decode(errors="replace").partition(":")
+            pname, _, ptype = item[len(b"parmtype=") :].decode(errors="replace").partition(":")
             params[pname] = ptype
     return params
 
@@ -385,8 +455,9 @@ def parse_param(text: str) -> tuple[str, str]:
     return key, value
 
 
-def validate_params(params: Mapping[str, str | int | bool | list | tuple] | None,
-                    declared: Mapping[str, str], module: str) -> list[str]:
+def validate_params(
+    params: Mapping[str, str | int | bool | list | tuple] | None, declared: Mapping[str, str], module: str
+) -> list[str]:
     """insmod's NAME=VALUE arguments, each checked against the module's declared parameters."""
     argv = []
     for name, value in (params or {}).items():
@@ -394,8 +465,7 @@ def validate_params(params: Mapping[str, str | int | bool | list | tuple] | None
             raise KbridgeError(f"invalid parameter name {name!r}: a module parameter is a C identifier")
         if name not in declared:
             known = ", ".join(f"{k} ({v})" for k, v in sorted(declared.items())) or "none"
-            raise KbridgeError(f"module {module} has no parameter {name!r}",
-                               f"its parameters (module_param): {known}")
+            raise KbridgeError(f"module {module} has no parameter {name!r}", f"its parameters (module_param): {known}")
         argv.append(f"{name}={format_value(name, value, declared[name])}")
     return argv
 
@@ -404,7 +474,7 @@ def format_value(name: str, value: object, ptype: str) -> str:
     """VALUE as the kernel's parser for PTYPE accepts it; a KbridgeError quoting it otherwise."""
     if ptype.startswith("array of "):
         items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
-        return ",".join(format_value(name, v, ptype[len("array of "):]) for v in items)
+        return ",".join(format_value(name, v, ptype[len("array of ") :]) for v in items)
     bad = f"invalid value {value!r} for parameter {name} ({ptype})"
     if ptype in _INT_RANGES:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -427,14 +497,20 @@ def format_value(name: str, value: object, ptype: str) -> str:
     if ptype in ("charp", "string"):
         text = str(value)
         if not _STRING_VALUE.fullmatch(text) or _STRING_FORBIDDEN & set(text):
-            raise KbridgeError(bad, "string parameters take printable characters without spaces, "
-                                    "quotes or backslashes (insmod would split them)")
+            raise KbridgeError(
+                bad,
+                "string parameters take printable characters without spaces, "
+                "quotes or backslashes (insmod would split them)",
+            )
         if len(text) > CHARP_MAX:
-            raise KbridgeError(f"value for parameter {name} is {len(text)} characters long",
-                               f"the kernel takes at most {CHARP_MAX}")
+            raise KbridgeError(
+                f"value for parameter {name} is {len(text)} characters long", f"the kernel takes at most {CHARP_MAX}"
+            )
         return text
-    raise KbridgeError(f"parameter {name} has a type kbridge cannot check ({ptype!r})",
-                       "use a standard module_param type (int, uint, long, bool, charp, ...)")
+    raise KbridgeError(
+        f"parameter {name} has a type kbridge cannot check ({ptype!r})",
+        "use a standard module_param type (int, uint, long, bool, charp, ...)",
+    )
 
 
 # -- load / unload ------------------------------------------------------------------
@@ -452,9 +528,12 @@ def loaded_modules(target: Target) -> dict[str, str]:
     return mods
 
 
-def load_module(target: Target, src_or_built: Path | str | BuiltModule,
-                params: Mapping[str, str | int | bool | list | tuple] | None = None,
-                timeout: float = 60.0) -> LoadedModule:
+def load_module(
+    target: Target,
+    src_or_built: Path | str | BuiltModule,
+    params: Mapping[str, str | int | bool | list | tuple] | None = None,
+    timeout: float = 60.0,
+) -> LoadedModule:
     """Build (if given a directory), push and insmod a user's module in TARGET; its load log.
 
     A failed init raises LoadError (the errno and the log), an oops in init GuestCrash
@@ -463,13 +542,17 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
     """
     built = src_or_built if isinstance(src_or_built, BuiltModule) else build_module(Path(src_or_built), target.image)
     if (built.krel, built.arch) != (target.krel, target.arch.name):
-        raise KbridgeError(f"{built.ko.name} was built for {built.krel} ({built.arch}), "
-                           f"the guest runs {target.krel} ({target.arch.name})",
-                           "build it for this guest: load the source directory instead")
+        raise KbridgeError(
+            f"{built.ko.name} was built for {built.krel} ({built.arch}), "
+            f"the guest runs {target.krel} ({target.arch.name})",
+            "build it for this guest: load the source directory instead",
+        )
     args = validate_params(params, built.params, built.name)  # before anything reaches the guest
     if built.name in loaded_modules(target):
-        raise KbridgeError(f"module {built.name} is already loaded in the {target.arch.name} guest",
-                           f"kbridge module unload {built.name}")
+        raise KbridgeError(
+            f"module {built.name} is already loaded in the {target.arch.name} guest",
+            f"kbridge module unload {built.name}",
+        )
     loader = build_loader(target.image)
     # Both are removed once loaded: the kernel keeps its own copy of the module.
     guest_ko = f"{GUEST_PREFIX}{built.name}.ko"
@@ -489,8 +572,11 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
         target.mark_crashed()
         text = "\n".join(lines) or target.console_tail()
         how = f"the loader was killed by signal {res.signal}" if res.signal else "the kernel log shows an oops"
-        raise GuestCrash(f"loading {built.name} crashed the guest kernel in its init ({how}); "
-                         "the module cannot be removed from this guest", text)
+        raise GuestCrash(
+            f"loading {built.name} crashed the guest kernel in its init ({how}); "
+            "the module cannot be removed from this guest",
+            text,
+        )
     if _oops_lines(lines):  # a WARN in init: the module loaded, the log shows the warning
         progress.warn(f"{built.name}'s init triggered a kernel warning (WARN_ON): see its log")
     if not res.ok:
@@ -504,21 +590,25 @@ def load_module(target: Target, src_or_built: Path | str | BuiltModule,
 def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: float = 60.0) -> list[str]:
     """rmmod NAME (a module loaded by load_module); the kernel log of its exit."""
     if not _MODNAME.fullmatch(name or "") or len(name) >= MODULE_NAME_LEN:
-        raise KbridgeError(f"invalid module name {name!r}",
-                           "a module name is like mydrv (kbridge vm exec -- lsmod lists them)")
+        raise KbridgeError(
+            f"invalid module name {name!r}", "a module name is like mydrv (kbridge vm exec -- lsmod lists them)"
+        )
     name = name.replace("-", "_")  # the kernel's own spelling of a module name
     mods = loaded_modules(target)
     if name not in mods:
         if missing_ok:
             return []
         ours = sorted(n for n, f in mods.items() if "O" in f)
-        raise KbridgeError(f"module {name!r} is not loaded in the {target.arch.name} guest",
-                           f"loaded out-of-tree modules: {', '.join(ours)}" if ours
-                           else "no out-of-tree module is loaded")
+        raise KbridgeError(
+            f"module {name!r} is not loaded in the {target.arch.name} guest",
+            f"loaded out-of-tree modules: {', '.join(ours)}" if ours else "no out-of-tree module is loaded",
+        )
     if "O" not in mods[name]:
         # The guest's own drivers (virtio_console carries the agent kbridge talks through).
-        raise KbridgeError(f"module {name!r} is part of the guest kernel, not one you loaded",
-                           "kbridge module unload removes out-of-tree modules only")
+        raise KbridgeError(
+            f"module {name!r} is part of the guest kernel, not one you loaded",
+            "kbridge module unload removes out-of-tree modules only",
+        )
     with _logged(target, f"rmmod {name}") as log:
         res = target.run(["/sbin/rmmod", name], timeout=timeout)
     lines = [r.text for r in log]
@@ -528,8 +618,11 @@ def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: 
     if not res.ok:
         why = res.stderr.decode(errors="replace").strip()
         holders = _holders(target, name)
-        hint = (f"it is in use by {', '.join(holders)}: unload those first" if holders
-                else "close what holds it open (a process with its device open), then unload it")
+        hint = (
+            f"it is in use by {', '.join(holders)}: unload those first"
+            if holders
+            else "close what holds it open (a process with its device open), then unload it"
+        )
         raise KbridgeError(f"rmmod {name} failed: {why}", hint)
     if name in loaded_modules(target):
         raise KbridgeError(f"module {name} is still loaded after rmmod")
@@ -552,8 +645,10 @@ def unload_since(target: Target, before: set[str]) -> list[str]:
                 progress_made = True
         left -= set(done)
         if not progress_made:
-            raise KbridgeError(f"could not unload {', '.join(sorted(left))} after the test",
-                               "something holds them (an open device, another module)")
+            raise KbridgeError(
+                f"could not unload {', '.join(sorted(left))} after the test",
+                "something holds them (an open device, another module)",
+            )
     return done
 
 
@@ -584,8 +679,9 @@ def _logged(target: Target, what: str) -> Iterator[list[KmsgRecord]]:
             _collect(stream, start, end, records)
 
 
-def _collect(stream: Iterator[KmsgRecord | None], start: str, end: str, records: list[KmsgRecord],
-             timeout: float = 15.0) -> None:
+def _collect(
+    stream: Iterator[KmsgRecord | None], start: str, end: str, records: list[KmsgRecord], timeout: float = 15.0
+) -> None:
     seen = False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -638,15 +734,21 @@ _READONLY_TREES = ("/proc", "/sys", "/dev")
 
 def guest_path(path: str, writing: bool) -> str:
     """PATH if it is a plain absolute guest path (no '..', no control characters)."""
-    if (not isinstance(path, str) or not path.startswith("/") or len(path) > 4096
-            or any(ord(c) < 0x20 or c == "\x7f" for c in path)):
+    if (
+        not isinstance(path, str)
+        or not path.startswith("/")
+        or len(path) > 4096
+        or any(ord(c) < 0x20 or c == "\x7f" for c in path)
+    ):
         raise KbridgeError(f"invalid guest path {path!r}", "give an absolute path, e.g. /tmp/client")
     norm = posixpath.normpath(path)
     if ".." in path.split("/"):
         raise KbridgeError(f"guest path {path!r} has '..' in it", f"write it out: {norm}")
     if writing and any(norm == t or norm.startswith(t + "/") for t in _READONLY_TREES):
-        raise KbridgeError(f"guest path {path!r} is a kernel interface, not a place for files",
-                           "push to /tmp or /root; write kernel interfaces from a test with vm.run")
+        raise KbridgeError(
+            f"guest path {path!r} is a kernel interface, not a place for files",
+            "push to /tmp or /root; write kernel interfaces from a test with vm.run",
+        )
     return norm + ("/" if path.endswith("/") and norm != "/" else "")
 
 
@@ -691,8 +793,10 @@ def pull(target: Target, guest: str, local: Path) -> Path:
     try:
         data = target.read_file(src)
     except KbridgeError as e:
-        raise KbridgeError(f"cannot read {src!r} in the guest: {e.message.split(': ', 1)[-1]}",
-                           "kbridge vm exec -- ls -l DIR shows what is there") from None
+        raise KbridgeError(
+            f"cannot read {src!r} in the guest: {e.message.split(': ', 1)[-1]}",
+            "kbridge vm exec -- ls -l DIR shows what is there",
+        ) from None
     tmp = local.with_name(f".{local.name}.kbridge-tmp")
     tmp.write_bytes(data)
     tmp.replace(local)
@@ -741,8 +845,10 @@ def resolve_module_symbol(target: Target, name: str, kernel: SymbolTable | None 
             mods = loaded_modules(target)
             if mod not in mods:
                 raise SymbolError(f"module {mod!r} in {name!r} is not loaded", "kbridge module load DIR first")
-            raise SymbolError(f"module {mod} has no function {sym!r}",
-                              f"its symbols: kbridge vm exec -- grep '\\[{mod}\\]' /proc/kallsyms")
+            raise SymbolError(
+                f"module {mod} has no function {sym!r}",
+                f"its symbols: kbridge vm exec -- grep '\\[{mod}\\]' /proc/kallsyms",
+            )
         if len(mine) > 1:
             raise SymbolError(f"{name!r} is not unique: {len(mine)} functions of {mod} have that name")
         return Resolution(name, name, mine[0], None)
@@ -752,7 +858,9 @@ def resolve_module_symbol(target: Target, name: str, kernel: SymbolTable | None 
     in_kernel = bool(kernel and set(kernel.text(sym)) - {a for a, _ in found})
     if len(found) > 1 or in_kernel:
         where = sorted({m for _, m in found}) + (["the kernel"] if in_kernel else [])
-        raise SymbolError(f"{sym!r} is not unique: it is in {', '.join(where)}",
-                          f"name it as MODULE:FUNCTION, e.g. {found[0][1]}:{sym}")
+        raise SymbolError(
+            f"{sym!r} is not unique: it is in {', '.join(where)}",
+            f"name it as MODULE:FUNCTION, e.g. {found[0][1]}:{sym}",
+        )
     # Qualified, so later steps (kprobe symbol_name, tracefs, ftrace's function list) find this one.
     return Resolution(name, f"{found[0][1]}:{sym}", found[0][0], f"{sym} is in module {found[0][1]}")

@@ -26,7 +26,12 @@ _BY_PATTERN: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"fork|clone|exit|wait", ("/bin/busybox", "sh", "-c", "/bin/true; /bin/true")),
     (r"mmap|brk|page_fault|fault", ("/bin/busybox", "ls", "/")),
 )
-_GENERIC = ("/bin/busybox", "sh", "-c", "ls -l / /etc >/dev/null; dd if=/dev/zero of=/dev/null bs=64 count=5 2>/dev/null")
+_GENERIC = (
+    "/bin/busybox",
+    "sh",
+    "-c",
+    "ls -l / /etc >/dev/null; dd if=/dev/zero of=/dev/null bs=64 count=5 2>/dev/null",
+)
 
 
 def default_for(symbol: str) -> Workload:

@@ -36,8 +36,9 @@ def compiler(arch: str) -> str:
 def client(kbridge_vm, tmp_path_factory) -> str:
     """The user-space client, built static for the guest's arch and pushed into it."""
     out = tmp_path_factory.mktemp(f"client-{kbridge_vm.arch.name}") / "kbchardev-client"
-    subprocess.run([compiler(kbridge_vm.arch.name), "-static", "-O2", "-Wall", "-o", str(out),
-                    str(HERE / "client.c")], check=True)
+    subprocess.run(
+        [compiler(kbridge_vm.arch.name), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
+    )
     return kbridge_vm.push(out, CLIENT)
 
 
@@ -66,8 +67,9 @@ def test_client_write_read_ioctl(kbridge_vm, chardev, client):
 
 
 def test_kretprobe_on_write_returns_the_length(kbridge_vm, chardev, client):
-    run = kbridge_vm.probe("kbchardev_write", ret=True, args={"count": 3},
-                           run=f"echo hi > /dev/kbchardev; {client} write hello")
+    run = kbridge_vm.probe(
+        "kbchardev_write", ret=True, args={"count": 3}, run=f"echo hi > /dev/kbchardev; {client} write hello"
+    )
     rets = [h for h in run.hits if h.handler == "ret"]
     assert [(h.args["count"], h.retval) for h in rets] == [(3, 3), (5, 5)]  # "hi\n", then "hello"
     assert rets[1].comm == "kbchardev-clien"  # a task's comm keeps 15 characters
@@ -75,8 +77,7 @@ def test_kretprobe_on_write_returns_the_length(kbridge_vm, chardev, client):
 
 
 def test_kprobe_on_the_error_path(kbridge_vm, chardev, client):
-    run = kbridge_vm.probe("kbchardev_reject", pre=True, args={"count": 1},
-                           run=f"{client} fill 100; {client} fill 64")
+    run = kbridge_vm.probe("kbchardev_reject", pre=True, args={"count": 1}, run=f"{client} fill 100; {client} fill 64")
     assert [h.args["count"] for h in run.hits] == [100]  # 64 fits: no second rejection
     assert run.counts["pre"] == 1
     assert "write: No space left on device" in run.result.workload_output

@@ -20,14 +20,20 @@ from typer.core import TyperCommand, TyperGroup
 # name -> (module under kbridge.cli, the help line `kbridge --help` shows), in help order.
 # tests/unit/test_cli_lazy.py checks each line against the command's own help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "compare": ("compare", "Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, "
-                           "args and overhead."),
+    "compare": (
+        "compare",
+        "Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead.",
+    ),
     "doctor": ("doctor", "Check the host: tools, compilers, QEMU, KVM, cached images."),
-    "inspect": ("inspect", "Show how the target kernel really plants a kprobe on SYMBOL (bytes before, armed, "
-                           "after removal) and why."),
+    "inspect": (
+        "inspect",
+        "Show how the target kernel really plants a kprobe on SYMBOL (bytes before, armed, after removal) and why.",
+    ),
     "probe": ("probe", "Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."),
-    "trace": ("trace", "Define kprobe events in a guest, run a workload, stream the events from trace_pipe, "
-                       "remove them."),
+    "trace": (
+        "trace",
+        "Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them.",
+    ),
     "bpf": ("bpf", "eBPF through bcc in the guest: render programs, build and boot the bcc image."),
     "image": ("image", "Guest images (kernel, headers, initramfs) built from Debian packages."),
     "module": ("module", "Kernel modules: kbridge's generated probes (render) and your own (build, load, unload)."),
@@ -92,8 +98,10 @@ def _root() -> None:
 def load(name: str) -> _click.Command:
     """Import the module of command NAME (it registers on `app`) and return the click command."""
     importlib.import_module(f"kbridge.cli.{COMMANDS[name][0]}")
-    opts: dict[str, Any] = {"pretty_exceptions_short": app.pretty_exceptions_short,
-                            "rich_markup_mode": app.rich_markup_mode}
+    opts: dict[str, Any] = {
+        "pretty_exceptions_short": app.pretty_exceptions_short,
+        "rich_markup_mode": app.rich_markup_mode,
+    }
     for info in app.registered_commands:
         if info.name == name:
             return typer.main.get_command_from_info(info, **opts)

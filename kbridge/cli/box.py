@@ -15,8 +15,9 @@ from kbridge.cli.output import command, emit_json, out
 from kbridge.images import box as boxes
 from kbridge.images import image as images
 
-box_app = typer.Typer(help="Vagrant boxes (libvirt provider) with kbridge's kernel, for --target vagrant:NAME.",
-                      no_args_is_help=True)
+box_app = typer.Typer(
+    help="Vagrant boxes (libvirt provider) with kbridge's kernel, for --target vagrant:NAME.", no_args_is_help=True
+)
 app.add_typer(box_app, name="box")
 
 
@@ -35,8 +36,9 @@ def build_cmd(
         with progress.step(f"vagrant box add {box.name} (version {box.version})"):
             boxes.vagrant_add(box)
     elif add:
-        progress.warn("vagrant is not installed: install vagrant and vagrant-libvirt, then run this command again "
-                      "to add the box")
+        progress.warn(
+            "vagrant is not installed: install vagrant and vagrant-libvirt, then run this command again to add the box"
+        )
     out.print(f"{box.name} {box.version} {box.krel} {box.dir}")
 
 
@@ -52,10 +54,18 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
             name = boxes.box_name(a, images.DEFAULT_SUITE, bcc)
             if box is None and bcc:
                 continue  # the bcc variant is listed only once built
-            rows.append({"name": name, "arch": a.name, "bcc": bcc, "built": box is not None,
-                         "version": box.version if box else None, "kernel": box.krel if box else None,
-                         "added": bool(box and box.version in added.get(name, [])),
-                         "dir": str(boxes.box_dir(a, images.DEFAULT_SUITE, bcc))})
+            rows.append(
+                {
+                    "name": name,
+                    "arch": a.name,
+                    "bcc": bcc,
+                    "built": box is not None,
+                    "version": box.version if box else None,
+                    "kernel": box.krel if box else None,
+                    "added": bool(box and box.version in added.get(name, [])),
+                    "dir": str(boxes.box_dir(a, images.DEFAULT_SUITE, bcc)),
+                }
+            )
     if json_out:
         emit_json({"boxes": rows})
         return

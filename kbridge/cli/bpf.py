@@ -29,9 +29,11 @@ from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
 from kbridge.targets.qemu import QemuVM
 
-bpf_app = typer.Typer(help="eBPF through bcc in the guest: render programs, build and boot the bcc image.",
-                      no_args_is_help=True)
+bpf_app = typer.Typer(
+    help="eBPF through bcc in the guest: render programs, build and boot the bcc image.", no_args_is_help=True
+)
 app.add_typer(bpf_app, name="bpf")
+
 
 @bpf_app.command("render")
 @command
@@ -47,7 +49,9 @@ def render_cmd(
     pid: PidOpt = None,
     comm: CommOpt = None,
     arch: ArchOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object: the program text and attach plan.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object: the program text and attach plan.")
+    ] = False,
 ) -> None:
     """Print the BPF C program and the attach plan for SYMBOL; run nothing."""
     from kbridge.render.bcc import render
@@ -66,8 +70,11 @@ def render_cmd(
 
 @bpf_app.command("image")
 @command
-def image_cmd(arch: ArchOpt = None, kernel: KernelOpt = None,
-              rebuild: Annotated[bool, typer.Option("--rebuild", help="Build it again from the packages.")] = False) -> None:
+def image_cmd(
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build it again from the packages.")] = False,
+) -> None:
     """Build (or check) the bcc image flavour: Debian python3-bpfcc + kernel headers on an ext4 disk."""
     from kbridge.images import bcc
 
@@ -77,8 +84,11 @@ def image_cmd(arch: ArchOpt = None, kernel: KernelOpt = None,
 
 @bpf_app.command("up")
 @command
-def up(arch: ArchOpt = None, kernel: KernelOpt = None,
-       memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024) -> None:
+def up(
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
+) -> None:
     """Boot a kept VM from the bcc image; later --via bpf commands use it (kbridge vm up --bcc does the same)."""
     from kbridge.images import bcc
 
@@ -91,8 +101,9 @@ def up(arch: ArchOpt = None, kernel: KernelOpt = None,
         if flavour == "bcc":
             err.print(f"[cyan]• a {a.name} bcc VM is already up[/]")
             return
-        raise KbridgeError(f"a {a.name} VM without bcc is already up",
-                           f"stop it first: kbridge vm down --arch {a.name}")
+        raise KbridgeError(
+            f"a {a.name} VM without bcc is already up", f"stop it first: kbridge vm down --arch {a.name}"
+        )
     vm = QemuVM.boot(bcc.ensure(a, suite), keep=True, memory_mb=memory)
     err.print(f"[green]✓ {a.name} bcc VM up: {vm.krel} ({vm.accel}), pid {vm.proc.pid}[/]")
     vm.detach()

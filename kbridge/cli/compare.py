@@ -64,7 +64,7 @@ def compare_cmd(
         comp = compare(Session(guest), spec, workload_command(run, symbol), repeats, names)
     if json_out:
         for st in comp.mechanisms.values():
-            for h in (st.result.hits if st.result else []):
+            for h in st.result.hits if st.result else []:
                 emit_json(h.to_json())
         emit_json({"summary": comp.summary()})
     else:
@@ -89,23 +89,36 @@ def _ns(x: float | None) -> str:
 
 def show(comp: Comparison) -> None:
     t = Table(title=f"{comp.symbol} on {comp.kernel} ({comp.arch}, {comp.accel}): {comp.workload} x{comp.repeats}")
-    for col, just in (("via", "left"), ("hits", "right"), ("missed", "right"), ("lost", "right"),
-                      ("agree", "left"), ("1st hit", "right"), ("setup", "right"),
-                      ("run µs (spread)", "right"), ("ns/hit", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for col, just in (
+        ("via", "left"),
+        ("hits", "right"),
+        ("missed", "right"),
+        ("lost", "right"),
+        ("agree", "left"),
+        ("1st hit", "right"),
+        ("setup", "right"),
+        ("run µs (spread)", "right"),
+        ("ns/hit", "right"),
+    ):
+        t.add_column(col, justify="right" if just == "right" else "left")
     base = comp.baseline_ns
-    t.add_row("none", "", "", "", "", "", "",
-              f"{_ns(_med(base) / 1e3 if base else None)} ({_sp(base)})", "")
+    t.add_row("none", "", "", "", "", "", "", f"{_ns(_med(base) / 1e3 if base else None)} ({_sp(base)})", "")
     for st in comp.mechanisms.values():
         r = st.result
         if r is None:
             t.add_row(st.name, f"[yellow]skipped: {st.skipped}[/]", "", "", "", "", "", "", "")
             continue
-        t.add_row(st.name, str(r.total), str(r.missed), str(r.lost), st.agree,
-                  f"{r.first_event_s * 1e3:.1f} ms" if r.first_event_s is not None else "-",
-                  f"{st.setup_s:.1f} s" if st.setup_s is not None else "-",
-                  f"{_ns(_med(st.durations_ns) / 1e3 if st.durations_ns else None)} ({_sp(st.durations_ns)})",
-                  _ns(st.overhead_ns))
+        t.add_row(
+            st.name,
+            str(r.total),
+            str(r.missed),
+            str(r.lost),
+            st.agree,
+            f"{r.first_event_s * 1e3:.1f} ms" if r.first_event_s is not None else "-",
+            f"{st.setup_s:.1f} s" if st.setup_s is not None else "-",
+            f"{_ns(_med(st.durations_ns) / 1e3 if st.durations_ns else None)} ({_sp(st.durations_ns)})",
+            _ns(st.overhead_ns),
+        )
     out.print(t)
     if comp.equal_counts:
         err.print("[green]✓ every mechanism counted the same hits[/]")

@@ -19,6 +19,7 @@ from kbridge.targets.qemu import kvm_usable, orphans
 
 def checks() -> list[dict]:
     """Each check: name, ok, detail, and the apt package that provides it."""
+
     def tool(name: str, pkg: str, why: str) -> dict:
         path = shutil.which(name)
         return {"check": name, "ok": bool(path), "detail": path or f"missing: {why}", "package": pkg}
@@ -30,25 +31,60 @@ def checks() -> list[dict]:
         tool("mkfs.ext4", "e2fsprogs", "builds the bcc root filesystem (--via bpf)"),
         tool("mmdebstrap", "mmdebstrap", "makes the build roots of newer kernels (--kernel 6.12, latest)"),
         tool("zstd", "zstd", "compresses the saved state a VM starts from (without it every start boots)"),
-        {"check": "debian-archive-keyring", "ok": KEYRING.exists(), "detail": str(KEYRING),
-         "package": "debian-archive-keyring"},
+        {
+            "check": "debian-archive-keyring",
+            "ok": KEYRING.exists(),
+            "detail": str(KEYRING),
+            "package": "debian-archive-keyring",
+        },
     ]
     for a in ARCHES.values():
         res.append(tool(a.qemu_binary, a.qemu_package, f"runs {a.name} guests"))
-        res.append(tool(f"{a.cross_compile()}gcc-12", a.gcc_package(12),
-                        f"builds {a.name} modules for 5.10 and 6.1 (newer kernels bring a build root)"))
-        res.append(tool(a.objdump(), "binutils" if not a.cross_compile() else f"binutils-{a.gnu_triplet}",
-                        f"disassembles {a.name} code for kbridge inspect"))
+        res.append(
+            tool(
+                f"{a.cross_compile()}gcc-12",
+                a.gcc_package(12),
+                f"builds {a.name} modules for 5.10 and 6.1 (newer kernels bring a build root)",
+            )
+        )
+        res.append(
+            tool(
+                a.objdump(),
+                "binutils" if not a.cross_compile() else f"binutils-{a.gnu_triplet}",
+                f"disassembles {a.name} code for kbridge inspect",
+            )
+        )
     kvm_ok, why = kvm_usable(ARCHES[host_arch()]) if host_arch() in ARCHES else (False, "unknown host arch")
-    res.append({"check": "kvm", "ok": kvm_ok, "detail": "will be tried (bounded), TCG otherwise" if kvm_ok
-                else f"TCG will be used: {why}", "package": None, "optional": True})
+    res.append(
+        {
+            "check": "kvm",
+            "ok": kvm_ok,
+            "detail": "will be tried (bounded), TCG otherwise" if kvm_ok else f"TCG will be used: {why}",
+            "package": None,
+            "optional": True,
+        }
+    )
     for a in ARCHES.values():
         img = images.load(a, verify=False)
-        res.append({"check": f"image {a.name}", "ok": img is not None, "optional": True, "package": None,
-                    "detail": f"cached: {img.krel}" if img else "not built yet (built on first use, ~20 s)"})
+        res.append(
+            {
+                "check": f"image {a.name}",
+                "ok": img is not None,
+                "optional": True,
+                "package": None,
+                "detail": f"cached: {img.krel}" if img else "not built yet (built on first use, ~20 s)",
+            }
+        )
     strays = [p.pid for p in orphans()]
-    res.append({"check": "stray qemu", "ok": True, "optional": True, "package": None,
-                "detail": f"kbridge QEMU processes running: {strays}" if strays else "none"})
+    res.append(
+        {
+            "check": "stray qemu",
+            "ok": True,
+            "optional": True,
+            "package": None,
+            "detail": f"kbridge QEMU processes running: {strays}" if strays else "none",
+        }
+    )
     from kbridge.targets.vagrant import readiness as vagrant_readiness  # Vagrant: optional checks
 
     res += vagrant_readiness()
@@ -57,8 +93,10 @@ def checks() -> list[dict]:
 
 @app.command("doctor")
 @command
-def doctor(json_out: Annotated[bool, typer.Option("--json")] = False,
-           fix: Annotated[bool, typer.Option("--fix", help="Install what is missing with apt-get (needs root).")] = False) -> None:
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    fix: Annotated[bool, typer.Option("--fix", help="Install what is missing with apt-get (needs root).")] = False,
+) -> None:
     """Check the host: tools, compilers, QEMU, KVM, cached images."""
     res = checks()
     missing = sorted({c["package"] for c in res if not c["ok"] and c.get("package")})

@@ -22,17 +22,23 @@ from kbridge.targets import acquire
 @command
 def inspect_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function, e.g. ksys_write (sys_write resolves too).")],
-    offset: Annotated[int, typer.Option(
-        "--offset", min=0, help="Probe at SYMBOL+OFFSET (a breakpoint inside the function).")] = 0,
-    force_breakpoint: Annotated[bool, typer.Option(
-        "--breakpoint",
-        help="Force the breakpoint (int3 / BRK #4): jump optimization off while armed and the probe moved "
-             "past an ftrace site if needed; both restored and reported.")] = False,
+    offset: Annotated[
+        int, typer.Option("--offset", min=0, help="Probe at SYMBOL+OFFSET (a breakpoint inside the function).")
+    ] = 0,
+    force_breakpoint: Annotated[
+        bool,
+        typer.Option(
+            "--breakpoint",
+            help="Force the breakpoint (int3 / BRK #4): jump optimization off while armed and the probe moved "
+            "past an ftrace site if needed; both restored and reported.",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="One JSON object: symbol, address, mode, why, insn {before, armed, after}.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object: symbol, address, mode, why, insn {before, armed, after}.")
+    ] = False,
 ) -> None:
     """Show how the target kernel really plants a kprobe on SYMBOL (bytes before, armed, after removal) and why."""
     validate_symbol(symbol)
@@ -64,8 +70,9 @@ def show(ins: Inspection) -> None:
         t.add_row("kprobes-optimization", ins.optimization + (" (0 while armed: --breakpoint)" if forced else ""))
     t.add_row("mode while armed", ins.mode or "-")
     if ins.probe_address:
-        t.add_row("hits while armed",
-                  f"{ins.hits} (the module's exact count, read after removal; missed {ins.nmissed})")
+        t.add_row(
+            "hits while armed", f"{ins.hits} (the module's exact count, read after removal; missed {ins.nmissed})"
+        )
     for step in STEPS:
         if step in ins.insn:
             t.add_row(f"bytes {step}", ins.insn[step])

@@ -16,8 +16,9 @@ from kbridge.labs import LABS, get, labdir
 from kbridge.labs.grading import Report, Status
 from kbridge.labs.runner import check_dirs, require_dirs
 
-lab_app = typer.Typer(help="Kernel-course labs: start one, check it in a real kernel, see the solution.",
-                      no_args_is_help=True)
+lab_app = typer.Typer(
+    help="Kernel-course labs: start one, check it in a real kernel, see the solution.", no_args_is_help=True
+)
 app.add_typer(lab_app, name="lab")
 
 DirOpt = Annotated[Optional[Path], typer.Option("--dir", help="Where to write it (default: ./LAB).")]
@@ -30,12 +31,23 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
     """The labs: what each teaches, its kernel and arches, a student's time and a check's time."""
     if json_out:
         for lab in LABS.values():
-            emit_json({"name": lab.name, "title": lab.title, "teaches": lab.teaches, "files": list(lab.files),
-                       "kernel": lab.kernel or "6.1", "arches": list(lab.arches), "minutes": lab.minutes,
-                       "check_seconds": lab.check_seconds})
+            emit_json(
+                {
+                    "name": lab.name,
+                    "title": lab.title,
+                    "teaches": lab.teaches,
+                    "files": list(lab.files),
+                    "kernel": lab.kernel or "6.1",
+                    "arches": list(lab.arches),
+                    "minutes": lab.minutes,
+                    "check_seconds": lab.check_seconds,
+                }
+            )
         return
-    t = Table(title="kbridge labs (x86_64 and arm64)", caption="check: seconds per `kbridge lab check` "
-              "with the VM up (x86_64 / arm64)")
+    t = Table(
+        title="kbridge labs (x86_64 and arm64)",
+        caption="check: seconds per `kbridge lab check` with the VM up (x86_64 / arm64)",
+    )
     t.add_column("lab", no_wrap=True)
     t.add_column("what it teaches")
     t.add_column("kernel", no_wrap=True)
@@ -43,8 +55,13 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
     t.add_column("check", no_wrap=True)
     for lab in LABS.values():
         secs = " / ".join(f"{lab.check_seconds[a]}" for a in lab.arches if a in lab.check_seconds)
-        t.add_row(lab.name, f"{lab.title}: {lab.teaches}", lab.kernel or "6.1", f"~{lab.minutes} min",
-                  f"{secs} s" if secs else "?")
+        t.add_row(
+            lab.name,
+            f"{lab.title}: {lab.teaches}",
+            lab.kernel or "6.1",
+            f"~{lab.minutes} min",
+            f"{secs} s" if secs else "?",
+        )
     out.print(t)
     err.print("start one with: kbridge lab start LAB (--json lists them for programs)")
 
@@ -59,8 +76,11 @@ def _write(name: str, which: str, dest: Path | None, force: bool) -> Path:
 
 @lab_app.command("start")
 @command
-def start(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
-          dest: DirOpt = None, force: ForceOpt = False) -> None:
+def start(
+    name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
+    dest: DirOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Write the lab's skeleton (with numbered TODOs) and README to ./LAB."""
     target = _write(name, "skeleton", dest, force)
     where = escape(str(target))
@@ -69,22 +89,25 @@ def start(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list)."
 
 @lab_app.command("solution")
 @command
-def solution(name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
-             dest: Annotated[Optional[Path], typer.Option(
-                 "--dir", help="Where to write it (default: ./LAB-solution).")] = None,
-             force: ForceOpt = False) -> None:
+def solution(
+    name: Annotated[str, typer.Argument(help="The lab (kbridge lab list).")],
+    dest: Annotated[Optional[Path], typer.Option("--dir", help="Where to write it (default: ./LAB-solution).")] = None,
+    force: ForceOpt = False,
+) -> None:
     """For teachers: write the reference solution next to the lab (./LAB-solution)."""
     _write(name, "solution", dest, force)
 
 
 @lab_app.command("check")
 @command
-def check(dirs: Annotated[list[str], typer.Argument(help="Lab directories (from kbridge lab start).")],
-          arch: ArchOpt = None,
-          json_out: Annotated[bool, typer.Option(
-              "--json", help="One JSON object per directory: a score per check.")] = False,
-          keep: Annotated[bool, typer.Option(
-              "--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")] = False) -> None:
+def check(
+    dirs: Annotated[list[str], typer.Argument(help="Lab directories (from kbridge lab start).")],
+    arch: ArchOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per directory: a score per check.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")
+    ] = False,
+) -> None:
     """Build, load, run and grade each lab directory in a real guest kernel (one VM for all).
 
     Exit status: 0 when every check of every directory passed, 1 otherwise.
@@ -120,6 +143,7 @@ def show(report: Report) -> None:
             err.print(f"      [cyan]hint: {escape(c.hint)}[/]")
     got, total = report.score
     style = "green" if report.ok else "red"
-    err.print(f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
-              + (" [red]the VM was restarted: the code crashed the kernel or left it unsafe[/]"
-                 if report.crashed else ""))
+    err.print(
+        f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
+        + (" [red]the VM was restarted: the code crashed the kernel or left it unsafe[/]" if report.crashed else "")
+    )

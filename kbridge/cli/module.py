@@ -22,8 +22,9 @@ from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
 from kbridge.targets.base import Target
 
-module_app = typer.Typer(help="Kernel modules: kbridge's generated probes (render) and your own (build, load, unload).",
-                         no_args_is_help=True)
+module_app = typer.Typer(
+    help="Kernel modules: kbridge's generated probes (render) and your own (build, load, unload).", no_args_is_help=True
+)
 app.add_typer(module_app, name="module")
 
 
@@ -67,8 +68,9 @@ def render_cmd(
         sys.stdout.write(f"/* ==== {fname} ==== */\n{text}")
 
 
-DirArg = Annotated[Path, typer.Argument(help="Your module's directory (a Kbuild or Makefile with obj-m).",
-                                        show_default=False)]
+DirArg = Annotated[
+    Path, typer.Argument(help="Your module's directory (a Kbuild or Makefile with obj-m).", show_default=False)
+]
 
 
 def _show_log(lines: list[str]) -> None:
@@ -92,9 +94,14 @@ def build_cmd(
     img = kept_image(a, kernels.resolve(kernel))
     mods = usermod.build_modules(src, img)
     if json_out:
-        emit_json({"kernel": img.krel, "arch": a.name, "modules": [
-            {"name": m.name, "ko": str(m.ko), "params": m.params} for m in mods],
-            "warnings": list(mods[0].warnings)})
+        emit_json(
+            {
+                "kernel": img.krel,
+                "arch": a.name,
+                "modules": [{"name": m.name, "ko": str(m.ko), "params": m.params} for m in mods],
+                "warnings": list(mods[0].warnings),
+            }
+        )
         return
     for w in mods[0].warnings:
         err.print(f"[yellow]{escape(w)}[/]")
@@ -132,8 +139,16 @@ def load_cmd(
                 emit_json({"loaded": False, "module": built.name, "errno": e.errno, "log": e.log})
             raise
     if json_out:
-        emit_json({"loaded": True, "module": mod.name, "params": mod.params, "log": mod.log,
-                   "arch": guest.arch.name, "kernel": guest.krel})
+        emit_json(
+            {
+                "loaded": True,
+                "module": mod.name,
+                "params": mod.params,
+                "log": mod.log,
+                "arch": guest.arch.name,
+                "kernel": guest.krel,
+            }
+        )
         return
     _show_log(mod.log)
     err.print(f"[green]✓ {mod.name} loaded in the {guest.arch.name} guest ({guest.krel})[/]")
@@ -159,8 +174,10 @@ def unload_cmd(
     if where.kind == "qemu":
         vm = QemuVM.attach(a, kernels.resolve(kernel))
         if vm is None:
-            raise KbridgeError(f"no {a.name} VM is up, so no module of yours is loaded",
-                               f"kbridge vm up --arch {a.name}, then kbridge module load DIR")
+            raise KbridgeError(
+                f"no {a.name} VM is up, so no module of yours is loaded",
+                f"kbridge vm up --arch {a.name}, then kbridge module load DIR",
+            )
         guest: Target = vm
     else:
         from kbridge.targets import acquire

@@ -14,25 +14,43 @@ from kbridge.workload import Workload
 GUEST = "Guest"
 HISTORY = "Kernel history (features that were removed, and what replaced them)"
 
-ArchOpt = Annotated[Optional[str], typer.Option(
-    "--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).", rich_help_panel=GUEST)]
-KernelOpt = Annotated[Optional[str], typer.Option(
-    "--kernel", help="Guest kernel: bullseye|5.10, bookworm|6.1 (default), trixie|6.12, sid|latest.",
-    rich_help_panel=GUEST)]
-TargetOpt = Annotated[Optional[str], typer.Option(
-    "--target", help="qemu (the embedded VM, default) or vagrant[:MACHINE] (a machine of ./Vagrantfile).",
-    rich_help_panel=GUEST)]
-MirrorOpt = Annotated[Optional[str], typer.Option(
-    "--mirror", help="Debian mirror URL for building images (default: the host's apt sources).",
-    rich_help_panel=GUEST)]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).", rich_help_panel=GUEST),
+]
+KernelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--kernel",
+        help="Guest kernel: bullseye|5.10, bookworm|6.1 (default), trixie|6.12, sid|latest.",
+        rich_help_panel=GUEST,
+    ),
+]
+TargetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--target",
+        help="qemu (the embedded VM, default) or vagrant[:MACHINE] (a machine of ./Vagrantfile).",
+        rich_help_panel=GUEST,
+    ),
+]
+MirrorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mirror",
+        help="Debian mirror URL for building images (default: the host's apt sources).",
+        rich_help_panel=GUEST,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per hit, then a summary.")]
 
 PreOpt = Annotated[bool, typer.Option("--pre", help="kprobe pre-handler (runs before the probed instruction).")]
 PostOpt = Annotated[bool, typer.Option("--post", help="kprobe post-handler (runs after single-stepping it).")]
 EntryOpt = Annotated[bool, typer.Option("--entry", help="kretprobe entry handler.")]
 RetOpt = Annotated[bool, typer.Option("--ret", help="kretprobe return handler (with the return value).")]
-ArgOpt = Annotated[Optional[list[str]], typer.Option(
-    "--arg", help="NAME=N: report the Nth (1-based) argument as NAME (repeatable).")]
+ArgOpt = Annotated[
+    Optional[list[str]], typer.Option("--arg", help="NAME=N: report the Nth (1-based) argument as NAME (repeatable).")
+]
 OffsetOpt = Annotated[int, typer.Option("--offset", help="Probe at SYMBOL+OFFSET (kprobe only).")]
 MaxactiveOpt = Annotated[int, typer.Option("--maxactive", help="kretprobe instances (0: the kernel's default).")]
 PidOpt = Annotated[Optional[int], typer.Option("--pid", help="Only count this guest process (tgid).")]
@@ -42,13 +60,24 @@ CountOpt = Annotated[Optional[int], typer.Option("--count", min=1, help="Stop st
 DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Stop after S seconds.")]
 ViaOpt = Annotated[str, typer.Option("--via", help="Mechanism: kmod (a generated module), tracefs or bpf.")]
 
-JprobeOpt = Annotated[bool, typer.Option(
-    "--jprobe", rich_help_panel=HISTORY,
-    help="jprobes (removed in 4.15): explains what replaces them (--arg, kretprobe --entry).")]
-FaultOpt = Annotated[bool, typer.Option(
-    "--fault", "--fault-handler", rich_help_panel=HISTORY,
-    help="kprobe fault_handler (removed in 5.14): a handler of its own on kernels that still have it "
-         "(--kernel 5.10); elsewhere explains what replaced it.")]
+JprobeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--jprobe",
+        rich_help_panel=HISTORY,
+        help="jprobes (removed in 4.15): explains what replaces them (--arg, kretprobe --entry).",
+    ),
+]
+FaultOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fault",
+        "--fault-handler",
+        rich_help_panel=HISTORY,
+        help="kprobe fault_handler (removed in 5.14): a handler of its own on kernels that still have it "
+        "(--kernel 5.10); elsewhere explains what replaced it.",
+    ),
+]
 
 
 def guest_arch(arch: str | None, target: str | None) -> Arch:
@@ -82,7 +111,8 @@ def explain_removed(jprobe: bool) -> None:
             "jprobes were removed in Linux 4.15 (commit 590c84593045); they mirrored the probed "
             "function's signature to read its arguments",
             "use --arg NAME=N to fetch the Nth argument from the registers at entry "
-            "(e.g. --pre --arg fd=1), or --entry with a kretprobe")
+            "(e.g. --pre --arg fd=1), or --entry with a kretprobe",
+        )
 
 
 def explain_fault_removed(krel_version: tuple[int, int] | None = None) -> KbridgeError:
@@ -91,4 +121,5 @@ def explain_fault_removed(krel_version: tuple[int, int] | None = None) -> Kbridg
     return KbridgeError(
         f"kprobe fault_handler was removed in Linux 5.14 (commit ec6aba3d2be1){on}: no in-tree user "
         "handled faults in it; handlers that touch memory use the *_nofault accessors instead",
-        "use --kernel 5.10 to see the fault handler fire on a kernel that still has it")
+        "use --kernel 5.10 to see the fault handler fire on a kernel that still has it",
+    )

@@ -64,8 +64,10 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Terminated:
-            err.print("[yellow]terminated: what kbridge armed in the guest was removed; "
-                      "a VM started for this command was stopped[/]")
+            err.print(
+                "[yellow]terminated: what kbridge armed in the guest was removed; "
+                "a VM started for this command was stopped[/]"
+            )
             raise typer.Exit(143) from None
         except typer.Exit:
             raise
@@ -85,8 +87,10 @@ def command(fn: F) -> F:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted: what kbridge armed in the guest was removed; "
-                      "a VM started for this command was stopped[/]")
+            err.print(
+                "[yellow]interrupted: what kbridge armed in the guest was removed; "
+                "a VM started for this command was stopped[/]"
+            )
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - a bug must still end in one line and an exit code
             if os.environ.get("KBRIDGE_DEBUG"):
@@ -98,7 +102,7 @@ def command(fn: F) -> F:
             signal.signal(signal.SIGTERM, previous)
             progress.remove_sink(_sink)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature; mypy cannot see it
 
 
 def emit_json(obj: dict) -> None:
@@ -115,8 +119,10 @@ def hit_line(hit: Hit) -> str:
     if hit.ip is not None:
         regs = f" [dim]addr={hit.addr:#x} {hit.ip_name}={hit.ip:#x} {hit.flags_name}={hit.flags or 0:#x}[/]"
     ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
-    return (f"[dim]{ts}[/][bold]{hit.handler:5}[/] {escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} "
-            f"{escape(hit.symbol)} {escape(args)}{ret}{took}{trap}{regs}")
+    return (
+        f"[dim]{ts}[/][bold]{hit.handler:5}[/] {escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} "
+        f"{escape(hit.symbol)} {escape(args)}{ret}{took}{trap}{regs}"
+    )
 
 
 def show_durations(r: MechanismResult) -> None:

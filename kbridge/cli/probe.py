@@ -89,8 +89,17 @@ def probe_cmd(
     a = guest_arch(arch, target)
     spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault)
     printer = HitPrinter(json_out)
-    result = run_probe(spec, a, workload(run), StopRule(count=count, duration=duration), printer, via=via,
-                       kernel=suite.name, mirrors=mirrors_from(mirror, suite.name), target=target)
+    result = run_probe(
+        spec,
+        a,
+        workload(run),
+        StopRule(count=count, duration=duration),
+        printer,
+        via=via,
+        kernel=suite.name,
+        mirrors=mirrors_from(mirror, suite.name),
+        target=target,
+    )
     if json_out:
         emit_json({"summary": result.summary()})
     else:
@@ -109,22 +118,34 @@ def show_summary(run: ProbeRun) -> None:
     for r in run.results:
         streamed = {h: sum(1 for x in r.hits if x.handler == h) for h in r.counters}
         for i, (handler, n) in enumerate(r.counters.items()):
-            table.add_row(r.mechanism if i == 0 else "", handler, str(n), str(streamed[handler]),
-                          str(r.missed) if i == 0 else "", str(r.lost) if i == 0 else "")
+            table.add_row(
+                r.mechanism if i == 0 else "",
+                handler,
+                str(n),
+                str(streamed[handler]),
+                str(r.missed) if i == 0 else "",
+                str(r.lost) if i == 0 else "",
+            )
     err.print(table)
     for r in run.results:
         if r.total > len(r.hits) and r.lost == 0:
-            err.print(f"[dim]streamed {len(r.hits)} of {r.total} hits (--count stopped the stream; "
-                      "the exact counts above include every hit)[/]")
+            err.print(
+                f"[dim]streamed {len(r.hits)} of {r.total} hits (--count stopped the stream; "
+                "the exact counts above include every hit)[/]"
+            )
         if r.missed:
-            err.print(f"[dim]missed: {r.missed} hits the kernel skipped (nmissed: the probe fired while "
-                      "another kprobe handler was running)[/]")
+            err.print(
+                f"[dim]missed: {r.missed} hits the kernel skipped (nmissed: the probe fired while "
+                "another kprobe handler was running)[/]"
+            )
         for note in r.notes:
             err.print(f"[dim]{escape(note)}[/]")
         if r.total == 0:
-            err.print(f"[yellow]no hits: the workload {escape(repr(run.workload.description))} did not make "
-                      f"the kernel run {escape(run.resolution.symbol)} (busybox cat, for one, copies with "
-                      "sendfile, not read). Try --run with a command that does, or --duration S to watch the "
-                      "whole guest.[/]")
+            err.print(
+                f"[yellow]no hits: the workload {escape(repr(run.workload.description))} did not make "
+                f"the kernel run {escape(run.resolution.symbol)} (busybox cat, for one, copies with "
+                "sendfile, not read). Try --run with a command that does, or --duration S to watch the "
+                "whole guest.[/]"
+            )
         show_durations(r)
         show_workload(run.workload.description, r.workload_exit, r.workload_output)

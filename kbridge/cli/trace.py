@@ -46,8 +46,7 @@ def check_verdict(line: str, arch: str, kernel: str | None = None) -> dict:
 
 def _show_syntax_error(e: events.EventSyntaxError, json_out: bool) -> None:
     if json_out:
-        emit_json({"ok": False, "error": e.error, "position": e.position, "message": e.message,
-                   "line": e.line})
+        emit_json({"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": e.line})
     label = f" ({e.error})" if e.error else ""
     err.print(f"[bold red]error:[/] {escape(e.message)}{label}")
     err.print(escape(e.caret()), markup=False, highlight=False)
@@ -83,15 +82,22 @@ def trace_cmd(
     filter_: Annotated[Optional[str], typer.Option("--filter", help="Event filter, e.g. 'fd == 1'.")] = None,
     pid: Annotated[Optional[int], typer.Option("--pid", help="Only events of this guest pid (common_pid).")] = None,
     comm: CommOpt = None,
-    buffer_kb: Annotated[Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")] = None,
+    buffer_kb: Annotated[
+        Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")
+    ] = None,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
     json_out: JsonOpt = False,
-    steps: Annotated[bool, typer.Option(
-        "--steps", help="Print each tracefs operation as it is done (kprobe_events, the event's directory, "
-                        "filter, enable, trace_pipe, kprobe_profile, the -: removal) with the files read "
-                        "back.")] = False,
+    steps: Annotated[
+        bool,
+        typer.Option(
+            "--steps",
+            help="Print each tracefs operation as it is done (kprobe_events, the event's directory, "
+            "filter, enable, trace_pipe, kprobe_profile, the -: removal) with the files read "
+            "back.",
+        ),
+    ] = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
     a = guest_arch(arch, target)
@@ -131,9 +137,18 @@ def trace_cmd(
     with acquire(a, kernel=suite, target=target) as guest:
         session = Session(guest)
         try:
-            result = tracefs.run_lines(session, list(lines), work, StopRule(count=count, duration=duration),
-                                       printer, filter=filter_, buffer_kb=buffer_kb, pid=pid, comm=comm,
-                                       steps=_show_step if steps else None)
+            result = tracefs.run_lines(
+                session,
+                list(lines),
+                work,
+                StopRule(count=count, duration=duration),
+                printer,
+                filter=filter_,
+                buffer_kb=buffer_kb,
+                pid=pid,
+                comm=comm,
+                steps=_show_step if steps else None,
+            )
         except events.EventSyntaxError as e:
             _show_syntax_error(e, json_out)
             err.print("[dim]the guest kernel's verdict, from tracing/error_log; kprobe_events is as it was[/]")
@@ -147,9 +162,17 @@ def trace_cmd(
 
 
 def _summary(r: MechanismResult, lines: list[str], guest: Target, work: Workload) -> dict:
-    return {"mechanisms": {"tracefs": r.summary()}, "events": list(lines), "arch": guest.arch.name,
-            "kernel": guest.krel, "accel": guest.accel, "target": guest.name, "workload": work.description,
-            "workload_exit": r.workload_exit, "notes": r.notes}
+    return {
+        "mechanisms": {"tracefs": r.summary()},
+        "events": list(lines),
+        "arch": guest.arch.name,
+        "kernel": guest.krel,
+        "accel": guest.accel,
+        "target": guest.name,
+        "workload": work.description,
+        "workload_exit": r.workload_exit,
+        "notes": r.notes,
+    }
 
 
 def _show_summary(r: MechanismResult, summary: dict) -> None:

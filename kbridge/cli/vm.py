@@ -25,19 +25,20 @@ app.add_typer(vm_app, name="vm")
 
 @vm_app.command("up")
 @command
-def up(arch: ArchOpt = None,
-       kernel: KernelOpt = None,
-       bcc: Annotated[bool, typer.Option("--bcc", help="Boot the image with bcc (for --via bpf).")] = False,
-       memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
-       cpus: Annotated[int, typer.Option("--cpus", min=1, max=64, help="Guest CPUs.")] = 1,
-       json_out: JsonOpt = False) -> None:
+def up(
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    bcc: Annotated[bool, typer.Option("--bcc", help="Boot the image with bcc (for --via bpf).")] = False,
+    memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
+    cpus: Annotated[int, typer.Option("--cpus", min=1, max=64, help="Guest CPUs.")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
     """Boot a VM and keep it running for later commands (one per arch and kernel)."""
     a = get_arch(arch)
     suite = kernels.resolve(kernel)
     vm = QemuVM.attach(a, suite)
     if vm is None:
-        vm = QemuVM.boot(resolve_image(a, suite, "bcc" if bcc else "default"), keep=True,
-                         memory_mb=memory, cpus=cpus)
+        vm = QemuVM.boot(resolve_image(a, suite, "bcc" if bcc else "default"), keep=True, memory_mb=memory, cpus=cpus)
     else:
         err.print(f"[cyan]• a {a.name} {suite} VM is already up[/]")
     info = _info(vm)
@@ -45,12 +46,22 @@ def up(arch: ArchOpt = None,
     if json_out:
         emit_json(info)
     else:
-        err.print(f"[green]✓ {a.name} VM up: {info['kernel']} ({info['accel']}, {info['flavour']}), pid {info['pid']}[/]")
+        err.print(
+            f"[green]✓ {a.name} VM up: {info['kernel']} ({info['accel']}, {info['flavour']}), pid {info['pid']}[/]"
+        )
 
 
 def _info(vm: QemuVM) -> dict:
-    return {"arch": vm.arch.name, "suite": vm.image.suite, "kernel": vm.krel, "accel": vm.accel,
-            "flavour": vm.flavour, "pid": vm.proc.pid, "dir": str(vm.rundir), "image": str(vm.image.dir)}
+    return {
+        "arch": vm.arch.name,
+        "suite": vm.image.suite,
+        "kernel": vm.krel,
+        "accel": vm.accel,
+        "flavour": vm.flavour,
+        "pid": vm.proc.pid,
+        "dir": str(vm.rundir),
+        "image": str(vm.image.dir),
+    }
 
 
 def _kept_vms() -> list[QemuVM]:
@@ -80,13 +91,20 @@ def status(json_out: JsonOpt = False) -> None:
     for v in vms:
         out.print(f"{v['arch']:7} {v['suite']:9} {v['kernel']:22} {v['accel']:4} {v['flavour']:8} pid {v['pid']}")
     if strays:
-        err.print(f"[yellow]! QEMU processes from kbridge without an owner: {strays} (kbridge vm down --all removes them)[/]")
+        err.print(
+            f"[yellow]! QEMU processes from kbridge without an owner: {strays} (kbridge vm down --all removes them)[/]"
+        )
 
 
 @vm_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @command
-def exec_(ctx: typer.Context, arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None,
-          timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 120.0) -> None:
+def exec_(
+    ctx: typer.Context,
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 120.0,
+) -> None:
     """Run a command in the kept VM (or a Vagrant machine): kbridge vm exec -- CMD ARGS..."""
     argv = list(ctx.args)
     if not argv:
@@ -130,9 +148,11 @@ def _running(arch: str | None, kernel: str | None, target: str | None) -> Target
 
 @vm_app.command("down")
 @command
-def down(arch: ArchOpt = None,
-         kernel: KernelOpt = None,
-         all_: Annotated[bool, typer.Option("--all", help="Every kept VM and stray kbridge QEMU.")] = False) -> None:
+def down(
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every kept VM and stray kbridge QEMU.")] = False,
+) -> None:
     """Stop the kept VM (with --all: every kept VM and every QEMU left by a killed kbridge)."""
     stopped = 0
     suite = kernels.resolve(kernel)
@@ -155,10 +175,16 @@ def down(arch: ArchOpt = None,
 
 @vm_app.command("push")
 @command
-def push(src: Annotated[str, typer.Argument(help="A local file (e.g. your static test program).", show_default=False)],
-         dst: Annotated[str, typer.Argument(help="Where in the guest: an absolute path, or a directory ending in /.",
-                                            show_default=False)],
-         arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None) -> None:
+def push(
+    src: Annotated[str, typer.Argument(help="A local file (e.g. your static test program).", show_default=False)],
+    dst: Annotated[
+        str,
+        typer.Argument(help="Where in the guest: an absolute path, or a directory ending in /.", show_default=False),
+    ],
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
     from pathlib import Path
 
@@ -174,9 +200,13 @@ def push(src: Annotated[str, typer.Argument(help="A local file (e.g. your static
 
 @vm_app.command("pull")
 @command
-def pull(src: Annotated[str, typer.Argument(help="A file in the guest (absolute path).", show_default=False)],
-         dst: Annotated[str, typer.Argument(help="A local file or directory.", show_default=False)],
-         arch: ArchOpt = None, kernel: KernelOpt = None, target: TargetOpt = None) -> None:
+def pull(
+    src: Annotated[str, typer.Argument(help="A file in the guest (absolute path).", show_default=False)],
+    dst: Annotated[str, typer.Argument(help="A local file or directory.", show_default=False)],
+    arch: ArchOpt = None,
+    kernel: KernelOpt = None,
+    target: TargetOpt = None,
+) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
     from pathlib import Path
 

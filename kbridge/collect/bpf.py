@@ -31,7 +31,7 @@ def messages(lines: Iterator[str | None], run_id: str) -> Iterator[dict | None]:
         if line.startswith("H"):
             if line.startswith(hit_prefix):
                 try:
-                    yield {"ev": "hit", "run": run_id, "raw": binascii.a2b_base64(line[len(hit_prefix):])}
+                    yield {"ev": "hit", "run": run_id, "raw": binascii.a2b_base64(line[len(hit_prefix) :])}
                 except (binascii.Error, ValueError):
                     continue  # a partial line from an interrupted earlier runner
             continue
@@ -64,10 +64,18 @@ class Decoder:
         handler = HANDLERS[g(raw, "handler")[0]]
         args = g(raw, "args")
         comm = g(raw, "comm")[0].split(b"\0", 1)[0].decode(errors="replace")
-        hit = Hit(mechanism="bpf", symbol=self.symbol, handler=handler, pid=g(raw, "pid")[0], comm=comm,
-                  cpu=g(raw, "cpu")[0], args={n: int(args[i]) for i, n in enumerate(self.names)},
-                  retval=int(g(raw, "ret")[0]) if handler == "ret" else None,
-                  timestamp=g(raw, "ts")[0] / 1e9, tid=g(raw, "tid")[0])
+        hit = Hit(
+            mechanism="bpf",
+            symbol=self.symbol,
+            handler=handler,
+            pid=g(raw, "pid")[0],
+            comm=comm,
+            cpu=g(raw, "cpu")[0],
+            args={n: int(args[i]) for i, n in enumerate(self.names)},
+            retval=int(g(raw, "ret")[0]) if handler == "ret" else None,
+            timestamp=g(raw, "ts")[0] / 1e9,
+            tid=g(raw, "tid")[0],
+        )
         if "ip" in self.fields:  # kmod/bpf.c.j2: the probe address (bpf_get_func_ip), ip/pc, flags/pstate
             if handler == "ret":
                 hit.duration_ns = g(raw, "duration")[0]
@@ -82,5 +90,14 @@ def parse_hit(msg: dict, symbol: str, decoder: Decoder | None = None) -> Hit:
     """The Hit in a runner's "hit" message (raw, with DECODER; or JSON, from older runners)."""
     if "raw" in msg and decoder is not None:
         return decoder.hit(msg["raw"])
-    return Hit(mechanism="bpf", symbol=symbol, handler=msg["h"], pid=msg["pid"], comm=msg["comm"],
-               cpu=msg["cpu"], args=dict(msg.get("args", {})), retval=msg.get("ret"), timestamp=msg.get("ts"))
+    return Hit(
+        mechanism="bpf",
+        symbol=symbol,
+        handler=msg["h"],
+        pid=msg["pid"],
+        comm=msg["comm"],
+        cpu=msg["cpu"],
+        args=dict(msg.get("args", {})),
+        retval=msg.get("ret"),
+        timestamp=msg.get("ts"),
+    )

@@ -33,13 +33,24 @@ def parse_hit(text: str, module: str, symbol: str, usec: int | None = None) -> H
     retval = values.pop("ret", None) if handler == "ret" else None
     trap = values.pop("trap", None) if handler == "fault" else None
     regs = m["addr"] is not None
-    return Hit(mechanism="kmod", symbol=symbol, handler=handler, pid=int(m["pid"]),
-               comm=m["comm"], cpu=int(m["cpu"]), args=dict(values), retval=retval,
-               timestamp=None if usec is None else usec / 1e6, tid=int(m["tid"]),
-               addr=int(m["addr"], 16) if regs else None, ip=int(m["ip"], 16) if regs else None,
-               flags=int(m["flags"], 16) if regs else None,
-               arch=("arm64" if m["ipname"] == "pc" else "x86_64") if regs else None,
-               duration_ns=int(m["took"]) if m["took"] is not None else None, trap=trap)
+    return Hit(
+        mechanism="kmod",
+        symbol=symbol,
+        handler=handler,
+        pid=int(m["pid"]),
+        comm=m["comm"],
+        cpu=int(m["cpu"]),
+        args=dict(values),
+        retval=retval,
+        timestamp=None if usec is None else usec / 1e6,
+        tid=int(m["tid"]),
+        addr=int(m["addr"], 16) if regs else None,
+        ip=int(m["ip"], 16) if regs else None,
+        flags=int(m["flags"], 16) if regs else None,
+        arch=("arm64" if m["ipname"] == "pc" else "x86_64") if regs else None,
+        duration_ns=int(m["took"]) if m["took"] is not None else None,
+        trap=trap,
+    )
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,12 @@ class Log2Histogram:
         return [(*bucket_range(b), self.buckets.get(b, 0)) for b in range(lo, hi + 1)]
 
     def to_json(self) -> dict:
-        return {"unit": "ns", "source": self.source, "total": self.total,
-                "buckets": [{"low": lo, "high": hi, "count": n} for lo, hi, n in self.rows()]}
+        return {
+            "unit": "ns",
+            "source": self.source,
+            "total": self.total,
+            "buckets": [{"low": lo, "high": hi, "count": n} for lo, hi, n in self.rows()],
+        }
 
     def text(self) -> list[str]:
         """funclatency-style lines: '      ns range : count  |****   |'."""

@@ -29,9 +29,11 @@ class SingleStep:
     def text(self) -> str:
         name = self.pre.ip_name
         assert self.pre.ip is not None and self.post.ip is not None and self.pre.addr is not None
-        return (f"single-step: {name} {self.pre.ip:#x} -> {self.post.ip:#x} "
-                f"(pre: probe {'+1, as after int3' if self.pre.ip == self.pre.addr + 1 else '+0, BRK leaves pc'}; "
-                f"post: past the {self.length}-byte instruction at {self.pre.addr:#x})")
+        return (
+            f"single-step: {name} {self.pre.ip:#x} -> {self.post.ip:#x} "
+            f"(pre: probe {'+1, as after int3' if self.pre.ip == self.pre.addr + 1 else '+0, BRK leaves pc'}; "
+            f"post: past the {self.length}-byte instruction at {self.pre.addr:#x})"
+        )
 
 
 class StepPairer:

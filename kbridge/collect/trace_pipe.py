@@ -74,8 +74,7 @@ class EventInfo:
                 type_ = "string"
             else:
                 type_ = "x64"  # DEFAULT_FETCH_TYPE on 64-bit kernels
-            args.append(EventArg(a.name or f"arg{i + 1}", type_, a.array,
-                                 isinstance(a.fetch, events.Retval)))
+            args.append(EventArg(a.name or f"arg{i + 1}", type_, a.array, isinstance(a.fetch, events.Retval)))
         symbol = ev.symbol if ev.address is None else f"0x{ev.address:x}"
         if ev.module:
             symbol = f"{ev.module}:{symbol}"
@@ -134,12 +133,12 @@ def _parse_args(rest: str, info: EventInfo) -> dict[str, int | str | list | None
     n = len(info.args)
     for i, arg in enumerate(info.args):
         if i:
-            if rest[pos:pos + 1] != " ":
-                raise ParseError(f"expected ' {arg.name}=' at {rest[pos:pos + 20]!r}")
+            if rest[pos : pos + 1] != " ":
+                raise ParseError(f"expected ' {arg.name}=' at {rest[pos : pos + 20]!r}")
             pos += 1
         key = f"{arg.name}="
         if not rest.startswith(key, pos):
-            raise ParseError(f"expected {key!r} at {rest[pos:pos + 20]!r}")
+            raise ParseError(f"expected {key!r} at {rest[pos : pos + 20]!r}")
         pos += len(key)
         nxt = f" {info.args[i + 1].name}=" if i + 1 < n else None
         if arg.type in events.STRING_TYPES and arg.array is None and rest.startswith('"', pos):
@@ -148,13 +147,13 @@ def _parse_args(rest: str, info: EventInfo) -> dict[str, int | str | list | None
             if nxt is None:
                 if not rest.endswith('"') or len(rest) - pos < 2:
                     raise _Incomplete
-                out[arg.name] = rest[pos + 1:-1]
+                out[arg.name] = rest[pos + 1 : -1]
                 pos = len(rest)
                 continue
             end = rest.find('"' + nxt, pos + 1)
             if end < 0:
                 raise _Incomplete
-            out[arg.name] = rest[pos + 1:end]
+            out[arg.name] = rest[pos + 1 : end]
             pos = end + 1
             continue
         end = rest.find(nxt, pos) if nxt is not None else len(rest)
@@ -173,7 +172,7 @@ def _parse_args(rest: str, info: EventInfo) -> dict[str, int | str | list | None
         else:
             out[arg.name] = _parse_scalar(text, arg.type)
     if pos != len(rest):
-        raise ParseError(f"unexpected text after the last field: {rest[pos:pos + 40]!r}")
+        raise ParseError(f"unexpected text after the last field: {rest[pos : pos + 40]!r}")
     return out
 
 
@@ -224,7 +223,7 @@ class TracePipeParser:
         if not site:
             self.unparsed.append(text)
             return None
-        body = rest[site.end():]
+        body = rest[site.end() :]
         if body.startswith(" "):
             body = body[1:]
         try:
@@ -240,8 +239,9 @@ class TracePipeParser:
         except ParseError:
             self.unparsed.append(text)
             return None
-        return Record(name, m["comm"], int(m["pid"]), int(m["cpu"]), m["flags"] or "",
-                      float(m["ts"]), site.group(0)[1:-1], args)
+        return Record(
+            name, m["comm"], int(m["pid"]), int(m["cpu"]), m["flags"] or "", float(m["ts"]), site.group(0)[1:-1], args
+        )
 
     def flush(self) -> None:
         """End of stream: an event still waiting for its string's end is unparsed."""
@@ -258,13 +258,22 @@ class TracePipeParser:
             if arg.retval and isinstance(value, int):
                 retval = value
                 break
-        return TraceHit(mechanism="tracefs", symbol=info.symbol,
-                        handler="ret" if info.is_return else "pre", pid=rec.pid, comm=rec.comm,
-                        cpu=rec.cpu, args=dict(rec.args),  # type: ignore[arg-type]
-                        retval=retval, timestamp=rec.timestamp, event=info.full_name)
+        return TraceHit(
+            mechanism="tracefs",
+            symbol=info.symbol,
+            handler="ret" if info.is_return else "pre",
+            pid=rec.pid,
+            comm=rec.comm,
+            cpu=rec.cpu,
+            args=dict(rec.args),  # type: ignore[arg-type]  # tracefs arrays (list values) are JSON-able too
+            retval=retval,
+            timestamp=rec.timestamp,
+            event=info.full_name,
+        )
 
 
 # --- loss counters ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CpuStats:
@@ -281,13 +290,24 @@ class CpuStats:
         return self.overrun + self.commit_overrun + self.dropped
 
     def __sub__(self, before: CpuStats) -> CpuStats:
-        return CpuStats(*(max(0, a - b) for a, b in zip(
-            (self.entries, self.overrun, self.commit_overrun, self.dropped, self.read),
-            (before.entries, before.overrun, before.commit_overrun, before.dropped, before.read))))
+        return CpuStats(
+            *(
+                max(0, a - b)
+                for a, b in zip(  # noqa: B905 - two fixed five-field tuples
+                    (self.entries, self.overrun, self.commit_overrun, self.dropped, self.read),
+                    (before.entries, before.overrun, before.commit_overrun, before.dropped, before.read),
+                )
+            )
+        )
 
 
-_STAT_KEYS = {"entries": "entries", "overrun": "overrun", "commit overrun": "commit_overrun",
-              "dropped events": "dropped", "read events": "read"}
+_STAT_KEYS = {
+    "entries": "entries",
+    "overrun": "overrun",
+    "commit overrun": "commit_overrun",
+    "dropped events": "dropped",
+    "read events": "read",
+}
 
 
 def parse_cpu_stats(text: str) -> CpuStats:

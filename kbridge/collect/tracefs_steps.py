@@ -40,7 +40,7 @@ def shell_quote(text: str) -> str:
 
 
 def relative(path: str) -> str:
-    return path[len(TRACING) + 1:] if path.startswith(TRACING + "/") else path
+    return path[len(TRACING) + 1 :] if path.startswith(TRACING + "/") else path
 
 
 class StepReporter:
@@ -65,16 +65,22 @@ class StepReporter:
         """DATA was written to PATH; READBACK (default: PATH itself) is shown as the kernel has it now."""
         op = ">>" if append else ">"
         paths = readback or (path,)
-        self.sink(Step(f"echo {shell_quote(data)} {op} {relative(path)}",
-                       {relative(p): self._read(p) for p in paths}))
+        self.sink(Step(f"echo {shell_quote(data)} {op} {relative(path)}", {relative(p): self._read(p) for p in paths}))
 
     def defined(self, line: str, group: str, event: str) -> None:
         """LINE was appended to kprobe_events: the file, and the event's new directory."""
         self.wrote(f"{TRACING}/kprobe_events", line, append=True)
         d = f"{TRACING}/events/{group}/{event}"
-        self.sink(Step(f"ls {relative(d)}/", {f"{relative(d)}/": self._ls(d),
-                                              f"{relative(d)}/enable": self._read(f"{d}/enable"),
-                                              f"{relative(d)}/filter": self._read(f"{d}/filter")}))
+        self.sink(
+            Step(
+                f"ls {relative(d)}/",
+                {
+                    f"{relative(d)}/": self._ls(d),
+                    f"{relative(d)}/enable": self._read(f"{d}/enable"),
+                    f"{relative(d)}/filter": self._read(f"{d}/filter"),
+                },
+            )
+        )
 
     def reading(self, path: str, what: str) -> None:
         """PATH is being read (streamed) from now on: no read-back, it is the hits that follow."""
@@ -100,7 +106,9 @@ def syscall_rewrite_note(requested: str, resolved: str, arch: Arch) -> str | Non
     if requested == resolved or not resolved.startswith(arch.syscall_prefix):
         return None
     since = "4.17" if arch.name == "x86_64" else "4.19"
-    return (f"the kernel would refuse {requested!r} as written: since Linux {since} {arch.name} enters "
-            f"syscalls through pt_regs wrappers (CONFIG_ARCH_HAS_SYSCALL_WRAPPER) and has no {requested} "
-            f"symbol: the write fails with ENOENT and error_log says 'Invalid probed address or symbol' "
-            f"(measured on 6.1); kbridge writes {resolved} instead")
+    return (
+        f"the kernel would refuse {requested!r} as written: since Linux {since} {arch.name} enters "
+        f"syscalls through pt_regs wrappers (CONFIG_ARCH_HAS_SYSCALL_WRAPPER) and has no {requested} "
+        f"symbol: the write fails with ENOENT and error_log says 'Invalid probed address or symbol' "
+        f"(measured on 6.1); kbridge writes {resolved} instead"
+    )

@@ -48,9 +48,27 @@ FORMAT = 1  # bump when the box layout changes, so old boxes are rebuilt
 BOX_GUEST_DIR = GUEST_DIR / "box"
 # The userspace Vagrant and kbridge need: a login shell and the tools Vagrant's Linux
 # guest capabilities call (sed, grep, mktemp, scp), sshd, sudo, insmod/rmmod, busybox.
-PACKAGES = ("base-files", "bash", "coreutils", "dash", "diffutils", "findutils", "grep", "gzip",
-            "hostname", "iproute2", "kmod", "mount", "procps", "sed", "tar", "util-linux",
-            "busybox", "openssh-server", "sudo")
+PACKAGES = (
+    "base-files",
+    "bash",
+    "coreutils",
+    "dash",
+    "diffutils",
+    "findutils",
+    "grep",
+    "gzip",
+    "hostname",
+    "iproute2",
+    "kmod",
+    "mount",
+    "procps",
+    "sed",
+    "tar",
+    "util-linux",
+    "busybox",
+    "openssh-server",
+    "sudo",
+)
 BCC_PACKAGES = ("python3-bpfcc",)
 # Loaded by the initramfs to reach the root filesystem (crc32c_generic: ext4/jbd2 ask the
 # crypto API for crc32c and there is no modprobe; crc32c-intel does not load under TCG).
@@ -106,8 +124,13 @@ def load(arch: Arch, suite: str = images.DEFAULT_SUITE, bcc: bool = False) -> Bo
     return Box(d, arch, suite, manifest["krel"], bool(manifest.get("bcc")), manifest["version"])
 
 
-def ensure(arch: Arch | str | None = None, suite: str = images.DEFAULT_SUITE, bcc: bool = False,
-           mirrors: Mirrors | None = None, rebuild: bool = False) -> Box:
+def ensure(
+    arch: Arch | str | None = None,
+    suite: str = images.DEFAULT_SUITE,
+    bcc: bool = False,
+    mirrors: Mirrors | None = None,
+    rebuild: bool = False,
+) -> Box:
     """The box for ARCH, built (about a minute) when missing, partial or stale."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     if not rebuild and (box := load(arch, suite, bcc)):
@@ -155,8 +178,10 @@ def _build(arch: Arch, suite: str, bcc: bool, base: images.Image, mirrors: Mirro
         image_pkg = images._kernel_package(apt, arch)
         krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
         if krel != base.krel:
-            raise KbridgeError(f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
-                               f"rebuild the image first: kbridge image build --arch {arch.name} --rebuild")
+            raise KbridgeError(
+                f"Debian {suite} now has kernel {krel}, the cached image has {base.krel}",
+                f"rebuild the image first: kbridge image build --arch {arch.name} --rebuild",
+            )
         debs = work / "debs"
         wanted = list(PACKAGES) + (list(BCC_PACKAGES) if bcc else [])
         kernel_pkgs = [image_pkg]
@@ -186,15 +211,28 @@ def _build(arch: Arch, suite: str, bcc: bool, base: images.Image, mirrors: Mirro
             shutil.copyfile(base.kernel, work / "kernel")
         for tmp in ("debs", "kpkg", "rootfs"):
             shutil.rmtree(work / tmp)
-        (work / "metadata.json").write_text(json.dumps(
-            {"provider": "libvirt", "format": "qcow2", "virtual_size": DISK_GB}))
+        (work / "metadata.json").write_text(
+            json.dumps({"provider": "libvirt", "format": "qcow2", "virtual_size": DISK_GB})
+        )
         (work / "Vagrantfile").write_text(box_vagrantfile(arch))
-        (work / "manifest.json").write_text(json.dumps({
-            "format": FORMAT, "guest": _guest_digest(), "arch": arch.name, "suite": suite, "krel": krel,
-            "bcc": bcc, "packages": wanted, "name": box_name(arch, suite, bcc),
-            # Vagrant (and vagrant-libvirt's volume in the storage pool) key a box by name and
-            # version: a rebuilt box gets a new version, so no machine starts from a stale one.
-            "version": f"0.{FORMAT}.{int(time.time())}"}, indent=1))
+        (work / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "guest": _guest_digest(),
+                    "arch": arch.name,
+                    "suite": suite,
+                    "krel": krel,
+                    "bcc": bcc,
+                    "packages": wanted,
+                    "name": box_name(arch, suite, bcc),
+                    # Vagrant (and vagrant-libvirt's volume in the storage pool) key a box by name and
+                    # version: a rebuilt box gets a new version, so no machine starts from a stale one.
+                    "version": f"0.{FORMAT}.{int(time.time())}",
+                },
+                indent=1,
+            )
+        )
     progress.info(f"box ready: {box_name(arch, suite, bcc)} (kernel {krel})")
 
 
@@ -237,25 +275,38 @@ _SHADOW = "".join(f"{u}:*:19700:0:99999:7:::\n" for u in ("root", "daemon", "ssh
 # What pam-auth-update (a maintainer script) would generate: sudo's PAM file includes these.
 _PAM = {
     "common-auth": "auth [success=1 default=ignore] pam_unix.so nullok\nauth requisite pam_deny.so\n"
-                   "auth required pam_permit.so\n",
+    "auth required pam_permit.so\n",
     "common-account": "account [success=1 new_authtok_reqd=done default=ignore] pam_unix.so\n"
-                      "account requisite pam_deny.so\naccount required pam_permit.so\n",
+    "account requisite pam_deny.so\naccount required pam_permit.so\n",
     "common-password": "password [success=1 default=ignore] pam_unix.so obscure yescrypt\n"
-                       "password requisite pam_deny.so\npassword required pam_permit.so\n",
+    "password requisite pam_deny.so\npassword required pam_permit.so\n",
     "common-session": "session [default=1] pam_permit.so\nsession requisite pam_deny.so\n"
-                      "session required pam_permit.so\nsession required pam_unix.so\n",
+    "session required pam_permit.so\nsession required pam_unix.so\n",
 }
 _PAM["common-session-noninteractive"] = _PAM["common-session"]
 
 
-def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str],
-               bcc_common: list[str] | None) -> None:
+def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str], bcc_common: list[str] | None) -> None:
     """Write what dpkg's maintainer scripts and a first boot would have set up."""
     for rel in _PRUNE:
         shutil.rmtree(rootfs / rel, ignore_errors=True)
     etc = rootfs / "etc"
-    for d in ("proc", "sys", "dev", "run", "tmp", "root", "home", "var/log", "var/tmp", "var/lib/sudo",
-              "etc/kbridge", "etc/sudoers.d", "usr/lib/kbridge/box", "sys/kernel/debug"):
+    for d in (
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "root",
+        "home",
+        "var/log",
+        "var/tmp",
+        "var/lib/sudo",
+        "etc/kbridge",
+        "etc/sudoers.d",
+        "usr/lib/kbridge/box",
+        "sys/kernel/debug",
+    ):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     (rootfs / "tmp").chmod(0o1777)
     (rootfs / "var/tmp").chmod(0o1777)
@@ -275,16 +326,22 @@ def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str]
     sudoers.chmod(0o440)
     shutil.copyfile(BOX_GUEST_DIR / "sshd_config", etc / "ssh/sshd_config")
     shutil.copyfile(BOX_GUEST_DIR / "inittab", etc / "inittab")
-    (etc / "kbridge/modules").write_text("".join(m + "\n" for m in modules
-                                                 if not any(f"/{d}.ko" in m for d in DISK_MODULES)))
+    (etc / "kbridge/modules").write_text(
+        "".join(m + "\n" for m in modules if not any(f"/{d}.ko" in m for d in DISK_MODULES))
+    )
     for name in ("rcS", "udhcpc", "shutdown"):
         _install(BOX_GUEST_DIR / name, rootfs / "usr/lib/kbridge/box" / name)
     _install(GUEST_DIR / "stream", rootfs / "usr/lib/kbridge/stream")
     _install(BOX_GUEST_DIR / "shutdown-cmd", rootfs / "sbin/shutdown")
     # Links the maintainer scripts (dash, mawk alternatives) or an init package would make.
-    for link, target in (("bin/sh", "dash"), ("usr/bin/awk", "mawk"), ("sbin/init", "/bin/busybox"),
-                         ("sbin/poweroff", "/bin/busybox"), ("sbin/reboot", "/bin/busybox"),
-                         ("sbin/halt", "/bin/busybox")):
+    for link, target in (
+        ("bin/sh", "dash"),
+        ("usr/bin/awk", "mawk"),
+        ("sbin/init", "/bin/busybox"),
+        ("sbin/poweroff", "/bin/busybox"),
+        ("sbin/reboot", "/bin/busybox"),
+        ("sbin/halt", "/bin/busybox"),
+    ):
         p = rootfs / link
         if not p.exists() and not p.is_symlink():
             os.symlink(target, p)
@@ -301,8 +358,9 @@ def _configure(rootfs: Path, arch: Arch, krel: str, key: str, modules: list[str]
         for link, target in (("build", headers), ("source", f"/usr/src/{bcc_common[0]}" if bcc_common else headers)):
             if not (mods / link).is_symlink():
                 os.symlink(target, mods / link)
-    (rootfs / "etc/kbridge/box.json").write_text(json.dumps(
-        {"arch": arch.name, "krel": krel, "bcc": bcc_common is not None}) + "\n")
+    (rootfs / "etc/kbridge/box.json").write_text(
+        json.dumps({"arch": arch.name, "krel": krel, "bcc": bcc_common is not None}) + "\n"
+    )
 
 
 def _install(src: Path, dst: Path) -> None:
@@ -325,11 +383,16 @@ def _mkfs(rootfs: Path, out: Path) -> None:
     if os.geteuid() == 0:
         for p in [rootfs / "home/vagrant", *(rootfs / "home/vagrant").rglob("*")]:
             os.lchown(p, VAGRANT_UID, VAGRANT_UID)
-    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "kbridge-box", "-E", "root_owner=0:0",
-                           "-d", str(rootfs), str(out), f"{mb}M"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "kbridge-box", "-E", "root_owner=0:0", "-d", str(rootfs), str(out), f"{mb}M"],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise KbridgeError(f"mkfs.ext4 of the box root filesystem failed: {proc.stderr.strip()}",
-                           "install e2fsprogs >= 1.43 (mkfs.ext4 -d)")
+        raise KbridgeError(
+            f"mkfs.ext4 of the box root filesystem failed: {proc.stderr.strip()}",
+            "install e2fsprogs >= 1.43 (mkfs.ext4 -d)",
+        )
     if os.geteuid() != 0:
         cmds = []
         for p in rootfs.rglob("*"):
@@ -347,8 +410,9 @@ def _mkfs(rootfs: Path, out: Path) -> None:
 
 def _qcow2(raw: Path, out: Path) -> None:
     if shutil.which("qemu-img") is None:
-        raise KbridgeError("qemu-img is not installed (it makes the box's qcow2 disk)",
-                           "sudo apt-get install qemu-utils")
+        raise KbridgeError(
+            "qemu-img is not installed (it makes the box's qcow2 disk)", "sudo apt-get install qemu-utils"
+        )
     proc = subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise KbridgeError(f"qemu-img convert failed: {proc.stderr.strip()}")
@@ -416,10 +480,20 @@ def vagrant_add(box: Box) -> None:
             for f in ("metadata.json", "Vagrantfile", "box.img", "kernel", "initrd"):
                 tar.add(box.dir / f, arcname=f)
         catalog = Path(tmp) / "catalog.json"
-        catalog.write_text(json.dumps({"name": box.name, "versions": [{"version": box.version, "providers": [
-            {"name": "libvirt", "url": archive.as_uri()}]}]}))
-        proc = subprocess.run(["vagrant", "box", "add", "--provider", "libvirt", str(catalog)],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        catalog.write_text(
+            json.dumps(
+                {
+                    "name": box.name,
+                    "versions": [{"version": box.version, "providers": [{"name": "libvirt", "url": archive.as_uri()}]}],
+                }
+            )
+        )
+        proc = subprocess.run(
+            ["vagrant", "box", "add", "--provider", "libvirt", str(catalog)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
     if proc.returncode != 0:
         why = " ".join((proc.stderr or proc.stdout).split())[-400:]
         raise KbridgeError(f"vagrant box add {box.name} failed: {why}")
@@ -429,8 +503,9 @@ def added_boxes() -> dict[str, list[str]]:
     """Boxes Vagrant knows (in VAGRANT_HOME): name -> versions; empty when vagrant is missing."""
     if shutil.which("vagrant") is None:
         return {}
-    proc = subprocess.run(["vagrant", "box", "list", "--machine-readable"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["vagrant", "box", "list", "--machine-readable"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     found: dict[str, list[str]] = {}
     names: list[str] = []
     versions: list[str] = []

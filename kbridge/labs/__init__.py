@@ -45,30 +45,66 @@ class Lab:
         return (DATA / self.name / "README.md").read_text()
 
 
-LABS: dict[str, Lab] = {lab.name: lab for lab in (
-    Lab("kprobe-module", "kprobes the module way",
-        "a kprobe from a kernel module: symbol_name, pre- and post-handlers, what the single-step "
-        "does to the instruction pointer", ("kprobe_lab.c",), 45, check_seconds={"x86_64": 7, "arm64": 7}),
-    Lab("kprobe-events", "kprobes the tracefs way",
-        "p:sys_write_event through kprobe_events: the events/kprobes directory, enable, filter, "
-        "trace, disable, remove with -:", ("events.sh",), 30, check_seconds={"x86_64": 4, "arm64": 5}),
-    Lab("kretprobe", "kretprobes: return values and entry data",
-        "a kretprobe with an entry handler: per-instance data (a timestamp, an argument), "
-        "regs_return_value, maxactive and nmissed", ("kretprobe_lab.c",), 45,
-        check_seconds={"x86_64": 9, "arm64": 9}),
-    Lab("breakpoint", "what a kprobe really plants",
-        "predict, then observe with kbridge inspect, the bytes before/armed/after and the mode: "
-        "ftrace, optimized jump, int3 (x86_64), BRK #4 (arm64)", ("answers.txt",), 30,
-        check_seconds={"x86_64": 5, "arm64": 8}),
-    Lab("three-ways", "one probe, three mechanisms",
-        "the same probe as a module, a tracefs event and an eBPF program, counted side by side "
-        "under load", ("three_lab.c", "event.txt", "three_bpf.c", "answers.txt"), 60, flavour="bcc",
-        check_seconds={"x86_64": 22, "arm64": 45}),
-    Lab("old-apis", "the APIs the walk-through used, on 5.10",
-        "on Linux 5.10: a kprobe fault_handler made to fire; jprobes (gone since 4.15) replaced by "
-        "reading arguments in a pre-handler", ("old_lab.c",), 40, kernel="5.10",
-        check_seconds={"x86_64": 7, "arm64": 8}),
-)}
+LABS: dict[str, Lab] = {
+    lab.name: lab
+    for lab in (
+        Lab(
+            "kprobe-module",
+            "kprobes the module way",
+            "a kprobe from a kernel module: symbol_name, pre- and post-handlers, what the single-step "
+            "does to the instruction pointer",
+            ("kprobe_lab.c",),
+            45,
+            check_seconds={"x86_64": 7, "arm64": 7},
+        ),
+        Lab(
+            "kprobe-events",
+            "kprobes the tracefs way",
+            "p:sys_write_event through kprobe_events: the events/kprobes directory, enable, filter, "
+            "trace, disable, remove with -:",
+            ("events.sh",),
+            30,
+            check_seconds={"x86_64": 4, "arm64": 5},
+        ),
+        Lab(
+            "kretprobe",
+            "kretprobes: return values and entry data",
+            "a kretprobe with an entry handler: per-instance data (a timestamp, an argument), "
+            "regs_return_value, maxactive and nmissed",
+            ("kretprobe_lab.c",),
+            45,
+            check_seconds={"x86_64": 9, "arm64": 9},
+        ),
+        Lab(
+            "breakpoint",
+            "what a kprobe really plants",
+            "predict, then observe with kbridge inspect, the bytes before/armed/after and the mode: "
+            "ftrace, optimized jump, int3 (x86_64), BRK #4 (arm64)",
+            ("answers.txt",),
+            30,
+            check_seconds={"x86_64": 5, "arm64": 8},
+        ),
+        Lab(
+            "three-ways",
+            "one probe, three mechanisms",
+            "the same probe as a module, a tracefs event and an eBPF program, counted side by side under load",
+            ("three_lab.c", "event.txt", "three_bpf.c", "answers.txt"),
+            60,
+            flavour="bcc",
+            check_seconds={"x86_64": 22, "arm64": 45},
+        ),
+        Lab(
+            "old-apis",
+            "the APIs the walk-through used, on 5.10",
+            "on Linux 5.10: a kprobe fault_handler made to fire; jprobes (gone since 4.15) replaced by "
+            "reading arguments in a pre-handler",
+            ("old_lab.c",),
+            40,
+            kernel="5.10",
+            check_seconds={"x86_64": 7, "arm64": 8},
+        ),
+    )
+}
 
 
 def get(name: str) -> Lab:

@@ -25,7 +25,7 @@ try:
     with open(prog) as f:
         b = BPF(text=f.read())
     b.attach_kprobe(event="ksys_write", fn_name="count_write")
-except Exception as e:  # noqa: BLE001 - bcc raises plain Exception; report it whatever it is
+except Exception as e:  # noqa: BLE001 - whatever bcc raised is reported to the host - bcc raises plain Exception; report it whatever it is
     done({"error": f"{type(e).__name__}: {e}"})
     sys.exit(1)
 open(os.path.join(d, "bpf.ready"), "w").close()

@@ -37,9 +37,15 @@ class CheckResult:
         return self.status is Status.PASS
 
     def to_json(self) -> dict:
-        return {"name": self.name, "status": self.status.value, "passed": self.passed,
-                "score": 1 if self.passed else 0, "detail": self.detail,
-                "hint": None if self.passed else self.hint, "seconds": round(self.seconds, 2)}
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "passed": self.passed,
+            "score": 1 if self.passed else 0,
+            "detail": self.detail,
+            "hint": None if self.passed else self.hint,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 @dataclass
@@ -71,10 +77,19 @@ class Report:
 
     def to_json(self) -> dict:
         got, total = self.score
-        return {"lab": self.lab, "directory": self.directory, "arch": self.arch, "kernel": self.kernel,
-                "ok": self.ok, "score": got, "total": total, "skipped": self.skipped,
-                "crashed": self.crashed, "seconds": round(self.seconds, 1),
-                "checks": [c.to_json() for c in self.checks]}
+        return {
+            "lab": self.lab,
+            "directory": self.directory,
+            "arch": self.arch,
+            "kernel": self.kernel,
+            "ok": self.ok,
+            "score": got,
+            "total": total,
+            "skipped": self.skipped,
+            "crashed": self.crashed,
+            "seconds": round(self.seconds, 1),
+            "checks": [c.to_json() for c in self.checks],
+        }
 
 
 class StudentCrash(KbridgeError):
@@ -100,8 +115,7 @@ class Grader:
         if name not in self.specs:
             raise KeyError(f"unknown check {name!r}")
         now = time.monotonic()
-        self._results[name] = CheckResult(name, status, detail.rstrip(), hint or self.specs[name].hint,
-                                          now - self._t0)
+        self._results[name] = CheckResult(name, status, detail.rstrip(), hint or self.specs[name].hint, now - self._t0)
         self._t0 = now
 
     def passed(self, name: str) -> bool:
@@ -129,6 +143,7 @@ class Grader:
 
     def finish(self, reason: str = "not run") -> Report:
         """The report, every check in the lab's order; unrecorded ones skipped with REASON."""
-        self.report.checks = [self._results.get(n) or CheckResult(n, Status.SKIP, reason, self.specs[n].hint)
-                              for n in self.order]
+        self.report.checks = [
+            self._results.get(n) or CheckResult(n, Status.SKIP, reason, self.specs[n].hint) for n in self.order
+        ]
         return self.report

@@ -40,8 +40,10 @@ class LogWatch:
             rec = next(self.stream)
             if rec is not None and rec.text.endswith(f"kblab-start-{token}"):
                 return
-        raise KbridgeError("the guest's kernel log did not reach the host (no start marker)",
-                           "kbridge doctor checks the guest's stream ports")
+        raise KbridgeError(
+            "the guest's kernel log did not reach the host (no start marker)",
+            "kbridge doctor checks the guest's stream ports",
+        )
 
     def poll(self, quiet: float = 0.3, limit: float = 10.0) -> list[str]:
         """Read the log until QUIET s pass without a record (at most LIMIT s); StudentCrash on an oops."""
@@ -63,7 +65,7 @@ class LogWatch:
         self.lines += new
         if oops:
             start = next(i for i, t in enumerate(self.lines) if any(m in t for m in OOPS_MARKERS))
-            raise StudentCrash("the guest kernel oopsed", "\n".join(self.lines[max(0, start - 2):start + 40]))
+            raise StudentCrash("the guest kernel oopsed", "\n".join(self.lines[max(0, start - 2) : start + 40]))
         return new
 
     def mine(self, module: str) -> list[str]:
@@ -75,8 +77,7 @@ def _oops_lines(console: str) -> set[str]:
     return {ln for ln in console.splitlines() if any(m in ln for m in OOPS_MARKERS)}
 
 
-def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
-              timeout: float = 60.0) -> tuple[int, str]:
+def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0) -> tuple[int, str]:
     """Run ARGV in the guest; (exit code, output). An oops or a hang becomes StudentCrash.
 
     The guest's console is watched on the host while ARGV runs: an oops that takes the guest's
@@ -105,8 +106,11 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None,
             raise
         if log is not None:
             log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
-        what = (f"did not finish within {timeout:.0f} s" if not isinstance(e, ChannelError)
-                else f"stopped the guest from answering ({e.message})")
+        what = (
+            f"did not finish within {timeout:.0f} s"
+            if not isinstance(e, ChannelError)
+            else f"stopped the guest from answering ({e.message})"
+        )
         raise StudentCrash(f"{' '.join(argv)} {what}: the guest hung", target.console_tail(40) or str(e)) from None
     if log is not None:
         log.poll()
@@ -120,7 +124,7 @@ def _console_oops(console: str) -> str:
     """The console from the first oops line on (what the kernel said about the crash)."""
     lines = console.splitlines()
     first = next((i for i, ln in enumerate(lines) if any(m in ln for m in OOPS_MARKERS)), 0)
-    return "\n".join(lines[max(0, first - 2):first + 45])
+    return "\n".join(lines[max(0, first - 2) : first + 45])
 
 
 def workload_binary(arch: Arch) -> Path:
@@ -135,9 +139,24 @@ def workload_binary(arch: Arch) -> Path:
         raise KbridgeError(f"cannot build the lab workload: {cc} not found", "kbridge doctor --fix installs it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    proc = subprocess.run([cc, "-static", "-nostdlib", "-fno-pic", "-no-pie", "-O2", "-fno-stack-protector",
-                           "-fno-builtin", "-ffreestanding", "-o", str(tmp), str(src)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            cc,
+            "-static",
+            "-nostdlib",
+            "-fno-pic",
+            "-no-pie",
+            "-O2",
+            "-fno-stack-protector",
+            "-fno-builtin",
+            "-ffreestanding",
+            "-o",
+            str(tmp),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise KbridgeError(f"building the lab workload failed: {proc.stderr.strip()[-1000:]}")
     tmp.rename(out)

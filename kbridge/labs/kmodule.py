@@ -44,8 +44,9 @@ def build_student_module(name: str, source: str, student_file: str, image: Image
     cc = f"{image.arch.cross_compile()}gcc-12"
     if shutil.which(cc) is None or shutil.which("make") is None:
         raise KbridgeError(f"cannot build modules: make or {cc} not found", "kbridge doctor --fix installs them")
-    proc = subprocess.run(kbuild.kbuild_argv(image, workdir), capture_output=True, text=True,
-                          env={**os.environ, "LC_ALL": "C"})
+    proc = subprocess.run(
+        kbuild.kbuild_argv(image, workdir), capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}
+    )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         text = kbuild.explain_build_failure(output, mod)
@@ -55,8 +56,11 @@ def build_student_module(name: str, source: str, student_file: str, image: Image
         raise KbridgeError(text)
     ko = workdir / f"{name}.ko"
     kbuild.check_vermagic(ko.read_bytes(), image.krel)
-    warnings = [f"{student_file}:{m['line']}: warning: {m['msg']}" for raw in output.splitlines()
-                if (m := kbuild._GCC_DIAG.match(raw.strip())) and m["kind"] == "warning"]
+    warnings = [
+        f"{student_file}:{m['line']}: warning: {m['msg']}"
+        for raw in output.splitlines()
+        if (m := kbuild._GCC_DIAG.match(raw.strip())) and m["kind"] == "warning"
+    ]
     return BuiltModule(name, ko, student_file, warnings)
 
 
@@ -76,9 +80,11 @@ def oops_site(text: str, mod: BuiltModule, cross: str) -> str | None:
             parts = line.split()
             if len(parts) >= 5 and parts[-1] == m["func"] and "F" in parts[1:-3]:
                 section, value = parts[-3], int(parts[0], 16)
-                where = subprocess.run([f"{cross}addr2line", "-e", str(mod.ko), "-j", section,
-                                        f"{value + int(m['off'], 16):#x}"],
-                                       capture_output=True, text=True).stdout.strip()
+                where = subprocess.run(
+                    [f"{cross}addr2line", "-e", str(mod.ko), "-j", section, f"{value + int(m['off'], 16):#x}"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
                 fname, _, lineno = where.rpartition(":")
                 if lineno.split()[0].isdigit() and not fname.endswith("?"):
                     return f"{mod.student_file}:{lineno.split()[0]} ({m['func']}+0x{m['off']})"
@@ -104,8 +110,9 @@ class LoadedModule:
         self.loaded = False
         stripped = mod.ko.with_suffix(".stripped.ko")
         # The guest needs no debug info (most of a .ko's size); the host copy keeps it for oopses.
-        res = subprocess.run([f"{target.arch.cross_compile()}objcopy", "--strip-debug", str(mod.ko),
-                              str(stripped)], capture_output=True)
+        res = subprocess.run(
+            [f"{target.arch.cross_compile()}objcopy", "--strip-debug", str(mod.ko), str(stripped)], capture_output=True
+        )
         target.write_file(self.guest_ko, (stripped if res.returncode == 0 else mod.ko).read_bytes())
 
     def insmod(self, *params: str) -> tuple[bool, str]:

@@ -17,8 +17,10 @@ def write(lab: Lab, dest: Path, which: str, force: bool = False) -> list[Path]:
     if dest.exists() and not dest.is_dir():
         raise KbridgeError(f"{dest} exists and is not a directory", "name another directory with --dir")
     if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise KbridgeError(f"{dest} already exists and is not empty: not overwriting the work in it",
-                           "check it with `kbridge lab check`, or pass --force to start over")
+        raise KbridgeError(
+            f"{dest} already exists and is not empty: not overwriting the work in it",
+            "check it with `kbridge lab check`, or pass --force to start over",
+        )
     derive = markers.skeleton if which == "skeleton" else markers.solution
     texts = {f: derive(lab.source(f), f) for f in lab.files}  # all derived before anything is written
     texts["README.md"] = lab.readme()
@@ -34,14 +36,17 @@ def write(lab: Lab, dest: Path, which: str, force: bool = False) -> list[Path]:
 def load(directory: Path) -> tuple[Lab, dict[str, str]]:
     """The lab a directory holds and the student's files in it."""
     if not directory.is_dir():
-        raise KbridgeError(f"{str(directory)!r} is not a lab directory",
-                           "kbridge lab start LAB writes one; then kbridge lab check LAB")
+        raise KbridgeError(
+            f"{str(directory)!r} is not a lab directory", "kbridge lab start LAB writes one; then kbridge lab check LAB"
+        )
     try:
         meta = json.loads((directory / MARKER).read_text())
         lab = get(str(meta["lab"]))
     except (OSError, ValueError, KeyError, TypeError):
-        raise KbridgeError(f"{str(directory)!r} has no readable {MARKER} file: it was not made by "
-                           "`kbridge lab start`", "start the lab again elsewhere and copy your code in") from None
+        raise KbridgeError(
+            f"{str(directory)!r} has no readable {MARKER} file: it was not made by `kbridge lab start`",
+            "start the lab again elsewhere and copy your code in",
+        ) from None
     files = {}
     for fname in lab.files:
         path = directory / fname

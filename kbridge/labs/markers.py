@@ -40,8 +40,12 @@ def _split(source: str, name: str) -> list[tuple[str, int | None, str]]:
     header = ""  # the TODO's comment goes on: "c" until its "*/", "sh" while lines start with "#"
     seen: set[int] = set()
     for n, line in enumerate(source.splitlines(), 1):
-        if header == "c" or (header == "sh" and line.lstrip().startswith("#")
-                             and not _CLOSE.match(line) and not _SKELETON_ONLY.match(line)):
+        if header == "c" or (
+            header == "sh"
+            and line.lstrip().startswith("#")
+            and not _CLOSE.match(line)
+            and not _SKELETON_ONLY.match(line)
+        ):
             out.append(("todo", current, line))
             if header == "c" and "*/" in line:
                 header = ""
@@ -98,5 +102,4 @@ def skeleton(source: str, name: str = "source") -> str:
 
 def solution(source: str, name: str = "source") -> str:
     """The reference solution: TODO lines kept as signposts, reference lines, no placeholders."""
-    return "\n".join(line for kind, _, line in _split(source, name)
-                     if kind in ("plain", "todo", "ref")) + "\n"
+    return "\n".join(line for kind, _, line in _split(source, name) if kind in ("plain", "todo", "ref")) + "\n"

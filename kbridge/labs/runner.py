@@ -21,8 +21,10 @@ from kbridge.targets.base import GuestCrash, Target
 from kbridge.targets.qga import ChannelError
 
 CRASHED = "not run: the guest kernel crashed or hung (the VM is restarted for the next check)"
-CRASH_HINT = ("your code crashed (or hung) the kernel at the place shown: in the kernel there is no "
-              "segfault that only kills your program; fix it, then check again in the restarted VM")
+CRASH_HINT = (
+    "your code crashed (or hung) the kernel at the place shown: in the kernel there is no "
+    "segfault that only kills your program; fix it, then check again in the restarted VM"
+)
 
 
 def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -> Report:
@@ -63,8 +65,7 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
     return report
 
 
-def _crashed(target: Target, grader: Grader, lab: Lab, ctx: LabContext, report: Report,
-             crash: StudentCrash) -> str:
+def _crashed(target: Target, grader: Grader, lab: Lab, ctx: LabContext, report: Report, crash: StudentCrash) -> str:
     """Fail the check in progress with the kernel's text, and mark the guest for a restart."""
     report.crashed = True
     target.mark_crashed()
@@ -83,16 +84,19 @@ def kernel_available(lab: Lab, arch: Arch) -> str | None:
     from kbridge.images import image as images
 
     if images.load(arch, suite, verify=False) is None:
-        return (f"needs the {lab.kernel} kernel ({suite}), whose {arch.name} image is not built here "
-                f"(kbridge vm up --kernel {lab.kernel} --arch {arch.name} builds and boots it)")
+        return (
+            f"needs the {lab.kernel} kernel ({suite}), whose {arch.name} image is not built here "
+            f"(kbridge vm up --kernel {lab.kernel} --arch {arch.name} builds and boots it)"
+        )
     return None
 
 
 Acquire = Callable[..., contextlib.AbstractContextManager[Target]]
 
 
-def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
-               acquire: Acquire | None = None) -> Iterator[Report]:
+def check_dirs(
+    directories: list[Path], arch: str | None, keep: bool = False, acquire: Acquire | None = None
+) -> Iterator[Report]:
     """Grade each directory on ARCH, reusing one guest per kernel and image flavour; a guest the
     student crashed is released and a fresh one acquired for the next directory."""
     if acquire is None:
@@ -115,21 +119,29 @@ def check_dirs(directories: list[Path], arch: str | None, keep: bool = False,
                 if why := kernel_available(lab, a):
                     progress.info(f"{lab.name} {why}: building it (once)")
                 try:
-                    target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep,
-                                                         kernel=lab.kernel))
+                    target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel))
                 except KbridgeError as e:
                     if lab.kernel is None:
                         raise
                     # The lab's kernel cannot be had here: say so; the lab is not run, not faked.
                     progress.warn(f"{directory}: {lab.name} skipped: {e.message}")
-                    yield Report(lab.name, str(directory), a.name, skipped=f"the {lab.kernel} kernel is not "
-                                 f"available: {e.message}")
+                    yield Report(
+                        lab.name,
+                        str(directory),
+                        a.name,
+                        skipped=f"the {lab.kernel} kernel is not available: {e.message}",
+                    )
                     continue
                 current = want
             if lab.flavour == "bcc" and target.bcc_python() is None:
-                yield Report(lab.name, str(directory), a.name, target.krel,
-                             skipped="needs a guest with bcc, and the kept VM has none: stop it "
-                                     "(kbridge vm down) so the check boots the bcc image")
+                yield Report(
+                    lab.name,
+                    str(directory),
+                    a.name,
+                    target.krel,
+                    skipped="needs a guest with bcc, and the kept VM has none: stop it "
+                    "(kbridge vm down) so the check boots the bcc image",
+                )
                 continue
             progress.info(f"checking {directory} ({lab.name}) on {target.name} {target.krel}")
             report = check_in(target, directory, lab, files)

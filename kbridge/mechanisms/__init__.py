@@ -25,8 +25,15 @@ NAMES = ("kmod", "tracefs", "bpf")
 
 
 class RunFn(Protocol):
-    def __call__(self, session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule,
-                 on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult: ...
+    def __call__(
+        self,
+        session: Session,
+        spec: ProbeSpec,
+        workload: Workload,
+        stop: StopRule,
+        on_hit: HitSink | None = None,
+        prepared: object = None,
+    ) -> MechanismResult: ...
 
 
 @dataclass(frozen=True)

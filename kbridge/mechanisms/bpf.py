@@ -28,7 +28,9 @@ from kbridge.spec import ProbeSpec
 from kbridge.targets.base import BPF_PORT, ExecResult, Target
 from kbridge.workload import Workload
 
-READY_TIMEOUT_S = 600.0  # bcc import + clang compile under TCG: 10-50 s on x86_64, 40-90 s on arm64, 3x that on a loaded host
+READY_TIMEOUT_S = (
+    600.0  # bcc import + clang compile under TCG: 10-50 s on x86_64, 40-90 s on arm64, 3x that on a loaded host
+)
 RUNNER = "/tmp/kbridge_bpf_runner.py"  # /tmp is bound into the bcc rootfs at the same path
 PLAN = "/tmp/kbridge_bpf_plan.json"
 SERVE_PID = "/run/kbridge/bpf-runner.pid"  # a kept runner's pid and the hash of its text (bpf_runner.py)
@@ -46,12 +48,19 @@ def require_bcc(session: Session) -> list[str]:
         raise KbridgeError(
             f"{session.target.name} has no bcc: it was booted from the default image, which has no python3-bpfcc",
             f"stop it (kbridge vm down --arch {arch}) so --via bpf boots the bcc image, or keep one with "
-            f"kbridge bpf up --arch {arch}")
+            f"kbridge bpf up --arch {arch}",
+        )
     return python
 
 
-def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = StopRule(),
-        on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult:
+def run(
+    session: Session,
+    spec: ProbeSpec,
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    prepared: object = None,
+) -> MechanismResult:
     """Compile and attach SPEC with bcc in the guest, run WORKLOAD, collect every hit, detach."""
     python = require_bcc(session)
     target = session.target
@@ -80,10 +89,15 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         # A killed kbridge's runner stays attached: the next command stops it.
         record = ownership.claim_process(target, pid)
         ready = _wait_ready(session, stream, handle, pid, spec)
-        decoder = (collect.Decoder(ready["layout"], plan["args"], spec.symbol, session.arch.name)
-                   if ready.get("layout") else None)
-        result.notes.append(f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
-                            + (" (compiled earlier, kept by the runner)" if ready.get("cached") else ""))
+        decoder = (
+            collect.Decoder(ready["layout"], plan["args"], spec.symbol, session.arch.name)
+            if ready.get("layout")
+            else None
+        )
+        result.notes.append(
+            f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
+            + (" (compiled earlier, kept by the runner)" if ready.get("cached") else "")
+        )
         work = WorkloadRun(target, workload)
         stopper = Stopper(stop, work)
         while True:
@@ -137,8 +151,7 @@ def _alive(target: Target, pid: int) -> bool:
         return False
 
 
-def _wait_ready(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int,
-                spec: ProbeSpec) -> dict:
+def _wait_ready(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int, spec: ProbeSpec) -> dict:
     target = session.target
     deadline = time.monotonic() + READY_TIMEOUT_S
     next_check = time.monotonic() + 1.0
@@ -154,8 +167,10 @@ def _wait_ready(session: Session, stream: Iterator[dict | None], handle: int | N
                 raise _explain(msg, spec, stderr)
         res2: ExecResult | None
         if msg is None and handle is not None and (res2 := target.poll(handle)) is not None:
-            raise BpfError(f"the bcc runner exited ({res2.exitcode}) before attaching: "
-                           f"{(res2.stderr or res2.stdout).decode(errors='replace').strip()[-1500:]}")
+            raise BpfError(
+                f"the bcc runner exited ({res2.exitcode}) before attaching: "
+                f"{(res2.stderr or res2.stdout).decode(errors='replace').strip()[-1500:]}"
+            )
         if msg is None and handle is None and time.monotonic() > next_check:
             next_check = time.monotonic() + 1.0
             if not _alive(target, pid):
@@ -168,18 +183,28 @@ def _explain(msg: dict, spec: ProbeSpec, stderr: str) -> BpfError:
     detail = msg.get("message", "").strip()
     diag = "\n".join(ln for ln in stderr.splitlines() if "error" in ln.lower())[-1500:]
     if stage == "compile":
-        return BpfError(f"bcc could not compile the program for {spec.symbol!r}: {detail[:300]}\n{diag}",
-                        "kbridge bpf render shows the program; nothing was attached")
+        return BpfError(
+            f"bcc could not compile the program for {spec.symbol!r}: {detail[:300]}\n{diag}",
+            "kbridge bpf render shows the program; nothing was attached",
+        )
     if stage == "attach":
-        return BpfError(f"bcc could not attach to {spec.symbol!r}"
-                        f"{'+%#x' % spec.offset if spec.offset else ''}: {detail}",
-                        "kbridge inspect SYMBOL shows how the kernel sees it; nothing stays attached")
+        return BpfError(
+            f"bcc could not attach to {spec.symbol!r}{f'+{spec.offset:#x}' if spec.offset else ''}: {detail}",
+            "kbridge inspect SYMBOL shows how the kernel sees it; nothing stays attached",
+        )
     return BpfError(f"the bcc runner failed ({stage}): {detail}\n{diag}")
 
 
-def _finish(session: Session, stream: Iterator[dict | None], handle: int | None, pid: int,
-            result: MechanismResult, stop: StopRule, on_hit: HitSink | None,
-            decoder: collect.Decoder | None) -> None:
+def _finish(
+    session: Session,
+    stream: Iterator[dict | None],
+    handle: int | None,
+    pid: int,
+    result: MechanismResult,
+    stop: StopRule,
+    on_hit: HitSink | None,
+    decoder: collect.Decoder | None,
+) -> None:
     """Stop the run (the runner detaches, drains and reports the exact counts), then check nothing stays attached."""
     target = session.target
     target.run(["/bin/busybox", "kill", "-INT", str(pid)], timeout=30)

@@ -88,8 +88,13 @@ class MechanismResult:
 
     def summary(self) -> dict:
         """The JSON summary entry every mechanism reports: exact hits, then what the stream saw."""
-        entry: dict = {"hits": self.total, "counters": self.counters, "streamed": len(self.hits),
-                       "missed": self.missed, "lost": self.lost}
+        entry: dict = {
+            "hits": self.total,
+            "counters": self.counters,
+            "streamed": len(self.hits),
+            "missed": self.missed,
+            "lost": self.lost,
+        }
         if self.first_event_s is not None:
             entry["first_event_s"] = round(self.first_event_s, 6)
         if self.notes:

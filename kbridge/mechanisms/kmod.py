@@ -35,14 +35,13 @@ from kbridge.workload import Workload
 REGISTER_ERRORS: dict[int, str] = {
     errnos.ENOENT: "the symbol is not in the kernel's symbol table (kallsyms_lookup_name failed)",
     errnos.EINVAL: "the address cannot be probed: it is on the kprobe blacklist, not in kernel text, "
-                   "not inside the function, or (arm64) the ftrace call site or not a multiple of 4",
+    "not inside the function, or (arm64) the ftrace call site or not a multiple of 4",
     errnos.EILSEQ: "the offset is not at an instruction boundary (x86_64: can_probe())",
-    errnos.EBUSY: "the location is busy: another tracer owns it (e.g. an ftrace user with IPMODIFY, "
-                  "such as livepatch)",
+    errnos.EBUSY: "the location is busy: another tracer owns it (e.g. an ftrace user with IPMODIFY, such as livepatch)",
     errnos.EEXIST: "this probe is already registered",
     errnos.ENOMEM: "the kernel could not allocate the probe (or a kretprobe instance pool)",
     errnos.EOPNOTSUPP: "this kind of probe is not supported here (e.g. kretprobes without "
-                       "CONFIG_KRETPROBES, or a kretprobe not at function entry)",
+    "CONFIG_KRETPROBES, or a kretprobe not at function entry)",
     errnos.EPERM: "probing is not permitted (kernel lockdown or a disabled kprobes subsystem)",
 }
 
@@ -50,8 +49,10 @@ REGISTER_ERRORS: dict[int, str] = {
 def explain_register_error(err: int, what: str, symbol: str) -> KbridgeError:
     name = errnos.errorcode.get(err, str(err))
     why = REGISTER_ERRORS.get(err, os.strerror(err))
-    return KbridgeError(f"register_{what} on {symbol!r} failed with -{name}: {why}",
-                        "kbridge inspect SYMBOL shows how the kernel sees it")
+    return KbridgeError(
+        f"register_{what} on {symbol!r} failed with -{name}: {why}",
+        "kbridge inspect SYMBOL shows how the kernel sees it",
+    )
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,19 @@ def check(spec: ProbeSpec, arch: Arch) -> None:
     """What the generated module cannot do for SPEC, said before any VM boots."""
     if arch.is_syscall_wrapper(spec.symbol):
         if bad := [a for a in spec.args if a.index > len(arch.syscall_arg_fields)]:
-            raise KbridgeError(f"{spec.symbol} is a syscall: it has at most {len(arch.syscall_arg_fields)} "
-                               f"arguments, not --arg {bad[0].name}={bad[0].index}")
+            raise KbridgeError(
+                f"{spec.symbol} is a syscall: it has at most {len(arch.syscall_arg_fields)} "
+                f"arguments, not --arg {bad[0].name}={bad[0].index}"
+            )
         if spec.args and spec.offset:
             # The wrapper's first argument register holds the user pt_regs only at entry;
             # past it the register may hold anything, and dereferencing it oopses.
             raise KbridgeError(
                 f"--arg with --offset {spec.offset:#x} on {spec.symbol}: the syscall's arguments are read "
                 "through the user pt_regs in the first argument register, which only holds it at the "
-                "function entry", f"drop --offset, or drop --arg to probe {spec.symbol}+{spec.offset:#x}")
+                "function entry",
+                f"drop --offset, or drop --arg to probe {spec.symbol}+{spec.offset:#x}",
+            )
 
 
 def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
@@ -83,8 +88,14 @@ def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
     return BuiltProbe(mod.name, build(mod, image))
 
 
-def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = StopRule(),
-        on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult:
+def run(
+    session: Session,
+    spec: ProbeSpec,
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    prepared: object = None,
+) -> MechanismResult:
     """Load the module built from SPEC into the session's guest, run WORKLOAD, collect, unload."""
     built = prepared if isinstance(prepared, BuiltProbe) else prepare(spec, session.image)
     target = session.target
@@ -149,8 +160,9 @@ def _oops(text: str, crash: list[str]) -> bool:
     return False
 
 
-def _wait_for(stream: Iterator[KmsgRecord | None], module: str, run_id: str, kind: str, crash: list[str],
-              timeout: float = 30.0) -> ModuleEvent:
+def _wait_for(
+    stream: Iterator[KmsgRecord | None], module: str, run_id: str, kind: str, crash: list[str], timeout: float = 30.0
+) -> ModuleEvent:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = next(stream)
@@ -163,8 +175,9 @@ def _wait_for(stream: Iterator[KmsgRecord | None], module: str, run_id: str, kin
     raise KbridgeError(f"{module}: no '{kind}' message in the guest log within {timeout:.0f} s")
 
 
-def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str, spec: ProbeSpec,
-                  stderr: str, session: Session) -> KbridgeError:
+def _load_failure(
+    stream: Iterator[KmsgRecord | None], module: str, run_id: str, spec: ProbeSpec, stderr: str, session: Session
+) -> KbridgeError:
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         rec = next(stream)
@@ -175,14 +188,23 @@ def _load_failure(stream: Iterator[KmsgRecord | None], module: str, run_id: str,
             if ev.what == "kprobe":
                 from kbridge.inspect import explain_refusal, is_ftraceable  # inspect imports this module
 
-                return explain_refusal(ev.errno, session.arch, spec.symbol, spec.offset,
-                                       is_ftraceable(session, spec.symbol))
+                return explain_refusal(
+                    ev.errno, session.arch, spec.symbol, spec.offset, is_ftraceable(session, spec.symbol)
+                )
             return explain_register_error(ev.errno, ev.what, spec.symbol)
     return KbridgeError(f"insmod {module}.ko failed: {stderr.strip()}")
 
 
-def _unload(session: Session, stream: Iterator[KmsgRecord | None], module: str, run_id: str, result: MechanismResult,
-            stop: StopRule, on_hit: HitSink | None, crash: list[str]) -> None:
+def _unload(
+    session: Session,
+    stream: Iterator[KmsgRecord | None],
+    module: str,
+    run_id: str,
+    result: MechanismResult,
+    stop: StopRule,
+    on_hit: HitSink | None,
+    crash: list[str],
+) -> None:
     rm = session.target.run(["/sbin/rmmod", module], timeout=60)
     if not rm.ok:
         raise KbridgeError(f"rmmod {module} failed: {rm.stderr.decode(errors='replace').strip()}")
@@ -207,8 +229,10 @@ def _unload(session: Session, stream: Iterator[KmsgRecord | None], module: str, 
             result.counters = {h: c.get(h, 0) for h in ("pre", "post", "entry", "ret", "fault") if h in wanted}
             result.missed = c.get("kprobe_nmissed", 0) + c.get("kretprobe_nmissed", 0)
             if c.get("fault"):
-                result.notes.append("kprobe_fault_handler() also counts each fault taken in a handler as "
-                                    "missed (nmissed), so missed includes the fault hits")
+                result.notes.append(
+                    "kprobe_fault_handler() also counts each fault taken in a handler as "
+                    "missed (nmissed), so missed includes the fault hits"
+                )
             if stop.count is None:
                 result.lost = max(0, result.total - len(result.hits))
             break

@@ -26,7 +26,11 @@ from kbridge import events, ownership, progress
 from kbridge.arch import Arch
 from kbridge.collect.histogram import ReturnPairer
 from kbridge.collect.trace_pipe import (
-    CpuStats, EventInfo, TracePipeParser, parse_cpu_stats, parse_kprobe_profile,
+    CpuStats,
+    EventInfo,
+    TracePipeParser,
+    parse_cpu_stats,
+    parse_kprobe_profile,
 )
 from kbridge.collect.tracefs_steps import StepReporter, StepSink, shell_quote, syscall_rewrite_note
 from kbridge.errors import KbridgeError
@@ -65,13 +69,16 @@ class GuestTracingState:
         # "7 (expanded: 1408)": the boot-time buffer is tiny until tracing is
         # first used, then grows to the expanded size; that is the one to restore.
         m = re.search(r"expanded:\s*(\d+)", size)
-        return cls(vm.read_file(KPROBE_EVENTS).decode(),
-                   int(m.group(1) if m else size.split()[0]),
-                   vm.read_file(f"{TRACING}/tracing_on").decode().strip())
+        return cls(
+            vm.read_file(KPROBE_EVENTS).decode(),
+            int(m.group(1) if m else size.split()[0]),
+            vm.read_file(f"{TRACING}/tracing_on").decode().strip(),
+        )
 
 
-def build_filter(user: str | None = None, pid: int | None = None, comm: str | None = None,
-                 exclude: list[int] | tuple[int, ...] = ()) -> str:
+def build_filter(
+    user: str | None = None, pid: int | None = None, comm: str | None = None, exclude: list[int] | tuple[int, ...] = ()
+) -> str:
     """One event filter: the user's expression, --pid, --comm, and never kbridge's own pids.
 
     6.1 has no common_tgid field, so --pid matches common_pid (the thread id):
@@ -88,14 +95,16 @@ def build_filter(user: str | None = None, pid: int | None = None, comm: str | No
         parts.append(f"common_pid == {pid}")
     if comm is not None:
         if not _COMM.fullmatch(comm) or any(c in comm for c in '"\\'):
-            raise KbridgeError(f"invalid --comm {comm!r}: 1-15 printable characters without spaces, "
-                               "quotes or backslashes")
+            raise KbridgeError(
+                f"invalid --comm {comm!r}: 1-15 printable characters without spaces, quotes or backslashes"
+            )
         parts.append(f'comm == "{comm}"')
     parts += [f"common_pid != {p}" for p in exclude]
     return " && ".join(parts)
 
 
 # --- guest tracefs helpers -----------------------------------------------------
+
 
 def existing_events(text: str, arch: str, kernel: str | None = None) -> dict[str, str]:
     """GROUP/EVENT -> line, for what kprobe_events lists now (in KERNEL's grammar: 6.6+ lists BTF names)."""
@@ -145,12 +154,14 @@ def define(vm: Target, line: str, steps: StepReporter | None = None) -> None:
         why = str(e).rsplit(":", 1)[-1].strip()
         new = [x for x in _new_entries(before, _error_log(vm)) if x.subsystem == "trace_kprobe"]
         if not new:
-            raise KbridgeError(f"the guest kernel rejected {line!r}: {why} (nothing in error_log)",
-                               "see Documentation/trace/kprobetrace.rst") from None
+            raise KbridgeError(
+                f"the guest kernel rejected {line!r}: {why} (nothing in error_log)",
+                "see Documentation/trace/kprobetrace.rst",
+            ) from None
         entry = new[-1]
-        raise events.EventSyntaxError(line, entry.error_class, entry.error,
-                                      map_position(line, entry.position), entry.command,
-                                      entry.position) from None
+        raise events.EventSyntaxError(
+            line, entry.error_class, entry.error, map_position(line, entry.position), entry.command, entry.position
+        ) from None
 
 
 def remove(vm: Target, ev: events.ProbeEvent) -> None:
@@ -199,8 +210,7 @@ def parse_cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
-                    notes: list[str]) -> list[events.ProbeEvent]:
+def resolve_symbols(session: Session, parsed: list[events.ProbeEvent], notes: list[str]) -> list[events.ProbeEvent]:
     """Check each probed symbol against the target kernel; syscall aliases become their entry.
 
     Unknown, non-unique and blacklisted symbols raise Session.resolve's errors
@@ -217,8 +227,10 @@ def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
             if why := syscall_rewrite_note(ev.symbol, res.symbol, session.arch):
                 notes.append(why)
             if any(isinstance(a.fetch, events.Arg) for a in ev.args):
-                notes.append(f"{res.symbol}'s only argument is the user's pt_regs: $argN there is not "
-                             f"the syscall's argument (fetch them through it, e.g. +OFFSET($arg1))")
+                notes.append(
+                    f"{res.symbol}'s only argument is the user's pt_regs: $argN there is not "
+                    f"the syscall's argument (fetch them through it, e.g. +OFFSET($arg1))"
+                )
             # Keep the event name the user asked for (or would have got).
             ev = replace(ev, symbol=res.symbol, event=ev.effective_event)
         out.append(ev)
@@ -230,11 +242,20 @@ def resolve_symbols(session: Session, parsed: list[events.ProbeEvent],
 HitAdapter = Callable[[EventInfo, Hit], Hit]
 
 
-def run_lines(session: Session, lines: list[str], workload: Workload, stop: StopRule = StopRule(),
-              on_hit: HitSink | None = None, filter: str | None = None,  # noqa: A002 - the CLI's name
-              buffer_kb: int | None = None, pid: int | None = None, comm: str | None = None,
-              spec: ProbeSpec | None = None, adapt: HitAdapter | None = None,
-              steps: StepSink | None = None) -> MechanismResult:
+def run_lines(
+    session: Session,
+    lines: list[str],
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    filter: str | None = None,  # noqa: A002 - the CLI's name
+    buffer_kb: int | None = None,
+    pid: int | None = None,
+    comm: str | None = None,
+    spec: ProbeSpec | None = None,
+    adapt: HitAdapter | None = None,
+    steps: StepSink | None = None,
+) -> MechanismResult:
     """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them.
 
     ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
@@ -274,14 +295,18 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         name = f"{ev.effective_group}/{ev.effective_event}"
         if name not in existing and ev.effective_event in by_event:
             other = by_event[ev.effective_event]
-            raise KbridgeError(f"the guest already has a kprobe event {other} ({existing[other]!r}): trace_pipe "
-                               f"would print its hits and those of {name} alike, as {ev.effective_event!r}",
-                               "give yours another event name: p:GROUP/NAME ...")
+            raise KbridgeError(
+                f"the guest already has a kprobe event {other} ({existing[other]!r}): trace_pipe "
+                f"would print its hits and those of {name} alike, as {ev.effective_event!r}",
+                "give yours another event name: p:GROUP/NAME ...",
+            )
         if name in existing:
             # 6.1 would append a same-named line as another probe of that event
             # (multi-probe events), and removing ours would remove the user's too.
-            raise KbridgeError(f"the guest already has a kprobe event {name}: {existing[name]!r}",
-                               "name yours differently: p:GROUP/NAME ...")
+            raise KbridgeError(
+                f"the guest already has a kprobe event {name}: {existing[name]!r}",
+                "name yours differently: p:GROUP/NAME ...",
+            )
     token = secrets.token_hex(4)
     records: list[ownership.Record] = []  # what a killed run leaves is reclaimed by the next command
     defined: list[events.ProbeEvent] = []
@@ -330,7 +355,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             vm.write_file(f"{TRACING}/buffer_size_kb", str(buffer_kb).encode())
         if state.tracing_on != "1":
             vm.write_file(f"{TRACING}/tracing_on", b"1")
-        for ev, original, line in zip(parsed, checked, lines):
+        for ev, original, line in zip(parsed, checked, lines, strict=True):
             records.append(ownership.claim(vm, "event", f"{ev.effective_group}/{ev.effective_event}"))
             written = line if ev == original else events.format(ev)
             define(vm, written, rep)
@@ -343,7 +368,7 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         stats_before = read_stats(vm)
         stream_pid = vm.spawn([*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
         records.append(ownership.claim_process(vm, vm.guest_pid(stream_pid)))
-        exclude = sorted(set(session.plumbing_pids() + [vm.guest_pid(stream_pid)]))
+        exclude = sorted({*session.plumbing_pids(), vm.guest_pid(stream_pid)})
         text = build_filter(filter, pid, comm, exclude) if filter_base or exclude else ""
         for ev in defined:
             if filter is not None and filter.strip():
@@ -352,8 +377,10 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
             set_filter(vm, ev, text, rep)
         vm.write_file(f"{TRACING}/trace_marker", f"kbridge-start-{token}".encode())
         if not read_until(f"kbridge-start-{token}", MARKER_TIMEOUT_S):
-            raise KbridgeError("trace_pipe did not reach the host (no start marker within "
-                               f"{MARKER_TIMEOUT_S:.0f} s)", "kbridge doctor checks the guest's stream ports")
+            raise KbridgeError(
+                f"trace_pipe did not reach the host (no start marker within {MARKER_TIMEOUT_S:.0f} s)",
+                "kbridge doctor checks the guest's stream ports",
+            )
         for ev in defined:
             vm.write_file(f"{_event_dir(ev)}/enable", b"1")
             if rep:
@@ -379,18 +406,26 @@ def run_lines(session: Session, lines: list[str], workload: Workload, stop: Stop
         completed = True
     finally:
         # After Ctrl-C mid-call the agent drops the late reply itself (GuestAgent.call).
-        _teardown(session, state, defined, stream_pid, work, buffer_kb, result,
-                  stats_before, parser, completed, rep)
+        _teardown(session, state, defined, stream_pid, work, buffer_kb, result, stats_before, parser, completed, rep)
         for rec in records:
             ownership.release(vm, rec)
     result.record_workload(work)
     return result
 
 
-def _teardown(session: Session, state: GuestTracingState, defined: list[events.ProbeEvent],
-              stream_pid: int | None, work: WorkloadRun | None, buffer_kb: int | None,
-              result: MechanismResult, stats_before: dict[str, CpuStats],
-              parser: TracePipeParser, completed: bool, rep: StepReporter | None = None) -> None:
+def _teardown(
+    session: Session,
+    state: GuestTracingState,
+    defined: list[events.ProbeEvent],
+    stream_pid: int | None,
+    work: WorkloadRun | None,
+    buffer_kb: int | None,
+    result: MechanismResult,
+    stats_before: dict[str, CpuStats],
+    parser: TracePipeParser,
+    completed: bool,
+    rep: StepReporter | None = None,
+) -> None:
     """Undo everything the run did, step by step, so one failure does not skip the rest."""
     vm = session.target
     failures: list[str] = []
@@ -406,23 +441,28 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
     for ev in defined:
         step(f"disable {ev.effective_event}", functools.partial(vm.write_file, f"{_event_dir(ev)}/enable", b"0"))
     if stream_pid is not None:
-        step("stop the trace_pipe stream",
-             lambda: vm.run(["/bin/busybox", "kill", str(vm.guest_pid(stream_pid))], timeout=10))
+        step(
+            "stop the trace_pipe stream",
+            lambda: vm.run(["/bin/busybox", "kill", str(vm.guest_pid(stream_pid))], timeout=10),
+        )
         step("reap the trace_pipe stream", lambda: vm.wait(stream_pid, timeout=10))
     with contextlib.suppress(Exception):
         vm.close_stream(TRACE_PORT)
     if completed:
         step("count lost and missed events", lambda: _count_losses(vm, result, stats_before, parser, defined))
         if rep:
-            rep.show(f"{TRACING}/kprobe_profile", "EVENT, times the probe fired (before any filter), "
-                                                  "times it was missed")
+            rep.show(
+                f"{TRACING}/kprobe_profile", "EVENT, times the probe fired (before any filter), times it was missed"
+            )
     for ev in reversed(defined):
         step(f"remove {ev.effective_group}/{ev.effective_event}", functools.partial(remove, vm, ev))
         if rep:
             rep.removed(render.removal_line(ev), ev.effective_group, ev.effective_event)
     if buffer_kb is not None:
-        step("restore buffer_size_kb",
-             lambda: vm.write_file(f"{TRACING}/buffer_size_kb", str(state.buffer_size_kb).encode()))
+        step(
+            "restore buffer_size_kb",
+            lambda: vm.write_file(f"{TRACING}/buffer_size_kb", str(state.buffer_size_kb).encode()),
+        )
     if state.tracing_on != "1":
         step("restore tracing_on", lambda: vm.write_file(f"{TRACING}/tracing_on", state.tracing_on.encode()))
     with contextlib.suppress(Exception):
@@ -436,19 +476,24 @@ def _teardown(session: Session, state: GuestTracingState, defined: list[events.P
         progress.warn(msg)
 
 
-def _count_losses(vm: Target, result: MechanismResult, stats_before: dict[str, CpuStats],
-                  parser: TracePipeParser, defined: list[events.ProbeEvent]) -> None:
+def _count_losses(
+    vm: Target,
+    result: MechanismResult,
+    stats_before: dict[str, CpuStats],
+    parser: TracePipeParser,
+    defined: list[events.ProbeEvent],
+) -> None:
     parser.flush()
     already = len(result.notes)
     after = read_stats(vm)
     overrun = sum((after[c] - stats_before.get(c, CpuStats())).lost for c in after)
     result.lost = max(overrun, parser.lost)
     if parser.lost and parser.lost != overrun:
-        result.notes.append(f"trace_pipe reported {parser.lost} lost events, the ring buffer "
-                            f"stats {overrun}; counting {result.lost}")
+        result.notes.append(
+            f"trace_pipe reported {parser.lost} lost events, the ring buffer stats {overrun}; counting {result.lost}"
+        )
     if parser.unparsed:
-        result.notes.append(f"{len(parser.unparsed)} trace_pipe lines did not parse, e.g. "
-                            f"{parser.unparsed[0][:200]!r}")
+        result.notes.append(f"{len(parser.unparsed)} trace_pipe lines did not parse, e.g. {parser.unparsed[0][:200]!r}")
     profile = parse_kprobe_profile(vm.read_file(f"{TRACING}/kprobe_profile").decode())
     result.missed = sum(profile.get(ev.effective_event, (0, 0))[1] for ev in defined)
     if result.lost:
@@ -456,9 +501,11 @@ def _count_losses(vm: Target, result: MechanismResult, stats_before: dict[str, C
             # hits stay exact: events read + events the ring buffer overwrote before they were read.
             (name,) = result.counters
             result.counters[name] += result.lost
-        result.notes.append(f"{result.lost} events were overwritten in the ring buffer before they were read "
-                            "(a larger --buffer-kb keeps them)"
-                            + ("" if len(defined) == 1 else "; the per-event counts are the events read"))
+        result.notes.append(
+            f"{result.lost} events were overwritten in the ring buffer before they were read "
+            "(a larger --buffer-kb keeps them)"
+            + ("" if len(defined) == 1 else "; the per-event counts are the events read")
+        )
     for note in result.notes[already:]:
         progress.warn(note)
 
@@ -468,8 +515,14 @@ def check(spec: ProbeSpec, arch: Arch) -> None:
     render.render(spec, arch)
 
 
-def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = StopRule(),
-        on_hit: HitSink | None = None, prepared: object = None) -> MechanismResult:
+def run(
+    session: Session,
+    spec: ProbeSpec,
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    prepared: object = None,
+) -> MechanismResult:
     """Probe SPEC through kprobe_events: the `--via tracefs` path of kbridge probe.
 
     Counters are by handler, as for the module; handlers tracefs cannot tell
@@ -482,7 +535,8 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
         handlers = by_event[info.name].handlers
         hit.handler = handlers[0]
         if info.is_return:
-            hit.retval = hit.args.pop("ret", None)  # type: ignore[assignment]
+            ret = hit.args.pop("ret", None)
+            hit.retval = ret if isinstance(ret, int) else None
         if render.IP_ARG in hit.args:
             # %ip/%pc and %flags/%pstate as the kprobe handler saw them; tracefs shows no probe address.
             hit.ip = int(hit.args.pop(render.IP_ARG))
@@ -490,8 +544,17 @@ def run(session: Session, spec: ProbeSpec, workload: Workload, stop: StopRule = 
             hit.arch = session.arch.name
         return hit
 
-    result = run_lines(session, [r.line for r in rendered], workload, stop, on_hit,
-                       pid=spec.pid, comm=spec.comm, spec=spec, adapt=adapt)
+    result = run_lines(
+        session,
+        [r.line for r in rendered],
+        workload,
+        stop,
+        on_hit,
+        pid=spec.pid,
+        comm=spec.comm,
+        spec=spec,
+        adapt=adapt,
+    )
     counters: dict[str, int] = {}
     for r in rendered:
         for h in r.handlers:

@@ -29,9 +29,15 @@ class BpfProgram:
 
     def plan(self, exclude: list[int], port: str, run_id: str) -> dict:
         """The JSON document the guest runner reads."""
-        return {"text": self.text, "attach": self.attach, "args": [a.name for a in self.spec.args],
-                "handlers": sorted(self.spec.handlers, key=HANDLER_IDS.__getitem__),
-                "exclude": exclude, "port": port, "run": run_id}
+        return {
+            "text": self.text,
+            "attach": self.attach,
+            "args": [a.name for a in self.spec.args],
+            "handlers": sorted(self.spec.handlers, key=HANDLER_IDS.__getitem__),
+            "exclude": exclude,
+            "port": port,
+            "run": run_id,
+        }
 
 
 def render(spec: ProbeSpec, arch: Arch) -> BpfProgram:
@@ -45,29 +51,38 @@ def render(spec: ProbeSpec, arch: Arch) -> BpfProgram:
     if spec.kretprobe:
         parts.append(f"kretprobe on {spec.symbol}")
     text = templates.render(
-        "bpf.c.j2", what=" and ".join(parts), kprobe=spec.kprobe, kretprobe=spec.kretprobe,
-        handlers=sorted(spec.handlers), pid=int(spec.pid) if spec.pid else None,
+        "bpf.c.j2",
+        what=" and ".join(parts),
+        kprobe=spec.kprobe,
+        kretprobe=spec.kretprobe,
+        handlers=sorted(spec.handlers),
+        pid=int(spec.pid) if spec.pid else None,
         comm=spec.comm,  # make_spec allows only printable characters without quotes or backslashes
-        syscall_wrapper=syscall, ids=SimpleNamespace(**HANDLER_IDS),
-        args=[SimpleNamespace(name=a.name, field=fields[a.index - 1]) for a in spec.args])
+        syscall_wrapper=syscall,
+        ids=SimpleNamespace(**HANDLER_IDS),
+        args=[SimpleNamespace(name=a.name, field=fields[a.index - 1]) for a in spec.args],
+    )
     attach: list[dict] = []
     if spec.kprobe:
         attach.append({"type": "kprobe", "symbol": spec.symbol, "offset": spec.offset, "fn": "kb_pre"})
     if spec.kretprobe:
         attach.append({"type": "kprobe", "symbol": spec.symbol, "offset": 0, "fn": "kb_entry"})
         if "ret" in spec.handlers:
-            attach.append({"type": "kretprobe", "symbol": spec.symbol, "fn": "kb_ret",
-                           "maxactive": spec.maxactive})
+            attach.append({"type": "kretprobe", "symbol": spec.symbol, "fn": "kb_ret", "maxactive": spec.maxactive})
     return BpfProgram(text, attach, spec)
 
 
 def check(spec: ProbeSpec, arch: Arch) -> None:
     """What eBPF cannot do for SPEC, said before any VM boots."""
     if "post" in spec.handlers:
-        raise KbridgeError("eBPF kprobes have no post handler (BPF programs run before the probed instruction)",
-                           "use --pre with --via bpf, or --via kmod for --post")
+        raise KbridgeError(
+            "eBPF kprobes have no post handler (BPF programs run before the probed instruction)",
+            "use --pre with --via bpf, or --via kmod for --post",
+        )
     limit = len(arch.syscall_arg_fields) if arch.is_syscall_wrapper(spec.symbol) else len(arch.c_arg_fields)
     if bad := [a for a in spec.args if a.index > limit]:
         kind = "a syscall" if arch.is_syscall_wrapper(spec.symbol) else "a function (for bcc)"
-        raise KbridgeError(f"{spec.symbol} is {kind}: it has at most {limit} register arguments, "
-                           f"not --arg {bad[0].name}={bad[0].index}")
+        raise KbridgeError(
+            f"{spec.symbol} is {kind}: it has at most {limit} register arguments, "
+            f"not --arg {bad[0].name}={bad[0].index}"
+        )

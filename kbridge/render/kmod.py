@@ -43,8 +43,11 @@ def name_for(kind: str, symbol: str, key: object) -> str:
 
 def module_name(spec: ProbeSpec) -> str:
     """The probe module for SPEC: kb_<symbol>_<hash of the spec>."""
-    return name_for("", spec.symbol, (spec.symbol, sorted(spec.handlers), spec.offset, spec.args,
-                                      spec.maxactive, spec.comm, spec.fault))
+    return name_for(
+        "",
+        spec.symbol,
+        (spec.symbol, sorted(spec.handlers), spec.offset, spec.args, spec.maxactive, spec.comm, spec.fault),
+    )
 
 
 def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
@@ -70,7 +73,8 @@ def fault_handler_removed(krel: str) -> KbridgeError:
         "in-tree user needed it",
         "on 5.14+ a handler reads memory with copy_from_user_nofault()/copy_from_kernel_nofault(), "
         "whose exception-table fixup handles the fault (kbridge's handlers do); to see it fire, "
-        "run on a 5.10 kernel (--kernel 5.10)")
+        "run on a 5.10 kernel (--kernel 5.10)",
+    )
 
 
 def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource:
@@ -102,7 +106,10 @@ def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource
         "ipreg": arch.ip_register,
         "flagsreg": arch.flags_register,
     }
-    return ModuleSource(name, {
-        f"{name}.c": env.get_template("probe.c.j2").render(ctx),
-        "Kbuild": env.get_template("Kbuild.j2").render(ctx),
-    })
+    return ModuleSource(
+        name,
+        {
+            f"{name}.c": env.get_template("probe.c.j2").render(ctx),
+            "Kbuild": env.get_template("Kbuild.j2").render(ctx),
+        },
+    )

@@ -32,6 +32,7 @@ GROUP = "kbridge"
 # print them: the instruction pointer and the flags register (x86_64 %ip %flags, arm64 %pc %pstate).
 IP_ARG, FLAGS_ARG = "kb_ip", "kb_flags"
 
+
 @dataclass(frozen=True)
 class RenderedEvent:
     """One kprobe_events line for a spec, and which handlers it serves."""
@@ -56,8 +57,9 @@ def fetch_for(arg_index: int, symbol: str, arch: Arch) -> events.Fetch:
     if arch.is_syscall_wrapper(symbol):
         offsets = arch.syscall_arg_offsets
         if not 1 <= arg_index <= len(offsets):
-            raise KbridgeError(f"{symbol} is a syscall: it has at most {len(offsets)} arguments, "
-                               f"not argument {arg_index}")
+            raise KbridgeError(
+                f"{symbol} is a syscall: it has at most {len(offsets)} arguments, not argument {arg_index}"
+            )
         return events.Deref(offsets[arg_index - 1], events.Arg(1))
     return events.Arg(arg_index)
 
@@ -68,17 +70,22 @@ def render(spec: ProbeSpec, arch: Arch, group: str = GROUP) -> list[RenderedEven
     out: list[RenderedEvent] = []
     entry_handlers = tuple(h for h in ("pre", "post", "entry") if h in spec.handlers)
     if entry_handlers:
-        args = tuple(events.FetchArg(fetch_for(a.index, spec.symbol, arch), a.name, "u64")
-                     for a in spec.args)
-        args += (events.FetchArg(events.Reg(arch.ip_register), IP_ARG, "x64"),
-                 events.FetchArg(events.Reg(arch.flags_register), FLAGS_ARG, "x64"))
-        ev = events.ProbeEvent("p", group=group, event=f"{stem}_p", symbol=spec.symbol,
-                               offset=spec.offset, args=args)
+        args = tuple(events.FetchArg(fetch_for(a.index, spec.symbol, arch), a.name, "u64") for a in spec.args)
+        args += (
+            events.FetchArg(events.Reg(arch.ip_register), IP_ARG, "x64"),
+            events.FetchArg(events.Reg(arch.flags_register), FLAGS_ARG, "x64"),
+        )
+        ev = events.ProbeEvent("p", group=group, event=f"{stem}_p", symbol=spec.symbol, offset=spec.offset, args=args)
         out.append(_checked(ev, arch, entry_handlers))
     if "ret" in spec.handlers:
-        ev = events.ProbeEvent("r", maxactive=spec.maxactive or None, group=group, event=f"{stem}_r",
-                               symbol=spec.symbol,
-                               args=(events.FetchArg(events.Retval(), "ret", "s64"),))
+        ev = events.ProbeEvent(
+            "r",
+            maxactive=spec.maxactive or None,
+            group=group,
+            event=f"{stem}_r",
+            symbol=spec.symbol,
+            args=(events.FetchArg(events.Retval(), "ret", "s64"),),
+        )
         out.append(_checked(ev, arch, ("ret",)))
     return out
 
@@ -94,11 +101,12 @@ def spec_notes(spec: ProbeSpec) -> list[str]:
     """What the tracefs rendering of SPEC does differently from the module."""
     notes = []
     if "post" in spec.handlers:
-        notes.append("tracefs has no post-handler: --post is reported by the kprobe event, "
-                     "which records before the probed instruction (like --pre)")
+        notes.append(
+            "tracefs has no post-handler: --post is reported by the kprobe event, "
+            "which records before the probed instruction (like --pre)"
+        )
     if "entry" in spec.handlers:
-        notes.append("--entry is reported by a kprobe event at the function entry "
-                     "(6.1 has no $argN on return probes)")
+        notes.append("--entry is reported by a kprobe event at the function entry (6.1 has no $argN on return probes)")
     return notes
 
 
@@ -118,19 +126,25 @@ def check_lines(lines: list[str], arch: Arch, kernel: str | None = None) -> list
     for line in lines:
         ev = events.parse(line, arch.name, kernel=kernel)
         if isinstance(ev, events.RemoveEvent):
-            raise KbridgeError(f"{line!r} removes an event: kbridge trace defines its events and "
-                               "removes them itself when done", "give only p: and r: lines")
+            raise KbridgeError(
+                f"{line!r} removes an event: kbridge trace defines its events and removes them itself when done",
+                "give only p: and r: lines",
+            )
         name = f"{ev.effective_group}/{ev.effective_event}"
         if ev.effective_event in seen:
             other, before = seen[ev.effective_event]
             if other == name:
-                raise KbridgeError(f"{line!r} defines {name}, already defined by {before!r}",
-                                   "give each line its own name: p:GROUP/NAME ...")
+                raise KbridgeError(
+                    f"{line!r} defines {name}, already defined by {before!r}",
+                    "give each line its own name: p:GROUP/NAME ...",
+                )
             # trace_pipe and kprobe_profile name an event without its group: two events of
             # one name in different groups would be counted as each other.
-            raise KbridgeError(f"{line!r} defines {name} and {before!r} defines {other}: trace_pipe prints "
-                               f"both as {ev.effective_event!r}, so their hits could not be told apart",
-                               "give each event its own name: p:GROUP/NAME ...")
+            raise KbridgeError(
+                f"{line!r} defines {name} and {before!r} defines {other}: trace_pipe prints "
+                f"both as {ev.effective_event!r}, so their hits could not be told apart",
+                "give each event its own name: p:GROUP/NAME ...",
+            )
         seen[ev.effective_event] = (name, line)
         parsed.append(ev)
     return parsed

@@ -46,8 +46,10 @@ def parse_target(text: str | None) -> TargetSpec:
     kind, sep, machine = text.strip().partition(":")
     if kind == "vagrant" and (not sep or _MACHINE.fullmatch(machine)):
         return TargetSpec("vagrant", machine or None)
-    raise KbridgeError(f"invalid --target {text!r}: expected qemu, vagrant or vagrant:MACHINE",
-                       "MACHINE is a name from `vagrant status`, e.g. --target vagrant:kbridge-arm64")
+    raise KbridgeError(
+        f"invalid --target {text!r}: expected qemu, vagrant or vagrant:MACHINE",
+        "MACHINE is a name from `vagrant status`, e.g. --target vagrant:kbridge-arm64",
+    )
 
 
 def resolve_image(arch: Arch, suite: str, flavour: str = "default", mirrors: Mirrors | None = None) -> Image:
@@ -62,9 +64,15 @@ def resolve_image(arch: Arch, suite: str, flavour: str = "default", mirrors: Mir
 
 
 @contextlib.contextmanager
-def acquire(arch: Arch | str | None = None, flavour: str = "default", keep: bool = False,
-            kernel: str | None = None, target: str | TargetSpec | None = None,
-            mirrors: Mirrors | None = None, vagrantfile: Path | None = None) -> Iterator[Target]:
+def acquire(
+    arch: Arch | str | None = None,
+    flavour: str = "default",
+    keep: bool = False,
+    kernel: str | None = None,
+    target: str | TargetSpec | None = None,
+    mirrors: Mirrors | None = None,
+    vagrantfile: Path | None = None,
+) -> Iterator[Target]:
     """The guest a command runs in, released (stopped if ephemeral) when the block ends.
 
     qemu: the kept VM of ARCH and KERNEL if one runs, else a fresh one of FLAVOUR
@@ -80,11 +88,15 @@ def acquire(arch: Arch | str | None = None, flavour: str = "default", keep: bool
         guest: Target = vagrant.connect(spec.machine, vagrantfile)
         if arch is not None and get_arch(arch if isinstance(arch, str) else arch.name) != guest.arch:
             guest.release()
-            raise KbridgeError(f"--arch {arch if isinstance(arch, str) else arch.name} does not match "
-                               f"{guest.name}, which is {guest.arch.name}", "drop --arch with --target vagrant")
+            raise KbridgeError(
+                f"--arch {arch if isinstance(arch, str) else arch.name} does not match "
+                f"{guest.name}, which is {guest.arch.name}",
+                "drop --arch with --target vagrant",
+            )
     else:
-        guest = _qemu(get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel),
-                      flavour, keep, mirrors)
+        guest = _qemu(
+            get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel), flavour, keep, mirrors
+        )
     try:
         if guest.kept:
             from kbridge import ownership

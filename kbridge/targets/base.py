@@ -47,8 +47,15 @@ def parse_kmsg(line: str) -> KmsgRecord | None:
     return KmsgRecord(int(prio) & 7, int(seq), int(usec), text)
 
 
-OOPS_MARKERS = ("Oops", "BUG: ", "Kernel panic", "general protection fault",
-                "Unable to handle kernel", "Internal error:", "WARNING: CPU:")
+OOPS_MARKERS = (
+    "Oops",
+    "BUG: ",
+    "Kernel panic",
+    "general protection fault",
+    "Unable to handle kernel",
+    "Internal error:",
+    "WARNING: CPU:",
+)
 
 
 class LineStream(Protocol):
@@ -78,34 +85,49 @@ class Target(Protocol):
 
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
         """Run ARGV as root in the guest and wait for it."""
+
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
         """Start ARGV as root in the guest; a handle for poll()/wait()."""
+
     def poll(self, pid: int) -> ExecResult | None:
         """The result of a spawned command, or None while it runs."""
+
     def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
         """Wait for a spawned command (KbridgeError after TIMEOUT s)."""
+
     def guest_pid(self, handle: int) -> int:
         """The guest tgid of a spawned command (for kill and for pid filters)."""
+
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
         """Write DATA to PATH; mode "a" appends (kprobe_events without clearing it)."""
+
     def read_file(self, path: str) -> bytes:
         """The bytes of PATH in the guest."""
+
     def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
         """Kernel log records as they arrive (a fresh stream replays the backlog first)."""
+
     def stream(self, port: str, idle: float = 0.05) -> LineStream:
         """The host end of stream PORT (one of STREAM_PORTS), opened before the guest writes."""
+
     def stream_path(self, port: str) -> str:
         """The guest path a program writes to so its lines arrive on stream PORT."""
+
     def close_stream(self, port: str) -> None:
         """Close the host end of stream PORT."""
+
     def bcc_python(self) -> list[str] | None:
         """The argv prefix that runs a python3 with bcc in the guest, or None without bcc."""
+
     def check_alive(self) -> None:
         """Raise GuestCrash if the guest panicked or oopsed."""
+
     def mark_crashed(self) -> None:
         """The guest oopsed: the next command must not reuse it as it is."""
+
     def console_tail(self, lines: int = 40) -> str:
         """The end of the guest's console output (crash reports)."""
+
     def release(self) -> None:
         """Done with it: an ephemeral VM is shut down, a kept one is left running."""
 

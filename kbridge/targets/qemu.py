@@ -43,8 +43,9 @@ PORTS = (KMSG_PORT, *STREAM_PORTS)
 ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts an image flavour's root filesystem
 
 
-def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
-              memory_mb: int = 1024, cpus: int = 1, cmdline_extra: str = "") -> list[str]:
+def qemu_argv(
+    arch: Arch, image: Image, accel: str, rundir: Path, memory_mb: int = 1024, cpus: int = 1, cmdline_extra: str = ""
+) -> list[str]:
     """The QEMU command line for IMAGE: pure, so it can be read and tested on its own."""
     cpu = "host" if accel == "kvm" else arch.tcg_cpu
     # The guest streams the kernel log to the host one record per write, ~5k records/s
@@ -53,25 +54,58 @@ def qemu_argv(arch: Arch, image: Image, accel: str, rundir: Path,
     # record descriptors from it too: ~140 MiB of the guest's memory in all).
     append = f"console={arch.console} quiet panic=-1 log_buf_len=32M {cmdline_extra}".strip()
     argv = [
-        arch.qemu_binary, *arch.qemu_machine, "-cpu", cpu, "-accel", accel,
-        "-m", str(memory_mb), "-smp", str(cpus),
-        "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
-        "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
-        "-chardev", f"file,id=con,path={rundir / 'console.log'}", "-serial", "chardev:con",
-        "-device", "virtio-serial-pci",
-        "-chardev", f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
-        "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
-        "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+        arch.qemu_binary,
+        *arch.qemu_machine,
+        "-cpu",
+        cpu,
+        "-accel",
+        accel,
+        "-m",
+        str(memory_mb),
+        "-smp",
+        str(cpus),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initramfs),
+        "-append",
+        append,
+        "-chardev",
+        f"file,id=con,path={rundir / 'console.log'}",
+        "-serial",
+        "chardev:con",
+        "-device",
+        "virtio-serial-pci",
+        "-chardev",
+        f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
+        "-device",
+        "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+        "-qmp",
+        f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
     ]
     for i, port in enumerate(PORTS):
-        argv += ["-chardev", f"socket,id=port{i},path={rundir / _port_socket(port)},server=on,wait=off",
-                 "-device", f"virtserialport,chardev=port{i},name={port}"]
+        argv += [
+            "-chardev",
+            f"socket,id=port{i},path={rundir / _port_socket(port)},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=port{i},name={port}",
+        ]
     rootfs = image.dir / "rootfs.ext4"
     if rootfs.is_file():
         # An image flavour's root filesystem (kbridge.images.bcc); the guest init mounts it
         # at /rootfs. snapshot=on: guest writes go to a throwaway overlay, the image stays pristine.
-        argv += ["-drive", f"file={rootfs},if=none,id=rootfs,format=raw,snapshot=on",
-                 "-device", "virtio-blk-pci,drive=rootfs"]
+        argv += [
+            "-drive",
+            f"file={rootfs},if=none,id=rootfs,format=raw,snapshot=on",
+            "-device",
+            "virtio-blk-pci,drive=rootfs",
+        ]
     return argv
 
 
@@ -151,11 +185,16 @@ class QemuVM:
     @classmethod
     def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
         """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
-        rundir = (kept_dir(image.arch, image.suite) if keep
-                  else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+        rundir = (
+            kept_dir(image.arch, image.suite)
+            if keep
+            else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        )
         if len(str(rundir / "qga.sock")) > 100:
-            raise KbridgeError(f"the VM state directory {rundir} is too long for unix sockets",
-                               "set KBRIDGE_STATE to a shorter directory")
+            raise KbridgeError(
+                f"the VM state directory {rundir} is too long for unix sockets",
+                "set KBRIDGE_STATE to a shorter directory",
+            )
         try_kvm, why = kvm_usable(image.arch)
         if try_kvm:
             try:
@@ -169,8 +208,9 @@ class QemuVM:
         return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)
 
     @classmethod
-    def _boot(cls, image: Image, accel: str, rundir: Path, keep: bool, timeout: float,
-              memory_mb: int, cpus: int) -> QemuVM:
+    def _boot(
+        cls, image: Image, accel: str, rundir: Path, keep: bool, timeout: float, memory_mb: int, cpus: int
+    ) -> QemuVM:
         if shutil.which(image.arch.qemu_binary) is None:
             raise KbridgeError(
                 f"{image.arch.qemu_binary} is not installed",
@@ -193,8 +233,18 @@ class QemuVM:
         return vm
 
     @classmethod
-    def _launch(cls, image: Image, accel: str, rundir: Path, keep: bool, argv: list[str], memory_mb: int,
-                cpus: int, timeout: float, state: Path | None) -> QemuVM:
+    def _launch(
+        cls,
+        image: Image,
+        accel: str,
+        rundir: Path,
+        keep: bool,
+        argv: list[str],
+        memory_mb: int,
+        cpus: int,
+        timeout: float,
+        state: Path | None,
+    ) -> QemuVM:
         """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
         shutil.rmtree(rundir, ignore_errors=True)
         rundir.mkdir(parents=True)
@@ -204,17 +254,32 @@ class QemuVM:
         # VM itself, instead of killing QEMU first (the guest would look crashed).
         with open(rundir / "qemu.log", "wb") as log:
             popen = subprocess.Popen(
-                [*_spawn_prefix(keep), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [*_spawn_prefix(keep), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         proc = psutil.Process(popen.pid)
         vm = cls(rundir, image, accel, proc, keep)
-        (rundir / "vm.json").write_text(json.dumps({
-            "pid": proc.pid, "create_time": proc.create_time(), "accel": accel,
-            "image": str(image.dir), "suite": image.suite, "arch": image.arch.name, "flavour": image.flavour,
-            "owner": os.getpid(), "owner_create_time": psutil.Process().create_time(),
-            "krel": image.krel, "memory_mb": memory_mb, "cpus": cpus,
-        }))
+        (rundir / "vm.json").write_text(
+            json.dumps(
+                {
+                    "pid": proc.pid,
+                    "create_time": proc.create_time(),
+                    "accel": accel,
+                    "image": str(image.dir),
+                    "suite": image.suite,
+                    "arch": image.arch.name,
+                    "flavour": image.flavour,
+                    "owner": os.getpid(),
+                    "owner_create_time": psutil.Process().create_time(),
+                    "krel": image.krel,
+                    "memory_mb": memory_mb,
+                    "cpus": cpus,
+                }
+            )
+        )
         try:
             if state is not None:
                 with progress.step(f"starting {image.arch.name} guest ({image.krel}, {accel}) from its saved state"):
@@ -239,8 +304,9 @@ class QemuVM:
             self._check_process()
             try:
                 # The agent misses syncs sent while the restored guest settles: resend every 20 ms.
-                agent = GuestAgent(str(self.rundir / "qga.sock"), timeout=max(0.05, deadline - time.monotonic()),
-                                   retry_s=0.02)
+                agent = GuestAgent(
+                    str(self.rundir / "qga.sock"), timeout=max(0.05, deadline - time.monotonic()), retry_s=0.02
+                )
                 break
             except ChannelError:
                 if time.monotonic() > deadline:
@@ -316,7 +382,8 @@ class QemuVM:
                 if time.monotonic() > deadline:
                     raise ChannelError(
                         f"the {self.arch.name} guest did not come up within {timeout:.0f} s; "
-                        f"console: {self.console_tail()!r}") from None
+                        f"console: {self.console_tail()!r}"
+                    ) from None
 
     @property
     def agent(self) -> GuestAgent:
@@ -574,8 +641,7 @@ def orphans() -> list[psutil.Process]:
         cmd = p.info.get("cmdline") or []
         if not (p.info.get("name") or "").startswith("qemu-system"):
             continue
-        dirs = {Path(a.split("path=", 1)[1].split(",", 1)[0]).parent for a in cmd
-                if "path=" in a and prefix in a}
+        dirs = {Path(a.split("path=", 1)[1].split(",", 1)[0]).parent for a in cmd if "path=" in a and prefix in a}
         if not dirs:
             continue
         rundir = dirs.pop()

@@ -133,7 +133,9 @@ class GuestAgent:
         if stdin is not None:
             args["input-data"] = base64.b64encode(stdin).decode()
         ret = self.call("guest-exec", **args)
-        return int(ret["pid"])  # type: ignore[index]
+        if not isinstance(ret, dict) or "pid" not in ret:
+            raise ChannelError(f"guest agent guest-exec: unexpected answer {ret!r}")
+        return int(ret["pid"])
 
     def status(self, pid: int) -> ExecResult | None:
         """The result of a spawned command, or None while it runs."""
@@ -189,14 +191,19 @@ class GuestAgent:
             self.call("guest-file-close", handle=handle)
             raise
         # The last write and the close go together: the close runs even if the write failed.
-        self._calls([("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunks[-1]).decode()}),
-                     ("guest-file-close", {"handle": handle})])
+        self._calls(
+            [
+                ("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunks[-1]).decode()}),
+                ("guest-file-close", {"handle": handle}),
+            ]
+        )
 
     def read_file(self, path: str) -> bytes:
         handle = self.call("guest-file-open", path=path, mode="r")
         # Most files kbridge reads fit one read: read and close in one round trip.
-        ret, _ = self._calls([("guest-file-read", {"handle": handle, "count": 1 << 20}),
-                              ("guest-file-close", {"handle": handle})])
+        ret, _ = self._calls(
+            [("guest-file-read", {"handle": handle, "count": 1 << 20}), ("guest-file-close", {"handle": handle})]
+        )
         assert isinstance(ret, dict)
         if ret.get("eof") or not ret.get("count"):
             return base64.b64decode(ret.get("buf-b64", ""))

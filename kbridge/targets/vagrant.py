@@ -55,8 +55,8 @@ _INSTALL = "sudo apt-get install vagrant vagrant-libvirt"
 # Runs as the SSH user (no sudo) so that $PPID is sshd's session process, which
 # carries every channel of the control master: it writes what the guest sends us.
 _PROBE = (
-    "echo \"ppid=$PPID\"; echo \"krel=$(uname -r)\"; echo \"machine=$(uname -m)\"; "
-    "echo \"tainted=$(cat /proc/sys/kernel/tainted)\"; "
+    'echo "ppid=$PPID"; echo "krel=$(uname -r)"; echo "machine=$(uname -m)"; '
+    'echo "tainted=$(cat /proc/sys/kernel/tainted)"; '
     "[ -e /usr/lib/python3/dist-packages/bcc/__init__.py ] && echo bcc=yes; "
     "dmesg 2>/dev/null | grep -q 'Hypervisor detected: KVM' && echo kvm=yes; "
     "true"
@@ -70,8 +70,9 @@ def _die_with_parent() -> None:
 
 def _vagrant(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(["vagrant", *args], capture_output=True, text=True, env=env, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["vagrant", *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         raise KbridgeError(f"`vagrant {' '.join(args)}` did not answer within {timeout:.0f} s") from None
 
@@ -111,14 +112,16 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
     if shutil.which("vagrant") is None:
         raise KbridgeError("vagrant is not installed", _INSTALL)
     if shutil.which("ssh") is None:
-        raise KbridgeError("ssh is not installed (kbridge drives Vagrant machines over OpenSSH)",
-                           "sudo apt-get install openssh-client")
+        raise KbridgeError(
+            "ssh is not installed (kbridge drives Vagrant machines over OpenSSH)", "sudo apt-get install openssh-client"
+        )
     env = dict(os.environ)
     where = "the current directory"
     if vagrantfile_dir is not None:
         if not (Path(vagrantfile_dir) / "Vagrantfile").is_file():
-            raise KbridgeError(f"no Vagrantfile in {str(vagrantfile_dir)!r}",
-                               "give the directory that holds the Vagrantfile")
+            raise KbridgeError(
+                f"no Vagrantfile in {str(vagrantfile_dir)!r}", "give the directory that holds the Vagrantfile"
+            )
         env["VAGRANT_CWD"] = str(Path(vagrantfile_dir).resolve())
         where = str(vagrantfile_dir)
     elif env.get("VAGRANT_CWD"):
@@ -131,8 +134,10 @@ def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> Vagrant
     hosts = re.findall(r"^Host (\S+)", cfg.stdout, re.M)
     if machine is None and len(hosts) > 1:
         # Without a name, ssh-config answers for every running machine.
-        raise KbridgeError(f"several machines of the Vagrantfile in {where} are running",
-                           "name one: --target " + ", ".join(f"vagrant:{h}" for h in hosts))
+        raise KbridgeError(
+            f"several machines of the Vagrantfile in {where} are running",
+            "name one: --target " + ", ".join(f"vagrant:{h}" for h in hosts),
+        )
     if len(hosts) != 1 or (machine is not None and cfg.returncode != 0):
         _explain_not_ready(machine, env, where, _vagrant_message(cfg))
     if machine is None:  # the one running machine: only its block is kept
@@ -179,18 +184,24 @@ def _explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh
         if "provider" in msg.lower() and "libvirt" in msg and _plugin_missing(env):
             raise KbridgeError(f"the vagrant-libvirt plugin is missing: {msg}", _INSTALL)
         if "not found configured" in msg or "was not found" in msg:
-            raise KbridgeError(f"no machine {machine!r} in the Vagrantfile of {where}: {msg}",
-                               "see `vagrant status` for the machine names")
+            raise KbridgeError(
+                f"no machine {machine!r} in the Vagrantfile of {where}: {msg}",
+                "see `vagrant status` for the machine names",
+            )
         if "A Vagrant environment or target machine is required" in msg:
-            raise KbridgeError(f"no Vagrantfile in {where}", "cd to the directory with the Vagrantfile, "
-                               "or pass --vagrantfile DIR / set VAGRANT_CWD")
+            raise KbridgeError(
+                f"no Vagrantfile in {where}",
+                "cd to the directory with the Vagrantfile, or pass --vagrantfile DIR / set VAGRANT_CWD",
+            )
         raise KbridgeError(f"vagrant status failed: {msg}")
     machines = parse_status(status.stdout)
     if machine is None:
         if len(machines) != 1:
             names = ", ".join(f"vagrant:{n}" for n in machines)
-            raise KbridgeError(f"no machine of the Vagrantfile in {where} is running",
-                               f"vagrant up, then --target vagrant (or name one: --target {names})")
+            raise KbridgeError(
+                f"no machine of the Vagrantfile in {where} is running",
+                f"vagrant up, then --target vagrant (or name one: --target {names})",
+            )
         machine = next(iter(machines))
     state, provider = machines.get(machine, ("", ""))
     if provider == "libvirt" and _plugin_missing(env):
@@ -206,7 +217,7 @@ def _explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh
 # at a time; each is framed by a random marker the host chose, its stdout goes straight
 # to the channel (as qemu-guest-agent's exec output does, so the only writes are the
 # command's own), stderr through a file.
-_AGENT = r'''
+_AGENT = r"""
 d=/run/kbridge/agent.$$
 mkdir -p "$d" && : > "$d/in" || exit 1
 echo "$$" > /run/kbridge/agent.pid
@@ -230,7 +241,7 @@ kb_write() {
 }
 trap 'rm -rf "$d"' EXIT
 printf 'KBREADY %s\n' "$$"
-'''
+"""
 
 
 class _Agent:
@@ -257,7 +268,7 @@ class _Agent:
     def _until(self, token: bytes, deadline: float | None) -> bytes:
         while (i := self.buf.find(token)) < 0:
             self._fill(deadline)
-        head, self.buf = self.buf[:i], self.buf[i + len(token):]
+        head, self.buf = self.buf[:i], self.buf[i + len(token) :]
         return head
 
     def _exactly(self, n: int, deadline: float | None) -> bytes:
@@ -270,8 +281,9 @@ class _Agent:
         line = self._until(b"\n", time.monotonic() + timeout)
         self.pid = int(line.split(b"KBREADY ", 1)[1])
 
-    def run(self, argv: list[str], stdin: bytes | None, timeout: float | None,
-            write_to: tuple[str, str] | None = None) -> ExecResult:
+    def run(
+        self, argv: list[str], stdin: bytes | None, timeout: float | None, write_to: tuple[str, str] | None = None
+    ) -> ExecResult:
         """Run ARGV with STDIN; or, with WRITE_TO (path, "w" | "a"), write STDIN to path in one write(2)."""
         mark = secrets.token_hex(8)
         text = ""
@@ -397,16 +409,23 @@ class VagrantTarget:
     def _start(self) -> None:
         with progress.step(f"connecting to {self.name} over SSH"):
             with open(self.dir / "master.log", "wb") as err:
-                self._master = subprocess.Popen(self._ssh("", master=True), stdin=subprocess.DEVNULL,
-                                                stdout=subprocess.DEVNULL, stderr=err, env=self.env,
-                                                preexec_fn=_die_with_parent)
+                self._master = subprocess.Popen(
+                    self._ssh("", master=True),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=self.env,
+                    preexec_fn=_die_with_parent,
+                )
             deadline = time.monotonic() + MASTER_TIMEOUT_S
             while not self.control.exists():
                 if self._master.poll() is not None or time.monotonic() > deadline:
                     log = (self.dir / "master.log").read_text(errors="replace").strip()
                     why = " ".join(log.split())[-300:] or "timed out"
-                    raise KbridgeError(f"cannot reach {self.name} over SSH: {why}",
-                                       f"try `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs")
+                    raise KbridgeError(
+                        f"cannot reach {self.name} over SSH: {why}",
+                        f"try `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs",
+                    )
                 time.sleep(0.02)
             facts = self._facts()
         self.krel = facts.get("krel", "")
@@ -414,11 +433,13 @@ class VagrantTarget:
         try:
             self.arch = get_arch(machine)
         except KbridgeError:
-            raise KbridgeError(f"{self.name} runs on {machine!r}, which kbridge does not support",
-                               "use an x86_64 or arm64 machine") from None
+            raise KbridgeError(
+                f"{self.name} runs on {machine!r}, which kbridge does not support", "use an x86_64 or arm64 machine"
+            ) from None
         if int(facts.get("tainted", "0") or 0) & TAINT_DIE:
-            raise KbridgeError(f"the kernel of {self.name} has oopsed since it booted (tainted D)",
-                               f"vagrant reload {self.machine}")
+            raise KbridgeError(
+                f"the kernel of {self.name} has oopsed since it booted (tainted D)", f"vagrant reload {self.machine}"
+            )
         self._sshd_pid = int(facts["ppid"]) if facts.get("ppid", "").isdigit() else None
         with self._agent_lock:
             self._agent_up()  # sudo -n once, for every later command (and its refusal, said here)
@@ -430,16 +451,19 @@ class VagrantTarget:
             self.write_file(f"{RUN_DIR}/ssh.pid", pid)
             self.write_file(f"{RUN_DIR}/qga.pid", pid)
         self.flavour = "bcc" if facts.get("bcc") == "yes" else "default"
-        self.accel = f"{self.provider}/" + ("kvm" if facts.get("kvm") == "yes" else
-                                           "tcg" if self.arch.name != host_arch() else "qemu")
+        self.accel = f"{self.provider}/" + (
+            "kvm" if facts.get("kvm") == "yes" else "tcg" if self.arch.name != host_arch() else "qemu"
+        )
         self.image = self._headers_image()
 
     def _facts(self) -> dict[str, str]:
-        proc = subprocess.run(self._ssh(_PROBE), capture_output=True, env=self.env, timeout=60,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            self._ssh(_PROBE), capture_output=True, env=self.env, timeout=60, stdin=subprocess.DEVNULL
+        )
         if proc.returncode != 0 and not proc.stdout:
-            raise KbridgeError(f"cannot run commands in {self.name}: "
-                               f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+            raise KbridgeError(
+                f"cannot run commands in {self.name}: {proc.stderr.decode(errors='replace').strip()[-300:]}"
+            )
         return dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
 
     def _headers_image(self) -> images.Image:
@@ -450,7 +474,8 @@ class VagrantTarget:
                 f"no kernel headers for {self.krel} (the kernel of {self.name}): kbridge's {self.arch.name} "
                 f"image has {img.krel}",
                 f"use a box built from kbridge's image (kbridge box build --arch {self.arch.name}) or update "
-                "the image (kbridge image build --rebuild)")
+                "the image (kbridge image build --rebuild)",
+            )
         return img
 
     def release(self) -> None:
@@ -470,8 +495,12 @@ class VagrantTarget:
                 sp.proc.terminate()
         if self._master is not None and self._master.poll() is None:
             with contextlib.suppress(Exception):
-                subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", f"ControlPath={self.control}",
-                                "-O", "exit", self.host], capture_output=True, timeout=10, env=self.env)
+                subprocess.run(
+                    ["ssh", "-F", str(self.ssh_config), "-o", f"ControlPath={self.control}", "-O", "exit", self.host],
+                    capture_output=True,
+                    timeout=10,
+                    env=self.env,
+                )
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._master.wait(timeout=5)
             if self._master.poll() is None:
@@ -497,8 +526,11 @@ class VagrantTarget:
         """
         if not argv:
             raise KbridgeError("empty guest command")
-        script = 'exec 3<&0; "$@" <&3 3<&- & c=$!; ' + ('echo "$c"; ' if report_pid else "") + \
-            'trap "kill \\$c 2>/dev/null" TERM HUP; wait "$c"; exit $?'
+        script = (
+            'exec 3<&0; "$@" <&3 3<&- & c=$!; '
+            + ('echo "$c"; ' if report_pid else "")
+            + 'trap "kill \\$c 2>/dev/null" TERM HUP; wait "$c"; exit $?'
+        )
         return shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *argv])
 
     def _check_master(self) -> None:
@@ -516,8 +548,9 @@ class VagrantTarget:
             raise KbridgeError("empty guest command")
         return self._shell(argv, stdin, timeout)
 
-    def _shell(self, argv: list[str], stdin: bytes | None, timeout: float | None,
-               write_to: tuple[str, str] | None = None) -> ExecResult:
+    def _shell(
+        self, argv: list[str], stdin: bytes | None, timeout: float | None, write_to: tuple[str, str] | None = None
+    ) -> ExecResult:
         with self._agent_lock:
             agent = self._agent_up()
             try:
@@ -536,8 +569,14 @@ class VagrantTarget:
         self._check_master()
         errlog = self.dir / "agent.log"
         with open(errlog, "wb") as err:
-            proc = subprocess.Popen(self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=err, env=self.env, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+                preexec_fn=_die_with_parent,
+            )
         agent = _Agent(proc)
         try:
             agent.stdin.write(_AGENT.encode())
@@ -548,9 +587,11 @@ class VagrantTarget:
             proc.wait()
             why = " ".join(errlog.read_text(errors="replace").split())[:300]
             if "sudo" in why:
-                raise KbridgeError(f"sudo -n is refused in {self.name}: {why}",
-                                   "kbridge runs guest commands as root with sudo -n: give the SSH user "
-                                   "passwordless sudo (Vagrant boxes do)") from None
+                raise KbridgeError(
+                    f"sudo -n is refused in {self.name}: {why}",
+                    "kbridge runs guest commands as root with sudo -n: give the SSH user "
+                    "passwordless sudo (Vagrant boxes do)",
+                ) from None
             raise ChannelError(f"could not start a root shell in {self.name} (sudo -n /bin/sh): {why}") from None
         self._agent = agent
         return agent
@@ -562,8 +603,13 @@ class VagrantTarget:
         if kill_children and agent.pid and self._master is not None and self._master.poll() is None:
             # A command that overran its timeout: stop it, not just the shell waiting for it.
             with contextlib.suppress(Exception):
-                subprocess.run(self._ssh(f"sudo -n pkill -KILL -P {agent.pid}; sudo -n kill {agent.pid}"),
-                               capture_output=True, env=self.env, timeout=30, stdin=subprocess.DEVNULL)
+                subprocess.run(
+                    self._ssh(f"sudo -n pkill -KILL -P {agent.pid}; sudo -n kill {agent.pid}"),
+                    capture_output=True,
+                    env=self.env,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
+                )
         with contextlib.suppress(OSError):
             agent.stdin.close()  # the shell exits at end of input (its trap removes its directory)
         try:
@@ -578,10 +624,16 @@ class VagrantTarget:
         """Start ARGV as root in the guest; a handle for poll()/wait()/guest_pid()."""
         self._check_master()
         # Output goes to files, not pipes: nothing to drain while it runs. Closed in _finish().
-        out = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115
-        err = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115
-        proc = subprocess.Popen(self._ssh(self._wrap(argv, True)), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                env=self.env, preexec_fn=_die_with_parent)
+        out = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115 - outlives this call: closed by _finish
+        err = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115 - likewise
+        proc = subprocess.Popen(
+            self._ssh(self._wrap(argv, True)),
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            env=self.env,
+            preexec_fn=_die_with_parent,
+        )
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             if stdin:
@@ -666,8 +718,9 @@ class VagrantTarget:
 
     # -- streams -------------------------------------------------------------------
 
-    def _reader(self, what: str, remote_argv: list[str],
-                hold_stdin: bool = False) -> tuple[subprocess.Popen[bytes], PipeLines]:
+    def _reader(
+        self, what: str, remote_argv: list[str], hold_stdin: bool = False
+    ) -> tuple[subprocess.Popen[bytes], PipeLines]:
         """A long-lived `ssh ... sudo sh -c 'echo $$ > PIDFILE; echo $$; exec ARGV'` whose stdout we read.
 
         Returns once the guest process has written its pid (file and first line), so a
@@ -677,9 +730,14 @@ class VagrantTarget:
         script = f'mkdir -p {RUN_DIR}; echo $$ > {pidfile}; echo $$; exec "$@"'
         remote = shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *remote_argv])
         # HOLD_STDIN: the guest side waits on its stdin, which ends when this ssh goes away.
-        proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.PIPE if hold_stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            self._ssh(remote),
+            stdin=subprocess.PIPE if hold_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=self.env,
+            preexec_fn=_die_with_parent,
+        )
         assert proc.stdout is not None
         lines = PipeLines(proc.stdout, what, self)
         lines.idle = 0.2
@@ -780,8 +838,13 @@ class VagrantTarget:
                 self._crashed = True
                 raise GuestCrash(f"the kernel of {self.name} panicked", console)
             return
-        proc = subprocess.run(self._ssh("cat /proc/sys/kernel/tainted"), capture_output=True, env=self.env,
-                              timeout=30, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            self._ssh("cat /proc/sys/kernel/tainted"),
+            capture_output=True,
+            env=self.env,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         text = proc.stdout.decode().strip()
         if proc.returncode == 0 and text.isdigit() and int(text) & TAINT_DIE:
             self._crashed = True
@@ -811,8 +874,9 @@ class VagrantTarget:
             return None
         try:
             uuid = (_dotdir(self.env) / "machines" / self.machine / "libvirt" / "id").read_text().strip()
-            xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", uuid], capture_output=True,
-                                 text=True, timeout=20).stdout
+            xml = subprocess.run(
+                ["virsh", "-c", "qemu:///system", "dumpxml", uuid], capture_output=True, text=True, timeout=20
+            ).stdout
         except (OSError, subprocess.TimeoutExpired):
             return None
         m = re.search(r"<serial type='file'>\s*<source path='([^']+)'", xml)
@@ -837,13 +901,24 @@ def readiness() -> list[dict]:
     res.append(row("vagrant-libvirt", bool(m), m.group(1) if m else f"plugin missing: {_INSTALL}"))
     sock = Path("/run/libvirt/libvirt-sock")
     if shutil.which("virsh"):
-        proc = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
-                              timeout=30, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         first = (proc.stdout or proc.stderr).strip().splitlines()
-        res.append(row("libvirtd", proc.returncode == 0,
-                       first[0] if proc.returncode == 0 and first else
-                       f"qemu:///system does not answer ({' '.join(first)[:120]}): start libvirtd "
-                       "(sudo systemctl start libvirtd) and join the libvirt group"))
+        res.append(
+            row(
+                "libvirtd",
+                proc.returncode == 0,
+                first[0]
+                if proc.returncode == 0 and first
+                else f"qemu:///system does not answer ({' '.join(first)[:120]}): start libvirtd "
+                "(sudo systemctl start libvirtd) and join the libvirt group",
+            )
+        )
     else:
         res.append(row("libvirtd", sock.exists(), "install libvirt-daemon-system libvirt-clients"))
     added = boxes.added_boxes()
@@ -854,6 +929,12 @@ def readiness() -> list[dict]:
             res.append(row(f"box {name}", False, f"not built: kbridge box build --arch {a.name}"))
         else:
             ok = box.version in added.get(name, [])
-            res.append(row(f"box {name}", ok, f"{box.krel}, version {box.version}" + (
-                "" if ok else f", not added to Vagrant: kbridge box build --arch {a.name}")))
+            res.append(
+                row(
+                    f"box {name}",
+                    ok,
+                    f"{box.krel}, version {box.version}"
+                    + ("" if ok else f", not added to Vagrant: kbridge box build --arch {a.name}"),
+                )
+            )
     return res

@@ -14,9 +14,27 @@ from kbridge.cli import app
 
 runner = CliRunner()
 
-COMMANDS = [[], ["probe"], ["trace"], ["compare"], ["inspect"], ["doctor"], ["vm"], ["vm", "up"], ["vm", "status"],
-            ["vm", "exec"], ["vm", "down"], ["module"], ["module", "render"], ["bpf"], ["bpf", "render"],
-            ["bpf", "up"], ["image"], ["image", "build"], ["image", "list"]]
+COMMANDS = [
+    [],
+    ["probe"],
+    ["trace"],
+    ["compare"],
+    ["inspect"],
+    ["doctor"],
+    ["vm"],
+    ["vm", "up"],
+    ["vm", "status"],
+    ["vm", "exec"],
+    ["vm", "down"],
+    ["module"],
+    ["module", "render"],
+    ["bpf"],
+    ["bpf", "render"],
+    ["bpf", "up"],
+    ["image"],
+    ["image", "build"],
+    ["image", "list"],
+]
 
 
 def run(*args: str):  # type: ignore[no-untyped-def]
@@ -83,24 +101,27 @@ def test_bpf_render_refuses_post() -> None:
     assert res.exit_code == 2 and "no post handler" in res.output
 
 
-@pytest.mark.parametrize("args,quoted", [
-    (["probe", "ksys write", "--pre"], "'ksys write'"),
-    (["probe", "ksys_write", "--pre", "--arg", "x=²"], "'x=²'"),
-    (["probe", "ksys_write", "--pre", "--arg", "fd"], "'fd'"),
-    (["probe", "ksys_write", "--pre", "--pid", "99999999"], "99999999"),
-    (["probe", "ksys_write", "--pre", "--offset", "4294967296"], "4294967296"),
-    (["probe", "ksys_write", "--pre", "--via", "dtrace"], "'dtrace'"),
-    (["probe", "ksys_write", "--pre", "--arch", "mips"], "'mips'"),
-    (["probe", "ksys_write", "--pre", "--kernel", "4.19"], "'4.19'"),
-    (["probe", "ksys_write", "--pre", "--target", "vagrant:bad name"], "'vagrant:bad name'"),
-    (["probe", "ksys_write", "--post", "--via", "bpf"], "post handler"),
-    (["probe", "ksys_write", "--pre", "--comm", "has space"], "'has space'"),
-    (["probe", "ksys_write", "--ret", "--offset", "4"], "ksys_write+0x4"),
-    (["probe", "ksys_write", "--jprobe"], "jprobes were removed in Linux 4.15"),
-    (["probe", "ksys_write", "--pre", "--fault"], "removed in Linux 5.14"),
-    (["compare", "ksys_write", "--only", "perf"], "'perf'"),
-    (["trace", "p:x ksys_write", "--comm", 'a"b'], "'a\"b'"),
-])
+@pytest.mark.parametrize(
+    "args,quoted",
+    [
+        (["probe", "ksys write", "--pre"], "'ksys write'"),
+        (["probe", "ksys_write", "--pre", "--arg", "x=²"], "'x=²'"),
+        (["probe", "ksys_write", "--pre", "--arg", "fd"], "'fd'"),
+        (["probe", "ksys_write", "--pre", "--pid", "99999999"], "99999999"),
+        (["probe", "ksys_write", "--pre", "--offset", "4294967296"], "4294967296"),
+        (["probe", "ksys_write", "--pre", "--via", "dtrace"], "'dtrace'"),
+        (["probe", "ksys_write", "--pre", "--arch", "mips"], "'mips'"),
+        (["probe", "ksys_write", "--pre", "--kernel", "4.19"], "'4.19'"),
+        (["probe", "ksys_write", "--pre", "--target", "vagrant:bad name"], "'vagrant:bad name'"),
+        (["probe", "ksys_write", "--post", "--via", "bpf"], "post handler"),
+        (["probe", "ksys_write", "--pre", "--comm", "has space"], "'has space'"),
+        (["probe", "ksys_write", "--ret", "--offset", "4"], "ksys_write+0x4"),
+        (["probe", "ksys_write", "--jprobe"], "jprobes were removed in Linux 4.15"),
+        (["probe", "ksys_write", "--pre", "--fault"], "removed in Linux 5.14"),
+        (["compare", "ksys_write", "--only", "perf"], "'perf'"),
+        (["trace", "p:x ksys_write", "--comm", 'a"b'], "'a\"b'"),
+    ],
+)
 def test_bad_input_is_one_line_with_the_input_quoted(args: list[str], quoted: str) -> None:
     res = run(*args, "--arch", "x86_64") if "--arch" not in args else run(*args)
     assert res.exit_code == 2, res.output

@@ -18,9 +18,11 @@ def test_help_line_is_the_commands_own(name: str) -> None:
 
 
 def test_help_imports_no_command_module() -> None:
-    code = ("import sys\nfrom kbridge.cli import app\n"
-            "try:\n    app(['--help'], prog_name='kbridge')\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith('kbridge.') or m in ('psutil', 'jinja2')))")
+    code = (
+        "import sys\nfrom kbridge.cli import app\n"
+        "try:\n    app(['--help'], prog_name='kbridge')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kbridge.') or m in ('psutil', 'jinja2')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "['kbridge.cli']"
 

@@ -11,10 +11,20 @@ from kbridge.guest import GUEST_DIR
 
 
 class KbEvent(ctypes.Structure):  # struct kb_event of kmod/bpf.c.j2 with two arguments, as bcc builds it
-    _fields_ = [("handler", ctypes.c_uint), ("pid", ctypes.c_uint), ("tid", ctypes.c_uint), ("cpu", ctypes.c_uint),
-                ("ts", ctypes.c_ulonglong), ("ret", ctypes.c_longlong), ("addr", ctypes.c_ulonglong),
-                ("ip", ctypes.c_ulonglong), ("flags", ctypes.c_ulonglong), ("duration", ctypes.c_ulonglong),
-                ("args", ctypes.c_ulonglong * 2), ("comm", ctypes.c_char * 16)]
+    _fields_ = [
+        ("handler", ctypes.c_uint),
+        ("pid", ctypes.c_uint),
+        ("tid", ctypes.c_uint),
+        ("cpu", ctypes.c_uint),
+        ("ts", ctypes.c_ulonglong),
+        ("ret", ctypes.c_longlong),
+        ("addr", ctypes.c_ulonglong),
+        ("ip", ctypes.c_ulonglong),
+        ("flags", ctypes.c_ulonglong),
+        ("duration", ctypes.c_ulonglong),
+        ("args", ctypes.c_ulonglong * 2),
+        ("comm", ctypes.c_char * 16),
+    ]
 
 
 class _Table:

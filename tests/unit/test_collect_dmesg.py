@@ -26,19 +26,33 @@ def test_lifecycle_events():
     assert parse_event(f"{MOD}: ready run=ab12", MOD).kind == "ready"
     f = parse_event(f"{MOD}: register_kprobe failed: -84 run=ab12", MOD)
     assert (f.kind, f.errno, f.what) == ("failed", 84, "kprobe")
-    u = parse_event("kb_ksys_write_acbe64d6: unloaded run=41649974 pre=1 post=1 entry=0 ret=0 fault=0 "
-                    "kprobe_nmissed=0 kretprobe_nmissed=0", "kb_ksys_write_acbe64d6")
-    assert u.counters == {"pre": 1, "post": 1, "entry": 0, "ret": 0, "fault": 0, "kprobe_nmissed": 0,
-                          "kretprobe_nmissed": 0}
+    u = parse_event(
+        "kb_ksys_write_acbe64d6: unloaded run=41649974 pre=1 post=1 entry=0 ret=0 fault=0 "
+        "kprobe_nmissed=0 kretprobe_nmissed=0",
+        "kb_ksys_write_acbe64d6",
+    )
+    assert u.counters == {
+        "pre": 1,
+        "post": 1,
+        "entry": 0,
+        "ret": 0,
+        "fault": 0,
+        "kprobe_nmissed": 0,
+        "kretprobe_nmissed": 0,
+    }
     assert parse_stats("pre 3\npost 3\nkprobe_nmissed 0\n") == {"pre": 3, "post": 3, "kprobe_nmissed": 0}
 
 
 # Captured from a bookworm x86_64 guest (6.1.0-56-amd64): ksys_write+0x5 with --pre --post,
 # then ksys_write with --entry --ret.
-X86_PRE = ("kb_ksys_write_acbe64d6: hit=pre pid=152 tid=152 cpu=0 addr=0xffffffff81367685 "
-           "ip=0xffffffff81367686 flags=0x202 comm=sh")
-X86_POST = ("kb_ksys_write_acbe64d6: hit=post pid=152 tid=152 cpu=0 addr=0xffffffff81367685 "
-            "ip=0xffffffff81367687 flags=0x202 comm=sh")
+X86_PRE = (
+    "kb_ksys_write_acbe64d6: hit=pre pid=152 tid=152 cpu=0 addr=0xffffffff81367685 "
+    "ip=0xffffffff81367686 flags=0x202 comm=sh"
+)
+X86_POST = (
+    "kb_ksys_write_acbe64d6: hit=post pid=152 tid=152 cpu=0 addr=0xffffffff81367685 "
+    "ip=0xffffffff81367687 flags=0x202 comm=sh"
+)
 X86_RET = "kb_ksys_write_c6b3ee17: hit=ret pid=160 tid=160 cpu=0 took=343996ns ret=3 comm=sh"
 X86_DURATIONS = "kb_ksys_write_c6b3ee17: durations run=4c79da78 log2_ns=19:1,23:1"
 
@@ -56,10 +70,18 @@ def test_hit_registers_show_the_single_step():
 def test_arm64_registers_are_pc_and_pstate():
     # Captured from a bookworm arm64 guest (6.1.0-56-arm64): ksys_write+0 with --pre --post.
     mod = "kb_ksys_write_0bb91dfe"
-    pre = parse_hit(f"{mod}: hit=pre pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac154 "
-                    "pstate=0x80000005 fd=1 comm=sh", mod, "ksys_write")
-    h = parse_hit(f"{mod}: hit=post pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac158 "
-                  "pstate=0x80000005 fd=1 comm=sh", mod, "ksys_write")
+    pre = parse_hit(
+        f"{mod}: hit=pre pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac154 "
+        "pstate=0x80000005 fd=1 comm=sh",
+        mod,
+        "ksys_write",
+    )
+    h = parse_hit(
+        f"{mod}: hit=post pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac158 "
+        "pstate=0x80000005 fd=1 comm=sh",
+        mod,
+        "ksys_write",
+    )
     assert pre.ip == pre.addr  # BRK: the pre-handler sees pc at the probe address
     assert (h.arch, h.ip - h.addr, h.flags, h.args) == ("arm64", 4, 0x80000005, {"fd": 1})
     j = h.to_json()
@@ -68,8 +90,7 @@ def test_arm64_registers_are_pc_and_pstate():
 
 def test_args_named_like_fixed_fields_stay_args():
     # --arg addr=1 / --arg took=2 print NAME=DECIMAL: never hex registers, never a duration.
-    h = parse_hit("kb_m_1: hit=pre pid=7 tid=7 cpu=0 addr=0x10 ip=0x11 flags=0x2 addr=5 took=9 comm=sh",
-                  "kb_m_1", "f")
+    h = parse_hit("kb_m_1: hit=pre pid=7 tid=7 cpu=0 addr=0x10 ip=0x11 flags=0x2 addr=5 took=9 comm=sh", "kb_m_1", "f")
     assert h.addr == 0x10 and h.args == {"addr": 5, "took": 9} and h.duration_ns is None
 
 
@@ -82,8 +103,12 @@ def test_return_duration_and_histogram_line():
 
 
 def test_fault_hits_carry_the_trap_number():
-    f = parse_hit("kb_m_1: hit=fault pid=9 tid=9 cpu=0 addr=0xffffffff81367680 ip=0xffffffff8141d2b0 "
-                  "flags=0x10046 trap=14 comm=dd", "kb_m_1", "ksys_write")
+    f = parse_hit(
+        "kb_m_1: hit=fault pid=9 tid=9 cpu=0 addr=0xffffffff81367680 ip=0xffffffff8141d2b0 "
+        "flags=0x10046 trap=14 comm=dd",
+        "kb_m_1",
+        "ksys_write",
+    )
     assert (f.handler, f.trap, f.args) == ("fault", 14, {})
     assert f.to_json()["trap"] == 14
 

@@ -17,7 +17,8 @@ def test_host_mirrors_from_deb822_and_list(tmp_path):
     (tmp_path / "sources.list").write_text("deb [arch=amd64] http://mirror.example/debian bookworm main\n")
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\nComponents: main\n\n"
-        "Types: deb\nURIs: https://other.example/node\nSuites: nodistro\n")
+        "Types: deb\nURIs: https://other.example/node\nSuites: nodistro\n"
+    )
     m = host_mirrors("bookworm", tmp_path)
     assert (m.main, m.security) == ("http://mirror.example/debian", "http://sec.example/debian-security")
     assert host_mirrors("trixie", tmp_path).main == "http://deb.debian.org/debian"
@@ -26,13 +27,13 @@ def test_host_mirrors_from_deb822_and_list(tmp_path):
 def _read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
     out, off = {}, 0
     while True:
-        assert data[off:off + 6] == b"070701"
-        fields = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        assert data[off : off + 6] == b"070701"
+        fields = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = fields[1], fields[6], fields[11]
         name_start = off + 110
-        name = data[name_start:name_start + namesize - 1].decode()
+        name = data[name_start : name_start + namesize - 1].decode()
         body_start = name_start + namesize + (-(110 + namesize) % 4)
-        body = data[body_start:body_start + size]
+        body = data[body_start : body_start + size]
         off = body_start + size + (-size % 4)
         if name == "TRAILER!!!":
             return out

@@ -61,12 +61,15 @@ def test_todos_are_listed_in_order() -> None:
     assert [(t.number, t.text) for t in markers.todos(SAMPLE)] == [(1, "set x to 42"), (2, "a shell-style block")]
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("/* TODO 1: a */\nx\n", "never closed"),
-    ("/* TODO 1: a */\n/* END TODO 2 */\n", "does not close"),
-    ("/* TODO 1: a */\n/* TODO 2: b */\n", "opens inside"),
-    ("/* TODO 1: a */\n/* END TODO 1 */\n/* TODO 1: b */\n/* END TODO 1 */\n", "twice"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("/* TODO 1: a */\nx\n", "never closed"),
+        ("/* TODO 1: a */\n/* END TODO 2 */\n", "does not close"),
+        ("/* TODO 1: a */\n/* TODO 2: b */\n", "opens inside"),
+        ("/* TODO 1: a */\n/* END TODO 1 */\n/* TODO 1: b */\n/* END TODO 1 */\n", "twice"),
+    ],
+)
 def test_malformed_markers_are_refused(bad: str, why: str) -> None:
     with pytest.raises(KbridgeError, match=why):
         markers.skeleton(bad, "lab.c")
@@ -117,8 +120,12 @@ def test_lab_dir_round_trip_and_refusals(tmp_path: Path) -> None:
         labdir.load(tmp_path / "nowhere")
 
 
-SPECS = [CheckSpec("a", "", "hint a"), CheckSpec("b", "", "hint b"), CheckSpec("c", "", "hint c"),
-         CheckSpec("d", "", "hint d")]
+SPECS = [
+    CheckSpec("a", "", "hint a"),
+    CheckSpec("b", "", "hint b"),
+    CheckSpec("c", "", "hint c"),
+    CheckSpec("d", "", "hint d"),
+]
 
 
 def test_grader_skips_what_depends_on_a_failure_and_keeps_the_order() -> None:
@@ -232,8 +239,11 @@ def test_workload_is_a_static_binary_without_a_bss_only_segment(arch) -> None:  
     assert head[:4] == b"\x7fELF" and head[18] == (0x3E if arch is X86_64 else 0xB7)
     readelf = shutil.which(f"{arch.gnu_triplet}-readelf") or shutil.which("readelf")
     assert readelf
-    loads = [ln.split() for ln in subprocess.run([readelf, "-lW", str(path)], capture_output=True,
-                                                 text=True).stdout.splitlines() if ln.strip().startswith("LOAD")]
+    loads = [
+        ln.split()
+        for ln in subprocess.run([readelf, "-lW", str(path)], capture_output=True, text=True).stdout.splitlines()
+        if ln.strip().startswith("LOAD")
+    ]
     assert loads and all(int(f[4], 16) > 0 for f in loads), "5.10 arm64 cannot exec a bss-only PT_LOAD"
     assert "INTERP" not in subprocess.run([readelf, "-lW", str(path)], capture_output=True, text=True).stdout
 
@@ -253,11 +263,14 @@ def test_cli_list_start_solution(tmp_path: Path) -> None:
     assert "rp.maxactive = maxactive" in (tmp_path / "krs" / "kretprobe_lab.c").read_text()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["lab", "start", "nope"], "unknown lab 'nope'"),
-    (["lab", "solution", "nope"], "unknown lab 'nope'"),
-    (["lab", "check", "/nonexistent/dir"], "is not a lab directory"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["lab", "start", "nope"], "unknown lab 'nope'"),
+        (["lab", "solution", "nope"], "unknown lab 'nope'"),
+        (["lab", "check", "/nonexistent/dir"], "is not a lab directory"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(args: list[str], words: str) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output

@@ -12,10 +12,16 @@ from kbridge.targets.qga import ExecResult
 
 # Captured from a bookworm x86_64 guest (6.1.0-56-amd64), ksys_write+0x5 --pre --post.
 MOD = "kb_ksys_write_acbe64d6"
-PRE = parse_hit(f"{MOD}: hit=pre pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367686 "
-                "flags=0x202 comm=sh", MOD, "ksys_write")
-POST = parse_hit(f"{MOD}: hit=post pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367687 "
-                 "flags=0x202 comm=sh", MOD, "ksys_write")
+PRE = parse_hit(
+    f"{MOD}: hit=pre pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367686 flags=0x202 comm=sh",
+    MOD,
+    "ksys_write",
+)
+POST = parse_hit(
+    f"{MOD}: hit=post pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367687 flags=0x202 comm=sh",
+    MOD,
+    "ksys_write",
+)
 
 
 def test_single_step_pairs_pre_and_post_of_one_thread():
@@ -44,8 +50,13 @@ def test_return_hits_pair_with_their_threads_entry():
     def hit(handler: str, tid: int, ts: float) -> Hit:
         return Hit("tracefs", "vfs_read", handler, pid=tid, comm="dd", cpu=0, timestamp=ts, tid=tid)
 
-    hits = [hit("entry", 1, 1.000000), hit("entry", 2, 1.000002), hit("ret", 2, 1.000010),
-            hit("ret", 1, 1.000500), hit("ret", 3, 2.0)]
+    hits = [
+        hit("entry", 1, 1.000000),
+        hit("entry", 2, 1.000002),
+        hit("ret", 2, 1.000010),
+        hit("ret", 1, 1.000500),
+        hit("ret", 3, 2.0),
+    ]
     paired = pair_durations(hits)
     assert [h.duration_ns for h in paired] == [8000, 500000]
     assert hits[-1].duration_ns is None  # no entry seen for tid 3
@@ -58,7 +69,8 @@ class FakeTarget:
     files: ClassVar[dict[str, bytes]] = {
         "/sys/kernel/tracing/kprobe_events": b"p:kprobes/sys_write_event __x64_sys_write\n",
         "/sys/kernel/tracing/events/kprobes/sys_write_event/enable": b"0\n",
-        "/sys/kernel/tracing/events/kprobes/sys_write_event/filter": b"none\n"}
+        "/sys/kernel/tracing/events/kprobes/sys_write_event/filter": b"none\n",
+    }
 
     def read_file(self, path: str) -> bytes:
         return self.files[path]

@@ -33,7 +33,7 @@ def test_kretprobe_reports_retval_and_entry_args():
     assert ".maxactive = 8," in src
     assert "kb_fetch_args(regs, d->args);" in src  # fetched at entry, printed at return
     assert "register_kprobe(&kp)" not in src
-    assert re.search(r'hit=ret pid=%d tid=%d cpu=%d took=%lluns count=%lu ret=%ld comm=%s', src)
+    assert re.search(r"hit=ret pid=%d tid=%d cpu=%d took=%lluns count=%lu ret=%ld comm=%s", src)
 
 
 def test_module_names_are_short_unique_identifiers():
@@ -49,9 +49,11 @@ def test_compiler_errors_show_the_generated_line():
 
     mod = render(make_spec("ksys_write", {"pre"}, ["fd=1"], X86_64), X86_64)
     line_no = mod.source.splitlines().index("\tatomic64_inc(&hits_pre);") + 1
-    gcc = (f"/tmp/x/{mod.name}.c: In function 'kb_pre':\n"
-           f"/tmp/x/{mod.name}.c:{line_no}:9: error: implicit declaration of function 'atomic64_inc'\n"
-           "make[2]: *** [scripts/Makefile.build:250: x.o] Error 1\n")
+    gcc = (
+        f"/tmp/x/{mod.name}.c: In function 'kb_pre':\n"
+        f"/tmp/x/{mod.name}.c:{line_no}:9: error: implicit declaration of function 'atomic64_inc'\n"
+        "make[2]: *** [scripts/Makefile.build:250: x.o] Error 1\n"
+    )
     text = explain_build_failure(gcc, mod)
     assert f"{mod.name}.c:{line_no}: error: implicit declaration" in text
     assert f"{line_no} | atomic64_inc(&hits_pre);" in text

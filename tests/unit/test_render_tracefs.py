@@ -23,8 +23,7 @@ def test_offset_and_clone_names() -> None:
     assert ev.line == "p:kbridge/foo_isra_0_p foo.isra.0+4 kb_ip=%ip:x64 kb_flags=%flags:x64"
 
 
-@pytest.mark.parametrize("arch,fd,count", [(X86_64, "+112($arg1)", "+96($arg1)"),
-                                           (ARM64, "+0($arg1)", "+16($arg1)")])
+@pytest.mark.parametrize("arch,fd,count", [(X86_64, "+112($arg1)", "+96($arg1)"), (ARM64, "+0($arg1)", "+16($arg1)")])
 def test_syscall_wrapper_reads_through_pt_regs(arch, fd, count) -> None:  # type: ignore[no-untyped-def]
     sym = f"{arch.syscall_prefix}write"
     (ev,) = render(make_spec(sym, {"pre"}, ["fd=1", "count=3"], arch), arch)
@@ -60,7 +59,8 @@ def test_check_lines_rejects_removals_duplicates_and_bad_syntax() -> None:
 
 def test_filter_building() -> None:
     assert build_filter("fd == 1", 12, "dd", [3, 4]) == (
-        '(fd == 1) && common_pid == 12 && comm == "dd" && common_pid != 3 && common_pid != 4')
+        '(fd == 1) && common_pid == 12 && comm == "dd" && common_pid != 3 && common_pid != 4'
+    )
     assert build_filter() == ""
     with pytest.raises(KbridgeError, match="--comm"):
         build_filter(comm='a"b')

@@ -6,7 +6,11 @@ import pytest
 
 from kbridge import events
 from kbridge.collect.trace_pipe import (
-    CpuStats, EventInfo, TracePipeParser, parse_cpu_stats, parse_kprobe_profile,
+    CpuStats,
+    EventInfo,
+    TracePipeParser,
+    parse_cpu_stats,
+    parse_kprobe_profile,
 )
 
 
@@ -30,7 +34,7 @@ def feed_all(p: TracePipeParser, text: str) -> list:
 # Captured on 6.1.0-56-amd64 (TCG) from /sys/kernel/tracing/trace_pipe after
 # `echo 'hi there "x" y=1' > /tmp/x; echo hello`: strings are printed raw, so
 # the newline they end with continues the line.
-X86_CAPTURE = '''\
+X86_CAPTURE = """\
               sh-125     [000] .....   115.478313: sw: (__x64_sys_write+0x0/0x20) fd=1 buf="hi there "x" y=1
 " count=17 arr={0xd0,0x7e,0x36}
               sh-125     [000] .N...   115.478631: myw: (ksys_write+0x0/0xf0) fd=1 buf="hi there "x" y=1
@@ -38,24 +42,22 @@ X86_CAPTURE = '''\
               sh-125     [000] .....   115.478912: myr: (do_syscall_64+0x5d/0xb0 <- ksys_write) ret=17
               sh-125     [000] .....   115.481377: sw: (__x64_sys_write+0x0/0x20) fd=1 buf="hello
 " count=6 arr={0xd0,0x7e,0x36}
-         qemu-ga-110     [000] .....   115.529394: tracing_mark_write: kbridge-end-1234'''
+         qemu-ga-110     [000] .....   115.529394: tracing_mark_write: kbridge-end-1234"""
 
 X86_LINES = (
     "p:kbt/myw ksys_write fd=$arg1:u64 buf=+0($arg2):ustring count=$arg3:u64 c=$comm",
-    "p:kbt/sw __x64_sys_write fd=+112($arg1):u64 buf=+0(+104($arg1)):ustring count=+96($arg1):s64 "
-    "arr=+0($arg1):x8[3]",
+    "p:kbt/sw __x64_sys_write fd=+112($arg1):u64 buf=+0(+104($arg1)):ustring count=+96($arg1):s64 arr=+0($arg1):x8[3]",
     "r:kbt/myr ksys_write ret=$retval:s64",
 )
 
 # The same on 6.1.0-56-arm64: other flags ("d...."), other offsets and ret sites.
-ARM64_CAPTURE = '''\
+ARM64_CAPTURE = """\
               sh-107     [000] d....    33.882880: sw: (__arm64_sys_write+0x0/0x30) fd=1 buf="hi there "x" y=1
 " count=17 arr={0x1,0x0,0x0}
-              sh-107     [000] .....    33.884337: myr: (__arm64_sys_write+0x24/0x30 <- ksys_write) ret=17'''
+              sh-107     [000] .....    33.884337: myr: (__arm64_sys_write+0x24/0x30 <- ksys_write) ret=17"""
 
 ARM64_LINES = (
-    "p:kbt/sw __arm64_sys_write fd=+0($arg1):u64 buf=+0(+8($arg1)):ustring count=+16($arg1):s64 "
-    "arr=+0($arg1):x8[3]",
+    "p:kbt/sw __arm64_sys_write fd=+0($arg1):u64 buf=+0(+8($arg1)):ustring count=+16($arg1):s64 arr=+0($arg1):x8[3]",
     "r:kbt/myr ksys_write ret=$retval:s64",
 )
 
@@ -80,14 +82,20 @@ def test_arm64_capture() -> None:
     assert sw.flags == "d...."
     hit = p.hit(myr)
     assert (hit.mechanism, hit.handler, hit.symbol, hit.retval, hit.event) == (
-        "tracefs", "ret", "ksys_write", 17, "kbt/myr")
+        "tracefs",
+        "ret",
+        "ksys_write",
+        17,
+        "kbt/myr",
+    )
     assert hit.to_json()["args"] == {"ret": 17}
 
 
 def test_hit_for_kprobe_event() -> None:
     p = parser_for(X86_LINES[0])
-    (rec,) = feed_all(p, '              sh-9     [000] .....   1.000001: myw: (ksys_write+0x0/0xf0) '
-                         'fd=2 buf="a b=c" count=5 c="sh"')
+    (rec,) = feed_all(
+        p, '              sh-9     [000] .....   1.000001: myw: (ksys_write+0x0/0xf0) fd=2 buf="a b=c" count=5 c="sh"'
+    )
     hit = p.hit(rec)
     assert hit.handler == "pre" and hit.retval is None
     assert hit.args == {"fd": 2, "buf": "a b=c", "count": 5, "c": "sh"}
@@ -109,9 +117,12 @@ def test_comm_with_dash_and_spaces() -> None:
 
 def test_lost_other_and_unparsed_lines() -> None:
     p = parser_for("p:g/e ksys_write fd=$arg1:u64")
-    feed_all(p, "CPU:0 [LOST 123 EVENTS]\nCPU:1 [LOST 7 EVENTS]\n"
-                "  sh-1 [000] ..... 1.0: other_event: (vfs_read+0x0/0x10) x=1\n"
-                "  sh-1 [000] ..... 1.0: e: (ksys_write+0x0/0xf0) fd=notanumber")
+    feed_all(
+        p,
+        "CPU:0 [LOST 123 EVENTS]\nCPU:1 [LOST 7 EVENTS]\n"
+        "  sh-1 [000] ..... 1.0: other_event: (vfs_read+0x0/0x10) x=1\n"
+        "  sh-1 [000] ..... 1.0: e: (ksys_write+0x0/0xf0) fd=notanumber",
+    )
     assert p.lost == 130
     assert p.other == 1
     assert len(p.unparsed) == 1
@@ -124,10 +135,16 @@ def test_open_string_at_end_of_stream_is_unparsed() -> None:
     assert len(p.unparsed) == 1
 
 
-@pytest.mark.parametrize("type_,text,value", [
-    ("u8", "255", 255), ("s64", "-1", -1), ("x32", "0xdeadbeef", 0xDEADBEEF),
-    ("symbol", "ksys_write+0x0/0xf0", "ksys_write+0x0/0xf0"), ("b4@0/8", "3", 3),
-])
+@pytest.mark.parametrize(
+    "type_,text,value",
+    [
+        ("u8", "255", 255),
+        ("s64", "-1", -1),
+        ("x32", "0xdeadbeef", 0xDEADBEEF),
+        ("symbol", "ksys_write+0x0/0xf0", "ksys_write+0x0/0xf0"),
+        ("b4@0/8", "3", 3),
+    ],
+)
 def test_types(type_: str, text: str, value: object) -> None:
     p = parser_for(f"p:g/e ksys_write v=$arg1:{type_}")
     (rec,) = feed_all(p, f"  sh-1 [000] ..... 1.0: e: (ksys_write+0x0/0xf0) v={text}")
@@ -153,6 +170,8 @@ def test_cpu_stats() -> None:
 
 
 def test_kprobe_profile() -> None:
-    text = ("  myw                                                       61               0\n"
-            "  myr                                                       61               2\n")
+    text = (
+        "  myw                                                       61               0\n"
+        "  myr                                                       61               2\n"
+    )
     assert parse_kprobe_profile(text) == {"myw": (61, 0), "myr": (61, 2)}

@@ -56,8 +56,9 @@ def test_source_needs_kbuild_or_makefile_with_obj_m(tmp_path):
     with pytest.raises(KbridgeError, match=r"obj-\$\(CONFIG_MYDRV\)"):
         usermod.source_files(tmp_path)
     # The classic out-of-tree Makefile: obj-m in the kbuild half, a make -C in the other.
-    (tmp_path / "Makefile").write_text("obj-m += drv.o\nall:\n\tmake -C /lib/modules/$(shell uname -r)/build "
-                                       "M=$(PWD) modules\n")
+    (tmp_path / "Makefile").write_text(
+        "obj-m += drv.o\nall:\n\tmake -C /lib/modules/$(shell uname -r)/build M=$(PWD) modules\n"
+    )
     assert "Makefile" in usermod.source_files(tmp_path)
 
 
@@ -89,8 +90,10 @@ def test_compiler_errors_point_at_the_users_file():
     assert "    52 | kb_rejects++" in msg  # the user's own line, read from the user's file
     assert "warning" not in msg  # errors only when there are errors
     warnings = [d for d in usermod.diagnostics(shown, src) if " warning: " in d]
-    assert warnings == [f"{src}/kbchardev.c:25: warning: 'unused_var' defined but not used "
-                        "[-Wunused-variable]\n    25 | static int unused_var;"]
+    assert warnings == [
+        f"{src}/kbchardev.c:25: warning: 'unused_var' defined but not used "
+        "[-Wunused-variable]\n    25 | static int unused_var;"
+    ]
 
 
 def test_build_failure_without_line_numbers_shows_the_end_of_the_output():
@@ -101,41 +104,54 @@ def test_build_failure_without_line_numbers_shows_the_end_of_the_output():
 
 # -- parameters ---------------------------------------------------------------------------
 
-DECLARED = {"debug": "int", "fail_init": "bool", "greeting": "charp", "mask": "hexint",
-            "ports": "array of ushort", "level": "byte", "inv": "invbool"}
+DECLARED = {
+    "debug": "int",
+    "fail_init": "bool",
+    "greeting": "charp",
+    "mask": "hexint",
+    "ports": "array of ushort",
+    "level": "byte",
+    "inv": "invbool",
+}
 
 
-@pytest.mark.parametrize(("params", "argv"), [
-    ({"debug": 1}, ["debug=1"]),
-    ({"debug": "-3"}, ["debug=-3"]),
-    ({"debug": "0x10"}, ["debug=16"]),
-    ({"fail_init": True, "inv": "no"}, ["fail_init=Y", "inv=N"]),
-    ({"fail_init": "1"}, ["fail_init=1"]),
-    ({"greeting": "hi,there:1"}, ["greeting=hi,there:1"]),
-    ({"mask": 255}, ["mask=0xff"]),
-    ({"ports": [80, 443]}, ["ports=80,443"]),
-    ({"ports": "80,443"}, ["ports=80,443"]),
-    ({"level": 255}, ["level=255"]),
-])
+@pytest.mark.parametrize(
+    ("params", "argv"),
+    [
+        ({"debug": 1}, ["debug=1"]),
+        ({"debug": "-3"}, ["debug=-3"]),
+        ({"debug": "0x10"}, ["debug=16"]),
+        ({"fail_init": True, "inv": "no"}, ["fail_init=Y", "inv=N"]),
+        ({"fail_init": "1"}, ["fail_init=1"]),
+        ({"greeting": "hi,there:1"}, ["greeting=hi,there:1"]),
+        ({"mask": 255}, ["mask=0xff"]),
+        ({"ports": [80, 443]}, ["ports=80,443"]),
+        ({"ports": "80,443"}, ["ports=80,443"]),
+        ({"level": 255}, ["level=255"]),
+    ],
+)
 def test_valid_parameters(params, argv):
     assert usermod.validate_params(params, DECLARED, "drv") == argv
 
 
-@pytest.mark.parametrize(("params", "message"), [
-    ({"nope": 1}, "module drv has no parameter 'nope'"),
-    ({"de bug": 1}, "invalid parameter name 'de bug'"),
-    ({"debug": "1 fail_init=1"}, "invalid value '1 fail_init=1' for parameter debug (int)"),
-    ({"debug": 1 << 31}, "invalid value 2147483648 for parameter debug (int)"),
-    ({"debug": True}, "invalid value True for parameter debug (int)"),
-    ({"debug": 1.5}, "invalid value 1.5 for parameter debug (int)"),
-    ({"level": -1}, "invalid value -1 for parameter level (byte)"),
-    ({"fail_init": "maybe"}, "invalid value 'maybe' for parameter fail_init (bool)"),
-    ({"greeting": "a b"}, "invalid value 'a b' for parameter greeting (charp)"),
-    ({"greeting": 'x"y'}, "invalid value 'x\"y' for parameter greeting (charp)"),
-    ({"greeting": "x\ny"}, "invalid value 'x\\ny' for parameter greeting (charp)"),
-    ({"greeting": "x" * 1025}, "value for parameter greeting is 1025 characters long"),
-    ({"ports": [80, 70000]}, "invalid value 70000 for parameter ports (ushort)"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"nope": 1}, "module drv has no parameter 'nope'"),
+        ({"de bug": 1}, "invalid parameter name 'de bug'"),
+        ({"debug": "1 fail_init=1"}, "invalid value '1 fail_init=1' for parameter debug (int)"),
+        ({"debug": 1 << 31}, "invalid value 2147483648 for parameter debug (int)"),
+        ({"debug": True}, "invalid value True for parameter debug (int)"),
+        ({"debug": 1.5}, "invalid value 1.5 for parameter debug (int)"),
+        ({"level": -1}, "invalid value -1 for parameter level (byte)"),
+        ({"fail_init": "maybe"}, "invalid value 'maybe' for parameter fail_init (bool)"),
+        ({"greeting": "a b"}, "invalid value 'a b' for parameter greeting (charp)"),
+        ({"greeting": 'x"y'}, "invalid value 'x\"y' for parameter greeting (charp)"),
+        ({"greeting": "x\ny"}, "invalid value 'x\\ny' for parameter greeting (charp)"),
+        ({"greeting": "x" * 1025}, "value for parameter greeting is 1025 characters long"),
+        ({"ports": [80, 70000]}, "invalid value 70000 for parameter ports (ushort)"),
+    ],
+)
 def test_invalid_parameters_are_quoted(params, message):
     with pytest.raises(KbridgeError) as e:
         usermod.validate_params(params, DECLARED, "drv")
@@ -164,8 +180,17 @@ def rec(text: str, seq: int = 0) -> KmsgRecord:
 
 
 def test_the_log_of_a_step_is_what_lies_between_its_markers():
-    stream = iter([rec("old: backlog"), rec("kbridge: insmod x 1 start"), None, rec("x: hello"),
-                   rec("x: ready"), rec("kbridge: insmod x 1 end"), rec("later")])
+    stream = iter(
+        [
+            rec("old: backlog"),
+            rec("kbridge: insmod x 1 start"),
+            None,
+            rec("x: hello"),
+            rec("x: ready"),
+            rec("kbridge: insmod x 1 end"),
+            rec("later"),
+        ]
+    )
     got: list[KmsgRecord] = []
     usermod._collect(stream, "kbridge: insmod x 1 start", "kbridge: insmod x 1 end", got)
     assert [r.text for r in got] == ["x: hello", "x: ready"]
@@ -174,8 +199,10 @@ def test_the_log_of_a_step_is_what_lies_between_its_markers():
 def test_failed_init_names_the_errno_and_shows_the_log():
     e = usermod._load_error("drv", 19, "", ["drv: no hardware"], left=False)
     assert e.errno == "ENODEV"
-    assert e.message == ("loading module drv failed: its init function returned -ENODEV (No such device)\n"
-                         "kernel log of the load:\n  drv: no hardware")
+    assert e.message == (
+        "loading module drv failed: its init function returned -ENODEV (No such device)\n"
+        "kernel log of the load:\n  drv: no hardware"
+    )
     assert "nothing of it stayed loaded" in e.hint
 
 
@@ -194,9 +221,14 @@ def test_guest_paths():
     assert usermod.guest_path("/tmp/client", writing=True) == "/tmp/client"
     assert usermod.guest_path("/tmp/bin/", writing=True) == "/tmp/bin/"
     assert usermod.guest_path("/proc/kallsyms", writing=False) == "/proc/kallsyms"
-    for bad, what in [("tmp/x", "invalid guest path"), ("/tmp/../etc/x", "has '..' in it"),
-                      ("/tmp/a\nb", "invalid guest path"), ("/proc/sys/kernel/x", "kernel interface"),
-                      ("/dev/kbchardev", "kernel interface"), ("/sys", "kernel interface")]:
+    for bad, what in [
+        ("tmp/x", "invalid guest path"),
+        ("/tmp/../etc/x", "has '..' in it"),
+        ("/tmp/a\nb", "invalid guest path"),
+        ("/proc/sys/kernel/x", "kernel interface"),
+        ("/dev/kbchardev", "kernel interface"),
+        ("/sys", "kernel interface"),
+    ]:
         with pytest.raises(KbridgeError, match=what):
             usermod.guest_path(bad, writing=True)
 
@@ -214,10 +246,13 @@ def test_module_symbols_resolve():
     guest = CapturedGuest()
     kernel = SymbolTable.parse((DATA / "kallsyms-modules-x86_64.txt").read_text())
     res = usermod.resolve_module_symbol(guest, "kbchardev_write", kernel)  # type: ignore[arg-type]
-    assert (res.symbol, res.address, res.note) == ("kbchardev:kbchardev_write", 0xffffffffc0219000,
-                                                   "kbchardev_write is in module kbchardev")
+    assert (res.symbol, res.address, res.note) == (
+        "kbchardev:kbchardev_write",
+        0xFFFFFFFFC0219000,
+        "kbchardev_write is in module kbchardev",
+    )
     res = usermod.resolve_module_symbol(guest, "kbchardev:kbchardev_reject")  # type: ignore[arg-type]
-    assert (res.symbol, res.address) == ("kbchardev:kbchardev_reject", 0xffffffffc021919f)
+    assert (res.symbol, res.address) == ("kbchardev:kbchardev_reject", 0xFFFFFFFFC021919F)
     assert usermod.resolve_module_symbol(guest, "ksys_write") is None  # type: ignore[arg-type]
 
 
@@ -227,7 +262,7 @@ def test_a_name_in_two_modules_must_be_qualified():
     assert e.value.message == "'cleanup_module' is not unique: it is in kbchardev, virtio_console"
     assert "MODULE:FUNCTION" in e.value.hint
     res = usermod.resolve_module_symbol(CapturedGuest(), "virtio_console:cleanup_module")  # type: ignore[arg-type]
-    assert res.address == 0xffffffffc023385d
+    assert res.address == 0xFFFFFFFFC023385D
 
 
 def test_module_symbol_errors():

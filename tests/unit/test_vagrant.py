@@ -27,14 +27,22 @@ STATUS = """\
 
 
 def test_parse_status() -> None:
-    assert vagrant.parse_status(STATUS) == {"kbridge-x86_64": ("running", "libvirt"),
-                                            "kbridge-arm64": ("not_created", "libvirt")}
+    assert vagrant.parse_status(STATUS) == {
+        "kbridge-x86_64": ("running", "libvirt"),
+        "kbridge-arm64": ("not_created", "libvirt"),
+    }
 
 
 def test_vagrant_error_message_from_machine_readable_rows() -> None:
-    proc = subprocess.CompletedProcess(["vagrant"], 1, stdout=(
-        "1795760002,,error-exit,Vagrant::Errors::MachineNotFound,The machine with the name 'nope' was not "
-        "found configured for\\nthis Vagrant environment.\n"), stderr="")
+    proc = subprocess.CompletedProcess(
+        ["vagrant"],
+        1,
+        stdout=(
+            "1795760002,,error-exit,Vagrant::Errors::MachineNotFound,The machine with the name 'nope' was not "
+            "found configured for\\nthis Vagrant environment.\n"
+        ),
+        stderr="",
+    )
     msg = vagrant._vagrant_message(proc)
     assert msg == "The machine with the name 'nope' was not found configured for this Vagrant environment."
 
@@ -116,8 +124,9 @@ def test_box_filesystem_owned_by_root_when_built_unprivileged(tmp_path: Path, mo
     box._mkfs(root, tmp_path / "fs.ext4")
 
     def stat(path: str) -> str:
-        return subprocess.run(["debugfs", "-R", f"stat {path}", str(tmp_path / "fs.ext4")],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["debugfs", "-R", f"stat {path}", str(tmp_path / "fs.ext4")], capture_output=True, text=True, check=True
+        ).stdout
 
     assert "User:     0   Group:     0" in stat("/usr/bin/sudo") and "Mode:  04755" in stat("/usr/bin/sudo")
     assert "User:  1000   Group:  1000" in stat("/home/vagrant/.ssh/authorized_keys")
@@ -135,8 +144,10 @@ def test_a_kernel_without_kbridge_headers_is_refused(tmp_path: Path, monkeypatch
     target.arch, target.krel = get_arch("x86_64"), "6.12.48+deb13-amd64"
     with pytest.raises(vagrant.KbridgeError) as err:
         target._headers_image()
-    assert err.value.message == ("no kernel headers for 6.12.48+deb13-amd64 (the kernel of vagrant:kbridge-x86_64): "
-                                 "kbridge's x86_64 image has 6.1.0-56-amd64")
+    assert err.value.message == (
+        "no kernel headers for 6.12.48+deb13-amd64 (the kernel of vagrant:kbridge-x86_64): "
+        "kbridge's x86_64 image has 6.1.0-56-amd64"
+    )
     assert "kbridge box build --arch x86_64" in (err.value.hint or "")
     target.krel = "6.1.0-56-amd64"
     assert target._headers_image() is image

@@ -26,16 +26,27 @@ from pathlib import Path
 
 from kbridge import netns
 
-APT_PACKAGES = ("vagrant", "vagrant-libvirt", "libvirt-daemon-system", "libvirt-clients", "dnsmasq-base",
-                "iptables", "qemu-utils", "openssh-client")
+APT_PACKAGES = (
+    "vagrant",
+    "vagrant-libvirt",
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "dnsmasq-base",
+    "iptables",
+    "qemu-utils",
+    "openssh-client",
+)
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 URI = "qemu:///system"
 
 
 def missing_tools() -> list[str]:
-    return [t for t in ("vagrant", "libvirtd", "virtlogd", "virsh", "qemu-img", "dnsmasq", "iptables", "ssh")
-            if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    return [
+        t
+        for t in ("vagrant", "libvirtd", "virtlogd", "virsh", "qemu-img", "dnsmasq", "iptables", "ssh")
+        if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
+    ]
 
 
 def apt_install() -> subprocess.CompletedProcess[str]:
@@ -48,12 +59,20 @@ def apt_install() -> subprocess.CompletedProcess[str]:
         policy.chmod(0o755)
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode != 0:  # stale package lists
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-            proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
         return proc
     finally:
         if made:
@@ -86,8 +105,10 @@ class LibvirtInNetns:
 
     def start(self) -> None:
         if _answers(LIBVIRT_SOCK):
-            raise RuntimeError(f"a libvirtd already answers on {LIBVIRT_SOCK}: the test starts its own inside "
-                               "a network namespace; stop the other one first")
+            raise RuntimeError(
+                f"a libvirtd already answers on {LIBVIRT_SOCK}: the test starts its own inside "
+                "a network namespace; stop the other one first"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         qemu_conf = self.workdir / "qemu.conf"
         qemu_conf.write_text('user = "root"\ngroup = "root"\n')
@@ -108,8 +129,9 @@ class LibvirtInNetns:
 
     def _daemon(self, argv: list[str], log: str, enter, sock: Path) -> None:  # type: ignore[no-untyped-def]
         with open(self.workdir / log, "wb") as f:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    preexec_fn=enter)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, preexec_fn=enter
+            )
         self.procs.append(proc)
         deadline = time.monotonic() + 30
         while not _answers(sock):

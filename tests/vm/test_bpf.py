@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kbridge.errors import KbridgeError
 from kbridge.mechanisms import bpf
 from kbridge.mechanisms.common import StopRule
 from kbridge.render.bcc import BpfProgram
-from kbridge.errors import KbridgeError
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
@@ -36,8 +36,11 @@ def test_kretprobe_return_values(session: Session) -> None:
 
 def test_compile_error_is_clear_and_leaves_nothing(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_spec("ksys_write", {"pre"}, None, session.arch)
-    broken = BpfProgram("int kb_pre(struct pt_regs *ctx) { return no_such_variable; }\n",
-                        [{"type": "kprobe", "symbol": "ksys_write", "offset": 0, "fn": "kb_pre"}], spec)
+    broken = BpfProgram(
+        "int kb_pre(struct pt_regs *ctx) { return no_such_variable; }\n",
+        [{"type": "kprobe", "symbol": "ksys_write", "offset": 0, "fn": "kb_pre"}],
+        spec,
+    )
     monkeypatch.setattr(bpf, "render", lambda s, a: broken)
     with pytest.raises(bpf.BpfError) as e:
         bpf.run(session, spec, DD, StopRule())

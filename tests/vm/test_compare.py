@@ -8,7 +8,6 @@ from kbridge.compare import compare
 from kbridge.session import Session
 from kbridge.spec import make_spec
 
-
 pytestmark = pytest.mark.vm
 
 DD = "dd if=/dev/zero of=/dev/null bs=1 count=300"

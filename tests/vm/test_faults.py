@@ -20,19 +20,32 @@ DD = "dd if=/dev/zero of=/dev/null bs=7 count=3"
 
 def guest_state(vm: Guest) -> dict:
     """What a run may leave behind: modules, kprobes, kprobe_events, user processes."""
-    procs = vm.run(["/bin/sh", "-c", 'for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; '
-                    '[ -s "$d/cmdline" ] && echo "$p $(cat "$d/comm")"; done; true']).text
-    return {"modules": sorted(vm.loaded_modules()),
-            "kprobes": vm.kprobes_list(),
-            "kprobe_events": vm.read_file("/sys/kernel/tracing/kprobe_events").decode(),
-            "processes": sorted(procs.splitlines())}
+    procs = vm.run(
+        [
+            "/bin/sh",
+            "-c",
+            'for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; '
+            '[ -s "$d/cmdline" ] && echo "$p $(cat "$d/comm")"; done; true',
+        ]
+    ).text
+    return {
+        "modules": sorted(vm.loaded_modules()),
+        "kprobes": vm.kprobes_list(),
+        "kprobe_events": vm.read_file("/sys/kernel/tracing/kprobe_events").decode(),
+        "processes": sorted(procs.splitlines()),
+    }
 
 
 def kill_when(args: list[str], ready: str, arch: str) -> str:
     """Start `kbridge ARGS`, SIGKILL it once READY ("hit": its first JSON hit; "insmod": a kb_ module
     is loaded), and return what it printed on stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "kbridge", *args, "--arch", arch, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbridge", *args, "--arch", arch, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         assert proc.stdout is not None
         if ready == "hit":
@@ -46,11 +59,15 @@ def kill_when(args: list[str], ready: str, arch: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("args", [
-    ["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP],
-    ["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP, "--via", "tracefs"],
-    ["trace", "p:faults/w ksys_write", "--comm", "sh", "--run", LOOP],
-], ids=["kmod", "tracefs", "trace"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP],
+        ["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP, "--via", "tracefs"],
+        ["trace", "p:faults/w ksys_write", "--comm", "sh", "--run", LOOP],
+    ],
+    ids=["kmod", "tracefs", "trace"],
+)
 def test_sigkill_mid_run_is_reclaimed(kbridge_vm: Guest, args: list[str]) -> None:
     before = guest_state(kbridge_vm)
     kill_when(args, "hit", kbridge_vm.arch.name)
@@ -68,8 +85,11 @@ def test_sigkill_before_the_workload_ends(kbridge_vm: Guest) -> None:
     # The first hit is dd's read before `sleep 30`: the module is loaded and armed, the
     # workload still running, when kbridge dies.
     before = guest_state(kbridge_vm)
-    kill_when(["probe", "vfs_read", "--pre", "--run", "dd if=/dev/zero of=/dev/null count=1; sleep 30"], "hit",
-              kbridge_vm.arch.name)
+    kill_when(
+        ["probe", "vfs_read", "--pre", "--run", "dd if=/dev/zero of=/dev/null count=1; sleep 30"],
+        "hit",
+        kbridge_vm.arch.name,
+    )
     # The same spec builds the same module name: before reclaim this failed with
     # "insmod ... File exists".
     run = kbridge_vm.probe("vfs_read", run=DD)
@@ -81,8 +101,7 @@ def test_bpf_runner_of_a_killed_kbridge_is_stopped(bcc_kept, kbridge_arch: str) 
     with kbridge.vm(arch=kbridge_arch) as vm:  # the kept bcc VM
         assert vm.flavour == "bcc"
         before = guest_state(vm)
-        kill_when(["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP, "--via", "bpf"], "hit",
-                  kbridge_arch)
+        kill_when(["probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP, "--via", "bpf"], "hit", kbridge_arch)
         run = vm.probe("ksys_write", args={"fd": 1, "count": 3}, comm="dd", run=DD, via="bpf")
         assert sorted(h.args["count"] for h in run.hits if h.args["fd"] == 1) == [7, 7, 7]
         assert guest_state(vm) == before
@@ -94,9 +113,26 @@ def test_sigterm_unwinds_like_ctrl_c(kbridge_vm: Guest) -> None:
     from kbridge.targets.qemu import QemuVM
 
     before = guest_state(kbridge_vm)
-    proc = subprocess.Popen([sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "sh",
-                             "--run", LOOP, "--arch", kbridge_vm.arch.name, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--comm",
+            "sh",
+            "--run",
+            LOOP,
+            "--arch",
+            kbridge_vm.arch.name,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None and "handler" in json.loads(proc.stdout.readline())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

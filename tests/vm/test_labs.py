@@ -23,9 +23,14 @@ pytestmark = pytest.mark.vm
 
 MODULE_LABS = ("kprobe-module", "kprobe-events", "kretprobe", "breakpoint")
 # What a skeleton may pass: checks that need none of the code the student writes.
-SKELETON_MAY_PASS = {"kprobe-module": {"builds", "loads"}, "kprobe-events": set(),
-                     "kretprobe": {"builds", "loads"}, "breakpoint": set(), "old-apis": {"builds", "loads"},
-                     "three-ways": {"builds", "loads", "bpf-attach"}}
+SKELETON_MAY_PASS = {
+    "kprobe-module": {"builds", "loads"},
+    "kprobe-events": set(),
+    "kretprobe": {"builds", "loads"},
+    "breakpoint": set(),
+    "old-apis": {"builds", "loads"},
+    "three-ways": {"builds", "loads", "bpf-attach"},
+}
 
 
 @dataclass(frozen=True)
@@ -40,31 +45,63 @@ class Bug:
 
 
 BUGS = [
-    Bug("kprobe-module", "registered", (("kprobe_lab.c", '"__x64_sys_write"', '"ksys_write"'),
-                                        ("kprobe_lab.c", '"__arm64_sys_write"', '"ksys_write"'))),
+    Bug(
+        "kprobe-module",
+        "registered",
+        (
+            ("kprobe_lab.c", '"__x64_sys_write"', '"ksys_write"'),
+            ("kprobe_lab.c", '"__arm64_sys_write"', '"ksys_write"'),
+        ),
+    ),
     # Prints and counts as if it worked, without a kprobe: the kernel's list says otherwise.
-    Bug("kprobe-module", "registered", (("kprobe_lab.c", "\tret = register_kprobe(&kp);\n",
-                                         "\tret = 0;\n\tatomic_set(&pre_count, 25);\n"
-                                         "\tatomic_set(&post_count, 25);\n"),), tag="no-probe"),
-    Bug("kprobe-module", "pre-count", (("kprobe_lab.c", "\tatomic_inc(&pre_count);\n",
-                                        "\tatomic_inc(&pre_count);\n\tatomic_inc(&pre_count);\n"),)),
+    Bug(
+        "kprobe-module",
+        "registered",
+        (
+            (
+                "kprobe_lab.c",
+                "\tret = register_kprobe(&kp);\n",
+                "\tret = 0;\n\tatomic_set(&pre_count, 25);\n\tatomic_set(&post_count, 25);\n",
+            ),
+        ),
+        tag="no-probe",
+    ),
+    Bug(
+        "kprobe-module",
+        "pre-count",
+        (("kprobe_lab.c", "\tatomic_inc(&pre_count);\n", "\tatomic_inc(&pre_count);\n\tatomic_inc(&pre_count);\n"),),
+    ),
     Bug("kprobe-module", "prints", (("kprobe_lab.c", "p->addr = 0x%px", "p->addr = 0x%p"),)),
-    Bug("kprobe-module", "post-ip", (("kprobe_lab.c", "last_post_ip = instruction_pointer(regs);",
-                                      "last_post_ip = last_pre_ip;"),), ("x86_64", "arm64")),
+    Bug(
+        "kprobe-module",
+        "post-ip",
+        (("kprobe_lab.c", "last_post_ip = instruction_pointer(regs);", "last_post_ip = last_pre_ip;"),),
+        ("x86_64", "arm64"),
+    ),
     Bug("kprobe-events", "filter", (("events.sh", "echo 'comm == \"kblab\"' >", ": "),)),
-    Bug("kretprobe", "entry-data", (("kretprobe_lab.c", "regs_get_kernel_argument(regs, 2)",
-                                     "regs_get_kernel_argument(regs, 1)"),)),
+    Bug(
+        "kretprobe",
+        "entry-data",
+        (("kretprobe_lab.c", "regs_get_kernel_argument(regs, 2)", "regs_get_kernel_argument(regs, 1)"),),
+    ),
     Bug("kretprobe", "nmissed", (("kretprobe_lab.c", "\tif (maxactive > 0)\n\t\trp.maxactive = maxactive;\n", ""),)),
-    Bug("breakpoint", "entry-mode", (("answers.txt", "x86_64.entry_mode = ftrace", "x86_64.entry_mode = breakpoint"),
-                                     ("answers.txt", "arm64.entry_mode = breakpoint", "arm64.entry_mode = ftrace"))),
+    Bug(
+        "breakpoint",
+        "entry-mode",
+        (
+            ("answers.txt", "x86_64.entry_mode = ftrace", "x86_64.entry_mode = breakpoint"),
+            ("answers.txt", "arm64.entry_mode = breakpoint", "arm64.entry_mode = ftrace"),
+        ),
+    ),
 ]
 OLD_BUGS = [
     Bug("old-apis", "fault-handler", (("old_lab.c", "\t.fault_handler = handler_fault,\n", ""),)),
 ]
 
 
-def make(tmp_path: Path, lab: str, which: str, name: str | None = None,
-         edits: tuple[tuple[str, str, str], ...] = ()) -> Path:
+def make(
+    tmp_path: Path, lab: str, which: str, name: str | None = None, edits: tuple[tuple[str, str, str], ...] = ()
+) -> Path:
     """A lab directory as `kbridge lab start`/`solution` writes it, with EDITS applied."""
     d = tmp_path / (name or f"{lab}-{which}")
     labdir.write(get(lab), d, which)
@@ -120,10 +157,16 @@ def test_one_bug_fails_exactly_its_check(kbridge_vm: Guest, tmp_path: Path) -> N
 def test_compile_error_points_at_the_students_line(kbridge_vm: Guest, tmp_path: Path) -> None:
     if kbridge_vm.arch.name != "x86_64":
         pytest.skip("the diagnostics path is the same on arm64 (cross gcc), covered by the x86_64 run")
-    d = make(tmp_path, "kprobe-module", "solution", "broken",
-             (("kprobe_lab.c", "\tatomic_inc(&post_count);\n", "\tatomic_inc(&post_count)\n"),))
-    line = next(i for i, ln in enumerate((d / "kprobe_lab.c").read_text().splitlines(), 1)
-                if ln == "\tatomic_inc(&post_count)")
+    d = make(
+        tmp_path,
+        "kprobe-module",
+        "solution",
+        "broken",
+        (("kprobe_lab.c", "\tatomic_inc(&post_count);\n", "\tatomic_inc(&post_count)\n"),),
+    )
+    line = next(
+        i for i, ln in enumerate((d / "kprobe_lab.c").read_text().splitlines(), 1) if ln == "\tatomic_inc(&post_count)"
+    )
     (r,) = grade("x86_64", [d])
     assert failed(r) == ["builds"] and all(c.status is Status.SKIP for c in r.checks[1:])
     detail = r.checks[0].detail
@@ -135,12 +178,25 @@ def test_compile_error_points_at_the_students_line(kbridge_vm: Guest, tmp_path: 
 
 def test_oops_fails_the_check_with_the_line_and_the_vm_is_replaced(kbridge_vm: Guest, tmp_path: Path) -> None:
     arch = kbridge_vm.arch.name
-    bad = make(tmp_path, "kprobe-module", "solution", "oops",
-               (("kprobe_lab.c", "\tatomic_inc(&pre_count);\n",
-                 "\tatomic_inc(&pre_count);\n\tif (atomic_read(&pre_count) == 3)\n"
-                 "\t\t*(volatile int *)p->symbol_name = 0;\n"),))
-    line = next(i for i, ln in enumerate((bad / "kprobe_lab.c").read_text().splitlines(), 1)
-                if "*(volatile int *)p->symbol_name = 0;" in ln)
+    bad = make(
+        tmp_path,
+        "kprobe-module",
+        "solution",
+        "oops",
+        (
+            (
+                "kprobe_lab.c",
+                "\tatomic_inc(&pre_count);\n",
+                "\tatomic_inc(&pre_count);\n\tif (atomic_read(&pre_count) == 3)\n"
+                "\t\t*(volatile int *)p->symbol_name = 0;\n",
+            ),
+        ),
+    )
+    line = next(
+        i
+        for i, ln in enumerate((bad / "kprobe_lab.c").read_text().splitlines(), 1)
+        if "*(volatile int *)p->symbol_name = 0;" in ln
+    )
     good = make(tmp_path, "kprobe-module", "solution")
     before = QemuVM.attach(get_arch(arch))
     assert before is not None
@@ -162,8 +218,9 @@ def test_oops_fails_the_check_with_the_line_and_the_vm_is_replaced(kbridge_vm: G
 
 def test_kprobe_left_behind_fails_unloads_and_the_vm_is_replaced(kbridge_vm: Guest, tmp_path: Path) -> None:
     arch = kbridge_vm.arch.name
-    d = make(tmp_path, "kprobe-module", "solution", "no-unregister",
-             (("kprobe_lab.c", "\tunregister_kprobe(&kp);\n", ""),))
+    d = make(
+        tmp_path, "kprobe-module", "solution", "no-unregister", (("kprobe_lab.c", "\tunregister_kprobe(&kp);\n", ""),)
+    )
     before = QemuVM.attach(get_arch(arch))
     assert before is not None
     pid = before.proc.pid

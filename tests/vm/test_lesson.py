@@ -125,15 +125,23 @@ def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session
     wrapper = f"{s.arch.syscall_prefix}write"
     before = s.target.read_file("/sys/kernel/tracing/kprobe_events").decode()
     steps: list[Step] = []
-    res = tracefs.run_lines(s, ["p:sys_write_event sys_write"], Workload.shell("echo hi > /tmp/kb_lesson"),
-                            comm="sh", steps=steps.append)
+    res = tracefs.run_lines(
+        s, ["p:sys_write_event sys_write"], Workload.shell("echo hi > /tmp/kb_lesson"), comm="sh", steps=steps.append
+    )
     # The literal line names a symbol the kernel no longer has: said, and rewritten.
     assert any("would refuse 'sys_write'" in n and wrapper in n for n in res.notes)
     cmds = [st.command.split("   #")[0] for st in steps]  # without the explaining comment
     d = "events/kprobes/sys_write_event"
-    order = [f"echo 'p:sys_write_event {wrapper}' >> kprobe_events", f"ls {d}/",
-             f"echo '1' > {d}/enable", "cat trace_pipe", f"echo '0' > {d}/enable", "cat kprobe_profile",
-             "echo '-:kprobes/sys_write_event' >> kprobe_events", "ls events/kprobes/"]
+    order = [
+        f"echo 'p:sys_write_event {wrapper}' >> kprobe_events",
+        f"ls {d}/",
+        f"echo '1' > {d}/enable",
+        "cat trace_pipe",
+        f"echo '0' > {d}/enable",
+        "cat kprobe_profile",
+        "echo '-:kprobes/sys_write_event' >> kprobe_events",
+        "ls events/kprobes/",
+    ]
     at = [cmds.index(o) for o in order]
     assert at == sorted(at), cmds
     by = {st.command.split("   #")[0]: st.readback for st in steps}

@@ -3,10 +3,10 @@
 import json
 import os
 import shutil
-import tempfile
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -86,9 +86,29 @@ def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
 
 def test_cli_json_lines(kbridge_vm):
     proc = subprocess.run(
-        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--arg", "fd=1", "--arg", "count=3",
-         "--comm", "sh", "--run", "echo hello > /tmp/x", "--arch", kbridge_vm.arch.name, "--json"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--arg",
+            "fd=1",
+            "--arg",
+            "count=3",
+            "--comm",
+            "sh",
+            "--run",
+            "echo hello > /tmp/x",
+            "--arch",
+            kbridge_vm.arch.name,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     *hits, last = lines
@@ -114,9 +134,26 @@ def test_ctrl_c_leaves_nothing_behind(short_dir, kbridge_arch):
     """An ephemeral VM (own state dir): SIGINT mid-probe unloads, stops QEMU, exits 130."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "probe", "vfs_read", "--pre", "--duration", "120",
-         "--run", "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done", "--arch", kbridge_arch, "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "vfs_read",
+            "--pre",
+            "--duration",
+            "120",
+            "--run",
+            "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done",
+            "--arch",
+            kbridge_arch,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     first = proc.stdout.readline()  # the first hit: the probe is armed and firing
     assert json.loads(first)["handler"] == "pre"
     proc.send_signal(signal.SIGINT)
@@ -131,9 +168,27 @@ def test_ctrl_c_at_a_terminal_signals_the_whole_group(short_dir, kbridge_arch):
     be reported as a crash; kbridge says it was interrupted, exits 130 and leaves nothing."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "probe", "vfs_read", "--pre", "--duration", "120",
-         "--run", "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done", "--arch", kbridge_arch,
-         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "vfs_read",
+            "--pre",
+            "--duration",
+            "120",
+            "--run",
+            "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done",
+            "--arch",
+            kbridge_arch,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,
+    )
     first = proc.stdout.readline()
     assert json.loads(first)["handler"] == "pre"
     os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: every process of the group
@@ -148,16 +203,37 @@ def test_vm_down_all_leaves_a_running_probe_alone(short_dir, kbridge_arch):
     """An ephemeral VM whose kbridge still runs is not a stray: vm status and vm down --all spare it."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "dd", "--arch", kbridge_arch,
-         "--run", "sleep 3; dd if=/dev/zero of=/dev/null bs=7 count=3", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--comm",
+            "dd",
+            "--arch",
+            kbridge_arch,
+            "--run",
+            "sleep 3; dd if=/dev/zero of=/dev/null bs=7 count=3",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while not [p for p in psutil.process_iter(["name", "cmdline"]) if (p.info["name"] or "").startswith("qemu")
-               and short_dir in " ".join(p.info["cmdline"] or [])]:
+    while not [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if (p.info["name"] or "").startswith("qemu") and short_dir in " ".join(p.info["cmdline"] or [])
+    ]:
         assert time.monotonic() < deadline and proc.poll() is None, "no QEMU started"
         time.sleep(0.1)
-    status = subprocess.run([sys.executable, "-m", "kbridge", "vm", "status", "--json"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "kbridge", "vm", "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert json.loads(status.stdout)["stray_qemu_pids"] == []
     subprocess.run([sys.executable, "-m", "kbridge", "vm", "down", "--all"], env=env, timeout=60, check=True)
     out, err = proc.communicate(timeout=240)
@@ -179,6 +255,7 @@ def test_guest_panic_is_detected(short_dir, kbridge_arch):
         "    vm.run(['/bin/true'], timeout=10)\n"
         "except GuestCrash as e:\n"
         "    print('CRASH', 'sysrq' in e.text.lower() or 'Kernel panic' in e.text)\n"
-        "vm.shutdown()\n")
+        "vm.shutdown()\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert "CRASH True" in out.stdout, out.stderr[-2000:]

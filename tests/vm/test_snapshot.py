@@ -21,8 +21,9 @@ def _boot(arch: str) -> tuple[QemuVM, bool]:
     return vm, "-incoming" in vm.proc.cmdline()
 
 
-def test_restore_then_corrupt_state_boots_and_saves_again(kbridge_arch: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restore_then_corrupt_state_boots_and_saves_again(
+    kbridge_arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KBRIDGE_ACCEL", "tcg")
     monkeypatch.setattr(snapshot, "root", lambda: tmp_path)  # this test's states only
     vm, restored = _boot(kbridge_arch)  # nothing saved yet: a boot, then the state is saved
@@ -51,8 +52,9 @@ def test_restore_then_corrupt_state_boots_and_saves_again(kbridge_arch: str, tmp
     assert len(again) == 1 and again[0].stat().st_size > 1 << 20  # saved afresh after that boot
 
 
-def test_key_changes_with_the_command_line_not_the_socket_paths(kbridge_arch: str, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_changes_with_the_command_line_not_the_socket_paths(
+    kbridge_arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(snapshot, "root", lambda: tmp_path)
     from kbridge.targets.qemu import qemu_argv
 

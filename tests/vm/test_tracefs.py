@@ -82,14 +82,18 @@ def test_filters_pid_and_comm(kbridge_session: Session) -> None:
     s = kbridge_session
     before = snapshot(s)
     line = "p:kbt/w ksys_write fd=$arg1:u64 count=$arg3:u64"
-    res = tracefs.run_lines(s, [line], sh("printf abc >/dev/null; printf abcde >/dev/null; printf xy >/dev/null"),
-                            filter="count == 5", comm="sh")
+    res = tracefs.run_lines(
+        s,
+        [line],
+        sh("printf abc >/dev/null; printf abcde >/dev/null; printf xy >/dev/null"),
+        filter="count == 5",
+        comm="sh",
+    )
     assert [(h.comm, h.args["count"]) for h in res.hits] == [("sh", 5)]
     # --pid: only the spawned process's write, not the workload's identical one.
     other = s.target.spawn(["/bin/sh", "-c", "sleep 2; printf 12345 >/dev/null"])
     try:
-        res = tracefs.run_lines(s, [line], sh("printf 12345 >/dev/null; sleep 4"), pid=other,
-                                filter="count == 5")
+        res = tracefs.run_lines(s, [line], sh("printf 12345 >/dev/null; sleep 4"), pid=other, filter="count == 5")
     finally:
         s.target.wait(other, timeout=30)
     assert [(h.pid, h.args["count"]) for h in res.hits] == [(other, 5)]
@@ -102,7 +106,7 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     s = kbridge_session
     reg = "di" if s.arch.name == "x86_64" else "x1"
     good = [
-        f"p:kbv/a ksys_write fd=%{reg} +8($stack):u32 $comm x=\\123 s=\\\"abc\" b=$arg1:b3@2/32",
+        f'p:kbv/a ksys_write fd=%{reg} +8($stack):u32 $comm x=\\123 s=\\"abc" b=$arg1:b3@2/32',
         "r5:kbv/b vfs_read%return",
         "p:kbv.c vfs_read arr=+0($arg2):x8[4] sym=$arg1:symbol",
         "p vfs_write",
@@ -152,8 +156,7 @@ def test_clean_state_after_failures(kbridge_session: Session) -> None:
         with pytest.raises(KbridgeError, match="Field not found"):
             tracefs.run_lines(s, ["p:kbt/ok ksys_write"], sh("true"), filter="nosuchfield == 1")
         assert snapshot(s) == before
-        res = tracefs.run_lines(s, ["p:kbt/ok ksys_write"], sh("echo x; exit 3"), comm="sh",
-                                buffer_kb=64)
+        res = tracefs.run_lines(s, ["p:kbt/ok ksys_write"], sh("echo x; exit 3"), comm="sh", buffer_kb=64)
         assert res.workload_exit == 3 and res.counters == {"kbt/ok": 1}
         assert snapshot(s) == before
 
@@ -161,8 +164,9 @@ def test_clean_state_after_failures(kbridge_session: Session) -> None:
             raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            tracefs.run_lines(s, ["p:kbt/ok ksys_write"], sh("while :; do echo x; done"),
-                              on_hit=interrupt, comm="sh", buffer_kb=32)
+            tracefs.run_lines(
+                s, ["p:kbt/ok ksys_write"], sh("while :; do echo x; done"), on_hit=interrupt, comm="sh", buffer_kb=32
+            )
         assert snapshot(s) == before
         # The agent is in step again after the interruption: a new run works.
         res = tracefs.run_lines(s, ["p:kbt/ok ksys_write"], sh("echo x"), comm="sh")
@@ -180,8 +184,15 @@ def test_more_events_than_the_ring_buffer_holds(kbridge_session: Session) -> Non
     calls = 3000
     # 512 bytes of stack per event: a 4 KiB buffer (2 pages) holds about 15 of them.
     line = "p:kbt/w ksys_write fd=$arg1:u64 count=$arg3:u64 pad=+0($stack):x64[64]"
-    res = tracefs.run_lines(s, [line], sh(f"dd if=/dev/zero of=/dev/null bs=1 count={calls} 2>/dev/null"),
-                            StopRule(), filter="fd == 1", comm="dd", buffer_kb=4)
+    res = tracefs.run_lines(
+        s,
+        [line],
+        sh(f"dd if=/dev/zero of=/dev/null bs=1 count={calls} 2>/dev/null"),
+        StopRule(),
+        filter="fd == 1",
+        comm="dd",
+        buffer_kb=4,
+    )
     assert all((h.args["fd"], h.args["count"], len(h.args["pad"])) == (1, 1, 64) for h in res.hits)
     assert res.lost > 0, "the buffer held everything: the test proves nothing"
     assert len(res.hits) > 0

@@ -75,7 +75,7 @@ def test_unload_refuses_the_guests_own_drivers(kbridge_session):
 
 def test_push_keeps_the_mode_and_pull_brings_files_back(kbridge_vm, tmp_path):
     script = tmp_path / "hello.sh"
-    script.write_text("#!/bin/sh\necho \"hello from $(uname -m)\" > /tmp/pulled/out.txt\n")
+    script.write_text('#!/bin/sh\necho "hello from $(uname -m)" > /tmp/pulled/out.txt\n')
     script.chmod(0o755)
     kbridge_vm.run("rm -rf /tmp/pushed /tmp/pulled; mkdir /tmp/pulled")
     assert kbridge_vm.push(script, "/tmp/pushed/") == "/tmp/pushed/hello.sh"
@@ -93,8 +93,7 @@ def test_module_functions_resolve_for_tracefs_and_kprobes(kbridge_vm):
     kbridge_vm.load_module(EXAMPLE)
     try:
         # tracefs takes MOD:SYM as written; $arg3 is write's count.
-        res = kbridge_vm.trace("p:kbw kbchardev:kbchardev_write count=$arg3:u64",
-                               run="echo hello > /dev/kbchardev")
+        res = kbridge_vm.trace("p:kbw kbchardev:kbchardev_write count=$arg3:u64", run="echo hello > /dev/kbchardev")
         assert [h.args["count"] for h in res.hits] == [6]
         # A plain name that only a module defines resolves too (read live from /proc/kallsyms).
         run = kbridge_vm.probe("kbchardev_read", ret=True, run="cat /dev/kbchardev")

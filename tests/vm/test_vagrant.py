@@ -74,23 +74,27 @@ def vagrant_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtInN
     if _answers(LIBVIRT_SOCK) and os.environ.get("CI") != "true":
         # A workstation's own libvirtd keeps its default network in the host namespace; the test
         # only ever uses a libvirtd it starts in a namespace of its own.
-        pytest.skip(f"the host's libvirtd answers on {LIBVIRT_SOCK}: stop it (systemctl stop libvirtd) "
-                    "to run the Vagrant tests, which start their own inside a network namespace")
+        pytest.skip(
+            f"the host's libvirtd answers on {LIBVIRT_SOCK}: stop it (systemctl stop libvirtd) "
+            "to run the Vagrant tests, which start their own inside a network namespace"
+        )
     before = _host_addresses()
     work = tmp_path_factory.mktemp("vagrant")
     env = LibvirtInNetns(work)
     saved = dict(os.environ)
-    os.environ.update({
-        # Boxes added once and reused across runs; QEMU (root here) reads kernel/initrd from it.
-        "VAGRANT_HOME": os.environ.get("KBRIDGE_VAGRANT_HOME", str(cache_dir() / "vagrant-home")),
-        "VAGRANT_DOTFILE_PATH": str(work / "dot-vagrant"),
-        "VAGRANT_CWD": str(REPO),
-        "VAGRANT_DEFAULT_PROVIDER": "libvirt",
-        "LIBVIRT_DEFAULT_URI": "qemu:///system",
-        # No version checks against the internet.
-        "VAGRANT_CHECKPOINT_DISABLE": "1",
-        "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",
-    })
+    os.environ.update(
+        {
+            # Boxes added once and reused across runs; QEMU (root here) reads kernel/initrd from it.
+            "VAGRANT_HOME": os.environ.get("KBRIDGE_VAGRANT_HOME", str(cache_dir() / "vagrant-home")),
+            "VAGRANT_DOTFILE_PATH": str(work / "dot-vagrant"),
+            "VAGRANT_CWD": str(REPO),
+            "VAGRANT_DEFAULT_PROVIDER": "libvirt",
+            "LIBVIRT_DEFAULT_URI": "qemu:///system",
+            # No version checks against the internet.
+            "VAGRANT_CHECKPOINT_DISABLE": "1",
+            "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",
+        }
+    )
     env.start()
     try:
         yield env
@@ -105,8 +109,7 @@ def vagrant_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtInN
 
 
 def _vagrant(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["vagrant", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(["vagrant", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.parametrize("arch_name", ["x86_64", "arm64"])
@@ -163,8 +166,9 @@ def _exercise(arch_name: str, machine: str, krel: str) -> None:
         TIMINGS[f"{arch_name} probe round trip (connected)"] = time.monotonic() - t0
         assert again == 7
 
-        traced = tracefs.run_lines(session, ["p:kbvg/kbw ksys_write"], Workload.shell(DD.format(n=5)),
-                                   StopRule(), comm="dd")
+        traced = tracefs.run_lines(
+            session, ["p:kbvg/kbw ksys_write"], Workload.shell(DD.format(n=5)), StopRule(), comm="dd"
+        )
         assert traced.counters == {"kbvg/kbw": 5}, traced.summary()
         assert len(traced.hits) == 5  # streamed back through the stream link on the SSH channel
 

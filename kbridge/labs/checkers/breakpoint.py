@@ -10,36 +10,71 @@ from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 
 SYMBOL = "ksys_write"
-QUESTIONS = ("entry_mode", "entry_armed", "restored", "inner_offset", "inner_mode", "inner_armed",
-             "noopt_mode", "noopt_armed")
+QUESTIONS = (
+    "entry_mode",
+    "entry_armed",
+    "restored",
+    "inner_offset",
+    "inner_mode",
+    "inner_armed",
+    "noopt_mode",
+    "noopt_armed",
+)
 MODES = ("ftrace", "optimized", "breakpoint")
 
 CHECKS = [
-    CheckSpec("answers", "answers.txt answers every question for this arch",
-              "write each answer after the '=' on the line for this arch (x86_64.NAME or arm64.NAME)"),
-    CheckSpec("entry-mode", f"entry_mode is how the kernel planted a kprobe at {SYMBOL}+0",
-              "kbridge inspect ksys_write shows the mode: on x86_64 a function's first bytes are ftrace's "
-              "5-byte nop, and a kprobe there becomes an ftrace callback (no trap at all); arm64 6.1 has "
-              "no kprobes-on-ftrace: always a BRK"),
-    CheckSpec("entry-armed", f"entry_armed is the instruction at {SYMBOL}+0 while armed",
-              "the 'armed' lines of kbridge inspect: ftrace turns its nop into a call to its trampoline; "
-              "a breakpoint is int3 (x86_64) or brk #0x4 (arm64)"),
-    CheckSpec("restored", "restored says whether the text is back to its original bytes after removal",
-              "compare the 'before' and 'after' bytes: unregister_kprobe() puts the saved instruction back"),
-    CheckSpec("inner-offset", f"the kernel accepts a kprobe at {SYMBOL}+inner_offset",
-              "pick the address of an instruction from the disassembly (not the middle of one: -EILSEQ); "
-              "on arm64 skip ksys_write+4, ftrace's call site, which 6.1 refuses"),
-    CheckSpec("inner-mode", "inner_mode is how the kernel planted the kprobe at inner_offset",
-              "away from the ftrace site, x86_64 first plants an int3 and then, when the instructions "
-              "under a 5-byte jump can be moved, optimizes it into a jmp to a detour (OPTPROBES); arm64 "
-              "has no optimization"),
-    CheckSpec("inner-armed", "inner_armed is the instruction planted at inner_offset",
-              "an optimized probe is a jmp (e9 + rel32) to its detour buffer; a breakpoint is int3 or brk"),
-    CheckSpec("noopt-mode", "noopt_mode is the mode at inner_offset with optimization off",
-              "with /proc/sys/debug/kprobes-optimization = 0 (kbridge inspect --breakpoint) every kprobe "
-              "away from an ftrace site is a breakpoint"),
-    CheckSpec("noopt-armed", "noopt_armed is the breakpoint instruction itself",
-              "x86_64: int3 (0xcc, one byte); arm64: brk #0x4 (0xd4200080, KPROBES_BRK_IMM)"),
+    CheckSpec(
+        "answers",
+        "answers.txt answers every question for this arch",
+        "write each answer after the '=' on the line for this arch (x86_64.NAME or arm64.NAME)",
+    ),
+    CheckSpec(
+        "entry-mode",
+        f"entry_mode is how the kernel planted a kprobe at {SYMBOL}+0",
+        "kbridge inspect ksys_write shows the mode: on x86_64 a function's first bytes are ftrace's "
+        "5-byte nop, and a kprobe there becomes an ftrace callback (no trap at all); arm64 6.1 has "
+        "no kprobes-on-ftrace: always a BRK",
+    ),
+    CheckSpec(
+        "entry-armed",
+        f"entry_armed is the instruction at {SYMBOL}+0 while armed",
+        "the 'armed' lines of kbridge inspect: ftrace turns its nop into a call to its trampoline; "
+        "a breakpoint is int3 (x86_64) or brk #0x4 (arm64)",
+    ),
+    CheckSpec(
+        "restored",
+        "restored says whether the text is back to its original bytes after removal",
+        "compare the 'before' and 'after' bytes: unregister_kprobe() puts the saved instruction back",
+    ),
+    CheckSpec(
+        "inner-offset",
+        f"the kernel accepts a kprobe at {SYMBOL}+inner_offset",
+        "pick the address of an instruction from the disassembly (not the middle of one: -EILSEQ); "
+        "on arm64 skip ksys_write+4, ftrace's call site, which 6.1 refuses",
+    ),
+    CheckSpec(
+        "inner-mode",
+        "inner_mode is how the kernel planted the kprobe at inner_offset",
+        "away from the ftrace site, x86_64 first plants an int3 and then, when the instructions "
+        "under a 5-byte jump can be moved, optimizes it into a jmp to a detour (OPTPROBES); arm64 "
+        "has no optimization",
+    ),
+    CheckSpec(
+        "inner-armed",
+        "inner_armed is the instruction planted at inner_offset",
+        "an optimized probe is a jmp (e9 + rel32) to its detour buffer; a breakpoint is int3 or brk",
+    ),
+    CheckSpec(
+        "noopt-mode",
+        "noopt_mode is the mode at inner_offset with optimization off",
+        "with /proc/sys/debug/kprobes-optimization = 0 (kbridge inspect --breakpoint) every kprobe "
+        "away from an ftrace site is a breakpoint",
+    ),
+    CheckSpec(
+        "noopt-armed",
+        "noopt_armed is the breakpoint instruction itself",
+        "x86_64: int3 (0xcc, one byte); arm64: brk #0x4 (0xd4200080, KPROBES_BRK_IMM)",
+    ),
 ]
 
 _LINE = re.compile(r"^\s*(?P<arch>x86_64|arm64)\.(?P<key>\w+)\s*=\s*(?P<value>.*?)\s*$")
@@ -82,10 +117,13 @@ def run(ctx: LabContext, g: Grader) -> None:
     bad = [f"{q} = {ans[q]!r}" for q in ("entry_mode", "inner_mode", "noopt_mode") if ans.get(q, MODES[0]) not in MODES]
     if not ans.get("inner_offset", "0").removeprefix("0x").isalnum():
         bad.append(f"inner_offset = {ans['inner_offset']!r}")
-    g.result("answers", not missing and not bad,
-             (f"unanswered for {arch}: {', '.join(missing)}. " if missing else "") +
-             (f"not valid: {', '.join(bad)} (modes: {', '.join(MODES)}; offsets: a number)" if bad else "")
-             or f"all {len(QUESTIONS)} questions answered for {arch}")
+    g.result(
+        "answers",
+        not missing and not bad,
+        (f"unanswered for {arch}: {', '.join(missing)}. " if missing else "")
+        + (f"not valid: {', '.join(bad)} (modes: {', '.join(MODES)}; offsets: a number)" if bad else "")
+        or f"all {len(QUESTIONS)} questions answered for {arch}",
+    )
     entry = inspect(ctx.session, SYMBOL)
     line = entry.list_lines.get("armed", "")
     _compare(g, "entry-mode", ans.get("entry_mode", ""), entry.mode or "", f"kprobes/list while armed: {line}")
@@ -93,8 +131,13 @@ def run(ctx: LabContext, g: Grader) -> None:
     how = f"armed: {(entry.disasm.get('armed') or ['?'])[0]}"
     _compare(g, "entry-armed", ans.get("entry_armed", ""), armed, how)
     same = entry.insn.get("before") == entry.insn.get("after")
-    _compare(g, "restored", ans.get("restored", ""), "yes" if same else "no",
-             f"before {entry.insn.get('before', '')[:16]}, after {entry.insn.get('after', '')[:16]}")
+    _compare(
+        g,
+        "restored",
+        ans.get("restored", ""),
+        "yes" if same else "no",
+        f"before {entry.insn.get('before', '')[:16]}, after {entry.insn.get('after', '')[:16]}",
+    )
     try:
         offset = int(ans.get("inner_offset", ""), 0)
     except ValueError:
@@ -109,16 +152,28 @@ def run(ctx: LabContext, g: Grader) -> None:
         g.fail("inner-offset", f"the kernel refused {SYMBOL}+{offset:#x}: {e.message}")
         return
     g.result("inner-offset", True, f"{SYMBOL}+{offset:#x} accepted: {inner.list_lines.get('armed', '')}")
-    _compare(g, "inner-mode", ans.get("inner_mode", ""), inner.mode or "",
-             f"kprobes/list while armed: {inner.list_lines.get('armed', '')}")
-    _compare(g, "inner-armed", ans.get("inner_armed", ""), _armed(inner),
-             f"armed: {(inner.disasm.get('armed') or ['?'])[0]}")
+    _compare(
+        g,
+        "inner-mode",
+        ans.get("inner_mode", ""),
+        inner.mode or "",
+        f"kprobes/list while armed: {inner.list_lines.get('armed', '')}",
+    )
+    _compare(
+        g, "inner-armed", ans.get("inner_armed", ""), _armed(inner), f"armed: {(inner.disasm.get('armed') or ['?'])[0]}"
+    )
     noopt = inspect(ctx.session, SYMBOL, offset, force_breakpoint=True)
     if noopt.offset != offset:
         # inspect moved the probe off an ftrace site: that is not the student's offset any more.
         g.fail("noopt-mode", f"{SYMBOL}+{offset:#x} is an ftrace site: choose an offset past it")
         return
-    _compare(g, "noopt-mode", ans.get("noopt_mode", ""), noopt.mode or "",
-             f"kprobes-optimization 0: {noopt.list_lines.get('armed', '')}")
-    _compare(g, "noopt-armed", ans.get("noopt_armed", ""), _armed(noopt),
-             f"armed: {(noopt.disasm.get('armed') or ['?'])[0]}")
+    _compare(
+        g,
+        "noopt-mode",
+        ans.get("noopt_mode", ""),
+        noopt.mode or "",
+        f"kprobes-optimization 0: {noopt.list_lines.get('armed', '')}",
+    )
+    _compare(
+        g, "noopt-armed", ans.get("noopt_armed", ""), _armed(noopt), f"armed: {(noopt.disasm.get('armed') or ['?'])[0]}"
+    )

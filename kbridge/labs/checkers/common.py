@@ -12,8 +12,7 @@ def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...
     """The 'builds' and 'loads' checks; the loaded module, or None when either failed."""
     src = f"{name}.c"
     try:
-        ctx.module = build_student_module(name, ctx.files[src], ctx.student_path(src), ctx.target.image,
-                                          ctx.workdir)
+        ctx.module = build_student_module(name, ctx.files[src], ctx.student_path(src), ctx.target.image, ctx.workdir)
     except KbridgeError as e:
         g.fail("builds", e.message)
         return None
@@ -26,8 +25,13 @@ def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...
     if not ok:
         g.fail("loads", f"insmod {name}.ko failed:\n{said}")
         return None
-    g.result("loads", in_modules, f"insmod {name}.ko: loaded, listed in /proc/modules" if in_modules
-             else f"insmod returned 0 but {name} is not in /proc/modules")
+    g.result(
+        "loads",
+        in_modules,
+        f"insmod {name}.ko: loaded, listed in /proc/modules"
+        if in_modules
+        else f"insmod returned 0 but {name} is not in /proc/modules",
+    )
     return lm if in_modules else None
 
 
@@ -45,12 +49,12 @@ def probes_on(ctx: LabContext, symbols: set[str]) -> list[tuple[str, str, str, s
 
 
 KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"
-UNREGISTER = {"k": ("unregister_kprobe", "unregister_kprobes"),
-              "r": ("unregister_kretprobe", "unregister_kretprobes")}
+UNREGISTER = {"k": ("unregister_kprobe", "unregister_kprobes"), "r": ("unregister_kretprobe", "unregister_kretprobes")}
 
 
-def unload(ctx: LabContext, g: Grader, lm: LoadedModule, name: str, symbol: str, kind: str,
-           workload: list[str]) -> None:
+def unload(
+    ctx: LabContext, g: Grader, lm: LoadedModule, name: str, symbol: str, kind: str, workload: list[str]
+) -> None:
     """The 'unloads' check: rmmod works and the probe leaves kprobes/list.
 
     Every kprobe is disarmed (debugfs kprobes/enabled = 0) while the module goes: a probe its
@@ -67,9 +71,12 @@ def unload(ctx: LabContext, g: Grader, lm: LoadedModule, name: str, symbol: str,
         # rmmod would leave the probe registered with its handlers freed: the next hit crashes the
         # kernel, and reading kprobes/list touches the freed probe too. Say so without doing it.
         ctx.restart = True
-        g.fail("unloads", f"{name}.ko never calls {unregister[0]}(): after rmmod its probe on {symbol} "
-               "would stay registered and run handler code freed with the module, crashing the kernel "
-               "at its next hit. Not unloaded; the VM is restarted.")
+        g.fail(
+            "unloads",
+            f"{name}.ko never calls {unregister[0]}(): after rmmod its probe on {symbol} "
+            "would stay registered and run handler code freed with the module, crashing the kernel "
+            "at its next hit. Not unloaded; the VM is restarted.",
+        )
         return
     t.write_file(KPROBES_ENABLED, b"0")
     rearm = True
@@ -80,20 +87,31 @@ def unload(ctx: LabContext, g: Grader, lm: LoadedModule, name: str, symbol: str,
             return
         # Read by a process of its own: the entry of a forgotten probe lives in freed module memory.
         code, listing = guest_run(t, ["/bin/busybox", "cat", "/sys/kernel/debug/kprobes/list"], ctx.log)
-        left = [ln.strip() for ln in listing.splitlines()
-                if len(ln.split()) >= 3 and ln.split()[1] == kind and ln.split()[2].split("+", 1)[0] == symbol]
+        left = [
+            ln.strip()
+            for ln in listing.splitlines()
+            if len(ln.split()) >= 3 and ln.split()[1] == kind and ln.split()[2].split("+", 1)[0] == symbol
+        ]
         if left or code != 0:
             rearm = False
             ctx.restart = True
-            g.fail("unloads", f"after rmmod {name}, the kprobe is still registered: "
-                   + ("  ".join(left) or listing.strip()[-300:])
-                   + "\nits handlers were freed with the module: the next hit would crash the kernel "
-                     "(kprobes were disarmed for this check; the VM is restarted)")
+            g.fail(
+                "unloads",
+                f"after rmmod {name}, the kprobe is still registered: "
+                + ("  ".join(left) or listing.strip()[-300:])
+                + "\nits handlers were freed with the module: the next hit would crash the kernel "
+                "(kprobes were disarmed for this check; the VM is restarted)",
+            )
             return
     finally:
         if rearm:
             t.write_file(KPROBES_ENABLED, b"1")
     guest_run(t, workload, ctx.log)  # the probed function runs again, unprobed, without harm
     still = name in loaded_modules(t)
-    g.result("unloads", not still, f"rmmod {name}: gone from /proc/modules and from kprobes/list"
-             if not still else f"{name} is still in /proc/modules")
+    g.result(
+        "unloads",
+        not still,
+        f"rmmod {name}: gone from /proc/modules and from kprobes/list"
+        if not still
+        else f"{name} is still in /proc/modules",
+    )

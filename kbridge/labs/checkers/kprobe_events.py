@@ -20,26 +20,47 @@ CALLS = 20
 SCRIPT = f"{GUEST_DIR}/events.sh"
 
 CHECKS = [
-    CheckSpec("define", f"kprobe_events lists p:kprobes/{EVENT} at the write syscall's entry, and "
-              f"events/kprobes/{EVENT}/ exists",
-              "sys_write is __x64_sys_write on x86_64 and __arm64_sys_write on arm64 since 4.17; append "
-              "with >> (a > would clear every other event); a rejected line is explained in "
-              f"{TRACING}/error_log"),
-    CheckSpec("filter", "the event's filter keeps only the workload: every recorded event is from kblab",
-              f"write an expression over the event's fields to events/kprobes/{EVENT}/filter, e.g. "
-              "comm == \"kblab\" (the fields are listed in its format file)"),
-    CheckSpec("enable", "the event's enable file reads 1 and the kprobe is armed in kprobes/list",
-              f"echo 1 > events/kprobes/{EVENT}/enable"),
-    CheckSpec("trace", f"the trace buffer holds one event per write() of the workload ({CALLS})",
-              "every hit while enabled is one line in trace; check the event is defined and enabled"),
-    CheckSpec("read", "step_read prints the recorded events (the trace file)",
-              "trace is the buffer as text (reading it does not consume it; trace_pipe does, and blocks)"),
-    CheckSpec("disable", "after step_disable, enable reads 0 and the workload records nothing more",
-              f"echo 0 > events/kprobes/{EVENT}/enable"),
-    CheckSpec("remove", f"the event is gone from kprobe_events and events/kprobes/{EVENT}/ is gone",
-              f"append '-:kprobes/{EVENT}' to kprobe_events (an enabled event cannot be removed: EBUSY)"),
-    CheckSpec("clean", "kprobe_events is left as it was before the lab ran",
-              "remove exactly what you defined, nothing else"),
+    CheckSpec(
+        "define",
+        f"kprobe_events lists p:kprobes/{EVENT} at the write syscall's entry, and events/kprobes/{EVENT}/ exists",
+        "sys_write is __x64_sys_write on x86_64 and __arm64_sys_write on arm64 since 4.17; append "
+        "with >> (a > would clear every other event); a rejected line is explained in "
+        f"{TRACING}/error_log",
+    ),
+    CheckSpec(
+        "filter",
+        "the event's filter keeps only the workload: every recorded event is from kblab",
+        f"write an expression over the event's fields to events/kprobes/{EVENT}/filter, e.g. "
+        'comm == "kblab" (the fields are listed in its format file)',
+    ),
+    CheckSpec(
+        "enable",
+        "the event's enable file reads 1 and the kprobe is armed in kprobes/list",
+        f"echo 1 > events/kprobes/{EVENT}/enable",
+    ),
+    CheckSpec(
+        "trace",
+        f"the trace buffer holds one event per write() of the workload ({CALLS})",
+        "every hit while enabled is one line in trace; check the event is defined and enabled",
+    ),
+    CheckSpec(
+        "read",
+        "step_read prints the recorded events (the trace file)",
+        "trace is the buffer as text (reading it does not consume it; trace_pipe does, and blocks)",
+    ),
+    CheckSpec(
+        "disable",
+        "after step_disable, enable reads 0 and the workload records nothing more",
+        f"echo 0 > events/kprobes/{EVENT}/enable",
+    ),
+    CheckSpec(
+        "remove",
+        f"the event is gone from kprobe_events and events/kprobes/{EVENT}/ is gone",
+        f"append '-:kprobes/{EVENT}' to kprobe_events (an enabled event cannot be removed: EBUSY)",
+    ),
+    CheckSpec(
+        "clean", "kprobe_events is left as it was before the lab ran", "remove exactly what you defined, nothing else"
+    ),
 ]
 
 _TRACE_LINE = re.compile(r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[\d+\].*?\s(?P<event>\w+):\s")
@@ -98,13 +119,18 @@ def run(ctx: LabContext, g: Grader) -> None:
     good = [ln for ln in lines if ln.split()[0] == f"p:kprobes/{EVENT}" and ln.split()[1] == symbol]
     if not good:
         err = (_read(ctx, f"{TRACING}/error_log") or "").strip().splitlines()[-3:]
-        g.fail("define", (f"kprobe_events has {lines}" if lines else f"no {EVENT} in kprobe_events") +
-               f" (want p:kprobes/{EVENT} {symbol}). " + _failed("define", code, out) +
-               ("\nerror_log: " + "\n".join(err) if err else ""))
+        g.fail(
+            "define",
+            (f"kprobe_events has {lines}" if lines else f"no {EVENT} in kprobe_events")
+            + f" (want p:kprobes/{EVENT} {symbol}). "
+            + _failed("define", code, out)
+            + ("\nerror_log: " + "\n".join(err) if err else ""),
+        )
         return
     exists = _read(ctx, f"{EVDIR}/enable") is not None
-    g.result("define", exists, f"kprobe_events: {good[0]}; events/kprobes/{EVENT}/ " +
-             ("exists" if exists else "is missing"))
+    g.result(
+        "define", exists, f"kprobe_events: {good[0]}; events/kprobes/{EVENT}/ " + ("exists" if exists else "is missing")
+    )
     if not exists:
         return
 
@@ -114,9 +140,12 @@ def run(ctx: LabContext, g: Grader) -> None:
     enabled = (_read(ctx, f"{EVDIR}/enable") or "").strip()
     entry = probe_entry(ctx, "k", symbol)
     armed = entry is not None and "[DISABLED]" not in entry[3]
-    g.result("enable", enabled == "1" and armed,
-             f"enable reads {enabled!r}; kprobes/list: {' '.join(entry) if entry else 'no probe'} "
-             + _failed("enable", code_en, out_en))
+    g.result(
+        "enable",
+        enabled == "1" and armed,
+        f"enable reads {enabled!r}; kprobes/list: {' '.join(entry) if entry else 'no probe'} "
+        + _failed("enable", code_en, out_en),
+    )
     t.write_file(f"{TRACING}/trace", b"")
     guest_run(t, ["/bin/sh", "-c", "echo decoy > /dev/null"], ctx.log)  # a write() the filter must drop
     wcode, wout = guest_run(t, [WORKLOAD, "write", str(CALLS)], ctx.log)
@@ -127,39 +156,63 @@ def run(ctx: LabContext, g: Grader) -> None:
         g.fail("filter", f"the workload failed ({wcode}): {wout}")
         return
     if g.ready("filter", "enable"):
-        g.result("filter", filt != "none" and not others and len(kblab) > 0,
-                 f"filter file: {filt!r}; recorded events from {others or ['kblab only']}" +
-                 (f" ({len(events) - len(kblab)} not from kblab)" if others else "") + " "
-                 + _failed("filter", code, out))
+        g.result(
+            "filter",
+            filt != "none" and not others and len(kblab) > 0,
+            f"filter file: {filt!r}; recorded events from {others or ['kblab only']}"
+            + (f" ({len(events) - len(kblab)} not from kblab)" if others else "")
+            + " "
+            + _failed("filter", code, out),
+        )
     if g.ready("trace", "enable"):
-        g.result("trace", len(kblab) == CALLS, f"{len(kblab)} {EVENT} events from kblab in trace "
-                 f"(the workload made {CALLS} write() calls)")
+        g.result(
+            "trace",
+            len(kblab) == CALLS,
+            f"{len(kblab)} {EVENT} events from kblab in trace (the workload made {CALLS} write() calls)",
+        )
     if g.ready("read", "trace"):
         code, out = _step(ctx, "read")
         shown = set(ln.strip() for ln in out.splitlines())
         missing = [ln for ln in kblab if ln not in shown]
-        g.result("read", not missing, f"step_read printed {len(kblab) - len(missing)} of the {len(kblab)} "
-                 f"recorded events" + (f"; missing e.g. {missing[0]!r}" if missing else "") + " "
-                 + _failed("read", code, out))
+        g.result(
+            "read",
+            not missing,
+            f"step_read printed {len(kblab) - len(missing)} of the {len(kblab)} "
+            f"recorded events"
+            + (f"; missing e.g. {missing[0]!r}" if missing else "")
+            + " "
+            + _failed("read", code, out),
+        )
 
     code, out = _step(ctx, "disable")
     enabled = (_read(ctx, f"{EVDIR}/enable") or "").strip()
     n_before = len(_events(ctx))
     guest_run(t, [WORKLOAD, "write", str(CALLS)], ctx.log)
     n_after = len(_events(ctx))
-    g.result("disable", enabled == "0" and n_after == n_before,
-             f"enable reads {enabled!r}; {n_after - n_before} events recorded by a workload run after "
-             "step_disable " + _failed("disable", code, out))
+    g.result(
+        "disable",
+        enabled == "0" and n_after == n_before,
+        f"enable reads {enabled!r}; {n_after - n_before} events recorded by a workload run after "
+        "step_disable " + _failed("disable", code, out),
+    )
     if not g.ready("remove", "disable"):
         return
     code, out = _step(ctx, "remove")
     left = _ours(_read(ctx, f"{TRACING}/kprobe_events") or "")
     gone = _read(ctx, f"{EVDIR}/enable") is None
-    g.result("remove", not left and gone, ("kprobe_events still has " + "; ".join(left) if left
-                                           else f"no {EVENT} in kprobe_events") +
-             ("" if gone else f"; events/kprobes/{EVENT}/ still exists") + " " + _failed("remove", code, out))
+    g.result(
+        "remove",
+        not left and gone,
+        ("kprobe_events still has " + "; ".join(left) if left else f"no {EVENT} in kprobe_events")
+        + ("" if gone else f"; events/kprobes/{EVENT}/ still exists")
+        + " "
+        + _failed("remove", code, out),
+    )
     if not g.ready("clean", "remove"):
         return
     after = _read(ctx, f"{TRACING}/kprobe_events") or ""
-    g.result("clean", after == before, "kprobe_events is as before" if after == before
-             else f"kprobe_events was {before!r}, is now {after!r}")
+    g.result(
+        "clean",
+        after == before,
+        "kprobe_events is as before" if after == before else f"kprobe_events was {before!r}, is now {after!r}",
+    )

@@ -13,30 +13,54 @@ CALLS = 25  # kblab write 25: exactly 25 write() calls
 STATE = f"/sys/kernel/debug/{MODULE}/state"
 
 CHECKS = [
-    CheckSpec("builds", "the module compiles against the guest kernel's headers",
-              "fix the compiler errors shown, at the line they name; kernel code is C89-ish: "
-              "declare variables at the top of a block"),
-    CheckSpec("loads", "insmod succeeds and the module is in /proc/modules",
-              "init must return 0; register_kprobe's error codes: -ENOENT no such symbol, "
-              "-EINVAL not probeable (blacklisted, or not at an instruction boundary)"),
-    CheckSpec("registered", "kprobes/list shows an armed kprobe at the write syscall's entry (+0x0)",
-              "sys_write is a wrapper since Linux 4.17: __x64_sys_write on x86_64, __arm64_sys_write on "
-              "arm64 (`kbridge vm exec -- grep sys_write /proc/kallsyms`); register it in init (TODO 1, 5)"),
-    CheckSpec("pre-count", f"the pre-handler ran once per write() of the workload ({CALLS} calls)",
-              "count every call in handler_pre (atomic_inc(&pre_count)) and attach it: .pre_handler"),
-    CheckSpec("post-count", f"the post-handler ran once per write() of the workload ({CALLS} calls)",
-              "count every call in handler_post and attach it: .post_handler (TODO 3, 4)"),
-    CheckSpec("prints", "the kernel log has one line per handler call naming the real probe address",
-              "print p->addr with %px, as kprobe_example.c prints it, in both handlers; %p prints a "
-              "hashed pointer (since 4.15) that matches nothing"),
-    CheckSpec("post-ip", "the ip seen by each handler is where the breakpoint and single-step leave it",
-              "keep instruction_pointer(regs) in last_pre_ip / last_post_ip; x86_64 reports the ip after "
-              "the int3 byte in the pre-handler (+1) and after the probed instruction in the post-handler "
-              "(an ftrace-based probe emulates the 5-byte call: +5); arm64 reports the BRK's own address "
-              "(+0) and the next instruction (+4)"),
-    CheckSpec("unloads", "rmmod works and leaves no kprobe behind",
-              "unregister_kprobe(&kp) in the exit function (TODO 6): a kprobe left behind calls handler "
-              "code that was freed with the module"),
+    CheckSpec(
+        "builds",
+        "the module compiles against the guest kernel's headers",
+        "fix the compiler errors shown, at the line they name; kernel code is C89-ish: "
+        "declare variables at the top of a block",
+    ),
+    CheckSpec(
+        "loads",
+        "insmod succeeds and the module is in /proc/modules",
+        "init must return 0; register_kprobe's error codes: -ENOENT no such symbol, "
+        "-EINVAL not probeable (blacklisted, or not at an instruction boundary)",
+    ),
+    CheckSpec(
+        "registered",
+        "kprobes/list shows an armed kprobe at the write syscall's entry (+0x0)",
+        "sys_write is a wrapper since Linux 4.17: __x64_sys_write on x86_64, __arm64_sys_write on "
+        "arm64 (`kbridge vm exec -- grep sys_write /proc/kallsyms`); register it in init (TODO 1, 5)",
+    ),
+    CheckSpec(
+        "pre-count",
+        f"the pre-handler ran once per write() of the workload ({CALLS} calls)",
+        "count every call in handler_pre (atomic_inc(&pre_count)) and attach it: .pre_handler",
+    ),
+    CheckSpec(
+        "post-count",
+        f"the post-handler ran once per write() of the workload ({CALLS} calls)",
+        "count every call in handler_post and attach it: .post_handler (TODO 3, 4)",
+    ),
+    CheckSpec(
+        "prints",
+        "the kernel log has one line per handler call naming the real probe address",
+        "print p->addr with %px, as kprobe_example.c prints it, in both handlers; %p prints a "
+        "hashed pointer (since 4.15) that matches nothing",
+    ),
+    CheckSpec(
+        "post-ip",
+        "the ip seen by each handler is where the breakpoint and single-step leave it",
+        "keep instruction_pointer(regs) in last_pre_ip / last_post_ip; x86_64 reports the ip after "
+        "the int3 byte in the pre-handler (+1) and after the probed instruction in the post-handler "
+        "(an ftrace-based probe emulates the 5-byte call: +5); arm64 reports the BRK's own address "
+        "(+0) and the next instruction (+4)",
+    ),
+    CheckSpec(
+        "unloads",
+        "rmmod works and leaves no kprobe behind",
+        "unregister_kprobe(&kp) in the exit function (TODO 6): a kprobe left behind calls handler "
+        "code that was freed with the module",
+    ),
 ]
 
 
@@ -92,10 +116,12 @@ def run(ctx: LabContext, g: Grader) -> None:
         addr = int(entry[0], 16)
         mine = [t for t in lines if t.startswith(f"{MODULE}: ")]
         naming = [t for t in mine if f"{addr:x}" in t.lower()]
-        g.result("prints", len(naming) == 2 * CALLS,
-                 f"{len(naming)} lines name the probe address {addr:#x} (want {2 * CALLS}: pre and post "
-                 f"for each of {CALLS} calls); {len(mine)} lines in all" +
-                 (f", e.g. {mine[0]!r}" if mine else ""))
+        g.result(
+            "prints",
+            len(naming) == 2 * CALLS,
+            f"{len(naming)} lines name the probe address {addr:#x} (want {2 * CALLS}: pre and post "
+            f"for each of {CALLS} calls); {len(mine)} lines in all" + (f", e.g. {mine[0]!r}" if mine else ""),
+        )
         want_pre, (lo, hi) = expected_ips(arch, entry[3])
         got_addr = int(state.get("addr", "0"), 16)
         pre_d = int(state.get("pre_ip", "0"), 16) - addr
@@ -103,7 +129,11 @@ def run(ctx: LabContext, g: Grader) -> None:
         mode = "ftrace" if "[FTRACE]" in entry[3] else "breakpoint"
         ok = got_addr == addr and pre_d == want_pre and lo <= post_d <= hi
         want_post = f"+{lo}" if lo == hi else f"+{lo}..+{hi}"
-        g.result("post-ip", ok, f"probe {addr:#x} ({mode}); module saw addr {got_addr:#x}, pre ip "
-                 f"{pre_d:+d}, post ip {post_d:+d} from it (want pre {want_pre:+d}, post {want_post})")
+        g.result(
+            "post-ip",
+            ok,
+            f"probe {addr:#x} ({mode}); module saw addr {got_addr:#x}, pre ip "
+            f"{pre_d:+d}, post ip {post_d:+d} from it (want pre {want_pre:+d}, post {want_post})",
+        )
     if g.ready("unloads", "registered"):
         unload(ctx, g, lm, MODULE, symbol, "k", work)

@@ -17,30 +17,56 @@ STATE = f"/sys/kernel/debug/{MODULE}/state"
 KEYS = ("entries", "returns", "ret_sum", "mismatches", "min_ns", "max_ns", "nmissed", "maxactive")
 
 CHECKS = [
-    CheckSpec("builds", "the module compiles against the guest kernel's headers",
-              "fix the compiler errors shown, at the line they name"),
-    CheckSpec("loads", "insmod succeeds and the module is in /proc/modules",
-              "init must return 0: register_kretprobe(&rp) returns 0 or a negative errno"),
-    CheckSpec("registered", f"kprobes/list shows a return probe (r) at {SYMBOL}+0x0",
-              f".kp.symbol_name = \"{SYMBOL}\" and register_kretprobe(&rp) in init (TODO 1, 5)"),
-    CheckSpec("entries", f"the entry handler ran once per call of the workload ({CALLS} calls)",
-              "count each call the entry handler keeps (return 0 for it), and attach it: .entry_handler"),
-    CheckSpec("return-values", f"the return handler saw every return value the kernel gave "
-              f"({CALLS} returns of 1..{CALLS} bytes: sum {RET_SUM})",
-              "regs_return_value(regs) in the return handler is the function's return value; attach it "
-              "with .handler"),
-    CheckSpec("entry-data", "each return saw the byte count its own call was asked for at entry",
-              "the count is ksys_write's 3rd argument, regs_get_kernel_argument(regs, 2) at entry; "
-              "keep it in ri->data, sized by .data_size = sizeof(struct call_data)"),
-    CheckSpec("duration", "each call's duration (return time - entry time) is positive and under 1 s",
-              "keep ktime_get() at entry in ri->data and subtract it at return: a duration of "
-              "seconds means the entry time was never stored"),
-    CheckSpec("unloads", "rmmod works and leaves no return probe behind",
-              "unregister_kretprobe(&rp) in the exit function (TODO 6)"),
-    CheckSpec("nmissed", f"with maxactive=1 and {BLOCKERS} writes asleep in {SYMBOL} at once, "
-              f"at least {BLOCKERS - 1} are missed (rp.nmissed)",
-              "set rp.maxactive from the maxactive parameter before registering (TODO 5): each call "
-              "in flight holds one instance, and a call finding none is only counted in nmissed"),
+    CheckSpec(
+        "builds",
+        "the module compiles against the guest kernel's headers",
+        "fix the compiler errors shown, at the line they name",
+    ),
+    CheckSpec(
+        "loads",
+        "insmod succeeds and the module is in /proc/modules",
+        "init must return 0: register_kretprobe(&rp) returns 0 or a negative errno",
+    ),
+    CheckSpec(
+        "registered",
+        f"kprobes/list shows a return probe (r) at {SYMBOL}+0x0",
+        f'.kp.symbol_name = "{SYMBOL}" and register_kretprobe(&rp) in init (TODO 1, 5)',
+    ),
+    CheckSpec(
+        "entries",
+        f"the entry handler ran once per call of the workload ({CALLS} calls)",
+        "count each call the entry handler keeps (return 0 for it), and attach it: .entry_handler",
+    ),
+    CheckSpec(
+        "return-values",
+        f"the return handler saw every return value the kernel gave "
+        f"({CALLS} returns of 1..{CALLS} bytes: sum {RET_SUM})",
+        "regs_return_value(regs) in the return handler is the function's return value; attach it with .handler",
+    ),
+    CheckSpec(
+        "entry-data",
+        "each return saw the byte count its own call was asked for at entry",
+        "the count is ksys_write's 3rd argument, regs_get_kernel_argument(regs, 2) at entry; "
+        "keep it in ri->data, sized by .data_size = sizeof(struct call_data)",
+    ),
+    CheckSpec(
+        "duration",
+        "each call's duration (return time - entry time) is positive and under 1 s",
+        "keep ktime_get() at entry in ri->data and subtract it at return: a duration of "
+        "seconds means the entry time was never stored",
+    ),
+    CheckSpec(
+        "unloads",
+        "rmmod works and leaves no return probe behind",
+        "unregister_kretprobe(&rp) in the exit function (TODO 6)",
+    ),
+    CheckSpec(
+        "nmissed",
+        f"with maxactive=1 and {BLOCKERS} writes asleep in {SYMBOL} at once, "
+        f"at least {BLOCKERS - 1} are missed (rp.nmissed)",
+        "set rp.maxactive from the maxactive parameter before registering (TODO 5): each call "
+        "in flight holds one instance, and a call finding none is only counted in nmissed",
+    ),
 ]
 
 
@@ -49,8 +75,11 @@ def run(ctx: LabContext, g: Grader) -> None:
     if lm is None:
         return
     entry = probe_entry(ctx, "r", SYMBOL)
-    g.result("registered", entry is not None and "[DISABLED]" not in entry[3],
-             f"kprobes/list: {' '.join(entry)}" if entry else f"no return probe at {SYMBOL}+0x0 in kprobes/list")
+    g.result(
+        "registered",
+        entry is not None and "[DISABLED]" not in entry[3],
+        f"kprobes/list: {' '.join(entry)}" if entry else f"no return probe at {SYMBOL}+0x0 in kprobes/list",
+    )
     work = [WORKLOAD, "write", str(CALLS)]
     code, out = guest_run(ctx.target, work, ctx.log)
     if code != 0:
@@ -60,14 +89,23 @@ def run(ctx: LabContext, g: Grader) -> None:
     if g.ready("entries", "registered"):
         g.result("entries", s["entries"] == CALLS, f"entries = {s['entries']} for {CALLS} write() calls")
     if g.ready("return-values", "registered"):
-        g.result("return-values", s["returns"] == CALLS and s["ret_sum"] == RET_SUM,
-                 f"returns = {s['returns']}, sum of return values = {s['ret_sum']} (want {CALLS} and {RET_SUM})")
+        g.result(
+            "return-values",
+            s["returns"] == CALLS and s["ret_sum"] == RET_SUM,
+            f"returns = {s['returns']}, sum of return values = {s['ret_sum']} (want {CALLS} and {RET_SUM})",
+        )
     if g.ready("entry-data", "return-values"):
-        g.result("entry-data", s["mismatches"] == 0,
-                 f"{s['mismatches']} of {s['returns']} returns differ from the count asked at entry")
+        g.result(
+            "entry-data",
+            s["mismatches"] == 0,
+            f"{s['mismatches']} of {s['returns']} returns differ from the count asked at entry",
+        )
     if g.ready("duration", "return-values"):
-        g.result("duration", 0 < s["min_ns"] <= s["max_ns"] < 1_000_000_000,
-                 f"durations from {s['min_ns']} ns to {s['max_ns']} ns")
+        g.result(
+            "duration",
+            0 < s["min_ns"] <= s["max_ns"] < 1_000_000_000,
+            f"durations from {s['min_ns']} ns to {s['max_ns']} ns",
+        )
     if not g.ready("unloads", "registered"):
         return
     unload(ctx, g, lm, MODULE, SYMBOL, "r", work)
@@ -83,6 +121,9 @@ def run(ctx: LabContext, g: Grader) -> None:
     code, out = guest_run(ctx.target, [WORKLOAD, "block", str(BLOCKERS)], ctx.log, timeout=90)
     s = int_state(ctx.target, STATE, KEYS)
     again.rmmod()
-    g.result("nmissed", code == 0 and s["maxactive"] == 1 and s["nmissed"] >= BLOCKERS - 1,
-             f"maxactive = {s['maxactive']}, nmissed = {s['nmissed']} after {BLOCKERS} writes blocked at once"
-             + (f" (the workload failed: {code} {out})" if code else ""))
+    g.result(
+        "nmissed",
+        code == 0 and s["maxactive"] == 1 and s["nmissed"] >= BLOCKERS - 1,
+        f"maxactive = {s['maxactive']}, nmissed = {s['nmissed']} after {BLOCKERS} writes blocked at once"
+        + (f" (the workload failed: {code} {out})" if code else ""),
+    )

@@ -19,26 +19,44 @@ X86_TRAP_PF = 14
 ESR_EC_DABT_CUR = 0x25
 
 CHECKS = [
-    CheckSpec("builds", "the module compiles against the 5.10 kernel's headers",
-              "fix the compiler errors shown; on 5.14+ kernels .fault_handler does not exist any more "
-              "(this lab runs on 5.10)"),
-    CheckSpec("loads", "insmod succeeds and the module is in /proc/modules",
-              "init must return 0: register_kprobe(&kp) returns 0 or a negative errno"),
-    CheckSpec("registered", f"kprobes/list shows a kprobe at {SYMBOL}+0x0",
-              f".symbol_name = \"{SYMBOL}\" and register_kprobe(&kp) in init (TODO 1, 5)"),
-    CheckSpec("arguments", f"the pre-handler read ksys_write's arguments: fd 3 and counts summing to "
-              f"{COUNT_SUM} over {CALLS} calls",
-              "what a jprobe got as parameters a pre-handler reads from the registers: "
-              "regs_get_kernel_argument(regs, 0) is the 1st argument, (regs, 2) the 3rd"),
-    CheckSpec("fault-handler", f"the fault_handler ran for every call ({CALLS}), for a page fault "
-              "(x86_64 5.10 calls it twice per fault: from the fault entry and again before the fixup)",
-              "attach .fault_handler and make the pre-handler fault: copy_from_user_nofault() from user "
-              "address 0; the kernel calls fault_handler before its own exception fixup"),
-    CheckSpec("nmissed", "the kernel counted every faulting handler run in kp.nmissed",
-              "kprobe_fault_handler() increments nmissed for a fault in a pre/post handler on 5.10, "
-              "whatever the fault_handler returns: make the pre-handler fault on every call"),
-    CheckSpec("unloads", "rmmod works and leaves no kprobe behind",
-              "unregister_kprobe(&kp) in the exit function (TODO 6)"),
+    CheckSpec(
+        "builds",
+        "the module compiles against the 5.10 kernel's headers",
+        "fix the compiler errors shown; on 5.14+ kernels .fault_handler does not exist any more "
+        "(this lab runs on 5.10)",
+    ),
+    CheckSpec(
+        "loads",
+        "insmod succeeds and the module is in /proc/modules",
+        "init must return 0: register_kprobe(&kp) returns 0 or a negative errno",
+    ),
+    CheckSpec(
+        "registered",
+        f"kprobes/list shows a kprobe at {SYMBOL}+0x0",
+        f'.symbol_name = "{SYMBOL}" and register_kprobe(&kp) in init (TODO 1, 5)',
+    ),
+    CheckSpec(
+        "arguments",
+        f"the pre-handler read ksys_write's arguments: fd 3 and counts summing to {COUNT_SUM} over {CALLS} calls",
+        "what a jprobe got as parameters a pre-handler reads from the registers: "
+        "regs_get_kernel_argument(regs, 0) is the 1st argument, (regs, 2) the 3rd",
+    ),
+    CheckSpec(
+        "fault-handler",
+        f"the fault_handler ran for every call ({CALLS}), for a page fault "
+        "(x86_64 5.10 calls it twice per fault: from the fault entry and again before the fixup)",
+        "attach .fault_handler and make the pre-handler fault: copy_from_user_nofault() from user "
+        "address 0; the kernel calls fault_handler before its own exception fixup",
+    ),
+    CheckSpec(
+        "nmissed",
+        "the kernel counted every faulting handler run in kp.nmissed",
+        "kprobe_fault_handler() increments nmissed for a fault in a pre/post handler on 5.10, "
+        "whatever the fault_handler returns: make the pre-handler fault on every call",
+    ),
+    CheckSpec(
+        "unloads", "rmmod works and leaves no kprobe behind", "unregister_kprobe(&kp) in the exit function (TODO 6)"
+    ),
 ]
 
 
@@ -47,8 +65,11 @@ def run(ctx: LabContext, g: Grader) -> None:
     if lm is None:
         return
     entry = probe_entry(ctx, "k", SYMBOL)
-    g.result("registered", entry is not None and "[DISABLED]" not in entry[3],
-             f"kprobes/list: {' '.join(entry)}" if entry else f"no kprobe at {SYMBOL}+0x0 in kprobes/list")
+    g.result(
+        "registered",
+        entry is not None and "[DISABLED]" not in entry[3],
+        f"kprobes/list: {' '.join(entry)}" if entry else f"no kprobe at {SYMBOL}+0x0 in kprobes/list",
+    )
     work = [WORKLOAD, "write", str(CALLS)]
     code, out = guest_run(ctx.target, work, ctx.log)
     if code != 0:
@@ -57,18 +78,27 @@ def run(ctx: LabContext, g: Grader) -> None:
     s = int_state(ctx.target, STATE, KEYS)
     if not g.ready("arguments", "registered"):
         return
-    g.result("arguments", s["calls"] == CALLS and s["count_sum"] == COUNT_SUM and s["bad_fd"] == 0,
-             f"{s['calls']} calls, counts summing to {s['count_sum']}, {s['bad_fd']} with an fd below 3 "
-             f"(want {CALLS}, {COUNT_SUM}, 0)")
+    g.result(
+        "arguments",
+        s["calls"] == CALLS and s["count_sum"] == COUNT_SUM and s["bad_fd"] == 0,
+        f"{s['calls']} calls, counts summing to {s['count_sum']}, {s['bad_fd']} with an fd below 3 "
+        f"(want {CALLS}, {COUNT_SUM}, 0)",
+    )
     trap = s["last_trap"] & 0xFFFFFFFF
     if ctx.target.arch.name == "x86_64":
         trap_ok, what = trap == X86_TRAP_PF, "want 14: X86_TRAP_PF, a page fault"
     else:  # arm64 passes the ESR: exception class 0x25 is a data abort taken in the kernel
         trap_ok = trap >> 26 == ESR_EC_DABT_CUR
         what = f"the ESR, exception class {trap >> 26:#x}; want 0x25, a data abort"
-    g.result("fault-handler", s["faults"] >= CALLS and s["faults"] % CALLS == 0 and trap_ok,
-             f"fault_handler ran {s['faults']} times for {CALLS} calls; last trapnr {trap:#x} ({what})")
-    g.result("nmissed", s["nmissed"] >= CALLS,
-             f"kp.nmissed = {s['nmissed']} after {CALLS} faulting calls ({s['faults']} fault_handler calls)")
+    g.result(
+        "fault-handler",
+        s["faults"] >= CALLS and s["faults"] % CALLS == 0 and trap_ok,
+        f"fault_handler ran {s['faults']} times for {CALLS} calls; last trapnr {trap:#x} ({what})",
+    )
+    g.result(
+        "nmissed",
+        s["nmissed"] >= CALLS,
+        f"kp.nmissed = {s['nmissed']} after {CALLS} faulting calls ({s['faults']} fault_handler calls)",
+    )
     if g.ready("unloads", "registered"):
         unload(ctx, g, lm, MODULE, SYMBOL, "k", work)

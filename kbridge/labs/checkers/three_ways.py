@@ -28,33 +28,64 @@ BPF_READY_S = 240.0  # bcc import + clang under TCG: ~10 s on x86_64, much more 
 QUESTIONS = ("same_count", "trace_complete", "trace_lost", "profile_larger")
 
 CHECKS = [
-    CheckSpec("builds", "three_lab.c compiles against the guest kernel's headers",
-              "fix the compiler errors shown, at the line they name"),
-    CheckSpec("loads", "insmod succeeds and the module is in /proc/modules",
-              "init must return 0: register_kprobe(&kp) returns 0 or a negative errno"),
-    CheckSpec("module-count", f"the module counted every ksys_write() of the workload ({CALLS})",
-              "count in the pre-handler when current->comm is \"kblab\""),
-    CheckSpec("event", "event.txt's line defines a kprobe event on ksys_write, and its filter is accepted",
-              "event = p:GROUP/NAME ksys_write ; filter = an expression over the event's fields, "
-              "e.g. comm == \"kblab\""),
-    CheckSpec("event-count", f"the event was written once per call of the workload ({CALLS}; the trace "
-              "header's entries-written)", "enable needs the filter to keep kblab's events only"),
-    CheckSpec("bpf-attach", "bcc compiles three_bpf.c and attaches count_write to ksys_write",
-              "bcc's compiler errors are shown above; the function must be int count_write(struct pt_regs *ctx)"),
-    CheckSpec("bpf-count", f"the eBPF program counted every call of the workload in counts[0] ({CALLS})",
-              "bpf_get_current_comm() then compare with \"kblab\" and counts.increment(0)"),
+    CheckSpec(
+        "builds",
+        "three_lab.c compiles against the guest kernel's headers",
+        "fix the compiler errors shown, at the line they name",
+    ),
+    CheckSpec(
+        "loads",
+        "insmod succeeds and the module is in /proc/modules",
+        "init must return 0: register_kprobe(&kp) returns 0 or a negative errno",
+    ),
+    CheckSpec(
+        "module-count",
+        f"the module counted every ksys_write() of the workload ({CALLS})",
+        'count in the pre-handler when current->comm is "kblab"',
+    ),
+    CheckSpec(
+        "event",
+        "event.txt's line defines a kprobe event on ksys_write, and its filter is accepted",
+        'event = p:GROUP/NAME ksys_write ; filter = an expression over the event\'s fields, e.g. comm == "kblab"',
+    ),
+    CheckSpec(
+        "event-count",
+        f"the event was written once per call of the workload ({CALLS}; the trace header's entries-written)",
+        "enable needs the filter to keep kblab's events only",
+    ),
+    CheckSpec(
+        "bpf-attach",
+        "bcc compiles three_bpf.c and attaches count_write to ksys_write",
+        "bcc's compiler errors are shown above; the function must be int count_write(struct pt_regs *ctx)",
+    ),
+    CheckSpec(
+        "bpf-count",
+        f"the eBPF program counted every call of the workload in counts[0] ({CALLS})",
+        'bpf_get_current_comm() then compare with "kblab" and counts.increment(0)',
+    ),
     CheckSpec("answers", "answers.txt answers every question", "write yes/no (or the word asked for) after each '='"),
-    CheckSpec("same-count", "same_count matches whether the three counts were equal",
-              "each mechanism counts in the kernel as the probe fires (an atomic, a ring-buffer write, a "
-              "map update): none of them loses a count, whatever happens to the output afterwards"),
-    CheckSpec("trace-complete", "trace_complete matches whether the trace buffer still holds every event",
-              "the trace header says entries-in-buffer/entries-written: a 4 KiB buffer holds a few hundred"),
-    CheckSpec("trace-lost", "trace_lost names what happened to the events the buffer lost",
-              "in overwrite mode (the default) a full ring buffer overwrites its oldest events: "
-              "per_cpu/cpu0/stats counts them as overrun"),
-    CheckSpec("profile-larger", "profile_larger matches kprobe_profile against the module's count",
-              "kprobe_profile counts every hit of the event's kprobe, before the filter drops other tasks' "
-              "write() calls"),
+    CheckSpec(
+        "same-count",
+        "same_count matches whether the three counts were equal",
+        "each mechanism counts in the kernel as the probe fires (an atomic, a ring-buffer write, a "
+        "map update): none of them loses a count, whatever happens to the output afterwards",
+    ),
+    CheckSpec(
+        "trace-complete",
+        "trace_complete matches whether the trace buffer still holds every event",
+        "the trace header says entries-in-buffer/entries-written: a 4 KiB buffer holds a few hundred",
+    ),
+    CheckSpec(
+        "trace-lost",
+        "trace_lost names what happened to the events the buffer lost",
+        "in overwrite mode (the default) a full ring buffer overwrites its oldest events: "
+        "per_cpu/cpu0/stats counts them as overrun",
+    ),
+    CheckSpec(
+        "profile-larger",
+        "profile_larger matches kprobe_profile against the module's count",
+        "kprobe_profile counts every hit of the event's kprobe, before the filter drops other tasks' write() calls",
+    ),
 ]
 
 _LINE = re.compile(r"^\s*(?P<key>\w+)\s*=(?P<value>.*)$")
@@ -193,14 +224,21 @@ def run(ctx: LabContext, g: Grader) -> None:
         in_buffer, written = (int(head[1]), int(head[2])) if head else (0, 0)
         counts["tracefs"] = written
         cpus = t.run(["/bin/busybox", "ls", f"{TRACING}/per_cpu"], timeout=30).text.split()
-        overrun = sum(int(x) for cpu in cpus
-                      for x in re.findall(r"^overrun: (\d+)", _read(ctx, f"{TRACING}/per_cpu/{cpu}/stats"), re.M))
+        overrun = sum(
+            int(x)
+            for cpu in cpus
+            for x in re.findall(r"^overrun: (\d+)", _read(ctx, f"{TRACING}/per_cpu/{cpu}/stats"), re.M)
+        )
         for line in _read(ctx, f"{TRACING}/kprobe_profile").splitlines():
             parts = line.split()
             if len(parts) >= 3 and parts[0] == ev.effective_event:
                 profile_hits = int(parts[1])
-        g.result("event-count", written == CALLS, f"entries-written {written}, entries-in-buffer {in_buffer}, "
-                 f"overrun {overrun}; kprobe_profile hits {profile_hits}")
+        g.result(
+            "event-count",
+            written == CALLS,
+            f"entries-written {written}, entries-in-buffer {in_buffer}, "
+            f"overrun {overrun}; kprobe_profile hits {profile_hits}",
+        )
     if bpf_count is not None:
         g.result("bpf-count", bpf_count == CALLS, f"counts[0] = {bpf_count} for {CALLS} calls")
 
@@ -209,18 +247,41 @@ def run(ctx: LabContext, g: Grader) -> None:
     g.result("answers", not missing, f"unanswered: {', '.join(missing)}" if missing else "all answered")
     if g.ready("same-count", "module-count", "event-count", "bpf-count"):
         same = len({counts["module"], counts["tracefs"], counts["bpf"]}) == 1
-        _answer(g, "same-count", ans, "same_count", "yes" if same else "no",
-                f"module {counts['module']}, tracefs {counts['tracefs']}, eBPF {counts['bpf']}")
+        _answer(
+            g,
+            "same-count",
+            ans,
+            "same_count",
+            "yes" if same else "no",
+            f"module {counts['module']}, tracefs {counts['tracefs']}, eBPF {counts['bpf']}",
+        )
     if g.ready("trace-complete", "event-count"):
-        _answer(g, "trace-complete", ans, "trace_complete", "yes" if in_buffer == written else "no",
-                f"entries-in-buffer {in_buffer} of entries-written {written}")
+        _answer(
+            g,
+            "trace-complete",
+            ans,
+            "trace_complete",
+            "yes" if in_buffer == written else "no",
+            f"entries-in-buffer {in_buffer} of entries-written {written}",
+        )
         lost = "overwritten" if overrun else ("filtered" if (profile_hits or 0) > (written or 0) else "missed")
-        _answer(g, "trace-lost", ans, "trace_lost", lost if in_buffer != written else "none",
-                f"per_cpu/cpu*/stats overrun {overrun}")
+        _answer(
+            g,
+            "trace-lost",
+            ans,
+            "trace_lost",
+            lost if in_buffer != written else "none",
+            f"per_cpu/cpu*/stats overrun {overrun}",
+        )
     if g.ready("profile-larger", "module-count", "event-count"):
-        _answer(g, "profile-larger", ans, "profile_larger",
-                "yes" if (profile_hits or 0) > (counts["module"] or 0) else "no",
-                f"kprobe_profile {profile_hits}, module {counts['module']}")
+        _answer(
+            g,
+            "profile-larger",
+            ans,
+            "profile_larger",
+            "yes" if (profile_hits or 0) > (counts["module"] or 0) else "no",
+            f"kprobe_profile {profile_hits}, module {counts['module']}",
+        )
     if lm is not None:
         lm.rmmod()
 
