@@ -113,15 +113,9 @@ class WorkloadRun:
         self.handle = target.spawn(list(workload.argv))
         self.result: ExecResult | None = None
         self._next_poll = 0.0
-        # Claimed at the first poll that finds it still running (or before a wait): a
-        # short workload, gone by then, costs no ledger round trips before its first hit.
-        self._record: ownership.Record | None = None
-        self._claimed = False
-
-    def _claim(self) -> None:
-        if not self._claimed:
-            self._claimed = True
-            self._record = ownership.claim_process(self.target, self.pid)
+        # Recorded before anything else happens: a kbridge killed at its first hit must not
+        # leave a workload running that the next command cannot find (it would count its hits).
+        self._record: ownership.Record | None = ownership.claim_process(target, self.pid)
 
     @property
     def pid(self) -> int:
@@ -135,14 +129,11 @@ class WorkloadRun:
             self._next_poll = time.monotonic() + 0.02
             if self.result is not None:
                 self._forget()
-            else:
-                self._claim()
         return self.result is not None
 
     def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for it to exit on its own."""
         if self.result is None:
-            self._claim()
             self.result = self.target.wait(self.handle, timeout)
             self._forget()
         return self.result
