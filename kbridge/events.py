@@ -659,6 +659,16 @@ def parse(line: str, arch: str = "x86_64", kernel: str | Grammar | None = None) 
     grammar = kernel if isinstance(kernel, Grammar) else grammar_for(kernel, arch)
     arch_key = grammar.arch
     text = line.split("#", 1)[0]
+    if (col := next((i for i, c in enumerate(text) if not c.isascii()), None)) is not None:
+        # The kernel reads the line as bytes and its isspace() (lib/ctype.c) counts 0xA0 as a
+        # space: a non-ASCII character (U+00A0 is C2 A0 in UTF-8) does not mean what it shows.
+        raise EventSyntaxError(
+            line,
+            None,
+            f"non-ASCII character {text[col]!r}: the kernel splits "
+            "kprobe_events words at byte 0xA0 and names are ASCII",
+            col,
+        )
     words = tuple((m.start(), m.group()) for m in _WORD.finditer(text))
     # create_or_delete_trace_kprobe() looks at the raw first byte, before
     # argv_split(): " -:foo" is not a removal (and is then rejected).

@@ -134,3 +134,9 @@ def test_syscall_args_at_an_offset_are_refused_before_any_boot() -> None:
     res = run("probe", "__x64_sys_write", "--pre", "--offset", "16", "--arg", "fd=1", "--arch", "x86_64")
     assert res.exit_code == 2
     assert "only holds it at the function entry" in res.output
+
+
+def test_trace_check_refuses_a_non_breaking_space() -> None:
+    # The kernel's isspace() counts byte 0xA0 as a space: the line would split where it shows none.
+    res = run("trace", "--check", "p:x ksys_write\u00a0fd=$arg1", "--arch", "x86_64")
+    assert res.exit_code == 1 and "non-ASCII" in res.output and "^" in res.output
