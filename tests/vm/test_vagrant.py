@@ -50,7 +50,8 @@ from libvirt_netns import (
     virsh,
 )
 
-pytestmark = pytest.mark.vm
+# One libvirtd at a time (its socket path is fixed): both arches on one xdist worker.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vagrant")]
 REPO = Path(__file__).resolve().parents[2]
 DD = "dd if=/dev/zero of=/dev/null bs=1 count={n} status=none"  # exactly N write(2) calls by comm dd
 TIMINGS: dict[str, float] = {}
