@@ -13,6 +13,7 @@ README's test command installs them).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,6 +184,32 @@ def _exercise(arch_name: str, machine: str, krel: str) -> None:
         assert not [m for m in session.loaded_modules() if m.startswith("kb")]
         assert guest.read_file("/sys/kernel/tracing/kprobe_events").strip() == b""
         assert session.kprobes_list().strip() == ""
+
+    # The README's command as a user types it, with no --arch: the arch comes from the machine.
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "sys_write",
+            "--pre",
+            "--comm",
+            "dd",
+            "--run",
+            DD.format(n=3),
+            "--target",
+            target,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    summary = json.loads(cli.stdout.splitlines()[-1])["summary"]
+    assert summary["arch"] == arch_name and summary["target"] == target, summary
+    assert summary["mechanisms"]["kmod"]["hits"] == 3, summary
 
     # The embedded VM counts the same workload the same way.
     embedded = probe(spec, arch, Workload.shell(DD.format(n=count)))
