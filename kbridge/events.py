@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import NoReturn, Union
 
+from kbridge.arch import ARCHES
 from kbridge.errors import KbridgeError
 
 # --- limits, from linux-6.1 -------------------------------------------------
@@ -239,35 +240,8 @@ def _config_file(path: str, mtime_ns: int) -> dict[str, str]:
     return image.parse_config(Path(path).read_text())
 
 
-# Register names accepted by regs_query_register_offset() (regoffset_table[]).
-REGISTERS: dict[str, frozenset[str]] = {
-    "x86_64": frozenset(
-        [
-            "r15",
-            "r14",
-            "r13",
-            "r12",
-            "r11",
-            "r10",
-            "r9",
-            "r8",
-            "bx",
-            "cx",
-            "dx",
-            "si",
-            "di",
-            "bp",
-            "ax",
-            "orig_ax",
-            "ip",
-            "cs",
-            "flags",
-            "sp",
-            "ss",
-        ]
-    ),
-    "arm64": frozenset([f"x{i}" for i in range(31)] + ["lr", "sp", "pc", "pstate"]),
-}
+# Register names accepted by regs_query_register_offset() (regoffset_table[]), per arch (arch.py).
+REGISTERS: dict[str, frozenset[str]] = {a.name: a.tracefs_registers for a in ARCHES.values()}
 _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "arm64": "arm64", "aarch64": "arm64"}
 
 BASIC_TYPES = ("u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "x8", "x16", "x32", "x64", "symbol")

@@ -47,6 +47,28 @@ def parse_kmsg(line: str) -> KmsgRecord | None:
     return KmsgRecord(int(prio) & 7, int(seq), int(usec), text)
 
 
+class KmsgRecords:
+    """Parsed /dev/kmsg records over a stream of its lines (None when idle); continuation lines skipped.
+
+    An iterator object rather than a generator: an exception (Ctrl-C) raised while it
+    waits leaves it usable, so cleanup can keep reading.
+    """
+
+    def __init__(self, lines: Iterator[str | None]) -> None:
+        self.lines = lines
+
+    def __iter__(self) -> KmsgRecords:
+        return self
+
+    def __next__(self) -> KmsgRecord | None:
+        while True:
+            line = next(self.lines)
+            if line is None:
+                return None
+            if rec := parse_kmsg(line):
+                return rec
+
+
 OOPS_MARKERS = (
     "Oops",
     "BUG: ",

@@ -29,7 +29,7 @@ from kbridge.errors import KbridgeError
 from kbridge.images.image import DEFAULT_SUITE, Image
 from kbridge.paths import cache_dir, state_dir
 from kbridge.targets import snapshot
-from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, parse_kmsg
+from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, KmsgRecords
 from kbridge.targets.qga import ChannelError, ExecResult, GuestAgent, Qmp
 
 _T = TypeVar("_T")
@@ -513,7 +513,7 @@ class QemuVM:
         A fresh connection first delivers what the guest logged while nobody
         listened, so callers look for their own start marker.
         """
-        return _KmsgReader(self._port(KMSG_PORT, idle))
+        return KmsgRecords(self._port(KMSG_PORT, idle))
 
     def stream(self, port: str, idle: float = 0.05) -> PortReader:
         """Lines arriving on stream PORT; None after IDLE s without one."""
@@ -573,24 +573,6 @@ class PortReader:
                 raise KbridgeError(f"the guest stream {self.port} closed")
             *self.lines, self.buf = (self.buf + chunk).split(b"\n")
         return self.lines.pop(0).decode(errors="replace")
-
-
-class _KmsgReader:
-    """kmsg records (parsed) over a PortReader; continuation lines are skipped."""
-
-    def __init__(self, lines: PortReader) -> None:
-        self.lines = lines
-
-    def __iter__(self) -> _KmsgReader:
-        return self
-
-    def __next__(self) -> KmsgRecord | None:
-        while True:
-            line = next(self.lines)
-            if line is None:
-                return None
-            if rec := parse_kmsg(line):
-                return rec
 
 
 # Kept VMs this process has attached (and locked), shared by nested users.

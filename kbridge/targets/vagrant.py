@@ -45,7 +45,7 @@ from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
 from kbridge.paths import state_dir
-from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, parse_kmsg
+from kbridge.targets.base import OOPS_MARKERS, STREAM_PORTS, GuestCrash, KmsgRecord, KmsgRecords
 from kbridge.targets.qga import ChannelError, ExecResult
 
 RUN_DIR = "/run/kbridge"  # guest-side stream links, pid files, the root shell's directory
@@ -334,24 +334,6 @@ class PipeLines:
                 raise KbridgeError(f"the stream {self.what} from {self.target.name} closed")
             *self.lines, self.buf = (self.buf + chunk).split(b"\n")
         return self.lines.pop(0).decode(errors="replace")
-
-
-class _KmsgLines:
-    """Parsed /dev/kmsg records over PipeLines; continuation lines are skipped."""
-
-    def __init__(self, lines: PipeLines) -> None:
-        self.lines = lines
-
-    def __iter__(self) -> _KmsgLines:
-        return self
-
-    def __next__(self) -> KmsgRecord | None:
-        while True:
-            line = next(self.lines)
-            if line is None:
-                return None
-            if rec := parse_kmsg(line):
-                return rec
 
 
 class _Spawned:
@@ -775,7 +757,7 @@ class VagrantTarget:
         if self._kmsg is None or self._kmsg[0].poll() is not None:
             self._kmsg = self._reader("kmsg", ["cat", "/dev/kmsg"])
         self._kmsg[1].idle = idle
-        return _KmsgLines(self._kmsg[1])
+        return KmsgRecords(self._kmsg[1])
 
     def stream_path(self, port: str) -> str:
         """The guest path a program writes to so its lines arrive on stream PORT.
