@@ -19,12 +19,12 @@ import tempfile
 import time
 
 from kbridge.arch import get_arch
-from kbridge.build import build, cache_key
 from kbridge.images import image as images
-from kbridge.mechanisms.common import StopRule
+from kbridge.kbuild import build_generated, cache_key
+from kbridge.mechanisms.engine import StopRule
+from kbridge.mechanisms.kmod.render import render
 from kbridge.paths import cache_dir
 from kbridge.probe import probe
-from kbridge.render.kmod import render
 from kbridge.spec import make_spec
 from kbridge.targets.qemu import QemuVM
 from kbridge.workload import Workload
@@ -58,9 +58,11 @@ def bench(arch_name: str, runs: int) -> dict[str, list[float]]:
         "warm_round_trip": [],
     }
     for _ in range(runs):
-        shutil.rmtree(cache_dir() / "modules" / cache_key(mod, img), ignore_errors=True)
-        out["build_uncached"].append(timed(lambda: build(mod, img)))
-        out["build_cached"].append(timed(lambda: build(mod, img)))
+        shutil.rmtree(
+            cache_dir() / "kbuild" / cache_key({k: v.encode() for k, v in mod.files.items()}, img), ignore_errors=True
+        )
+        out["build_uncached"].append(timed(lambda: build_generated(mod.name, mod.files, img)))
+        out["build_cached"].append(timed(lambda: build_generated(mod.name, mod.files, img)))
     for _ in range(runs):  # no kept VM: boot + probe + shutdown; the module is cached
         assert QemuVM.attach(arch) is None, "stop the kept VM first (kbridge vm down)"
         out["cold_first_hit"].append(first_hit_time(arch, spec))

@@ -143,7 +143,7 @@ def kept(arch_name: str, flavour: str = "default") -> Iterator[object]:
 def load_run(arch_name: str, via: str, calls: int) -> dict:
     """`dd bs=1 count=CALLS` through VIA on the kept VM: exact hits, streamed, lost, events/s on the host."""
     from kbridge.arch import get_arch
-    from kbridge.mechanisms.common import StopRule
+    from kbridge.mechanisms.engine import StopRule
     from kbridge.probe import probe
     from kbridge.spec import make_spec
     from kbridge.workload import Workload

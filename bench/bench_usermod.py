@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kbridge import usermod
+from kbridge import kbuild, modules
 from kbridge.arch import get_arch
 from kbridge.images import image as images
 from kbridge.targets.qemu import QemuVM
@@ -42,9 +42,12 @@ def bench(arch_name: str, runs: int) -> None:
             # A new comment is a new source: a new cache key, a real kbuild run.
             with (src / "kbchardev.c").open("a") as f:
                 f.write(f"/* bench {time.time_ns()} {i} */\n")
-            uncached.append(timed(lambda: usermod.build_module(src, img)))
-        cached = [timed(lambda: usermod.build_module(src, img)) for _ in range(runs)]
-        built = usermod.build_module(src, img)
+            uncached.append(timed(lambda: kbuild.pick(kbuild.build(kbuild.source_files(src), img, str(src)), str(src))))
+        cached = [
+            timed(lambda: kbuild.pick(kbuild.build(kbuild.source_files(src), img, str(src)), str(src)))
+            for _ in range(runs)
+        ]
+        built = kbuild.pick(kbuild.build(kbuild.source_files(src), img, str(src)), str(src))
     vm = QemuVM.attach(arch)
     booted = vm is None
     if vm is None:
@@ -53,8 +56,8 @@ def bench(arch_name: str, runs: int) -> None:
         trips = []
         for _ in range(runs):
             t = time.perf_counter()
-            usermod.load_module(vm, built, {"debug": 1})
-            usermod.unload_module(vm, built.name)
+            modules.load_module(vm, built, {"debug": 1})
+            modules.unload_module(vm, built.name)
             trips.append(time.perf_counter() - t)
     finally:
         vm.shutdown() if booted else vm.detach()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from kbridge import kernels
 from kbridge.arch import Arch, get_arch
-from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
+from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule
 from kbridge.probe import ProbeRun, probe_on
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec, make_spec
@@ -31,7 +31,7 @@ from kbridge.workload import Workload
 if TYPE_CHECKING:
     from kbridge.compare import Comparison
     from kbridge.inspect import Inspection
-    from kbridge.usermod import LoadedModule
+    from kbridge.modules import LoadedModule
 
 
 class Guest:
@@ -195,31 +195,31 @@ class Guest:
 
     def push(self, local: str | Path, guest: str) -> str:
         """Copy a local file into the guest (mode kept); the guest path it landed at."""
-        from kbridge import usermod
+        from kbridge.targets import files
 
         with self._target() as t:
-            return str(usermod.push(t, Path(local), guest))
+            return files.push(t, Path(local), guest)
 
     def pull(self, guest: str, local: str | Path) -> Path:
         """Copy a guest file to LOCAL (a file or directory); the local path written."""
-        from kbridge import usermod
+        from kbridge.targets import files
 
         with self._target() as t:
-            return Path(usermod.pull(t, guest, Path(local)))
+            return files.pull(t, guest, Path(local))
 
     def load_module(self, path: str | Path, params: dict[str, str | int] | None = None) -> LoadedModule:
         """Build (if needed) and insmod the out-of-tree module in directory PATH."""
-        from kbridge import usermod
+        from kbridge import modules
 
         with self._target() as t:
-            return usermod.load_module(t, Path(path), params)
+            return modules.load_module(t, Path(path), params)
 
     def unload_module(self, name: str) -> list[str]:
         """rmmod NAME (a module loaded with load_module); the kernel log lines of the unload."""
-        from kbridge import usermod
+        from kbridge import modules
 
         with self._target() as t:
-            return usermod.unload_module(t, name)
+            return modules.unload_module(t, name)
 
     def loaded_modules(self) -> set[str]:
         with self.session() as s:

@@ -23,10 +23,11 @@ from kbridge import progress
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import NAMES
 from kbridge.mechanisms import get as get_mechanism
-from kbridge.mechanisms.common import MechanismResult, StopRule, WorkloadRun
+from kbridge.mechanisms.engine import MechanismResult, StopRule
 from kbridge.probe import check_offset
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
+from kbridge.targets import ownership
 from kbridge.workload import Workload
 
 _MARK = re.compile(r"^\[\s*(?P<t>\d+\.\d+)\] kbt (?P<run>\w+) (?P<phase>\w+) (?P<i>\d+) (?P<be>[be])$")
@@ -143,7 +144,7 @@ def agreement(ref: list[Hit], other: list[Hit]) -> str:
 
 
 def _unprobed(session: Session, work: Workload) -> None:
-    WorkloadRun(session.target, work).wait(timeout=None)
+    ownership.spawn(session.target, list(work.argv)).wait(timeout=None)
 
 
 def compare(

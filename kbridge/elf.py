@@ -1,74 +1,159 @@
-"""Just enough ELF reading (64-bit little-endian) for kbridge: sections, DT_NEEDED, .modinfo."""
+"""What kbridge reads from ELF files, through pyelftools (ELF32 and ELF64, DWARF line tables).
+
+A kernel module's .modinfo (vermagic, parameters), an executable's libraries and
+loader (the guest initramfs), its machine (is a file for this guest's arch?), and
+the source line of FUNCTION+OFFSET in a module built with debug info (an oops).
+"""
 
 from __future__ import annotations
 
-import struct
+import io
+from pathlib import PurePosixPath
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from kbridge.errors import KbridgeError
 
-_SHT_DYNAMIC = 6
-_DT_NEEDED = 1
+
+def _open(data: bytes, what: str) -> ELFFile:
+    try:
+        return ELFFile(io.BytesIO(data))
+    except ELFError as e:
+        raise KbridgeError(f"{what} is not an ELF file ({e})") from None
 
 
-def _check(data: bytes, what: str) -> None:
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise KbridgeError(f"{what} is not a 64-bit little-endian ELF file")
+def is_elf(data: bytes) -> bool:
+    return data[:4] == b"\x7fELF"
 
 
-def sections(data: bytes, what: str = "file") -> dict[str, tuple[int, bytes, int]]:
-    """Map section name -> (type, contents, link index)."""
-    _check(data, what)
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    headers = []
-    for i in range(shnum):
-        name, typ, _flags, _addr, off, size, link = struct.unpack_from("<IIQQQQI", data, shoff + i * shentsize)
-        headers.append((name, typ, off, size, link))
-    _, _, stroff, strsize, _ = headers[shstrndx]
-    names = data[stroff : stroff + strsize]
-    out = {}
-    for name, typ, off, size, link in headers:
-        label = names[name : names.index(b"\0", name)].decode()
-        body = b"" if typ == 8 else data[off : off + size]  # SHT_NOBITS has no bytes
-        out[label] = (typ, body, link)
-    return out
+def machine(data: bytes, what: str = "file") -> int:
+    """e_machine (EM_X86_64 62, EM_AARCH64 183, EM_ARM 40)."""
+    return _machine_number(_open(data, what))
+
+
+def _machine_number(f: ELFFile) -> int:
+    # pyelftools names the machine ("EM_X86_64"); the raw number is in the header's bytes.
+    f.stream.seek(18)
+    raw = f.stream.read(2)
+    return int.from_bytes(raw, "little" if f.little_endian else "big")
+
+
+def modinfo_items(data: bytes, what: str = "module") -> list[tuple[str, str]]:
+    """The key=value strings of a kernel module's .modinfo section, in order."""
+    sec = _open(data, what).get_section_by_name(".modinfo")
+    if sec is None:
+        raise KbridgeError(f"{what} has no .modinfo section: not a kernel module")
+    items = []
+    for item in sec.data().split(b"\0"):
+        if b"=" in item:
+            k, v = item.decode(errors="replace").split("=", 1)
+            items.append((k, v))
+    return items
+
+
+def modinfo(data: bytes, what: str = "module") -> dict[str, str]:
+    """.modinfo as a dict (the first value of each key)."""
+    info: dict[str, str] = {}
+    for k, v in modinfo_items(data, what):
+        info.setdefault(k, v)
+    return info
+
+
+def module_params(data: bytes, what: str = "module") -> dict[str, str]:
+    """module_param name -> type, from .modinfo's parmtype=NAME:TYPE entries."""
+    params = {}
+    for k, v in modinfo_items(data, what):
+        if k == "parmtype":
+            name, _, ptype = v.partition(":")
+            params[name] = ptype
+    return params
+
+
+def undefined_symbols(data: bytes, what: str = "module") -> set[str]:
+    """The symbols an object uses but does not define (a module's imports, resolved at insmod)."""
+    symtab = _open(data, what).get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        return set()
+    return {s.name for s in symtab.iter_symbols() if s.name and s["st_shndx"] == "SHN_UNDEF"}
 
 
 def needed(data: bytes, what: str = "file") -> list[str]:
     """The DT_NEEDED libraries of a dynamically linked executable or library."""
-    secs = sections(data, what)
-    dyn = secs.get(".dynamic")
-    strtab = secs.get(".dynstr")
-    if not dyn or not strtab:
-        return []
-    strings = strtab[1]
     libs = []
-    for tag, val in struct.iter_unpack("<qQ", dyn[1]):
-        if tag == _DT_NEEDED:
-            libs.append(strings[val : strings.index(b"\0", val)].decode())
+    for sec in _open(data, what).iter_sections():
+        if isinstance(sec, DynamicSection):
+            libs += [tag.needed for tag in sec.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]  # type: ignore[attr-defined]  # DT_NEEDED tags carry it
     return libs
 
 
-def interpreter(data: bytes) -> str | None:
+def interpreter(data: bytes, what: str = "file") -> str | None:
     """The PT_INTERP path (the dynamic loader), if any."""
-    _check(data, "file")
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for i in range(phnum):
-        typ, _flags, off, _v, _p, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
-        if typ == 3:
-            return data[off : off + filesz].rstrip(b"\0").decode()
+    for seg in _open(data, what).iter_segments():
+        if seg.header.p_type == "PT_INTERP":
+            return str(seg.get_interp_name())  # type: ignore[attr-defined]  # an InterpSegment
     return None
 
 
-def modinfo(data: bytes, what: str = "module") -> dict[str, str]:
-    """The key=value strings of a kernel module's .modinfo section."""
-    body = sections(data, what).get(".modinfo")
-    if body is None:
-        raise KbridgeError(f"{what} has no .modinfo section: not a kernel module")
-    info: dict[str, str] = {}
-    for item in body[1].split(b"\0"):
-        if b"=" in item:
-            k, v = item.decode(errors="replace").split("=", 1)
-            info.setdefault(k, v)
-    return info
+def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | None:
+    """(file, line) of FUNCTION+OFFSET in an object built with debug info (a .ko), from DWARF.
+
+    A module's sections all start at 0 (it is relocatable): the function's own compile
+    unit and address range pick the right line-table sequence.
+    """
+    f = _open(data, "module")
+    if not f.has_dwarf_info():
+        return None
+    symtab = f.get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        return None
+    syms = [s for s in symtab.get_symbol_by_name(function) or () if s["st_info"]["type"] == "STT_FUNC"]
+    if not syms:
+        return None
+    size = syms[0]["st_size"]
+    dwarf = f.get_dwarf_info()
+    for cu in dwarf.iter_CUs():
+        for die in cu.iter_DIEs():
+            if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
+                continue
+            name = die.attributes.get("DW_AT_name")
+            if name is None or name.value.decode(errors="replace") != function:
+                continue
+            low = die.attributes["DW_AT_low_pc"].value
+            found = _line_at(dwarf.line_program_for_CU(cu), low, low + offset, low + (size or offset + 1))
+            if found is not None:
+                return found
+    return None
+
+
+def _line_at(program: object, low: int, addr: int, high: int) -> tuple[str, int] | None:
+    """The row of the line program covering ADDR, in a sequence that also covers LOW (the function)."""
+    if program is None:
+        return None
+    entries = program.get_entries()  # type: ignore[attr-defined]
+    header = program.header  # type: ignore[attr-defined]
+    best: tuple[int, int, int] | None = None  # (address, file, line)
+    seq: list[tuple[int, int, int]] = []
+    for entry in entries:
+        st = entry.state
+        if st is None:
+            continue
+        seq.append((st.address, st.file, st.line))
+        if st.end_sequence:
+            if any(a == low for a, _, _ in seq):
+                rows = [r for r in seq if r[0] <= addr < high]
+                if rows:
+                    best = max(rows, key=lambda r: r[0])
+            seq = []
+            if best is not None:
+                break
+    if best is None:
+        return None
+    _, file_index, line = best
+    names = header["file_entry"]
+    version = header["version"]
+    entry_i = file_index if version >= 5 else file_index - 1
+    fname = names[entry_i].name.decode(errors="replace") if 0 <= entry_i < len(names) else "?"
+    return PurePosixPath(fname).name, int(line)

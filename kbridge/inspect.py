@@ -4,7 +4,7 @@ A generated module (kmod/inspect.c.j2) registers the kprobe disabled, then the
 host steps it through arm -> remove, reading the instruction bytes at the probe
 address (the module's debugfs `insn` file) and the probe's mode (debugfs
 kprobes/list) between steps. The bytes are disassembled on the host with
-objdump (aarch64-linux-gnu-objdump for arm64).
+capstone.
 
 The kernel picks one of three ways to plant a kprobe: an ftrace callback when
 the address is the function's ftrace site (x86_64: KPROBES_ON_FTRACE), a jump
@@ -17,35 +17,27 @@ probe moved past an ftrace site; both are restored and reported.
 from __future__ import annotations
 
 import contextlib
-import errno as errnos
 import re
 import secrets
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kbridge import kprobes_list
 from kbridge.arch import Arch
-from kbridge.build import build
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.kmod import explain_register_error
-from kbridge.render import templates
-from kbridge.render.kmod import ModuleSource, name_for
+from kbridge.kbuild import build_generated
+from kbridge.mechanisms import templates
+from kbridge.mechanisms.kmod.errors import explain_refusal
+from kbridge.mechanisms.kmod.render import ModuleSource, name_for
 from kbridge.session import Session
 from kbridge.spec import validate_symbol
 from kbridge.symbols import SymbolError
 
 NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm64 words
 STEPS = ("before", "armed", "after")
-OPTIMIZATION = "/proc/sys/debug/kprobes-optimization"  # CONFIG_OPTPROBES only (x86_64 here, not arm64)
-X86_FTRACE_SITE_LEN = 5  # the nop that becomes `call __fentry__` (MCOUNT_INSN_SIZE)
-# arm64 (6.1, -fpatchable-function-entry=2): the second nop becomes `bl ftrace_caller`; without
-# KPROBES_ON_FTRACE, check_ftrace_location() refuses a kprobe there.
-ARM64_FTRACE_SITE = 4
-_LIST_FLAGS = re.compile(r"\[(GONE|DISABLED|OPTIMIZED|FTRACE)\]")
+OPTIMIZATION = "/proc/sys/debug/kprobes-optimization"  # CONFIG_OPTPROBES only (Arch.optprobes)
 
 
 @dataclass
@@ -122,16 +114,7 @@ def render_inspect(symbol: str, offset: int) -> ModuleSource:
 
 def mode_of(list_line: str) -> str:
     """The probe mode a debugfs kprobes/list line shows: ftrace, optimized, breakpoint (or disabled/gone)."""
-    flags = set(_LIST_FLAGS.findall(list_line))
-    if "GONE" in flags:
-        return "gone"
-    if "DISABLED" in flags:
-        return "disabled"
-    if "FTRACE" in flags:
-        return "ftrace"
-    if "OPTIMIZED" in flags:
-        return "optimized"
-    return "breakpoint"
+    return kprobes_list.mode_of(list_line)
 
 
 def find_list_line(text: str, symbol: str, offset: int, address: int | None = None) -> str:
@@ -140,37 +123,23 @@ def find_list_line(text: str, symbol: str, offset: int, address: int | None = No
     x86 IBT kernels (Debian's 6.12 on) move an entry probe past endbr64: the line then
     says SYMBOL+0x4, so the probe's live ADDRESS, when known, finds it too.
     """
-    want = f"{symbol}+{offset:#x}"
-    for line in text.splitlines():
-        parts = line.split()
-        if (
-            len(parts) >= 3
-            and parts[1] == "k"
-            and (parts[2] == want or (address is not None and parts[0] == f"{address:016x}"))
-        ):
-            return line.strip()
-    return ""
+    found = kprobes_list.find(text, symbol, offset, address)
+    return found.line if found else ""
 
 
 def disassemble(data: bytes, arch: Arch, address: int) -> list[str]:
-    """objdump of raw bytes at ADDRESS: 'addr: bytes  insn' lines (empty if objdump is missing)."""
-    tool = "objdump" if arch.name == "x86_64" and shutil.which("objdump") else f"{arch.gnu_triplet}-objdump"
-    if shutil.which(tool) is None:
-        return []
-    machine = "i386:x86-64" if arch.name == "x86_64" else "aarch64"
-    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
-        f.write(data)
-        f.flush()
-        proc = subprocess.run(
-            [tool, "-D", "-b", "binary", "-m", machine, f"--adjust-vma={address:#x}", f.name],
-            capture_output=True,
-            text=True,
-        )
+    """DATA at ADDRESS as 'addr: bytes  insn' lines, disassembled with capstone for ARCH."""
+    import capstone  # loaded by the one command that disassembles
+
+    md = capstone.Cs(getattr(capstone, arch.capstone[0]), getattr(capstone, arch.capstone[1]))
     lines = []
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^\s*([0-9a-f]+):\s+(.*)$", line)
-        if m:
-            lines.append(f"{m[1]}: {' '.join(m[2].split())}")
+    end = address
+    for insn in md.disasm(data, address):
+        lines.append(f"{insn.address:x}: {insn.bytes.hex(' ')} {insn.mnemonic} {insn.op_str}".rstrip())
+        end = insn.address + insn.size
+    if end < address + len(data):  # bytes capstone cannot decode (a breakpoint mid-instruction, padding)
+        rest = data[end - address :]
+        lines.append(f"{end:x}: {rest.hex(' ')} (bytes)")
     return lines
 
 
@@ -183,19 +152,6 @@ def aliases_of(session: Session, symbol: str, address: int) -> list[str]:
     )
 
 
-def is_ftraceable(session: Session, symbol: str) -> bool:
-    """Whether SYMBOL is in tracefs available_filter_functions (grep in the guest: the file is large)."""
-    for path in (
-        "/sys/kernel/tracing/available_filter_functions",
-        "/sys/kernel/debug/tracing/available_filter_functions",
-    ):
-        mod, _, func = symbol.rpartition(":")  # a module's functions are listed as "FUNC [MOD]"
-        res = session.vm.run(["/bin/busybox", "grep", "-qxF", f"{func} [{mod}]" if mod else symbol, path], timeout=60)
-        if res.exitcode in (0, 1):
-            return res.exitcode == 0
-    raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")
-
-
 def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool = False) -> Inspection:
     """Resolve NAME on the session's kernel and show the probe's bytes and mode before, armed and after.
 
@@ -206,10 +162,8 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
     try:
         res = session.symbols.resolve(name, session.arch, frozenset())  # blacklist is reported, not refused
     except SymbolError:
-        from kbridge.usermod import resolve_module_symbol
-
         # A function of a module loaded since the table was read (kbridge module load): MOD:SYM.
-        if (found := resolve_module_symbol(session.vm, name, session.symbols)) is None:
+        if (found := session.resolve_in_modules(name)) is None:
             raise
         res = found
     ins = Inspection(
@@ -217,7 +171,7 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         res.symbol,
         offset,
         session.arch.name,
-        session.vm.krel,
+        session.target.krel,
         res.address,
         note=res.note,
         breakpoint=force_breakpoint,
@@ -225,7 +179,7 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
     )
     ins.aliases = aliases_of(session, res.symbol, res.address)
     ins.blacklisted = res.symbol in session.blacklist
-    ins.ftraceable = is_ftraceable(session, res.symbol)
+    ins.ftraceable = session.is_ftraceable(res.symbol)
     if ins.blacklisted:
         ins.mode = "blacklisted"
         ins.why = (
@@ -236,28 +190,28 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         return ins
     ins.optimization = _read_optional(session, OPTIMIZATION)
     mod = render_inspect(res.symbol, offset)
-    ko = build(mod, session.image)
-    if force_breakpoint and ins.arch == "x86_64":
+    ko = build_generated(mod.name, mod.files, session.image)
+    if force_breakpoint and session.arch.kprobes_on_ftrace:
         state = _peek(session, mod.name, ko, ins)
         if state.get("ftrace", "0") != "0":
             # The kernel would attach through ftrace here whatever the optimizer says: probe the
             # instruction after the ftrace site instead (x86 IBT kernels moved +0 past endbr64 first).
             site = int(state["listed_offset"])
-            ins.offset = site + X86_FTRACE_SITE_LEN
+            ins.offset = site + session.arch.ftrace_site_len
             ins.changes.append(
                 f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
                 f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it"
             )
             mod = render_inspect(res.symbol, ins.offset)
-            ko = build(mod, session.image)
+            ko = build_generated(mod.name, mod.files, session.image)
     with _optimization_off(session, ins) if force_breakpoint else contextlib.nullcontext():
         _step_through(session, mod.name, ko, ins)
-    ins.why = why(ins)
+    ins.why = why(ins, session.arch)
     return ins
 
 
 def _read_optional(session: Session, path: str) -> str | None:
-    res = session.vm.run(["/bin/busybox", "cat", path], timeout=30)
+    res = session.target.run(["/bin/busybox", "cat", path], timeout=30)
     return res.stdout.decode().strip() if res.ok else None
 
 
@@ -266,8 +220,8 @@ def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
     """kprobes-optimization 0 for the block (all optimized probes fall back to int3), then as found."""
     was = ins.optimization
     if was is None:
-        if ins.arch == "arm64":
-            ins.changes.append("arm64 has no jump optimization (no CONFIG_OPTPROBES): nothing to turn off")
+        if not session.arch.optprobes:
+            ins.changes.append(f"{ins.arch} has no jump optimization (no CONFIG_OPTPROBES): nothing to turn off")
         yield
         return
     if was == "0":
@@ -293,7 +247,7 @@ def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
 
 def _live_address(session: Session, symbol: str) -> int | None:
     """SYMBOL's address in the running kernel (/proc/kallsyms), or None if it is not listed once."""
-    res = session.vm.run(["/bin/busybox", "grep", "-F", "-w", "--", symbol, "/proc/kallsyms"], timeout=60)
+    res = session.target.run(["/bin/busybox", "grep", "-F", "-w", "--", symbol, "/proc/kallsyms"], timeout=60)
     found = [ln.split() for ln in res.text.splitlines()]
     addrs = [int(f[0], 16) for f in found if len(f) >= 3 and f[2] == symbol and f[1] in "TtWw"]
     return addrs[0] if len(addrs) == 1 else None
@@ -303,14 +257,14 @@ def _write_sysctl(session: Session, path: str, value: str) -> None:
     # PATH is one of ours and VALUE a digit read back from it: no user text reaches the shell.
     if not value.isdigit():
         raise KbridgeError(f"unexpected value {value!r} in {path}")
-    res = session.vm.run(["/bin/sh", "-c", f"echo {value} > {path}"], timeout=30)
+    res = session.target.run(["/bin/sh", "-c", f"echo {value} > {path}"], timeout=30)
     if not res.ok:
         raise KbridgeError(f"could not write {value} to {path}: {res.stderr.decode(errors='replace').strip()}")
 
 
 def _peek(session: Session, module: str, ko: Path, ins: Inspection) -> dict[str, str]:
     """Load the module (probe registered disabled), read its state, unload it: nothing is armed."""
-    vm = session.vm
+    vm = session.target
     guest_ko = f"/tmp/{module}.ko"
     run_id = secrets.token_hex(4)
     vm.write_file(guest_ko, ko.read_bytes())
@@ -337,7 +291,7 @@ def listed_offset(list_line: str, default: int) -> int:
     return default
 
 
-def why(ins: Inspection) -> str:
+def why(ins: Inspection, arch: Arch) -> str:
     """One sentence: why the kernel planted the probe the way it did, and how to get the other modes."""
     # The offset the kernel really used: x86 IBT kernels move an entry probe past endbr64 (+0x4).
     offset = listed_offset(ins.list_lines.get("before", ""), ins.offset)
@@ -346,30 +300,31 @@ def why(ins: Inspection) -> str:
     where = f"{ins.symbol}+{offset:#x}"
     if offset != ins.offset:
         where += f" (the kernel moved the probe from +{ins.offset:#x}: IBT's endbr64 comes first)"
-    if ins.arch == "arm64":
-        return (
-            f"arm64 has no kprobes-on-ftrace and no jump optimization, so every kprobe, {where} "
-            "included, is a BRK #4 (0xd4200080) that traps, runs the pre-handler and single-steps "
-            f"the original instruction out of line; there is no other mode to get, and the ftrace "
-            f"site ({ins.symbol}+{ARM64_FTRACE_SITE:#x}) is refused"
-        )
+    trap = arch.breakpoint_name
     if ins.mode == "ftrace":
         return (
-            f"{where} is {ins.symbol}'s ftrace site (the 5-byte nop that ftrace turns into a call), "
-            "so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
-            "no real single-step: the pre-handler sees ip = addr + 1 as after an int3, the post-handler "
-            "addr + 5 as if the nop had been stepped); for an int3 use "
-            f"--breakpoint, for an optimized jump --offset {offset + X86_FTRACE_SITE_LEN:#x}"
+            f"{where} is {ins.symbol}'s ftrace site (the {arch.ftrace_site_len}-byte nop that ftrace turns into "
+            "a call), so the kernel attaches the kprobe as an ftrace callback (KPROBES_ON_FTRACE: no trap and "
+            f"no real single-step: the pre-handler sees {arch.ip_register} = addr + {arch.pre_ip_offset} as after "
+            f"a trap, the post-handler addr + {arch.ftrace_site_len} as if the nop had been stepped); for "
+            f"a {trap} use --breakpoint"
+            + (f", for an optimized jump --offset {offset + arch.ftrace_site_len:#x}" if arch.optprobes else "")
         )
     if ins.mode == "optimized":
         return (
             f"{where} is not an ftrace site and its instructions can be copied to a detour buffer, "
-            "so the optimizer replaced the int3 it first planted with a 5-byte jmp (OPTPROBES, "
+            f"so the optimizer replaced the {trap} it first planted with a jump (OPTPROBES, "
             f"{OPTIMIZATION} = {ins.optimization}; a probe with a post-handler is never optimized); "
-            "for the int3 use --breakpoint, for the ftrace mode probe the function's entry (--offset 0)"
+            f"for the {trap} use --breakpoint"
+            + (", for the ftrace mode probe the function's entry (--offset 0)" if arch.kprobes_on_ftrace else "")
         )
     if ins.mode == "breakpoint":
-        if ins.breakpoint:
+        if not arch.kprobes_on_ftrace and not arch.optprobes:
+            cause = (
+                f"{arch.name} has no kprobes-on-ftrace and no jump optimization: every kprobe is one "
+                f"(the ftrace site, {ins.symbol}+{arch.ftrace_site:#x}, is refused)"
+            )
+        elif ins.breakpoint:
             cause = "--breakpoint turned jump optimization off" + (
                 " and moved the probe past the ftrace site" if ins.offset != ins.requested_offset else ""
             )
@@ -380,22 +335,27 @@ def why(ins: Inspection) -> str:
                 "the optimizer could not relocate the instructions there (a jump target, an "
                 "instruction that cannot run from a detour buffer, or too little room)"
             )
+        others = []
+        if arch.kprobes_on_ftrace:
+            others.append("the function's entry uses ftrace")
+        if arch.optprobes:
+            others.append("other offsets usually an optimized jump")
         return (
-            f"{where} is an int3 (0xcc) because {cause}; the trap runs the pre-handler, the original "
-            "instruction is single-stepped, then the post-handler runs; without --breakpoint the "
-            "function's entry uses ftrace and other offsets usually an optimized jump"
+            f"{where} is a {trap} because {cause}; the trap runs the pre-handler, the original "
+            "instruction is single-stepped, then the post-handler runs"
+            + (f"; without --breakpoint {' and '.join(others)}" if others else "")
         )
     return f"the kernel reported mode {ins.mode!r} for {where}"
 
 
 def _read_state(session: Session, module: str) -> dict[str, str]:
-    text = session.vm.read_file(f"/sys/kernel/debug/{module}/insn").decode()
+    text = session.target.read_file(f"/sys/kernel/debug/{module}/insn").decode()
     return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
 
 
 def _ctl(session: Session, module: str, cmd: str) -> None:
     # The module name is generated ([a-z0-9_]) and CMD is one of ours: no user text reaches the shell.
-    res = session.vm.run(["/bin/sh", "-c", f"echo {cmd} > /sys/kernel/debug/{module}/ctl"], timeout=30)
+    res = session.target.run(["/bin/sh", "-c", f"echo {cmd} > /sys/kernel/debug/{module}/ctl"], timeout=30)
     if not res.ok:
         raise KbridgeError(f"{module}: '{cmd}' failed: {res.stderr.decode(errors='replace').strip()}")
 
@@ -408,7 +368,7 @@ def _record(session: Session, module: str, ins: Inspection, step: str) -> dict[s
 
 
 def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> None:
-    vm = session.vm
+    vm = session.target
     guest_ko = f"/tmp/{module}.ko"
     run_id = secrets.token_hex(4)
     vm.write_file(guest_ko, ko.read_bytes())
@@ -454,41 +414,16 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
 
 
 def _insmod(session: Session, module: str, guest_ko: str, run_id: str, ins: Inspection) -> None:
-    r = session.vm.run(["/sbin/insmod", guest_ko, f"run={run_id}"], timeout=60)
+    r = session.target.run(["/sbin/insmod", guest_ko, f"run={run_id}"], timeout=60)
     if not r.ok:
         err = _register_errno(session, module, run_id)
         if err:
-            raise explain_refusal(err, session.arch, ins.symbol, ins.offset, ins.ftraceable)
+            raise explain_refusal(err, "kprobe", session.arch, ins.symbol, ins.offset, ins.ftraceable)
         raise KbridgeError(f"insmod {module}.ko failed: {r.stderr.decode(errors='replace').strip()}")
-
-
-def explain_refusal(err: int, arch: Arch, symbol: str, offset: int, ftraceable: bool) -> KbridgeError:
-    """register_kprobe()'s error on SYMBOL+OFFSET, with the actual cause when kbridge can tell it."""
-    where = f"{symbol}+{offset:#x}"
-    if arch.name == "arm64" and ftraceable and offset == ARM64_FTRACE_SITE and err == errnos.EINVAL:
-        return KbridgeError(
-            f"register_kprobe on {where!r} failed with -EINVAL: {where} is {symbol}'s ftrace call site "
-            "(the patchable-function-entry nop ftrace turns into `bl ftrace_caller`), and arm64 has no "
-            "kprobes-on-ftrace, so check_ftrace_location() refuses it",
-            f"probe {symbol}+0x0 or {symbol}+{ARM64_FTRACE_SITE + 4:#x} (the next instruction)",
-        )
-    if arch.name == "arm64" and offset % 4 and err == errnos.EINVAL:
-        return KbridgeError(
-            f"register_kprobe on {where!r} failed with -EINVAL: arm64 instructions are 4 bytes, "
-            f"{offset:#x} is not a multiple of 4 (arch_prepare_kprobe)",
-            f"use --offset {offset - offset % 4:#x} or {offset - offset % 4 + 4:#x}",
-        )
-    if arch.name == "x86_64" and err == errnos.EILSEQ:
-        return KbridgeError(
-            f"register_kprobe on {where!r} failed with -EILSEQ: {offset:#x} is inside an instruction "
-            "(can_probe() decodes the function from its start and found no instruction boundary there)",
-            "kbridge inspect SYMBOL shows the instructions at the entry; pick an offset where one starts",
-        )
-    return explain_register_error(err, "kprobe", where)
 
 
 def _register_errno(session: Session, module: str, run_id: str) -> int | None:
     """The errno register_kprobe() returned, from the module's log line (dmesg)."""
-    res = session.vm.run(["/bin/busybox", "dmesg"], timeout=30)
+    res = session.target.run(["/bin/busybox", "dmesg"], timeout=30)
     m = re.search(rf"{module}: register_kprobe failed: (-?\d+) run={run_id}", res.stdout.decode(errors="replace"))
     return -int(m[1]) if m else None

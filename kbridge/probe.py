@@ -15,11 +15,11 @@ from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
 from kbridge.mechanisms import get as get_mechanism
-from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
+from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule
 from kbridge.session import Session, cached_resolution
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.symbols import Resolution, SymbolError
-from kbridge.targets import acquire, kept_image, parse_target
+from kbridge.targets import acquire, kept_image, kept_running, parse_target
 from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
 
@@ -78,6 +78,23 @@ def check_offset(spec: ProbeSpec, res: Resolution) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A spec whose symbol is resolved on the target kernel and accepted by its mechanism."""
+
+    resolution: Resolution
+    spec: ProbeSpec  # with the resolved symbol
+    via: str
+
+
+def plan(spec: ProbeSpec, resolution: Resolution, via: str, arch: Arch) -> Plan:
+    """Check SPEC once its symbol is resolved: the offset against the function, the mechanism's limits."""
+    check_offset(spec, resolution)
+    resolved = spec.with_symbol(resolution.symbol)
+    get_mechanism(via).check(resolved, arch)
+    return Plan(resolution, resolved, via)
+
+
 def probe(
     spec: ProbeSpec,
     arch: Arch | str | None = None,
@@ -89,46 +106,43 @@ def probe(
     mirrors: Mirrors | None = None,
     target: str | None = None,
 ) -> ProbeRun:
-    """Probe SPEC on a guest of ARCH (and KERNEL, or TARGET) through the mechanism VIA; collect every hit."""
+    """Probe SPEC on a guest of ARCH (and KERNEL, or TARGET) through the mechanism VIA; collect every hit.
+
+    With the image's symbol table cached, the symbol is resolved and the module built
+    while the guest boots, and a bad symbol fails before any boot.
+    """
     mech = get_mechanism(via)
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
-    mech.check(spec, arch)
+    mech.check(spec, arch)  # what the mechanism refuses whatever the symbol, before any boot
     where = parse_target(target)
     suite = kernels.resolve(kernel)
-    early: Future[object] | None = None
-    resolution = None
+    early: Plan | None = None
+    prepared: Future[object] | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         if where.kind == "qemu":
             img = kept_image(arch, suite, mirrors)
             try:
-                resolution = cached_resolution(img, spec.symbol, arch)  # fails before any boot
+                resolution = cached_resolution(img, spec.symbol, arch)
             except SymbolError:
-                from kbridge.targets.qemu import QemuVM
-
                 # Not the kernel's: a module loaded into the kept VM (kbridge module load) may
                 # define it, which only the running guest knows. With no kept VM, fail now.
-                if (kept := QemuVM.attach(arch, suite)) is None:
+                if not kept_running(arch, suite):
                     raise
-                kept.detach()
+                resolution = None
             if resolution is not None:
-                check_offset(spec, resolution)
-                mech.check(spec.with_symbol(resolution.symbol), arch)
+                early = plan(spec, resolution, via, arch)
                 if mech.prepare is not None:
-                    early = pool.submit(mech.prepare, spec.with_symbol(resolution.symbol), img)
+                    prepared = pool.submit(mech.prepare, early.spec, img)
         with acquire(arch, mech.flavour, kernel=suite, target=where, mirrors=mirrors) as guest:
-            session = Session(guest)
-            if resolution is None:
-                resolution = session.resolve(spec.symbol)
-                check_offset(spec, resolution)
             return probe_on(
-                session, spec, resolution, workload, stop, on_hit, via, early.result() if early is not None else None
+                Session(guest), spec, early, workload, stop, on_hit, via, prepared.result() if prepared else None
             )
 
 
 def probe_on(
     session: Session,
     spec: ProbeSpec,
-    resolution: Resolution | None = None,
+    planned: Plan | None = None,
     workload: Workload | None = None,
     stop: StopRule = StopRule(),
     on_hit: HitSink | None = None,
@@ -136,15 +150,11 @@ def probe_on(
     prepared: object = None,
 ) -> ProbeRun:
     """Probe SPEC on SESSION's guest (already acquired) through VIA."""
-    mech = get_mechanism(via)
-    if resolution is None:
-        resolution = session.resolve(spec.symbol)
-        check_offset(spec, resolution)
-    if resolution.note:
-        progress.info(f"resolved {resolution.note}")
-    resolved = spec.with_symbol(resolution.symbol)
-    mech.check(resolved, session.arch)
-    work = workload or default_for(resolution.symbol)
-    result = mech.run(session, resolved, work, stop, on_hit, prepared)
+    if planned is None:
+        planned = plan(spec, session.resolve(spec.symbol), via, session.arch)
+    if planned.resolution.note:
+        progress.info(f"resolved {planned.resolution.note}")
+    work = workload or default_for(planned.resolution.symbol)
+    result = get_mechanism(via).run(session, planned.spec, work, stop, on_hit, prepared)
     guest: Target = session.target
-    return ProbeRun(resolution, guest.arch.name, guest.krel, guest.accel, [result], work, guest.name)
+    return ProbeRun(planned.resolution, guest.arch.name, guest.krel, guest.accel, [result], work, guest.name)

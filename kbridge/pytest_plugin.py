@@ -24,7 +24,7 @@ from kbridge.api import Guest
 from kbridge.arch import ARCHES, get_arch
 from kbridge.paths import state_dir
 from kbridge.session import Session
-from kbridge.targets import parse_target, resolve_image
+from kbridge.targets import parse_target
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,7 +89,7 @@ def kbridge_kernel() -> str:
 @pytest.fixture(scope="session")
 def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel: str) -> Iterator[Guest]:
     """A Guest on a kept VM of kbridge_arch and kbridge_kernel, booted once per test session."""
-    from kbridge.targets.qemu import QemuVM
+    from kbridge import targets
 
     where = parse_target(request.config.getoption("--kbridge-target"))
     arch = get_arch(kbridge_arch)
@@ -97,17 +97,17 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
         yield Guest(arch, kbridge_kernel, where)
         return
     flavour = "bcc" if request.config.getoption("--kbridge-bcc") else "default"
-    vm = QemuVM.attach(arch, kbridge_kernel)
+    vm = targets.kept(arch, kbridge_kernel)
     if vm is not None and flavour == "bcc" and vm.flavour != "bcc":
-        vm.shutdown()  # a VM without bcc cannot serve via="bpf"
+        targets.shutdown(vm)  # a VM without bcc cannot serve via="bpf"
         vm = None
     booted = vm is None
     if vm is None:
-        vm = QemuVM.boot(resolve_image(arch, kbridge_kernel, flavour), keep=True)
-    vm.detach()  # each call attaches (and locks) it; nested library calls share that
+        vm = targets.boot(arch, kbridge_kernel, flavour, keep=True)
+    vm.release()  # each call attaches (and locks) it; nested library calls share that
     yield Guest(arch, kbridge_kernel, where)
-    if booted and (again := QemuVM.attach(arch, kbridge_kernel)) is not None:
-        again.shutdown()
+    if booted and (again := targets.kept(arch, kbridge_kernel)) is not None:
+        targets.shutdown(again)
 
 
 @pytest.fixture(autouse=True)
@@ -116,14 +116,14 @@ def _kbridge_unload_user_modules(request: pytest.FixtureRequest) -> Iterator[Non
     if "kbridge_vm" not in request.fixturenames:
         yield
         return
-    from kbridge import usermod
+    from kbridge import modules
 
     guest: Guest = request.getfixturevalue("kbridge_vm")
     with guest.session() as s:
-        before = set(usermod.loaded_modules(s.target))
+        before = set(s.loaded_modules())
     yield
     with guest.session() as s:
-        usermod.unload_since(s.target, before)
+        modules.unload_since(s.target, before)
 
 
 @pytest.fixture

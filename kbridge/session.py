@@ -1,7 +1,9 @@
-"""A target plus the facts kbridge learns about its kernel (symbols, blacklist, own pids).
+"""A target plus the facts kbridge learns about its kernel: symbols, the kprobe blacklist, the
+modules loaded, the ftrace sites, kprobes/list.
 
 Symbols and the kprobe blacklist are read from the running guest once per image
-and cached next to it, so later runs resolve names without asking the guest.
+and cached next to it, so later runs resolve names without asking the guest;
+functions of modules loaded since are read live.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import os
 
 from kbridge import progress
 from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
-from kbridge.symbols import Resolution, SymbolError, SymbolTable, parse_blacklist
+from kbridge.kprobe_events import Grammar
+from kbridge.symbols import Resolution, SymbolError, SymbolTable, parse_blacklist, resolve_in_modules
 from kbridge.targets.base import Target
 
 KPROBES_DEBUGFS = "/sys/kernel/debug/kprobes"
@@ -84,11 +88,6 @@ class Session:
         self._blacklist: frozenset[str] | None = None
 
     @property
-    def vm(self) -> Target:
-        """The target (the name older callers use)."""
-        return self.target
-
-    @property
     def symbols(self) -> SymbolTable:
         if self._symbols is None:
             self._symbols = cached_symbols(self.image)
@@ -119,12 +118,17 @@ class Session:
             self._blacklist = parse_blacklist(text)
         return self._blacklist
 
+    @property
+    def grammar(self) -> Grammar:
+        """The kprobe_events grammar of this guest's kernel (its image's .config)."""
+        from kbridge.images.image import grammar
+
+        return grammar(self.image, self.arch, self.image.suite)
+
     def resolve(self, name: str) -> Resolution:
         """NAME as the running kernel knows it; symbols of modules loaded since are read live."""
-        if ":" in name:  # MOD:SYM, a function of one loaded module (kbridge.usermod)
-            from kbridge.usermod import resolve_module_symbol
-
-            if (res := resolve_module_symbol(self.target, name, self.symbols)) is not None:
+        if ":" in name:  # MOD:SYM, a function of one loaded module
+            if (res := self.resolve_in_modules(name)) is not None:
                 return res
         elif self._symbols is None:  # a name resolved before needs no table parse
             with contextlib.suppress(SymbolError):
@@ -139,20 +143,36 @@ class Session:
             self._live = True
             return self._symbols.resolve(name, self.arch, self.blacklist)
 
-    def plumbing_pids(self) -> list[int]:
-        """tgids of kbridge's guest-side helpers (agent, log streamer, SSH session): never probed."""
-        own = getattr(self.target, "plumbing_pids", None)  # a target that knows its own helpers says so
-        if callable(own):
-            return list(own())
-        pids = []
-        for name in ("qga", "kmsg"):
-            with contextlib.suppress(Exception):
-                pids.append(int(self.target.read_file(f"/run/kbridge/{name}.pid").decode().strip()))
-        return pids
+    def resolve_in_modules(self, name: str) -> Resolution | None:
+        """NAME among the functions of the modules loaded now (MOD:SYM), or None if none has it."""
+        kallsyms = self.target.read_file("/proc/kallsyms").decode(errors="replace")
+        return resolve_in_modules(name, kallsyms, set(self.modules()), self.symbols)
 
     def kprobes_list(self) -> str:
         return self.target.read_file(f"{KPROBES_DEBUGFS}/list").decode(errors="replace")
 
-    def loaded_modules(self) -> set[str]:
+    def modules(self) -> dict[str, str]:
+        """Loaded module name -> its /proc/modules taint flags ("OE" for an unsigned out-of-tree one)."""
         text = self.target.read_file("/proc/modules").decode(errors="replace")
-        return {line.split()[0] for line in text.splitlines() if line.strip()}
+        mods = {}
+        for line in text.splitlines():
+            if parts := line.split():
+                mods[parts[0]] = line.rsplit("(", 1)[1].rstrip(")") if line.rstrip().endswith(")") else ""
+        return mods
+
+    def loaded_modules(self) -> set[str]:
+        return set(self.modules())
+
+    def is_ftraceable(self, symbol: str) -> bool:
+        """Whether SYMBOL is in tracefs available_filter_functions (grep in the guest: the file is large)."""
+        mod, _, func = symbol.rpartition(":")  # a module's functions are listed as "FUNC [MOD]"
+        for path in (
+            "/sys/kernel/tracing/available_filter_functions",
+            "/sys/kernel/debug/tracing/available_filter_functions",
+        ):
+            res = self.target.run(
+                ["/bin/busybox", "grep", "-qxF", f"{func} [{mod}]" if mod else symbol, path], timeout=60
+            )
+            if res.exitcode in (0, 1):
+                return res.exitcode == 0
+        raise KbridgeError("could not read available_filter_functions in the guest (tracefs not mounted?)")

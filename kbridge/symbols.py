@@ -16,7 +16,7 @@ from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.spec import validate_symbol
 
-_TEXT_TYPES = frozenset("TtWw")
+TEXT_TYPES = frozenset("TtWw")
 _CLONE = re.compile(r"^(?P<base>[A-Za-z_][A-Za-z0-9_]*)\.(isra|constprop|part|lto_priv|localalias)(\.\d+)*$")
 
 
@@ -60,7 +60,7 @@ class SymbolTable:
         return cls(entries)
 
     def text(self, name: str) -> list[int]:
-        return [a for a, t in self.entries.get(name, ()) if t in _TEXT_TYPES]
+        return [a for a, t in self.entries.get(name, ()) if t in TEXT_TYPES]
 
     def near(self, name: str, n: int = 5) -> list[str]:
         """Text symbols spelled like NAME, best first."""
@@ -69,7 +69,7 @@ class SymbolTable:
         pool = [
             s
             for s, e in self.entries.items()
-            if any(t in _TEXT_TYPES for _, t in e) and (not words or any(w in s for w in words))
+            if any(t in TEXT_TYPES for _, t in e) and (not words or any(w in s for w in words))
         ]
         return difflib.get_close_matches(base, pool, n=n, cutoff=0.6)
 
@@ -133,3 +133,76 @@ def parse_blacklist(text: str) -> frozenset[str]:
         if len(parts) >= 2:
             names.add(parts[1])
     return frozenset(names)
+
+
+# -- functions of loaded modules ------------------------------------------------------
+
+MODULE_NAME_LEN = 56  # include/linux/module.h: MODULE_NAME_LEN (64 - sizeof(unsigned long))
+_MODNAME = re.compile(r"[A-Za-z0-9_-]+")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def valid_module_name(name: str) -> str:
+    """NAME in the kernel's spelling (- becomes _) if it can be a module name; a KbridgeError otherwise."""
+    if not isinstance(name, str) or not _MODNAME.fullmatch(name) or len(name) >= MODULE_NAME_LEN:
+        raise KbridgeError(
+            f"invalid module name {name!r}", "a module name is like mydrv (kbridge vm exec -- lsmod lists them)"
+        )
+    return name.replace("-", "_")
+
+
+def module_symbols(kallsyms: str) -> dict[str, list[tuple[int, str, str]]]:
+    """Symbols of loaded modules in /proc/kallsyms text: name -> [(address, type, module)]."""
+    out: dict[str, list[tuple[int, str, str]]] = {}
+    for line in kallsyms.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[3].startswith("[") and parts[3].endswith("]"):
+            out.setdefault(parts[2], []).append((int(parts[0], 16), parts[1], parts[3][1:-1]))
+    return out
+
+
+def split_module_symbol(name: str) -> tuple[str | None, str]:
+    """'mod:sym' -> ('mod', 'sym'); 'sym' -> (None, 'sym'); validated as tracefs's MOD:SYM."""
+    mod, sep, sym = name.rpartition(":")
+    if not sep:
+        return None, name
+    if not _MODNAME.fullmatch(mod) or len(mod) >= MODULE_NAME_LEN or not _IDENT.fullmatch(sym.split(".", 1)[0]):
+        raise SymbolError(f"invalid symbol {name!r}: expected MODULE:FUNCTION", "e.g. mydrv:mydrv_write")
+    return mod.replace("-", "_"), sym
+
+
+def resolve_in_modules(
+    name: str, kallsyms: str, loaded: set[str], kernel: SymbolTable | None = None
+) -> Resolution | None:
+    """NAME ('sym' or 'mod:sym') among the functions of the modules in KALLSYMS (read now), as MOD:SYM.
+
+    None when a plain name is in no loaded module. A name in several modules (or in a
+    module and the kernel, per KERNEL) must be qualified as MOD:SYM, as tracefs accepts
+    it and kallsyms_lookup_name resolves it (6.1).
+    """
+    mod, sym = split_module_symbol(name)
+    found = [(a, m) for a, t, m in module_symbols(kallsyms).get(sym, ()) if t in TEXT_TYPES]
+    if mod is not None:
+        mine = [a for a, m in found if m == mod]
+        if not mine:
+            if mod not in loaded:
+                raise SymbolError(f"module {mod!r} in {name!r} is not loaded", "kbridge module load DIR first")
+            raise SymbolError(
+                f"module {mod} has no function {sym!r}",
+                f"its symbols: kbridge vm exec -- grep '\\[{mod}\\]' /proc/kallsyms",
+            )
+        if len(mine) > 1:
+            raise SymbolError(f"{name!r} is not unique: {len(mine)} functions of {mod} have that name")
+        return Resolution(name, name, mine[0], None)
+    if not found:
+        return None
+    # KERNEL may have been read while modules were loaded: only other addresses are the kernel's.
+    in_kernel = bool(kernel and set(kernel.text(sym)) - {a for a, _ in found})
+    if len(found) > 1 or in_kernel:
+        where = sorted({m for _, m in found}) + (["the kernel"] if in_kernel else [])
+        raise SymbolError(
+            f"{sym!r} is not unique: it is in {', '.join(where)}",
+            f"name it as MODULE:FUNCTION, e.g. {found[0][1]}:{sym}",
+        )
+    # Qualified, so later steps (kprobe symbol_name, tracefs, ftrace's function list) find this one.
+    return Resolution(name, f"{found[0][1]}:{sym}", found[0][0], f"{sym} is in module {found[0][1]}")

@@ -84,7 +84,7 @@ def test_kprobe_on_the_error_path(kbridge_vm, chardev, client):
 
 
 def test_failed_init_leaves_nothing(kbridge_vm):
-    from kbridge.usermod import LoadError
+    from kbridge.modules import LoadError
 
     with pytest.raises(LoadError) as e:
         kbridge_vm.load_module(HERE, params={"fail_init": 1})

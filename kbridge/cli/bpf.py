@@ -27,7 +27,6 @@ from kbridge.cli.options import (
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
-from kbridge.targets.qemu import QemuVM
 
 bpf_app = typer.Typer(
     help="eBPF through bcc in the guest: render programs, build and boot the bcc image.", no_args_is_help=True
@@ -54,7 +53,7 @@ def render_cmd(
     ] = False,
 ) -> None:
     """Print the BPF C program and the attach plan for SYMBOL; run nothing."""
-    from kbridge.render.bcc import render
+    from kbridge.mechanisms.bpf.render import render
 
     a = get_arch(arch)
     spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm)
@@ -90,20 +89,20 @@ def up(
     memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
 ) -> None:
     """Boot a kept VM from the bcc image; later --via bpf commands use it (kbridge vm up --bcc does the same)."""
-    from kbridge.images import bcc
+    from kbridge import targets
 
     a = get_arch(arch)
     suite = kernels.resolve(kernel)
-    vm = QemuVM.attach(a, suite)
+    vm = targets.kept(a, suite)
     if vm is not None:
         flavour = vm.flavour
-        vm.detach()
+        vm.release()
         if flavour == "bcc":
             err.print(f"[cyan]• a {a.name} bcc VM is already up[/]")
             return
         raise KbridgeError(
             f"a {a.name} VM without bcc is already up", f"stop it first: kbridge vm down --arch {a.name}"
         )
-    vm = QemuVM.boot(bcc.ensure(a, suite), keep=True, memory_mb=memory)
-    err.print(f"[green]✓ {a.name} bcc VM up: {vm.krel} ({vm.accel}), pid {vm.proc.pid}[/]")
-    vm.detach()
+    vm = targets.boot(a, suite, "bcc", keep=True, memory_mb=memory)
+    err.print(f"[green]✓ {a.name} bcc VM up: {vm.krel} ({vm.accel}), pid {vm.describe().get('pid')}[/]")
+    vm.release()

@@ -31,8 +31,7 @@ from kbridge.mechanisms import NAMES
 from kbridge.mechanisms import get as get_mechanism
 from kbridge.session import Session
 from kbridge.spec import make_spec
-from kbridge.targets import acquire, parse_target, resolve_image
-from kbridge.targets.qemu import kept_dir
+from kbridge.targets import acquire, kept_running, parse_target, resolve_image
 
 
 @app.command("compare")
@@ -73,7 +72,7 @@ def compare_cmd(
 
 def _flavour(arch: Arch, suite: str, target: str | None) -> str:
     """bcc, so all three mechanisms run; the default image (bpf skipped) if the bcc one cannot be built."""
-    if parse_target(target).kind != "qemu" or (kept_dir(arch, suite) / "vm.json").exists():
+    if parse_target(target).kind != "qemu" or kept_running(arch, suite):
         return "bcc"  # a running guest is used as it is: bpf runs if it has bcc
     try:
         resolve_image(arch, suite, "bcc")

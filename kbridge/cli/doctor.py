@@ -14,7 +14,7 @@ from kbridge.cli import app
 from kbridge.cli.output import command, emit_json, err
 from kbridge.images import image as images
 from kbridge.images.apt import KEYRING
-from kbridge.targets.qemu import kvm_usable, orphans
+from kbridge.targets import kvm_check, strays, vagrant_readiness
 
 
 def checks() -> list[dict]:
@@ -42,19 +42,13 @@ def checks() -> list[dict]:
         res.append(tool(a.qemu_binary, a.qemu_package, f"runs {a.name} guests"))
         res.append(
             tool(
-                f"{a.cross_compile()}gcc-12",
+                a.gcc(12),
                 a.gcc_package(12),
                 f"builds {a.name} modules for 5.10 and 6.1 (newer kernels bring a build root)",
             )
         )
-        res.append(
-            tool(
-                a.objdump(),
-                "binutils" if not a.cross_compile() else f"binutils-{a.gnu_triplet}",
-                f"disassembles {a.name} code for kbridge inspect",
-            )
-        )
-    kvm_ok, why = kvm_usable(ARCHES[host_arch()]) if host_arch() in ARCHES else (False, "unknown host arch")
+        res.append(tool(f"{a.cross_compile()}objcopy", a.binutils_package(), f"strips {a.name} modules for the guest"))
+    kvm_ok, why = kvm_check(ARCHES[host_arch()]) if host_arch() in ARCHES else (False, "unknown host arch")
     res.append(
         {
             "check": "kvm",
@@ -75,19 +69,17 @@ def checks() -> list[dict]:
                 "detail": f"cached: {img.krel}" if img else "not built yet (built on first use, ~20 s)",
             }
         )
-    strays = [p.pid for p in orphans()]
+    found = strays()
     res.append(
         {
             "check": "stray qemu",
             "ok": True,
             "optional": True,
             "package": None,
-            "detail": f"kbridge QEMU processes running: {strays}" if strays else "none",
+            "detail": f"kbridge QEMU processes running: {found}" if found else "none",
         }
     )
-    from kbridge.targets.vagrant import readiness as vagrant_readiness  # Vagrant: optional checks
-
-    res += vagrant_readiness()
+    res += vagrant_readiness()  # Vagrant: optional checks
     return res
 
 

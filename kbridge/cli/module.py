@@ -44,7 +44,7 @@ def render_cmd(
 ) -> None:
     """Print the module's C source and Kbuild file for SYMBOL; build and load nothing."""
     from kbridge.images import image as images
-    from kbridge.render.kmod import render
+    from kbridge.mechanisms.kmod.render import render
     from kbridge.session import cached_blacklist, cached_symbols
 
     a = get_arch(arch)
@@ -87,12 +87,12 @@ def build_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Build your module against the guest kernel's headers (cross-compiled for arm64), cached."""
-    from kbridge import kernels, usermod
+    from kbridge import kbuild, kernels
     from kbridge.targets import kept_image
 
     a = get_arch(arch)
     img = kept_image(a, kernels.resolve(kernel))
-    mods = usermod.build_modules(src, img)
+    mods = kbuild.build(kbuild.source_files(src), img, str(src))
     if json_out:
         emit_json(
             {
@@ -123,18 +123,18 @@ def load_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Build (if needed), push and load your module into the kept VM (booted if none runs); show its kernel log."""
-    from kbridge import kernels, usermod
+    from kbridge import kernels, modules
     from kbridge.targets import acquire
 
-    params = dict(usermod.parse_param(p) for p in param or ())
+    params = dict(modules.parse_param(p) for p in param or ())
     a = get_arch(arch)
     with acquire(a, keep=True, kernel=kernels.resolve(kernel), target=target) as guest:
-        built = usermod.build_module(src, guest.image, name)
+        built = modules.build_for(guest, src, name)
         for w in built.warnings:
             err.print(f"[yellow]{escape(w)}[/]")
         try:
-            mod = usermod.load_module(guest, built, params)
-        except usermod.LoadError as e:
+            mod = modules.load_module(guest, built, params)
+        except modules.LoadError as e:
             if json_out:
                 emit_json({"loaded": False, "module": built.name, "errno": e.errno, "log": e.log})
             raise
@@ -166,13 +166,12 @@ def unload_cmd(
 ) -> None:
     """rmmod your module from the kept VM; show its exit's kernel log."""
     from kbridge import kernels
-    from kbridge.targets import parse_target
-    from kbridge.targets.qemu import QemuVM
+    from kbridge.targets import kept, parse_target
 
     a = get_arch(arch)
     where = parse_target(target)
     if where.kind == "qemu":
-        vm = QemuVM.attach(a, kernels.resolve(kernel))
+        vm = kept(a, kernels.resolve(kernel))
         if vm is None:
             raise KbridgeError(
                 f"no {a.name} VM is up, so no module of yours is loaded",
@@ -192,9 +191,9 @@ def unload_cmd(
 
 
 def _unload(guest: Target, name: str, json_out: bool) -> None:
-    from kbridge import usermod
+    from kbridge import modules
 
-    lines = usermod.unload_module(guest, name)
+    lines = modules.unload_module(guest, name)
     if json_out:
         emit_json({"unloaded": name, "log": lines})
         return

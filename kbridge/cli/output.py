@@ -16,15 +16,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from kbridge import progress
-from kbridge.collect.histogram import durations_of
-from kbridge.collect.singlestep import StepPairer
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.common import MechanismResult
+from kbridge.mechanisms.engine import MechanismResult
+from kbridge.mechanisms.histogram import durations_of
+from kbridge.mechanisms.singlestep import StepPairer
 from kbridge.spec import Hit
 from kbridge.targets.base import GuestCrash
 
 if TYPE_CHECKING:
-    from kbridge.events import EventSyntaxError
+    from kbridge.kprobe_events import EventSyntaxError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line when piped
 out = Console(highlight=False)
@@ -39,9 +39,9 @@ def _sink(kind: str, text: str) -> None:
 
 
 def _syntax_error(e: KbridgeError) -> TypeGuard[EventSyntaxError]:
-    # kbridge.events (the grammar, slow to import) is loaded only by the commands that parse
+    # kbridge.kprobe_events (the grammar, slow to import) is loaded only by the commands that parse
     # event lines: if it was never imported, E cannot be one of its errors.
-    events = sys.modules.get("kbridge.events")
+    events = sys.modules.get("kbridge.kprobe_events")
     return events is not None and isinstance(e, events.EventSyntaxError)
 
 

@@ -40,7 +40,7 @@ from kbridge.cli.options import (
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
 from kbridge.images.apt import Mirrors
 from kbridge.mechanisms import get as get_mechanism
-from kbridge.mechanisms.common import StopRule
+from kbridge.mechanisms.engine import StopRule
 from kbridge.probe import ProbeRun
 from kbridge.probe import probe as run_probe
 from kbridge.spec import make_spec

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kbridge import events, kernels
+from kbridge import kernels, kprobe_events
 from kbridge.cli import app
 from kbridge.cli.options import (
     ArchOpt,
@@ -24,10 +24,12 @@ from kbridge.cli.options import (
     workload,
 )
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
-from kbridge.collect.tracefs_steps import Step
+from kbridge.images.image import grammar_of
 from kbridge.mechanisms import tracefs
-from kbridge.mechanisms.common import MechanismResult, StopRule
-from kbridge.render import tracefs as render
+from kbridge.mechanisms.engine import MechanismResult, StopRule
+from kbridge.mechanisms.tracefs import render
+from kbridge.mechanisms.tracefs.guest import build_filter
+from kbridge.mechanisms.tracefs.steps import Step
 from kbridge.session import Session
 from kbridge.spec import Hit
 from kbridge.targets import acquire
@@ -35,16 +37,16 @@ from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
 
 
-def check_verdict(line: str, arch: str, kernel: str | None = None) -> dict:
+def check_verdict(line: str, grammar: kprobe_events.Grammar) -> dict:
     """The offline verdict on LINE as `--check --json` prints it."""
     try:
-        events.parse(line, arch, kernel=kernel)
-    except events.EventSyntaxError as e:
+        kprobe_events.parse(line, grammar)
+    except kprobe_events.EventSyntaxError as e:
         return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
     return {"ok": True, "error": None, "position": None, "message": None, "line": line}
 
 
-def _show_syntax_error(e: events.EventSyntaxError, json_out: bool) -> None:
+def _show_syntax_error(e: kprobe_events.EventSyntaxError, json_out: bool) -> None:
     if json_out:
         emit_json({"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": e.line})
     label = f" ({e.error})" if e.error else ""
@@ -102,29 +104,30 @@ def trace_cmd(
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
     a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
+    grammar = grammar_of(a, suite)  # the built image's kernel, else the suite's table
     if check:
         bad = 0
         for line in lines:
             if json_out:
-                verdict = check_verdict(line, a.name, suite)
+                verdict = check_verdict(line, grammar)
                 emit_json(verdict)
                 bad += not verdict["ok"]
                 continue
             try:
-                events.parse(line, a.name, kernel=suite)
+                kprobe_events.parse(line, grammar)
                 err.print(f"[green]✓[/] {escape(line)}")
-            except events.EventSyntaxError as e:
+            except kprobe_events.EventSyntaxError as e:
                 _show_syntax_error(e, False)
                 bad += 1
         if bad:
             raise typer.Exit(1)
         return
     try:
-        parsed = render.check_lines(lines, a, suite)  # before any VM boots
-    except events.EventSyntaxError as e:
+        parsed = render.check_lines(lines, grammar)  # before any VM boots
+    except kprobe_events.EventSyntaxError as e:
         _show_syntax_error(e, json_out)
         raise typer.Exit(2) from None
-    tracefs.build_filter(filter_, pid, comm)  # bad --pid/--comm fail before any boot too
+    build_filter(filter_, pid, comm)  # bad --pid/--comm fail before any boot too
     if run:
         work = workload(run)
     elif duration is not None:
@@ -149,7 +152,7 @@ def trace_cmd(
                 comm=comm,
                 steps=_show_step if steps else None,
             )
-        except events.EventSyntaxError as e:
+        except kprobe_events.EventSyntaxError as e:
             _show_syntax_error(e, json_out)
             err.print("[dim]the guest kernel's verdict, from tracing/error_log; kprobe_events is as it was[/]")
             raise typer.Exit(2) from None

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Annotated
 
-import psutil
 import typer
 
-from kbridge import kernels, ownership
-from kbridge.arch import ARCHES, get_arch
+from kbridge import kernels, targets
+from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.targets import parse_target, resolve_image
+from kbridge.targets import ownership, parse_target
 from kbridge.targets.base import Target
-from kbridge.targets.qemu import QemuVM, kept_dir, orphans
 
 vm_app = typer.Typer(help="A kept guest VM, reused by later commands.", no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
@@ -36,13 +33,13 @@ def up(
     """Boot a VM and keep it running for later commands (one per arch and kernel)."""
     a = get_arch(arch)
     suite = kernels.resolve(kernel)
-    vm = QemuVM.attach(a, suite)
+    vm = targets.kept(a, suite)
     if vm is None:
-        vm = QemuVM.boot(resolve_image(a, suite, "bcc" if bcc else "default"), keep=True, memory_mb=memory, cpus=cpus)
+        vm = targets.boot(a, suite, "bcc" if bcc else "default", keep=True, memory_mb=memory, cpus=cpus)
     else:
         err.print(f"[cyan]• a {a.name} {suite} VM is already up[/]")
-    info = _info(vm)
-    vm.detach()
+    info = vm.describe()
+    vm.release()
     if json_out:
         emit_json(info)
     else:
@@ -51,38 +48,15 @@ def up(
         )
 
 
-def _info(vm: QemuVM) -> dict:
-    return {
-        "arch": vm.arch.name,
-        "suite": vm.image.suite,
-        "kernel": vm.krel,
-        "accel": vm.accel,
-        "flavour": vm.flavour,
-        "pid": vm.proc.pid,
-        "dir": str(vm.rundir),
-        "image": str(vm.image.dir),
-    }
-
-
-def _kept_vms() -> list[QemuVM]:
-    """Every running kept VM, attached (the caller detaches)."""
-    vms = []
-    for a in ARCHES.values():
-        for suite in kernels.SUITES:
-            if (kept_dir(a, suite) / "vm.json").exists() and (vm := QemuVM.attach(a, suite)):
-                vms.append(vm)
-    return vms
-
-
 @vm_app.command("status")
 @command
 def status(json_out: JsonOpt = False) -> None:
     """Show the kept VMs and any stray kbridge QEMU processes."""
     vms = []
-    for vm in _kept_vms():
-        vms.append(_info(vm))
-        vm.detach()
-    strays = [p.pid for p in orphans()]
+    for vm in targets.kept_vms():
+        vms.append(vm.describe())
+        vm.release()
+    strays = targets.strays()
     if json_out:
         emit_json({"vms": vms, "stray_qemu_pids": strays})
         return
@@ -132,7 +106,7 @@ def _running(arch: str | None, kernel: str | None, target: str | None) -> Target
         guest = vagrant.connect(where.machine)
     else:
         a, suite = get_arch(arch), kernels.resolve(kernel)
-        vm = QemuVM.attach(a, suite)
+        vm = targets.kept(a, suite)
         if vm is None:
             up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
             raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
@@ -156,19 +130,16 @@ def down(
     """Stop the kept VM (with --all: every kept VM and every QEMU left by a killed kbridge)."""
     stopped = 0
     suite = kernels.resolve(kernel)
-    for vm in _kept_vms():
+    for vm in targets.kept_vms():
         if all_ or ((arch is None or vm.arch == get_arch(arch)) and (kernel is None or vm.image.suite == suite)):
             name = f"{vm.arch.name} {vm.image.suite}"
-            vm.shutdown()
+            targets.shutdown(vm)
             stopped += 1
             err.print(f"[green]✓ {name} VM stopped[/]")
         else:
-            vm.detach()
+            vm.release()
     if all_:
-        for p in orphans():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-                stopped += 1
+        stopped += targets.kill_strays()
     if not stopped:
         err.print("no kept VM was running")
 
@@ -188,11 +159,11 @@ def push(
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
     from pathlib import Path
 
-    from kbridge import usermod
+    from kbridge.targets import files
 
     vm = _running(arch, kernel, target)
     try:
-        where = usermod.push(vm, Path(src), dst)
+        where = files.push(vm, Path(src), dst)
     finally:
         vm.release()
     err.print(f"[green]✓ {src} -> {where} in the {vm.arch.name} guest[/]")
@@ -210,11 +181,11 @@ def pull(
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
     from pathlib import Path
 
-    from kbridge import usermod
+    from kbridge.targets import files
 
     vm = _running(arch, kernel, target)
     try:
-        where = usermod.pull(vm, src, Path(dst))
+        where = files.pull(vm, src, Path(dst))
     finally:
         vm.release()
     err.print(f"[green]✓ {src} in the {vm.arch.name} guest -> {where}[/]")

@@ -8,6 +8,7 @@ sums is written last, so a partial or corrupted image is detected and rebuilt.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import lzma
@@ -28,6 +29,7 @@ from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
 from kbridge.images.apt import UNRELEASED, FetchError, Mirrors, PrivateApt, extract, host_mirrors
 from kbridge.images.cpio import CpioWriter
+from kbridge.kprobe_events import Grammar, grammar_for
 from kbridge.paths import cache_dir
 
 DEFAULT_SUITE = "bookworm"
@@ -66,12 +68,15 @@ class Image:
         return self.dir / "state"
 
 
+# The guest-side files the initramfs holds (the others are pushed by the commands that use them).
+INITRAMFS_FILES = ("init", "stream")
+
+
 def guest_digest() -> str:
-    """A digest of the guest-side files: an image built with other ones is rebuilt."""
+    """A digest of the guest-side files in the initramfs: an image built with other ones is rebuilt."""
     h = hashlib.sha256(str(FORMAT).encode())
-    for p in sorted(GUEST_DIR.iterdir()):
-        if p.is_file() and not p.name.endswith((".py", ".pyc")):
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for name in INITRAMFS_FILES:
+        h.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -497,3 +502,20 @@ def _multiarch(sysroot: Path) -> str:
             if cand.is_dir() and cand.name.endswith("-linux-gnu"):
                 return cand.name
     raise KbridgeError("guest libc not found in the unpacked packages")
+
+
+def grammar(img: Image | None, arch: Arch, suite: str) -> Grammar:
+    """The kprobe_events grammar of IMG's kernel (its .config and release), else SUITE's from the table."""
+    if img is not None and (cfg := img.headers / ".config").is_file():
+        return grammar_for(suite, arch, _config_file(str(cfg), cfg.stat().st_mtime_ns), img.krel)
+    return grammar_for(suite, arch)
+
+
+def grammar_of(arch: Arch, suite: str) -> Grammar:
+    """The grammar of the SUITE kernel kbridge boots on ARCH: its built image's, else the table's."""
+    return grammar(load(arch, suite, verify=False), arch, suite)
+
+
+@functools.lru_cache(maxsize=16)  # read for every line checked: parsed once per file version
+def _config_file(path: str, mtime_ns: int) -> dict[str, str]:
+    return parse_config(Path(path).read_text())

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kbridge.labs.guest import LogWatch
-from kbridge.labs.kmodule import BuiltModule
+from kbridge.labs.kmodule import StudentModule
 from kbridge.session import Session
 from kbridge.targets.base import Target
 
@@ -19,7 +19,7 @@ class LabContext:
     files: dict[str, str]  # the student's files: name -> text
     workdir: Path  # host scratch directory, removed after the check
     log: LogWatch | None = None
-    module: BuiltModule | None = None  # set once built: an oops is mapped to its source lines
+    module: StudentModule | None = None  # set once built: an oops is mapped to its source lines
     cleanups: list = field(default_factory=list)  # callables run after the check, last first
     restart: bool = False  # the student's code left the kernel unsafe (no oops yet): restart the VM
 

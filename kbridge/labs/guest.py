@@ -13,12 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from kbridge import oops
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.labs.grading import StudentCrash
 from kbridge.paths import cache_dir
-from kbridge.targets.base import OOPS_MARKERS, Target
-from kbridge.targets.qga import ChannelError
+from kbridge.targets.base import GuestIOError, Target
 
 GUEST_DIR = "/tmp/kblab"
 WORKLOAD = f"{GUEST_DIR}/kblab"  # its comm is "kblab": the labs' filters select it
@@ -50,21 +50,21 @@ class LogWatch:
         new: list[str] = []
         deadline = time.monotonic() + limit
         last = time.monotonic()
-        oops = False
+        crashed = False
         while time.monotonic() < deadline:
             rec = next(self.stream)
             now = time.monotonic()
             if rec is None:
-                if now - last >= (1.5 if oops else quiet):
+                if now - last >= (1.5 if crashed else quiet):
                     break
                 continue
             last = now
             new.append(rec.text)
-            if any(m in rec.text for m in OOPS_MARKERS):
-                oops = True
+            if oops.is_oops(rec.text):
+                crashed = True
         self.lines += new
-        if oops:
-            start = next(i for i, t in enumerate(self.lines) if any(m in t for m in OOPS_MARKERS))
+        if crashed:
+            start = next(i for i, t in enumerate(self.lines) if oops.is_oops(t))
             raise StudentCrash("the guest kernel oopsed", "\n".join(self.lines[max(0, start - 2) : start + 40]))
         return new
 
@@ -74,7 +74,7 @@ class LogWatch:
 
 
 def _oops_lines(console: str) -> set[str]:
-    return {ln for ln in console.splitlines() if any(m in ln for m in OOPS_MARKERS)}
+    return {ln for ln in console.splitlines() if oops.is_oops(ln)}
 
 
 def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0) -> tuple[int, str]:
@@ -101,14 +101,14 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
             if time.monotonic() > deadline:
                 raise KbridgeError(f"still running after {timeout:.0f} s")
             time.sleep(0.05)
-    except (ChannelError, KbridgeError) as e:
+    except (GuestIOError, KbridgeError) as e:
         if isinstance(e, StudentCrash):
             raise
         if log is not None:
             log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
         what = (
             f"did not finish within {timeout:.0f} s"
-            if not isinstance(e, ChannelError)
+            if not isinstance(e, GuestIOError)
             else f"stopped the guest from answering ({e.message})"
         )
         raise StudentCrash(f"{' '.join(argv)} {what}: the guest hung", target.console_tail(40) or str(e)) from None
@@ -123,7 +123,7 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
 def _console_oops(console: str) -> str:
     """The console from the first oops line on (what the kernel said about the crash)."""
     lines = console.splitlines()
-    first = next((i for i, ln in enumerate(lines) if any(m in ln for m in OOPS_MARKERS)), 0)
+    first = next((i for i, ln in enumerate(lines) if oops.is_oops(ln)), 0)
     return "\n".join(lines[max(0, first - 2) : first + 45])
 
 

@@ -17,8 +17,7 @@ from kbridge.labs.grading import Grader, Report, StudentCrash
 from kbridge.labs.guest import LogWatch, cleanup_guest_dir, install_workload
 from kbridge.labs.kmodule import crash_detail
 from kbridge.session import Session
-from kbridge.targets.base import GuestCrash, Target
-from kbridge.targets.qga import ChannelError
+from kbridge.targets.base import GuestCrash, GuestIOError, Target
 
 CRASHED = "not run: the guest kernel crashed or hung (the VM is restarted for the next check)"
 CRASH_HINT = (
@@ -43,7 +42,7 @@ def check_in(target: Target, directory: Path, lab: Lab, files: dict[str, str]) -
                 lab.checker.run(ctx, grader)
             except GuestCrash as e:  # seen by the target itself (a channel broke, the console shows it)
                 raise StudentCrash(e.message, e.text) from None
-            except ChannelError as e:  # the agent stopped answering: a hung guest, or a broken one
+            except GuestIOError as e:  # the agent stopped answering: a hung guest, or a broken one
                 target.check_alive()  # GuestCrash if the console shows an oops or QEMU is gone
                 raise StudentCrash(f"the guest stopped answering ({e.message})", target.console_tail(40)) from None
         except GuestCrash as e:
@@ -71,7 +70,7 @@ def _crashed(target: Target, grader: Grader, lab: Lab, ctx: LabContext, report: 
     target.mark_crashed()
     current = next((c.name for c in lab.checker.CHECKS if not grader.done(c.name)), None)
     if current is not None:
-        grader.fail(current, crash_detail(crash, ctx.module, target.arch.cross_compile()), CRASH_HINT)
+        grader.fail(current, crash_detail(crash, ctx.module), CRASH_HINT)
     return CRASHED
 
 

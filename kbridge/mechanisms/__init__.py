@@ -16,7 +16,7 @@ from kbridge.errors import KbridgeError
 if TYPE_CHECKING:
     from kbridge.arch import Arch
     from kbridge.images.image import Image
-    from kbridge.mechanisms.common import HitSink, MechanismResult, StopRule
+    from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule
     from kbridge.session import Session
     from kbridge.spec import ProbeSpec
     from kbridge.workload import Workload

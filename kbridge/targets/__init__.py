@@ -19,6 +19,7 @@ from kbridge import kernels, progress
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
+from kbridge.targets import ownership
 from kbridge.targets.base import Target
 
 if TYPE_CHECKING:
@@ -98,11 +99,8 @@ def acquire(
             get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel), flavour, keep, mirrors
         )
     try:
-        if guest.kept:
-            from kbridge import ownership
-
-            if done := ownership.reclaim(guest):
-                progress.warn(f"{guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}")
+        if guest.kept and (done := ownership.reclaim(guest)):
+            progress.warn(f"{guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}")
         yield guest
     finally:
         guest.release()
@@ -116,6 +114,93 @@ def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | N
         progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
         return vm
     return QemuVM.boot(resolve_image(arch, suite, flavour, mirrors), keep=keep)
+
+
+def kept(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
+    """The kept VM of ARCH and SUITE if one runs, attached (and locked) for this process: release() it."""
+    from kbridge.targets.qemu import QemuVM
+
+    return QemuVM.attach(arch, suite)
+
+
+def kept_running(arch: Arch, suite: str = kernels.DEFAULT) -> bool:
+    """Whether a kept VM of ARCH and SUITE is up (without attaching to it)."""
+    from kbridge.targets.qemu import kept_dir
+
+    return (kept_dir(arch, suite) / "vm.json").exists()
+
+
+def boot(
+    arch: Arch,
+    suite: str = kernels.DEFAULT,
+    flavour: str = "default",
+    keep: bool = False,
+    memory_mb: int = 1024,
+    cpus: int = 1,
+    mirrors: Mirrors | None = None,
+) -> Target:
+    """A fresh embedded VM of ARCH, SUITE and FLAVOUR; with KEEP, the kept VM later commands reuse."""
+    from kbridge.targets.qemu import QemuVM
+
+    return QemuVM.boot(resolve_image(arch, suite, flavour, mirrors), keep=keep, memory_mb=memory_mb, cpus=cpus)
+
+
+def kept_vms() -> list[Target]:
+    """Every running kept VM, attached: release() each (or shutdown() it)."""
+    from kbridge.targets.qemu import QemuVM, kept_dirs
+
+    found: list[Target] = []
+    for rundir in kept_dirs():
+        arch_name, _, suite = rundir.name.partition("-")
+        with contextlib.suppress(KbridgeError):
+            if (vm := QemuVM.attach(get_arch(arch_name), suite or kernels.DEFAULT)) is not None:
+                found.append(vm)
+    return found
+
+
+def shutdown(target: Target) -> None:
+    """Stop a kept VM for good (a Vagrant machine is never stopped: it is released)."""
+    from kbridge.targets.qemu import QemuVM
+
+    if isinstance(target, QemuVM):
+        target.shutdown()
+    else:
+        target.release()
+
+
+def strays() -> list[int]:
+    """Pids of QEMU processes kbridge started that nobody owns (their kbridge was killed)."""
+    from kbridge.targets.qemu import orphans
+
+    return [p.pid for p in orphans()]
+
+
+def kill_strays() -> int:
+    """SIGKILL every stray QEMU; how many."""
+    import psutil
+
+    from kbridge.targets.qemu import orphans
+
+    n = 0
+    for p in orphans():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+            n += 1
+    return n
+
+
+def kvm_check(arch: Arch) -> tuple[bool, str]:
+    """Whether kbridge will try KVM for ARCH guests on this host, and why not."""
+    from kbridge.targets.qemu import kvm_usable
+
+    return kvm_usable(arch)
+
+
+def vagrant_readiness() -> list[dict]:
+    """What a Vagrant target needs on this host (vagrant, its libvirt plugin, libvirtd), as doctor rows."""
+    from kbridge.targets import vagrant
+
+    return vagrant.readiness()
 
 
 def kept_image(arch: Arch, suite: str, mirrors: Mirrors | None = None) -> Image:

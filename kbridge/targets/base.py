@@ -9,10 +9,35 @@ from typing import TYPE_CHECKING, Protocol
 
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
-from kbridge.targets.qga import ExecResult
 
 if TYPE_CHECKING:
     from kbridge.images.image import Image
+
+
+class GuestIOError(KbridgeError):
+    """The guest did not answer as expected: a command, a file operation or a stream failed.
+
+    Every target raises it for its own channel's failures (the guest agent, SSH), so the
+    layers above never see how the guest is reached.
+    """
+
+
+@dataclass
+class ExecResult:
+    """A finished guest command."""
+
+    exitcode: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0 and self.signal is None
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
 
 
 class GuestCrash(KbridgeError):
@@ -25,12 +50,19 @@ class GuestCrash(KbridgeError):
 
 @dataclass(frozen=True)
 class KmsgRecord:
-    """One /dev/kmsg record: 'LEVEL,SEQ,USEC,FLAGS;TEXT'."""
+    """One /dev/kmsg record: 'PRIORITY,SEQ,USEC,FLAGS;TEXT' (priority = facility << 3 | level)."""
 
     level: int
     seq: int
     usec: int
     text: str
+    facility: int = 0
+
+    @property
+    def from_kernel(self) -> bool:
+        """Whether the kernel logged it: devkmsg_write() gives user space's records LOG_USER (1)
+        or the facility they ask for, never 0, precisely so that they can be told apart."""
+        return self.facility == 0
 
 
 _KMSG = re.compile(r"^(\d+),(\d+),(\d+),[^;]*;(.*)$")
@@ -44,7 +76,7 @@ def parse_kmsg(line: str) -> KmsgRecord | None:
     prio, seq, usec, text = m.groups()
     # /dev/kmsg escapes non-printable bytes as \xNN; undo it for the text we show.
     text = re.sub(r"\\x([0-9a-f]{2})", lambda x: chr(int(x.group(1), 16)), text)
-    return KmsgRecord(int(prio) & 7, int(seq), int(usec), text)
+    return KmsgRecord(int(prio) & 7, int(seq), int(usec), text, int(prio) >> 3)
 
 
 class KmsgRecords:
@@ -67,17 +99,6 @@ class KmsgRecords:
                 return None
             if rec := parse_kmsg(line):
                 return rec
-
-
-OOPS_MARKERS = (
-    "Oops",
-    "BUG: ",
-    "Kernel panic",
-    "general protection fault",
-    "Unable to handle kernel",
-    "Internal error:",
-    "WARNING: CPU:",
-)
 
 
 class LineStream(Protocol):
@@ -120,11 +141,20 @@ class Target(Protocol):
     def guest_pid(self, handle: int) -> int:
         """The guest tgid of a spawned command (for kill and for pid filters)."""
 
+    def plumbing_pids(self) -> list[int]:
+        """tgids of the target's own guest-side helpers (agent, log reader, SSH session): never probed."""
+
+    def describe(self) -> dict:
+        """What a status listing shows of it (arch, kernel, accel, and the target's own facts)."""
+
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
         """Write DATA to PATH; mode "a" appends (kprobe_events without clearing it)."""
 
     def read_file(self, path: str) -> bytes:
         """The bytes of PATH in the guest."""
+
+    def read_chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        """The bytes of PATH, SIZE at a time (a large file never sits in memory whole)."""
 
     def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
         """Kernel log records as they arrive (a fresh stream replays the backlog first)."""

@@ -6,8 +6,8 @@ import base64
 import ctypes
 import importlib.util
 
-from kbridge.collect.bpf import Decoder, messages, parse_hit
-from kbridge.guest import GUEST_DIR
+from kbridge.mechanisms.bpf import RUNNER_SOURCE
+from kbridge.mechanisms.bpf.collect import Decoder, messages, parse_hit
 
 
 class KbEvent(ctypes.Structure):  # struct kb_event of kmod/bpf.c.j2 with two arguments, as bcc builds it
@@ -33,7 +33,7 @@ class _Table:
 
 
 def _runner():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bpf_runner", GUEST_DIR / "bpf_runner.py")
+    spec = importlib.util.spec_from_file_location("bpf_runner", RUNNER_SOURCE)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

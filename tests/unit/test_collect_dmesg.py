@@ -1,6 +1,6 @@
 """Parsing what the module prints (lines captured from a bookworm guest)."""
 
-from kbridge.collect.dmesg import parse_event, parse_hit, parse_stats
+from kbridge.mechanisms.kmod.collect import parse_event, parse_hit, parse_stats
 from kbridge.targets.base import parse_kmsg
 
 MOD = "kb_ksys_write_2e25d275"
@@ -114,7 +114,7 @@ def test_fault_hits_carry_the_trap_number():
 
 
 def test_stats_durations():
-    from kbridge.collect.dmesg import parse_stats_durations
+    from kbridge.mechanisms.kmod.collect import parse_stats_durations
 
     text = "pre 0\npost 0\nentry 2\nret 2\nfault 0\ndurations_log2_ns 19:1,23:1\nkretprobe_nmissed 0\n"
     assert parse_stats_durations(text) == {19: 1, 23: 1}

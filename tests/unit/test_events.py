@@ -1,4 +1,4 @@
-"""kbridge.events: the kprobe_events grammar and Linux 6.1's error verdicts.
+"""kbridge.kprobe_events: the kprobe_events grammar and Linux 6.1's error verdicts.
 
 Expected error classes and caret positions come from reading linux-6.1.119
 (kernel/trace/trace_kprobe.c, trace_probe.c); the position is the column the
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from kbridge import events
+from kbridge import kprobe_events
+from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
-from kbridge.events import (
-    ERROR_CLASSES,
+from kbridge.kprobe_events import (
     ERRORS,
     Arg,
     Bitfield,
@@ -33,9 +33,16 @@ from kbridge.events import (
     SymMem,
     default_event_name,
     format,  # noqa: A004 - the module's own name for it
-    parse,
+    grammar_for,
     parse_error_log,
 )
+from kbridge.kprobe_events.grammar import ERROR_CLASSES, LATER_ERRORS
+
+
+def parse(line: str, arch: str = "x86_64", kernel: str | None = None) -> kprobe_events.Event:
+    """LINE read as KERNEL's (default 6.1) kprobe_events on ARCH reads it."""
+    return kprobe_events.parse(line, grammar_for(kernel, get_arch(arch)))
+
 
 GOOD = [
     # heads: names, groups, maxactive, %return
@@ -439,5 +446,5 @@ def test_error_table():
     names = list(ERRORS)
     assert names[0] == "FILE_NOT_FOUND" and names[-1] == "NO_EP_FILTER"
     assert len(names) == 60
-    assert len(ERROR_CLASSES) == len(ERRORS) + len(events.LATER_ERRORS)  # messages are unique
+    assert len(ERROR_CLASSES) == len(ERRORS) + len(LATER_ERRORS)  # messages are unique
     assert ERROR_CLASSES["Invalid probed address or symbol"] == "BAD_PROBE_ADDR"

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from kbridge import events
-from kbridge.events import EventSyntaxError, Grammar, grammar_for, parse
+from kbridge import kprobe_events
+from kbridge.arch import ARM64, X86_64, get_arch
+from kbridge.kprobe_events import EventSyntaxError, Grammar, parse
+from kbridge.kprobe_events.grammar import ERROR_CLASSES, NEWEST_KNOWN, OLD_MESSAGES
+
+
+def grammar_for(kernel: str, arch: str, **facts: object) -> Grammar:
+    """The suite table's grammar (not a built image's: these tests run on machines without images)."""
+    return kprobe_events.grammar_for(kernel, get_arch(arch), **facts)  # type: ignore[arg-type]
+
 
 DATA = Path(__file__).parent / "data/error_log"
 CAPTURES = sorted(DATA.glob("*-*.json"))
@@ -43,7 +51,7 @@ def _kernel_class(v: dict) -> str | None:
     if v["error"]:
         return v["error"]
     if v["message"]:
-        return events.ERROR_CLASSES.get(v["message"]) or events._OLD_MESSAGES.get(v["message"])
+        return ERROR_CLASSES.get(v["message"]) or OLD_MESSAGES.get(v["message"])
     return None
 
 
@@ -60,16 +68,16 @@ def test_offline_verdict_matches_the_kernel(capture, data, verdict):
     if verdict["line"] in KERNEL_ONLY:
         pytest.skip("decided by the running kernel's code and symbols, not by the grammar")
     # The suite table's facts, not a built image's: this runs on machines without images.
-    grammar = grammar_for(data["suite"], data["arch"], use_image=False)
+    grammar = grammar_for(data["suite"], data["arch"])
     try:
-        parse(verdict["line"], data["arch"], kernel=grammar)
+        parse(verdict["line"], grammar)
     except EventSyntaxError as e:
         assert not verdict["ok"], f"offline rejects what {data['krel']} accepted: {e}"
         assert (e.error, e.kernel_position) == (_kernel_class(verdict), verdict["kernel_position"])
         if verdict["message"]:
             # 5.10.y fixed "$-valiable" between 5.10.223 (bullseye's point release)
             # and 5.10.262 (bullseye-security): both spellings are the same class.
-            assert e.message == verdict["message"] or events._OLD_MESSAGES.get(verdict["message"]) == e.error
+            assert e.message == verdict["message"] or OLD_MESSAGES.get(verdict["message"]) == e.error
         return
     assert verdict["ok"], f"offline accepts what {data['krel']} rejected: {verdict}"
 
@@ -89,23 +97,23 @@ def test_kernel_only_lines_do_differ_between_kernels():
 @pytest.mark.parametrize(
     ("kernel", "arch", "expected"),
     [
-        ("5.10", "x86_64", Grammar((5, 10), "x86_64")),
-        ("bookworm", "arm64", Grammar((6, 1), "arm64")),
-        ("6.12", "x86_64", Grammar((6, 12), "x86_64", ibt=True, btf_args=True)),
-        ("trixie", "aarch64", Grammar((6, 12), "arm64", ibt=False, btf_args=True)),
-        ("latest", "x86_64", Grammar(events.NEWEST_KNOWN, "x86_64", ibt=True, btf_args=True)),
+        ("5.10", "x86_64", Grammar((5, 10), X86_64)),
+        ("bookworm", "arm64", Grammar((6, 1), ARM64)),
+        ("6.12", "x86_64", Grammar((6, 12), X86_64, ibt=True, btf_args=True)),
+        ("trixie", "aarch64", Grammar((6, 12), ARM64, ibt=False, btf_args=True)),
+        ("latest", "x86_64", Grammar(NEWEST_KNOWN, X86_64, ibt=True, btf_args=True)),
     ],
 )
 def test_suite_table_grammar(kernel, arch, expected):
-    assert grammar_for(kernel, arch, use_image=False) == expected
+    assert grammar_for(kernel, arch) == expected
 
 
 def test_grammar_from_a_kernel_config():
     config = {"CONFIG_X86_KERNEL_IBT": "y", "CONFIG_PROBE_EVENTS_BTF_ARGS": "y"}
     g = grammar_for("sid", "x86_64", config=config, krel="7.2.13+deb14-amd64")
-    assert g == Grammar((7, 2), "x86_64", ibt=True, btf_args=True)
+    assert g == Grammar((7, 2), X86_64, ibt=True, btf_args=True)
     assert g.entry_offset_max() == 4
-    assert Grammar((7, 2), "arm64", ibt=True).entry_offset_max() == 0
+    assert Grammar((7, 2), ARM64, ibt=True).entry_offset_max() == 0
 
 
 @pytest.mark.parametrize(
@@ -122,9 +130,9 @@ def test_grammar_from_a_kernel_config():
 )
 def test_drift_between_6_1_and_6_12(line, old, new):
     for kernel, want in (("6.1", old), ("6.12", new)):
-        g = grammar_for(kernel, "x86_64", use_image=False)
+        g = grammar_for(kernel, "x86_64")
         try:
-            parse(line, "x86_64", kernel=g)
+            parse(line, g)
             got = None
         except EventSyntaxError as e:
             got = e.error
@@ -133,15 +141,15 @@ def test_drift_between_6_1_and_6_12(line, old, new):
 
 
 def test_btf_argument_round_trips():
-    g = grammar_for("6.12", "x86_64", use_image=False)
-    ev = parse("p:kb/w ksys_write fd $arg*", kernel=g)
-    assert [a.fetch for a in ev.args] == [events.BtfArg("fd"), events.AllArgs()]
-    assert events.format(ev) == "p:kb/w ksys_write fd $arg*"
+    g = grammar_for("6.12", "x86_64")
+    ev = parse("p:kb/w ksys_write fd $arg*", g)
+    assert [a.fetch for a in ev.args] == [kprobe_events.BtfArg("fd"), kprobe_events.AllArgs()]
+    assert kprobe_events.format(ev) == "p:kb/w ksys_write fd $arg*"
 
 
 def test_5_10_rejects_symstr_and_hyphenated_groups():
-    g = grammar_for("bullseye", "x86_64", use_image=False)
+    g = grammar_for("bullseye", "x86_64")
     with pytest.raises(EventSyntaxError, match="BAD_TYPE"):
-        parse("p ksys_write s=$arg1:symstr", kernel=g)
+        parse("p ksys_write s=$arg1:symstr", g)
     with pytest.raises(EventSyntaxError, match="BAD_GROUP_NAME"):
-        parse("p:my-grp/e ksys_write", kernel=g)
+        parse("p:my-grp/e ksys_write", g)

@@ -9,7 +9,7 @@ from kbridge.arch import ARM64, X86_64
 from kbridge.images.apt import host_mirrors
 from kbridge.images.cpio import CpioWriter
 from kbridge.images.image import Image, extract_vmlinux
-from kbridge.targets.qemu import qemu_argv
+from kbridge.targets.qemu.argv import qemu_argv
 
 
 def test_host_mirrors_from_deb822_and_list(tmp_path):

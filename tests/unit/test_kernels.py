@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from kbridge import buildroot, kernels
+from kbridge import kernels
 from kbridge.arch import get_arch
-from kbridge.build import kbuild_argv, uses_build_root
 from kbridge.errors import KbridgeError
-from kbridge.images import image
+from kbridge.images import buildroot, image
 from kbridge.images.apt import Mirrors, PrivateApt
+from kbridge.kbuild import kbuild_argv, uses_build_root
 
 
 @pytest.mark.parametrize(

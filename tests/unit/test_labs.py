@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 from kbridge.arch import ARM64, X86_64
 from kbridge.cli import app
 from kbridge.errors import KbridgeError
+from kbridge.kbuild import Built
 from kbridge.labs import LABS, get, labdir, markers
 from kbridge.labs.checkers import breakpoint as bp
 from kbridge.labs.checkers import kprobe_module, three_ways
 from kbridge.labs.grading import CheckSpec, Grader, Report, Status, StudentCrash
 from kbridge.labs.guest import workload_binary
-from kbridge.labs.kmodule import BuiltModule, crash_detail, oops_site
+from kbridge.labs.kmodule import StudentModule, crash_detail, oops_site
 
 runner = CliRunner()
 
@@ -220,13 +221,13 @@ def test_oops_is_mapped_to_the_students_line(tmp_path: Path) -> None:
     dis = subprocess.run(["objdump", "-d", "-l", str(obj)], capture_output=True, text=True, check=True).stdout
     store = next(ln for ln in dis.splitlines() if "movl" in ln and "$0x0,(" in ln)
     off = int(store.split(":")[0].strip(), 16)
-    mod = BuiltModule("kprobe_lab", obj, "km/kprobe_lab.c", [])
-    site = oops_site(OOPS.format(off=off), mod, "")
+    mod = StudentModule("kprobe_lab", Built("kprobe_lab", obj, obj, "6.1.0-56-amd64", "x86_64"), "km/kprobe_lab.c")
+    site = oops_site(OOPS.format(off=off), mod)
     assert site == f"km/kprobe_lab.c:7 (handler_pre+{off:#x})"
-    detail = crash_detail(StudentCrash("the guest kernel oopsed", OOPS.format(off=off)), mod, "")
+    detail = crash_detail(StudentCrash("the guest kernel oopsed", OOPS.format(off=off)), mod)
     assert detail.startswith("the guest kernel oopsed, at km/kprobe_lab.c:7") and "Oops: 0003" in detail
     # Frames of other modules, or none, give no line.
-    assert oops_site(OOPS.replace("[kprobe_lab]", "[other]").format(off=off), mod, "") is None
+    assert oops_site(OOPS.replace("[kprobe_lab]", "[other]").format(off=off), mod) is None
 
 
 @pytest.mark.parametrize("arch", [X86_64, ARM64], ids=lambda a: a.name)

@@ -3,12 +3,12 @@
 from typing import ClassVar
 
 from kbridge.arch import ARM64, X86_64
-from kbridge.collect.dmesg import parse_hit
-from kbridge.collect.histogram import Log2Histogram, bucket_of, bucket_range, durations_of, pair_durations
-from kbridge.collect.singlestep import StepPairer
-from kbridge.collect.tracefs_steps import Step, StepReporter, shell_quote, syscall_rewrite_note
+from kbridge.mechanisms.histogram import Log2Histogram, bucket_of, bucket_range, durations_of, pair_durations
+from kbridge.mechanisms.kmod.collect import parse_hit
+from kbridge.mechanisms.singlestep import StepPairer
+from kbridge.mechanisms.tracefs.steps import Step, StepReporter, shell_quote, syscall_rewrite_note
 from kbridge.spec import Hit
-from kbridge.targets.qga import ExecResult
+from kbridge.targets.qemu.agent import ExecResult
 
 # Captured from a bookworm x86_64 guest (6.1.0-56-amd64), ksys_write+0x5 --pre --post.
 MOD = "kb_ksys_write_acbe64d6"

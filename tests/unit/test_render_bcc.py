@@ -6,7 +6,7 @@ import pytest
 
 from kbridge.arch import ARM64, X86_64
 from kbridge.errors import KbridgeError
-from kbridge.render.bcc import render
+from kbridge.mechanisms.bpf.render import render
 from kbridge.spec import make_spec
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kbridge import events
+from kbridge import kprobe_events
 from kbridge.arch import ARM64, X86_64
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.tracefs import build_filter, map_position
-from kbridge.render.tracefs import check_lines, removal_line, render, spec_notes
+from kbridge.kprobe_events import grammar_for
+from kbridge.mechanisms.tracefs.guest import build_filter, map_position
+from kbridge.mechanisms.tracefs.render import check_lines, removal_line, render, spec_notes
 from kbridge.spec import make_spec
 
 
@@ -47,14 +48,14 @@ def test_kretprobe_and_post_mapping() -> None:
 
 def test_check_lines_rejects_removals_duplicates_and_bad_syntax() -> None:
     with pytest.raises(KbridgeError, match="removes an event"):
-        check_lines(["-:kprobes/x"], X86_64)
+        check_lines(["-:kprobes/x"], grammar_for(None, X86_64))
     with pytest.raises(KbridgeError, match="already defined"):
-        check_lines(["p:a ksys_write", "r:a vfs_read"], X86_64)
-    with pytest.raises(events.EventSyntaxError) as e:
-        check_lines(["p:w ksys_write fd=%r10d"], X86_64)
+        check_lines(["p:a ksys_write", "r:a vfs_read"], grammar_for(None, X86_64))
+    with pytest.raises(kprobe_events.EventSyntaxError) as e:
+        check_lines(["p:w ksys_write fd=%r10d"], grammar_for(None, X86_64))
     assert (e.value.error, e.value.position) == ("BAD_REG_NAME", 18)
     # %x0 is a register on arm64 only.
-    assert check_lines(["p:w ksys_write fd=%x0"], ARM64)[0].args[0].fetch == events.Reg("x0")
+    assert check_lines(["p:w ksys_write fd=%x0"], grammar_for(None, ARM64))[0].args[0].fetch == kprobe_events.Reg("x0")
 
 
 def test_filter_building() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kbridge import events
-from kbridge.collect.trace_pipe import (
+from kbridge import kprobe_events
+from kbridge.arch import get_arch
+from kbridge.mechanisms.tracefs.collect import (
     CpuStats,
     EventInfo,
     TracePipeParser,
@@ -17,7 +18,7 @@ from kbridge.collect.trace_pipe import (
 def parser_for(*lines: str, arch: str = "x86_64") -> TracePipeParser:
     infos = {}
     for line in lines:
-        ev = events.parse(line, arch)
+        ev = kprobe_events.parse(line, kprobe_events.grammar_for(None, get_arch(arch)))
         infos[ev.effective_event] = EventInfo.from_probe(ev)
     return TracePipeParser(infos)
 

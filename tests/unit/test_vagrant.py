@@ -3,14 +3,19 @@ Vagrantfile, and the root shell's framing, run against a real local /bin/sh."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from kbridge.arch import get_arch
+from kbridge.errors import KbridgeError
 from kbridge.images import box
 from kbridge.targets import vagrant
+from kbridge.targets.vagrant import target as vagrant_target
+from kbridge.targets.vagrant.machine import vagrant_message
+from kbridge.targets.vagrant.shell import AGENT_SCRIPT, RootShell
 
 # `vagrant status --machine-readable` from this repository's Vagrantfile (vagrant 2.3.4).
 STATUS = """\
@@ -43,7 +48,7 @@ def test_vagrant_error_message_from_machine_readable_rows() -> None:
         ),
         stderr="",
     )
-    msg = vagrant._vagrant_message(proc)
+    msg = vagrant_message(proc)
     assert msg == "The machine with the name 'nope' was not found configured for this Vagrant environment."
 
 
@@ -57,15 +62,15 @@ def test_box_vagrantfile(arch: str) -> None:
 
 def test_connect_without_vagrant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(vagrant.KbridgeError) as err:
+    with pytest.raises(KbridgeError) as err:
         vagrant.connect("kbridge-x86_64")
     assert err.value.message == "vagrant is not installed" and "vagrant-libvirt" in (err.value.hint or "")
 
 
 def test_connect_rejects_a_directory_without_vagrantfile(tmp_path: Path) -> None:
-    if vagrant.shutil.which("vagrant") is None or vagrant.shutil.which("ssh") is None:
+    if shutil.which("vagrant") is None or shutil.which("ssh") is None:
         pytest.skip("vagrant or ssh is not installed")
-    with pytest.raises(vagrant.KbridgeError, match="no Vagrantfile in"):
+    with pytest.raises(KbridgeError, match="no Vagrantfile in"):
         vagrant.connect(None, tmp_path)
 
 
@@ -73,8 +78,8 @@ def test_connect_rejects_a_directory_without_vagrantfile(tmp_path: Path) -> None
 def shell(tmp_path: Path):  # type: ignore[no-untyped-def]
     """The root shell's script in a local /bin/sh, with its directory moved under TMP_PATH."""
     proc = subprocess.Popen(["/bin/sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    agent = vagrant._Agent(proc)
-    agent.stdin.write(vagrant._AGENT.replace("/run/kbridge", str(tmp_path)).encode())
+    agent = RootShell(proc)
+    agent.stdin.write(AGENT_SCRIPT.replace("/run/kbridge", str(tmp_path)).encode())
     agent.stdin.flush()
     agent.ready(10)
     yield agent
@@ -139,10 +144,10 @@ def test_a_kernel_without_kbridge_headers_is_refused(tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("KBRIDGE_STATE", str(tmp_path))
     image = Image(tmp_path / "img", get_arch("x86_64"), "bookworm", "6.1.0-56-amd64", "6.1.192-2")
-    monkeypatch.setattr(vagrant.images, "ensure", lambda arch: image)
+    monkeypatch.setattr(vagrant_target.images, "ensure", lambda arch: image)
     target = vagrant.VagrantTarget("kbridge-x86_64", "Host kbridge-x86_64\n", "libvirt", {})
     target.arch, target.krel = get_arch("x86_64"), "6.12.48+deb13-amd64"
-    with pytest.raises(vagrant.KbridgeError) as err:
+    with pytest.raises(KbridgeError) as err:
         target._headers_image()
     assert err.value.message == (
         "no kernel headers for 6.12.48+deb13-amd64 (the kernel of vagrant:kbridge-x86_64): "

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kbridge import events, kernels
+from kbridge import kernels, kprobe_events
 from kbridge.targets.base import Target
 
 DATA = Path(__file__).resolve().parents[1] / "unit/data/error_log"
@@ -51,7 +51,7 @@ def live_verdicts(guest: Target, lines: list[str]) -> list[dict]:
     for line, block in zip(lines, blocks, strict=True):
         rc_text, _, log = block.partition("\n")
         log = log.split("@@end", 1)[0]
-        entries = [e for e in events.parse_error_log(log) if e.subsystem == "trace_kprobe"]
+        entries = [e for e in kprobe_events.parse_error_log(log) if e.subsystem == "trace_kprobe"]
         e = entries[-1] if entries else None
         verdicts.append(
             {

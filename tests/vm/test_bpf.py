@@ -6,8 +6,8 @@ import pytest
 
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import bpf
-from kbridge.mechanisms.common import StopRule
-from kbridge.render.bcc import BpfProgram
+from kbridge.mechanisms.bpf.render import BpfProgram
+from kbridge.mechanisms.engine import StopRule
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload

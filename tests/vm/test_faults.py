@@ -109,7 +109,7 @@ def test_bpf_runner_of_a_killed_kbridge_is_stopped(bcc_kept, kbridge_arch: str) 
 
 def test_sigterm_unwinds_like_ctrl_c(kbridge_vm: Guest) -> None:
     """SIGTERM (kill, a CI timeout) runs every cleanup: nothing is left for the next command to reclaim."""
-    from kbridge import ownership
+    from kbridge.targets import ownership
     from kbridge.targets.qemu import QemuVM
 
     before = guest_state(kbridge_vm)

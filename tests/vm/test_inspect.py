@@ -18,14 +18,14 @@ BRK_4 = "800020d4"  # BRK #4 (0xd4200080), little endian
 def _unload_counts(session: Session, symbol: str, offset: int) -> tuple[int, int]:
     """hits and nmissed from the inspect module's own unload message (the last one in dmesg)."""
     module = render_inspect(symbol, offset).name
-    log = session.vm.run(["/bin/busybox", "dmesg"], timeout=30).stdout.decode(errors="replace")
+    log = session.target.run(["/bin/busybox", "dmesg"], timeout=30).stdout.decode(errors="replace")
     found = re.findall(rf"{module}: unloaded run=\S+ hits=(\d+) nmissed=(\d+)", log)
     assert found, f"no unload message of {module}"
     return int(found[-1][0]), int(found[-1][1])
 
 
 def _optimization(session: Session) -> str | None:
-    res = session.vm.run(["/bin/busybox", "cat", OPTIMIZATION], timeout=30)
+    res = session.target.run(["/bin/busybox", "cat", OPTIMIZATION], timeout=30)
     return res.stdout.decode().strip() if res.ok else None
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 import kbridge
-from kbridge.collect.histogram import bucket_of
 from kbridge.errors import KbridgeError
 from kbridge.inspect import inspect
+from kbridge.mechanisms.histogram import bucket_of
 from kbridge.probe import probe_on
 from kbridge.session import Session
 from kbridge.spec import Hit, make_spec
@@ -87,13 +87,13 @@ def test_return_durations_and_their_histogram(kbridge_session: Session) -> None:
 
 
 def test_fault_handler_on_a_kernel_without_it_is_refused_and_nothing_loads(kbridge_session: Session) -> None:
-    if kbridge_session.vm.krel.startswith("5.10"):
+    if kbridge_session.target.krel.startswith("5.10"):
         pytest.skip("5.10 still has fault_handler: see test_fault_handler_fires_on_5_10")
     spec = make_spec("ksys_write", {"pre"}, [], kbridge_session.arch, fault=True)
     before = kbridge_session.loaded_modules()
     with pytest.raises(KbridgeError) as e:
         probe_on(kbridge_session, spec, workload=DD)
-    assert "removed in Linux 5.14" in e.value.message and kbridge_session.vm.krel in e.value.message
+    assert "removed in Linux 5.14" in e.value.message and kbridge_session.target.krel in e.value.message
     assert kbridge_session.loaded_modules() == before
 
 
@@ -120,8 +120,8 @@ def test_fault_handler_fires_on_5_10(kbridge_arch: str) -> None:
 
 
 def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session) -> None:
-    from kbridge.collect.tracefs_steps import Step
     from kbridge.mechanisms import tracefs
+    from kbridge.mechanisms.tracefs.steps import Step
 
     s = kbridge_session
     wrapper = f"{s.arch.syscall_prefix}write"
@@ -163,14 +163,14 @@ def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session
 
 
 def test_trace_steps_show_error_log_when_the_kernel_refuses(kbridge_session: Session) -> None:
-    from kbridge import events
-    from kbridge.collect.tracefs_steps import Step
+    from kbridge import kprobe_events
     from kbridge.mechanisms import tracefs
+    from kbridge.mechanisms.tracefs.steps import Step
 
     s = kbridge_session
     steps: list[Step] = []
     # Offline the line is fine; only the kernel knows +1 is inside ksys_write's first instruction.
-    with pytest.raises(events.EventSyntaxError):
+    with pytest.raises(kprobe_events.EventSyntaxError):
         tracefs.run_lines(s, ["p:kbt/inside ksys_write+1"], DD, steps=steps.append)
     failed = [st for st in steps if not st.ok]
     assert failed and failed[0].command == "echo 'p:kbt/inside ksys_write+1' >> kprobe_events"
@@ -179,8 +179,8 @@ def test_trace_steps_show_error_log_when_the_kernel_refuses(kbridge_session: Ses
 
 
 def test_trace_return_pairs_have_durations(kbridge_session: Session) -> None:
-    from kbridge.collect.histogram import durations_of
     from kbridge.mechanisms import tracefs
+    from kbridge.mechanisms.histogram import durations_of
 
     res = tracefs.run_lines(kbridge_session, ["p:kbt/w ksys_write", "r:kbt/wr ksys_write"], DD, comm="dd")
     rets = [h for h in res.hits if h.handler == "ret"]
@@ -194,7 +194,7 @@ def test_trace_return_pairs_have_durations(kbridge_session: Session) -> None:
 def test_bpf_hits_carry_the_probe_address_registers_and_durations(session: Session) -> None:
     """eBPF sees the probe address (bpf_get_func_ip), the registers and, per call, the return time."""
     from kbridge.mechanisms import bpf
-    from kbridge.mechanisms.common import StopRule
+    from kbridge.mechanisms.engine import StopRule
 
     arm64 = session.arch.name == "arm64"
     spec = make_spec("ksys_write", {"pre", "entry", "ret"}, [], session.arch, comm="dd")

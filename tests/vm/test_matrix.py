@@ -16,7 +16,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from kbridge import events, kernels
+from kbridge import kernels, kprobe_events
 from kbridge.targets import acquire
 from kbridge.targets.base import Target
 from tests.unit.test_events_kernels import KERNEL_ONLY
@@ -67,20 +67,20 @@ def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
         f"{guest.krel} answers differently from the capture of {captured['krel']}: "
         "re-capture with python -m tests.vm.error_log_capture"
     )
-    grammar = events.grammar_for(suite, arch)  # from the image's own .config
+    grammar = kprobe_events.grammar_for(suite, arch)  # from the image's own .config
     for v in live:
         if v["line"] in KERNEL_ONLY:
             continue
         try:
-            events.parse(v["line"], arch, kernel=grammar)
+            kprobe_events.parse(v["line"], arch, kernel=grammar)
             assert v["ok"], v
-        except events.EventSyntaxError as e:
+        except kprobe_events.EventSyntaxError as e:
             assert not v["ok"] and e.kernel_position == v["kernel_position"], (v, e)
 
 
 def _trampoline(suite: str, arch: str) -> str:
     """Where a kretprobe'd function returns to, by kernel: the symbol names changed twice."""
-    version = kernels.SUITES[suite].major_minor or events.NEWEST_KNOWN
+    version = kernels.SUITES[suite].major_minor or kprobe_events.NEWEST_KNOWN
     if version < (5, 11):
         return "kretprobe_trampoline"  # renamed __kretprobe_trampoline in 5.11
     if arch == "x86_64":
@@ -124,7 +124,7 @@ def test_entry_probe_lands_after_endbr64_on_ibt_kernels(guests, suite, arch):
     guest = guests(suite, arch)
     listing = _kprobes_list(guest, "p:kbibt/w ksys_write")
     line = next(ln for ln in listing.splitlines() if "ksys_write" in ln)
-    ibt = events.grammar_for(suite, arch).ibt
+    ibt = kprobe_events.grammar_for(suite, arch).ibt
     assert ibt == (suite in ("trixie", "sid"))
     assert ("ksys_write+0x4" if ibt else "ksys_write+0x0") in line, line
     assert "[FTRACE]" in line  # both: ftrace's call sits right at the (moved) entry
@@ -140,7 +140,7 @@ def test_arm64_refuses_the_ftrace_call_site(guests, suite, arch):
         "printf 'p:kbft/a ksys_write+4\\n' >> kprobe_events; echo rc=$?; cat error_log; "
         "printf 'p:kbft/b ksys_write\\n' >> kprobe_events; echo rc=$?; : > kprobe_events",
     )
-    entries = events.parse_error_log(out)
+    entries = kprobe_events.parse_error_log(out)
     assert "rc=1" in out and out.count("rc=0") == 1, out
     assert [e.error_class for e in entries] == ["FAIL_REG_PROBE"], out
 
@@ -252,7 +252,7 @@ def test_kretprobe_past_endbr64_is_an_entry_only_with_ibt(suite, arch):
         text=True,
         timeout=900,
     )
-    if events.grammar_for(suite, arch).ibt:
+    if kprobe_events.grammar_for(suite, arch).ibt:
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
         assert summary["kernel"].startswith(("6.12", "7.")), summary

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from kbridge.errors import KbridgeError
-from kbridge.mechanisms.common import StopRule
+from kbridge.mechanisms.engine import StopRule
 from kbridge.probe import probe
 from kbridge.spec import make_spec
 from kbridge.symbols import SymbolError
@@ -246,9 +246,9 @@ def test_vm_down_all_leaves_a_running_probe_alone(short_dir, kbridge_arch):
 def test_guest_panic_is_detected(short_dir, kbridge_arch):
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
     code = (
-        "from kbridge.images import image; from kbridge.targets.qemu import QemuVM\n"
+        "from kbridge import targets; from kbridge.arch import get_arch\n"
         "from kbridge.targets.base import GuestCrash\n"
-        f"vm = QemuVM.boot(image.ensure('{kbridge_arch}'))\n"
+        f"vm = targets.boot(get_arch('{kbridge_arch}'))\n"
         "try:\n"
         "    vm.spawn(['/bin/sh', '-c', 'echo c > /proc/sysrq-trigger'])\n"  # may already see the panic
         "    vm.proc.wait(timeout=120)\n"  # panic=-1 + -no-reboot: QEMU exits

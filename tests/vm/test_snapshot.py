@@ -9,8 +9,8 @@ import pytest
 
 from kbridge.arch import get_arch
 from kbridge.images import image as images
-from kbridge.targets import snapshot
-from kbridge.targets.qemu import QemuVM
+from kbridge.targets.qemu import QemuVM, snapshot
+from kbridge.targets.qemu.argv import qemu_argv
 
 pytestmark = pytest.mark.vm
 
@@ -56,7 +56,6 @@ def test_key_changes_with_the_command_line_not_the_socket_paths(
     kbridge_arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(snapshot, "root", lambda: tmp_path)
-    from kbridge.targets.qemu import qemu_argv
 
     img = images.ensure(get_arch(kbridge_arch))
     a, b = tmp_path / "run-a", tmp_path / "run-b"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from kbridge import events
+from kbridge import kprobe_events
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import tracefs
-from kbridge.mechanisms.common import StopRule
+from kbridge.mechanisms.engine import StopRule
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
@@ -126,13 +126,13 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     ]
     before = snapshot(s)
     for line in good:
-        ev = events.parse(line, s.arch.name)
+        ev = kprobe_events.parse(line, s.arch.name)
         tracefs.define(s.target, line)
         tracefs.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
-        with pytest.raises(events.EventSyntaxError) as offline:
-            events.parse(line, s.arch.name)
-        with pytest.raises(events.EventSyntaxError) as kernel:
+        with pytest.raises(kprobe_events.EventSyntaxError) as offline:
+            kprobe_events.parse(line, s.arch.name)
+        with pytest.raises(kprobe_events.EventSyntaxError) as kernel:
             tracefs.define(s.target, line)
         got = (kernel.value.error, kernel.value.kernel_position, kernel.value.command)
         assert got == (offline.value.error, offline.value.kernel_position, offline.value.command), line
@@ -147,7 +147,7 @@ def test_clean_state_after_failures(kbridge_session: Session) -> None:
     try:
         before = snapshot(s)
         bad_offset = "ksys_write+1"  # not an instruction start on either arch
-        with pytest.raises(events.EventSyntaxError) as e:
+        with pytest.raises(kprobe_events.EventSyntaxError) as e:
             tracefs.run_lines(s, ["p:kbt/ok ksys_write", f"p:kbt/bad {bad_offset}"], sh("true"))
         assert e.value.error in ("BAD_INSN_BNDRY", "FAIL_REG_PROBE") and e.value.position == 10
         assert snapshot(s) == before

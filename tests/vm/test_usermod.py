@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kbridge import usermod
+from kbridge import kbuild, modules
 from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
@@ -38,39 +38,39 @@ def test_compiler_errors_name_the_users_file_and_line(kbridge_arch, tmp_path):
     (src / "kbchardev.c").write_text(text.replace("\tkb_rejects++;", "\tkb_rejects += nonexistent;"))
     line = (src / "kbchardev.c").read_text().splitlines().index("\tkb_rejects += nonexistent;") + 1
     with pytest.raises(KbridgeError) as e:
-        usermod.build_module(src, images.ensure(get_arch(kbridge_arch)))
+        kbuild.build(kbuild.source_files(src), images.ensure(get_arch(kbridge_arch)), str(src))
     assert f"{src}/kbchardev.c:{line}: error: 'nonexistent' undeclared" in e.value.message
     assert f"    {line} | kb_rejects += nonexistent;" in e.value.message
-    assert "/usermods/" not in e.value.message  # no path of kbridge's build copy
+    assert "/kbuild/" not in e.value.message  # no path of kbridge's build copy
 
 
 def test_an_unchanged_module_is_not_rebuilt(kbridge_arch):
     img = images.ensure(get_arch(kbridge_arch))
-    first = usermod.build_module(EXAMPLE, img)
+    first = kbuild.pick(kbuild.build(kbuild.source_files(EXAMPLE), img, str(EXAMPLE)), str(EXAMPLE))
     stamp = first.ko.stat().st_mtime_ns
-    again = usermod.build_module(EXAMPLE, img)
+    again = kbuild.pick(kbuild.build(kbuild.source_files(EXAMPLE), img, str(EXAMPLE)), str(EXAMPLE))
     assert again.ko == first.ko and again.ko.stat().st_mtime_ns == stamp
     assert first.params == {"debug": "int", "fail_init": "bool", "greeting": "charp"}
     assert first.krel == img.krel and first.arch == kbridge_arch
 
 
 def test_refused_parameters_change_nothing_in_the_guest(kbridge_vm, kbridge_session):
-    vm = kbridge_session.vm
-    before = usermod.loaded_modules(vm)
+    vm = kbridge_session.target
+    before = modules.loaded_modules(vm)
     for params in ({"debug": "1 fail_init=1"}, {"greeting": "two words"}, {"verbose": 1}):
         with pytest.raises(KbridgeError):
-            usermod.load_module(vm, EXAMPLE, params)
-    assert usermod.loaded_modules(vm) == before
+            modules.load_module(vm, EXAMPLE, params)
+    assert modules.loaded_modules(vm) == before
     assert _leftovers(vm) == []
 
 
 def test_unload_refuses_the_guests_own_drivers(kbridge_session):
     with pytest.raises(KbridgeError, match="part of the guest kernel"):
-        usermod.unload_module(kbridge_session.vm, "virtio_console")
+        modules.unload_module(kbridge_session.target, "virtio_console")
     with pytest.raises(KbridgeError, match="is not loaded"):
-        usermod.unload_module(kbridge_session.vm, "mydrv")
+        modules.unload_module(kbridge_session.target, "mydrv")
     with pytest.raises(KbridgeError, match="invalid module name"):
-        usermod.unload_module(kbridge_session.vm, "a;reboot")
+        modules.unload_module(kbridge_session.target, "a;reboot")
 
 
 def test_push_keeps_the_mode_and_pull_brings_files_back(kbridge_vm, tmp_path):
@@ -111,16 +111,16 @@ def test_a_warning_in_init_loads_an_oops_crashes(kbridge_arch):
     # An oops leaves the module half-initialised in a guest that cannot be trusted after it:
     # this runs in a VM of its own, never in the kept one the other tests share.
     img = images.ensure(get_arch(kbridge_arch))
-    built = usermod.build_module(OOPS, img)
+    built = kbuild.pick(kbuild.build(kbuild.source_files(OOPS), img, str(OOPS)), str(OOPS))
     vm = QemuVM.boot(img)
     try:
-        warned = usermod.load_module(vm, WARN)
+        warned = modules.load_module(vm, WARN)
         assert any("WARNING: CPU:" in line for line in warned.log)
         assert "warn_init: loaded after a warning" in warned.log
-        usermod.unload_module(vm, "warn_init")
+        modules.unload_module(vm, "warn_init")
         assert not (vm.rundir / "crashed").exists()
         with pytest.raises(GuestCrash) as e:
-            usermod.load_module(vm, built)
+            modules.load_module(vm, built)
         assert "loading oops_init crashed the guest kernel in its init" in e.value.message
         assert "about to oops" in e.value.text
         assert "NULL pointer dereference" in e.value.text

@@ -29,7 +29,7 @@ from kbridge.errors import KbridgeError
 from kbridge.images import box as boxes
 from kbridge.inspect import inspect
 from kbridge.mechanisms import tracefs
-from kbridge.mechanisms.common import StopRule
+from kbridge.mechanisms.engine import StopRule
 from kbridge.paths import cache_dir
 from kbridge.probe import probe
 from kbridge.session import Session

@@ -12,7 +12,7 @@ def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...
     """The 'builds' and 'loads' checks; the loaded module, or None when either failed."""
     src = f"{name}.c"
     try:
-        ctx.module = build_student_module(name, ctx.files[src], ctx.student_path(src), ctx.target.image, ctx.workdir)
+        ctx.module = build_student_module(name, ctx.files[src], ctx.directory, ctx.target.image)
     except KbridgeError as e:
         g.fail("builds", e.message)
         return None
@@ -67,7 +67,7 @@ def unload(
 
     t = ctx.target
     unregister = UNREGISTER[kind]
-    if ctx.module is not None and not imports(ctx.module, t.arch.cross_compile()) & set(unregister):
+    if ctx.module is not None and not imports(ctx.module) & set(unregister):
         # rmmod would leave the probe registered with its handlers freed: the next hit crashes the
         # kernel, and reading kprobes/list touches the freed probe too. Say so without doing it.
         ctx.restart = True

@@ -11,7 +11,7 @@ from kbridge.labs.checkers.kprobe_module import wrapper_symbol
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import GUEST_DIR, WORKLOAD, WORKLOAD_COMM, guest_run
-from kbridge.targets.qga import ChannelError
+from kbridge.targets.base import GuestIOError
 
 TRACING = "/sys/kernel/tracing"
 EVENT = "sys_write_event"
@@ -74,7 +74,7 @@ def _step(ctx: LabContext, name: str) -> tuple[int, str]:
 def _read(ctx: LabContext, path: str) -> str | None:
     try:
         return ctx.target.read_file(path).decode(errors="replace")
-    except ChannelError:
+    except GuestIOError:
         return None
 
 

@@ -9,14 +9,14 @@ import re
 import time
 from pathlib import Path
 
-from kbridge import events
+from kbridge import kprobe_events
 from kbridge.errors import KbridgeError
 from kbridge.labs.checkers.common import build_and_load
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import GUEST_DIR, WORKLOAD, guest_run
 from kbridge.labs.kmodule import int_state
-from kbridge.targets.qga import ChannelError
+from kbridge.targets.base import GuestIOError
 
 MODULE = "three_lab"
 SYMBOL = "ksys_write"
@@ -106,7 +106,7 @@ def parse_keys(text: str) -> dict[str, str]:
 def _read(ctx: LabContext, path: str) -> str:
     try:
         return ctx.target.read_file(path).decode(errors="replace")
-    except ChannelError:
+    except GuestIOError:
         return ""
 
 
@@ -114,13 +114,12 @@ def run(ctx: LabContext, g: Grader) -> None:
     t = ctx.target
     python = t.bcc_python()
     assert python is not None  # the runner only starts this lab in a guest with bcc
-    arch = t.arch.name
     keys = parse_keys(ctx.files["event.txt"])
-    ev: events.ProbeEvent | None = None
+    ev: kprobe_events.ProbeEvent | None = None
     why = ""
     try:
-        parsed = events.parse(keys.get("event", ""), arch)
-        if not isinstance(parsed, events.ProbeEvent) or parsed.kind != "p" or parsed.symbol != SYMBOL:
+        parsed = kprobe_events.parse(keys.get("event", ""), ctx.session.grammar)
+        if not isinstance(parsed, kprobe_events.ProbeEvent) or parsed.kind != "p" or parsed.symbol != SYMBOL:
             why = f"{keys.get('event', '')!r} is not a kprobe (p:) event on {SYMBOL}"
         else:
             ev = parsed
@@ -165,7 +164,7 @@ def run(ctx: LabContext, g: Grader) -> None:
             t.write_file(f"{TRACING}/kprobe_events", (keys["event"] + "\n").encode(), mode="a")
             if filt:
                 t.write_file(f"{evdir}/filter", filt.encode())
-        except ChannelError:
+        except GuestIOError:
             err = _read(ctx, f"{TRACING}/error_log").strip().splitlines()[-3:]
             why = "the kernel refused it: " + (" ".join(err) or _read(ctx, f"{evdir}/filter").strip())
             ev = None if not _read(ctx, f"{evdir}/enable") else ev

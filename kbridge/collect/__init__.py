@@ -1,1 +1,0 @@
-"""Collectors: turn what each mechanism reports (dmesg, trace_pipe, bpf) into Hit records."""

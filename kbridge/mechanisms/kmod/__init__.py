@@ -1,0 +1,257 @@
+"""The kernel-module mechanism: insmod a generated module, stream its printk hits, rmmod it.
+
+render.py writes the module from the templates in kmod/, kbridge.kbuild builds it,
+collect.py reads its log lines. Counts come from the module's exact counters (its
+unload message), never only from the log, so a lost printk line shows up as `lost`,
+not as a missing hit. Only records of the kernel's own facility are read: a line
+user space writes to /dev/kmsg can never pass for a hit (it is counted as forged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from kbridge import oops, progress
+from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
+from kbridge.images.image import Image
+from kbridge.kbuild import build_generated
+from kbridge.mechanisms import Mechanism
+from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule, Totals, drive
+from kbridge.mechanisms.histogram import Log2Histogram
+from kbridge.mechanisms.kmod.collect import ModuleEvent, parse_event, parse_hit
+from kbridge.mechanisms.kmod.errors import explain_refusal, register_error
+from kbridge.mechanisms.kmod.render import render
+from kbridge.session import Session
+from kbridge.spec import Hit, ProbeSpec
+from kbridge.targets import ownership
+from kbridge.targets.base import GuestCrash, KmsgRecord
+from kbridge.workload import Workload
+
+READY_TIMEOUT_S = 30.0
+UNLOAD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class BuiltProbe:
+    """A module rendered from a spec and built for one image."""
+
+    name: str
+    ko: Path
+
+
+def check(spec: ProbeSpec, arch: Arch) -> None:
+    """What the generated module cannot do for SPEC, said before any VM boots."""
+    if arch.is_syscall_wrapper(spec.symbol):
+        if bad := [a for a in spec.args if a.index > len(arch.syscall_arg_fields)]:
+            raise KbridgeError(
+                f"{spec.symbol} is a syscall: it has at most {len(arch.syscall_arg_fields)} "
+                f"arguments, not --arg {bad[0].name}={bad[0].index}"
+            )
+        if spec.args and spec.offset:
+            # The wrapper's first argument register holds the user pt_regs only at entry;
+            # past it the register may hold anything, and dereferencing it oopses.
+            raise KbridgeError(
+                f"--arg with --offset {spec.offset:#x} on {spec.symbol}: the syscall's arguments are read "
+                "through the user pt_regs in the first argument register, which only holds it at the "
+                "function entry",
+                f"drop --offset, or drop --arg to probe {spec.symbol}+{spec.offset:#x}",
+            )
+
+
+def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
+    """Render SPEC into C and build it for IMAGE (cached): may run while the guest boots."""
+    mod = render(spec, image.arch, image.krel)  # --fault on 5.14+ is refused here, before any boot
+    return BuiltProbe(mod.name, build_generated(mod.name, mod.files, image))
+
+
+class _Loaded:
+    """The module loaded in the guest, as the engine's Armed probe: insmod on enter, rmmod on exit."""
+
+    def __init__(self, session: Session, spec: ProbeSpec, built: BuiltProbe) -> None:
+        self.session = session
+        self.target = session.target
+        self.spec = spec
+        self.module = built.name
+        self.ko = built.ko.read_bytes()
+        self.run_id = secrets.token_hex(4)
+        self.stream = self.target.kmsg(idle=0.02)
+        self.loaded = False
+        self.forged = 0
+        self._totals: Totals | None = None
+        self._record: ownership.Record | None = None
+
+    def __enter__(self) -> _Loaded:
+        target = self.target
+        # Named by content and left in the guest's /tmp: removing it would cost a guest
+        # command per run, and a kept VM probing the same spec again overwrites it in place.
+        guest_ko = f"/tmp/kbridge-{hashlib.sha256(self.ko).hexdigest()[:16]}.ko"
+        target.write_file(guest_ko, self.ko)
+        params = [f"run={self.run_id}"]
+        if pids := target.plumbing_pids():
+            params.append("exclude=" + ",".join(map(str, pids)))
+        if self.spec.pid:
+            params.append(f"target_pid={self.spec.pid}")
+        self._record = ownership.claim(target, "module", self.module)  # a killed kbridge's module is unloaded next time
+        try:
+            ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)
+            if not ins.ok:
+                raise self._load_failure(ins.stderr.decode(errors="replace"))
+            self.loaded = True
+            self._wait_for("ready", READY_TIMEOUT_S)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(exc, GuestCrash):
+            self.target.mark_crashed()  # nothing can be unloaded from an oopsed kernel: the VM is restarted
+            return
+        if self.loaded:
+            # Interrupted before drain(): unload without waiting for the counts.
+            self.target.run(["/sbin/rmmod", self.module], timeout=60)
+            self.loaded = self.module in self.session.loaded_modules()
+        self._release()
+
+    def _release(self) -> None:
+        if self._record is not None and not self.loaded:
+            ownership.release(self.target, self._record)
+            self._record = None
+
+    # -- the kernel log ------------------------------------------------------------
+
+    def _next(self) -> KmsgRecord | None:
+        """The next kernel record (None when idle); an oops raises GuestCrash with its report."""
+        while True:
+            rec = next(self.stream)
+            if rec is None:
+                return None
+            if not rec.from_kernel:
+                if rec.text.startswith(f"{self.module}: "):
+                    self.forged += 1  # written to /dev/kmsg from user space: never a hit
+                continue
+            if oops.is_oops(rec.text):
+                self.target.mark_crashed()
+                report = oops.collect(rec.text, _texts(self.stream))
+                raise GuestCrash(crash_message(report, self.module), report)
+            return rec
+
+    def _wait_for(self, kind: str, timeout: float) -> ModuleEvent:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = self._next()
+            ev = parse_event(rec.text, self.module) if rec else None
+            if ev and ev.run == self.run_id and ev.kind == kind:
+                return ev
+        raise KbridgeError(f"{self.module}: no '{kind}' message in the guest log within {timeout:.0f} s")
+
+    def _load_failure(self, stderr: str) -> KbridgeError:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            rec = self._next()
+            ev = parse_event(rec.text, self.module) if rec else None
+            if ev and ev.run == self.run_id and ev.kind == "failed":
+                if ev.what == "kprobe":
+                    ftraceable = self.session.is_ftraceable(self.spec.symbol)
+                    return explain_refusal(
+                        ev.errno, ev.what, self.session.arch, self.spec.symbol, self.spec.offset, ftraceable
+                    )
+                return register_error(ev.errno, ev.what, self.spec.symbol)
+        return KbridgeError(f"insmod {self.module}.ko failed: {stderr.strip()}")
+
+    def _hit(self, rec: KmsgRecord | None) -> Hit | None:
+        return parse_hit(rec.text, self.module, self.spec.symbol, rec.usec) if rec else None
+
+    # -- Armed ----------------------------------------------------------------------
+
+    def hits(self) -> Iterator[Hit | None]:
+        while True:
+            yield self._hit(self._next())
+
+    def drain(self) -> Iterator[Hit]:
+        """rmmod; the hits printed before it precede the unload message, which holds the counts."""
+        rm = self.target.run(["/sbin/rmmod", self.module], timeout=60)
+        if not rm.ok:
+            raise KbridgeError(f"rmmod {self.module} failed: {rm.stderr.decode(errors='replace').strip()}")
+        self.loaded = False
+        deadline = time.monotonic() + UNLOAD_TIMEOUT_S
+        durations: Log2Histogram | None = None
+        while time.monotonic() < deadline:
+            rec = self._next()
+            if rec is None:
+                continue
+            if (hit := self._hit(rec)) is not None:
+                yield hit
+                continue
+            ev = parse_event(rec.text, self.module)
+            if ev and ev.run == self.run_id and ev.kind == "durations":
+                durations = Log2Histogram(ev.buckets or {}, source="module")
+            if ev and ev.run == self.run_id and ev.kind == "unloaded":
+                self._totals = self._settle(ev, durations)
+                break
+        else:
+            progress.warn(f"{self.module}: the unload message did not arrive; counters unknown")
+        if self.module in self.session.loaded_modules():
+            self.loaded = True
+            raise KbridgeError(f"{self.module} is still loaded after rmmod")
+
+    def _settle(self, ev: ModuleEvent, durations: Log2Histogram | None) -> Totals:
+        c = ev.counters or {}
+        wanted = {*self.spec.handlers, *(("fault",) if self.spec.fault else ())}
+        totals = Totals(
+            {h: c.get(h, 0) for h in ("pre", "post", "entry", "ret", "fault") if h in wanted},
+            missed=c.get("kprobe_nmissed", 0) + c.get("kretprobe_nmissed", 0),
+            durations=durations,
+        )
+        if c.get("fault"):
+            totals.notes.append(
+                "kprobe_fault_handler() also counts each fault taken in a handler as "
+                "missed (nmissed), so missed includes the fault hits"
+            )
+        if self.forged:
+            totals.notes.append(
+                f"{self.forged} lines in the kernel log looked like {self.module}'s hits but were written "
+                "from user space (/dev/kmsg): not counted"
+            )
+        return totals
+
+    def totals(self) -> Totals:
+        return self._totals or Totals({h: 0 for h in self.spec.handlers})
+
+
+def _texts(stream: Iterator[KmsgRecord | None]) -> Iterator[str | None]:
+    for rec in stream:
+        yield rec.text if rec is not None else None
+
+
+def crash_message(report: str, ours: str) -> str:
+    """Which module the kernel blames for REPORT (the faulting frame's), never kbridge's by default."""
+    site = oops.faulting_site(report)
+    if site is None:
+        return "the guest kernel crashed"
+    where = f"in {site.module}" if site.module else "in the kernel itself"
+    mine = " (kbridge's probe module)" if site.module == ours else ""
+    return f"the guest kernel crashed at {site} {where}{mine}"
+
+
+def run(
+    session: Session,
+    spec: ProbeSpec,
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    prepared: object = None,
+) -> MechanismResult:
+    """Load the module built from SPEC into the session's guest, run WORKLOAD, collect, unload."""
+    built = prepared if isinstance(prepared, BuiltProbe) else prepare(spec, session.image)
+    return drive("kmod", session.target, spec, workload, stop, on_hit, _Loaded(session, spec, built))
+
+
+MECHANISM = Mechanism("kmod", "default", check, prepare, run)

@@ -1,0 +1,434 @@
+"""The tracefs mechanism: kprobe_events lines, event filters, trace_pipe streamed to the host.
+
+render.py turns a ProbeSpec into lines (kbridge.kprobe_events checks them offline),
+guest.py does each tracefs file operation, collect.py parses trace_pipe, steps.py
+shows the operations (`trace --steps`). One run: check the lines, resolve their
+symbols, append them to kprobe_events, set each event's filter (always excluding
+kbridge's own guest processes), start the trace_pipe reader, enable, run the
+workload, disable, drain trace_pipe up to an end marker, then remove exactly the
+events it added. kprobe_events, buffer_size_kb and tracing_on are left as they were
+found, whatever happened (a rejected line, a bad filter, a failing workload, Ctrl-C).
+
+Nothing is hidden: events overwritten in the ring buffer before they were read
+(per_cpu/cpuN/stats overrun, "[LOST n EVENTS]" lines) are `lost`, and
+kprobe_profile's nmissed is `missed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from types import TracebackType
+
+from kbridge import kprobe_events, progress
+from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
+from kbridge.mechanisms import Mechanism
+from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule, Totals, drive
+from kbridge.mechanisms.histogram import ReturnPairer
+from kbridge.mechanisms.tracefs import guest, render
+from kbridge.mechanisms.tracefs.collect import CpuStats, EventInfo, TracePipeParser, parse_kprobe_profile
+from kbridge.mechanisms.tracefs.guest import TRACING, GuestTracingState, build_filter
+from kbridge.mechanisms.tracefs.steps import StepReporter, StepSink, syscall_rewrite_note
+from kbridge.session import Session
+from kbridge.spec import Hit, ProbeSpec
+from kbridge.targets import ownership
+from kbridge.targets.base import TRACE_PORT, LineStream
+from kbridge.workload import Workload
+
+# Copy a file (trace_pipe) to a stream's guest path; the paths are arguments, never pasted into the script.
+STREAM = ["/bin/sh", "-c", 'exec cat "$1" > "$2"', "kbridge-stream"]
+# The ring buffer per CPU during a run when the user names none: 6.1's default (1408 KiB) overruns
+# while the host reader catches up with a burst (21 % of 200 000 dd writes were lost); 16 MiB
+# holds that burst. The guest's own setting is restored after the run.
+DEFAULT_BUFFER_KB = 16384
+MARKER_TIMEOUT_S = 60.0  # TCG on a loaded host: trace_pipe -> cat -> virtio -> host
+
+HitAdapter = Callable[[EventInfo, Hit], Hit]
+
+
+def resolve_symbols(
+    session: Session, parsed: list[kprobe_events.ProbeEvent], notes: list[str]
+) -> list[kprobe_events.ProbeEvent]:
+    """Check each probed symbol against the target kernel; syscall aliases become their entry.
+
+    Unknown, non-unique and blacklisted symbols raise Session.resolve's errors
+    (with near matches) before anything is written to the guest.
+    """
+    out = []
+    for ev in parsed:
+        if ev.symbol is None or ev.module is not None:
+            out.append(ev)
+            continue
+        res = session.resolve(ev.symbol)
+        if res.symbol != ev.symbol:
+            notes.append(f"resolved {res.note}")
+            if why := syscall_rewrite_note(ev.symbol, res.symbol, session.arch):
+                notes.append(why)
+            if any(isinstance(a.fetch, kprobe_events.Arg) for a in ev.args):
+                notes.append(
+                    f"{res.symbol}'s only argument is the user's pt_regs: $argN there is not "
+                    f"the syscall's argument (fetch them through it, e.g. +OFFSET($arg1))"
+                )
+            # Keep the event name the user asked for (or would have got).
+            ev = replace(ev, symbol=res.symbol, event=ev.effective_event)
+        out.append(ev)
+    return out
+
+
+class _Events:
+    """kprobe events defined in the guest, as the engine's Armed probe: defined and enabled on
+    enter, removed on exit (and the guest's tracefs settings restored)."""
+
+    def __init__(
+        self,
+        session: Session,
+        lines: list[str],
+        checked: list[kprobe_events.ProbeEvent],
+        parsed: list[kprobe_events.ProbeEvent],
+        user_filter: str | None,
+        pid: int | None,
+        comm: str | None,
+        buffer_kb: int | None,
+        adapt: HitAdapter | None,
+        steps: StepReporter | None,
+    ) -> None:
+        self.session = session
+        self.vm = session.target
+        self.lines, self.checked, self.parsed = lines, checked, parsed
+        self.user_filter, self.pid, self.comm = user_filter, pid, comm
+        self.buffer_kb = buffer_kb
+        self.adapt = adapt
+        self.rep = steps
+        self.infos = {ev.effective_event: EventInfo.from_probe(ev) for ev in parsed}
+        self.parser = TracePipeParser(self.infos)
+        self.counters = {info.full_name: 0 for info in self.infos.values()}
+        self.returns = ReturnPairer()
+        self.entries = {
+            f"{ev.effective_group}/{ev.effective_event}" for ev in parsed if not ev.is_return and not ev.offset
+        }
+        self.token = secrets.token_hex(4)
+        self.records: list[ownership.Record] = []
+        self.defined: list[kprobe_events.ProbeEvent] = []
+        self.reader: ownership.OwnedProcess | None = None
+        self.port: LineStream | None = None
+        self.stats_before: dict[str, CpuStats] = {}
+        self.seen_start = False
+        self.drained = False
+        self.undrained = False  # the end marker never came: some events may be unread
+        self.state: GuestTracingState | None = None
+
+    # -- arming ---------------------------------------------------------------------
+
+    def __enter__(self) -> _Events:
+        vm, rep = self.vm, self.rep
+        self.state = state = GuestTracingState.read(vm)
+        if self.buffer_kb is None and state.buffer_size_kb < DEFAULT_BUFFER_KB:
+            self.buffer_kb = DEFAULT_BUFFER_KB
+        self._refuse_clashes(state)
+        try:
+            if self.buffer_kb is not None:
+                vm.write_file(f"{TRACING}/buffer_size_kb", str(self.buffer_kb).encode())
+            if state.tracing_on != "1":
+                vm.write_file(f"{TRACING}/tracing_on", b"1")
+            for ev, original, line in zip(self.parsed, self.checked, self.lines, strict=True):
+                self.records.append(ownership.claim(vm, "event", f"{ev.effective_group}/{ev.effective_event}"))
+                written = line if ev == original else kprobe_events.format(ev)
+                guest.define(vm, written, rep)
+                self.defined.append(ev)
+                if rep:
+                    rep.defined(written, ev.effective_group, ev.effective_event)
+            vm.write_file(f"{TRACING}/trace", b"")  # start from an empty ring buffer
+            self.port = vm.stream(TRACE_PORT)
+            next(self.port)  # connect the host side before the guest writes
+            self.stats_before = guest.read_stats(vm)
+            self.reader = ownership.spawn(vm, [*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
+            exclude = sorted({*vm.plumbing_pids(), self.reader.pid})
+            text = build_filter(self.user_filter, self.pid, self.comm, exclude)
+            for ev in self.defined:
+                if self.user_filter is not None and self.user_filter.strip():
+                    # The user's expression alone first, so the kernel's caret points into it.
+                    guest.set_filter(vm, ev, self.user_filter.strip(), rep)
+                guest.set_filter(vm, ev, text, rep)
+            vm.write_file(f"{TRACING}/trace_marker", f"kbridge-start-{self.token}".encode())
+            try:
+                for _ in self._read_until(f"kbridge-start-{self.token}"):
+                    pass  # nothing is enabled yet: no hit comes before the start marker
+            except TimeoutError:
+                raise KbridgeError(
+                    f"trace_pipe did not reach the host (no start marker within {MARKER_TIMEOUT_S:.0f} s)",
+                    "kbridge doctor checks the guest's stream ports",
+                ) from None
+            for ev in self.defined:
+                guest.enable(vm, ev, True, rep)
+            if rep:
+                rep.reading(f"{TRACING}/trace_pipe", "each event as the kernel records it (the hits below)")
+        except BaseException:
+            self._teardown(completed=False)
+            raise
+        return self
+
+    def _refuse_clashes(self, state: GuestTracingState) -> None:
+        existing = guest.existing_events(state.kprobe_events, self.session.grammar)
+        by_event = {full.split("/", 1)[1]: full for full in existing}
+        for ev in self.parsed:
+            name = f"{ev.effective_group}/{ev.effective_event}"
+            if name not in existing and ev.effective_event in by_event:
+                other = by_event[ev.effective_event]
+                raise KbridgeError(
+                    f"the guest already has a kprobe event {other} ({existing[other]!r}): trace_pipe "
+                    f"would print its hits and those of {name} alike, as {ev.effective_event!r}",
+                    "give yours another event name: p:GROUP/NAME ...",
+                )
+            if name in existing:
+                # 6.1 would append a same-named line as another probe of that event
+                # (multi-probe events), and removing ours would remove the user's too.
+                raise KbridgeError(
+                    f"the guest already has a kprobe event {name}: {existing[name]!r}",
+                    "name yours differently: p:GROUP/NAME ...",
+                )
+
+    # -- reading --------------------------------------------------------------------
+
+    def _handle(self, line: str) -> Hit | None:
+        rec = self.parser.feed(line)
+        if rec is None:
+            return None
+        info = self.infos[rec.event]
+        self.counters[info.full_name] += 1
+        hit = self.parser.hit(rec)
+        if info.is_return or info.full_name in self.entries:
+            self.returns.feed(hit)  # a return's duration: since its thread's hit of an entry event on that symbol
+        return self.adapt(info, hit) if self.adapt is not None else hit
+
+    def _read_until(self, marker: str) -> Iterator[Hit]:
+        """Hits up to our trace_marker line; lines before the start marker are not ours (a previous,
+        interrupted run may have left some in the port)."""
+        assert self.port is not None
+        deadline = time.monotonic() + MARKER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = next(self.port)
+            if line is None:
+                continue
+            if line.endswith(f"tracing_mark_write: {marker}"):
+                self.seen_start = True
+                return
+            if self.seen_start and (hit := self._handle(line)) is not None:
+                yield hit
+        raise TimeoutError(marker)
+
+    def hits(self) -> Iterator[Hit | None]:
+        assert self.port is not None
+        while True:
+            line = next(self.port)
+            yield self._handle(line) if line is not None else None
+
+    def drain(self) -> Iterator[Hit]:
+        """Disable, then read up to a marker written after the last event."""
+        for ev in self.defined:
+            guest.enable(self.vm, ev, False, self.rep)
+        self.vm.write_file(f"{TRACING}/trace_marker", f"kbridge-end-{self.token}".encode())
+        try:
+            yield from self._read_until(f"kbridge-end-{self.token}")
+        except TimeoutError:
+            self.undrained = True
+        self.drained = True
+
+    def totals(self) -> Totals:
+        vm = self.vm
+        self.parser.flush()
+        notes: list[str] = []
+        if self.undrained:
+            notes.append("trace_pipe did not drain to the end marker: some events may be unread")
+        after = guest.read_stats(vm)
+        overrun = sum((after[c] - self.stats_before.get(c, CpuStats())).lost for c in after)
+        lost = max(overrun, self.parser.lost)
+        if self.parser.lost and self.parser.lost != overrun:
+            notes.append(
+                f"trace_pipe reported {self.parser.lost} lost events, the ring buffer stats {overrun}; counting {lost}"
+            )
+        if self.parser.unparsed:
+            notes.append(
+                f"{len(self.parser.unparsed)} trace_pipe lines did not parse, e.g. {self.parser.unparsed[0][:200]!r}"
+            )
+        profile = parse_kprobe_profile(vm.read_file(f"{TRACING}/kprobe_profile").decode())
+        missed = sum(profile.get(ev.effective_event, (0, 0))[1] for ev in self.defined)
+        counters = dict(self.counters)
+        if lost:
+            if len(self.defined) == 1:
+                # hits stay exact: events read + events the ring buffer overwrote before they were read.
+                (name,) = counters
+                counters[name] += lost
+            notes.append(
+                f"{lost} events were overwritten in the ring buffer before they were read "
+                "(a larger --buffer-kb keeps them)"
+                + ("" if len(self.defined) == 1 else "; the per-event counts are the events read")
+            )
+        for note in notes:
+            progress.warn(note)
+        if self.rep:
+            self.rep.show(
+                f"{TRACING}/kprobe_profile", "EVENT, times the probe fired (before any filter), times it was missed"
+            )
+        return Totals(counters, missed=missed, dropped=lost, notes=notes)
+
+    # -- disarming ------------------------------------------------------------------
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        # After Ctrl-C mid-call the agent drops the late reply itself.
+        self._teardown(completed=self.drained)
+
+    def _teardown(self, completed: bool) -> None:
+        """Undo everything the run did, step by step, so one failure does not skip the rest."""
+        vm, rep = self.vm, self.rep
+        failures: list[str] = []
+
+        def step(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - keep undoing; report at the end
+                failures.append(f"{what}: {e}")
+
+        for ev in self.defined:
+            step(f"disable {ev.effective_event}", functools.partial(guest.enable, vm, ev, False))
+        if self.reader is not None:
+            step("stop the trace_pipe reader", self.reader.stop)
+        with contextlib.suppress(Exception):
+            vm.close_stream(TRACE_PORT)
+        for ev in reversed(self.defined):
+            step(f"remove {ev.effective_group}/{ev.effective_event}", functools.partial(guest.remove, vm, ev))
+            if rep:
+                rep.removed(render.removal_line(ev), ev.effective_group, ev.effective_event)
+        state = self.state
+        if state is not None:
+            if self.buffer_kb is not None:
+                step(
+                    "restore buffer_size_kb",
+                    lambda: vm.write_file(f"{TRACING}/buffer_size_kb", str(state.buffer_size_kb).encode()),
+                )
+            if state.tracing_on != "1":
+                step("restore tracing_on", lambda: vm.write_file(f"{TRACING}/tracing_on", state.tracing_on.encode()))
+            with contextlib.suppress(Exception):
+                now = vm.read_file(guest.KPROBE_EVENTS).decode()
+                if now != state.kprobe_events:
+                    failures.append(f"kprobe_events differs from before the run: {now!r}")
+        if not failures:
+            for rec in self.records:
+                ownership.release(vm, rec)
+        if failures:
+            msg = "tracefs cleanup failed: " + "; ".join(failures)
+            if completed:
+                raise KbridgeError(msg, "kbridge vm down stops the VM and with it every probe")
+            progress.warn(msg)
+
+
+def run_lines(
+    session: Session,
+    lines: list[str],
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    filter: str | None = None,  # noqa: A002 - the CLI's name
+    buffer_kb: int | None = None,
+    pid: int | None = None,
+    comm: str | None = None,
+    spec: ProbeSpec | None = None,
+    adapt: HitAdapter | None = None,
+    steps: StepSink | None = None,
+) -> MechanismResult:
+    """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them.
+
+    ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
+    overwritten before they were read; ``missed`` is kprobe_profile's nmissed.
+    STEPS, if given, receives each tracefs operation with the files read back after it.
+    A return event's hits get the time since their thread's hit of an entry event on the
+    same symbol (duration_ns, from trace_pipe's microsecond timestamps).
+    """
+    for line in lines:
+        if any(c in line for c in "\n\r\0"):
+            raise KbridgeError(f"invalid event line {line!r}: one kprobe_events command per line")
+    checked = render.check_lines(lines, session.grammar)  # that kernel's grammar
+    if not checked:
+        raise KbridgeError("no event line given", "e.g. kbridge trace 'p:myw ksys_write fd=$arg1'")
+    if buffer_kb is not None and buffer_kb <= 0:
+        raise KbridgeError(f"invalid --buffer-kb {buffer_kb}: must be > 0")
+    build_filter(filter, pid, comm)  # validates before anything is written
+    notes: list[str] = []
+    parsed = resolve_symbols(session, checked, notes)
+    for n in notes:
+        progress.info(n)
+    events = _Events(
+        session,
+        lines,
+        checked,
+        parsed,
+        filter,
+        pid,
+        comm,
+        buffer_kb,
+        adapt,
+        StepReporter(session.target, steps) if steps else None,
+    )
+    placeholder = spec or ProbeSpec(parsed[0].symbol or "?")
+    return drive("tracefs", session.target, placeholder, workload, stop, on_hit, events, notes)
+
+
+def check(spec: ProbeSpec, arch: Arch) -> None:
+    """What kprobe_events cannot do for SPEC, said before any VM boots (rendering checks it all)."""
+    render.render(spec, arch)
+
+
+def run(
+    session: Session,
+    spec: ProbeSpec,
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    prepared: object = None,
+) -> MechanismResult:
+    """Probe SPEC through kprobe_events: the `--via tracefs` path of kbridge probe.
+
+    Counters are by handler, as for the module; handlers tracefs cannot tell
+    apart (--pre/--post/--entry share the one kprobe event) get the same count.
+    """
+    rendered = render.render(spec, session.arch, session.grammar)
+    by_event = {r.event.effective_event: r for r in rendered}
+
+    def adapt(info: EventInfo, hit: Hit) -> Hit:
+        handlers = by_event[info.name].handlers
+        hit.handler = handlers[0]
+        if info.is_return:
+            ret = hit.args.pop("ret", None)
+            hit.retval = ret if isinstance(ret, int) else None
+        if render.IP_ARG in hit.args:
+            # %ip/%pc and %flags/%pstate as the kprobe handler saw them; tracefs shows no probe address.
+            hit.ip = int(hit.args.pop(render.IP_ARG))
+            hit.flags = int(hit.args.pop(render.FLAGS_ARG))
+            hit.arch = session.arch.name
+        return hit
+
+    result = run_lines(
+        session,
+        [r.line for r in rendered],
+        workload,
+        stop,
+        on_hit,
+        pid=spec.pid,
+        comm=spec.comm,
+        spec=spec,
+        adapt=adapt,
+    )
+    counters: dict[str, int] = {}
+    for r in rendered:
+        for h in r.handlers:
+            counters[h] = result.counters.get(r.full_name, 0)
+    result.counters = counters
+    result.notes[:0] = render.spec_notes(spec)
+    return result
+
+
+MECHANISM = Mechanism("tracefs", "default", check, None, run)

@@ -1,0 +1,189 @@
+"""The guest's tracefs, file by file: what a run reads and writes, and how a refusal is explained.
+
+define() appends to kprobe_events and turns a rejection into the kernel's own error_log
+verdict and caret; set_filter() likewise for event filters; GuestTracingState is what a
+run may change and must restore. Every helper takes the Target: the tracefs mechanism
+and the labs drive tracefs through these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+from kbridge import kprobe_events
+from kbridge.errors import KbridgeError
+from kbridge.kprobe_events import Grammar
+from kbridge.mechanisms.tracefs import render
+from kbridge.mechanisms.tracefs.collect import CpuStats, parse_cpu_stats
+from kbridge.mechanisms.tracefs.steps import StepReporter, shell_quote
+from kbridge.targets.base import GuestIOError, Target
+
+TRACING = "/sys/kernel/tracing"
+KPROBE_EVENTS = f"{TRACING}/kprobe_events"
+_COMM = re.compile(r"[\x21-\x7e]{1,15}")
+
+
+@dataclass
+class GuestTracingState:
+    """What a run may change in the guest's tracefs, read before it starts."""
+
+    kprobe_events: str
+    buffer_size_kb: int
+    tracing_on: str
+
+    @classmethod
+    def read(cls, vm: Target) -> GuestTracingState:
+        size = vm.read_file(f"{TRACING}/buffer_size_kb").decode()
+        # "7 (expanded: 1408)": the boot-time buffer is tiny until tracing is
+        # first used, then grows to the expanded size; that is the one to restore.
+        m = re.search(r"expanded:\s*(\d+)", size)
+        return cls(
+            vm.read_file(KPROBE_EVENTS).decode(),
+            int(m.group(1) if m else size.split()[0]),
+            vm.read_file(f"{TRACING}/tracing_on").decode().strip(),
+        )
+
+
+def build_filter(
+    user: str | None = None, pid: int | None = None, comm: str | None = None, exclude: list[int] | tuple[int, ...] = ()
+) -> str:
+    """One event filter: the user's expression, --pid, --comm, and never kbridge's own pids.
+
+    6.1 has no common_tgid field, so --pid matches common_pid (the thread id):
+    the process itself, not its other threads.
+    """
+    parts = []
+    if user is not None and user.strip():
+        if "\n" in user or "\0" in user:
+            raise KbridgeError(f"invalid --filter {user!r}: one line only")
+        parts.append(f"({user.strip()})")
+    if pid is not None:
+        if pid <= 0:
+            raise KbridgeError(f"invalid --pid {pid}")
+        parts.append(f"common_pid == {pid}")
+    if comm is not None:
+        if not _COMM.fullmatch(comm) or any(c in comm for c in '"\\'):
+            raise KbridgeError(
+                f"invalid --comm {comm!r}: 1-15 printable characters without spaces, quotes or backslashes"
+            )
+        parts.append(f'comm == "{comm}"')
+    parts += [f"common_pid != {p}" for p in exclude]
+    return " && ".join(parts)
+
+
+# --- guest tracefs helpers -----------------------------------------------------
+
+
+def existing_events(text: str, grammar: Grammar) -> dict[str, str]:
+    """GROUP/EVENT -> line, for what kprobe_events lists now (in GRAMMAR: 6.6+ lists BTF names)."""
+    out = {}
+    for line in text.splitlines():
+        with contextlib.suppress(KbridgeError):
+            ev = kprobe_events.parse(line, grammar)
+            if isinstance(ev, kprobe_events.ProbeEvent):
+                out[f"{ev.effective_group}/{ev.effective_event}"] = line
+    return out
+
+
+def event_dir(ev: kprobe_events.ProbeEvent) -> str:
+    return f"{TRACING}/events/{ev.effective_group}/{ev.effective_event}"
+
+
+def error_log(vm: Target) -> list[kprobe_events.ErrorLogEntry]:
+    with contextlib.suppress(GuestIOError):
+        return kprobe_events.parse_error_log(vm.read_file(f"{TRACING}/error_log").decode(errors="replace"))
+    return []
+
+
+def _new_entries(
+    before: list[kprobe_events.ErrorLogEntry], after: list[kprobe_events.ErrorLogEntry]
+) -> list[kprobe_events.ErrorLogEntry]:
+    seen = set(before)
+    return [e for e in after if e not in seen]
+
+
+def map_position(line: str, kernel_position: int) -> int:
+    """A caret column in the kernel's re-joined command mapped back onto LINE."""
+    words = [(m.start(), m.group()) for m in re.finditer(r"\S+", line.split("#", 1)[0])]
+    joined = 0
+    for start, word in words:
+        if kernel_position <= joined + len(word):
+            return start + kernel_position - joined
+        joined += len(word) + 1
+    return len(line)
+
+
+def define(vm: Target, line: str, steps: StepReporter | None = None) -> None:
+    """Append LINE to kprobe_events; a rejection is reported with error_log's verdict and caret."""
+    before = error_log(vm)
+    try:
+        vm.write_file(KPROBE_EVENTS, (line + "\n").encode(), mode="a")
+    except GuestIOError as e:
+        if steps:
+            steps.failed(f"echo {shell_quote(line)} >> kprobe_events")
+        why = str(e).rsplit(":", 1)[-1].strip()
+        new = [x for x in _new_entries(before, error_log(vm)) if x.subsystem == "trace_kprobe"]
+        if not new:
+            raise KbridgeError(
+                f"the guest kernel rejected {line!r}: {why} (nothing in error_log)",
+                "see Documentation/trace/kprobetrace.rst",
+            ) from None
+        entry = new[-1]
+        raise kprobe_events.EventSyntaxError(
+            line, entry.error_class, entry.error, map_position(line, entry.position), entry.command, entry.position
+        ) from None
+
+
+def remove(vm: Target, ev: kprobe_events.ProbeEvent) -> None:
+    vm.write_file(KPROBE_EVENTS, (render.removal_line(ev) + "\n").encode(), mode="a")
+
+
+def set_filter(vm: Target, ev: kprobe_events.ProbeEvent, text: str, steps: StepReporter | None = None) -> None:
+    """Write an event filter; a parse error is reported with the kernel's message and caret."""
+    if not text:
+        return
+    path = f"{event_dir(ev)}/filter"
+    before = error_log(vm)
+    try:
+        vm.write_file(path, text.encode())
+        if steps:
+            steps.wrote(path, text)
+    except GuestIOError:
+        if steps:
+            steps.failed(f"echo {shell_quote(text)} > {path}")
+        new = _new_entries(before, error_log(vm))
+        detail = str(new[-1]).rstrip() if new else vm.read_file(path).decode(errors="replace").rstrip()
+        raise KbridgeError(
+            f"the guest kernel rejected the filter for {ev.effective_group}/{ev.effective_event}:\n{detail}",
+            "filters use the event's field names (see its format file), e.g. --filter 'fd == 1'",
+        ) from None
+
+
+def read_stats(vm: Target) -> dict[str, CpuStats]:
+    """per_cpu/cpuN/stats for every CPU the guest has."""
+    out = {}
+    # tracefs has a per_cpu/cpuN for each possible CPU (for_each_tracing_cpu): read that
+    # list, a file, rather than start ls in the guest.
+    for n in parse_cpu_list(vm.read_file("/sys/devices/system/cpu/possible").decode()):
+        with contextlib.suppress(GuestIOError):
+            out[f"cpu{n}"] = parse_cpu_stats(vm.read_file(f"{TRACING}/per_cpu/cpu{n}/stats").decode())
+    return out
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A kernel CPU list ('0', '0-3', '0,2-5') as CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            cpus.extend(range(int(lo), int(hi if hi.isdigit() else lo) + 1))
+    return cpus
+
+
+def enable(vm: Target, ev: kprobe_events.ProbeEvent, on: bool, steps: StepReporter | None = None) -> None:
+    """Write 1 or 0 to the event's enable file."""
+    vm.write_file(f"{event_dir(ev)}/enable", b"1" if on else b"0")
+    if steps:
+        steps.wrote(f"{event_dir(ev)}/enable", "1" if on else "0")

@@ -1,0 +1,100 @@
+"""Kernel crash reports in a kernel log: where one starts, where it ends, and the frame it blames.
+
+A report starts at a line with one of OOPS_MARKERS and runs to the kernel's
+"---[ end trace ... ]---" line (or until the log goes quiet). The faulting frame is
+the RIP (x86_64) or pc (arm64) line: FUNCTION+0xOFF/0xSIZE, with [MODULE] when the
+function is in a loaded module.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+OOPS_MARKERS = (
+    "Oops",
+    "BUG: ",
+    "Kernel panic",
+    "general protection fault",
+    "Unable to handle kernel",
+    "Internal error:",
+    "WARNING: CPU:",
+    "rcu: INFO: rcu_sched detected stalls",
+    "rcu: INFO: rcu_preempt detected stalls",
+)
+# A WARN_ON prints "WARNING: CPU:" and carries on; the others leave the kernel in a state
+# nothing should be trusted after (the faulting task was killed holding what it held).
+CRASH_MARKERS = tuple(m for m in OOPS_MARKERS if not m.startswith("WARNING"))
+END = re.compile(r"---\[ end (trace|Kernel panic)")
+# "RIP: 0010:kbring_ioctl+0x3f/0xd0 [kbring]" (x86_64), "pc : handler_pre+0x1c/0x48 [kprobe_lab]" (arm64),
+# and the same FUNC+0xOFF/0xSIZE [MOD] form in call traces.
+SITE = re.compile(r"(?P<func>[A-Za-z_][\w.]*)\+0x(?P<off>[0-9a-f]+)/0x(?P<size>[0-9a-f]+)(?: \[(?P<mod>\w+)\])?")
+_FAULT_LINE = re.compile(r"^\s*(RIP: [0-9a-f]{4}:|pc : |PC is at )")
+
+
+def is_oops(text: str) -> bool:
+    """Whether a log line starts (or is part of the head of) a crash report."""
+    return any(m in text for m in OOPS_MARKERS)
+
+
+def is_crash(text: str) -> bool:
+    """Like is_oops, but a WARN (the kernel carries on) does not count."""
+    return any(m in text for m in CRASH_MARKERS)
+
+
+@dataclass(frozen=True)
+class Site:
+    """The frame a report blames: FUNCTION+OFFSET, in MODULE (None: the kernel itself)."""
+
+    function: str
+    offset: int
+    size: int
+    module: str | None
+
+    def __str__(self) -> str:
+        return f"{self.function}+{self.offset:#x}/{self.size:#x}" + (f" [{self.module}]" if self.module else "")
+
+
+def faulting_site(text: str) -> Site | None:
+    """The RIP/pc line's frame of a report, else the first frame of its call trace."""
+    lines = text.splitlines()
+    ordered = [ln for ln in lines if _FAULT_LINE.match(ln)] + lines
+    for line in ordered:
+        if m := SITE.search(line):
+            return Site(m["func"], int(m["off"], 16), int(m["size"], 16), m["mod"])
+    return None
+
+
+def module_sites(text: str, module: str) -> list[Site]:
+    """Every frame of MODULE in a report, in order (the faulting one first when it is MODULE's)."""
+    out = []
+    for m in SITE.finditer(text):
+        if m["mod"] == module:
+            out.append(Site(m["func"], int(m["off"], 16), int(m["size"], 16), m["mod"]))
+    return out
+
+
+class _Texts(Protocol):
+    def __next__(self) -> str | None: ...
+
+
+def collect(first: str, more: _Texts | Iterator[str | None], quiet_s: float = 1.0, limit_s: float = 5.0) -> str:
+    """A whole report: FIRST, then lines from MORE up to the end marker, or QUIET_S of silence."""
+    lines = [first]
+    deadline = time.monotonic() + limit_s
+    last = time.monotonic()
+    while time.monotonic() < deadline and not END.search(lines[-1]):
+        try:
+            text = next(more)
+        except (StopIteration, Exception):  # noqa: BLE001 - the guest may be gone: keep what came
+            break
+        if text is None:
+            if time.monotonic() - last > quiet_s:
+                break
+            continue
+        last = time.monotonic()
+        lines.append(text)
+    return "\n".join(lines)

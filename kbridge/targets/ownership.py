@@ -1,0 +1,226 @@
+"""What kbridge puts in a guest, and which kbridge process owns it.
+
+Every module kbridge loads, kprobe event it defines and process it starts (a
+workload, a trace_pipe reader, the eBPF runner, a lab's module) is recorded in the
+guest in /run/kbridge/owned.log *before* it exists, with the host process that owns
+it (pid and start time, so a reused pid is never mistaken for the owner). A kbridge
+killed with SIGKILL cannot clean up after itself; the next command on that guest
+reclaims what a dead owner left before it does anything else, and says so.
+
+Processes are started through `spawn()`: a shell in a session of its own (so a stop
+takes the children too) writes its pid and start time to /run/kbridge/tags/TAG, then
+execs the command. The record names TAG, written before the spawn: a kill at any
+point leaves either nothing started, a shell whose command line holds TAG, or the
+tag file, and reclaim() finds each.
+
+Records live in the guest's /run (a tmpfs): a rebooted guest has none. The ledger
+is one append-only file ("+" JSON when claimed, "-" KEY when released).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+
+from kbridge.errors import KbridgeError
+from kbridge.targets.base import ExecResult, Target
+
+LEDGER = "/run/kbridge/owned.log"
+TAGS = "/run/kbridge/tags"
+COMPACT_AT = 256  # ledger lines past which reclaim() rewrites it with only the live records
+KINDS = ("process", "event", "module")  # reclaimed in this order: stop readers before removing events
+_NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
+# $0 is the tag file. `read` splits /proc/$$/stat on spaces ("sh" has none in its comm):
+# the 22nd field is the start time, in clock ticks since boot.
+_WRAP = 'read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ start _ < /proc/$$/stat; echo "$$ $start" > "$0"; exec "$@"'
+_RECLAIM = (
+    # $1: the tag file. The pid it names (if that process's start time still matches), else a
+    # wrapper shell not yet past its exec: its command line is "/bin/sh -c read -r ... $1 ...".
+    'pid=; if [ -r "$1" ]; then read -r p s < "$1"; '
+    'read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ now _ < "/proc/$p/stat" && [ "$now" = "$s" ] && pid=$p; '
+    "else for d in /proc/[0-9]*; do "
+    'case "$(tr "\\0" " " < "$d/cmdline")" in "/bin/sh -c read -r "*" $1 "*) pid=${d#/proc/};; esac; '
+    "done; fi 2>/dev/null; "
+    '[ -n "$pid" ] && kill -9 -"$pid" "$pid" 2>/dev/null; rm -f "$1"; echo "$pid"'
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One thing in the guest and its owner on the host."""
+
+    kind: str  # process | event | module
+    name: str  # a process's tag, GROUP/EVENT, or module name
+    owner: int
+    owner_start: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.name.replace('/', '+')}"
+
+    def owner_alive(self) -> bool:
+        try:
+            p = psutil.Process(self.owner)
+            return abs(p.create_time() - self.owner_start) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+def _me() -> tuple[int, float]:
+    return os.getpid(), psutil.Process().create_time()
+
+
+def claim(target: Target, kind: str, name: str) -> Record:
+    """Record that this kbridge process owns NAME (of KIND) in TARGET's guest: before it exists."""
+    if kind not in KINDS or not _NAME.fullmatch(name):
+        raise ValueError(f"bad ownership record {kind!r} {name!r}")
+    pid, start = _me()
+    rec = Record(kind, name, pid, start)
+    line = f"+{json.dumps(rec.__dict__)}\n".encode()
+    try:
+        target.write_file(LEDGER, line, mode="a")
+    except KbridgeError:  # a guest without /run/kbridge yet (a machine kbridge did not build)
+        target.run(["/bin/busybox", "mkdir", "-p", TAGS], timeout=10)
+        target.write_file(LEDGER, line, mode="a")
+    return rec
+
+
+def release(target: Target, rec: Record) -> None:
+    """NAME is gone from the guest: forget it (best effort; a stale record is harmless)."""
+    with contextlib.suppress(Exception):
+        target.write_file(LEDGER, f"-{rec.key}\n".encode(), mode="a")
+
+
+@contextlib.contextmanager
+def owned(target: Target, kind: str, name: str) -> Iterator[Record]:
+    """claim() for the block; release() after it, whatever happened."""
+    rec = claim(target, kind, name)
+    try:
+        yield rec
+    finally:
+        release(target, rec)
+
+
+class OwnedProcess:
+    """A guest process started by spawn(): recorded before it ran, stopped with its whole session."""
+
+    def __init__(self, target: Target, argv: list[str], stdin: bytes | None = None) -> None:
+        self.target = target
+        self.tag = f"kb-{secrets.token_hex(6)}"
+        self.record = claim(target, "process", self.tag)
+        self.result: ExecResult | None = None
+        try:
+            self.handle = target.spawn(
+                ["/bin/busybox", "setsid", "/bin/sh", "-c", _WRAP, f"{TAGS}/{self.tag}", *argv], stdin
+            )
+        except BaseException:
+            release(target, self.record)
+            raise
+        # The agent's children are not process-group leaders, so setsid does not fork:
+        # the spawned pid is the shell's, then (after exec) the command's.
+        self.pid = target.guest_pid(self.handle)
+
+    def poll(self) -> ExecResult | None:
+        """Its result once it exited (the record is then released), else None."""
+        if self.result is None:
+            self.result = self.target.poll(self.handle)
+            if self.result is not None:
+                self._forget()
+        return self.result
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """Wait for it to exit on its own."""
+        if self.result is None:
+            self.result = self.target.wait(self.handle, timeout)
+            self._forget()
+        return self.result
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGKILL its session (the command and every child it left in it), then reap it."""
+        if self.result is None:
+            with contextlib.suppress(Exception):
+                self.target.run(["/bin/busybox", "kill", "-9", f"-{self.pid}", str(self.pid)], timeout=timeout)
+                self.result = self.target.wait(self.handle, timeout=timeout)
+        if self.result is not None:
+            self._forget()
+
+    def _forget(self) -> None:
+        if self.record is not None:
+            release(self.target, self.record)
+            with contextlib.suppress(Exception):
+                self.target.run(["/bin/busybox", "rm", "-f", f"{TAGS}/{self.tag}"], timeout=10)
+            self.record = None  # type: ignore[assignment]  # released: nothing left to forget
+
+
+def spawn(target: Target, argv: list[str], stdin: bytes | None = None) -> OwnedProcess:
+    """Start ARGV in TARGET's guest, owned by this kbridge: a kill at any moment leaves nothing running."""
+    return OwnedProcess(target, argv, stdin)
+
+
+def records(target: Target) -> list[Record]:
+    """Every record in the guest (one file read)."""
+    return list(_fold(_read(target)).values())
+
+
+def _read(target: Target) -> list[str]:
+    try:
+        return target.read_file(LEDGER).decode(errors="replace").splitlines()
+    except KbridgeError:
+        return []  # nothing claimed in this guest yet
+
+
+def _fold(lines: list[str]) -> dict[str, Record]:
+    """The records claimed and not released, by key, in claim order."""
+    live: dict[str, Record] = {}
+    for line in lines:
+        if line.startswith("-"):
+            live.pop(line[1:], None)
+            continue
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            d = json.loads(line[1:])
+            rec = Record(d["kind"], str(d["name"]), int(d["owner"]), float(d["owner_start"]))
+            live[rec.key] = rec
+    return live
+
+
+def reclaim(target: Target) -> list[str]:
+    """Remove what dead kbridge processes left in the guest; what was done, one phrase each."""
+    lines = _read(target)
+    live = _fold(lines)
+    dead = [r for r in live.values() if not r.owner_alive()]
+    if not dead and len(lines) > COMPACT_AT:
+        # Only live owners' records are kept; one command uses a kept VM at a time (its lock).
+        with contextlib.suppress(Exception):
+            target.write_file(LEDGER, "".join(f"+{json.dumps(r.__dict__)}\n" for r in live.values()).encode())
+    done: list[str] = []
+    for kind in KINDS:
+        for rec in (r for r in dead if r.kind == kind):
+            with contextlib.suppress(Exception):
+                if what := _undo(target, rec):
+                    done.append(what)
+            release(target, rec)
+    return done
+
+
+def _undo(target: Target, rec: Record) -> str | None:
+    if rec.kind == "process":
+        res = target.run(["/bin/sh", "-c", _RECLAIM, "kbridge-reclaim", f"{TAGS}/{rec.name}"], timeout=20)
+        pid = res.text.strip()
+        return f"process {pid} stopped" if pid.isdigit() else None
+    if rec.kind == "event":
+        group, _, event = rec.name.partition("/")
+        base = f"/sys/kernel/tracing/events/{group}/{event}"
+        target.run(["/bin/sh", "-c", 'echo 0 > "$1/enable"; echo 0 > "$1/filter"', "kbridge-undo", base], timeout=10)
+        target.write_file("/sys/kernel/tracing/kprobe_events", f"-:{group}/{event}\n".encode(), mode="a")
+        return f"event {rec.name} removed"
+    if rec.kind == "module":
+        res = target.run(["/sbin/rmmod", rec.name], timeout=60)
+        return f"module {rec.name} unloaded" if res.ok else None
+    return None

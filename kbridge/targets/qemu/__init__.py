@@ -1,0 +1,7 @@
+"""kbridge's embedded QEMU guest: QemuVM (vm.py), its command line, the agent, KVM and saved states."""
+
+from kbridge.targets.qemu.kvm import kvm_usable
+from kbridge.targets.qemu.strays import orphans
+from kbridge.targets.qemu.vm import QemuVM, kept_dir, kept_dirs
+
+__all__ = ["QemuVM", "kept_dir", "kept_dirs", "kvm_usable", "orphans"]

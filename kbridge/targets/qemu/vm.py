@@ -1,0 +1,498 @@
+"""The embedded QEMU target: kbridge boots its own image and owns the QEMU process.
+
+A VM is a directory (sockets, console log, vm.json) plus a QEMU process recorded
+by pid and start time, so a stale pid that now belongs to something else is never
+mistaken for it. Ephemeral VMs die with kbridge (PR_SET_PDEATHSIG) and are shut
+down on exit, Ctrl-C or error; a kept VM (`kbridge vm up`) outlives the command
+and is reused by later ones. The command line is built in argv.py, the KVM check
+is kvm.py's, saved guest states snapshot.py's, and the guest agent client agent.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from kbridge import oops, progress
+from kbridge.arch import Arch
+from kbridge.errors import KbridgeError
+from kbridge.images.image import DEFAULT_SUITE, Image
+from kbridge.paths import state_dir
+from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
+from kbridge.targets.qemu import kvm, snapshot
+from kbridge.targets.qemu.agent import GuestAgent
+from kbridge.targets.qemu.argv import KMSG_PORT, PORTS, ROOTFS_MOUNT, port_socket, qemu_argv, spawn_prefix
+from kbridge.targets.qemu.qmp import Qmp
+
+_T = TypeVar("_T")
+BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
+KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
+
+
+class QemuVM:
+    """A running QEMU guest booted from a kbridge image: the embedded Target."""
+
+    def __init__(self, rundir: Path, image: Image, accel: str, proc: psutil.Process, kept: bool) -> None:
+        self.rundir = rundir
+        self.image = image
+        self.arch = image.arch
+        self.krel = image.krel
+        self.accel = accel
+        self.flavour = image.flavour
+        self.name = f"qemu:{self.arch.name}"
+        self.proc = proc
+        self.kept = kept
+        self._agent: GuestAgent | None = None
+        self._ports: dict[str, PortReader] = {}
+        self._lock: int | None = None
+        self._refs = 1
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
+        """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
+        rundir = (
+            kept_dir(image.arch, image.suite)
+            if keep
+            else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        )
+        if len(str(rundir / "qga.sock")) > 100:
+            raise KbridgeError(
+                f"the VM state directory {rundir} is too long for unix sockets",
+                "set KBRIDGE_STATE to a shorter directory",
+            )
+        try_kvm, why = kvm.kvm_usable(image.arch)
+        if try_kvm:
+            try:
+                return cls._boot(image, "kvm", rundir, keep, KVM_PROBE_TIMEOUT_S, memory_mb, cpus)
+            except KbridgeError as e:  # hung (nested KVM) or QEMU refused: either way, TCG
+                kvm.record_verdict(False)
+                first = e.message.strip().splitlines()[0][:160]
+                progress.warn(f"KVM did not boot the guest ({first}); falling back to TCG")
+        elif why:
+            progress.info(f"using TCG (software emulation): {why}")
+        return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)
+
+    @classmethod
+    def _boot(
+        cls, image: Image, accel: str, rundir: Path, keep: bool, timeout: float, memory_mb: int, cpus: int
+    ) -> QemuVM:
+        if shutil.which(image.arch.qemu_binary) is None:
+            raise KbridgeError(
+                f"{image.arch.qemu_binary} is not installed",
+                f"sudo apt-get install {'qemu-system-x86' if image.arch.name == 'x86_64' else 'qemu-system-arm'}",
+            )
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
+        state_key = None
+        if snapshot.supported(image, accel):
+            with contextlib.suppress(Exception):  # no key, no saved state: a normal boot
+                state_key = snapshot.key(argv, image, rundir)
+        if state_key is not None and (state := snapshot.path_for(image, state_key)).is_file():
+            try:
+                return cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, state)
+            except Exception:  # noqa: BLE001 - any failure to restore: boot instead, and save afresh
+                snapshot.discard(image, state_key)
+        vm = cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, None)
+        if state_key is not None:
+            with contextlib.suppress(Exception):  # not saved: the next fresh VM boots too
+                snapshot.save(rundir / "qmp.sock", image, state_key)
+        return vm
+
+    @classmethod
+    def _launch(
+        cls,
+        image: Image,
+        accel: str,
+        rundir: Path,
+        keep: bool,
+        argv: list[str],
+        memory_mb: int,
+        cpus: int,
+        timeout: float,
+        state: Path | None,
+    ) -> QemuVM:
+        """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
+        shutil.rmtree(rundir, ignore_errors=True)
+        rundir.mkdir(parents=True)
+        if state is not None:
+            argv = [*argv, *snapshot.restore_args(state)]
+        # A session of its own: Ctrl-C at the terminal reaches kbridge, which stops the
+        # VM itself, instead of killing QEMU first (the guest would look crashed).
+        with open(rundir / "qemu.log", "wb") as log:
+            popen = subprocess.Popen(
+                [*spawn_prefix(keep), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = psutil.Process(popen.pid)
+        vm = cls(rundir, image, accel, proc, keep)
+        (rundir / "vm.json").write_text(
+            json.dumps(
+                {
+                    "pid": proc.pid,
+                    "create_time": proc.create_time(),
+                    "accel": accel,
+                    "image": str(image.dir),
+                    "suite": image.suite,
+                    "arch": image.arch.name,
+                    "flavour": image.flavour,
+                    "owner": os.getpid(),
+                    "owner_create_time": psutil.Process().create_time(),
+                    "krel": image.krel,
+                    "memory_mb": memory_mb,
+                    "cpus": cpus,
+                }
+            )
+        )
+        try:
+            if state is not None:
+                with progress.step(f"starting {image.arch.name} guest ({image.krel}, {accel}) from its saved state"):
+                    vm._agent = vm._resume(time.monotonic() + snapshot.RESTORE_TIMEOUT_S)
+            else:
+                with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
+                    vm._agent = vm._connect(timeout)
+            if keep:
+                vm._take_lock()
+            if accel == "kvm":
+                kvm.record_verdict(True)
+        except BaseException:
+            vm.shutdown()
+            raise
+        return vm
+
+    def _resume(self, deadline: float) -> GuestAgent:
+        """A restored guest: run it, reconnect the agent, and set its clock (it stopped at the save)."""
+        qmp = snapshot.wait_restored(self.rundir / "qmp.sock", deadline)
+        qmp.close()
+        while True:
+            self._check_process()
+            try:
+                # The agent misses syncs sent while the restored guest settles: resend every 20 ms.
+                agent = GuestAgent(
+                    str(self.rundir / "qga.sock"), timeout=max(0.05, deadline - time.monotonic()), retry_s=0.02
+                )
+                break
+            except GuestIOError:
+                if time.monotonic() > deadline:
+                    raise
+        agent.call("guest-set-time", time=time.time_ns())
+        return agent
+
+    @classmethod
+    def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE) -> QemuVM | None:
+        """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed)."""
+        from kbridge.images.image import load
+
+        rundir = kept_dir(arch, suite)
+        if (mine := _attached.get(rundir)) is not None and mine.proc.is_running():
+            mine._refs += 1  # nested use in this process shares the one agent connection
+            return mine
+        try:
+            meta = json.loads((rundir / "vm.json").read_text())
+            proc = psutil.Process(meta["pid"])
+            if abs(proc.create_time() - meta["create_time"]) > 0.01 or not proc.is_running():
+                raise psutil.NoSuchProcess(meta["pid"])
+        except (OSError, ValueError, KeyError, psutil.Error):
+            if rundir.exists():
+                shutil.rmtree(rundir, ignore_errors=True)
+            return None
+        if meta.get("flavour") == "bcc":
+            from kbridge.images import bcc
+
+            image = bcc.load(arch, meta["suite"])
+        else:
+            image = load(arch, meta["suite"], verify=False)
+        if image is None or (rundir / "crashed").exists():
+            if image is not None:
+                cls(rundir, image, meta["accel"], proc, True).shutdown()
+            else:
+                proc.kill()
+            shutil.rmtree(rundir, ignore_errors=True)
+            if image is not None:
+                progress.warn(f"the kept {arch.name} VM had crashed: stopped it; a fresh one boots")
+            return None
+        vm = cls(rundir, image, meta["accel"], proc, True)
+        vm._take_lock()
+        return vm
+
+    def _take_lock(self, timeout: float = 600.0) -> None:
+        """One kbridge command at a time per VM: the agent serves a single client."""
+        fd = os.open(self.rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = fd
+                self._refs = 1
+                _attached[self.rundir] = self
+                return
+            except BlockingIOError:
+                if not told:
+                    progress.info(f"waiting for another kbridge command using the {self.arch.name} VM")
+                    told = True
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise KbridgeError(f"the {self.arch.name} VM stayed busy for {timeout:.0f} s") from None
+                time.sleep(0.1)
+
+    def _connect(self, timeout: float) -> GuestAgent:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_process()
+            try:
+                return GuestAgent(str(self.rundir / "qga.sock"), timeout=min(1.0, deadline - time.monotonic()))
+            except GuestIOError:
+                if time.monotonic() > deadline:
+                    raise GuestIOError(
+                        f"the {self.arch.name} guest did not come up within {timeout:.0f} s; "
+                        f"console: {self.console_tail()!r}"
+                    ) from None
+
+    @property
+    def agent(self) -> GuestAgent:
+        if self._agent is None:
+            self._agent = self._connect(10.0)
+        return self._agent
+
+    def shutdown(self) -> None:
+        """Stop QEMU (QMP quit, then SIGKILL if it lingers) and remove its directory."""
+        self._refs = 1
+        self.detach()
+        if self.proc.is_running():
+            with contextlib.suppress(Exception):
+                qmp = Qmp(str(self.rundir / "qmp.sock"), timeout=2.0)
+                # Wait for quit's reply before closing, or QEMU may miss the command.
+                qmp.execute("quit", timeout=5.0)
+                qmp.close()
+            with contextlib.suppress(psutil.Error):
+                self.proc.wait(timeout=5)
+            with contextlib.suppress(psutil.Error):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> QemuVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Done with it: an ephemeral VM is shut down, a kept one is left running."""
+        if not self.kept:
+            self.shutdown()
+        else:
+            self.detach()
+
+    def detach(self) -> None:
+        """Leave a kept VM running; drop this process's connections to it (at the last user)."""
+        if self._refs <= 0:
+            return  # already detached: release() twice is harmless
+        self._refs -= 1
+        if self._refs > 0:
+            return
+        _attached.pop(self.rundir, None)
+        if self._agent:
+            with contextlib.suppress(OSError):
+                self._agent.close()
+            self._agent = None
+        for port in list(self._ports):
+            self.close_port(port)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
+    # -- health ------------------------------------------------------------------
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = (self.rundir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _check_process(self) -> None:
+        if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
+            return
+        console = self.console_tail(60)
+        if oops.is_oops(console):
+            raise GuestCrash(f"the {self.arch.name} guest kernel panicked", console)
+        qlog = (self.rundir / "qemu.log").read_text(errors="replace") if (self.rundir / "qemu.log").exists() else ""
+        raise KbridgeError(f"QEMU exited unexpectedly: {qlog.strip()[-500:] or console[-500:]}")
+
+    def check_alive(self) -> None:
+        """Raise GuestCrash if the guest panicked (QEMU gone) or oopsed (console shows it)."""
+        self._check_process()
+        console = self.console_tail(200)
+        if oops.is_oops(console):
+            self.mark_crashed()
+            raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", console)
+
+    def mark_crashed(self) -> None:
+        """The guest oopsed: the next command restarts a kept VM instead of reusing it."""
+        with contextlib.suppress(OSError):
+            (self.rundir / "crashed").touch()
+
+    # -- Target interface --------------------------------------------------------
+
+    def _guarded(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except GuestIOError:
+            self.check_alive()
+            raise
+
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
+        return self._guarded(self.agent.run, argv, stdin, timeout)
+
+    def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
+        return self._guarded(self.agent.spawn, argv, stdin)
+
+    def poll(self, pid: int) -> ExecResult | None:
+        return self._guarded(self.agent.status, pid)
+
+    def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
+        return self._guarded(self.agent.wait, pid, timeout)
+
+    def guest_pid(self, handle: int) -> int:
+        return handle  # guest-exec hands out the guest pid itself
+
+    def plumbing_pids(self) -> list[int]:
+        """The guest agent and the kernel-log streamer (kbridge/guest/init writes their pids): never probed."""
+        pids = []
+        for name in ("qga", "kmsg"):
+            with contextlib.suppress(KbridgeError, ValueError):
+                pids.append(int(self.read_file(f"/run/kbridge/{name}.pid").decode().strip()))
+        return pids
+
+    def describe(self) -> dict:
+        """What `kbridge vm status` shows of it."""
+        return {
+            "target": self.name,
+            "arch": self.arch.name,
+            "suite": self.image.suite,
+            "kernel": self.krel,
+            "accel": self.accel,
+            "flavour": self.flavour,
+            "pid": self.proc.pid,
+            "dir": str(self.rundir),
+            "image": str(self.image.dir),
+        }
+
+    def bcc_python(self) -> list[str] | None:
+        """python3 with bcc: the bcc flavour's root filesystem, entered with chroot."""
+        if self.flavour != "bcc":
+            return None
+        return ["/bin/busybox", "chroot", ROOTFS_MOUNT, "/usr/bin/python3"]
+
+    def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
+        """Write DATA to PATH in the guest; mode "a" appends (kprobe_events without clearing it)."""
+        self._guarded(self.agent.write_file, path, data, mode)
+
+    def read_file(self, path: str) -> bytes:
+        return self._guarded(self.agent.read_file, path)
+
+    def read_chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        chunks = self.agent.read_chunks(path, size)
+        while True:
+            chunk = self._guarded(next, chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
+        """Kernel log records as they arrive; None after IDLE s without one.
+
+        A fresh connection first delivers what the guest logged while nobody
+        listened, so callers look for their own start marker.
+        """
+        return KmsgRecords(self._port(KMSG_PORT, idle))
+
+    def stream(self, port: str, idle: float = 0.05) -> PortReader:
+        """Lines arriving on stream PORT; None after IDLE s without one."""
+        if port not in STREAM_PORTS:
+            raise KbridgeError(f"unknown stream port {port!r}")
+        return self._port(port, idle)
+
+    def stream_path(self, port: str) -> str:
+        return f"/dev/virtio-ports/{port}"
+
+    def close_stream(self, port: str) -> None:
+        self.close_port(port)
+
+    def _port(self, port: str, idle: float = 0.05) -> PortReader:
+        if port not in PORTS:
+            raise KbridgeError(f"unknown stream port {port!r}")
+        reader = self._ports.get(port)
+        if reader is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.rundir / port_socket(port)))
+            reader = self._ports[port] = PortReader(sock, port, self.check_alive)
+        reader.idle = idle
+        return reader
+
+    def close_port(self, port: str) -> None:
+        if reader := self._ports.pop(port, None):
+            reader.sock.close()
+
+
+class PortReader:
+    """Lines from a guest->host stream port; None after `idle` s without data.
+
+    An iterator object rather than a generator: an exception (Ctrl-C) raised
+    while it waits leaves it usable, so cleanup can keep reading.
+    """
+
+    def __init__(self, sock: socket.socket, port: str, check_alive: Callable[[], None]) -> None:
+        self.sock = sock
+        self.port = port
+        self.idle = 0.05
+        self.check_alive = check_alive
+        self.buf = b""
+        self.lines: list[bytes] = []
+
+    def __iter__(self) -> PortReader:
+        return self
+
+    def __next__(self) -> str | None:
+        while not self.lines:
+            self.sock.settimeout(self.idle)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                return None
+            if not chunk:
+                self.check_alive()
+                raise KbridgeError(f"the guest stream {self.port} closed")
+            *self.lines, self.buf = (self.buf + chunk).split(b"\n")
+        return self.lines.pop(0).decode(errors="replace")
+
+
+# Kept VMs this process has attached (and locked), shared by nested users.
+_attached: dict[Path, QemuVM] = {}
+
+
+def kept_dir(arch: Arch, suite: str = DEFAULT_SUITE) -> Path:
+    """The kept VM of ARCH and SUITE (one each, e.g. vms/x86_64, vms/arm64-sid)."""
+    return state_dir() / (arch.name if suite == DEFAULT_SUITE else f"{arch.name}-{suite}")
+
+
+def kept_dirs() -> list[Path]:
+    """Every kept VM's directory (vm.json inside), whatever its arch and suite."""
+    root = state_dir()
+    return sorted(p.parent for p in root.glob("*/vm.json") if not p.parent.name.startswith("run-"))
