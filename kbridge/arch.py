@@ -99,6 +99,12 @@ class Arch:
         """How many register arguments --arg may read on SYMBOL (a syscall wrapper: the syscall's own)."""
         return len(self.syscall_arg_fields) if self.is_syscall_wrapper(symbol) else self.max_args
 
+    def is_data_fault(self, trap: int) -> bool:
+        """Whether a fault handler's trap value is a data access fault (a read of an unmapped address)."""
+        if self.trap_kind == "trapnr":
+            return trap == 14  # X86_TRAP_PF
+        return (trap >> 26) & 0x3F in (0x24, 0x25)  # ESR_ELx_EC_DABT_LOW / _CUR
+
     def describe_trap(self, trap: int) -> str:
         """A fault handler's trap value, decoded: an x86 vector, or an arm64 ESR's class and status."""
         if self.trap_kind == "trapnr":

@@ -10,7 +10,7 @@ import keyword
 import re
 from dataclasses import dataclass, field
 
-from kbridge.arch import Arch
+from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 
 HANDLERS = ("pre", "post", "entry", "ret")
@@ -184,11 +184,13 @@ class Hit:
 
     @property
     def ip_name(self) -> str:
-        return "pc" if self.arch == "arm64" else "ip"
+        """The instruction pointer's name on the hit's arch (ip, pc)."""
+        return get_arch(self.arch).ip_register if self.arch else "ip"
 
     @property
     def flags_name(self) -> str:
-        return "pstate" if self.arch == "arm64" else "flags"
+        """The flags register's name on the hit's arch (flags, pstate)."""
+        return get_arch(self.arch).flags_register if self.arch else "flags"
 
     def to_json(self) -> dict:
         out: dict = {

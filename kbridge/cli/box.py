@@ -11,6 +11,7 @@ from kbridge import progress
 from kbridge.arch import ARCHES, get_arch
 from kbridge.cli import app
 from kbridge.cli.image import MirrorOpt, mirrors_from
+from kbridge.cli.options import JsonDocOpt
 from kbridge.cli.output import command, emit_json, out
 from kbridge.images import box as boxes
 from kbridge.images import image as images
@@ -44,7 +45,7 @@ def build_cmd(
 
 @box_app.command("list")
 @command
-def list_cmd(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+def list_cmd(json_out: JsonDocOpt = False) -> None:
     """Built boxes and whether Vagrant has them (`vagrant box list`)."""
     added = boxes.added_boxes()
     rows = []

@@ -11,6 +11,7 @@ import typer
 
 from kbridge.arch import ARCHES, host_arch
 from kbridge.cli import app
+from kbridge.cli.options import JsonDocOpt
 from kbridge.cli.output import command, emit_json, err
 from kbridge.images import image as images
 from kbridge.images.apt import KEYRING
@@ -86,7 +87,7 @@ def checks() -> list[dict]:
 @app.command("doctor")
 @command
 def doctor(
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: JsonDocOpt = False,
     fix: Annotated[bool, typer.Option("--fix", help="Install what is missing with apt-get (needs root).")] = False,
 ) -> None:
     """Check the host: tools, compilers, QEMU, KVM, cached images."""

@@ -10,7 +10,7 @@ import typer
 from kbridge import kernels
 from kbridge.arch import ARCHES, get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, KernelOpt
+from kbridge.cli.options import ArchOpt, JsonDocOpt, KernelOpt
 from kbridge.cli.output import command, emit_json, out
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
@@ -68,7 +68,7 @@ def build_cmd(
 
 @image_app.command("list")
 @command
-def list_cmd(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+def list_cmd(json_out: JsonDocOpt = False) -> None:
     """Every kernel x arch of the matrix: the release its cached image gives, or not built."""
     rows = []
     for suite in kernels.SUITES.values():

@@ -16,7 +16,19 @@ from rich.markup import escape
 
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, KernelOpt, TargetOpt
+from kbridge.cli.options import (
+    ArchOpt,
+    ArgOpt,
+    EntryOpt,
+    JsonDocOpt,
+    KernelOpt,
+    MaxactiveOpt,
+    OffsetOpt,
+    PostOpt,
+    PreOpt,
+    RetOpt,
+    TargetOpt,
+)
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
@@ -32,15 +44,15 @@ app.add_typer(module_app, name="module")
 @command
 def render_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function (used as written: no guest is asked).")],
-    pre: Annotated[bool, typer.Option("--pre")] = False,
-    post: Annotated[bool, typer.Option("--post")] = False,
-    entry: Annotated[bool, typer.Option("--entry")] = False,
-    ret: Annotated[bool, typer.Option("--ret")] = False,
-    arg: Annotated[list[str] | None, typer.Option("--arg", help="NAME=N")] = None,
-    offset: Annotated[int, typer.Option("--offset")] = 0,
-    maxactive: Annotated[int, typer.Option("--maxactive")] = 0,
-    arch: Annotated[str | None, typer.Option("--arch")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    pre: PreOpt = False,
+    post: PostOpt = False,
+    entry: EntryOpt = False,
+    ret: RetOpt = False,
+    arg: ArgOpt = None,
+    offset: OffsetOpt = 0,
+    maxactive: MaxactiveOpt = 0,
+    arch: ArchOpt = None,
+    json_out: JsonDocOpt = False,
 ) -> None:
     """Print the module's C source and Kbuild file for SYMBOL; build and load nothing."""
     from kbridge.images import image as images

@@ -43,6 +43,7 @@ MirrorOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per hit, then a summary.")]
+JsonDocOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of the table.")]
 
 PreOpt = Annotated[bool, typer.Option("--pre", help="kprobe pre-handler (runs before the probed instruction).")]
 PostOpt = Annotated[bool, typer.Option("--post", help="kprobe post-handler (runs after single-stepping it).")]

@@ -13,7 +13,7 @@ from kbridge.cli import app
 from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.targets import ownership, parse_target
+from kbridge.targets import ownership
 from kbridge.targets.base import Target
 
 vm_app = typer.Typer(help="A kept guest VM, reused by later commands.", no_args_is_help=True)
@@ -77,7 +77,9 @@ def exec_(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 120.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the command (then it is reported).")
+    ] = 120.0,
 ) -> None:
     """Run a command in the kept VM (or a Vagrant machine): kbridge vm exec -- CMD ARGS..."""
     argv = list(ctx.args)
@@ -98,19 +100,7 @@ def _running(arch: str | None, kernel: str | None, target: str | None) -> Target
 
     What a killed kbridge left in it is reclaimed first, as every command does.
     """
-    where = parse_target(target)
-    guest: Target
-    if where.kind == "vagrant":
-        from kbridge.targets import vagrant
-
-        guest = vagrant.connect(where.machine)
-    else:
-        a, suite = get_arch(arch), kernels.resolve(kernel)
-        vm = targets.kept(a, suite)
-        if vm is None:
-            up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
-            raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
-        guest = vm
+    guest = targets.running(get_arch(arch) if arch else None, kernels.resolve(kernel), target)
     try:
         if done := ownership.reclaim(guest):
             err.print(f"[yellow]! {guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}[/]")

@@ -451,15 +451,10 @@ def box_vagrantfile(arch: Arch) -> str:
         f'    lv.cmd_line = "{cmdline(arch)}"',
         '    lv.graphics_type = "none"',
     ]
-    if arch.name == "arm64":
-        lines += [
-            "    # The `virt` machine has no PS/2 or USB input and no x86 features (apic, pae).",
-            '    lv.machine_arch = "aarch64"',
-            '    lv.machine_type = "virt"',
-            '    lv.emulator_path = "/usr/bin/qemu-system-aarch64"',
-            "    lv.inputs = []",
-            "    lv.features = []",
-        ]
+    if arch.libvirt_machine:
+        lines.append("    # This machine type has no PS/2 or USB input and no x86 features (apic, pae).")
+        lines += [f'    lv.{key} = "{value}"' for key, value in arch.libvirt_machine]
+        lines += [f'    lv.emulator_path = "/usr/bin/{arch.qemu_binary}"', "    lv.inputs = []", "    lv.features = []"]
     lines += ["  end", "end", ""]
     return "\n".join(lines)
 

@@ -48,7 +48,7 @@ def root_dir(suite: str, arch: Arch, gcc: str) -> Path:
 def packages(arch: Arch, gcc: str, kbuild: str) -> list[str]:
     """What the root holds: make, the arch's gcc-N (cross when foreign), and linux-kbuild-X
     for the libraries its programs link (so a new kbuild upload makes a new root)."""
-    cc = f"gcc-{gcc}" if arch.name == host_arch() else f"gcc-{gcc}-{arch.gnu_triplet.replace('_', '-')}"
+    cc = arch.gcc_package(gcc)
     # dpkg is there anyway (apt variant); .kernelvariables calls dpkg --print-architecture.
     # pahole: 6.12+ headers ship vmlinux, so kbuild adds BTF to each module (CONFIG_DEBUG_INFO_BTF_MODULES).
     return ["make", cc, kbuild, "dwarves"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from kbridge.arch import ARCHES
 from kbridge.errors import KbridgeError
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -29,7 +30,7 @@ class Lab:
     minutes: int  # a student's estimated time
     kernel: str | None = None  # a --kernel value it needs (None: the default kernel)
     flavour: str = "default"  # "bcc": the guest image with bcc (eBPF)
-    arches: tuple[str, ...] = ("x86_64", "arm64")
+    arches: tuple[str, ...] = tuple(ARCHES)
     # How long `kbridge lab check` takes for the reference solution, measured under TCG with the
     # VM already up (a cold boot adds 3-5 s).
     check_seconds: dict[str, int] = field(default_factory=dict, hash=False, compare=False)

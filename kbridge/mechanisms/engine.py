@@ -46,6 +46,9 @@ class Totals:
     dropped: int | None = None
     notes: list[str] = field(default_factory=list)
     durations: Log2Histogram | None = None
+    # How many hits the stream should have carried, when that is not the counters' sum (one
+    # tracefs event serves both --pre and --post, so each is counted under both handlers).
+    streamable: int | None = None
 
 
 class Armed(Protocol):
@@ -145,7 +148,8 @@ class MechanismResult:
         self.notes += totals.notes
         self.durations = totals.durations
         dropped = totals.dropped or 0
-        self.lost = dropped if stop.count is not None else max(dropped, self.total - len(self.hits))
+        expected = self.total if totals.streamable is None else totals.streamable
+        self.lost = dropped if stop.count is not None else max(dropped, expected - len(self.hits))
 
     def record_workload(self, work: WorkloadRun | None) -> None:
         """The workload's exit status and output, once it has ended."""

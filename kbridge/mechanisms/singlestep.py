@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kbridge.arch import Arch
 from kbridge.spec import Hit
+
+
+def expected_ips(arch: Arch, mode: str) -> tuple[int, tuple[int, int]]:
+    """(pre ip - addr, (min, max) of post ip - addr) for a probe armed in MODE (kprobes/list) on ARCH.
+
+    A breakpoint reports the ip after it (x86 int3: +1) or at it (arm64 BRK: +0), then the
+    probed instruction is single-stepped: the post ip is past it. In ftrace mode nothing traps
+    and nothing is stepped: kprobe_ftrace_handler() sets ip as a trap would, then moves it past
+    the ftrace call site (MCOUNT_INSN_SIZE) for the post-handler.
+    """
+    if mode == "ftrace":
+        return arch.pre_ip_offset, (arch.ftrace_site_len, arch.ftrace_site_len)
+    return arch.pre_ip_offset, arch.insn_lengths
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,24 @@ def kept(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
     return QemuVM.attach(arch, suite)
 
 
+def running(arch: Arch | None, suite: str, target: str | TargetSpec | None = None) -> Target:
+    """A guest that is already up, attached: the kept VM of ARCH and SUITE, or the Vagrant machine TARGET.
+
+    Nothing is booted: a one-line error says how to start one.
+    """
+    where = target if isinstance(target, TargetSpec) else parse_target(target)
+    if where.kind == "vagrant":
+        from kbridge.targets import vagrant
+
+        return vagrant.connect(where.machine)
+    a = arch or get_arch(None)
+    vm = kept(a, suite)
+    if vm is None:
+        up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
+        raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
+    return vm
+
+
 def kept_running(arch: Arch, suite: str = kernels.DEFAULT) -> bool:
     """Whether a kept VM of ARCH and SUITE is up (without attaching to it)."""
     from kbridge.targets.qemu import kept_dir

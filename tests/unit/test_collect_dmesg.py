@@ -58,8 +58,8 @@ X86_DURATIONS = "kb_ksys_write_c6b3ee17: durations run=4c79da78 log2_ns=19:1,23:
 
 
 def test_hit_registers_show_the_single_step():
-    pre = parse_hit(X86_PRE, "kb_ksys_write_acbe64d6", "ksys_write")
-    post = parse_hit(X86_POST, "kb_ksys_write_acbe64d6", "ksys_write")
+    pre = parse_hit(X86_PRE, "kb_ksys_write_acbe64d6", "ksys_write", arch="x86_64")
+    post = parse_hit(X86_POST, "kb_ksys_write_acbe64d6", "ksys_write", arch="x86_64")
     assert (pre.addr, pre.ip, pre.flags) == (0xFFFFFFFF81367685, 0xFFFFFFFF81367686, 0x202)
     assert (pre.tid, pre.arch) == (152, "x86_64")
     assert post.ip - post.addr == 2  # the 2-byte instruction at +5 was single-stepped
@@ -75,12 +75,14 @@ def test_arm64_registers_are_pc_and_pstate():
         "pstate=0x80000005 fd=1 comm=sh",
         mod,
         "ksys_write",
+        arch="arm64",
     )
     h = parse_hit(
         f"{mod}: hit=post pid=139 tid=139 cpu=0 addr=0xffffa21f135ac154 pc=0xffffa21f135ac158 "
         "pstate=0x80000005 fd=1 comm=sh",
         mod,
         "ksys_write",
+        arch="arm64",
     )
     assert pre.ip == pre.addr  # BRK: the pre-handler sees pc at the probe address
     assert (h.arch, h.ip - h.addr, h.flags, h.args) == ("arm64", 4, 0x80000005, {"fd": 1})

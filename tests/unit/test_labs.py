@@ -17,7 +17,7 @@ from kbridge.errors import KbridgeError
 from kbridge.kbuild import Built
 from kbridge.labs import LABS, get, labdir, markers
 from kbridge.labs.checkers import breakpoint as bp
-from kbridge.labs.checkers import kprobe_module, three_ways
+from kbridge.labs.checkers import three_ways
 from kbridge.labs.grading import CheckSpec, Grader, Report, Status, StudentCrash
 from kbridge.labs.guest import workload_binary
 from kbridge.labs.kmodule import StudentModule, crash_detail, oops_site
@@ -151,14 +151,6 @@ def test_all_passed_is_ok_and_a_skipped_lab_is_not() -> None:
     g.result("a", True, "")
     assert g.finish().ok
     assert not Report("x", "dir", "arm64", skipped="no 5.10 image").ok
-
-
-def test_expected_instruction_pointers_per_arch_and_mode() -> None:
-    assert kprobe_module.expected_ips("arm64", "") == (0, (4, 4))
-    assert kprobe_module.expected_ips("x86_64", "[FTRACE]") == (1, (5, 5))
-    assert kprobe_module.expected_ips("x86_64", "") == (1, (2, 15))
-    assert kprobe_module.wrapper_symbol("x86_64") == "__x64_sys_write"
-    assert kprobe_module.wrapper_symbol("arm64") == "__arm64_sys_write"
 
 
 def test_breakpoint_answers_are_read_per_arch() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kbridge import targets
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import bpf
 from kbridge.mechanisms.bpf.render import BpfProgram
@@ -19,7 +20,7 @@ DD = Workload.shell("dd if=/dev/zero of=/dev/null bs=1 count=200")  # comm "dd" 
 
 def test_kprobe_counts_and_args(session: Session) -> None:
     spec = make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], session.arch, comm="dd")
-    r = bpf.run(session, spec, DD, StopRule())
+    r = bpf.MECHANISM.run(session, spec, DD, StopRule())
     # busybox dd: 200 one-byte writes to fd 1, then its summary to fd 2.
     ones = [h for h in r.hits if h.args == {"fd": 1, "count": 1}]
     assert len(ones) == 200
@@ -29,7 +30,7 @@ def test_kprobe_counts_and_args(session: Session) -> None:
 
 def test_kretprobe_return_values(session: Session) -> None:
     spec = make_spec("vfs_read", {"ret"}, None, session.arch, comm="dd")
-    r = bpf.run(session, spec, DD, StopRule())
+    r = bpf.MECHANISM.run(session, spec, DD, StopRule())
     assert r.counters["ret"] >= 200
     assert sum(1 for h in r.hits if h.retval == 1) == 200  # each bs=1 read of /dev/zero returns 1
 
@@ -43,7 +44,7 @@ def test_compile_error_is_clear_and_leaves_nothing(session: Session, monkeypatch
     )
     monkeypatch.setattr(bpf, "render", lambda s, a: broken)
     with pytest.raises(bpf.BpfError) as e:
-        bpf.run(session, spec, DD, StopRule())
+        bpf.MECHANISM.run(session, spec, DD, StopRule())
     assert "could not compile" in e.value.message and "no_such_variable" in e.value.message
     assert "ksys_write" not in session.kprobes_list()
 
@@ -52,13 +53,18 @@ def test_attach_error_is_clear_and_leaves_nothing(session: Session) -> None:
     # ksys_write+1 is inside the first instruction on both arches: the kernel refuses it.
     spec = make_spec("ksys_write", {"pre"}, None, session.arch, offset=1)
     with pytest.raises(bpf.BpfError) as e:
-        bpf.run(session, spec, DD, StopRule())
+        bpf.MECHANISM.run(session, spec, DD, StopRule())
     assert "could not attach to 'ksys_write'+0x1" in e.value.message
     assert "ksys_write" not in session.kprobes_list()
 
 
-def test_default_image_says_what_is_missing(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session.target, "bcc_python", lambda: None)  # as a default-image guest says
-    with pytest.raises(KbridgeError) as e:
-        bpf.run(session, make_spec("ksys_write", {"pre"}, None, session.arch), DD, StopRule())
-    assert "has no bcc" in str(e.value) and "kbridge bpf up" in str(e.value)
+def test_default_image_says_what_is_missing(session: Session) -> None:
+    # A real guest booted from the default image (no python3-bpfcc), not the bcc one the tests keep.
+    guest = targets.boot(session.arch)
+    try:
+        with pytest.raises(KbridgeError) as e:
+            bpf.MECHANISM.run(Session(guest), make_spec("ksys_write", {"pre"}, None, session.arch), DD, StopRule())
+        assert "has no bcc" in str(e.value) and "kbridge bpf up" in str(e.value)
+        assert "ksys_write" not in Session(guest).kprobes_list()
+    finally:
+        targets.shutdown(guest)

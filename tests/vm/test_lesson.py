@@ -198,7 +198,7 @@ def test_bpf_hits_carry_the_probe_address_registers_and_durations(session: Sessi
 
     arm64 = session.arch.name == "arm64"
     spec = make_spec("ksys_write", {"pre", "entry", "ret"}, [], session.arch, comm="dd")
-    r = bpf.run(session, spec, DD, StopRule())
+    r = bpf.MECHANISM.run(session, spec, DD, StopRule())
     pre = [h for h in r.hits if h.handler == "pre"]
     rets = [h for h in r.hits if h.handler == "ret"]
     assert len(pre) == r.counters["pre"] >= 3 and len(rets) == r.counters["ret"] >= 3

@@ -68,7 +68,7 @@ def test_probe_spec_via_tracefs(kbridge_session: Session) -> None:
     before = snapshot(s)
     sym = s.resolve("sys_write").symbol
     spec = make_spec(sym, {"pre", "ret"}, ["fd=1", "count=3"], s.arch, comm="dd")
-    res = tracefs.run(s, spec, sh("dd if=/dev/zero of=/dev/null bs=7 count=3 2>/dev/null"))
+    res = tracefs.MECHANISM.run(s, spec, sh("dd if=/dev/zero of=/dev/null bs=7 count=3 2>/dev/null"))
     data = [h for h in res.hits if h.handler == "pre" and h.args["fd"] == 1]
     assert [h.args["count"] for h in data] == [7, 7, 7]
     rets = [h.retval for h in res.hits if h.handler == "ret"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from kbridge.arch import ARCHES
 from kbridge.errors import KbridgeError
 from kbridge.inspect import Inspection, inspect
 from kbridge.labs.context import LabContext
@@ -77,7 +78,7 @@ CHECKS = [
     ),
 ]
 
-_LINE = re.compile(r"^\s*(?P<arch>x86_64|arm64)\.(?P<key>\w+)\s*=\s*(?P<value>.*?)\s*$")
+_LINE = re.compile(rf"^\s*(?P<arch>{'|'.join(ARCHES)})\.(?P<key>\w+)\s*=\s*(?P<value>.*?)\s*$")
 
 
 def parse_answers(text: str, arch: str) -> dict[str, str]:

@@ -108,7 +108,7 @@ def _cleanup(ctx: LabContext) -> None:
 
 def run(ctx: LabContext, g: Grader) -> None:
     t = ctx.target
-    symbol = wrapper_symbol(t.arch.name)
+    symbol = wrapper_symbol(t.arch)
     _cleanup(ctx)  # an event of that name left by an interrupted check
     before = _read(ctx, f"{TRACING}/kprobe_events") or ""
     ctx.cleanups.append(lambda: _cleanup(ctx))

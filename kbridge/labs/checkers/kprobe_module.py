@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from kbridge import kprobes_list
+from kbridge.arch import Arch
 from kbridge.labs.checkers.common import build_and_load, probe_entry, probes_on, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import WORKLOAD, guest_run
 from kbridge.labs.kmodule import read_state
+from kbridge.mechanisms.singlestep import expected_ips
 
 MODULE = "kprobe_lab"
 CALLS = 25  # kblab write 25: exactly 25 write() calls
@@ -64,22 +67,13 @@ CHECKS = [
 ]
 
 
-def wrapper_symbol(arch: str) -> str:
-    return "__x64_sys_write" if arch == "x86_64" else "__arm64_sys_write"
-
-
-def expected_ips(arch: str, flags: str) -> tuple[int, tuple[int, int]]:
-    """(pre ip - addr, (min, max) of post ip - addr) for a probe at a function's entry."""
-    if arch == "arm64":
-        return 0, (4, 4)  # BRK #4 is reported at its own address; the stepped insn is 4 bytes
-    if "[FTRACE]" in flags:
-        return 1, (5, 5)  # kprobe_ftrace_handler: ip + 1 as from int3, then + MCOUNT_INSN_SIZE
-    return 1, (2, 15)  # int3, then the length of the single-stepped x86 instruction
+def wrapper_symbol(arch: Arch) -> str:
+    """The function write(2) enters the kernel through on ARCH."""
+    return arch.syscall_entry("write")
 
 
 def run(ctx: LabContext, g: Grader) -> None:
-    arch = ctx.target.arch.name
-    symbol = wrapper_symbol(arch)
+    symbol = wrapper_symbol(ctx.target.arch)
     work = [WORKLOAD, "write", str(CALLS)]
     before = set(probes_on(ctx, {symbol, "ksys_write", "sys_write"}))
     lm = build_and_load(ctx, g, MODULE)
@@ -122,7 +116,7 @@ def run(ctx: LabContext, g: Grader) -> None:
             f"{len(naming)} lines name the probe address {addr:#x} (want {2 * CALLS}: pre and post "
             f"for each of {CALLS} calls); {len(mine)} lines in all" + (f", e.g. {mine[0]!r}" if mine else ""),
         )
-        want_pre, (lo, hi) = expected_ips(arch, entry[3])
+        want_pre, (lo, hi) = expected_ips(ctx.target.arch, kprobes_list.mode_of(" ".join(entry)))
         got_addr = int(state.get("addr", "0"), 16)
         pre_d = int(state.get("pre_ip", "0"), 16) - addr
         post_d = int(state.get("post_ip", "0"), 16) - addr

@@ -22,12 +22,11 @@ from kbridge.errors import KbridgeError
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.bpf import collect
 from kbridge.mechanisms.bpf.render import check, render
-from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule, Totals, drive
+from kbridge.mechanisms.engine import Totals
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
 from kbridge.targets.base import BPF_PORT, Target
-from kbridge.workload import Workload
 
 # bcc import + clang compile under TCG: 10-50 s on x86_64, 40-90 s on arm64, 3x that on a loaded host
 READY_TIMEOUT_S = 600.0
@@ -234,16 +233,9 @@ def _explain(msg: dict, spec: ProbeSpec, stderr: str) -> BpfError:
     return BpfError(f"the bcc runner failed ({stage}): {detail}\n{diag}")
 
 
-def run(
-    session: Session,
-    spec: ProbeSpec,
-    workload: Workload,
-    stop: StopRule = StopRule(),
-    on_hit: HitSink | None = None,
-    prepared: object = None,
-) -> MechanismResult:
-    """Compile and attach SPEC with bcc in the guest, run WORKLOAD, collect every hit, detach."""
-    return drive("bpf", session.target, spec, workload, stop, on_hit, _Attached(session, spec))
+def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Attached:
+    """SPEC's program, to be compiled and attached by the guest's runner when the engine enters it."""
+    return _Attached(session, spec)
 
 
-MECHANISM = Mechanism("bpf", "bcc", check, None, run)
+MECHANISM = Mechanism("bpf", "bcc", check, None, arm)

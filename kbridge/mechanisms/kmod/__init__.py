@@ -23,7 +23,7 @@ from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
 from kbridge.kbuild import build_generated
 from kbridge.mechanisms import Mechanism
-from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule, Totals, drive
+from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import Log2Histogram
 from kbridge.mechanisms.kmod.collect import ModuleEvent, parse_event, parse_hit
 from kbridge.mechanisms.kmod.errors import explain_refusal, register_error
@@ -32,7 +32,6 @@ from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
 from kbridge.targets.base import GuestCrash, KmsgRecord
-from kbridge.workload import Workload
 
 READY_TIMEOUT_S = 30.0
 UNLOAD_TIMEOUT_S = 30.0
@@ -167,7 +166,7 @@ class _Loaded:
         return KbridgeError(f"insmod {self.module}.ko failed: {stderr.strip()}")
 
     def _hit(self, rec: KmsgRecord | None) -> Hit | None:
-        return parse_hit(rec.text, self.module, self.spec.symbol, rec.usec) if rec else None
+        return parse_hit(rec.text, self.module, self.spec.symbol, rec.usec, self.session.arch.name) if rec else None
 
     # -- Armed ----------------------------------------------------------------------
 
@@ -241,17 +240,10 @@ def crash_message(report: str, ours: str) -> str:
     return f"the guest kernel crashed at {site} {where}{mine}"
 
 
-def run(
-    session: Session,
-    spec: ProbeSpec,
-    workload: Workload,
-    stop: StopRule = StopRule(),
-    on_hit: HitSink | None = None,
-    prepared: object = None,
-) -> MechanismResult:
-    """Load the module built from SPEC into the session's guest, run WORKLOAD, collect, unload."""
+def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Loaded:
+    """The module built from SPEC (PREPARED, or built now), to be loaded by the engine."""
     built = prepared if isinstance(prepared, BuiltProbe) else prepare(spec, session.image)
-    return drive("kmod", session.target, spec, workload, stop, on_hit, _Loaded(session, spec, built))
+    return _Loaded(session, spec, built)
 
 
-MECHANISM = Mechanism("kmod", "default", check, prepare, run)
+MECHANISM = Mechanism("kmod", "default", check, prepare, arm)

@@ -23,7 +23,7 @@ _READY = re.compile(r"^(?P<mod>\w+): ready run=(?P<run>\S*)")
 _DURATIONS = re.compile(r"^(?P<mod>\w+): durations run=(?P<run>\S*) log2_ns=(?P<buckets>-|\d+:\d+(?:,\d+:\d+)*)$")
 
 
-def parse_hit(text: str, module: str, symbol: str, usec: int | None = None) -> Hit | None:
+def parse_hit(text: str, module: str, symbol: str, usec: int | None = None, arch: str | None = None) -> Hit | None:
     """A Hit from one module log line, or None if the line is not a hit of MODULE."""
     m = _HIT.match(text)
     if not m or m["mod"] != module:
@@ -47,7 +47,7 @@ def parse_hit(text: str, module: str, symbol: str, usec: int | None = None) -> H
         addr=int(m["addr"], 16) if regs else None,
         ip=int(m["ip"], 16) if regs else None,
         flags=int(m["flags"], 16) if regs else None,
-        arch=("arm64" if m["ipname"] == "pc" else "x86_64") if regs else None,
+        arch=arch if regs else None,
         duration_ns=int(m["took"]) if m["took"] is not None else None,
         trap=trap,
     )

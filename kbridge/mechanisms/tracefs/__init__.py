@@ -96,6 +96,7 @@ class _Events:
         buffer_kb: int | None,
         adapt: HitAdapter | None,
         steps: StepReporter | None,
+        handlers: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.session = session
         self.vm = session.target
@@ -121,6 +122,9 @@ class _Events:
         self.drained = False
         self.undrained = False  # the end marker never came: some events may be unread
         self.state: GuestTracingState | None = None
+        self.handlers = handlers
+        self.notes: list[str] = []  # said when the symbols were resolved
+        self.spec_notes: list[str] = []  # what the rendering of a spec does differently from the module
 
     # -- arming ---------------------------------------------------------------------
 
@@ -274,7 +278,11 @@ class _Events:
             self.rep.show(
                 f"{TRACING}/kprobe_profile", "EVENT, times the probe fired (before any filter), times it was missed"
             )
-        return Totals(counters, missed=missed, dropped=lost, notes=notes)
+        streamable = None
+        if self.handlers is not None:  # a spec's events: counted per handler, as the module counts
+            streamable = sum(counters.values())
+            counters = {h: counters.get(name, 0) for name, hs in self.handlers.items() for h in hs}
+        return Totals(counters, missed=missed, dropped=lost, notes=self.spec_notes + notes, streamable=streamable)
 
     # -- disarming ------------------------------------------------------------------
 
@@ -326,28 +334,20 @@ class _Events:
             progress.warn(msg)
 
 
-def run_lines(
+def events(
     session: Session,
     lines: list[str],
-    workload: Workload,
-    stop: StopRule = StopRule(),
-    on_hit: HitSink | None = None,
     filter: str | None = None,  # noqa: A002 - the CLI's name
     buffer_kb: int | None = None,
     pid: int | None = None,
     comm: str | None = None,
-    spec: ProbeSpec | None = None,
     adapt: HitAdapter | None = None,
     steps: StepSink | None = None,
-) -> MechanismResult:
-    """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them.
-
-    ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
-    overwritten before they were read; ``missed`` is kprobe_profile's nmissed.
-    STEPS, if given, receives each tracefs operation with the files read back after it.
-    A return event's hits get the time since their thread's hit of an entry event on the
-    same symbol (duration_ns, from trace_pipe's microsecond timestamps).
-    """
+    handlers: dict[str, tuple[str, ...]] | None = None,
+) -> _Events:
+    """LINES checked offline and their symbols resolved, as the engine's Armed probe (nothing in the
+    guest changes until it is entered). HANDLERS (GROUP/EVENT -> the spec's handlers it serves) makes
+    the counts per handler, as the module's are."""
     for line in lines:
         if any(c in line for c in "\n\r\0"):
             raise KbridgeError(f"invalid event line {line!r}: one kprobe_events command per line")
@@ -361,20 +361,35 @@ def run_lines(
     parsed = resolve_symbols(session, checked, notes)
     for n in notes:
         progress.info(n)
-    events = _Events(
-        session,
-        lines,
-        checked,
-        parsed,
-        filter,
-        pid,
-        comm,
-        buffer_kb,
-        adapt,
-        StepReporter(session.target, steps) if steps else None,
-    )
-    placeholder = spec or ProbeSpec(parsed[0].symbol or "?")
-    return drive("tracefs", session.target, placeholder, workload, stop, on_hit, events, notes)
+    reporter = StepReporter(session.target, steps) if steps else None
+    armed = _Events(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers)
+    armed.notes = notes
+    return armed
+
+
+def run_lines(
+    session: Session,
+    lines: list[str],
+    workload: Workload,
+    stop: StopRule = StopRule(),
+    on_hit: HitSink | None = None,
+    filter: str | None = None,  # noqa: A002 - the CLI's name
+    buffer_kb: int | None = None,
+    pid: int | None = None,
+    comm: str | None = None,
+    steps: StepSink | None = None,
+) -> MechanismResult:
+    """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them (kbridge trace).
+
+    ``counters`` maps GROUP/EVENT to the events read; ``lost`` counts events
+    overwritten before they were read; ``missed`` is kprobe_profile's nmissed.
+    STEPS, if given, receives each tracefs operation with the files read back after it.
+    A return event's hits get the time since their thread's hit of an entry event on the
+    same symbol (duration_ns, from trace_pipe's microsecond timestamps).
+    """
+    armed = events(session, lines, filter, buffer_kb, pid, comm, steps=steps)
+    placeholder = ProbeSpec(armed.parsed[0].symbol or "?")
+    return drive("tracefs", session.target, placeholder, workload, stop, on_hit, armed, armed.notes)
 
 
 def check(spec: ProbeSpec, arch: Arch) -> None:
@@ -382,15 +397,8 @@ def check(spec: ProbeSpec, arch: Arch) -> None:
     render.render(spec, arch)
 
 
-def run(
-    session: Session,
-    spec: ProbeSpec,
-    workload: Workload,
-    stop: StopRule = StopRule(),
-    on_hit: HitSink | None = None,
-    prepared: object = None,
-) -> MechanismResult:
-    """Probe SPEC through kprobe_events: the `--via tracefs` path of kbridge probe.
+def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Events:
+    """SPEC as kprobe events: the `--via tracefs` path of kbridge probe.
 
     Counters are by handler, as for the module; handlers tracefs cannot tell
     apart (--pre/--post/--entry share the one kprobe event) get the same count.
@@ -399,8 +407,7 @@ def run(
     by_event = {r.event.effective_event: r for r in rendered}
 
     def adapt(info: EventInfo, hit: Hit) -> Hit:
-        handlers = by_event[info.name].handlers
-        hit.handler = handlers[0]
+        hit.handler = by_event[info.name].handlers[0]
         if info.is_return:
             ret = hit.args.pop("ret", None)
             hit.retval = ret if isinstance(ret, int) else None
@@ -411,24 +418,10 @@ def run(
             hit.arch = session.arch.name
         return hit
 
-    result = run_lines(
-        session,
-        [r.line for r in rendered],
-        workload,
-        stop,
-        on_hit,
-        pid=spec.pid,
-        comm=spec.comm,
-        spec=spec,
-        adapt=adapt,
-    )
-    counters: dict[str, int] = {}
-    for r in rendered:
-        for h in r.handlers:
-            counters[h] = result.counters.get(r.full_name, 0)
-    result.counters = counters
-    result.notes[:0] = render.spec_notes(spec)
-    return result
+    handlers = {r.full_name: r.handlers for r in rendered}
+    armed = events(session, [r.line for r in rendered], pid=spec.pid, comm=spec.comm, adapt=adapt, handlers=handlers)
+    armed.spec_notes = render.spec_notes(spec)
+    return armed
 
 
-MECHANISM = Mechanism("tracefs", "default", check, None, run)
+MECHANISM = Mechanism("tracefs", "default", check, None, arm)

@@ -105,7 +105,7 @@ def syscall_rewrite_note(requested: str, resolved: str, arch: Arch) -> str | Non
     """One line when a syscall name the kernel no longer has was rewritten to its entry wrapper."""
     if requested == resolved or not resolved.startswith(arch.syscall_prefix):
         return None
-    since = "4.17" if arch.name == "x86_64" else "4.19"
+    since = arch.syscall_wrapper_since
     return (
         f"the kernel would refuse {requested!r} as written: since Linux {since} {arch.name} enters "
         f"syscalls through pt_regs wrappers (CONFIG_ARCH_HAS_SYSCALL_WRAPPER) and has no {requested} "

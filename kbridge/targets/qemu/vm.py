@@ -92,7 +92,7 @@ class QemuVM:
         if shutil.which(image.arch.qemu_binary) is None:
             raise KbridgeError(
                 f"{image.arch.qemu_binary} is not installed",
-                f"sudo apt-get install {'qemu-system-x86' if image.arch.name == 'x86_64' else 'qemu-system-arm'}",
+                f"sudo apt-get install {image.arch.qemu_package}",
             )
         argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
         state_key = None
