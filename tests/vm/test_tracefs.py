@@ -90,10 +90,16 @@ def test_filters_pid_and_comm(kbridge_session: Session) -> None:
         comm="sh",
     )
     assert [(h.comm, h.args["count"]) for h in res.hits] == [("sh", 5)]
-    # --pid: only the spawned process's write, not the workload's identical one.
-    other = s.target.spawn(["/bin/sh", "-c", "sleep 2; printf 12345 >/dev/null"])
+    # --pid: only the spawned process's write, not the workload's identical one. The other process
+    # writes once the workload (started only when the probe is armed) says so: no timing guess.
+    go, done = "/tmp/kbt-pid-go", "/tmp/kbt-pid-done"
+    s.target.run(["/bin/busybox", "rm", "-f", go, done])
+    other = s.target.spawn(
+        ["/bin/sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; printf 12345 >/dev/null; touch {done}"]
+    )
     try:
-        res = tracefs.run_lines(s, [line], sh("printf 12345 >/dev/null; sleep 4"), pid=other, filter="count == 5")
+        work = sh(f"printf 12345 >/dev/null; touch {go}; while [ ! -e {done} ]; do sleep 0.05; done")
+        res = tracefs.run_lines(s, [line], work, pid=other, filter="count == 5")
     finally:
         s.target.wait(other, timeout=30)
     assert [(h.pid, h.args["count"]) for h in res.hits] == [(other, 5)]
