@@ -7,11 +7,10 @@ it (pid and start time, so a reused pid is never mistaken for the owner). A kbri
 killed with SIGKILL cannot clean up after itself; the next command on that guest
 reclaims what a dead owner left before it does anything else, and says so.
 
-Processes are started through `spawn()`: a shell in a session of its own (so a stop
-takes the children too) writes its pid and start time to /run/kbridge/tags/TAG, then
-execs the command. The record names TAG, written before the spawn: a kill at any
-point leaves either nothing started, a shell whose command line holds TAG, or the
-tag file, and reclaim() finds each.
+Processes are started through `spawn()`, in a session of their own (so a stop takes the
+children too) and with KBRIDGE_OWNED=TAG in their environment, which every child inherits.
+The record names TAG and is written before the spawn: a kill at any point leaves either
+nothing started or processes whose environment names TAG, and reclaim() finds them all.
 
 Records live in the guest's /run (a tmpfs): a rebooted guest has none. The ledger
 is one append-only file ("+" JSON when claimed, "-" KEY when released).
@@ -33,22 +32,16 @@ from kbridge.errors import KbridgeError
 from kbridge.targets.base import ExecResult, Target
 
 LEDGER = "/run/kbridge/owned.log"
-TAGS = "/run/kbridge/tags"
 COMPACT_AT = 256  # ledger lines past which reclaim() rewrites it with only the live records
 KINDS = ("process", "event", "module")  # reclaimed in this order: stop readers before removing events
 _NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
-# $0 is the tag file. `read` splits /proc/$$/stat on spaces ("sh" has none in its comm):
-# the 22nd field is the start time, in clock ticks since boot.
-_WRAP = 'read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ start _ < /proc/$$/stat; echo "$$ $start" > "$0"; exec "$@"'
+OWNER_VAR = "KBRIDGE_OWNED"
+# Every process of a spawn() carries OWNER_VAR=TAG in its environment (children inherit it,
+# exec keeps it): nothing is written on its behalf, so a probe counts none of kbridge's own work.
+# TAG is [a-z0-9-] only, a literal as a grep pattern (busybox grep -F misses it in environ's NULs).
 _RECLAIM = (
-    # $1: the tag file. The pid it names (if that process's start time still matches), else a
-    # wrapper shell not yet past its exec: its command line is "/bin/sh -c read -r ... $1 ...".
-    'pid=; if [ -r "$1" ]; then read -r p s < "$1"; '
-    'read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ now _ < "/proc/$p/stat" && [ "$now" = "$s" ] && pid=$p; '
-    "else for d in /proc/[0-9]*; do "
-    'case "$(tr "\\0" " " < "$d/cmdline")" in "/bin/sh -c read -r "*" $1 "*) pid=${d#/proc/};; esac; '
-    "done; fi 2>/dev/null; "
-    '[ -n "$pid" ] && kill -9 -"$pid" "$pid" 2>/dev/null; rm -f "$1"; echo "$pid"'
+    'for f in $(grep -l -s "$1" /proc/[0-9]*/environ); do p=${f#/proc/}; p=${p%/environ}; '
+    '[ "$p" != "$$" ] || continue; kill -9 -"$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; echo "$p"; done; true'
 )
 
 
@@ -87,7 +80,7 @@ def claim(target: Target, kind: str, name: str) -> Record:
     try:
         target.write_file(LEDGER, line, mode="a")
     except KbridgeError:  # a guest without /run/kbridge yet (a machine kbridge did not build)
-        target.run(["/bin/busybox", "mkdir", "-p", TAGS], timeout=10)
+        target.run(["/bin/busybox", "mkdir", "-p", LEDGER.rsplit("/", 1)[0]], timeout=10)
         target.write_file(LEDGER, line, mode="a")
     return rec
 
@@ -114,17 +107,18 @@ class OwnedProcess:
     def __init__(self, target: Target, argv: list[str], stdin: bytes | None = None) -> None:
         self.target = target
         self.tag = f"kb-{secrets.token_hex(6)}"
-        self.record = claim(target, "process", self.tag)
+        rec = claim(target, "process", self.tag)
+        self.record: Record | None = rec
         self.result: ExecResult | None = None
         try:
+            # env and setsid each exec the next program: the spawned pid is ARGV's own, its session's.
+            # The agent's children are not process-group leaders, so setsid does not fork.
             self.handle = target.spawn(
-                ["/bin/busybox", "setsid", "/bin/sh", "-c", _WRAP, f"{TAGS}/{self.tag}", *argv], stdin
+                ["/bin/busybox", "env", f"{OWNER_VAR}={self.tag}", "/bin/busybox", "setsid", *argv], stdin
             )
         except BaseException:
-            release(target, self.record)
+            release(target, rec)
             raise
-        # The agent's children are not process-group leaders, so setsid does not fork:
-        # the spawned pid is the shell's, then (after exec) the command's.
         self.pid = target.guest_pid(self.handle)
 
     def poll(self) -> ExecResult | None:
@@ -151,12 +145,14 @@ class OwnedProcess:
         if self.result is not None:
             self._forget()
 
+    def disown(self) -> None:
+        """It outlives this kbridge on purpose (a runner kept on a kept VM): no longer reclaimed."""
+        self._forget()
+
     def _forget(self) -> None:
         if self.record is not None:
             release(self.target, self.record)
-            with contextlib.suppress(Exception):
-                self.target.run(["/bin/busybox", "rm", "-f", f"{TAGS}/{self.tag}"], timeout=10)
-            self.record = None  # type: ignore[assignment]  # released: nothing left to forget
+            self.record = None
 
 
 def spawn(target: Target, argv: list[str], stdin: bytes | None = None) -> OwnedProcess:
@@ -211,9 +207,9 @@ def reclaim(target: Target) -> list[str]:
 
 def _undo(target: Target, rec: Record) -> str | None:
     if rec.kind == "process":
-        res = target.run(["/bin/sh", "-c", _RECLAIM, "kbridge-reclaim", f"{TAGS}/{rec.name}"], timeout=20)
-        pid = res.text.strip()
-        return f"process {pid} stopped" if pid.isdigit() else None
+        res = target.run(["/bin/sh", "-c", _RECLAIM, "kbridge-reclaim", f"{OWNER_VAR}={rec.name}"], timeout=30)
+        pids = res.text.split()
+        return f"process{'es' if len(pids) > 1 else ''} {', '.join(pids)} stopped" if pids else None
     if rec.kind == "event":
         group, _, event = rec.name.partition("/")
         base = f"/sys/kernel/tracing/events/{group}/{event}"

@@ -179,7 +179,7 @@ class _Attached:
         if not self.ended:
             self._stop_runner()
         elif self.proc is not None and self.proc.result is None:
-            ownership.release(self.target, self.proc.record)  # a kept runner stays, on purpose
+            self.proc.disown()  # a kept runner stays, on purpose
         with contextlib.suppress(Exception):
             self.target.close_stream(BPF_PORT)
 
