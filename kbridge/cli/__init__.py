@@ -9,6 +9,7 @@ Each module registers its commands on `app` when imported, as usual with typer.
 from __future__ import annotations
 
 import importlib
+import sys
 from difflib import get_close_matches
 from typing import Any
 
@@ -93,6 +94,24 @@ app = typer.Typer(
 def _root() -> None:
     # A callback makes typer build a group even though no command is registered at import.
     pass
+
+
+def main() -> None:
+    """The `kbridge` command. A usage error (an unknown option, a value out of range) is one line
+    that quotes the input, like every other error, not a box."""
+    try:
+        code = app(standalone_mode=False)
+    except _click.exceptions.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "kbridge"
+        sys.stderr.write(f"error: {e.format_message()}\n  hint: {where} --help\n")
+        sys.exit(2)
+    except _click.exceptions.ClickException as e:
+        sys.stderr.write(f"error: {e.format_message()}\n")
+        sys.exit(e.exit_code)
+    except _click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def load(name: str) -> _click.Command:

@@ -117,7 +117,8 @@ def hit_line(hit: Hit) -> str:
     trap = f" trap={hit.trap}" if hit.trap is not None else ""
     regs = ""
     if hit.ip is not None:
-        regs = f" [dim]addr={hit.addr:#x} {hit.ip_name}={hit.ip:#x} {hit.flags_name}={hit.flags or 0:#x}[/]"
+        addr = f"addr={hit.addr:#x} " if hit.addr is not None else ""  # a tracefs hit has no probe address
+        regs = f" [dim]{addr}{hit.ip_name}={hit.ip:#x} {hit.flags_name}={hit.flags or 0:#x}[/]"
     ts = f"{hit.timestamp:12.6f} " if hit.timestamp is not None else ""
     return (
         f"[dim]{ts}[/][bold]{hit.handler:5}[/] {escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} "

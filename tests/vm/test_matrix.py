@@ -17,6 +17,8 @@ from contextlib import ExitStack
 import pytest
 
 from kbridge import kernels, kprobe_events
+from kbridge.arch import get_arch
+from kbridge.images.image import grammar_of
 from kbridge.targets import acquire
 from kbridge.targets.base import Target
 from tests.unit.test_events_kernels import KERNEL_ONLY
@@ -67,12 +69,12 @@ def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
         f"{guest.krel} answers differently from the capture of {captured['krel']}: "
         "re-capture with python -m tests.vm.error_log_capture"
     )
-    grammar = kprobe_events.grammar_for(suite, arch)  # from the image's own .config
+    grammar = grammar_of(get_arch(arch), suite)  # from the image's own .config
     for v in live:
         if v["line"] in KERNEL_ONLY:
             continue
         try:
-            kprobe_events.parse(v["line"], arch, kernel=grammar)
+            kprobe_events.parse(v["line"], grammar)
             assert v["ok"], v
         except kprobe_events.EventSyntaxError as e:
             assert not v["ok"] and e.kernel_position == v["kernel_position"], (v, e)
@@ -124,7 +126,7 @@ def test_entry_probe_lands_after_endbr64_on_ibt_kernels(guests, suite, arch):
     guest = guests(suite, arch)
     listing = _kprobes_list(guest, "p:kbibt/w ksys_write")
     line = next(ln for ln in listing.splitlines() if "ksys_write" in ln)
-    ibt = kprobe_events.grammar_for(suite, arch).ibt
+    ibt = grammar_of(get_arch(arch), suite).ibt
     assert ibt == (suite in ("trixie", "sid"))
     assert ("ksys_write+0x4" if ibt else "ksys_write+0x0") in line, line
     assert "[FTRACE]" in line  # both: ftrace's call sits right at the (moved) entry
@@ -252,7 +254,7 @@ def test_kretprobe_past_endbr64_is_an_entry_only_with_ibt(suite, arch):
         text=True,
         timeout=900,
     )
-    if kprobe_events.grammar_for(suite, arch).ibt:
+    if grammar_of(get_arch(arch), suite).ibt:
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
         assert summary["kernel"].startswith(("6.12", "7.")), summary

@@ -132,12 +132,12 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     ]
     before = snapshot(s)
     for line in good:
-        ev = kprobe_events.parse(line, s.arch.name)
+        ev = kprobe_events.parse(line, s.grammar)
         tracefs.define(s.target, line)
         tracefs.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
         with pytest.raises(kprobe_events.EventSyntaxError) as offline:
-            kprobe_events.parse(line, s.arch.name)
+            kprobe_events.parse(line, s.grammar)
         with pytest.raises(kprobe_events.EventSyntaxError) as kernel:
             tracefs.define(s.target, line)
         got = (kernel.value.error, kernel.value.kernel_position, kernel.value.command)
