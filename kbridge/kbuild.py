@@ -20,13 +20,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kbridge import elf, kernels, progress
+import psutil
+
+from kbridge import elf, kernels, progress, sandbox
 from kbridge.errors import KbridgeError
 from kbridge.images import buildroot
 from kbridge.images.image import Image
@@ -37,6 +40,8 @@ HOST_GCC = "12"  # the host's (bookworm's) gcc, which builds bullseye's and book
 MAX_SOURCE_FILES = 2000
 MAX_SOURCE_BYTES = 64 << 20
 BUILD_TIMEOUT_S = 600.0
+UNTRUSTED_TIMEOUT_S = 120.0  # a lab module builds in seconds; a FIFO or a macro bomb must not hold the grader
+UNTRUSTED_OUTPUT = 64 << 10  # bytes of a submission's compiler output shown
 MAX_SHOWN_LINES = 60  # of a failed build's compiler output
 
 # Build products, VCS state, tests and docs: kbuild reads none of them, so they are
@@ -149,18 +154,7 @@ def kbuild_argv(image: Image, moddir: Path) -> list[str]:
     if uses_build_root(image):
         headers_tree = (image.dir / "headers").resolve()
         root = buildroot.ensure(image.suite, arch, headers_tree)
-        # Inside the root the host is still host_arch(): same CROSS_COMPILE rule.
-        argv = [
-            "make",
-            "-s",
-            "-C",
-            f"{buildroot.HEADERS_AT}/usr/src/linux-headers-{image.krel}",
-            f"M={buildroot.MODULE_AT}",
-            f"ARCH={arch.kernel_arch}",
-            f"CROSS_COMPILE={arch.cross_compile()}",
-            "modules",
-        ]
-        return buildroot.wrap(root, headers_tree, moddir, argv)
+        return buildroot.wrap(root, headers_tree, moddir, buildroot.make_argv(image.krel, arch))
     return [
         "make",
         "-s",
@@ -185,24 +179,30 @@ def require_tools(image: Image) -> None:
         )
 
 
-def build(files: Mapping[str, bytes], image: Image, shown: str) -> list[Built]:
+def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool = False) -> list[Built]:
     """Every module (obj-m) FILES make, built for IMAGE's kernel; from the cache when unchanged.
 
     SHOWN names the source in messages (the user's directory, a lab file's path): the
-    build copy's paths are replaced by it.
+    build copy's paths are replaced by it. UNTRUSTED code (a student's submission) is built
+    in kbridge.sandbox: it sees only the headers, the toolchain and its own files, no network,
+    as nobody, with a time and output limit; without a working sandbox it is not built at all.
+    Trusted code (kbridge's own modules, the user's own directory and its Makefile) runs
+    kbuild as the user does.
     """
     out = cache_dir() / "kbuild" / cache_key(files, image)
     if (cached := _from_cache(out, image)) is not None:
         return cached
+    box = sandbox.detect() if untrusted else None  # SandboxUnavailable: refused before anything runs
     require_tools(image)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    _remove_abandoned(out.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=out.parent))
     try:
         for rel, data in files.items():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(data)
         with progress.step(f"building {shown} for {image.krel} ({image.arch.name})"):
-            output, code = _make(image, work)
+            output, code = _make(image, work) if box is None else _make_sandboxed(image, work, box)
         output = map_paths(output, work, shown)
         if code != 0:
             raise BuildError(explain_build_failure(output, shown), "fix the code above and build again")
@@ -213,8 +213,7 @@ def build(files: Mapping[str, bytes], image: Image, shown: str) -> list[Built]:
             info = elf.modinfo(data, ko.name)
             debug = ko.with_suffix(".debug.ko")
             shutil.copyfile(ko, debug)
-            # Debug info is most of a module's size; the guest needs none of it.
-            subprocess.run([f"{image.arch.cross_compile()}objcopy", "--strip-debug", str(ko)], check=False)
+            _strip(image, ko, box)
             mods.append(
                 {
                     "name": info.get("name") or ko.stem.replace("-", "_"),
@@ -242,19 +241,90 @@ def build(files: Mapping[str, bytes], image: Image, shown: str) -> list[Built]:
 
 
 def _make(image: Image, work: Path) -> tuple[str, int]:
-    """Run kbuild in WORK; its output and exit code (bounded: a build never hangs kbridge)."""
+    """Run kbuild in WORK; its output and exit code. Bounded: a build never hangs kbridge, and an
+    interrupted or killed kbridge leaves no make behind (its own session, killed as one; SIGKILL
+    to make when kbridge dies)."""
+    argv = kbuild_argv(image, work)
+    if shutil.which("setpriv"):
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "LC_ALL": "C"},
+        start_new_session=True,
+    )
+    _running.add(proc)
     try:
-        proc = subprocess.run(
-            kbuild_argv(image, work),
-            capture_output=True,
-            text=True,
-            errors="replace",
-            env={**os.environ, "LC_ALL": "C"},
-            timeout=BUILD_TIMEOUT_S,
-        )
+        out, _ = proc.communicate(timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        _kill_session(proc)
         raise BuildError(f"the module build did not finish within {BUILD_TIMEOUT_S:.0f} s") from None
-    return proc.stdout + proc.stderr, proc.returncode
+    except BaseException:  # Ctrl-C, SIGTERM: the build goes with kbridge
+        _kill_session(proc)
+        raise
+    finally:
+        _running.discard(proc)
+    return out.decode(errors="replace"), proc.returncode
+
+
+_running: set[subprocess.Popen[bytes]] = set()  # builds in progress, in any thread
+
+
+def abort_builds() -> None:
+    """Kill every build in progress (a command interrupted while another thread builds)."""
+    for proc in list(_running):
+        _kill_session(proc)
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox) -> tuple[str, int]:
+    """kbuild for untrusted sources, in the sandbox: the headers and the build root read-only."""
+    headers_tree = (image.dir / "headers").resolve()
+    root = None
+    if uses_build_root(image):
+        root = buildroot.ensure(image.suite, image.arch, headers_tree)
+        argv = buildroot.make_argv(image.krel, image.arch)
+        ro: list[sandbox.Bind] = [(headers_tree, buildroot.HEADERS_AT)]
+        rw: list[sandbox.Bind] = [(work, buildroot.MODULE_AT)]
+        cwd = buildroot.MODULE_AT
+    else:
+        argv, ro, rw, cwd = kbuild_argv(image, work), [headers_tree], [work], str(work)
+    res = sandbox.run(
+        argv,
+        ro=ro,
+        rw=rw,
+        cwd=cwd,
+        env={"LC_ALL": "C"},
+        timeout_s=UNTRUSTED_TIMEOUT_S,
+        max_output=UNTRUSTED_OUTPUT,
+        root=root,
+        box=box,
+    )
+    return res.output, (res.returncode if not res.timed_out else 124)
+
+
+def _strip(image: Image, ko: Path, box: sandbox.Sandbox | None) -> None:
+    """Drop the debug info (most of a module's size; the guest needs none): in the sandbox for untrusted code."""
+    argv = [f"{image.arch.cross_compile()}objcopy", "--strip-debug", str(ko)]
+    if box is None:
+        subprocess.run(argv, check=False, timeout=60, capture_output=True)
+    else:
+        sandbox.run(argv, ro=[], rw=[ko.parent], cwd=str(ko.parent), env={}, timeout_s=60, max_output=4096, box=box)
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Build directories of kbridge processes that are gone (killed mid-build)."""
+    for d in parent.glob(".build-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def build_generated(name: str, files: Mapping[str, str], image: Image) -> Path:

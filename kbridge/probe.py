@@ -7,10 +7,12 @@ with its boot; a bad symbol then fails before any VM starts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kbridge import kernels, progress
+from kbridge import kbuild, kernels, progress
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
@@ -118,7 +120,7 @@ def probe(
     suite = kernels.resolve(kernel)
     early: Plan | None = None
     prepared: Future[object] | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool, _builds_end_with_the_command():
         if where.kind == "qemu":
             img = kept_image(arch, suite, mirrors)
             try:
@@ -137,6 +139,17 @@ def probe(
             return probe_on(
                 Session(guest), spec, early, workload, stop, on_hit, via, prepared.result() if prepared else None
             )
+
+
+@contextmanager
+def _builds_end_with_the_command() -> Iterator[None]:
+    """A build running in the pool's thread is killed when the command ends early (an error, Ctrl-C,
+    SIGTERM): the pool would otherwise wait for it, however long it takes."""
+    try:
+        yield
+    except BaseException:
+        kbuild.abort_builds()
+        raise
 
 
 def probe_on(

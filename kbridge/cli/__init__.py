@@ -101,6 +101,9 @@ def main() -> None:
     that quotes the input, like every other error, not a box."""
     try:
         code = app(standalone_mode=False)
+    except _click.exceptions.NoArgsIsHelpError as e:  # `kbridge`, `kbridge vm`: the help, as asked
+        sys.stderr.write(e.format_message() + "\n")
+        sys.exit(2)
     except _click.exceptions.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "kbridge"
         sys.stderr.write(f"error: {e.format_message()}\n  hint: {where} --help\n")
@@ -108,7 +111,7 @@ def main() -> None:
     except _click.exceptions.ClickException as e:
         sys.stderr.write(f"error: {e.format_message()}\n")
         sys.exit(e.exit_code)
-    except _click.exceptions.Abort:
+    except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

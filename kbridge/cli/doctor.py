@@ -18,6 +18,18 @@ from kbridge.images.apt import KEYRING
 from kbridge.targets import kvm_check, strays, vagrant_readiness
 
 
+def _sandbox_row() -> dict:
+    """Whether `kbridge lab check` can build a student's module: only in the bubblewrap sandbox."""
+    from kbridge import sandbox
+
+    try:
+        box = sandbox.detect()
+        ok, detail = True, f"{box.version or 'bwrap'}, mode {box.mode}: lab check builds submissions in it"
+    except sandbox.SandboxError as e:
+        ok, detail = False, e.message
+    return {"check": "sandbox (bwrap)", "ok": ok, "detail": detail, "package": "bubblewrap"}
+
+
 def checks() -> list[dict]:
     """Each check: name, ok, detail, and the apt package that provides it."""
 
@@ -32,6 +44,7 @@ def checks() -> list[dict]:
         tool("mkfs.ext4", "e2fsprogs", "builds the bcc root filesystem (--via bpf)"),
         tool("mmdebstrap", "mmdebstrap", "makes the build roots of newer kernels (--kernel 6.12, latest)"),
         tool("zstd", "zstd", "compresses the saved state a VM starts from (without it every start boots)"),
+        _sandbox_row(),
         {
             "check": "debian-archive-keyring",
             "ok": KEYRING.exists(),

@@ -57,8 +57,8 @@ MaxactiveOpt = Annotated[int, typer.Option("--maxactive", help="kretprobe instan
 PidOpt = Annotated[Optional[int], typer.Option("--pid", help="Only count this guest process (tgid).")]
 CommOpt = Annotated[Optional[str], typer.Option("--comm", help="Only count tasks with this comm (e.g. dd).")]
 RunOpt = Annotated[Optional[str], typer.Option("--run", help="Guest shell command to run while armed.")]
-CountOpt = Annotated[Optional[int], typer.Option("--count", min=1, help="Stop streaming after N hits.")]
-DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.1, help="Stop after S seconds.")]
+CountOpt = Annotated[Optional[int], typer.Option("--count", help="Stop streaming after N hits.")]
+DurationOpt = Annotated[Optional[float], typer.Option("--duration", help="Stop after S seconds.")]
 ViaOpt = Annotated[str, typer.Option("--via", help="Mechanism: kmod (a generated module), tracefs or bpf.")]
 
 JprobeOpt = Annotated[

@@ -64,6 +64,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Terminated:
+            _interrupted_summary("SIGTERM", 143)
             err.print(
                 "[yellow]terminated: what kbridge armed in the guest was removed; "
                 "a VM started for this command was stopped[/]"
@@ -87,6 +88,7 @@ def command(fn: F) -> F:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
+            _interrupted_summary("SIGINT", 130)
             err.print(
                 "[yellow]interrupted: what kbridge armed in the guest was removed; "
                 "a VM started for this command was stopped[/]"
@@ -101,8 +103,19 @@ def command(fn: F) -> F:
         finally:
             signal.signal(signal.SIGTERM, previous)
             progress.remove_sink(_sink)
+            _json_stream.clear()
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature; mypy cannot see it
+
+
+_json_stream: list[HitPrinter] = []  # the --json hit stream of the running command, if any
+
+
+def _interrupted_summary(signal_name: str, code: int) -> None:
+    """A --json run cut short still ends with a summary line, marked interrupted."""
+    if _json_stream:
+        printer = _json_stream[-1]
+        emit_json({"summary": {"interrupted": True, "signal": signal_name, "exit": code, "streamed": printer.shown}})
 
 
 def emit_json(obj: dict) -> None:
@@ -148,6 +161,8 @@ class HitPrinter:
         self.fmt = fmt
         self.shown = 0
         self.steps = StepPairer()
+        if json_out:
+            _json_stream[:] = [self]
 
     def __call__(self, hit: Hit) -> None:
         if self.json_out:

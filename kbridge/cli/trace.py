@@ -43,7 +43,12 @@ def check_verdict(line: str, grammar: kprobe_events.Grammar) -> dict:
         kprobe_events.parse(line, grammar)
     except kprobe_events.EventSyntaxError as e:
         return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
-    return {"ok": True, "error": None, "position": None, "message": None, "line": line}
+    verdict: dict = {"ok": True, "error": None, "position": None, "message": None, "line": line}
+    if dropped := kprobe_events.dropped_args(line):
+        verdict["warning"] = (
+            f"the kernel records the first {kprobe_events.MAX_TRACE_ARGS} arguments and drops {dropped}"
+        )
+    return verdict
 
 
 def _show_syntax_error(e: kprobe_events.EventSyntaxError, json_out: bool) -> None:
@@ -73,7 +78,7 @@ def _show_step(step: Step) -> None:
             err.print(f"  {' ' * len(path)}  {escape(line)}", markup=False)
 
 
-@app.command("trace")
+@app.command("trace", context_settings={"ignore_unknown_options": True})
 @command
 def trace_cmd(
     lines: Annotated[list[str], typer.Argument(help="kprobe_events lines, e.g. 'p:myw ksys_write fd=$arg1'.")],
@@ -115,6 +120,13 @@ def trace_cmd(
                 continue
             try:
                 kprobe_events.parse(line, grammar)
+                if dropped := kprobe_events.dropped_args(line):
+                    err.print(
+                        f"[yellow]! {escape(line[:60])}...: the kernel accepts it, records the first "
+                        f"{kprobe_events.MAX_TRACE_ARGS} arguments and drops {dropped} without a word[/]"
+                    )
+                    bad += 1
+                    continue
                 err.print(f"[green]✓[/] {escape(line)}")
             except kprobe_events.EventSyntaxError as e:
                 _show_syntax_error(e, False)

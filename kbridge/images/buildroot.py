@@ -148,6 +148,24 @@ def kbuild_package(headers_tree: Path) -> str:
     return found[-1]
 
 
+def make_argv(krel: str, arch: Arch) -> list[str]:
+    """kbuild's make inside a root, where the headers are at HEADERS_AT and the module at MODULE_AT.
+
+    Inside the root the host is still host_arch(): the same CROSS_COMPILE rule; the compiler is
+    the root's own (the one the suite's kernel was built with), so CC is not overridden.
+    """
+    return [
+        "make",
+        "-s",
+        "-C",
+        f"{HEADERS_AT}/usr/src/linux-headers-{krel}",
+        f"M={MODULE_AT}",
+        f"ARCH={arch.kernel_arch}",
+        f"CROSS_COMPILE={arch.cross_compile()}",
+        "modules",
+    ]
+
+
 def wrap(root: Path, headers: Path, moddir: Path, argv: list[str]) -> list[str]:
     """ARGV run inside ROOT with HEADERS and MODDIR bound at HEADERS_AT and MODULE_AT."""
     ns = ["unshare", "--mount", "--propagation", "private"]

@@ -7,6 +7,7 @@ sums is written last, so a partial or corrupted image is detected and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -101,14 +102,45 @@ def load(arch: Arch, suite: str = DEFAULT_SUITE, verify: bool = True) -> Image |
         return None
     if manifest.get("format") != FORMAT or manifest.get("guest") != guest_digest():
         return None
-    for rel, digest in manifest["files"].items():
-        p = d / rel
-        if not p.is_file() or (verify and _sha256(p) != digest):
-            return None
+    if not files_intact(d, manifest["files"], full=verify):
+        return None
     img = Image(d, arch, suite, manifest["krel"], manifest["version"])
     if not (img.headers / "Makefile").is_file():
         return None
     return img
+
+
+def files_intact(d: Path, sums: dict[str, str], full: bool = False) -> bool:
+    """Whether the files of manifest SUMS under D are the ones it was written for.
+
+    Cheap on every use: each file's size and mtime against those recorded when it was last
+    hashed (state/verified.json); a file that differs (or FULL) is hashed again, and a damaged
+    one makes the image unusable (it is rebuilt), however it was damaged.
+    """
+    stamp_file = d / "state" / "verified.json"
+    try:
+        stamps = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    changed = False
+    for rel, digest in sums.items():
+        try:
+            st = (d / rel).stat()
+        except OSError:
+            return False
+        now = [st.st_size, st.st_mtime_ns]
+        if full or stamps.get(rel) != now:
+            if _sha256(d / rel) != digest:
+                return False
+            stamps[rel] = now
+            changed = True
+    if changed:
+        with contextlib.suppress(OSError):
+            stamp_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stamp_file.with_name(f"verified.{os.getpid()}.json")
+            tmp.write_text(json.dumps(stamps))
+            tmp.replace(stamp_file)
+    return True
 
 
 @contextmanager

@@ -53,7 +53,7 @@ from kbridge.kprobe_events.model import (
     SymMem,
     default_event_name,
 )
-from kbridge.kprobe_events.parser import parse
+from kbridge.kprobe_events.parser import dropped_args, parse
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -82,6 +82,7 @@ __all__ = [
     "StackPtr",
     "SymMem",
     "default_event_name",
+    "dropped_args",
     "format",
     "format_arg",
     "format_fetch",

@@ -46,12 +46,13 @@ class EventSyntaxError(KbridgeError):
         return str(self.args[0]) + f"\n  hint: {self.hint}"
 
     def caret(self) -> str:
-        """The line and, under it, a ``^`` at the error position."""
+        """The line and, under it, a ``^`` at the error position (control characters shown as '?')."""
+        shown = "".join("?" if ord(c) < 0x20 and c != "\t" else c for c in self.line)
         if self.position is None:
-            return f"{self.line}\n"
+            return f"{shown}\n"
         # Copy tabs so the caret lines up under tab-indented input too.
-        pad = "".join(c if c == "\t" else " " for c in self.line[: self.position])
-        return f"{self.line}\n{pad}{' ' * (self.position - len(pad))}^"
+        pad = "".join(c if c == "\t" else " " for c in shown[: self.position])
+        return f"{shown}\n{pad}{' ' * (self.position - len(pad))}^"
 
     def log_entry(self, timestamp: float = 0.0) -> ErrorLogEntry | None:
         """The error_log entry 6.1 would write for this line, if any."""

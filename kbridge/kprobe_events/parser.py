@@ -60,6 +60,12 @@ def parse(line: str, grammar: Grammar | None = None) -> Event:
     trace_parse_run_command() does.
     """
     grammar = grammar or Grammar()
+    if (col := next((i for i, c in enumerate(line) if c in "\n\r\0\v\f"), None)) is not None:
+        # Written with a newline after it, a line holding a newline is two commands, and what a
+        # carriage return or NUL means depends on who writes the line: one command, one line.
+        raise EventSyntaxError(
+            line, None, f"control character {line[col]!r} in the line: kprobe_events takes one command per line", col
+        )
     text = line.split("#", 1)[0]
     if (col := next((i for i, c in enumerate(text) if not c.isascii()), None)) is not None:
         # The kernel reads the line as bytes and its isspace() (lib/ctype.c) counts 0xA0 as a
@@ -77,6 +83,13 @@ def parse(line: str, grammar: Grammar | None = None) -> Event:
     if text.startswith("-"):
         return _parse_remove(line, words)
     return _ProbeParser(line, words, grammar).parse()
+
+
+def dropped_args(line: str) -> int:
+    """How many of LINE's fetch arguments the kernel would drop without a word: past MAX_TRACE_ARGS,
+    6.1 parses no more (its loop stops at the limit; later kernels refuse the line, TOO_MANY_ARGS)."""
+    words = _WORD.findall(line.split("#", 1)[0])
+    return max(0, len(words) - 2 - MAX_TRACE_ARGS) if words and not words[0].startswith("-") else 0
 
 
 def _unlogged(line: str, why: str) -> NoReturn:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+from kbridge import sandbox
 from kbridge.errors import KbridgeError
 from kbridge.labs import Lab, get, markers
 
@@ -34,28 +36,38 @@ def write(lab: Lab, dest: Path, which: str, force: bool = False) -> list[Path]:
 
 
 def load(directory: Path) -> tuple[Lab, dict[str, str]]:
-    """The lab a directory holds and the student's files in it."""
-    if not directory.is_dir():
+    """The lab a directory holds and the student's files in it.
+
+    A submission is hostile: the directory is refused if it holds a symbolic link, a FIFO, a
+    device or too much (kbridge.sandbox.check_tree), and its files are read from a copy made
+    without following a link or opening anything but a regular file.
+    """
+    if directory.is_symlink() or not directory.is_dir():
         raise KbridgeError(
             f"{str(directory)!r} is not a lab directory", "kbridge lab start LAB writes one; then kbridge lab check LAB"
         )
-    try:
-        meta = json.loads((directory / MARKER).read_text())
-        lab = get(str(meta["lab"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        raise KbridgeError(
-            f"{str(directory)!r} has no readable {MARKER} file: it was not made by `kbridge lab start`",
-            "start the lab again elsewhere and copy your code in",
-        ) from None
-    files = {}
-    for fname in lab.files:
-        path = directory / fname
-        if not path.is_file():
-            raise KbridgeError(f"{str(path)!r} is missing", f"the {lab.name} lab needs {', '.join(lab.files)}")
-        if path.stat().st_size > MAX_FILE:
-            raise KbridgeError(f"{str(path)!r} is larger than {MAX_FILE // 1024} KiB: not a lab file")
+    sandbox.check_tree(directory)
+    with tempfile.TemporaryDirectory(prefix="kblab-copy-") as tmp:
+        copy = Path(tmp)
+        sandbox.copy_submission(directory, copy / "marker", patterns=(MARKER,), max_file=4096)
         try:
-            files[fname] = path.read_text()
-        except UnicodeDecodeError:
-            raise KbridgeError(f"{str(path)!r} is not UTF-8 text") from None
+            meta = json.loads((copy / "marker" / MARKER).read_text())
+            lab = get(str(meta["lab"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KbridgeError(
+                f"{str(directory)!r} has no readable {MARKER} file: it was not made by `kbridge lab start`",
+                "start the lab again elsewhere and copy your code in",
+            ) from None
+        sandbox.copy_submission(directory, copy / "files", patterns=lab.files, max_file=MAX_FILE)
+        files = {}
+        for fname in lab.files:
+            path = copy / "files" / fname
+            if not path.is_file():
+                raise KbridgeError(
+                    f"{str(directory / fname)!r} is missing", f"the {lab.name} lab needs {', '.join(lab.files)}"
+                )
+            try:
+                files[fname] = path.read_text()
+            except UnicodeDecodeError:
+                raise KbridgeError(f"{str(directory / fname)!r} is not UTF-8 text") from None
     return lab, files

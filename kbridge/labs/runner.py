@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kbridge import kernels, progress
+from kbridge import kernels, progress, sandbox
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.labs import Lab, labdir
@@ -104,6 +104,8 @@ def check_dirs(
         acquire = default_acquire
     a = get_arch(arch)
     loaded = [(d, *labdir.load(d)) for d in directories]  # all bad input is reported before any boot
+    if any(f.endswith(".c") for _, lab, _ in loaded for f in lab.files):
+        sandbox.detect()  # a submission is never built unsandboxed: refused here, before any boot
     with contextlib.ExitStack() as stack:
         current: tuple[str | None, str] | None = None
         target: Target | None = None

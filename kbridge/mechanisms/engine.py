@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kbridge.errors import KbridgeError
 from kbridge.mechanisms.histogram import Log2Histogram, durations_of
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
@@ -30,6 +31,12 @@ class StopRule:
 
     count: int | None = None
     duration: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.count is not None and (isinstance(self.count, bool) or self.count < 1):
+            raise KbridgeError(f"invalid --count {self.count!r}: a number of hits, 1 or more", "e.g. --count 10")
+        if self.duration is not None and not self.duration > 0:
+            raise KbridgeError(f"invalid --duration {self.duration!r}: seconds, more than 0", "e.g. --duration 5")
 
 
 @dataclass

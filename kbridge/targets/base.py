@@ -177,6 +177,9 @@ class Target(Protocol):
     def mark_crashed(self) -> None:
         """The guest oopsed: the next command must not reuse it as it is."""
 
+    def crashed(self) -> bool:
+        """Whether it was marked crashed (an oops, or a module load that never returned)."""
+
     def console_tail(self, lines: int = 40) -> str:
         """The end of the guest's console output (crash reports)."""
 

@@ -130,6 +130,13 @@ def check_lines(lines: list[str], grammar: Grammar) -> list[kprobe_events.ProbeE
     seen: dict[str, tuple[str, str]] = {}  # event name -> (GROUP/EVENT, line)
     for line in lines:
         ev = kprobe_events.parse(line, grammar)
+        if dropped := kprobe_events.dropped_args(line):
+            raise KbridgeError(
+                f"{line[:60]!r}... has {dropped} arguments more than the kernel's limit of "
+                f"{kprobe_events.MAX_TRACE_ARGS}: it would record the first {kprobe_events.MAX_TRACE_ARGS} "
+                "and drop the rest without a word",
+                "split the arguments over several events",
+            )
         if isinstance(ev, kprobe_events.RemoveEvent):
             raise KbridgeError(
                 f"{line!r} removes an event: kbridge trace defines its events and removes them itself when done",

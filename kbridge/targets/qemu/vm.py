@@ -343,6 +343,9 @@ class QemuVM:
             self.mark_crashed()
             raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", console)
 
+    def crashed(self) -> bool:
+        return (self.rundir / "crashed").exists()
+
     def mark_crashed(self) -> None:
         """The guest oopsed: the next command restarts a kept VM instead of reusing it."""
         with contextlib.suppress(OSError):

@@ -553,6 +553,9 @@ class VagrantTarget:
             self._crashed = True
             raise GuestCrash(f"the kernel of {self.name} oopsed", self.console_tail())
 
+    def crashed(self) -> bool:
+        return self._crashed
+
     def mark_crashed(self) -> None:
         """The guest oopsed: kbridge cannot restart a Vagrant machine, so it says how."""
         self._crashed = True
