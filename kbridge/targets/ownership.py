@@ -155,6 +155,17 @@ class OwnedProcess:
             self.record = None
 
 
+def claim_running(target: Target, pid: int) -> Record | None:
+    """Own, for a while, a process a spawn() started earlier (a runner kept on a kept VM): by the tag
+    in its environment, so that if this kbridge is killed the next command stops it."""
+    try:
+        environ = target.read_file(f"/proc/{pid}/environ").split(b"\0")
+    except KbridgeError:
+        return None  # gone
+    tag = next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(f"{OWNER_VAR}=".encode())), None)
+    return claim(target, "process", tag) if tag and _NAME.fullmatch(tag) else None
+
+
 def spawn(target: Target, argv: list[str], stdin: bytes | None = None) -> OwnedProcess:
     """Start ARGV in TARGET's guest, owned by this kbridge: a kill at any moment leaves nothing running."""
     return OwnedProcess(target, argv, stdin)

@@ -67,6 +67,7 @@ class _Attached:
         self.stream = collect.messages(self.target.stream(BPF_PORT, idle=0.05), self.run_id)
         self.proc: ownership.OwnedProcess | None = None
         self.kept_pid: int | None = None  # a runner kept on a kept VM, told to run this plan
+        self.kept_record: ownership.Record | None = None
         self.decoder: collect.Decoder | None = None
         self.notes: list[str] = []
         self.ended = False
@@ -85,7 +86,9 @@ class _Attached:
         try:
             self.kept_pid = _serving_runner(target, runner) if target.kept else None
             if self.kept_pid is not None:
-                # A kept runner: bcc imported, programs compiled before kept by text hash.
+                # A kept runner: bcc imported, programs compiled before kept by text hash. Owned for
+                # this run: if this kbridge is killed mid-run, the next command stops it.
+                self.kept_record = ownership.claim_running(target, self.kept_pid)
                 target.run(["/bin/busybox", "kill", "-USR1", str(self.kept_pid)], timeout=30)
             else:
                 target.write_file(RUNNER, runner)
@@ -180,6 +183,8 @@ class _Attached:
             self._stop_runner()
         elif self.proc is not None and self.proc.result is None:
             self.proc.disown()  # a kept runner stays, on purpose
+        if self.kept_record is not None:
+            ownership.release(self.target, self.kept_record)
         with contextlib.suppress(Exception):
             self.target.close_stream(BPF_PORT)
 
