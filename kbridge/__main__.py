@@ -1,5 +1,5 @@
 """python -m kbridge: the same as the kbridge command."""
 
-from kbridge.cli import app
+from kbridge.cli import main
 
-app(prog_name="kbridge")
+main()

@@ -14,7 +14,10 @@ kbridge commands in other processes can use the VM between calls.
 from __future__ import annotations
 
 import contextlib
+import re
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +27,8 @@ from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule
 from kbridge.probe import ProbeRun, probe_on
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec, make_spec
-from kbridge.targets import TargetSpec, acquire, parse_target
-from kbridge.targets.base import ExecResult, Target
+from kbridge.targets import TargetSpec, acquire, parse_target, watch
+from kbridge.targets.base import Target
 from kbridge.workload import Workload
 
 if TYPE_CHECKING:
@@ -34,11 +37,40 @@ if TYPE_CHECKING:
     from kbridge.modules import LoadedModule
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """A finished guest command: its exit status and what it printed, as text."""
+
+    exitcode: int
+    stdout: str
+    stderr: str
+    signal: int | None = None  # the signal that killed it, if one did
+
+    @property
+    def ok(self) -> bool:
+        """Exit status 0 and not killed."""
+        return self.exitcode == 0 and self.signal is None
+
+    @property
+    def text(self) -> str:
+        """stdout (the name ExecResult gives it)."""
+        return self.stdout
+
+
 class Guest:
-    """A guest kernel: probe, trace, compare, inspect, run commands, move files, load modules."""
+    """A guest kernel: probe, trace, compare, inspect, run commands, move files, load modules.
+
+    Attributes: ``arch`` (the arch's name: "x86_64", "arm64"), ``arch_info`` (its kbridge.arch.Arch:
+    registers, syscall prefix, breakpoint...), ``suite`` (the Debian suite of the kernel),
+    ``krel`` (`uname -r` in the guest), ``name`` ("qemu:x86_64", "vagrant:MACHINE"), ``accel``
+    ("tcg", "kvm", or the provider's), ``flavour`` ("default" or "bcc"), ``where`` (the parsed
+    target). Every call attaches to the guest for its duration; a crash report the kernel prints
+    during a call (an oops, a WARN, a sanitizer's report) makes it raise GuestCrash.
+    """
 
     def __init__(self, arch: Arch, suite: str, where: TargetSpec, held: Target | None = None) -> None:
-        self.arch = arch
+        self.arch_info = arch
+        self.arch = arch.name
         self.suite = suite
         self.where = where
         self._held = held  # an ephemeral VM this Guest owns for its whole life
@@ -51,9 +83,10 @@ class Guest:
     @contextlib.contextmanager
     def _target(self) -> Iterator[Target]:
         if self._held is not None:
-            yield self._held
+            with watch(self._held):
+                yield self._held
             return
-        with acquire(self.arch, kernel=self.suite, target=self.where) as t:
+        with acquire(self.arch_info, kernel=self.suite, target=self.where) as t:
             yield t
 
     @contextlib.contextmanager
@@ -81,7 +114,7 @@ class Guest:
         """A validated ProbeSpec; args as {"count": 3} or ["count=3"]. No handler given means pre."""
         handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
         arg_list = [f"{k}={v}" for k, v in args.items()] if isinstance(args, dict) else list(args or [])
-        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch, offset, maxactive, pid, comm)
+        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch_info, offset, maxactive, pid, comm)
 
     def probe(
         self,
@@ -179,11 +212,30 @@ class Guest:
 
     # -- the guest itself ------------------------------------------------------------
 
-    def run(self, command: str | list[str], timeout: float | None = 120) -> ExecResult:
-        """Run COMMAND as root in the guest (a string goes to /bin/sh -c) and wait for it."""
+    def run(self, command: str | list[str], timeout: float | None = 120) -> RunResult:
+        """Run COMMAND as root in the guest (a string goes to /bin/sh -c) and wait for it; its output as text."""
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         with self._target() as t:
-            return t.run(argv, timeout=timeout)
+            res = t.run(argv, timeout=timeout)
+        return RunResult(
+            res.exitcode, res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace"), res.signal
+        )
+
+    def kernel_log(self, since: float | None = None) -> str:
+        """The guest kernel's log (dmesg); with SINCE (a time.monotonic() of this host), only what it
+        logged since then (guest and host clocks advance together: the offset is read now)."""
+        with self._target() as t:
+            text = t.run(["/bin/busybox", "dmesg"], timeout=60).text
+            if since is None:
+                return text
+            uptime = float(t.read_file("/proc/uptime").split()[0])
+        start = uptime - (time.monotonic() - since) - 0.5
+        kept = []
+        for line in text.splitlines():
+            m = re.match(r"\[\s*(\d+\.\d+)\]", line)
+            if m is None or float(m[1]) >= start:
+                kept.append(line)
+        return "\n".join(kept)
 
     def read_file(self, path: str) -> bytes:
         with self._target() as t:
@@ -207,11 +259,20 @@ class Guest:
         with self._target() as t:
             return files.pull(t, guest, Path(local))
 
-    def load_module(self, path: str | Path, params: dict[str, str | int] | None = None) -> LoadedModule:
-        """Build (if needed) and insmod the out-of-tree module in directory PATH."""
+    def load_module(
+        self, path: str | Path, params: dict[str, str | int] | None = None, reload: bool = False
+    ) -> LoadedModule:
+        """Build (if needed) and insmod the out-of-tree module in directory PATH.
+
+        RELOAD: if a module of that name is loaded already (a previous run left it), unload it first.
+        """
         from kbridge import modules
 
         with self._target() as t:
+            if reload:
+                built = modules.build_for(t, Path(path))
+                modules.unload_module(t, built.name, missing_ok=True)
+                return modules.load_module(t, built, params)
             return modules.load_module(t, Path(path), params)
 
     def unload_module(self, name: str) -> list[str]:
@@ -248,7 +309,8 @@ def vm(
     with bcc (for via="bpf"). TARGET "vagrant:NAME" uses a Vagrant machine instead.
     """
     a, suite, where = get_arch(arch), kernels.resolve(kernel), parse_target(target)
-    with acquire(a, "bcc" if bcc else "default", keep=keep, kernel=suite, target=where) as t:
+    # Each call of the Guest watches the guest for crash reports itself.
+    with acquire(a, "bcc" if bcc else "default", keep=keep, kernel=suite, target=where, watched=False) as t:
         if t.kept:
             t.release()  # re-attached per call, so other kbridge processes can use it in between
             yield Guest(a, suite, where)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from kbridge import elf, kernels, progress, sandbox
+from kbridge import crashes, elf, kernels, progress, sandbox
 from kbridge.errors import KbridgeError
 from kbridge.images import buildroot
 from kbridge.images.image import Image
@@ -191,7 +191,7 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
     """
     out = cache_dir() / "kbuild" / cache_key(files, image)
     if (cached := _from_cache(out, image)) is not None:
-        return cached
+        return _remembered(cached, shown)
     box = sandbox.detect() if untrusted else None  # SandboxUnavailable: refused before anything runs
     require_tools(image)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,14 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
         raise
     result = _from_cache(out, image)
     assert result is not None
-    return result
+    return _remembered(result, shown)
+
+
+def _remembered(built: list[Built], shown: str) -> list[Built]:
+    """Each module, recorded as built from SHOWN: an oops in it is mapped to SHOWN's source lines."""
+    for m in built:
+        crashes.remember_module(m.name, m.krel, m.arch, m.debug_ko, shown)
+    return built
 
 
 def _make(image: Image, work: Path) -> tuple[str, int]:

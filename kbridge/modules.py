@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import json
 import os
 import re
 import secrets
@@ -235,6 +236,8 @@ def load_module(
         if res is not None and (res.ok or built.name not in loaded_modules(target)):
             ownership.release(target, record)
     lines = [r.text for r in log]
+    if res.ok:
+        _note_loaded(target, built.name, True)
     if any(oops.is_crash(line) for line in lines) or res.signal is not None:
         target.mark_crashed()
         text = "\n".join(lines) or target.console_tail()
@@ -289,7 +292,20 @@ def unload_module(target: Target, name: str, missing_ok: bool = False, timeout: 
         raise KbridgeError(f"rmmod {name} failed: {why}", hint)
     if name in loaded_modules(target):
         raise KbridgeError(f"module {name} is still loaded after rmmod")
+    _note_loaded(target, name, False)
     return lines
+
+
+def _note_loaded(target: Target, name: str, loaded: bool) -> None:
+    """The user's modules loaded in TARGET, kept on the host: a crashed guest's are named when it restarts."""
+    path = target.host_state() / "modules.json"
+    try:
+        names = set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        names = set()
+    names = names | {name} if loaded else names - {name}
+    with contextlib.suppress(OSError):
+        path.write_text(json.dumps(sorted(names)))
 
 
 def unload_since(target: Target, before: set[str]) -> list[str]:

@@ -14,8 +14,10 @@ one test.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -25,6 +27,7 @@ from kbridge.arch import ARCHES, get_arch
 from kbridge.paths import state_dir
 from kbridge.session import Session
 from kbridge.targets import parse_target
+from kbridge.targets.base import GuestCrash
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,6 +113,10 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
         targets.shutdown(again)
 
 
+_STARTED = pytest.StashKey[float]()
+_GUEST = pytest.StashKey[Guest]()
+
+
 @pytest.fixture(autouse=True)
 def _kbridge_unload_user_modules(request: pytest.FixtureRequest) -> Iterator[None]:
     """Modules a test loads into kbridge_vm are unloaded after it, even when it fails."""
@@ -119,11 +126,33 @@ def _kbridge_unload_user_modules(request: pytest.FixtureRequest) -> Iterator[Non
     from kbridge import modules
 
     guest: Guest = request.getfixturevalue("kbridge_vm")
+    request.node.stash[_GUEST] = guest
+    request.node.stash[_STARTED] = time.monotonic()
     with guest.session() as s:
         before = set(s.loaded_modules())
     yield
-    with guest.session() as s:
+    # A crash was the test's own failure, reported with it.
+    with contextlib.suppress(GuestCrash), guest.session() as s:
         modules.unload_since(s.target, before)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test that used kbridge_vm gets the guest kernel's log of its duration in its report,
+    and the crash report (and its file) when the guest crashed."""
+    report = yield
+    if call.when != "call" or not report.failed or _GUEST not in item.stash:
+        return report
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, GuestCrash) and exc.crash is not None:
+        where = f"\nthe whole report: {exc.crash.file}" if exc.crash.file else ""
+        report.sections.append(("kbridge guest crash", exc.crash.head(40) + where))
+    with contextlib.suppress(Exception):  # a guest that cannot answer any more has said what it could
+        log = item.stash[_GUEST].kernel_log(since=item.stash[_STARTED])
+        report.sections.append(("kbridge guest kernel log (this test)", log[-20000:]))
+    return report
 
 
 @pytest.fixture

@@ -35,9 +35,9 @@ def compiler(arch: str) -> str:
 @pytest.fixture(scope="session")
 def client(kbridge_vm, tmp_path_factory) -> str:
     """The user-space client, built static for the guest's arch and pushed into it."""
-    out = tmp_path_factory.mktemp(f"client-{kbridge_vm.arch.name}") / "kbchardev-client"
+    out = tmp_path_factory.mktemp(f"client-{kbridge_vm.arch}") / "kbchardev-client"
     subprocess.run(
-        [compiler(kbridge_vm.arch.name), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
+        [compiler(kbridge_vm.arch_info), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
     )
     return kbridge_vm.push(out, CLIENT)
 

@@ -73,8 +73,14 @@ def command(fn: F) -> F:
         except typer.Exit:
             raise
         except GuestCrash as e:
+            _interrupted_summary("crash", 3)
             err.print(f"[bold red]error:[/] {escape(e.message)}")
-            err.print(escape(e.text))
+            if e.crash is not None:
+                err.print(escape(e.crash.head()), markup=False, highlight=False)
+                if e.crash.file is not None:
+                    err.print(f"[dim]the whole report: {escape(str(e.crash.file))}[/]")
+            else:
+                err.print(escape(e.text), markup=False, highlight=False)
             if e.hint:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(3) from None

@@ -6,6 +6,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kbridge import kernels, targets
 from kbridge.arch import get_arch
@@ -64,6 +65,14 @@ def status(json_out: JsonOpt = False) -> None:
         err.print("no kept VM is running (kbridge vm up starts one)")
     for v in vms:
         out.print(f"{v['arch']:7} {v['suite']:9} {v['kernel']:22} {v['accel']:4} {v['flavour']:8} pid {v['pid']}")
+        if v.get("user_modules"):
+            err.print(f"  your modules loaded: {', '.join(v['user_modules'])}")
+        if v.get("crashed"):
+            report = f": {v['crash_report']}" if v.get("crash_report") else ""
+            err.print(
+                f"[yellow]  its kernel crashed{escape(report)}; the next command that needs it restarts it "
+                "(kbridge vm down stops it now)[/]"
+            )
     if strays:
         err.print(
             f"[yellow]! QEMU processes from kbridge without an owner: {strays} (kbridge vm down --all removes them)[/]"
@@ -87,11 +96,14 @@ def exec_(
         raise KbridgeError("no command given", "kbridge vm exec -- uname -a")
     guest = _running(arch, kernel, target)
     try:
-        res = guest.run(argv, timeout=timeout)
+        with targets.watch(guest):  # an oops the command causes is shown and saved, and fails it
+            res = guest.run(argv, timeout=timeout)
+            sys.stdout.buffer.write(res.stdout)
+            sys.stderr.buffer.write(res.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
     finally:
         guest.release()
-    sys.stdout.buffer.write(res.stdout)
-    sys.stderr.buffer.write(res.stderr)
     raise typer.Exit(res.exitcode if res.signal is None else 128 + res.signal)
 
 

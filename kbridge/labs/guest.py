@@ -18,6 +18,7 @@ from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.labs.grading import StudentCrash
 from kbridge.paths import cache_dir
+from kbridge.targets import ownership
 from kbridge.targets.base import GuestIOError, Target
 
 GUEST_DIR = "/tmp/kblab"
@@ -59,6 +60,8 @@ class LogWatch:
                     break
                 continue
             last = now
+            if not rec.from_kernel and not rec.text.startswith("kblab-"):
+                continue  # written to /dev/kmsg from user space: not what the kernel (or a module) said
             new.append(rec.text)
             if oops.is_oops(rec.text):
                 crashed = True
@@ -86,8 +89,9 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
     """
     seen = _oops_lines(target.console_tail(400))
     deadline = time.monotonic() + timeout
+    proc: ownership.OwnedProcess | None = None
     try:
-        handle = target.spawn(argv)
+        proc = ownership.spawn(target, argv)  # owned: a check killed now leaves nothing running
         while True:
             fresh = _oops_lines(target.console_tail(400)) - seen
             if fresh:
@@ -95,13 +99,16 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
                     with contextlib.suppress(StudentCrash, KbridgeError):
                         log.poll(quiet=0.5, limit=3.0)
                 raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(120)))
-            res = target.poll(handle)
+            res = proc.poll()
             if res is not None:
                 break
             if time.monotonic() > deadline:
                 raise KbridgeError(f"still running after {timeout:.0f} s")
             time.sleep(0.05)
     except (GuestIOError, KbridgeError) as e:
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.stop()
         if isinstance(e, StudentCrash):
             raise
         if log is not None:

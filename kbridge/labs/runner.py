@@ -120,7 +120,9 @@ def check_dirs(
                 if why := kernel_available(lab, a):
                     progress.info(f"{lab.name} {why}: building it (once)")
                 try:
-                    target = stack.enter_context(acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel))
+                    target = stack.enter_context(
+                        acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel, watched=False)
+                    )
                 except KbridgeError as e:
                     if lab.kernel is None:
                         raise

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kbridge import kernels, progress
+from kbridge import kernels, oops, progress
 from kbridge.arch import Arch, get_arch
+from kbridge.crashes import Crash
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
 from kbridge.targets import ownership
-from kbridge.targets.base import Target
+from kbridge.targets.base import GuestCrash, Target
 
 if TYPE_CHECKING:
     from kbridge.images.image import Image
@@ -73,12 +74,15 @@ def acquire(
     target: str | TargetSpec | None = None,
     mirrors: Mirrors | None = None,
     vagrantfile: Path | None = None,
+    watched: bool = True,
 ) -> Iterator[Target]:
     """The guest a command runs in, released (stopped if ephemeral) when the block ends.
 
     qemu: the kept VM of ARCH and KERNEL if one runs, else a fresh one of FLAVOUR
     ("bcc" boots the image with bcc for eBPF), kept running afterwards if KEEP.
     vagrant: the named (or primary) machine, which must be up.
+    WATCHED: a crash report the kernel prints during the block fails it (kbridge.targets.watch);
+    the labs watch each check themselves.
     """
     if flavour not in FLAVOURS:
         raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
@@ -101,9 +105,39 @@ def acquire(
     try:
         if guest.kept and (done := ownership.reclaim(guest)):
             progress.warn(f"{guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}")
-        yield guest
+        if watched:
+            with watch(guest):
+                yield guest
+        else:
+            yield guest
     finally:
         guest.release()
+
+
+@contextlib.contextmanager
+def watch(guest: Target) -> Iterator[Target]:
+    """GUEST for a command: a crash report the kernel prints meanwhile (an oops, a panic, a BUG, a
+    WARN, an RCU stall, a sanitizer's report) fails the command, shown at once and saved to a file."""
+    mark = guest.log_mark()
+    try:
+        yield guest
+    except GuestCrash as e:
+        if e.crash is not None:
+            raise
+        raise reported(guest, guest.crash_since(mark) or e.text) from None
+    if not guest.crashed() and (text := guest.crash_since(mark)) is not None:
+        raise reported(guest, text)
+
+
+def reported(guest: Target, text: str) -> GuestCrash:
+    """The GuestCrash for report TEXT: attributed, saved, and the guest marked for a restart when the
+    kernel cannot be trusted after it (a WARN alone leaves it running)."""
+    crash = Crash.of(text, guest.arch.name, guest.krel)
+    crash.save()
+    fatal = any(oops.is_crash(line) for line in text.splitlines())
+    if fatal:
+        guest.mark_crashed(crash.file)
+    return GuestCrash(f"the {guest.arch.name} guest kernel reported {crash.title}", text, crash, fatal)
 
 
 def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None) -> Target:
@@ -164,14 +198,15 @@ def boot(
 
 
 def kept_vms() -> list[Target]:
-    """Every running kept VM, attached: release() each (or shutdown() it)."""
+    """Every running kept VM as it is (a crashed one is not restarted), attached: release() each
+    (or shutdown() it)."""
     from kbridge.targets.qemu import QemuVM, kept_dirs
 
     found: list[Target] = []
     for rundir in kept_dirs():
         arch_name, _, suite = rundir.name.partition("-")
         with contextlib.suppress(KbridgeError):
-            if (vm := QemuVM.attach(get_arch(arch_name), suite or kernels.DEFAULT)) is not None:
+            if (vm := QemuVM.attach(get_arch(arch_name), suite or kernels.DEFAULT, restart_crashed=False)) is not None:
                 found.append(vm)
     return found
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kbridge.arch import Arch
+from kbridge.crashes import Crash
 from kbridge.errors import KbridgeError
 
 if TYPE_CHECKING:
@@ -41,11 +43,16 @@ class ExecResult:
 
 
 class GuestCrash(KbridgeError):
-    """The guest kernel oopsed or panicked; `text` holds what it printed."""
+    """The guest kernel reported a crash (an oops, a panic, a BUG, a WARN, an RCU stall); `text`
+    holds what it printed, `crash` what kbridge makes of it (the blamed frame, the source line, the
+    file the whole report was saved to), once a target attached it."""
 
-    def __init__(self, message: str, text: str) -> None:
-        super().__init__(message, "the VM is restarted by the next kbridge command")
+    def __init__(self, message: str, text: str, crash: Crash | None = None, fatal: bool = True) -> None:
+        hint = "the VM is restarted by the next kbridge command" if fatal else "the kernel went on: the VM is kept"
+        super().__init__(message, hint)
         self.text = text
+        self.crash = crash
+        self.fatal = fatal
 
 
 @dataclass(frozen=True)
@@ -174,14 +181,23 @@ class Target(Protocol):
     def check_alive(self) -> None:
         """Raise GuestCrash if the guest panicked or oopsed."""
 
-    def mark_crashed(self) -> None:
-        """The guest oopsed: the next command must not reuse it as it is."""
+    def mark_crashed(self, report: Path | None = None) -> None:
+        """The guest oopsed (REPORT: the saved crash): the next command must not reuse it as it is."""
 
     def crashed(self) -> bool:
         """Whether it was marked crashed (an oops, or a module load that never returned)."""
 
     def console_tail(self, lines: int = 40) -> str:
         """The end of the guest's console output (crash reports)."""
+
+    def log_mark(self) -> int:
+        """A mark in the guest kernel's log: crash_since(mark) reads what it reported after it."""
+
+    def crash_since(self, mark: int) -> str | None:
+        """The first crash report (oops, panic, BUG, WARN, RCU stall) the kernel printed after MARK."""
+
+    def host_state(self) -> Path:
+        """A host directory for what kbridge remembers about this guest (the user's modules loaded)."""
 
     def release(self) -> None:
         """Done with it: an ephemeral VM is shut down, a kept one is left running."""

@@ -28,8 +28,8 @@ def _guest_state(vm):
 
 
 def test_kprobe_and_kretprobe_see_each_write(kbridge_vm):
-    spec = make_spec("ksys_write", {"pre", "ret"}, ["fd=1", "count=3"], kbridge_vm.arch, comm="dd")
-    run = probe(spec, kbridge_vm.arch, DD)
+    spec = make_spec("ksys_write", {"pre", "ret"}, ["fd=1", "count=3"], kbridge_vm.arch_info, comm="dd")
+    run = probe(spec, kbridge_vm.arch_info, DD)
     r = run.results[0]
     pre = [h for h in r.hits if h.handler == "pre" and h.args["fd"] == 1]
     ret = [h for h in r.hits if h.handler == "ret" and h.args["fd"] == 1]
@@ -45,25 +45,25 @@ def test_kprobe_and_kretprobe_see_each_write(kbridge_vm):
 
 
 def test_syscall_alias_reads_the_syscall_arguments(kbridge_vm):
-    spec = make_spec("sys_write", {"pre"}, ["fd=1", "count=3"], kbridge_vm.arch, comm="dd")
-    run = probe(spec, kbridge_vm.arch, DD)
-    assert run.resolution.symbol == kbridge_vm.arch.syscall_prefix + "write"
+    spec = make_spec("sys_write", {"pre"}, ["fd=1", "count=3"], kbridge_vm.arch_info, comm="dd")
+    run = probe(spec, kbridge_vm.arch_info, DD)
+    assert run.resolution.symbol == kbridge_vm.arch_info.syscall_prefix + "write"
     hits = run.results[0].hits
     assert sorted((h.args["fd"], h.args["count"]) for h in hits)[:3] == [(1, 7), (1, 7), (1, 7)]
     assert run.results[0].counters == {"pre": len(hits)}
 
 
 def test_count_stops_early_but_counters_stay_exact(kbridge_vm):
-    spec = make_spec("vfs_read", {"entry", "ret"}, [], kbridge_vm.arch, comm="dd")
+    spec = make_spec("vfs_read", {"entry", "ret"}, [], kbridge_vm.arch_info, comm="dd")
     workload = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=50"), "dd bs=1 count=50")
-    r = probe(spec, kbridge_vm.arch, workload, StopRule(count=4)).results[0]
+    r = probe(spec, kbridge_vm.arch_info, workload, StopRule(count=4)).results[0]
     assert len(r.hits) == 4
     assert r.counters["entry"] == r.counters["ret"] >= 4
 
 
 def test_unknown_symbol_fails_before_loading(kbridge_vm):
     with pytest.raises(SymbolError, match="unknown symbol 'ksys_wrte'") as e:
-        probe(make_spec("ksys_wrte", {"pre"}), kbridge_vm.arch, DD)
+        probe(make_spec("ksys_wrte", {"pre"}), kbridge_vm.arch_info, DD)
     assert "ksys_write" in e.value.hint
     assert not any(m.startswith("kb_") for m in _guest_state(kbridge_vm)[0])
 
@@ -72,14 +72,14 @@ def test_blacklisted_symbol_is_refused(kbridge_vm):
     with kbridge_vm.session() as s:
         name = next(n for n in sorted(s.blacklist) if s.symbols.text(n) and len(s.symbols.text(n)) == 1)
     with pytest.raises(SymbolError, match="kprobe blacklist"):
-        probe(make_spec(name, {"pre"}), kbridge_vm.arch, DD)
+        probe(make_spec(name, {"pre"}), kbridge_vm.arch_info, DD)
 
 
 def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
     # Offset 1 is inside the first instruction on both arches (arm64: not 4-byte aligned).
-    spec = make_spec("vfs_read", {"pre"}, [], kbridge_vm.arch, offset=1)
+    spec = make_spec("vfs_read", {"pre"}, [], kbridge_vm.arch_info, offset=1)
     with pytest.raises(KbridgeError, match=r"register_kprobe on 'vfs_read\+0x1' failed with -(EILSEQ|EINVAL)"):
-        probe(spec, kbridge_vm.arch, DD)
+        probe(spec, kbridge_vm.arch_info, DD)
     mods, kprobes = _guest_state(kbridge_vm)
     assert not any(m.startswith("kb_") for m in mods) and "vfs_read" not in kprobes
 
@@ -102,7 +102,7 @@ def test_cli_json_lines(kbridge_vm):
             "--run",
             "echo hello > /tmp/x",
             "--arch",
-            kbridge_vm.arch.name,
+            kbridge_vm.arch_info,
             "--json",
         ],
         capture_output=True,
@@ -113,7 +113,7 @@ def test_cli_json_lines(kbridge_vm):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     *hits, last = lines
     summary = last["summary"]
-    assert summary["symbol"] == "ksys_write" and summary["arch"] == kbridge_vm.arch.name
+    assert summary["symbol"] == "ksys_write" and summary["arch"] == kbridge_vm.arch
     assert summary["kernel"] == kbridge_vm.krel and summary["accel"] in ("kvm", "tcg")
     assert summary["mechanisms"]["kmod"]["hits"] == len(hits) >= 1
     assert summary["mechanisms"]["kmod"]["missed"] == 0

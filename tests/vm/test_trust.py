@@ -27,7 +27,7 @@ DD3 = "dd if=/dev/zero of=/dev/null bs=7 count=3 status=none"
 def test_a_forged_hit_line_is_never_a_hit(kbridge_vm: Guest) -> None:
     """User space can write anything to /dev/kmsg, even a line shaped like the probe module's hits:
     such a record has the user facility, and kbridge reads hits from the kernel's own records only."""
-    spec = make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], kbridge_vm.arch, comm="dd")
+    spec = make_spec("ksys_write", {"pre"}, ["fd=1", "count=3"], kbridge_vm.arch_info, comm="dd")
     resolved = spec.with_symbol(kbridge_vm.spec("ksys_write").symbol)
     mod = module_name(resolved)
     forged = f"{mod}: hit=pre pid=4242 tid=4242 cpu=0 fd=1 count=7 comm=FORGED"
@@ -56,7 +56,7 @@ def _start(args: list[str], arch: str) -> subprocess.Popen[str]:
 def test_a_kill_at_any_moment_leaves_nothing_that_counts(kbridge_vm: Guest, via: str) -> None:
     """SIGKILL kbridge at a sweep of moments across arming, the workload's start and the trace_pipe
     reader's: after each, the next command counts exactly and the guest is as it was found."""
-    arch = kbridge_vm.arch.name
+    arch = kbridge_vm.arch
     before = guest_state(kbridge_vm)
     args = ["probe", "ksys_write", "--pre", "--comm", "dd", "--run", LONG, "--via", via]
     for delay in [0.15 * k for k in range(1, 11)]:
@@ -73,7 +73,7 @@ def test_a_kill_at_any_moment_leaves_nothing_that_counts(kbridge_vm: Guest, via:
 def test_a_killed_lab_check_leaves_nothing_armed(kbridge_vm: Guest, tmp_path: Path) -> None:
     """A lab check killed while the student's module is loaded: the module is owned like every other,
     so the next command unloads it (its kprobe would log two lines per write for ever)."""
-    arch = kbridge_vm.arch.name
+    arch = kbridge_vm.arch
     before = guest_state(kbridge_vm)
     lab = tmp_path / "km"
     subprocess.run(
@@ -124,10 +124,10 @@ def test_pull_takes_regular_files_only_and_names_a_bad_destination(kbridge_vm: G
 
 
 def test_a_push_of_a_program_for_another_arch_is_refused(kbridge_vm: Guest, tmp_path: Path) -> None:
-    other = next(a for a in ARCHES if a != kbridge_vm.arch.name)
+    other = next(a for a in ARCHES if a != kbridge_vm.arch_info)
     prog = tmp_path / "prog"
     prog.write_bytes(_elf_header(ARCHES[other].elf_machine))
-    with pytest.raises(KbridgeError, match=f"is a {other} program and the guest is {kbridge_vm.arch.name}"):
+    with pytest.raises(KbridgeError, match=f"is a {other} program and the guest is {kbridge_vm.arch}"):
         kbridge_vm.push(prog, "/tmp/prog")
 
 
@@ -144,7 +144,7 @@ def _elf_header(machine: int) -> bytes:
 def test_a_json_run_cut_short_still_ends_with_a_summary(kbridge_vm: Guest) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "dd", "--run", LONG]
-        + ["--arch", kbridge_vm.arch.name, "--json"],
+        + ["--arch", kbridge_vm.arch_info, "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

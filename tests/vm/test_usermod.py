@@ -83,7 +83,7 @@ def test_push_keeps_the_mode_and_pull_brings_files_back(kbridge_vm, tmp_path):
     assert kbridge_vm.run(["/tmp/pushed/hello.sh"]).ok
     got = kbridge_vm.pull("/tmp/pulled/out.txt", tmp_path)
     assert got == tmp_path / "out.txt"
-    assert got.read_text() == f"hello from {get_arch(kbridge_vm.arch.name).uname}\n"
+    assert got.read_text() == f"hello from {get_arch(kbridge_vm.arch_info).uname}\n"
     with pytest.raises(KbridgeError, match="cannot read '/tmp/nonexistent' in the guest"):
         kbridge_vm.pull("/tmp/nonexistent", tmp_path)
     kbridge_vm.run("rm -rf /tmp/pushed /tmp/pulled")
@@ -138,7 +138,7 @@ def test_a_failing_test_leaves_no_module_behind(kbridge_vm, pytester, monkeypatc
             assert "kbchardev" in kbridge_vm.loaded_modules()
             raise AssertionError("failing with kbchardev loaded")
     """)
-    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch.name, "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch_info, "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     assert "failing with kbchardev loaded" in result.stdout.str()
     assert "kbchardev" not in kbridge_vm.loaded_modules()

@@ -26,7 +26,9 @@ def qemu_argv(
     # under TCG, while a probed tight loop logs far faster: the log buffer must hold a
     # burst until the stream catches up. 32 MiB holds ~200k hit lines (6.1 sizes the
     # record descriptors from it too: ~140 MiB of the guest's memory in all).
-    append = f"console={arch.console} quiet panic=-1 log_buf_len=32M {cmdline_extra}".strip()
+    # quiet, then loglevel=5: the boot stays quiet, and warnings (a WARN, lockdep, KASAN) reach the
+    # console with every oops and panic, where kbridge looks for them after each command.
+    append = f"console={arch.console} quiet loglevel=5 panic=-1 log_buf_len=32M {cmdline_extra}".strip()
     argv = [
         arch.qemu_binary,
         *arch.qemu_machine,

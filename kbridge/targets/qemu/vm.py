@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import psutil
 
-from kbridge import oops, progress
+from kbridge import crashes, oops, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import DEFAULT_SUITE, Image
@@ -57,6 +57,8 @@ class QemuVM:
         self._ports: dict[str, PortReader] = {}
         self._lock: int | None = None
         self._refs = 1
+        # What the console held when this process took the VM: an older report is not this command's.
+        self._console_mark = self.log_mark()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -193,8 +195,12 @@ class QemuVM:
         return agent
 
     @classmethod
-    def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE) -> QemuVM | None:
-        """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed)."""
+    def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE, restart_crashed: bool = True) -> QemuVM | None:
+        """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed).
+
+        A kept VM that crashed is stopped (a fresh one boots next) and the user is told which of
+        their modules it held; with RESTART_CRASHED False it is attached as it is (`vm status`).
+        """
         from kbridge.images.image import load
 
         rundir = kept_dir(arch, suite)
@@ -216,14 +222,23 @@ class QemuVM:
             image = bcc.load(arch, meta["suite"])
         else:
             image = load(arch, meta["suite"], verify=False)
-        if image is None or (rundir / "crashed").exists():
+        if image is None or ((rundir / "crashed").exists() and restart_crashed):
+            lost = _user_modules(rundir)
+            report = (rundir / "crashed").read_text(errors="replace").strip() if image is not None else ""
             if image is not None:
                 cls(rundir, image, meta["accel"], proc, True).shutdown()
             else:
                 proc.kill()
             shutil.rmtree(rundir, ignore_errors=True)
             if image is not None:
-                progress.warn(f"the kept {arch.name} VM had crashed: stopped it; a fresh one boots")
+                said = f" (its report: {report})" if report else ""
+                gone = (
+                    f"; {', '.join(sorted(lost))} {'was' if len(lost) == 1 else 'were'} loaded in it and "
+                    "is not now (kbridge module load DIR)"
+                    if lost
+                    else ""
+                )
+                progress.warn(f"the kept {arch.name} VM had crashed{said}: it was stopped, a fresh one boots{gone}")
             return None
         vm = cls(rundir, image, meta["accel"], proc, True)
         vm._take_lock()
@@ -326,30 +341,51 @@ class QemuVM:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def _console(self, since: int = 0) -> str:
+        try:
+            with open(self.rundir / "console.log", "rb") as f:
+                f.seek(since)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_mark(self) -> int:
+        """The console log's size now: the kernel prints its reports there (loglevel=5: warnings too)."""
+        try:
+            return (self.rundir / "console.log").stat().st_size
+        except OSError:
+            return 0
+
+    def crash_since(self, mark: int) -> str | None:
+        return crashes.find(self._console(mark))
+
     def _check_process(self) -> None:
         if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
             return
-        console = self.console_tail(60)
-        if oops.is_oops(console):
-            raise GuestCrash(f"the {self.arch.name} guest kernel panicked", console)
+        console = self._console(self._console_mark)
+        if (report := crashes.find(console)) is not None:
+            raise GuestCrash(f"the {self.arch.name} guest kernel panicked", report)
         qlog = (self.rundir / "qemu.log").read_text(errors="replace") if (self.rundir / "qemu.log").exists() else ""
         raise KbridgeError(f"QEMU exited unexpectedly: {qlog.strip()[-500:] or console[-500:]}")
 
     def check_alive(self) -> None:
-        """Raise GuestCrash if the guest panicked (QEMU gone) or oopsed (console shows it)."""
+        """Raise GuestCrash if the guest panicked (QEMU gone) or oopsed since this process attached."""
         self._check_process()
-        console = self.console_tail(200)
-        if oops.is_oops(console):
+        report = crashes.find(self._console(self._console_mark))
+        if report is not None and any(oops.is_crash(ln) for ln in report.splitlines()):
             self.mark_crashed()
-            raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", console)
+            raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", report)
 
     def crashed(self) -> bool:
         return (self.rundir / "crashed").exists()
 
-    def mark_crashed(self) -> None:
-        """The guest oopsed: the next command restarts a kept VM instead of reusing it."""
+    def mark_crashed(self, report: Path | None = None) -> None:
+        """The guest oopsed: the next command restarts a kept VM instead of reusing it (REPORT: the saved crash)."""
         with contextlib.suppress(OSError):
-            (self.rundir / "crashed").touch()
+            (self.rundir / "crashed").write_text(str(report or ""))
+
+    def host_state(self) -> Path:
+        return self.rundir
 
     # -- Target interface --------------------------------------------------------
 
@@ -395,6 +431,9 @@ class QemuVM:
             "pid": self.proc.pid,
             "dir": str(self.rundir),
             "image": str(self.image.dir),
+            "crashed": self.crashed(),
+            "crash_report": (self.rundir / "crashed").read_text().strip() or None if self.crashed() else None,
+            "user_modules": _user_modules(self.rundir),
         }
 
     def bcc_python(self) -> list[str] | None:
@@ -484,6 +523,14 @@ class PortReader:
                 raise KbridgeError(f"the guest stream {self.port} closed")
             *self.lines, self.buf = (self.buf + chunk).split(b"\n")
         return self.lines.pop(0).decode(errors="replace")
+
+
+def _user_modules(rundir: Path) -> list[str]:
+    """The user's modules kbridge loaded into the VM of RUNDIR (kbridge.modules keeps the list)."""
+    try:
+        return list(json.loads((rundir / "modules.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 # Kept VMs this process has attached (and locked), shared by nested users.

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kbridge import oops, progress
+from kbridge import crashes, oops, progress
 from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
@@ -556,10 +556,30 @@ class VagrantTarget:
     def crashed(self) -> bool:
         return self._crashed
 
-    def mark_crashed(self) -> None:
+    def mark_crashed(self, report: Path | None = None) -> None:
         """The guest oopsed: kbridge cannot restart a Vagrant machine, so it says how."""
         self._crashed = True
         progress.warn(f"the kernel of {self.name} oopsed: `vagrant reload {self.machine}` restarts it")
+
+    def _dmesg(self) -> list[str]:
+        res = self.run(["dmesg"], timeout=30)
+        return res.text.splitlines() if res.ok else []
+
+    def log_mark(self) -> int:
+        """The kernel log's length now (dmesg over the root shell)."""
+        with contextlib.suppress(KbridgeError):
+            return len(self._dmesg())
+        return 0
+
+    def crash_since(self, mark: int) -> str | None:
+        with contextlib.suppress(KbridgeError):
+            return crashes.find("\n".join(self._dmesg()[mark:]))
+        return crashes.find(self.console_tail(200))
+
+    def host_state(self) -> Path:
+        d = state_dir() / f"vagrant-{self.machine}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
 
     def console_tail(self, lines: int = 40) -> str:
         """The end of the kernel log (dmesg over SSH), else of the libvirt serial console log."""

@@ -1,0 +1,115 @@
+"""A guest kernel's crash, as kbridge shows it: the kernel's own first lines, the module and source line
+it blames, and the whole report saved to a file whose path is printed.
+
+The faulting frame (RIP/pc) names FUNCTION+OFFSET [MODULE]. When MODULE is one kbridge built (the
+user's, a student's, or kbridge's own probe), its copy with debug info maps the frame to a source
+file and line through DWARF; kbridge.kbuild records every module it builds in an index for that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kbridge import elf, oops
+from kbridge.paths import cache_dir
+
+HEAD_LINES = 12  # of the report, shown at once; the rest is in the file
+
+
+def index_path() -> Path:
+    return cache_dir() / "kbuild" / "built-modules.json"
+
+
+def remember_module(name: str, krel: str, arch: str, debug_ko: Path, source: str) -> None:
+    """Record that module NAME for KREL/ARCH was built by kbridge from SOURCE (shown to users)."""
+    path = index_path()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[f"{arch}/{krel}/{name}"] = {"debug_ko": str(debug_ko), "source": source}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(path)
+
+
+def built_module(name: str, krel: str, arch: str) -> tuple[Path, str] | None:
+    """The debug copy and source of module NAME as kbridge last built it for KREL/ARCH, if it did."""
+    try:
+        entry = json.loads(index_path().read_text())[f"{arch}/{krel}/{name}"]
+        ko = Path(entry["debug_ko"])
+        return (ko, entry["source"]) if ko.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class Crash:
+    """What the guest kernel reported, and what kbridge makes of it."""
+
+    text: str  # the report, from its first line to the kernel's end-of-trace line
+    arch: str
+    krel: str
+    site: oops.Site | None = None
+    where: str | None = None  # "kbring.c:42 (kbring_ioctl+0x3f)" when the module was built by kbridge
+    file: Path | None = None  # where the whole report was saved
+
+    @classmethod
+    def of(cls, text: str, arch: str, krel: str) -> Crash:
+        crash = cls(text, arch, krel, oops.faulting_site(text))
+        crash.where = crash._source_line()
+        return crash
+
+    def _source_line(self) -> str | None:
+        if self.site is None or self.site.module is None:
+            return None
+        found = built_module(self.site.module, self.krel, self.arch)
+        if found is None:
+            return None
+        ko, source = found
+        with contextlib.suppress(Exception):  # a report is shown even when its debug info is not readable
+            if (line := elf.source_line(ko.read_bytes(), self.site.function, self.site.offset)) is not None:
+                return f"{source.rstrip('/')}/{line[0]}:{line[1]} ({self.site.function}+{self.site.offset:#x})"
+        return None
+
+    @property
+    def title(self) -> str:
+        """One line: what kind of report, and the frame it blames."""
+        first = next((ln.strip() for ln in self.text.splitlines() if oops.is_oops(ln)), "a kernel report")
+        if self.site is None:
+            return first
+        where = f"in module {self.site.module}" if self.site.module else "in the kernel itself"
+        return f"{first} at {self.site} ({where})" + (f", {self.where}" if self.where else "")
+
+    def head(self, lines: int = HEAD_LINES) -> str:
+        """The report's first lines: the BUG/WARN line, RIP/pc, the start of the call trace."""
+        out = [ln for ln in self.text.splitlines() if ln.strip()]
+        start = next((i for i, ln in enumerate(out) if oops.is_oops(ln)), 0)
+        return "\n".join(out[start : start + lines])
+
+    def save(self) -> Path:
+        """The whole report in the crash directory; its path."""
+        if self.file is None:
+            d = cache_dir() / "crashes"
+            d.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.file = d / f"{stamp}-{self.arch}-{os.getpid()}.txt"
+            self.file.write_text(f"{self.title}\nkernel {self.krel} ({self.arch})\n\n{self.text}\n")
+        return self.file
+
+
+def find(text: str) -> str | None:
+    """The first crash report in a kernel log or console TEXT (to its end-of-trace line), if any."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if oops.is_oops(ln)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(lines)) if oops.END.search(lines[i])), min(len(lines) - 1, start + 80))
+    return "\n".join(lines[max(0, start - 1) : end + 1])
