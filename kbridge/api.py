@@ -110,11 +110,12 @@ class Guest:
         maxactive: int = 0,
         pid: int | None = None,
         comm: str | None = None,
+        tid: int | None = None,
     ) -> ProbeSpec:
         """A validated ProbeSpec; args as {"count": 3} or ["count=3"]. No handler given means pre."""
         handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
         arg_list = [f"{k}={v}" for k, v in args.items()] if isinstance(args, dict) else list(args or [])
-        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch_info, offset, maxactive, pid, comm)
+        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch_info, offset, maxactive, pid, comm, tid=tid)
 
     def probe(
         self,
@@ -129,6 +130,7 @@ class Guest:
         maxactive: int = 0,
         pid: int | None = None,
         comm: str | None = None,
+        tid: int | None = None,
         run: str | list[str] | None = None,
         count: int | None = None,
         duration: float | None = None,
@@ -147,6 +149,7 @@ class Guest:
             maxactive=maxactive,
             pid=pid,
             comm=comm,
+            tid=tid,
         )
         with self.session() as s:
             return probe_on(s, spec, None, _workload(run), StopRule(count=count, duration=duration), on_hit, via)
@@ -158,6 +161,7 @@ class Guest:
         filter: str | None = None,  # noqa: A002 - the name of the CLI's --filter
         pid: int | None = None,
         comm: str | None = None,
+        tid: int | None = None,
         count: int | None = None,
         duration: float | None = None,
         buffer_kb: int | None = None,
@@ -179,6 +183,7 @@ class Guest:
                 buffer_kb=buffer_kb,
                 pid=pid,
                 comm=comm,
+                tid=tid,
             )
 
     def compare(

@@ -201,11 +201,12 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
         for rel, data in files.items():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(data)
+        # A failed build fails its step (shown as failed, never as done before the error).
         with progress.step(f"building {shown} for {image.krel} ({image.arch.name})"):
             output, code = _make(image, work) if box is None else _make_sandboxed(image, work, box)
-        output = map_paths(output, work, shown)
-        if code != 0:
-            raise BuildError(explain_build_failure(output, shown), "fix the code above and build again")
+            output = map_paths(output, work, shown)
+            if code != 0:
+                raise BuildError(explain_build_failure(output, shown), "fix the code above and build again")
         mods = []
         for ko in sorted(work.rglob("*.ko")):
             data = ko.read_bytes()

@@ -53,9 +53,10 @@ class ProbeSpec:
     offset: int = 0
     args: tuple[ArgSpec, ...] = ()
     maxactive: int = 0  # kretprobe instances; 0 lets the kernel choose
-    pid: int | None = None  # only count/report this process (tgid)
+    pid: int | None = None  # only count/report this process (tgid): all of its threads
     comm: str | None = None  # only count/report tasks with this comm
     fault: bool = False  # kprobe fault_handler (Linux <= 5.13): report faults taken in the handlers
+    tid: int | None = None  # only count/report this thread (a task's own pid)
 
     @property
     def kprobe(self) -> bool:
@@ -117,6 +118,7 @@ def make_spec(
     pid: int | None = None,
     comm: str | None = None,
     fault: bool = False,
+    tid: int | None = None,
 ) -> ProbeSpec:
     """Build and validate a ProbeSpec from command-line style values."""
     validate_symbol(symbol)
@@ -141,6 +143,8 @@ def make_spec(
         raise KbridgeError(f"invalid --comm {comm!r}: 1-15 printable characters without spaces, quotes or backslashes")
     if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
         raise KbridgeError(f"invalid --pid {pid}: guest pids are 1..{PID_MAX_LIMIT}")
+    if tid is not None and not 0 < tid <= PID_MAX_LIMIT:
+        raise KbridgeError(f"invalid --tid {tid}: guest thread ids are 1..{PID_MAX_LIMIT}")
     if offset > MAX_OFFSET:
         raise KbridgeError(
             f"invalid --offset {offset}: no function is that long",
@@ -150,7 +154,7 @@ def make_spec(
         raise KbridgeError(
             "--fault needs a kprobe handler: the fault handler belongs to struct kprobe", "add --pre (or --post)"
         )
-    return ProbeSpec(symbol, frozenset(handlers), offset, parsed, maxactive, pid, comm, fault)
+    return ProbeSpec(symbol, frozenset(handlers), offset, parsed, maxactive, pid, comm, fault, tid)
 
 
 @dataclass
@@ -181,6 +185,7 @@ class Hit:
     arch: str | None = None  # names ip/flags in JSON: "pc"/"pstate" on arm64
     duration_ns: int | None = None
     trap: int | None = None
+    mode: str | None = None  # how the kernel armed the probe that fired: breakpoint | ftrace | optimized
 
     @property
     def ip_name(self) -> str:
@@ -218,4 +223,9 @@ class Hit:
             out["duration_ns"] = self.duration_ns
         if self.trap is not None:
             out["trap"] = self.trap
+            if self.arch:
+                out["trap_hex"] = f"{self.trap:#x}"
+                out["trap_decoded"] = get_arch(self.arch).describe_trap(self.trap)
+        if self.mode is not None:
+            out["mode"] = self.mode
         return out

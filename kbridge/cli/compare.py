@@ -21,6 +21,7 @@ from kbridge.cli.options import (
     PreOpt,
     RetOpt,
     TargetOpt,
+    TidOpt,
     guest_arch,
     handlers,
 )
@@ -43,6 +44,7 @@ def compare_cmd(
     ret: RetOpt = False,
     arg: ArgOpt = None,
     pid: PidOpt = None,
+    tid: TidOpt = None,
     comm: CommOpt = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command (the workload).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=100, help="Workload repetitions per mechanism.")] = 5,
@@ -55,7 +57,7 @@ def compare_cmd(
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
     a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
-    spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm)
+    spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm, tid=tid)
     names = tuple(only or NAMES)
     for n in names:
         get_mechanism(n)  # an unknown name in --only fails here

@@ -30,6 +30,7 @@ from kbridge.cli.options import (
     RetOpt,
     RunOpt,
     TargetOpt,
+    TidOpt,
     ViaOpt,
     explain_fault_removed,
     explain_removed,
@@ -67,6 +68,7 @@ def probe_cmd(
     offset: OffsetOpt = 0,
     maxactive: MaxactiveOpt = 0,
     pid: PidOpt = None,
+    tid: TidOpt = None,
     comm: CommOpt = None,
     run: RunOpt = None,
     count: CountOpt = None,
@@ -87,7 +89,9 @@ def probe_cmd(
         raise explain_fault_removed(suite.major_minor)
     get_mechanism(via)  # an unknown --via fails before anything else
     a = guest_arch(arch, target)
-    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault)
+    spec = make_spec(
+        symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault, tid=tid
+    )
     printer = HitPrinter(json_out)
     result = run_probe(
         spec,

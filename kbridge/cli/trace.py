@@ -18,8 +18,10 @@ from kbridge.cli.options import (
     DurationOpt,
     JsonOpt,
     KernelOpt,
+    PidOpt,
     RunOpt,
     TargetOpt,
+    TidOpt,
     guest_arch,
     workload,
 )
@@ -87,7 +89,8 @@ def trace_cmd(
     duration: DurationOpt = None,
     count: CountOpt = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", help="Event filter, e.g. 'fd == 1'.")] = None,
-    pid: Annotated[Optional[int], typer.Option("--pid", help="Only events of this guest pid (common_pid).")] = None,
+    pid: PidOpt = None,
+    tid: TidOpt = None,
     comm: CommOpt = None,
     buffer_kb: Annotated[
         Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")
@@ -139,7 +142,7 @@ def trace_cmd(
     except kprobe_events.EventSyntaxError as e:
         _show_syntax_error(e, json_out)
         raise typer.Exit(2) from None
-    build_filter(filter_, pid, comm)  # bad --pid/--comm fail before any boot too
+    build_filter(filter_, [t for t in (pid, tid) if t], comm)  # bad --pid/--comm fail before any boot too
     if run:
         work = workload(run)
     elif duration is not None:
@@ -161,6 +164,7 @@ def trace_cmd(
                 filter=filter_,
                 buffer_kb=buffer_kb,
                 pid=pid,
+                tid=tid,
                 comm=comm,
                 steps=_show_step if steps else None,
             )

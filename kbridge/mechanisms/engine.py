@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kbridge import kprobes_list, progress
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.histogram import Log2Histogram, durations_of
 from kbridge.spec import Hit, ProbeSpec
@@ -127,6 +128,7 @@ class MechanismResult:
     workload_output: str = ""
     notes: list[str] = field(default_factory=list)
     durations: Log2Histogram | None = None  # return durations: the module's exact histogram, else from hits
+    armed: dict[str, kprobes_list.ListedProbe] = field(default_factory=dict)  # "kprobe"/"kretprobe" as listed
 
     @property
     def total(self) -> int:
@@ -138,6 +140,8 @@ class MechanismResult:
             return False
         if self.first_event_s is None and started is not None:
             self.first_event_s = time.monotonic() - started
+        if hit.mode is None and (listed := self.armed.get(KIND_OF.get(hit.handler, ""))) is not None:
+            hit.mode = listed.mode
         self.hits.append(hit)
         if on_hit:
             on_hit(hit)
@@ -175,11 +179,41 @@ class MechanismResult:
         }
         if self.first_event_s is not None:
             entry["first_event_s"] = round(self.first_event_s, 6)
+        if self.armed:
+            entry["armed"] = {kind: {"mode": p.mode, "kprobes_list": p.line} for kind, p in self.armed.items()}
         if self.notes:
             entry["notes"] = self.notes
         if (hist := self.durations or durations_of(self.hits)) is not None:
             entry["durations"] = hist.to_json()
         return entry
+
+
+KPROBES_LIST = "/sys/kernel/debug/kprobes/list"
+KIND_OF = {"pre": "kprobe", "post": "kprobe", "fault": "kprobe", "entry": "kretprobe", "ret": "kretprobe"}
+
+
+MODE_TEXT = {
+    "breakpoint": lambda arch: f"a breakpoint, {arch.breakpoint_name}: a trap, then the instruction single-stepped",
+    "ftrace": lambda arch: "an ftrace callback: no trap and no single-step",
+    "optimized": lambda arch: "an optimized jump to a detour buffer: no trap",
+}
+
+
+def armed_as(target: Target, spec: ProbeSpec) -> dict[str, kprobes_list.ListedProbe]:
+    """How the kernel armed SPEC's probes, read from kprobes/list while they are armed: an int3/BRK
+    breakpoint, an ftrace callback or an optimized jump (what the per-hit text must say)."""
+    try:
+        listed = kprobes_list.parse(target.read_file(KPROBES_LIST).decode(errors="replace"))
+    except KbridgeError:
+        return {}
+    out = {}
+    for kind, letter in (("kprobe", "k"), ("kretprobe", "r")):
+        mine = [p for p in listed if p.kind == letter and p.symbol == spec.symbol]
+        # An exact offset first; x86 IBT kernels list an entry probe at +0x4 (past endbr64).
+        best = next((p for p in mine if p.offset == spec.offset), mine[0] if mine else None)
+        if best is not None and best.mode in kprobes_list.MODES:
+            out[kind] = best
+    return out
 
 
 def drive(
@@ -201,6 +235,12 @@ def drive(
     result = MechanismResult(name, spec, notes=list(notes or ()))
     work: WorkloadRun | None = None
     with armed as probe:
+        result.armed = armed_as(target, spec)
+        for kind, listed in result.armed.items():
+            progress.info(
+                f"{kind} on {listed.symbol}+{listed.offset:#x} armed as {MODE_TEXT[listed.mode](target.arch)} "
+                f"(kprobes/list: {listed.line})"
+            )
         work = WorkloadRun(target, workload)
         try:
             for hit in probe.hits():

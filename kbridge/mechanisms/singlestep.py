@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kbridge.arch import Arch
+from kbridge.arch import Arch, get_arch
 from kbridge.spec import Hit
 
 
@@ -41,12 +41,28 @@ class SingleStep:
         return self.post.ip - self.post.addr
 
     def text(self) -> str:
+        """What happened between the two handlers, in the mode the kernel armed the probe."""
         name = self.pre.ip_name
         assert self.pre.ip is not None and self.post.ip is not None and self.pre.addr is not None
+        arch = get_arch(self.pre.arch)
+        moved = f"{name} {self.pre.ip:#x} -> {self.post.ip:#x}"
+        pre = self.pre.ip - self.pre.addr
+        if self.pre.mode == "ftrace":
+            return (
+                f"ftrace, no trap and no single-step: {moved} (kprobe_ftrace_handler sets {name} = probe "
+                f"{pre:+d} as a trap would, then moves it past the {self.length}-byte ftrace call site "
+                "before the post-handler)"
+            )
+        if self.pre.mode == "optimized":
+            return f"optimized, a jump to a detour buffer (no trap): {moved}"
+        trap = (
+            f"probe {pre:+d}, after the {arch.breakpoint_name}"
+            if pre
+            else f"probe +0: the {arch.breakpoint_name} leaves {name} at the probe"
+        )
         return (
-            f"single-step: {name} {self.pre.ip:#x} -> {self.post.ip:#x} "
-            f"(pre: probe {'+1, as after int3' if self.pre.ip == self.pre.addr + 1 else '+0, BRK leaves pc'}; "
-            f"post: past the {self.length}-byte instruction at {self.pre.addr:#x})"
+            f"single-step: {moved} (pre: {trap}; post: the original {self.length}-byte instruction "
+            f"was single-stepped out of line)"
         )
 
 

@@ -1,5 +1,6 @@
 """Pure helpers behind the walk-through's lesson: single-step pairing, the duration histogram, tracefs steps."""
 
+import dataclasses
 from typing import ClassVar
 
 from kbridge.arch import ARM64, X86_64
@@ -8,7 +9,7 @@ from kbridge.mechanisms.kmod.collect import parse_hit
 from kbridge.mechanisms.singlestep import StepPairer
 from kbridge.mechanisms.tracefs.steps import Step, StepReporter, shell_quote, syscall_rewrite_note
 from kbridge.spec import Hit
-from kbridge.targets.qemu.agent import ExecResult
+from kbridge.targets.base import ExecResult
 
 # Captured from a bookworm x86_64 guest (6.1.0-56-amd64), ksys_write+0x5 --pre --post.
 MOD = "kb_ksys_write_acbe64d6"
@@ -16,22 +17,37 @@ PRE = parse_hit(
     f"{MOD}: hit=pre pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367686 flags=0x202 comm=sh",
     MOD,
     "ksys_write",
+    arch="x86_64",
 )
 POST = parse_hit(
     f"{MOD}: hit=post pid=152 tid=152 cpu=0 addr=0xffffffff81367685 ip=0xffffffff81367687 flags=0x202 comm=sh",
     MOD,
     "ksys_write",
+    arch="x86_64",
 )
 
 
 def test_single_step_pairs_pre_and_post_of_one_thread():
     p = StepPairer()
-    assert p.feed(PRE) is None
-    step = p.feed(POST)
+    pre, post = dataclasses.replace(PRE, mode="breakpoint"), dataclasses.replace(POST, mode="breakpoint")
+    assert p.feed(pre) is None
+    step = p.feed(post)
     assert step is not None and step.length == 2  # push %r13 (41 55)
     assert "ip 0xffffffff81367686 -> 0xffffffff81367687" in step.text()
-    assert "past the 2-byte instruction" in step.text() and "as after int3" in step.text()
-    assert p.feed(POST) is None  # a post without its pre
+    assert "after the int3 (0xcc)" in step.text() and "2-byte instruction was single-stepped" in step.text()
+    assert p.feed(post) is None  # a post without its pre
+
+
+def test_the_text_follows_the_mode_the_kernel_armed():
+    """A probe armed as an ftrace callback has no trap and no single-step: the text must not say one
+    happened (captured: ksys_write+0 on 6.1 x86_64, kprobes/list [FTRACE])."""
+    p = StepPairer()
+    pre = dataclasses.replace(PRE, mode="ftrace", addr=0xFFFFFFFF81367680, ip=0xFFFFFFFF81367681)
+    post = dataclasses.replace(POST, mode="ftrace", addr=0xFFFFFFFF81367680, ip=0xFFFFFFFF81367685)
+    p.feed(pre)
+    text = p.feed(post).text()  # type: ignore[union-attr]
+    assert text.startswith("ftrace, no trap and no single-step") and "single-stepped" not in text
+    assert "5-byte ftrace call site" in text
 
 
 def test_log2_buckets_match_the_modules_fls64():

@@ -59,9 +59,11 @@ def test_check_lines_rejects_removals_duplicates_and_bad_syntax() -> None:
 
 
 def test_filter_building() -> None:
-    assert build_filter("fd == 1", 12, "dd", [3, 4]) == (
-        '(fd == 1) && common_pid == 12 && comm == "dd" && common_pid != 3 && common_pid != 4'
+    assert build_filter("fd == 1", [12], "dd", [3, 4]) == (
+        '(fd == 1) && (common_pid == 12) && comm == "dd" && common_pid != 3 && common_pid != 4'
     )
+    # A process: every thread it has (an event records the thread, 6.1 has no tgid field).
+    assert build_filter(threads=[12, 14, 13]) == "(common_pid == 12 || common_pid == 13 || common_pid == 14)"
     assert build_filter() == ""
     with pytest.raises(KbridgeError, match="--comm"):
         build_filter(comm='a"b')

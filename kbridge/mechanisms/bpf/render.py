@@ -57,6 +57,7 @@ def render(spec: ProbeSpec, arch: Arch) -> BpfProgram:
         kretprobe=spec.kretprobe,
         handlers=sorted(spec.handlers),
         pid=int(spec.pid) if spec.pid else None,
+        tid=int(spec.tid) if spec.tid else None,
         comm=spec.comm,  # make_spec allows only printable characters without quotes or backslashes
         syscall_wrapper=syscall,
         ids=SimpleNamespace(**HANDLER_IDS),

@@ -97,6 +97,8 @@ class _Loaded:
             params.append("exclude=" + ",".join(map(str, pids)))
         if self.spec.pid:
             params.append(f"target_pid={self.spec.pid}")
+        if self.spec.tid:
+            params.append(f"target_tid={self.spec.tid}")
         self._record = ownership.claim(target, "module", self.module)  # a killed kbridge's module is unloaded next time
         try:
             ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)

@@ -97,11 +97,12 @@ class _Events:
         adapt: HitAdapter | None,
         steps: StepReporter | None,
         handlers: dict[str, tuple[str, ...]] | None = None,
+        tid: int | None = None,
     ) -> None:
         self.session = session
         self.vm = session.target
         self.lines, self.checked, self.parsed = lines, checked, parsed
-        self.user_filter, self.pid, self.comm = user_filter, pid, comm
+        self.user_filter, self.pid, self.comm, self.tid = user_filter, pid, comm, tid
         self.buffer_kb = buffer_kb
         self.adapt = adapt
         self.rep = steps
@@ -152,7 +153,14 @@ class _Events:
             self.stats_before = guest.read_stats(vm)
             self.reader = ownership.spawn(vm, [*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
             exclude = sorted({*vm.plumbing_pids(), self.reader.pid})
-            text = build_filter(self.user_filter, self.pid, self.comm, exclude)
+            threads: list[int] = [self.tid] if self.tid else []
+            if self.pid:
+                threads += guest.threads_of(vm, self.pid)
+                self.notes.append(
+                    f"--pid {self.pid}: its threads when the events were armed ({', '.join(map(str, threads))}): "
+                    "an event records the thread (common_pid), and 6.1's events have no process id"
+                )
+            text = build_filter(self.user_filter, threads, self.comm, exclude)
             for ev in self.defined:
                 if self.user_filter is not None and self.user_filter.strip():
                     # The user's expression alone first, so the kernel's caret points into it.
@@ -344,6 +352,7 @@ def events(
     adapt: HitAdapter | None = None,
     steps: StepSink | None = None,
     handlers: dict[str, tuple[str, ...]] | None = None,
+    tid: int | None = None,
 ) -> _Events:
     """LINES checked offline and their symbols resolved, as the engine's Armed probe (nothing in the
     guest changes until it is entered). HANDLERS (GROUP/EVENT -> the spec's handlers it serves) makes
@@ -356,13 +365,13 @@ def events(
         raise KbridgeError("no event line given", "e.g. kbridge trace 'p:myw ksys_write fd=$arg1'")
     if buffer_kb is not None and buffer_kb <= 0:
         raise KbridgeError(f"invalid --buffer-kb {buffer_kb}: must be > 0")
-    build_filter(filter, pid, comm)  # validates before anything is written
+    build_filter(filter, [t for t in (pid, tid) if t], comm)  # validates before anything is written
     notes: list[str] = []
     parsed = resolve_symbols(session, checked, notes)
     for n in notes:
         progress.info(n)
     reporter = StepReporter(session.target, steps) if steps else None
-    armed = _Events(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers)
+    armed = _Events(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers, tid)
     armed.notes = notes
     return armed
 
@@ -378,6 +387,7 @@ def run_lines(
     pid: int | None = None,
     comm: str | None = None,
     steps: StepSink | None = None,
+    tid: int | None = None,
 ) -> MechanismResult:
     """Define LINES in the session's guest, run WORKLOAD, stream and count, remove them (kbridge trace).
 
@@ -387,7 +397,7 @@ def run_lines(
     A return event's hits get the time since their thread's hit of an entry event on the
     same symbol (duration_ns, from trace_pipe's microsecond timestamps).
     """
-    armed = events(session, lines, filter, buffer_kb, pid, comm, steps=steps)
+    armed = events(session, lines, filter, buffer_kb, pid, comm, steps=steps, tid=tid)
     placeholder = ProbeSpec(armed.parsed[0].symbol or "?")
     return drive("tracefs", session.target, placeholder, workload, stop, on_hit, armed, armed.notes)
 
@@ -419,7 +429,9 @@ def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Events:
         return hit
 
     handlers = {r.full_name: r.handlers for r in rendered}
-    armed = events(session, [r.line for r in rendered], pid=spec.pid, comm=spec.comm, adapt=adapt, handlers=handlers)
+    armed = events(
+        session, [r.line for r in rendered], pid=spec.pid, comm=spec.comm, adapt=adapt, handlers=handlers, tid=spec.tid
+    )
     armed.spec_notes = render.spec_notes(spec)
     return armed
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kbridge import kprobe_events
@@ -47,22 +48,27 @@ class GuestTracingState:
 
 
 def build_filter(
-    user: str | None = None, pid: int | None = None, comm: str | None = None, exclude: list[int] | tuple[int, ...] = ()
+    user: str | None = None,
+    threads: Sequence[int] = (),
+    comm: str | None = None,
+    exclude: Sequence[int] = (),
 ) -> str:
-    """One event filter: the user's expression, --pid, --comm, and never kbridge's own pids.
+    """One event filter: the user's expression, the threads of --pid (or the one of --tid), --comm,
+    and never kbridge's own helpers.
 
-    6.1 has no common_tgid field, so --pid matches common_pid (the thread id):
-    the process itself, not its other threads.
+    An event records common_pid, the thread: 6.1 has no tgid field, so a process is matched by
+    the thread ids it has (kbridge lists them when the events are armed).
     """
     parts = []
     if user is not None and user.strip():
         if "\n" in user or "\0" in user:
             raise KbridgeError(f"invalid --filter {user!r}: one line only")
         parts.append(f"({user.strip()})")
-    if pid is not None:
-        if pid <= 0:
-            raise KbridgeError(f"invalid --pid {pid}")
-        parts.append(f"common_pid == {pid}")
+    for t in threads:
+        if t <= 0:
+            raise KbridgeError(f"invalid thread id {t}")
+    if threads:
+        parts.append("(" + " || ".join(f"common_pid == {t}" for t in sorted(set(threads))) + ")")
     if comm is not None:
         if not _COMM.fullmatch(comm) or any(c in comm for c in '"\\'):
             raise KbridgeError(
@@ -74,6 +80,15 @@ def build_filter(
 
 
 # --- guest tracefs helpers -----------------------------------------------------
+
+
+def threads_of(vm: Target, pid: int) -> list[int]:
+    """The thread ids of guest process PID now (its /proc/PID/task), or a one-line error."""
+    res = vm.run(["/bin/busybox", "ls", f"/proc/{pid}/task"], timeout=30)
+    tids = [int(t) for t in res.text.split() if t.isdigit()]
+    if not res.ok or not tids:
+        raise KbridgeError(f"--pid {pid}: no such process in the guest", "kbridge vm exec -- ps lists them")
+    return tids
 
 
 def existing_events(text: str, grammar: Grammar) -> dict[str, str]:
