@@ -124,7 +124,7 @@ def test_pull_takes_regular_files_only_and_names_a_bad_destination(kbridge_vm: G
 
 
 def test_a_push_of_a_program_for_another_arch_is_refused(kbridge_vm: Guest, tmp_path: Path) -> None:
-    other = next(a for a in ARCHES if a != kbridge_vm.arch_info)
+    other = next(a for a in ARCHES if a != kbridge_vm.arch)
     prog = tmp_path / "prog"
     prog.write_bytes(_elf_header(ARCHES[other].elf_machine))
     with pytest.raises(KbridgeError, match=f"is a {other} program and the guest is {kbridge_vm.arch}"):
@@ -143,8 +143,21 @@ def _elf_header(machine: int) -> bytes:
 
 def test_a_json_run_cut_short_still_ends_with_a_summary(kbridge_vm: Guest) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "probe", "ksys_write", "--pre", "--comm", "dd", "--run", LONG]
-        + ["--arch", kbridge_vm.arch_info, "--json"],
+        [
+            sys.executable,
+            "-m",
+            "kbridge",
+            "probe",
+            "ksys_write",
+            "--pre",
+            "--comm",
+            "dd",
+            "--run",
+            LONG,
+            "--arch",
+            kbridge_vm.arch,
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
