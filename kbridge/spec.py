@@ -166,7 +166,8 @@ class Hit:
     and pstate: JSON names them so). A pre-handler runs from the breakpoint, a
     post-handler after the probed instruction was single-stepped, so ``ip``
     moves across that instruction. ``duration_ns`` is a return hit's time
-    since the function's entry; ``trap`` a fault hit's trap number.
+    since the function's entry; ``trap`` a fault hit's trap number and
+    ``fault_at`` the instruction that faulted (``symbol+0xoff/0xlen``).
     """
 
     mechanism: str
@@ -185,6 +186,7 @@ class Hit:
     arch: str | None = None  # names ip/flags in JSON: "pc"/"pstate" on arm64
     duration_ns: int | None = None
     trap: int | None = None
+    fault_at: str | None = None  # a fault hit's faulting instruction, as the kernel's %pS prints it
     mode: str | None = None  # how the kernel armed the probe that fired: breakpoint | ftrace | optimized
 
     @property
@@ -226,6 +228,8 @@ class Hit:
             if self.arch:
                 out["trap_hex"] = f"{self.trap:#x}"
                 out["trap_decoded"] = get_arch(self.arch).describe_trap(self.trap)
+        if self.fault_at is not None:
+            out["fault_at"] = self.fault_at
         if self.mode is not None:
             out["mode"] = self.mode
         return out

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kbridge import progress
+from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.engine import MechanismResult
 from kbridge.mechanisms.histogram import durations_of
@@ -133,7 +134,10 @@ def hit_line(hit: Hit) -> str:
     args = " ".join(f"{k}={v}" for k, v in hit.args.items())
     ret = f" ret={hit.retval}" if hit.retval is not None else ""
     took = f" took {hit.duration_ns} ns" if hit.duration_ns is not None else ""
-    trap = f" trap={hit.trap}" if hit.trap is not None else ""
+    trap = ""
+    if hit.trap is not None:
+        at = f" at {escape(hit.fault_at)}" if hit.fault_at else ""
+        trap = f"{at} {get_arch(hit.arch).describe_trap(hit.trap) if hit.arch else f'trap={hit.trap}'}"
     regs = ""
     if hit.ip is not None:
         addr = f"addr={hit.addr:#x} " if hit.addr is not None else ""  # a tracefs hit has no probe address

@@ -25,7 +25,7 @@ from kbridge.kbuild import build_generated
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import Log2Histogram
-from kbridge.mechanisms.kmod.collect import ModuleEvent, parse_event, parse_hit
+from kbridge.mechanisms.kmod.collect import FaultRuns, ModuleEvent, parse_event, parse_hit
 from kbridge.mechanisms.kmod.errors import explain_refusal, register_error
 from kbridge.mechanisms.kmod.render import render
 from kbridge.session import Session
@@ -83,6 +83,7 @@ class _Loaded:
         self.stream = self.target.kmsg(idle=0.02)
         self.loaded = False
         self.forged = 0
+        self.faults = FaultRuns()
         self._totals: Totals | None = None
         self._record: ownership.Record | None = None
 
@@ -168,7 +169,10 @@ class _Loaded:
         return KbridgeError(f"insmod {self.module}.ko failed: {stderr.strip()}")
 
     def _hit(self, rec: KmsgRecord | None) -> Hit | None:
-        return parse_hit(rec.text, self.module, self.spec.symbol, rec.usec, self.session.arch.name) if rec else None
+        hit = parse_hit(rec.text, self.module, self.spec.symbol, rec.usec, self.session.arch.name) if rec else None
+        if hit is not None and self.spec.fault:
+            self.faults.add(hit)
+        return hit
 
     # -- Armed ----------------------------------------------------------------------
 
@@ -216,6 +220,8 @@ class _Loaded:
                 "kprobe_fault_handler() also counts each fault taken in a handler as "
                 "missed (nmissed), so missed includes the fault hits"
             )
+        if note := self.faults.note():
+            totals.notes.append(note)
         if self.forged:
             totals.notes.append(
                 f"{self.forged} lines in the kernel log looked like {self.module}'s hits but were written "

@@ -13,6 +13,7 @@ _HIT = re.compile(
     r"^(?P<mod>[\w]+): hit=(?P<handler>pre|post|entry|ret|fault) pid=(?P<pid>\d+) tid=(?P<tid>\d+) "
     r"cpu=(?P<cpu>\d+)"
     r"(?: addr=0x(?P<addr>[0-9a-f]+) (?P<ipname>ip|pc)=0x(?P<ip>[0-9a-f]+) (?:flags|pstate)=0x(?P<flags>[0-9a-f]+))?"
+    r"(?: at=(?P<at>\S+(?: \[\w+\])?))?"
     r"(?: took=(?P<took>\d+)ns)?"
     r"(?P<kv>(?: \w+=-?\d+)*) comm=(?P<comm>.*)$"
 )
@@ -50,6 +51,7 @@ def parse_hit(text: str, module: str, symbol: str, usec: int | None = None, arch
         arch=arch if regs else None,
         duration_ns=int(m["took"]) if m["took"] is not None else None,
         trap=trap,
+        fault_at=m["at"],
     )
 
 
@@ -102,3 +104,43 @@ def parse_stats_durations(text: str) -> dict[int, int] | None:
         if len(parts) == 2 and parts[0] == "durations_log2_ns":
             return parse_buckets(parts[1])
     return None
+
+
+# Routines whose exception-table fixup retries the access that faulted, so one read in a handler
+# takes two faults (and two fault_handler calls). x86 up to 6.0: copy_user_enhanced_fast_string's
+# fixup jumps to copy_user_handle_tail, which copies the bytes left with a plain rep movsb.
+_RETRYING_FIXUPS = {
+    "copy_user_handle_tail": "x86's copy_user fixup retries the bytes left (copy_user_handle_tail, "
+    "arch/x86/lib/copy_user_64.S up to Linux 6.0) and the same unmapped read faults again",
+}
+
+
+class FaultRuns:
+    """The faults each handler run took, per thread, to explain a run that took more than one."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, list[str]] = {}
+        self.repeated: list[list[str]] = []  # the sites of each run that faulted more than once
+
+    def add(self, hit: Hit) -> None:
+        tid = hit.tid if hit.tid is not None else hit.pid
+        if hit.handler != "fault":
+            self._open[tid] = []
+            return
+        run = self._open.setdefault(tid, [])
+        run.append(hit.fault_at or "?")
+        if len(run) == 2:
+            self.repeated.append(run)
+
+    def note(self) -> str | None:
+        """Why a handler run took several faults, from the faulting sites the kernel printed."""
+        if not self.repeated:
+            return None
+        sites = self.repeated[0]
+        why = next(
+            (text for site in sites[1:] for name, text in _RETRYING_FIXUPS.items() if name in site),
+            "each fault taken while a handler runs calls fault_handler once",
+        )
+        return (
+            f"{len(self.repeated)} handler run(s) took more than one fault, e.g. at {' then at '.join(sites)}: {why}"
+        )
