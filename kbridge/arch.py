@@ -40,6 +40,7 @@ class Arch:
     syscall_arg_fields: tuple[str, ...]
     syscall_arg_offsets: tuple[int, ...]
     c_arg_fields: tuple[str, ...]  # pt_regs fields of the C calling convention's arguments (bcc)
+    dwarf_arg_registers: tuple[int, ...]  # DWARF numbers of those registers (a clone's parameters, kbridge.clones)
     tracefs_registers: frozenset[str]  # names regs_query_register_offset() accepts (%REG)
     ip_register: str  # the instruction pointer, as tracefs and kbridge's JSON name it
     flags_register: str  # the flags / processor state register, likewise
@@ -174,6 +175,7 @@ X86_64 = Arch(
     syscall_arg_fields=("di", "si", "dx", "r10", "r8", "r9"),
     syscall_arg_offsets=(112, 104, 96, 56, 72, 64),
     c_arg_fields=("di", "si", "dx", "cx", "r8", "r9"),
+    dwarf_arg_registers=(5, 4, 1, 2, 8, 9),  # the x86-64 psABI's DWARF numbering: rdi rsi rdx rcx r8 r9
     tracefs_registers=frozenset("r15 r14 r13 r12 r11 r10 r9 r8 bx cx dx si di bp ax orig_ax ip cs flags sp ss".split()),
     ip_register="ip",
     flags_register="flags",
@@ -219,6 +221,7 @@ ARM64 = Arch(
     syscall_arg_fields=tuple(f"regs[{i}]" for i in range(6)),
     syscall_arg_offsets=(0, 8, 16, 24, 32, 40),
     c_arg_fields=tuple(f"regs[{i}]" for i in range(8)),
+    dwarf_arg_registers=tuple(range(8)),  # x0..x7 are DWARF registers 0..7 (AAPCS64)
     tracefs_registers=frozenset([f"x{i}" for i in range(31)] + ["lr", "sp", "pc", "pstate"]),
     ip_register="pc",
     flags_register="pstate",
@@ -251,8 +254,10 @@ def host_arch() -> str:
     return _ALIASES.get(m, m)
 
 
-def get_arch(name: str | None) -> Arch:
-    """Look an arch up by kbridge, Debian or uname name; None means the host's."""
+def get_arch(name: Arch | str | None) -> Arch:
+    """Look an arch up by kbridge, Debian or uname name; None means the host's, an Arch itself."""
+    if isinstance(name, Arch):
+        return name
     key = _ALIASES.get(name, name) if name else host_arch()
     try:
         return ARCHES[key]

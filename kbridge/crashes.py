@@ -3,51 +3,21 @@ it blames, and the whole report saved to a file whose path is printed.
 
 The faulting frame (RIP/pc) names FUNCTION+OFFSET [MODULE]. When MODULE is one kbridge built (the
 user's, a student's, or kbridge's own probe), its copy with debug info maps the frame to a source
-file and line through DWARF; kbridge.kbuild records every module it builds in an index for that.
+file and line through DWARF; kbridge.debuginfo indexes every module kbridge builds for that.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbridge import elf, oops
+from kbridge import debuginfo, elf, oops
 from kbridge.paths import cache_dir
 
 HEAD_LINES = 12  # of the report, shown at once; the rest is in the file
-
-
-def index_path() -> Path:
-    return cache_dir() / "kbuild" / "built-modules.json"
-
-
-def remember_module(name: str, krel: str, arch: str, debug_ko: Path, source: str) -> None:
-    """Record that module NAME for KREL/ARCH was built by kbridge from SOURCE (shown to users)."""
-    path = index_path()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known[f"{arch}/{krel}/{name}"] = {"debug_ko": str(debug_ko), "source": source}
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(path)
-
-
-def built_module(name: str, krel: str, arch: str) -> tuple[Path, str] | None:
-    """The debug copy and source of module NAME as kbridge last built it for KREL/ARCH, if it did."""
-    try:
-        entry = json.loads(index_path().read_text())[f"{arch}/{krel}/{name}"]
-        ko = Path(entry["debug_ko"])
-        return (ko, entry["source"]) if ko.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @dataclass
@@ -70,7 +40,7 @@ class Crash:
     def _source_line(self) -> str | None:
         if self.site is None or self.site.module is None:
             return None
-        found = built_module(self.site.module, self.krel, self.arch)
+        found = debuginfo.built_module(self.site.module, self.krel, self.arch)
         if found is None:
             return None
         ko, source = found

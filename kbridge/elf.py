@@ -2,15 +2,22 @@
 
 A kernel module's .modinfo (vermagic, parameters), an executable's libraries and
 loader (the guest initramfs), its machine (is a file for this guest's arch?), and
-the source line of FUNCTION+OFFSET in a module built with debug info (an oops).
+the source line of FUNCTION+OFFSET in a module built with debug info (an oops), and
+which of a function's parameters a compiler clone of it receives, in which register.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from elftools.common.exceptions import ELFError
+from elftools.dwarf.compileunit import CompileUnit
+from elftools.dwarf.die import DIE
+from elftools.dwarf.dwarf_expr import DWARFExprParser
+from elftools.dwarf.dwarfinfo import DWARFInfo
+from elftools.dwarf.locationlists import LocationEntry, LocationExpr, LocationParser
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
@@ -157,3 +164,81 @@ def _line_at(program: object, low: int, addr: int, high: int) -> tuple[str, int]
     entry_i = file_index if version >= 5 else file_index - 1
     fname = names[entry_i].name.decode(errors="replace") if 0 <= entry_i < len(names) else "?"
     return PurePosixPath(fname).name, int(line)
+
+
+@dataclass(frozen=True)
+class CloneParam:
+    """One source parameter of a compiler clone (.constprop/.isra), as DWARF describes the clone."""
+
+    name: str
+    position: int  # 1-based, in the source prototype
+    register: int | None  # the DWARF register holding it at the clone's entry (None: not passed)
+    const: int | None  # the constant the compiler propagated into the clone instead
+
+
+def clone_parameters(data: bytes, clone: str) -> list[CloneParam] | None:
+    """What CLONE (a symbol such as f.constprop.0) receives of its source function's parameters.
+
+    GCC describes a clone as a subprogram whose DW_AT_abstract_origin is the source
+    function: each parameter it still receives has a location (a register at its entry),
+    each one folded away a DW_AT_const_value or nothing. None when the object has no
+    DWARF for CLONE.
+    """
+    f = _open(data, "module")
+    symtab = f.get_section_by_name(".symtab")
+    if not f.has_dwarf_info() or not isinstance(symtab, SymbolTableSection):
+        return None
+    syms = [s for s in symtab.get_symbol_by_name(clone) or () if s["st_info"]["type"] == "STT_FUNC"]
+    if len(syms) != 1:
+        return None
+    start, size, base = syms[0]["st_value"], syms[0]["st_size"] or 1, clone.split(".", 1)[0]
+    dwarf = f.get_dwarf_info()
+    locations = LocationParser(dwarf.location_lists())
+    for cu in dwarf.iter_CUs():
+        for die in cu.iter_DIEs():
+            attrs = die.attributes
+            if die.tag != "DW_TAG_subprogram" or "DW_AT_abstract_origin" not in attrs or "DW_AT_low_pc" not in attrs:
+                continue
+            origin = die.get_DIE_from_attribute("DW_AT_abstract_origin")
+            # arm64's DWARF starts the function past its patchable-entry NOPs (ftrace): inside the symbol.
+            if not start <= attrs["DW_AT_low_pc"].value < start + size or _name(origin) != base:
+                continue
+            source = [_name(p) for p in origin.iter_children() if p.tag == "DW_TAG_formal_parameter"]
+            out = []
+            for p in die.iter_children():
+                if p.tag != "DW_TAG_formal_parameter" or "DW_AT_abstract_origin" not in p.attributes:
+                    continue
+                name = _name(p.get_DIE_from_attribute("DW_AT_abstract_origin"))
+                if name not in source:
+                    continue
+                const = p.attributes.get("DW_AT_const_value")
+                reg = _entry_register(p, cu, locations, dwarf) if const is None else None
+                out.append(CloneParam(name, source.index(name) + 1, reg, const.value if const else None))
+            return sorted(out, key=lambda c: c.position)
+    return None
+
+
+def _name(die: DIE) -> str:
+    attr = die.attributes.get("DW_AT_name")
+    return attr.value.decode(errors="replace") if attr is not None else ""
+
+
+def _entry_register(param: DIE, cu: CompileUnit, locations: LocationParser, dwarf: DWARFInfo) -> int | None:
+    """The register PARAM is in at its function's entry: DW_OP_regN, directly or first in its location list."""
+    attr = param.attributes.get("DW_AT_location")
+    if attr is None:
+        return None
+    loc = locations.parse_from_attribute(attr, cu["version"], die=param)
+    if isinstance(loc, LocationExpr):
+        expr = loc.loc_expr
+    else:
+        entries = [e for e in loc if isinstance(e, LocationEntry)]
+        if not entries:
+            return None
+        expr = min(entries, key=lambda e: e.begin_offset).loc_expr
+    ops = DWARFExprParser(dwarf.structs).parse_expr(expr)
+    if len(ops) == 1 and ops[0].op_name.startswith("DW_OP_reg") and ops[0].op_name != "DW_OP_regx":
+        return int(ops[0].op_name[len("DW_OP_reg") :])
+    if len(ops) == 1 and ops[0].op_name == "DW_OP_regx":
+        return int(ops[0].args[0])
+    return None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from kbridge import crashes, elf, kernels, progress, sandbox
+from kbridge import debuginfo, elf, kernels, progress, sandbox
 from kbridge.errors import KbridgeError
 from kbridge.images import buildroot
 from kbridge.images.image import Image
@@ -244,7 +244,7 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
 def _remembered(built: list[Built], shown: str) -> list[Built]:
     """Each module, recorded as built from SHOWN: an oops in it is mapped to SHOWN's source lines."""
     for m in built:
-        crashes.remember_module(m.name, m.krel, m.arch, m.debug_ko, shown)
+        debuginfo.remember_module(m.name, m.krel, m.arch, m.debug_ko, shown)
     return built
 
 
@@ -395,6 +395,9 @@ def map_paths(output: str, work: Path, shown: str) -> str:
     return "\n".join(ln for ln in output.splitlines() if not _MAKE_NOISE.match(ln))
 
 
+_MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\* \[.*\] Error \d+$")
+
+
 def diagnostics(output: str) -> list[str]:
     """The compiler's errors and warnings as FILE:LINE[:COL]: KIND: MESSAGE lines."""
     return [raw.strip() for raw in output.splitlines() if (m := _DIAG.match(raw.strip())) and m["kind"] != "note"]
@@ -403,7 +406,8 @@ def diagnostics(output: str) -> list[str]:
 def explain_build_failure(output: str, shown: str) -> str:
     """A failed build as gcc reported it: every line of its diagnostics (the function it was in, the
     macro expansions that lead from a header back to the source's line, the caret), capped."""
-    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    # make's own "*** [...] Error N" lines only repeat that the compiler failed.
+    lines = [ln for ln in output.strip().splitlines() if ln.strip() and not _MAKE_ERROR.match(ln)]
     first = next((i for i, ln in enumerate(lines) if (m := _DIAG.match(ln.strip())) and "error" in m["kind"]), None)
     if first is not None:
         # From the context gcc printed before the first error ("In function ...", "In file included from").

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kbridge import kbuild, kernels, progress
+from kbridge import debuginfo, kbuild, kernels, progress
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
@@ -85,16 +85,18 @@ class Plan:
     """A spec whose symbol is resolved on the target kernel and accepted by its mechanism."""
 
     resolution: Resolution
-    spec: ProbeSpec  # with the resolved symbol
+    spec: ProbeSpec  # with the resolved symbol (and --arg positions mapped onto a clone's)
     via: str
+    notes: tuple[str, ...] = ()  # warned before the run, kept in its result
 
 
-def plan(spec: ProbeSpec, resolution: Resolution, via: str, arch: Arch) -> Plan:
-    """Check SPEC once its symbol is resolved: the offset against the function, the mechanism's limits."""
+def plan(spec: ProbeSpec, resolution: Resolution, via: str, arch: Arch, krel: str) -> Plan:
+    """Check SPEC once its symbol is resolved: the offset against the function, the mechanism's limits,
+    --arg on a compiler clone."""
     check_offset(spec, resolution)
-    resolved = spec.with_symbol(resolution.symbol)
+    resolved, notes = debuginfo.clone_args(spec.with_symbol(resolution.symbol), arch, krel)
     get_mechanism(via).check(resolved, arch)
-    return Plan(resolution, resolved, via)
+    return Plan(resolution, resolved, via, tuple(notes))
 
 
 def probe(
@@ -132,7 +134,7 @@ def probe(
                     raise
                 resolution = None
             if resolution is not None:
-                early = plan(spec, resolution, via, arch)
+                early = plan(spec, resolution, via, arch, img.krel)
                 if mech.prepare is not None:
                     prepared = pool.submit(mech.prepare, early.spec, img)
         with acquire(arch, mech.flavour, kernel=suite, target=where, mirrors=mirrors) as guest:
@@ -164,10 +166,13 @@ def probe_on(
 ) -> ProbeRun:
     """Probe SPEC on SESSION's guest (already acquired) through VIA."""
     if planned is None:
-        planned = plan(spec, session.resolve(spec.symbol), via, session.arch)
+        planned = plan(spec, session.resolve(spec.symbol), via, session.arch, session.target.krel)
     if planned.resolution.note:
         progress.info(f"resolved {planned.resolution.note}")
+    for note in planned.notes:
+        progress.warn(note)
     work = workload or default_for(planned.resolution.symbol)
     result = get_mechanism(via).run(session, planned.spec, work, stop, on_hit, prepared)
+    result.notes[:0] = planned.notes
     guest: Target = session.target
     return ProbeRun(planned.resolution, guest.arch.name, guest.krel, guest.accel, [result], work, guest.name)

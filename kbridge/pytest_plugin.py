@@ -115,6 +115,7 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
 
 _STARTED = pytest.StashKey[float]()
 _GUEST = pytest.StashKey[Guest]()
+LOG_LINES = 60  # of the guest kernel log attached to a failing test's report
 
 
 @pytest.fixture(autouse=True)
@@ -150,8 +151,10 @@ def pytest_runtest_makereport(
         where = f"\nthe whole report: {exc.crash.file}" if exc.crash.file else ""
         report.sections.append(("kbridge guest crash", exc.crash.head(40) + where))
     with contextlib.suppress(Exception):  # a guest that cannot answer any more has said what it could
-        log = item.stash[_GUEST].kernel_log(since=item.stash[_STARTED])
-        report.sections.append(("kbridge guest kernel log (this test)", log[-20000:]))
+        lines = item.stash[_GUEST].kernel_log(since=item.stash[_STARTED]).splitlines()
+        if len(lines) > LOG_LINES:  # the end is what led to the failure; the rest is in `kbridge vm exec -- dmesg`
+            lines = [f"... {len(lines) - LOG_LINES} earlier lines left out", *lines[-LOG_LINES:]]
+        report.sections.append(("kbridge guest kernel log (this test)", "\n".join(lines)))
     return report
 
 

@@ -139,6 +139,9 @@ class Session:
         except SymbolError:
             if self._live:
                 raise
+            # Not the image's: a function of a module loaded since (named MOD:SYM from here on).
+            if (res := self.resolve_in_modules(name)) is not None:
+                return res
             self._symbols = SymbolTable.parse(self._read_kallsyms())
             self._live = True
             return self._symbols.resolve(name, self.arch, self.blacklist)
@@ -162,6 +165,10 @@ class Session:
 
     def loaded_modules(self) -> set[str]:
         return set(self.modules())
+
+    def has_btf(self, module: str) -> bool:
+        """Whether loaded MODULE came with BTF (the kernel lists it in /sys/kernel/btf, 5.11+)."""
+        return self.target.run(["/bin/busybox", "test", "-e", f"/sys/kernel/btf/{module}"], timeout=30).ok
 
     def is_ftraceable(self, symbol: str) -> bool:
         """Whether SYMBOL is in tracefs available_filter_functions (grep in the guest: the file is large)."""

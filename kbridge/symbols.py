@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
@@ -181,7 +181,16 @@ def resolve_in_modules(
     it and kallsyms_lookup_name resolves it (6.1).
     """
     mod, sym = split_module_symbol(name)
-    found = [(a, m) for a, t, m in module_symbols(kallsyms).get(sym, ()) if t in TEXT_TYPES]
+    table = module_symbols(kallsyms)
+    found = [(a, m) for a, t, m in table.get(sym, ()) if t in TEXT_TYPES]
+    if not found and (clones := sorted(s for s in table if s.startswith(sym + ".") and _CLONE.match(s))):
+        if len(clones) > 1:
+            raise SymbolError(f"{sym!r} exists only as compiler clones: {', '.join(clones)}", "name the clone you want")
+        resolved = resolve_in_modules(f"{mod}:{clones[0]}" if mod else clones[0], kallsyms, loaded, kernel)
+        if resolved is not None:
+            return replace(
+                resolved, requested=name, note=f"{name} -> {resolved.symbol} (the compiler's clone, in a module)"
+            )
     if mod is not None:
         mine = [a for a, m in found if m == mod]
         if not mine:

@@ -50,8 +50,37 @@ class Terminated(BaseException):
     """SIGTERM arrived: raised where the program was, so `finally` blocks undo what was armed."""
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
+# A JSON line being written is finished before Ctrl-C or SIGTERM acts: a reader never gets half a
+# line, and the summary's "streamed" counts exactly the lines written. (Python runs signal handlers
+# in the main thread between bytecodes, so the flag below is all the synchronisation needed.)
+_writing = False
+_deferred: list[int] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _writing:
+        _deferred.append(signum)
+        return
+    _raise_for(signum)
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGTERM:
+        raise Terminated
+    raise KeyboardInterrupt
+
+
+def write_line(text: str) -> None:
+    """TEXT and a newline on stdout, whole even when a signal arrives meanwhile."""
+    global _writing
+    _writing = True
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    finally:
+        _writing = False
+    if _deferred:
+        _raise_for(_deferred.pop())
 
 
 def command(fn: F) -> F:
@@ -61,7 +90,8 @@ def command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         progress.add_sink(_sink)
         # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every cleanup block still runs.
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        _deferred.clear()
         try:
             return fn(*args, **kwargs)
         except Terminated:
@@ -108,7 +138,8 @@ def command(fn: F) -> F:
             err.print("[dim]hint: this is a kbridge bug; KBRIDGE_DEBUG=1 shows the traceback[/]")
             raise typer.Exit(1) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             progress.remove_sink(_sink)
             _json_stream.clear()
 
@@ -126,8 +157,7 @@ def _interrupted_summary(signal_name: str, code: int) -> None:
 
 
 def emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    write_line(json.dumps(obj))
 
 
 def hit_line(hit: Hit) -> str:
@@ -176,8 +206,13 @@ class HitPrinter:
 
     def __call__(self, hit: Hit) -> None:
         if self.json_out:
-            emit_json(hit.to_json())
-        elif self.shown < LIVE_LINES:
+            line = json.dumps(hit.to_json())
+            try:
+                write_line(line)
+            finally:
+                self.shown += 1  # the line is whole on stdout, even when a deferred signal is raised now
+            return
+        if self.shown < LIVE_LINES:
             err.print(self.fmt(hit))
             if (step := self.steps.feed(hit)) is not None:
                 err.print(f"[cyan]      {escape(step.text())}[/]")

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kbridge import kernels, kprobe_events
+from kbridge.arch import Arch
 from kbridge.cli import app
 from kbridge.cli.options import (
     ArchOpt,
@@ -26,6 +27,7 @@ from kbridge.cli.options import (
     workload,
 )
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
+from kbridge.errors import KbridgeError
 from kbridge.images.image import grammar_of
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.engine import MechanismResult, StopRule
@@ -39,18 +41,27 @@ from kbridge.targets.base import Target
 from kbridge.workload import Workload, default_for
 
 
-def check_verdict(line: str, grammar: kprobe_events.Grammar) -> dict:
+def check_verdict(line: str, grammar: kprobe_events.Grammar, arch: Arch) -> dict:
     """The offline verdict on LINE as `--check --json` prints it."""
     try:
-        kprobe_events.parse(line, grammar)
+        _check_one(line, grammar, arch)
     except kprobe_events.EventSyntaxError as e:
         return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
+    except KbridgeError as e:
+        return {"ok": False, "error": "NO_BTF_ENTRY", "position": None, "message": e.message, "line": line}
     verdict: dict = {"ok": True, "error": None, "position": None, "message": None, "line": line}
     if dropped := kprobe_events.dropped_args(line):
         verdict["warning"] = (
             f"the kernel records the first {kprobe_events.MAX_TRACE_ARGS} arguments and drops {dropped}"
         )
     return verdict
+
+
+def _check_one(line: str, grammar: kprobe_events.Grammar, arch: Arch) -> None:
+    """LINE as the kernel would take it, offline: its syntax, and BTF names on a module kbridge built."""
+    ev = kprobe_events.parse(line, grammar)
+    if isinstance(ev, kprobe_events.ProbeEvent):
+        render.refuse_btf_on_built_modules([ev], arch)
 
 
 def _show_syntax_error(e: kprobe_events.EventSyntaxError, json_out: bool) -> None:
@@ -69,6 +80,12 @@ def _hit_text(hit: Hit) -> str:
     return f"[dim]{ts}[/]{escape(hit.comm)}[{hit.pid}] cpu{hit.cpu} [bold]{escape(event)}[/] {escape(args)}{took}"
 
 
+def _raw_and_parsed(hit: Hit) -> str:
+    """--steps: the kernel's trace line as `cat trace_pipe` prints it, then kbridge's reading of it."""
+    raw = getattr(hit, "raw", "")
+    return f"[dim]trace_pipe:[/] {escape(raw)}\n[dim]   kbridge:[/] {_hit_text(hit)}" if raw else _hit_text(hit)
+
+
 def _show_step(step: Step) -> None:
     """One tracefs operation as the walk-through writes it, then what the kernel shows there now."""
     style = "cyan" if step.ok else "red"
@@ -78,6 +95,8 @@ def _show_step(step: Step) -> None:
         err.print(f"[dim]  {escape(path)}:[/] {escape(lines[0])}")
         for line in lines[1:]:
             err.print(f"  {' ' * len(path)}  {escape(line)}", markup=False)
+    if step.note:
+        err.print(f"[dim]  # {escape(step.note)}[/]")
 
 
 @app.command("trace", context_settings={"ignore_unknown_options": True})
@@ -117,12 +136,12 @@ def trace_cmd(
         bad = 0
         for line in lines:
             if json_out:
-                verdict = check_verdict(line, grammar)
+                verdict = check_verdict(line, grammar, a)
                 emit_json(verdict)
                 bad += not verdict["ok"]
                 continue
             try:
-                kprobe_events.parse(line, grammar)
+                _check_one(line, grammar, a)
                 if dropped := kprobe_events.dropped_args(line):
                     err.print(
                         f"[yellow]! {escape(line[:60])}...: the kernel accepts it, records the first "
@@ -134,11 +153,17 @@ def trace_cmd(
             except kprobe_events.EventSyntaxError as e:
                 _show_syntax_error(e, False)
                 bad += 1
+            except KbridgeError as e:
+                err.print(f"[bold red]error:[/] {escape(e.message)}")
+                if e.hint:
+                    err.print(f"[dim]{escape(e.hint)}[/]")
+                bad += 1
         if bad:
             raise typer.Exit(1)
         return
     try:
         parsed = render.check_lines(lines, grammar)  # before any VM boots
+        render.refuse_btf_on_built_modules(parsed, a)
     except kprobe_events.EventSyntaxError as e:
         _show_syntax_error(e, json_out)
         raise typer.Exit(2) from None
@@ -151,7 +176,7 @@ def trace_cmd(
     else:
         work = default_for(next((p.symbol for p in parsed if p.symbol), ""))
     assert work is not None
-    printer = HitPrinter(json_out, _hit_text)
+    printer = HitPrinter(json_out, _raw_and_parsed if steps else _hit_text)
     with acquire(a, kernel=suite, target=target) as guest:
         session = Session(guest)
         try:

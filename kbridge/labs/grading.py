@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kbridge import progress
 from kbridge.errors import KbridgeError
 
 
@@ -117,6 +118,7 @@ class Grader:
         now = time.monotonic()
         self._results[name] = CheckResult(name, status, detail.rstrip(), hint or self.specs[name].hint, now - self._t0)
         self._t0 = now
+        progress.info(f"{self.report.lab}: {name}: {status.value}")  # a check's verdict as it is known
 
     def passed(self, name: str) -> bool:
         r = self._results.get(name)

@@ -61,15 +61,17 @@ def check_machine(target: Target, local: Path) -> None:
         head = f.read(64)
     if not elf.is_elf(head):
         return
-    with contextlib.suppress(KbridgeError):
+    try:
         machine = elf.machine(head + b"\0" * 64)
-        if machine != target.arch.elf_machine:
-            built = by_elf_machine(machine)
-            what = built.name if built else f"ELF machine {machine}"
-            raise KbridgeError(
-                f"{str(local)!r} is a {what} program and the guest is {target.arch.name}: it would not run there",
-                f"build it for {target.arch.name}: {target.arch.gcc('12')} -static ...",
-            )
+    except KbridgeError:
+        return  # not an ELF file pyelftools can read: data, copied as it is
+    if machine != target.arch.elf_machine:
+        built = by_elf_machine(machine)
+        what = built.name if built else f"ELF machine {machine}"
+        raise KbridgeError(
+            f"{str(local)!r} is a {what} program and the guest is {target.arch.name}: it would not run there",
+            f"build it for {target.arch.name}: {target.arch.gcc('12')} -static ...",
+        )
 
 
 def push(target: Target, local: Path, guest: str) -> str:

@@ -47,6 +47,6 @@ def test_run_push_and_pull(kbridge_vm: Guest, tmp_path) -> None:  # type: ignore
 def test_kbridge_vm_attaches_the_kept_vm(kbridge_vm: Guest) -> None:
     if kbridge_vm.where.kind != "qemu":
         pytest.skip("kbridge.vm() without a target is the embedded VM")
-    with kbridge.vm(arch=kbridge_vm.arch_info) as vm:
+    with kbridge.vm(arch=kbridge_vm.arch) as vm:
         assert vm.krel == kbridge_vm.krel and vm.name == kbridge_vm.name
         assert vm.probe("ksys_write", comm="dd", run=DD).counts["pre"] >= 3

@@ -70,7 +70,7 @@ def kill_when(args: list[str], ready: str, arch: str) -> str:
 )
 def test_sigkill_mid_run_is_reclaimed(kbridge_vm: Guest, args: list[str]) -> None:
     before = guest_state(kbridge_vm)
-    kill_when(args, "hit", kbridge_vm.arch_info)
+    kill_when(args, "hit", kbridge_vm.arch)
     # The next command on the same VM works and counts exactly: the leftover reader and workload
     # are gone before it arms anything.
     run = kbridge_vm.probe("ksys_write", args={"fd": 1, "count": 3}, comm="dd", run=DD)
@@ -88,7 +88,7 @@ def test_sigkill_before_the_workload_ends(kbridge_vm: Guest) -> None:
     kill_when(
         ["probe", "vfs_read", "--pre", "--run", "dd if=/dev/zero of=/dev/null count=1; sleep 30"],
         "hit",
-        kbridge_vm.arch_info,
+        kbridge_vm.arch,
     )
     # The same spec builds the same module name: before reclaim this failed with
     # "insmod ... File exists".
@@ -126,7 +126,7 @@ def test_sigterm_unwinds_like_ctrl_c(kbridge_vm: Guest) -> None:
             "--run",
             LOOP,
             "--arch",
-            kbridge_vm.arch_info,
+            kbridge_vm.arch,
             "--json",
         ],
         stdout=subprocess.PIPE,

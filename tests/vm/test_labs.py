@@ -143,7 +143,7 @@ def assert_skeleton(r: Report) -> None:
 
 def test_solutions_pass_and_skeletons_fail(kbridge_vm: Guest, tmp_path: Path) -> None:
     dirs = [make(tmp_path, lab, which) for lab in MODULE_LABS for which in ("solution", "skeleton")]
-    for r in grade(kbridge_vm.arch_info, dirs):
+    for r in grade(kbridge_vm.arch, dirs):
         (assert_solution if r.directory.endswith("-solution") else assert_skeleton)(r)
 
 

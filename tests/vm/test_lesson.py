@@ -127,9 +127,25 @@ def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session
     wrapper = f"{s.arch.syscall_prefix}write"
     before = s.target.read_file("/sys/kernel/tracing/kprobe_events").decode()
     steps: list[Step] = []
+    hits: list = []
     res = tracefs.run_lines(
-        s, ["p:sys_write_event sys_write"], Workload.shell("echo hi > /tmp/kb_lesson"), comm="sh", steps=steps.append
+        s,
+        ["p:sys_write_event sys_write"],
+        Workload.shell("echo hi > /tmp/kb_lesson"),
+        on_hit=hits.append,
+        comm="sh",
+        steps=steps.append,
     )
+    # Where tracefs is: both the walk-through's path (inside debugfs) and its own, one filesystem.
+    assert steps[0].command.startswith("grep") and "tracefs" in steps[0].readback["/proc/mounts"]
+    where = steps[1]
+    assert where.command == "cd /sys/kernel/tracing"
+    dirs = where.readback
+    assert dirs["/sys/kernel/tracing"].startswith("exists (device:inode ")
+    assert dirs["/sys/kernel/tracing"] == dirs["/sys/kernel/debug/tracing"]
+    assert "same tracefs" in where.note
+    # Each hit carries the kernel's own trace line, which kbridge's fields were read from.
+    assert hits and all(h.raw.split()[0] == f"{h.comm}-{h.pid}" and "sys_write_event: (" in h.raw for h in hits)
     # The literal line names a symbol the kernel no longer has: said, and rewritten.
     assert any("would refuse 'sys_write'" in n and wrapper in n for n in res.notes)
     cmds = [st.command.split("   #")[0] for st in steps]  # without the explaining comment
@@ -153,6 +169,7 @@ def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session
     assert listing[f"{d}/enable"] == "0\n" and listing[f"{d}/filter"] == "none\n"
     filt = next(st for st in steps if st.command.endswith(f"> {d}/filter"))
     assert 'comm == "sh"' in filt.readback[f"{d}/filter"]  # the kernel's own rendering of it
+    assert "common_pid !=" in filt.readback[f"{d}/filter"] and "kbridge adds 'common_pid != ...'" in filt.note
     assert by[order[2]][f"{d}/enable"] == "1\n" and by[order[4]][f"{d}/enable"] == "0\n"
     profile = by["cat kprobe_profile"]["kprobe_profile"].split()
     i = profile.index("sys_write_event")

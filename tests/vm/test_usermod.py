@@ -22,6 +22,7 @@ from kbridge.targets.qemu import QemuVM
 EXAMPLE = Path(__file__).parents[2] / "examples" / "chardev"
 OOPS = Path(__file__).parent / "data" / "oops_init"
 WARN = Path(__file__).parent / "data" / "warn_init"
+CLONE = Path(__file__).parent / "data" / "clone_args"
 CACHE = cache_dir()  # before pytester moves HOME
 
 pytest_plugins = ["pytester"]
@@ -39,8 +40,11 @@ def test_compiler_errors_name_the_users_file_and_line(kbridge_arch, tmp_path):
     line = (src / "kbchardev.c").read_text().splitlines().index("\tkb_rejects += nonexistent;") + 1
     with pytest.raises(KbridgeError) as e:
         kbuild.build(kbuild.source_files(src), images.ensure(get_arch(kbridge_arch)), str(src))
-    assert f"{src}/kbchardev.c:{line}: error: 'nonexistent' undeclared" in e.value.message
-    assert f"    {line} | kb_rejects += nonexistent;" in e.value.message
+    # gcc's diagnostic whole, on the user's paths: the function, the column, the source line and caret.
+    assert f"{src}/kbchardev.c: In function 'kbchardev_reject':" in e.value.message
+    assert f"{src}/kbchardev.c:{line}:23: error: 'nonexistent' undeclared" in e.value.message
+    assert f"   {line} |         kb_rejects += nonexistent;" in e.value.message
+    assert "make: ***" not in e.value.message
     assert "/kbuild/" not in e.value.message  # no path of kbridge's build copy
 
 
@@ -84,7 +88,7 @@ def test_push_keeps_the_mode_and_pull_brings_files_back(kbridge_vm, tmp_path):
     got = kbridge_vm.pull("/tmp/pulled/out.txt", tmp_path)
     assert got == tmp_path / "out.txt"
     assert got.read_text() == f"hello from {get_arch(kbridge_vm.arch_info).uname}\n"
-    with pytest.raises(KbridgeError, match="cannot read '/tmp/nonexistent' in the guest"):
+    with pytest.raises(KbridgeError, match="'/tmp/nonexistent' does not exist in the guest"):
         kbridge_vm.pull("/tmp/nonexistent", tmp_path)
     kbridge_vm.run("rm -rf /tmp/pushed /tmp/pulled")
 
@@ -105,6 +109,24 @@ def test_module_functions_resolve_for_tracefs_and_kprobes(kbridge_vm):
     finally:
         kbridge_vm.unload_module("kbchardev")
     assert "kbchardev" not in kbridge_vm.loaded_modules()
+
+
+def test_an_arg_on_a_compiler_clone_reads_the_sources_parameter(kbridge_vm):
+    # gcc makes clone_target(ignored, cmd, arg) clone_target.constprop.0(cmd): every caller
+    # passes ignored=0 and arg=2. The source's parameter 2 is the clone's argument 1.
+    kbridge_vm.load_module(CLONE, reload=True)
+    try:
+        trigger = "echo 7 > /sys/module/clone_args/parameters/trigger"
+        run = kbridge_vm.probe("clone_target", args={"cmd": 2}, run=trigger)
+        assert run.resolution.symbol == "clone_args:clone_target.constprop.0"
+        assert [h.args["cmd"] for h in run.hits] == [7]
+        notes = run.results[0].notes
+        assert any("parameter 2 (cmd) is its argument 1 (DWARF of clone_args.ko)" in n for n in notes), notes
+        # The folded-in constant is refused before anything is loaded, with its value.
+        with pytest.raises(KbridgeError, match="folded in the constant 2"):
+            kbridge_vm.probe("clone_target", args={"arg": 3}, run=trigger)
+    finally:
+        kbridge_vm.unload_module("clone_args")
 
 
 def test_a_warning_in_init_loads_an_oops_crashes(kbridge_arch):
@@ -138,7 +160,7 @@ def test_a_failing_test_leaves_no_module_behind(kbridge_vm, pytester, monkeypatc
             assert "kbchardev" in kbridge_vm.loaded_modules()
             raise AssertionError("failing with kbchardev loaded")
     """)
-    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch_info, "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch, "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     assert "failing with kbchardev loaded" in result.stdout.str()
     assert "kbchardev" not in kbridge_vm.loaded_modules()

@@ -141,6 +141,4 @@ class FaultRuns:
             (text for site in sites[1:] for name, text in _RETRYING_FIXUPS.items() if name in site),
             "each fault taken while a handler runs calls fault_handler once",
         )
-        return (
-            f"{len(self.repeated)} handler run(s) took more than one fault, e.g. at {' then at '.join(sites)}: {why}"
-        )
+        return f"{len(self.repeated)} handler run(s) took more than one fault, e.g. at {' then at '.join(sites)}: {why}"

@@ -62,7 +62,7 @@ def resolve_symbols(
     out = []
     for ev in parsed:
         if ev.symbol is None or ev.module is not None:
-            out.append(ev)
+            out.append(_with_btf_checked(session, ev))
             continue
         res = session.resolve(ev.symbol)
         if res.symbol != ev.symbol:
@@ -75,9 +75,17 @@ def resolve_symbols(
                     f"the syscall's argument (fetch them through it, e.g. +OFFSET($arg1))"
                 )
             # Keep the event name the user asked for (or would have got).
-            ev = replace(ev, symbol=res.symbol, event=ev.effective_event)
-        out.append(ev)
+            module, _, symbol = res.symbol.rpartition(":")
+            ev = replace(ev, symbol=symbol, module=module or None, event=ev.effective_event)
+        out.append(_with_btf_checked(session, ev))
     return out
+
+
+def _with_btf_checked(session: Session, ev: kprobe_events.ProbeEvent) -> kprobe_events.ProbeEvent:
+    """EV, unless it names arguments by BTF on a function of a module that has no BTF."""
+    if ev.module and render.btf_names(ev) and not session.has_btf(ev.module):
+        raise render.no_btf(ev, ev.module, f"/sys/kernel/btf/{ev.module} is absent: it was built without BTF")
+    return ev
 
 
 class _Events:
@@ -131,6 +139,8 @@ class _Events:
 
     def __enter__(self) -> _Events:
         vm, rep = self.vm, self.rep
+        if rep:
+            rep.mounts()
         self.state = state = GuestTracingState.read(vm)
         if self.buffer_kb is None and state.buffer_size_kb < DEFAULT_BUFFER_KB:
             self.buffer_kb = DEFAULT_BUFFER_KB
@@ -161,11 +171,15 @@ class _Events:
                     "an event records the thread (common_pid), and 6.1's events have no process id"
                 )
             text = build_filter(self.user_filter, threads, self.comm, exclude)
+            why = (
+                f"kbridge adds 'common_pid != ...' for {', '.join(map(str, exclude))}: its own guest helpers "
+                "(the agent running commands, the trace_pipe reader), whose writes would otherwise be hits"
+            )
             for ev in self.defined:
                 if self.user_filter is not None and self.user_filter.strip():
                     # The user's expression alone first, so the kernel's caret points into it.
                     guest.set_filter(vm, ev, self.user_filter.strip(), rep)
-                guest.set_filter(vm, ev, text, rep)
+                guest.set_filter(vm, ev, text, rep, note=why)
             vm.write_file(f"{TRACING}/trace_marker", f"kbridge-start-{self.token}".encode())
             try:
                 for _ in self._read_until(f"kbridge-start-{self.token}"):

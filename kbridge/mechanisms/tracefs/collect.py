@@ -94,6 +94,7 @@ class Record:
     timestamp: float
     site: str
     args: dict[str, int | str | list | None]
+    raw: str = ""  # the line(s) as trace_pipe printed them
 
 
 @dataclass
@@ -101,10 +102,12 @@ class TraceHit(Hit):
     """A Hit that also names the tracefs event (GROUP/EVENT) that recorded it."""
 
     event: str = ""
+    raw: str = ""  # the kernel's own trace line, as `cat trace_pipe` shows it
 
     def to_json(self) -> dict:
         out = super().to_json()
         out["event"] = self.event
+        out["raw"] = self.raw
         return out
 
 
@@ -241,7 +244,15 @@ class TracePipeParser:
             self.unparsed.append(text)
             return None
         return Record(
-            name, m["comm"], int(m["pid"]), int(m["cpu"]), m["flags"] or "", float(m["ts"]), site.group(0)[1:-1], args
+            name,
+            m["comm"],
+            int(m["pid"]),
+            int(m["cpu"]),
+            m["flags"] or "",
+            float(m["ts"]),
+            site.group(0)[1:-1],
+            args,
+            text,
         )
 
     def flush(self) -> None:
@@ -270,6 +281,7 @@ class TracePipeParser:
             retval=retval,
             timestamp=rec.timestamp,
             event=info.full_name,
+            raw=rec.raw,
         )
 
 

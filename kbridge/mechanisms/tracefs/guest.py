@@ -155,7 +155,9 @@ def remove(vm: Target, ev: kprobe_events.ProbeEvent) -> None:
     vm.write_file(KPROBE_EVENTS, (render.removal_line(ev) + "\n").encode(), mode="a")
 
 
-def set_filter(vm: Target, ev: kprobe_events.ProbeEvent, text: str, steps: StepReporter | None = None) -> None:
+def set_filter(
+    vm: Target, ev: kprobe_events.ProbeEvent, text: str, steps: StepReporter | None = None, note: str = ""
+) -> None:
     """Write an event filter; a parse error is reported with the kernel's message and caret."""
     if not text:
         return
@@ -164,7 +166,7 @@ def set_filter(vm: Target, ev: kprobe_events.ProbeEvent, text: str, steps: StepR
     try:
         vm.write_file(path, text.encode())
         if steps:
-            steps.wrote(path, text)
+            steps.wrote(path, text, note=note)
     except GuestIOError:
         if steps:
             steps.failed(f"echo {shell_quote(text)} > {path}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kbridge import kprobe_events
+from kbridge import debuginfo, kprobe_events
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.kprobe_events import Grammar, grammar_for
@@ -160,3 +160,39 @@ def check_lines(lines: list[str], grammar: Grammar) -> list[kprobe_events.ProbeE
         seen[ev.effective_event] = (name, line)
         parsed.append(ev)
     return parsed
+
+
+def btf_names(ev: kprobe_events.ProbeEvent) -> list[str]:
+    """The arguments EV names by BTF (NAME, $arg*, NAME->field): the kernel looks them up in the
+    BTF of the probed function's object, vmlinux's or its module's."""
+
+    def named(fetch: kprobe_events.Fetch) -> str | None:
+        if isinstance(fetch, kprobe_events.Deref):
+            return named(fetch.inner)
+        if isinstance(fetch, kprobe_events.BtfArg):
+            return fetch.name
+        return "$arg*" if isinstance(fetch, kprobe_events.AllArgs) else None
+
+    return [n for a in ev.args if (n := named(a.fetch)) is not None]
+
+
+def no_btf(ev: kprobe_events.ProbeEvent, module: str, why: str) -> KbridgeError:
+    """The refusal of BTF argument names on a function of MODULE, which has no BTF (WHY)."""
+    names = btf_names(ev)
+    return KbridgeError(
+        f"{ev.effective_event}: {', '.join(names)} names an argument by BTF, and module {module} has none "
+        f"({why}): the kernel would answer 'No BTF entry for this probe point'",
+        "fetch the arguments by position instead: $arg1, $arg2, ... (with a type, e.g. count=$arg3:u64)",
+    )
+
+
+def refuse_btf_on_built_modules(parsed: list[kprobe_events.ProbeEvent], arch: Arch) -> None:
+    """Offline: BTF names on MOD:SYM where MOD is a module kbridge builds (out-of-tree, without BTF)."""
+    for ev in parsed:
+        if ev.module and btf_names(ev) and debuginfo.built_for(ev.module, arch.name):
+            raise no_btf(
+                ev,
+                ev.module,
+                "kbridge builds out-of-tree modules without BTF: pahole needs the kernel's vmlinux, "
+                "which Debian's headers do not ship",
+            )

@@ -19,6 +19,7 @@ from kbridge.arch import Arch
 from kbridge.targets.base import Target
 
 TRACING = "/sys/kernel/tracing"
+DEBUG_TRACING = "/sys/kernel/debug/tracing"  # the walk-through's path: tracefs, auto-mounted inside debugfs
 READBACK_LIMIT = 4000  # characters of one file shown per step (kprobe_events may hold other users' lines)
 
 
@@ -29,6 +30,7 @@ class Step:
     command: str
     readback: dict[str, str] = field(default_factory=dict)
     ok: bool = True
+    note: str = ""  # why kbridge does this step, when the walk-through does not
 
 
 StepSink = Callable[[Step], None]
@@ -61,11 +63,43 @@ class StepReporter:
         res = self.target.run(["/bin/busybox", "ls", path], timeout=30)
         return " ".join(res.stdout.decode(errors="replace").split()) if res.ok else "(no such directory)"
 
-    def wrote(self, path: str, data: str, append: bool = False, readback: tuple[str, ...] = ()) -> None:
+    def wrote(self, path: str, data: str, append: bool = False, readback: tuple[str, ...] = (), note: str = "") -> None:
         """DATA was written to PATH; READBACK (default: PATH itself) is shown as the kernel has it now."""
         op = ">>" if append else ">"
         paths = readback or (path,)
-        self.sink(Step(f"echo {shell_quote(data)} {op} {relative(path)}", {relative(p): self._read(p) for p in paths}))
+        command = f"echo {shell_quote(data)} {op} {relative(path)}"
+        self.sink(Step(command, {relative(p): self._read(p) for p in paths}, note=note))
+
+    def mounts(self) -> None:
+        """Where tracefs is mounted (the walk-through's `mount -t debugfs` and `cd .../tracing`)."""
+        mounts = [
+            line
+            for line in self._read("/proc/mounts").splitlines()
+            if len(line.split()) > 2 and line.split()[2] in ("tracefs", "debugfs")
+        ]
+        self.sink(Step("grep -E 'tracefs|debugfs' /proc/mounts", {"/proc/mounts": "\n".join(mounts) or "(neither)"}))
+        dirs = {d: self._stat(d) for d in (TRACING, DEBUG_TRACING)}
+        same = dirs[TRACING] is not None and dirs[TRACING] == dirs[DEBUG_TRACING]
+        self.sink(
+            Step(
+                f"cd {TRACING}",
+                {d: f"exists (device:inode {dev})" if dev else "(no such directory)" for d, dev in dirs.items()},
+                note=(
+                    f"{DEBUG_TRACING} is the same tracefs: mounting debugfs mounts tracefs at its tracing/ "
+                    f"(Linux 4.1+); {TRACING} is where tracefs lives on its own"
+                    if same
+                    else f"only {TRACING} is there: {DEBUG_TRACING} appears once debugfs is mounted "
+                    "(mount -t debugfs none /sys/kernel/debug)"
+                    if dirs[TRACING]
+                    else "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing"
+                ),
+            )
+        )
+
+    def _stat(self, path: str) -> str | None:
+        """PATH's device:inode, or None when it is not there."""
+        res = self.target.run(["/bin/busybox", "stat", "-c", "%d:%i", f"{path}/."], timeout=30)
+        return res.stdout.decode().strip() if res.ok else None
 
     def defined(self, line: str, group: str, event: str) -> None:
         """LINE was appended to kprobe_events: the file, and the event's new directory."""
