@@ -27,7 +27,7 @@ from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule
 from kbridge.probe import ProbeRun, probe_on
 from kbridge.session import Session
 from kbridge.spec import ProbeSpec, make_spec
-from kbridge.targets import TargetSpec, acquire, parse_target, watch
+from kbridge.targets import TargetSpec, acquire, kept_as_is, parse_target, watch
 from kbridge.targets.base import Target
 from kbridge.workload import Workload
 
@@ -81,13 +81,28 @@ class Guest:
             self.flavour = t.flavour
 
     @contextlib.contextmanager
-    def _target(self) -> Iterator[Target]:
+    def _target(self, as_is: bool = False) -> Iterator[Target]:
+        """The guest for one call. AS_IS: a kept VM that crashed is used as it is (its kernel can
+        still be read), not restarted; nothing is watched."""
         if self._held is not None:
-            with watch(self._held):
+            with contextlib.ExitStack() as stack:
+                if not as_is:
+                    stack.enter_context(watch(self._held))
                 yield self._held
+            return
+        if as_is and self.where.kind == "qemu" and (vm := kept_as_is(self.arch_info, self.suite)) is not None:
+            try:
+                yield vm
+            finally:
+                vm.release()
             return
         with acquire(self.arch_info, kernel=self.suite, target=self.where) as t:
             yield t
+
+    def crashed(self) -> bool:
+        """Whether the guest's kernel crashed (an oops, a panic): the next call restarts it."""
+        with self._target(as_is=True) as t:
+            return t.crashed()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -228,8 +243,9 @@ class Guest:
 
     def kernel_log(self, since: float | None = None) -> str:
         """The guest kernel's log (dmesg); with SINCE (a time.monotonic() of this host), only what it
-        logged since then (guest and host clocks advance together: the offset is read now)."""
-        with self._target() as t:
+        logged since then (guest and host clocks advance together: the offset is read now). A guest
+        whose kernel crashed is read as it is, before any restart."""
+        with self._target(as_is=True) as t:
             text = t.run(["/bin/busybox", "dmesg"], timeout=60).text
             if since is None:
                 return text

@@ -17,7 +17,7 @@ from pathlib import Path
 from kbridge import debuginfo, elf, oops
 from kbridge.paths import cache_dir
 
-HEAD_LINES = 12  # of the report, shown at once; the rest is in the file
+HEAD_FRAMES = 6  # of the call trace, shown at once; the whole report is in the file
 
 
 @dataclass
@@ -58,11 +58,9 @@ class Crash:
         where = f"in module {self.site.module}" if self.site.module else "in the kernel itself"
         return f"{first} at {self.site} ({where})" + (f", {self.where}" if self.where else "")
 
-    def head(self, lines: int = HEAD_LINES) -> str:
-        """The report's first lines: the BUG/WARN line, RIP/pc, the start of the call trace."""
-        out = [ln for ln in self.text.splitlines() if ln.strip()]
-        start = next((i for i, ln in enumerate(out) if oops.is_oops(ln)), 0)
-        return "\n".join(out[start : start + lines])
+    def head(self, frames: int = HEAD_FRAMES) -> str:
+        """The report's head: the BUG/WARN line, RIP/pc with [module], the first FRAMES of the call trace."""
+        return "\n".join(oops.head(self.text, frames))
 
     def save(self) -> Path:
         """The whole report in the crash directory; its path."""

@@ -119,7 +119,9 @@ def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | No
     syms = [s for s in symtab.get_symbol_by_name(function) or () if s["st_info"]["type"] == "STT_FUNC"]
     if not syms:
         return None
-    size = syms[0]["st_size"]
+    # FUNCTION+OFFSET counts from the symbol; arm64's DWARF starts the function past its
+    # patchable-entry NOPs (ftrace), so the DIE's low_pc only picks the line-table sequence.
+    start, size = syms[0]["st_value"], syms[0]["st_size"]
     dwarf = f.get_dwarf_info()
     for cu in dwarf.iter_CUs():
         for die in cu.iter_DIEs():
@@ -129,7 +131,7 @@ def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | No
             if name is None or name.value.decode(errors="replace") != function:
                 continue
             low = die.attributes["DW_AT_low_pc"].value
-            found = _line_at(dwarf.line_program_for_CU(cu), low, low + offset, low + (size or offset + 1))
+            found = _line_at(dwarf.line_program_for_CU(cu), low, start + offset, start + (size or offset + 1))
             if found is not None:
                 return found
     return None

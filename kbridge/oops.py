@@ -32,7 +32,27 @@ END = re.compile(r"---\[ end (trace|Kernel panic)")
 # "RIP: 0010:kbring_ioctl+0x3f/0xd0 [kbring]" (x86_64), "pc : handler_pre+0x1c/0x48 [kprobe_lab]" (arm64),
 # and the same FUNC+0xOFF/0xSIZE [MOD] form in call traces.
 SITE = re.compile(r"(?P<func>[A-Za-z_][\w.]*)\+0x(?P<off>[0-9a-f]+)/0x(?P<size>[0-9a-f]+)(?: \[(?P<mod>\w+)\])?")
-_FAULT_LINE = re.compile(r"^\s*(RIP: [0-9a-f]{4}:|pc : |PC is at )")
+# The same lines with or without the printk timestamp ("[    8.713119] ").
+_STAMP = r"^(?:\[\s*\d+\.\d+\]\s?)?\s*"
+_FAULT_LINE = re.compile(_STAMP + r"(RIP: [0-9a-f]{4}:|pc : |PC is at )")
+_CALLER_LINE = re.compile(_STAMP + r"(lr : |LR is at )")
+_TRACE_START = re.compile(_STAMP + r"Call [Tt]race:")
+
+
+def head(text: str, frames: int = 6) -> list[str]:
+    """What a reader needs of report TEXT at once: its first lines (the BUG/WARN line and what the
+    kernel says of the access), the faulting RIP/pc line (and arm64's lr), and the start of the
+    call trace: on arm64 the pc line comes after a dozen lines of abort decoding."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if is_oops(ln)), 0)
+    keep = set(range(start, min(start + 4, len(lines))))
+    for i, line in enumerate(lines):
+        if _FAULT_LINE.match(line) or _CALLER_LINE.match(line):
+            keep.add(i)
+        elif _TRACE_START.match(line):
+            keep.update(range(i, min(i + 1 + frames, len(lines))))
+            break
+    return [lines[i] for i in sorted(keep)]
 
 
 def is_oops(text: str) -> bool:

@@ -132,9 +132,13 @@ def _kbridge_unload_user_modules(request: pytest.FixtureRequest) -> Iterator[Non
     with guest.session() as s:
         before = set(s.loaded_modules())
     yield
-    # A crash was the test's own failure, reported with it.
-    with contextlib.suppress(GuestCrash), guest.session() as s:
-        modules.unload_since(s.target, before)
+    # A crash was the test's own failure, reported with it; a crashed guest is left as it is for
+    # `kbridge vm status` and restarted by the next use (which names the modules it held).
+    with contextlib.suppress(GuestCrash):
+        if guest.crashed():
+            return
+        with guest.session() as s:
+            modules.unload_since(s.target, before)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -149,7 +153,7 @@ def pytest_runtest_makereport(
     exc = call.excinfo.value if call.excinfo is not None else None
     if isinstance(exc, GuestCrash) and exc.crash is not None:
         where = f"\nthe whole report: {exc.crash.file}" if exc.crash.file else ""
-        report.sections.append(("kbridge guest crash", exc.crash.head(40) + where))
+        report.sections.append(("kbridge guest crash", exc.crash.head(frames=30) + where))
     with contextlib.suppress(Exception):  # a guest that cannot answer any more has said what it could
         lines = item.stash[_GUEST].kernel_log(since=item.stash[_STARTED]).splitlines()
         if len(lines) > LOG_LINES:  # the end is what led to the failure; the rest is in `kbridge vm exec -- dmesg`

@@ -9,7 +9,7 @@
  *   kbchardev-client fill N       write N bytes of 'x' (over 64 fails with ENOSPC)
  *
  * Build it static so it runs in any guest: gcc -static -O2 -o kbchardev-client client.c
- * (arm64: aarch64-linux-gnu-gcc -static ...). Exit status 0 on success, 1 on a failed call.
+ * (arm64: aarch64-linux-gnu-gcc-12 -static ...). Exit status 0 on success, 1 on a failed call.
  */
 #include <errno.h>
 #include <fcntl.h>

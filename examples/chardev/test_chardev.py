@@ -24,11 +24,11 @@ pytestmark = pytest.mark.vm
 
 def compiler(arch: str) -> str:
     """A C compiler for static user-space programs of ARCH (Debian: gcc, gcc-aarch64-linux-gnu)."""
-    names = ["gcc", "gcc-12"] if arch == "x86_64" else ["aarch64-linux-gnu-gcc", "aarch64-linux-gnu-gcc-12"]
+    names = ["gcc-12", "gcc"] if arch == "x86_64" else ["aarch64-linux-gnu-gcc-12", "aarch64-linux-gnu-gcc"]
     for name in names:
         if path := shutil.which(name):
             return path
-    pkg = "gcc" if arch == "x86_64" else "gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+    pkg = "gcc-12" if arch == "x86_64" else "gcc-12-aarch64-linux-gnu libc6-dev-arm64-cross"
     pytest.fail(f"no compiler for static {arch} programs: sudo apt-get install {pkg}")
 
 
@@ -37,7 +37,7 @@ def client(kbridge_vm, tmp_path_factory) -> str:
     """The user-space client, built static for the guest's arch and pushed into it."""
     out = tmp_path_factory.mktemp(f"client-{kbridge_vm.arch}") / "kbchardev-client"
     subprocess.run(
-        [compiler(kbridge_vm.arch_info), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
+        [compiler(kbridge_vm.arch), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
     )
     return kbridge_vm.push(out, CLIENT)
 

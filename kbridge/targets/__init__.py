@@ -157,6 +157,14 @@ def kept(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
     return QemuVM.attach(arch, suite)
 
 
+def kept_as_is(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
+    """The kept VM of ARCH and SUITE as it is, attached: one that crashed is not restarted (its
+    kernel log can still be read). None when none runs."""
+    from kbridge.targets.qemu import QemuVM
+
+    return QemuVM.attach(arch, suite, restart_crashed=False)
+
+
 def running(arch: Arch | None, suite: str, target: str | TargetSpec | None = None) -> Target:
     """A guest that is already up, attached: the kept VM of ARCH and SUITE, or the Vagrant machine TARGET.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ class Qmp:
                 self._qmp.connect(negotiate=True)
                 break
             except Exception as e:  # noqa: BLE001 - qemu.qmp raises its own and OS errors alike
-                self._qmp.close()
+                self.close()
                 if time.monotonic() > deadline:
                     raise GuestIOError(f"no QMP answer on {path}: {e}") from None
                 time.sleep(0.02)
@@ -39,7 +40,9 @@ class Qmp:
             raise GuestIOError(f"QMP {command}: {e}") from None
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        # qemu.qmp's disconnect re-raises the CancelledError of its reader task (a BaseException)
+        # when QEMU closed the socket first: closing is done either way.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             self._qmp.close()
 
 

@@ -155,6 +155,7 @@ class QemuVM:
                     "owner": os.getpid(),
                     "owner_create_time": psutil.Process().create_time(),
                     "krel": image.krel,
+                    "version": image.version,
                     "memory_mb": memory_mb,
                     "cpus": cpus,
                 }
@@ -198,11 +199,10 @@ class QemuVM:
     def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE, restart_crashed: bool = True) -> QemuVM | None:
         """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed).
 
-        A kept VM that crashed is stopped (a fresh one boots next) and the user is told which of
-        their modules it held; with RESTART_CRASHED False it is attached as it is (`vm status`).
+        A kept VM that crashed is restarted: stopped, a fresh one booted from the same image in its
+        place, and the user told which of their modules it held and no longer does. With
+        RESTART_CRASHED False it is attached as it is (`vm status`).
         """
-        from kbridge.images.image import load
-
         rundir = kept_dir(arch, suite)
         if (mine := _attached.get(rundir)) is not None and mine.proc.is_running():
             mine._refs += 1  # nested use in this process shares the one agent connection
@@ -216,12 +216,7 @@ class QemuVM:
             if rundir.exists():
                 shutil.rmtree(rundir, ignore_errors=True)
             return None
-        if meta.get("flavour") == "bcc":
-            from kbridge.images import bcc
-
-            image = bcc.load(arch, meta["suite"])
-        else:
-            image = load(arch, meta["suite"], verify=False)
+        image = _image_of(meta, arch)
         if image is None or ((rundir / "crashed").exists() and restart_crashed):
             lost = _user_modules(rundir)
             report = (rundir / "crashed").read_text(errors="replace").strip() if image is not None else ""
@@ -230,16 +225,17 @@ class QemuVM:
             else:
                 proc.kill()
             shutil.rmtree(rundir, ignore_errors=True)
-            if image is not None:
-                said = f" (its report: {report})" if report else ""
-                gone = (
-                    f"; {', '.join(sorted(lost))} {'was' if len(lost) == 1 else 'were'} loaded in it and "
-                    "is not now (kbridge module load DIR)"
-                    if lost
-                    else ""
-                )
-                progress.warn(f"the kept {arch.name} VM had crashed{said}: it was stopped, a fresh one boots{gone}")
-            return None
+            if image is None:
+                return None
+            said = f" (its report: {report})" if report else ""
+            gone = (
+                f"; {', '.join(sorted(lost))} {'was' if len(lost) == 1 else 'were'} loaded in it and "
+                f"{'is' if len(lost) == 1 else 'are'} not now (kbridge module load DIR)"
+                if lost
+                else ""
+            )
+            progress.warn(f"the kept {arch.name} VM had crashed{said}: it was stopped and restarts now{gone}")
+            return cls.boot(image, keep=True, memory_mb=meta.get("memory_mb", 1024), cpus=meta.get("cpus", 1))
         vm = cls(rundir, image, meta["accel"], proc, True)
         vm._take_lock()
         return vm
@@ -546,3 +542,18 @@ def kept_dirs() -> list[Path]:
     """Every kept VM's directory (vm.json inside), whatever its arch and suite."""
     root = state_dir()
     return sorted(p.parent for p in root.glob("*/vm.json") if not p.parent.name.startswith("run-"))
+
+
+def _image_of(meta: dict, arch: Arch) -> Image | None:
+    """The image a kept VM was booted from, as its vm.json records it: found by that path, so a
+    command run with another cache directory attaches the VM too (and does not stop it)."""
+    d = Path(meta.get("image", ""))
+    if meta.get("version") and (d / "kernel").is_file() and (d / "headers").is_dir():
+        return Image(d, arch, meta["suite"], meta["krel"], meta["version"], meta.get("flavour", "default"))
+    if meta.get("flavour") == "bcc":
+        from kbridge.images import bcc
+
+        return bcc.load(arch, meta["suite"])
+    from kbridge.images.image import load
+
+    return load(arch, meta["suite"], verify=False)

@@ -1,0 +1,108 @@
+"""A driver bug that oopses the guest, met where a developer meets it: in `kbridge vm exec`, in a
+probe's workload, in a pytest test. Each time kbridge shows the kernel's own RIP/pc line with
+[kbring] and the line of kbring.c, saves the whole report, keeps the crashed VM until a command
+needs it, and then says that kbring was lost with the restart.
+
+tests/vm/data/kbring: a misc device whose KBRING_OOPS ioctl dereferences NULL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kbridge.api import Guest
+from kbridge.paths import cache_dir
+
+DATA = Path(__file__).parent / "data" / "kbring"
+CLIENT = "/tmp/kbring_client"
+LINE = next(i for i, ln in enumerate((DATA / "kbring.c").read_text().splitlines(), 1) if "faults:" in ln)
+CACHE = cache_dir()  # before pytester moves HOME
+
+pytest_plugins = ["pytester"]
+
+
+def _kbridge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kbridge", *args], capture_output=True, text=True, timeout=900)
+
+
+def _armed(vm: Guest, tmp_path: Path) -> None:
+    """kbring loaded in VM and its client pushed: the next KBRING_OOPS ioctl crashes the guest."""
+    cc = {"x86_64": "gcc-12", "arm64": "aarch64-linux-gnu-gcc-12"}[vm.arch]
+    if shutil.which(cc) is None:
+        pytest.fail(f"{cc} is missing: the README's install line provides it")
+    out = tmp_path / "kbring_client"
+    subprocess.run([cc, "-static", "-O2", "-o", str(out), str(DATA / "kbring_client.c")], check=True)
+    vm.load_module(DATA, reload=True)
+    vm.push(out, CLIENT)
+    assert vm.run([CLIENT, "ping"]).ok
+
+
+def _assert_reported(text: str, arch: str) -> Path:
+    """TEXT shows the kernel's faulting line in kbring and the user's source line; the saved report's path."""
+    site = "RIP: 0010:kbring_ioctl+0x" if arch == "x86_64" else "pc : kbring_ioctl+0x"
+    assert site in text and "[kbring]" in text, text
+    assert f"kbring.c:{LINE}" in text, text  # mapped through the module's DWARF
+    assert "kb_" not in text.split("[kbring]")[0].splitlines()[-1]  # blamed on kbring, never kbridge's module
+    saved = re.search(r"the whole report: (\S+)", text)
+    assert saved, text
+    path = Path(saved[1])
+    assert (
+        path.is_file()
+        and site in path.read_text()
+        and "Call trace" in path.read_text().replace("Call Trace", "Call trace")
+    )
+    return path
+
+
+def _assert_restarted_without_kbring(arch: str) -> None:
+    """`vm status` keeps the crashed VM and names its report; the next command restarts it and says kbring is gone."""
+    status = _kbridge("vm", "status")
+    assert status.returncode == 0 and "its kernel crashed" in status.stderr, status.stderr
+    listed = json.loads(_kbridge("vm", "status", "--json").stdout)["vms"]
+    assert any(v["arch"] == arch and v.get("crashed") for v in listed)
+    again = _kbridge("vm", "exec", "--arch", arch, "--", "/bin/busybox", "true")
+    assert again.returncode == 0, again.stderr
+    assert "had crashed" in again.stderr and "kbring was loaded in it and is not now" in again.stderr, again.stderr
+
+
+def test_an_oops_in_vm_exec_is_shown_saved_and_the_restart_says_what_was_lost(
+    kbridge_vm: Guest, tmp_path: Path
+) -> None:
+    _armed(kbridge_vm, tmp_path)
+    res = _kbridge("vm", "exec", "--arch", kbridge_vm.arch, "--", CLIENT, "oops")
+    assert res.returncode == 3, res.stderr
+    _assert_reported(res.stderr, kbridge_vm.arch)
+    _assert_restarted_without_kbring(kbridge_vm.arch)
+
+
+def test_an_oops_in_a_probes_workload_blames_the_users_module(kbridge_vm: Guest, tmp_path: Path) -> None:
+    _armed(kbridge_vm, tmp_path)
+    res = _kbridge("probe", "kbring_ioctl", "--pre", "--arch", kbridge_vm.arch, "--run", f"{CLIENT} oops")
+    assert res.returncode == 3, res.stderr
+    _assert_reported(res.stderr, kbridge_vm.arch)
+    assert "in module kbring" in res.stderr
+    _assert_restarted_without_kbring(kbridge_vm.arch)
+
+
+def test_an_oops_in_a_pytest_test_is_in_its_report(
+    kbridge_vm: Guest, tmp_path: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KBRIDGE_CACHE", str(CACHE))  # pytester points HOME elsewhere
+    _armed(kbridge_vm, tmp_path)
+    pytester.makepyfile(f"""
+        def test_the_driver(kbridge_vm):
+            kbridge_vm.run([{CLIENT!r}, "oops"])
+    """)
+    result = pytester.runpytest_inprocess("--kbridge-arch", kbridge_vm.arch, "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "kbridge guest crash" in text  # the report section of the failing test
+    _assert_reported(text, kbridge_vm.arch)
+    _assert_restarted_without_kbring(kbridge_vm.arch)
