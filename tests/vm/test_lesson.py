@@ -117,6 +117,18 @@ def test_fault_handler_fires_on_5_10(kbridge_arch: str) -> None:
         else:
             assert f.trap is not None and f.trap >> 26 == 0x25  # ESR EC: data abort taken at EL1 (DABT_CUR)
     assert r.counters["post"] == r.counters["pre"]  # the fixup let the probed function go on
+    # Each fault names its faulting instruction; why a run took two is said from those sites.
+    assert all(f.fault_at for f in faults), faults
+    repeated = [n for n in r.notes if "handler run(s) took" in n]
+    if kbridge_arch == "x86_64":
+        assert len(faults) == 2 * r.counters["pre"]
+        assert faults[0].fault_at.startswith("copy_user_") and faults[1].fault_at.startswith("copy_user_")
+        assert repeated and ".Lcopy_user_handle_tail" in repeated[0] and faults[1].fault_at in repeated[0]
+    else:
+        assert len(faults) == r.counters["pre"] and not repeated  # arm64's fixup returns at once
+        assert faults[0].fault_at.startswith("__arch_copy_from_user+")
+        decoded = faults[0].to_json()["trap_decoded"]
+        assert decoded.startswith("ESR 0x96000006: EC 0x25 data abort in the kernel, level 2 translation fault")
 
 
 def test_trace_steps_show_every_file_of_the_walkthrough(kbridge_session: Session) -> None:
