@@ -11,14 +11,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
-__all__ = ["Guest", "vm"]
+__all__ = ["Guest", "GuestCrash", "KbridgeError", "vm"]
 
 if TYPE_CHECKING:
     from kbridge.api import Guest, vm
+    from kbridge.errors import KbridgeError
+    from kbridge.targets.base import GuestCrash
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: `kbridge --help` and `import kbridge.spec` stay light.
+    if name == "KbridgeError":
+        from kbridge.errors import KbridgeError
+
+        return KbridgeError
+    if name == "GuestCrash":
+        from kbridge.targets.base import GuestCrash
+
+        return GuestCrash
     if name in __all__:
         from kbridge import api
 
