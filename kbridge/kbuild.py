@@ -15,6 +15,7 @@ a copy without debug info, the host keeps the one with it (oops lines, gdb).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -303,7 +304,10 @@ def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox) -> tuple[str
         rw: list[sandbox.Bind] = [(work, buildroot.MODULE_AT)]
         cwd = buildroot.MODULE_AT
     else:
-        argv, ro, rw, cwd = kbuild_argv(image, work), [headers_tree], [work], str(work)
+        # Only the headers' real path is bound in the sandbox (a bcc image's are a symlink to the
+        # default image's): make is pointed there.
+        real = dataclasses.replace(image, dir=headers_tree.parent)
+        argv, ro, rw, cwd = kbuild_argv(real, work), [headers_tree], [work], str(work)
     res = sandbox.run(
         argv,
         ro=ro,

@@ -259,7 +259,7 @@ def test_old_apis_on_5_10(kbridge_arch: str, tmp_path: Path) -> None:
 
 # Last: bcc_kept replaces the kept VM with one of the bcc image.
 def test_three_ways(bcc_kept: QemuVM, tmp_path: Path) -> None:
-    arch = bcc_kept.arch.name
+    arch = bcc_kept.arch
     dirs = [make(tmp_path, "three-ways", "solution")]
     if arch == "x86_64":  # bcc compiles for a minute on emulated arm64: the skeleton runs on one arch
         dirs.append(make(tmp_path, "three-ways", "skeleton"))
