@@ -134,7 +134,7 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     for line in good:
         ev = kprobe_events.parse(line, s.grammar)
         tracefs.guest.define(s.target, line)
-        tracefs.remove(s.target, ev)  # type: ignore[arg-type]
+        tracefs.guest.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
         with pytest.raises(kprobe_events.EventSyntaxError) as offline:
             kprobe_events.parse(line, s.grammar)
