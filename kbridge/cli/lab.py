@@ -145,5 +145,10 @@ def show(report: Report) -> None:
     style = "green" if report.ok else "red"
     err.print(
         f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
-        + (" [red]the VM was restarted: the code crashed the kernel or left it unsafe[/]" if report.crashed else "")
+        + (" [red]the code crashed the kernel: the VM was restarted[/]" if report.crashed else "")
+        + (
+            " [yellow]the VM was restarted: the code left the kernel unsafe[/]"
+            if report.vm_restarted and not report.crashed
+            else ""
+        )
     )

@@ -12,11 +12,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from kbridge import oops
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
-from kbridge.labs.grading import StudentCrash
+from kbridge.labs.grading import StepTimeout, StudentCrash
 from kbridge.paths import cache_dir
 from kbridge.targets import ownership
 from kbridge.targets.base import GuestIOError, Target
@@ -80,15 +81,20 @@ def _oops_lines(console: str) -> set[str]:
     return {ln for ln in console.splitlines() if oops.is_oops(ln)}
 
 
-def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0) -> tuple[int, str]:
-    """Run ARGV in the guest; (exit code, output). An oops or a hang becomes StudentCrash.
+def guest_run(
+    target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0, what: str | None = None
+) -> tuple[int, str]:
+    """Run ARGV in the guest; (exit code, output). An oops or a hung guest becomes StudentCrash; a
+    command that does not finish within TIMEOUT s in a guest that still answers becomes StepTimeout
+    (it is killed, and the guest is kept). WHAT names the command in messages (default: ARGV).
 
     The guest's console is watched on the host while ARGV runs: an oops that takes the guest's
     agent or log streamer down with it (a kprobe calling freed handlers hits them first) is
     reported at once, instead of after the agent's own timeout.
     """
+    what = what or " ".join(argv)
     seen = _oops_lines(target.console_tail(400))
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
     proc: ownership.OwnedProcess | None = None
     try:
         proc = ownership.spawn(target, argv)  # owned: a check killed now leaves nothing running
@@ -102,29 +108,46 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
             res = proc.poll()
             if res is not None:
                 break
-            if time.monotonic() > deadline:
-                raise KbridgeError(f"still running after {timeout:.0f} s")
+            if time.monotonic() - t0 > timeout:
+                break
             time.sleep(0.05)
-    except (GuestIOError, KbridgeError) as e:
-        if proc is not None:
-            with contextlib.suppress(Exception):
-                proc.stop()
-        if isinstance(e, StudentCrash):
-            raise
+    except GuestIOError:
+        _hung(target, log, what, t0, proc)
+    if res is None:  # still running at the deadline
+        assert proc is not None
+        elapsed = time.monotonic() - t0
+        try:
+            proc.stop()
+            alive = target.run(["/bin/busybox", "true"], timeout=10).ok
+        except GuestIOError:
+            alive = False
+        if not alive:
+            _hung(target, log, what, t0, None)
         if log is not None:
-            log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
-        what = (
-            f"did not finish within {timeout:.0f} s"
-            if not isinstance(e, GuestIOError)
-            else f"stopped the guest from answering ({e.message})"
-        )
-        raise StudentCrash(f"{' '.join(argv)} {what}: the guest hung", target.console_tail(40) or str(e)) from None
+            log.poll(quiet=0.5)  # an oops explains it better than the timeout does
+        raise StepTimeout(what, timeout, elapsed, stuck=proc.result is None)
     if log is not None:
         log.poll()
     output = (res.stdout + res.stderr).decode(errors="replace")
     if res.signal:
         return 128 + res.signal, f"{output}(killed by signal {res.signal})"
     return res.exitcode, output
+
+
+def _hung(target: Target, log: LogWatch | None, what: str, t0: float, proc: ownership.OwnedProcess | None) -> NoReturn:
+    """The guest stopped answering while WHAT ran: an oops explains it, else the guest hung."""
+    if proc is not None:
+        with contextlib.suppress(Exception):
+            proc.stop(timeout=5)
+    target.check_alive()  # GuestCrash if the console shows an oops or QEMU is gone
+    if log is not None:
+        with contextlib.suppress(KbridgeError):
+            log.poll(quiet=1.0, limit=3.0)  # StudentCrash on an oops
+    elapsed = time.monotonic() - t0
+    raise StudentCrash(
+        f"the guest kernel stopped answering while {what} ran (after {elapsed:.0f} s): it hung",
+        target.console_tail(40),
+    )
 
 
 def _console_oops(console: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from kbridge.labs.checkers.common import build_and_load, probe_entry, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
@@ -25,7 +27,8 @@ CHECKS = [
     CheckSpec(
         "loads",
         "insmod succeeds and the module is in /proc/modules",
-        "init must return 0: register_kretprobe(&rp) returns 0 or a negative errno",
+        "insmod runs your init function: it returns 0 once register_kretprobe(&rp) succeeded, and "
+        "register_kretprobe()'s error otherwise, so that insmod fails with it (TODO 5)",
     ),
     CheckSpec(
         "registered",
@@ -71,7 +74,7 @@ CHECKS = [
 
 
 def run(ctx: LabContext, g: Grader) -> None:
-    lm = build_and_load(ctx, g, MODULE)
+    lm = build_and_load(ctx, g, MODULE, registers="register_kretprobe")
     if lm is None:
         return
     entry = probe_entry(ctx, "r", SYMBOL)
@@ -114,9 +117,10 @@ def run(ctx: LabContext, g: Grader) -> None:
     assert ctx.module is not None and ctx.log is not None
     again = LoadedModule(ctx.target, ctx.module, ctx.log)
     ctx.cleanups.append(again.cleanup)
-    ok, said = again.insmod("maxactive=1")
+    ok, err, said = again.insmod("maxactive=1")
     if not ok:
-        g.fail("nmissed", f"insmod {MODULE}.ko maxactive=1 failed: {said}")
+        why = f"-{errno.errorcode.get(err, err)}" if err is not None else "no error code"
+        g.fail("nmissed", f"insmod {MODULE}.ko maxactive=1 failed ({why}): " + "\n".join(said))
         return
     code, out = guest_run(ctx.target, [WORKLOAD, "block", str(BLOCKERS)], ctx.log, timeout=90)
     s = int_state(ctx.target, STATE, KEYS)
