@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 # Functions a handler may reach that sleep (the frame below the student's own in the trace).
 _SLEEP_MARKERS = ("BUG: scheduling while atomic", "BUG: sleeping function called from invalid context")
+_X86_LONGEST = 15  # bytes in the longest x86 instruction: the crash is inside the one probed
 _SYMBOL_NAME = re.compile(r'\.symbol_name\s*=\s*"([^"]*)"')
 _TODO = re.compile(r"TODO (\d+)")
 
@@ -39,26 +40,34 @@ def diagnose(crash: StudentCrash, ctx: LabContext) -> tuple[str, str | None]:
     """The failed check's detail for CRASH (the cause first when it is a known mistake, then the
     kernel's text led by the student's line), and the hint for it (None: the generic one)."""
     detail = crash_detail(crash, ctx.module)
-    for recognise in (_pre_handler_nonzero, _sleeps):
-        if (found := recognise(crash.text, ctx)) is not None:
-            cause, hint = found
-            return f"{cause}\n{detail}", hint
+    module = ctx.module.name if ctx.module is not None else None
+    if (found := recognise(crash.text, ctx.target.arch.name, ctx.probes, module)) is not None:
+        cause, hint = found
+        return f"{cause}\n{detail}", hint
     return detail, None
 
 
-def _pre_handler_nonzero(text: str, ctx: LabContext) -> tuple[str, str] | None:
+def recognise(text: str, arch: str, probes: list[tuple[str, int]], module: str | None) -> tuple[str, str] | None:
+    """(cause, hint) when crash report TEXT is a classic mistake: ARCH's guest, the student's PROBES
+    ((symbol, offset) pairs) and their MODULE's name (None: no module)."""
+    return _pre_handler_nonzero(text, arch, probes) or _sleeps(text, module)
+
+
+def _pre_handler_nonzero(text: str, arch: str, probes: list[tuple[str, int]]) -> tuple[str, str] | None:
     """The crash (x86_64) or lockup (arm64) a pre-handler returning non-zero leaves, at the probe."""
     site = oops.faulting_site(text)
     if site is None or site.module is not None:
         return None
-    arch = ctx.target.arch.name
-    for symbol, offset in ctx.probes:
+    for symbol, offset in probes:
         if site.function != symbol:
             continue
-        if arch == "x86_64" and site.offset == offset + 1:
+        if arch == "x86_64" and offset < site.offset <= offset + _X86_LONGEST:
+            # The bytes from +1 on are the rest of the probed instruction, read as code: where it
+            # crashes depends on them (ftrace's call holds its trampoline's address: it varies by boot).
+            at = "" if site.offset == offset + 1 else f" (at {symbol}+{site.offset:#x})"
             where = (
                 f"the kernel resumed at {symbol}+{offset + 1:#x}, right after the int3 byte, in the middle "
-                "of an instruction, and crashed there"
+                f"of an instruction, and crashed there{at}"
             )
         elif arch == "arm64" and site.offset == offset:
             where = (
@@ -76,12 +85,12 @@ def _pre_handler_nonzero(text: str, ctx: LabContext) -> tuple[str, str] | None:
     return None
 
 
-def _sleeps(text: str, ctx: LabContext) -> tuple[str, str] | None:
+def _sleeps(text: str, module: str | None) -> tuple[str, str] | None:
     """A handler that called something that sleeps."""
-    if ctx.module is None or not any(m in text for m in _SLEEP_MARKERS):
+    if module is None or not any(m in text for m in _SLEEP_MARKERS):
         return None
     frames = list(oops.SITE.finditer(text))
-    mine = next((i for i, m in enumerate(frames) if m["mod"] == ctx.module.name), None)
+    mine = next((i for i, m in enumerate(frames) if m["mod"] == module), None)
     if mine is None:
         return None
     handler = frames[mine]["func"]
@@ -101,9 +110,12 @@ def build_hint(message: str) -> str | None:
             'add MODULE_LICENSE("GPL"); at the end of the file: modpost refuses a module without one, '
             "and the kprobe API is exported to GPL modules only"
         )
-    if m := re.search(r"has no member named ['‘]([^'’]+)['’]", message):
+    if m := re.search(
+        r"['‘]([^'’]+)['’] has no member named ['‘]([^'’]+)['’](?:; did you mean ['‘]([^'’]+)['’])?", message
+    ):
+        mean = f" (gcc suggests '{m[3]}')" if m[3] else ""
         return (
-            f"that struct has no member '{m[1]}': check the spelling against its definition "
+            f"{m[1]} has no member '{m[2]}'{mean}: check the spelling against its definition "
             "(struct kprobe and struct kretprobe are in include/linux/kprobes.h)"
         )
     if "implicit declaration of function" in message:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -99,12 +100,7 @@ def guest_run(
     try:
         proc = ownership.spawn(target, argv)  # owned: a check killed now leaves nothing running
         while True:
-            fresh = _oops_lines(target.console_tail(400)) - seen
-            if fresh:
-                if log is not None:
-                    with contextlib.suppress(StudentCrash, KbridgeError):
-                        log.poll(quiet=0.5, limit=3.0)
-                raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(120)))
+            _raise_on_oops(target, log, seen)
             res = proc.poll()
             if res is not None:
                 break
@@ -126,12 +122,38 @@ def guest_run(
         if log is not None:
             log.poll(quiet=0.5)  # an oops explains it better than the timeout does
         raise StepTimeout(what, timeout, elapsed, stuck=proc.result is None)
+    if res.signal in _CRASH_SIGNALS:
+        # Killed by the kernel (an oops in its system call kills it): the report may still be on its
+        # way to the console; wait for it before blaming the program.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            _raise_on_oops(target, log, seen)
+            time.sleep(0.2)
     if log is not None:
         log.poll()
     output = (res.stdout + res.stderr).decode(errors="replace")
     if res.signal:
         return 128 + res.signal, f"{output}(killed by signal {res.signal})"
     return res.exitcode, output
+
+
+_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGKILL, signal.SIGBUS, signal.SIGILL, signal.SIGTRAP)
+
+
+def _raise_on_oops(target: Target, log: LogWatch | None, seen: set[str]) -> None:
+    """StudentCrash with the whole report if the console shows an oops line not in SEEN."""
+    if not _oops_lines(target.console_tail(400)) - seen:
+        return
+    # The report is still being printed: wait until the console has been quiet for a second.
+    size, quiet_since, deadline = len(target.console_tail(400)), time.monotonic(), time.monotonic() + 8.0
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+        time.sleep(0.2)
+        if (now := len(target.console_tail(400))) != size:
+            size, quiet_since = now, time.monotonic()
+    if log is not None:
+        with contextlib.suppress(StudentCrash, KbridgeError):
+            log.poll(quiet=0.5, limit=3.0)
+    raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(200), seen))
 
 
 def _hung(target: Target, log: LogWatch | None, what: str, t0: float, proc: ownership.OwnedProcess | None) -> NoReturn:
@@ -150,11 +172,11 @@ def _hung(target: Target, log: LogWatch | None, what: str, t0: float, proc: owne
     )
 
 
-def _console_oops(console: str) -> str:
-    """The console from the first oops line on (what the kernel said about the crash)."""
+def _console_oops(console: str, seen: set[str] | frozenset[str] = frozenset()) -> str:
+    """The console from the first new oops line on (what the kernel said about the crash)."""
     lines = console.splitlines()
-    first = next((i for i, ln in enumerate(lines) if oops.is_oops(ln)), 0)
-    return "\n".join(lines[max(0, first - 2) : first + 45])
+    first = next((i for i, ln in enumerate(lines) if oops.is_oops(ln) and ln not in seen), 0)
+    return "\n".join(lines[max(0, first - 2) : first + 60])
 
 
 def workload_binary(arch: Arch) -> Path:

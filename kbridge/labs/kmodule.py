@@ -47,7 +47,9 @@ def imports(mod: StudentModule) -> set[str]:
 def oops_site(text: str, mod: StudentModule) -> str | None:
     """'file:line (function+0xOFF)' of the first frame in the student's module in an oops, if any."""
     for site in oops.module_sites(text, mod.name):
-        where = elf.source_line(mod.built.debug_ko.read_bytes(), site.function, site.offset)
+        ko = mod.built.debug_ko.read_bytes()
+        # A frame below the faulting one is a return address: its call is the instruction before it.
+        where = elf.source_line(ko, site.function, site.offset) or elf.source_line(ko, site.function, site.offset - 1)
         if where is not None:
             return f"{mod.student_file}:{where[1]} ({site.function}+{site.offset:#x})"
         return f"{site.function}+{site.offset:#x} in {mod.name} (no line information)"

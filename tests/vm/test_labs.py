@@ -37,14 +37,39 @@ SKELETON_MAY_PASS = {
 
 @dataclass(frozen=True)
 class Bug:
-    """One deliberate bug in a reference solution, and the one check it must fail."""
+    """One deliberate bug (or fake) in a reference solution, and the checks it must fail: those, no other."""
 
     lab: str
-    check: str
+    check: str | tuple[str, ...]
     edits: tuple[tuple[str, str, str], ...]  # (file, old text, new text): every occurrence
     arches: tuple[str, ...] = ("x86_64",)  # the checkers are arch-neutral; arch-specific logic runs on both
     tag: str = ""  # tells apart two bugs failing the same check
 
+    @property
+    def checks(self) -> list[str]:
+        return [self.check] if isinstance(self.check, str) else list(self.check)
+
+    @property
+    def name(self) -> str:
+        return f"{self.lab}-{self.checks[0]}{self.tag}"
+
+
+BOTH = ("x86_64", "arm64")
+# Handlers that do nothing; init sets the counters to the README's old fixed total and the addresses to
+# what the handlers would have seen.
+_IDLE_HANDLERS = (
+    ("kprobe_lab.c", "\tif (!wanted())\n\t\treturn 0;\n", "\treturn 0;\n"),
+    ("kprobe_lab.c", "\tif (!wanted())\n\t\treturn;\n", "\treturn;\n"),
+)
+_INIT_SETS_EVERYTHING = (
+    "kprobe_lab.c",
+    '\tpr_info("planted kprobe at %px\\n", kp.addr);\n',
+    '\tpr_info("planted kprobe at %px\\n", kp.addr);\n'
+    "\tatomic_set(&pre_count, 25);\n\tatomic_set(&post_count, 25);\n"
+    "\tlast_addr = (unsigned long)kp.addr;\n"
+    "#ifdef CONFIG_X86_64\n\tlast_pre_ip = last_addr + 1;\n\tlast_post_ip = last_addr + 5;\n#else\n"
+    "\tlast_pre_ip = last_addr;\n\tlast_post_ip = last_addr + 4;\n#endif\n",
+)
 
 BUGS = [
     Bug(
@@ -66,7 +91,17 @@ BUGS = [
                 "\tret = 0;\n\tatomic_set(&pre_count, 25);\n\tatomic_set(&post_count, 25);\n",
             ),
         ),
+        BOTH,
         tag="no-probe",
+    ),
+    # A registered probe whose handlers do nothing, with every number set by init: the checker's own
+    # count (on a workload size drawn per run) and the idle state before the workload give it away.
+    Bug(
+        "kprobe-module",
+        ("pre-count", "post-count", "prints", "post-ip"),
+        (*_IDLE_HANDLERS, _INIT_SETS_EVERYTHING),
+        BOTH,
+        tag="fake",
     ),
     Bug(
         "kprobe-module",
@@ -78,9 +113,26 @@ BUGS = [
         "kprobe-module",
         "post-ip",
         (("kprobe_lab.c", "last_post_ip = instruction_pointer(regs);", "last_post_ip = last_pre_ip;"),),
-        ("x86_64", "arm64"),
+        BOTH,
     ),
     Bug("kprobe-events", "filter", (("events.sh", "echo 'comm == \"kblab\"' >", ": "),)),
+    # `>` truncates kprobe_events: the events other tools defined (the checker's, unknown to the
+    # student) are gone after step_define.
+    Bug(
+        "kprobe-events",
+        "define",
+        (("events.sh", '"p:sys_write_event $sym" >> $T/kprobe_events', '"p:sys_write_event $sym" > $T/kprobe_events'),),
+        BOTH,
+        tag="truncates",
+    ),
+    # Clearing every event removes the student's too, and the other tools' with it.
+    Bug(
+        "kprobe-events",
+        "clean",
+        (("events.sh", "echo '-:kprobes/sys_write_event' >> $T/kprobe_events", "echo > $T/kprobe_events"),),
+        BOTH,
+        tag="clears",
+    ),
     Bug(
         "kretprobe",
         "entry-data",
@@ -96,21 +148,87 @@ BUGS = [
         ),
     ),
 ]
+
+# Honest work written differently from the reference: other names, extra prints, other formatting.
+# Each must pass every check.
+HONEST = {
+    "kprobe-module-renamed": (
+        "kprobe-module",
+        (
+            ("kprobe_lab.c", "handler_pre", "on_write_entry"),
+            ("kprobe_lab.c", "handler_post", "after_single_step"),
+            ("kprobe_lab.c", "static struct kprobe kp =", "static struct kprobe write_probe ="),
+            ("kprobe_lab.c", "(&kp)", "(&write_probe)"),
+            ("kprobe_lab.c", "kp.addr", "write_probe.addr"),
+        ),
+    ),
+    "kprobe-module-chatty": (
+        "kprobe-module",
+        (
+            (
+                "kprobe_lab.c",
+                "\tatomic_inc(&pre_count);\n",
+                '\tatomic_inc(&pre_count);\n\tpr_info("hit %d from %s\\n", atomic_read(&pre_count), current->comm);\n',
+            ),
+            (
+                "kprobe_lab.c",
+                "p->addr = 0x%px, ip = %lx, flags = 0x%lx\\n",
+                "pre: probe at %px | ip %lx | flags %lx\\n",
+            ),
+            (
+                "kprobe_lab.c",
+                "p->addr = 0x%px, pc = 0x%lx, pstate = 0x%lx\\n",
+                "pre: probe at %px | pc %lx | pstate %lx\\n",
+            ),
+            (
+                "kprobe_lab.c",
+                '\tpr_info("planted kprobe at %px\\n", kp.addr);\n',
+                '\tpr_info("ready: %s\\n", kp.symbol_name);\n',
+            ),
+        ),
+    ),
+    "kprobe-events-styled": (
+        "kprobe-events",
+        (
+            ("events.sh", "T=/sys/kernel/tracing", "T=/sys/kernel/debug/tracing"),
+            (
+                "events.sh",
+                'echo "p:sys_write_event $sym" >> $T/kprobe_events',
+                'echo "defining on $sym"\n\tprintf \'p:kprobes/sys_write_event %s\\n\' "$sym" >> $T/kprobe_events',
+            ),
+            (
+                "events.sh",
+                "echo '-:kprobes/sys_write_event' >> $T/kprobe_events",
+                "echo -:sys_write_event >> $T/kprobe_events",
+            ),
+        ),
+    ),
+}
 OLD_BUGS = [
     Bug("old-apis", "fault-handler", (("old_lab.c", "\t.fault_handler = handler_fault,\n", ""),)),
 ]
 
 
 def make(
-    tmp_path: Path, lab: str, which: str, name: str | None = None, edits: tuple[tuple[str, str, str], ...] = ()
+    tmp_path: Path,
+    lab: str,
+    which: str,
+    name: str | None = None,
+    edits: tuple[tuple[str, str, str], ...] = (),
+    strict: bool = False,
 ) -> Path:
-    """A lab directory as `kbridge lab start`/`solution` writes it, with EDITS applied."""
+    """A lab directory as `kbridge lab start`/`solution` writes it, with EDITS applied (STRICT: each
+    edit must change something, so a reference that moved on cannot turn a bug into a no-op)."""
     d = tmp_path / (name or f"{lab}-{which}")
     labdir.write(get(lab), d, which)
-    for fname, old, new in edits:
+    applied = set()
+    for i, (fname, old, new) in enumerate(edits):
         text = (d / fname).read_text()
         if old in text:
             (d / fname).write_text(text.replace(old, new))
+            applied.add(i)
+    missing = [old for i, (_, old, _) in enumerate(edits) if i not in applied]
+    assert not (strict and missing), f"{name}: edits that matched nothing: {missing}"
     return d
 
 
@@ -147,13 +265,17 @@ def test_solutions_pass_and_skeletons_fail(kbridge_vm: Guest, tmp_path: Path) ->
         (assert_solution if r.directory.endswith("-solution") else assert_skeleton)(r)
 
 
-def test_one_bug_fails_exactly_its_check(kbridge_vm: Guest, tmp_path: Path) -> None:
+def test_one_bug_fails_exactly_its_check_and_honest_variants_pass(kbridge_vm: Guest, tmp_path: Path) -> None:
     arch = kbridge_vm.arch
     bugs = [b for b in BUGS if arch in b.arches]
-    dirs = [make(tmp_path, b.lab, "solution", f"{b.lab}-{b.check}{b.tag}", b.edits) for b in bugs]
-    for bug, r in zip(bugs, grade(arch, dirs), strict=True):
-        assert failed(r) == [bug.check], f"{bug.lab} with a {bug.check} bug:\n{show(r)}"
-        assert not r.crashed
+    dirs = [make(tmp_path, b.lab, "solution", b.name, b.edits, strict=True) for b in bugs]
+    dirs += [make(tmp_path, lab, "solution", name, edits, strict=True) for name, (lab, edits) in HONEST.items()]
+    reports = grade(arch, dirs)
+    for bug, r in zip(bugs, reports, strict=False):
+        assert failed(r) == bug.checks, f"{bug.name}:\n{show(r)}"
+        assert not r.crashed and not r.vm_restarted
+    for r in reports[len(bugs) :]:
+        assert_solution(r)
 
 
 def test_compile_error_points_at_the_students_line(kbridge_vm: Guest, tmp_path: Path) -> None:
