@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kbridge import kernels, progress, sandbox
@@ -112,14 +112,36 @@ def check_dirs(
 ) -> Iterator[Report]:
     """Grade each directory on ARCH, reusing one guest per kernel and image flavour; a guest the
     student crashed is released and a fresh one acquired for the next directory."""
+    loaded = load_all(directories)  # all bad input is reported before any boot
+    yield from check_loaded(loaded, arch, keep, acquire)
+
+
+Loaded = tuple[Path, Lab, dict[str, str]]
+
+
+def load_all(directories: list[Path]) -> list[Loaded]:
+    """Every directory's lab and files; a KbridgeError for the first bad one, before anything runs.
+    A submission is never built unsandboxed: without a sandbox, refused here."""
+    loaded = [(d, *labdir.load(d)) for d in directories]
+    if any(f.endswith(".c") for _, lab, _ in loaded for f in lab.files):
+        sandbox.detect()
+    return loaded
+
+
+def check_loaded(
+    loaded: Iterable[Loaded],
+    arch: str | None,
+    keep: bool = False,
+    acquire: Acquire | None = None,
+    reuse_kept: bool = True,
+) -> Iterator[Report]:
+    """check_dirs for directories already loaded, taken one at a time as the previous one is graded
+    (LOADED may be fed while it runs). REUSE_KEPT False: fresh VMs only, even when a kept one runs."""
     if acquire is None:
         from kbridge.targets import acquire as default_acquire
 
         acquire = default_acquire
     a = get_arch(arch)
-    loaded = [(d, *labdir.load(d)) for d in directories]  # all bad input is reported before any boot
-    if any(f.endswith(".c") for _, lab, _ in loaded for f in lab.files):
-        sandbox.detect()  # a submission is never built unsandboxed: refused here, before any boot
     with contextlib.ExitStack() as stack:
         current: tuple[str | None, str] | None = None
         target: Target | None = None
@@ -135,7 +157,14 @@ def check_dirs(
                     progress.info(f"{lab.name} {why}: building it (once)")
                 try:
                     target = stack.enter_context(
-                        acquire(arch=a, flavour=lab.flavour, keep=keep, kernel=lab.kernel, watched=False)
+                        acquire(
+                            arch=a,
+                            flavour=lab.flavour,
+                            keep=keep,
+                            kernel=lab.kernel,
+                            watched=False,
+                            reuse_kept=reuse_kept,
+                        )
                     )
                 except KbridgeError as e:
                     if lab.kernel is None:
