@@ -9,11 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from kbridge.arch import ARCHES
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.labs import LABS, get, gradebook, labdir
+from kbridge.labs import LABS, ci, get, gradebook, labdir
 from kbridge.labs.grading import Report, Status
 from kbridge.labs.parallel import check_parallel, default_jobs, parse_shard, shard
 from kbridge.labs.runner import require_dirs
@@ -202,3 +203,27 @@ def report_cmd(
         f"wrote {escape(str(csv_path))} and {escape(str(html_path))}"
         + (f" ({s['replaced']} graded twice: the last report counts)" if s["replaced"] else "")
     )
+
+
+@lab_app.command("ci")
+@command
+def ci_cmd(
+    github: Annotated[bool, typer.Option("--github", help="A GitHub Actions workflow (the only kind so far).")] = False,
+    lab: Annotated[str, typer.Option("--lab", help="The lab to grade (kbridge lab list).")] = "kprobe-module",
+    submissions: Annotated[
+        Optional[str], typer.Option("--submissions", help="Glob of the students' lab directories.")
+    ] = None,
+    shards: Annotated[int, typer.Option("--shards", help="Parallel jobs per arch, each grading a share.")] = 4,
+    arch: Annotated[
+        Optional[list[str]], typer.Option("--arch", help="An arch to grade on (repeat it; default: both).")
+    ] = None,
+    install: Annotated[
+        str, typer.Option("--install", help="What pip installs kbridge from (default: a checkout at ./kbridge).")
+    ] = "./kbridge",
+    runs_on: Annotated[str, typer.Option("--runs-on", help="The runner image.")] = "ubuntu-24.04",
+) -> None:
+    """Print a CI workflow that grades a class: arches x shards, the image cache kept, a gradebook artifact."""
+    if not github:
+        raise KbridgeError("say which CI: --github", "kbridge lab ci --github > .github/workflows/grade.yml")
+    text = ci.github_workflow(lab, submissions, shards, tuple(arch) if arch else tuple(ARCHES), install, runs_on)
+    out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
