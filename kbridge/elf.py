@@ -123,27 +123,63 @@ def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | No
     # patchable-entry NOPs (ftrace), so the DIE's low_pc only picks the line-table sequence.
     start, size = syms[0]["st_value"], syms[0]["st_size"]
     dwarf = f.get_dwarf_info()
+    # A part gcc split off (handler_pre.cold, in .text.unlikely) is one of its function's ranges.
+    base = function.split(".", 1)[0]
     for cu in dwarf.iter_CUs():
         for die in cu.iter_DIEs():
-            if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
+            if die.tag != "DW_TAG_subprogram" or _die_name(die) not in (function, base):
                 continue
-            name = die.attributes.get("DW_AT_name")
-            if name is None or name.value.decode(errors="replace") != function:
-                continue
-            low = die.attributes["DW_AT_low_pc"].value
-            found = _line_at(dwarf.line_program_for_CU(cu), low, start + offset, start + (size or offset + 1))
-            if found is not None:
-                return found
+            for low, high in _die_ranges(dwarf, cu, die):
+                # The range this symbol's code is in (arm64's starts past its patchable-entry NOPs).
+                if not (low <= start + offset < high or start <= low < start + max(size, 1)):
+                    continue
+                end = start + (size or offset + 1)
+                found = _line_at(dwarf.line_program_for_CU(cu), low, start + offset, end, high)
+                if found is not None:
+                    return found
     return None
 
 
-def _line_at(program: object, low: int, addr: int, high: int) -> tuple[str, int] | None:
-    """The row of the line program covering ADDR, in a sequence that also covers LOW (the function)."""
+def _die_name(die: object) -> str | None:
+    """A subprogram's name, its own or (a concrete instance of an inlined function) its origin's."""
+    attrs = die.attributes  # type: ignore[attr-defined]
+    if "DW_AT_name" in attrs:
+        return str(attrs["DW_AT_name"].value.decode(errors="replace"))
+    if "DW_AT_abstract_origin" in attrs:
+        origin = die.get_DIE_from_attribute("DW_AT_abstract_origin")  # type: ignore[attr-defined]
+        if "DW_AT_name" in origin.attributes:
+            return str(origin.attributes["DW_AT_name"].value.decode(errors="replace"))
+    return None
+
+
+def _die_ranges(dwarf: object, cu: object, die: object) -> list[tuple[int, int]]:
+    """The address ranges of a subprogram: low_pc..high_pc, or its DW_AT_ranges (a function gcc split)."""
+    attrs = die.attributes  # type: ignore[attr-defined]
+    if "DW_AT_low_pc" in attrs:
+        low = attrs["DW_AT_low_pc"].value
+        high = attrs.get("DW_AT_high_pc")
+        if high is None:
+            return [(low, low + 1)]
+        return [(low, high.value if high.form == "DW_FORM_addr" else low + high.value)]
+    if "DW_AT_ranges" in attrs:
+        lists = dwarf.range_lists()  # type: ignore[attr-defined]
+        if lists is None:
+            return []
+        entries = lists.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=cu)
+        return [(e.begin_offset, e.end_offset) for e in entries if hasattr(e, "begin_offset")]
+    return []
+
+
+def _line_at(program: object, low: int, addr: int, high: int, reach: int) -> tuple[str, int] | None:
+    """The row of the line program covering ADDR (below HIGH), in a sequence that has a row at LOW
+    and reaches REACH (the function's range)."""
     if program is None:
         return None
     entries = program.get_entries()  # type: ignore[attr-defined]
     header = program.header  # type: ignore[attr-defined]
-    best: tuple[int, int, int] | None = None  # (address, file, line)
+    # A module's sections all start at 0, so several sequences may hold an address: the one that
+    # has a row at LOW and reaches HIGH, the tightest of them, is the function's section's.
+    candidates: list[tuple[int, tuple[int, int, int]]] = []  # (sequence end, best row)
     seq: list[tuple[int, int, int]] = []
     for entry in entries:
         st = entry.state
@@ -151,15 +187,14 @@ def _line_at(program: object, low: int, addr: int, high: int) -> tuple[str, int]
             continue
         seq.append((st.address, st.file, st.line))
         if st.end_sequence:
-            if any(a == low for a, _, _ in seq):
-                rows = [r for r in seq if r[0] <= addr < high]
+            if any(a == low for a, _, _ in seq) and seq[-1][0] >= reach:
+                rows = [r for r in seq[:-1] if r[0] <= addr < high]
                 if rows:
-                    best = max(rows, key=lambda r: r[0])
+                    candidates.append((seq[-1][0], max(rows, key=lambda r: r[0])))
             seq = []
-            if best is not None:
-                break
-    if best is None:
+    if not candidates:
         return None
+    best = min(candidates, key=lambda c: c[0])[1]
     _, file_index, line = best
     names = header["file_entry"]
     version = header["version"]

@@ -1,4 +1,4 @@
-"""`kbridge lab list|start|check|solution`: kernel-course labs graded in a real guest kernel."""
+"""`kbridge lab list|start|check|solution|report|ci`: kernel-course labs graded in a real guest kernel."""
 
 from __future__ import annotations
 

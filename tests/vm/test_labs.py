@@ -193,7 +193,7 @@ HONEST = {
             (
                 "kprobe_lab.c",
                 '\tpr_info("planted kprobe at %px\\n", kp.addr);\n',
-                '\tpr_info("ready: %s\\n", kp.symbol_name);\n',
+                '\tlast_addr = (unsigned long)kp.addr;\n\tpr_info("ready: %s\\n", kp.symbol_name);\n',
             ),
         ),
     ),
