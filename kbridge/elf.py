@@ -134,7 +134,9 @@ def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | No
                 if not (low <= start + offset < high or start <= low < start + max(size, 1)):
                     continue
                 end = start + (size or offset + 1)
-                found = _line_at(dwarf.line_program_for_CU(cu), low, start + offset, end, high)
+                program = dwarf.line_program_for_CU(cu)
+                sections = _sequence_sections(f, symtab, program)
+                found = _line_at(program, low, start + offset, end, high, sections, syms[0]["st_shndx"])
                 if found is not None:
                     return found
     return None
@@ -170,9 +172,37 @@ def _die_ranges(dwarf: object, cu: object, die: object) -> list[tuple[int, int]]
     return []
 
 
-def _line_at(program: object, low: int, addr: int, high: int, reach: int) -> tuple[str, int] | None:
+_DW_LNE_SET_ADDRESS = 0x02  # DWARF 5, 6.2.5.3: the extended opcode whose operand is relocated
+
+
+def _sequence_sections(f: ELFFile, symtab: SymbolTableSection, program: object) -> list[int] | None:
+    """The section each DW_LNE_set_address operand of PROGRAM points into, in order, from the
+    relocations of .debug_line (None in a linked object, which has none)."""
+    rel = f.get_section_by_name(".rela.debug_line") or f.get_section_by_name(".rel.debug_line")
+    if program is None or rel is None:
+        return None
+    lo, hi = program.program_start_offset, program.program_end_offset  # type: ignore[attr-defined]
+    found = []
+    for r in rel.iter_relocations():  # type: ignore[attr-defined]
+        if not lo <= r["r_offset"] < hi:
+            continue
+        shndx = symtab.get_symbol(r["r_info_sym"])["st_shndx"]
+        if isinstance(shndx, int) and f.get_section(shndx)["sh_flags"] & 0x4:  # SHF_EXECINSTR
+            found.append((r["r_offset"], shndx))
+    return [s for _, s in sorted(found)] or None
+
+
+def _line_at(
+    program: object,
+    low: int,
+    addr: int,
+    high: int,
+    reach: int,
+    sections: list[int] | None = None,
+    section: object = None,
+) -> tuple[str, int] | None:
     """The row of the line program covering ADDR (below HIGH), in a sequence that has a row at LOW
-    and reaches REACH (the function's range)."""
+    and reaches REACH (the function's range), and is of SECTION when SECTIONS tells each one's."""
     if program is None:
         return None
     entries = program.get_entries()  # type: ignore[attr-defined]
@@ -181,13 +211,21 @@ def _line_at(program: object, low: int, addr: int, high: int, reach: int) -> tup
     # has a row at LOW and reaches HIGH, the tightest of them, is the function's section's.
     candidates: list[tuple[int, tuple[int, int, int]]] = []  # (sequence end, best row)
     seq: list[tuple[int, int, int]] = []
+    k = 0  # DW_LNE_set_address operands seen: the k-th is the k-th relocation of SECTIONS
+    seq_section: object = None
     for entry in entries:
+        if entry.is_extended and entry.command == _DW_LNE_SET_ADDRESS:
+            if sections is not None and k < len(sections) and seq_section is None:
+                seq_section = sections[k]
+            k += 1
         st = entry.state
         if st is None:
             continue
         seq.append((st.address, st.file, st.line))
         if st.end_sequence:
-            if any(a == low for a, _, _ in seq) and seq[-1][0] >= reach:
+            other = seq_section is not None and seq_section != section
+            seq_section = None
+            if not other and any(a == low for a, _, _ in seq) and seq[-1][0] >= reach:
                 rows = [r for r in seq[:-1] if r[0] <= addr < high]
                 if rows:
                     candidates.append((seq[-1][0], max(rows, key=lambda r: r[0])))
