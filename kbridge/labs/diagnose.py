@@ -23,6 +23,7 @@ import re
 from typing import TYPE_CHECKING
 
 from kbridge import oops
+from kbridge.arch import Arch
 from kbridge.labs.grading import StudentCrash
 from kbridge.labs.kmodule import crash_detail
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 # Functions a handler may reach that sleep (the frame below the student's own in the trace).
 _SLEEP_MARKERS = ("BUG: scheduling while atomic", "BUG: sleeping function called from invalid context")
-_X86_LONGEST = 15  # bytes in the longest x86 instruction: the crash is inside the one probed
 _SYMBOL_NAME = re.compile(r'\.symbol_name\s*=\s*"([^"]*)"')
 _TODO = re.compile(r"TODO (\d+)")
 
@@ -41,39 +41,39 @@ def diagnose(crash: StudentCrash, ctx: LabContext) -> tuple[str, str | None]:
     kernel's text led by the student's line), and the hint for it (None: the generic one)."""
     detail = crash_detail(crash, ctx.module)
     module = ctx.module.name if ctx.module is not None else None
-    if (found := recognise(crash.text, ctx.target.arch.name, ctx.probes, module)) is not None:
+    if (found := recognise(crash.text, ctx.target.arch, ctx.probes, module)) is not None:
         cause, hint = found
         return f"{cause}\n{detail}", hint
     return detail, None
 
 
-def recognise(text: str, arch: str, probes: list[tuple[str, int]], module: str | None) -> tuple[str, str] | None:
-    """(cause, hint) when crash report TEXT is a classic mistake: ARCH's guest, the student's PROBES
-    ((symbol, offset) pairs) and their MODULE's name (None: no module)."""
+def recognise(text: str, arch: Arch, probes: list[tuple[str, int]], module: str | None) -> tuple[str, str] | None:
+    """(cause, hint) when crash report TEXT is a classic mistake: in an ARCH guest, with the
+    student's PROBES ((symbol, offset) pairs) and their MODULE's name (None: no module)."""
     return _pre_handler_nonzero(text, arch, probes) or _sleeps(text, module)
 
 
-def _pre_handler_nonzero(text: str, arch: str, probes: list[tuple[str, int]]) -> tuple[str, str] | None:
-    """The crash (x86_64) or lockup (arm64) a pre-handler returning non-zero leaves, at the probe."""
+def _pre_handler_nonzero(text: str, arch: Arch, probes: list[tuple[str, int]]) -> tuple[str, str] | None:
+    """The crash or lockup a pre-handler returning non-zero leaves at the probe: the kernel resumes
+    where the trap left the instruction pointer (arch.pre_ip_offset past the probe)."""
     site = oops.faulting_site(text)
     if site is None or site.module is not None:
         return None
+    bp = arch.breakpoint_name.split(" (")[0]
     for symbol, offset in probes:
         if site.function != symbol:
             continue
-        if arch == "x86_64" and offset < site.offset <= offset + _X86_LONGEST:
-            # The bytes from +1 on are the rest of the probed instruction, read as code: where it
+        resume = offset + arch.pre_ip_offset
+        if arch.pre_ip_offset and resume <= site.offset < offset + arch.insn_lengths[1]:
+            # The bytes from there on are the rest of the probed instruction, read as code: where it
             # crashes depends on them (ftrace's call holds its trampoline's address: it varies by boot).
-            at = "" if site.offset == offset + 1 else f" (at {symbol}+{site.offset:#x})"
+            at = "" if site.offset == resume else f" (at {symbol}+{site.offset:#x})"
             where = (
-                f"the kernel resumed at {symbol}+{offset + 1:#x}, right after the int3 byte, in the middle "
+                f"the kernel resumed at {symbol}+{resume:#x}, right after the {bp}, in the middle "
                 f"of an instruction, and crashed there{at}"
             )
-        elif arch == "arm64" and site.offset == offset:
-            where = (
-                f"the kernel returned to the BRK at {symbol}+{offset:#x}, which trapped again, "
-                "forever: the CPU was stuck there"
-            )
+        elif not arch.pre_ip_offset and site.offset == offset:
+            where = f"the kernel returned to the {bp} at {symbol}+{offset:#x}, which trapped again, forever"
         else:
             continue
         return (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kbridge.arch import ARM64, X86_64
 from kbridge.labs import LABS, get, markers
 from kbridge.labs.checkers.kprobe_events import _function
 from kbridge.labs.diagnose import build_hint, flood, load_failure, recognise
@@ -27,31 +28,31 @@ def test_pre_handler_returning_non_zero_is_named_on_x86_64() -> None:
     # Captured: 6.1 x86_64, a pre-handler returning 1 on an ftrace-based kprobe at __x64_sys_write+0:
     # the kernel resumed at +1, in the call's displacement, and died on an invalid opcode at +3.
     text = _text("lab-pre-handler-returns-1-x86_64.txt")
-    found = recognise(text, "x86_64", [("__x64_sys_write", 0)], "kprobe_lab")
+    found = recognise(text, X86_64, [("__x64_sys_write", 0)], "kprobe_lab")
     assert found is not None
     cause, hint = found
     assert cause.startswith("your pre_handler returned non-zero: the kernel then skips the probed instruction")
     assert "__x64_sys_write+0x1" in cause and "(at __x64_sys_write+0x3)" in cause
     assert "return 0" in hint
     # The same report with no probe of the student's there is not blamed on a pre-handler.
-    assert recognise(text, "x86_64", [("ksys_write", 0)], "kprobe_lab") is None
+    assert recognise(text, X86_64, [("ksys_write", 0)], "kprobe_lab") is None
 
 
 def test_pre_handler_returning_non_zero_is_named_on_arm64() -> None:
     # Captured: 6.1 arm64, the same module: the BRK traps forever (an RCU stall, then a soft lockup).
     text = _text("lab-pre-handler-returns-1-arm64.txt")
-    found = recognise(text, "arm64", [("__arm64_sys_write", 0)], "kprobe_lab")
+    found = recognise(text, ARM64, [("__arm64_sys_write", 0)], "kprobe_lab")
     assert found is not None
-    assert "your pre_handler returned non-zero" in found[0] and "BRK at __arm64_sys_write+0x0" in found[0]
-    assert recognise(text, "x86_64", [("__arm64_sys_write", 0)], "kprobe_lab") is None
+    assert "your pre_handler returned non-zero" in found[0] and "BRK #4 at __arm64_sys_write+0x0" in found[0]
+    assert recognise(text, X86_64, [("__arm64_sys_write", 0)], "kprobe_lab") is None
 
 
 def test_a_handler_that_sleeps_is_named() -> None:
     text = _text("lab-handler-sleeps-x86_64.txt")  # captured: msleep(1) in handler_pre, 6.1 x86_64
-    found = recognise(text, "x86_64", [("__x64_sys_write", 0)], "kprobe_lab")
+    found = recognise(text, X86_64, [("__x64_sys_write", 0)], "kprobe_lab")
     assert found is not None
     assert found[0].startswith("your handler sleeps: handler_pre() called msleep()")
-    assert recognise(text, "x86_64", [], None) is None  # no module of the student's: nothing to blame
+    assert recognise(text, X86_64, [], None) is None  # no module of the student's: nothing to blame
 
 
 def test_build_hints_fit_the_error() -> None:

@@ -305,7 +305,7 @@ def test_compile_error_points_at_the_students_line(kbridge_vm: Guest, tmp_path: 
     assert failed(r) == ["builds"] and all(c.status is Status.SKIP for c in r.checks[1:])
     detail = r.checks[0].detail
     # gcc reports the missing ';' at the next line; either way, in the student's file, with the source.
-    assert f"{d}/kprobe_lab.c does not compile" in detail
+    assert detail.startswith(f"building {d} failed:")
     assert any(f"{d}/kprobe_lab.c:{n}: error: " in detail for n in (line, line + 1)), detail
     assert "| " in detail
 
@@ -497,6 +497,6 @@ def test_pre_handler_returning_non_zero_is_named(kbridge_vm: Guest, tmp_path: Pa
     assert r.crashed and r.vm_restarted and failed(r) == ["pre-count"], show(r)
     detail = r.checks[3].detail
     assert detail.startswith("your pre_handler returned non-zero: the kernel then skips the probed instruction"), detail
-    symbol = "__x64_sys_write+0x1" if arch == "x86_64" else "BRK at __arm64_sys_write+0x0"
+    symbol = "__x64_sys_write+0x1" if arch == "x86_64" else "BRK #4 at __arm64_sys_write+0x0"
     assert symbol in detail
     assert "return 0 from the pre-handler" in r.checks[3].hint
