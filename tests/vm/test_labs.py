@@ -306,7 +306,9 @@ def test_compile_error_points_at_the_students_line(kbridge_vm: Guest, tmp_path: 
     detail = r.checks[0].detail
     # gcc reports the missing ';' at the next line; either way, in the student's file, with the source.
     assert detail.startswith(f"building {d} failed:")
-    assert any(f"{d}/kprobe_lab.c:{n}: error: " in detail for n in (line, line + 1)), detail
+    assert any(re.search(rf"{re.escape(str(d))}/kprobe_lab.c:{n}:\d+: error: ", detail) for n in (line, line + 1)), (
+        detail
+    )
     assert "| " in detail
 
 
@@ -378,8 +380,8 @@ def test_old_apis_on_5_10(kbridge_arch: str, tmp_path: Path) -> None:
 
 
 # Last: bcc_kept replaces the kept VM with one of the bcc image.
-def test_three_ways(bcc_kept: QemuVM, tmp_path: Path) -> None:
-    arch = bcc_kept.arch.name
+def test_three_ways(bcc_kept: Guest, tmp_path: Path) -> None:
+    arch = bcc_kept.arch
     dirs = [make(tmp_path, "three-ways", "solution")]
     if arch == "x86_64":  # bcc compiles for a minute on emulated arm64: the skeleton runs on one arch
         dirs.append(make(tmp_path, "three-ways", "skeleton"))
