@@ -2,6 +2,8 @@
 
 The parser follows the order of the kernel's checks in __trace_kprobe_create() and
 trace_probe.c, so when a line has several faults the reported one is the kernel's.
+(Over 500 lines for that reason: one reader, in the kernel's order, is easier to hold against
+trace_probe.c than pieces of it.)
 """
 
 from __future__ import annotations
