@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trace",
         "Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them.",
     ),
-    "bpf": ("bpf", "eBPF through bcc in the guest: render programs, build and boot the bcc image."),
+    "bpf": ("bpf", "eBPF: how --via bpf plants a probe (render), and the bcc image for bcc programs written by hand."),
     "image": ("image", "Guest images (kernel, headers, initramfs) built from Debian packages."),
     "module": ("module", "Kernel modules: kbridge's generated probes (render) and your own (build, load, unload)."),
     "vm": ("vm", "A kept guest VM, reused by later commands."),

@@ -26,8 +26,8 @@ from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import Log2Histogram
 from kbridge.mechanisms.kmod.collect import FaultRuns, ModuleEvent, parse_event, parse_hit
-from kbridge.mechanisms.kmod.errors import explain_refusal, register_error
 from kbridge.mechanisms.kmod.render import render
+from kbridge.mechanisms.refusals import explain_refusal, register_error
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership

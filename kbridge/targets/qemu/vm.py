@@ -27,6 +27,7 @@ import psutil
 from kbridge import crashes, oops, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
+from kbridge.images import bpftools
 from kbridge.images.image import DEFAULT_SUITE, Image
 from kbridge.paths import state_dir
 from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
@@ -96,7 +97,7 @@ class QemuVM:
                 f"{image.arch.qemu_binary} is not installed",
                 f"sudo apt-get install {image.arch.qemu_package}",
             )
-        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus, initrd=_initrd(image))
         state_key = None
         if snapshot.supported(image, accel):
             with contextlib.suppress(Exception):  # no key, no saved state: a normal boot
@@ -519,6 +520,16 @@ class PortReader:
                 raise KbridgeError(f"the guest stream {self.port} closed")
             *self.lines, self.buf = (self.buf + chunk).split(b"\n")
         return self.lines.pop(0).decode(errors="replace")
+
+
+def _initrd(image: Image) -> Path:
+    """The image's initramfs followed by kbridge's eBPF loader and probe (kbridge.images.bpftools), when
+    this host can build them; the image's own otherwise (--via bpf then pushes them, or says what is missing)."""
+    try:
+        return bpftools.boot_initrd(image)
+    except Exception as e:  # noqa: BLE001 - never a reason not to boot
+        progress.warn(f"the guest boots without kbridge's eBPF probe: {e}")
+        return image.initramfs
 
 
 def _user_modules(rundir: Path) -> list[str]:
