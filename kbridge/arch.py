@@ -6,7 +6,7 @@ is adding a row to this table (and its image packages), nothing else.
 
 from __future__ import annotations
 
-import platform
+import os
 from dataclasses import dataclass, field
 
 from kbridge.errors import KbridgeError
@@ -66,7 +66,7 @@ class Arch:
     trap_kind: str  # "trapnr" (the x86 trap vector) or "esr" (the arm64 exception syndrome)
     # -- host-side tools
     capstone: tuple[str, str]  # capstone's CS_ARCH_* and CS_MODE_* names for its instructions
-    host_aliases: tuple[str, ...] = field(default=())  # platform.machine() names of a host of this arch
+    host_aliases: tuple[str, ...] = field(default=())  # `uname -m` names of a host of this arch
 
     def cross_compile(self) -> str:
         """CROSS_COMPILE= for kbuild: empty when the host already is this arch."""
@@ -258,7 +258,7 @@ _ALIASES = {alias: a.name for a in ARCHES.values() for alias in (*a.host_aliases
 
 def host_arch() -> str:
     """kbridge's name for the machine kbridge runs on."""
-    m = platform.machine()
+    m = os.uname().machine  # platform.machine(), without importing platform
     return _ALIASES.get(m, m)
 
 

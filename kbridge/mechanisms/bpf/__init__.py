@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
-import secrets
+import os
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -51,7 +51,7 @@ class _Attached:
         self.target = session.target
         self.spec = spec
         self.plan = plan(spec, session.arch)
-        self.run_id = secrets.token_hex(4)
+        self.run_id = os.urandom(4).hex()
         self.stream = collect.messages(self.target.stream(BPF_PORT, idle=0.05), self.run_id)
         self.proc: ownership.OwnedProcess | None = None
         self.decoder = collect.Decoder([a.name for a in spec.args], spec.symbol, session.arch.name)
