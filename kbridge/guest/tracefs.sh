@@ -12,6 +12,7 @@
 # "define-failed I", "filter-failed I", with the files the host needs to explain it (E0/E1: error_log
 # before/after, S0/S1: per-CPU stats before/after, P: kprobe_profile, L: kprobes/list, K: kprobe_events).
 T=/sys/kernel/tracing
+bb=/bin/busybox # every tool from busybox: a Vagrant box has no coreutils
 
 prefixed() { # prefixed TAG FILE: FILE's lines, each after TAG
 	while IFS= read -r l || [ -n "$l" ]; do printf '%s %s\n' "$1" "$l"; done < "$2"
@@ -24,7 +25,7 @@ stats() { # stats TAG: every CPU's ring buffer stats
 }
 
 names() { # the events this run defined, in order
-	head -n "$(cat "$dir/defined" 2>/dev/null || echo 0)" "$dir/names"
+	$bb head -n "$($bb cat "$dir/defined" 2>/dev/null || echo 0)" "$dir/names"
 }
 
 cmd=$1
@@ -35,7 +36,7 @@ arm)
 	shift 9
 	filter=$1 user_filter=$2
 	shift 2
-	mkdir -p "$dir" || exit 1
+	$bb mkdir -p "$dir" || exit 1
 	: > "$dir/lines"
 	: > "$dir/names"
 	while [ $# -ge 2 ]; do
@@ -44,13 +45,13 @@ arm)
 		shift 2
 	done
 	# What the run may change, to put back as it was.
-	cat "$T/kprobe_events" > "$dir/kprobe_events"
-	size=$(cat "$T/buffer_size_kb")
+	$bb cat "$T/kprobe_events" > "$dir/kprobe_events"
+	size=$($bb cat "$T/buffer_size_kb")
 	case $size in
 	*expanded:*) size=${size##*expanded: } size=${size%)} ;; # 7 (expanded: 1408): 1408 once tracing is used
 	*) size=${size%% *} ;;
 	esac
-	on=$(cat "$T/tracing_on")
+	on=$($bb cat "$T/tracing_on")
 	printf '%s\n' "$size" > "$dir/buffer_size_kb"
 	printf '%s\n' "$on" > "$dir/tracing_on"
 	# Another event of the same name would make trace_pipe's lines ambiguous, or be removed with ours.
@@ -78,12 +79,12 @@ arm)
 	printf '%s\n%s\n' "$records" "$reader_record" >> "$ledger" || exit 126
 	i=0
 	while IFS= read -r line <&3; do
-		cat "$T/error_log" > "$dir/error_log" 2>/dev/null
+		$bb cat "$T/error_log" > "$dir/error_log" 2>/dev/null
 		if ! { printf '%s\n' "$line" >> "$T/kprobe_events"; } 2> "$dir/why"; then
 			echo "define-failed $((i + 1))"
 			prefixed W "$dir/why"
 			prefixed E0 "$dir/error_log"
-			cat "$T/error_log" > "$dir/error_log" 2>/dev/null
+			$bb cat "$T/error_log" > "$dir/error_log" 2>/dev/null
 			prefixed E1 "$dir/error_log"
 			exit 4
 		fi
@@ -93,7 +94,7 @@ arm)
 	: > "$T/trace"
 	stats S0
 	# trace_pipe to the host, in a session of its own, with the tag that makes it reclaimable.
-	KBRIDGE_OWNED=$tag setsid sh -c 'exec cat "$1" > "$2"' kbridge-stream "$T/trace_pipe" "$port" \
+	KBRIDGE_OWNED=$tag $bb setsid $bb sh -c 'exec /bin/busybox cat "$1" > "$2"' kbridge-stream "$T/trace_pipe" "$port" \
 		< /dev/null > /dev/null 2>&1 &
 	reader=$!
 	echo "$reader" > "$dir/reader"
@@ -103,11 +104,11 @@ arm)
 		i=$((i + 1))
 		for f in "$user_filter" "$filter"; do # the user's alone first: the kernel's caret points into it
 			[ -n "$f" ] || continue
-			cat "$T/error_log" > "$dir/error_log" 2>/dev/null
+			$bb cat "$T/error_log" > "$dir/error_log" 2>/dev/null
 			if ! { printf '%s\n' "$f" > "$T/events/$name/filter"; } 2> /dev/null; then
 				echo "filter-failed $i"
 				prefixed E0 "$dir/error_log"
-				cat "$T/error_log" > "$dir/error_log" 2>/dev/null
+				$bb cat "$T/error_log" > "$dir/error_log" 2>/dev/null
 				prefixed E1 "$dir/error_log"
 				prefixed F "$T/events/$name/filter"
 				exit 5
@@ -135,28 +136,28 @@ undo)
 	failed=0
 	names | while IFS= read -r name; do echo 0 > "$T/events/$name/enable"; done
 	if [ -s "$dir/reader" ]; then
-		reader=$(cat "$dir/reader")
+		reader=$($bb cat "$dir/reader")
 		kill -9 "-$reader" "$reader" 2> /dev/null
 	fi
-	for name in $(names | tac); do
+	for name in $(names | $bb tac); do
 		if ! { printf -- '-:%s\n' "$name" >> "$T/kprobe_events"; } 2> /dev/null; then
 			echo "failed remove $name"
 			failed=1
 		fi
 	done
 	if [ -e "$dir/buffer_set" ]; then
-		cat "$dir/buffer_size_kb" > "$T/buffer_size_kb" || { echo "failed restore buffer_size_kb"; failed=1; }
+		$bb cat "$dir/buffer_size_kb" > "$T/buffer_size_kb" || { echo "failed restore buffer_size_kb"; failed=1; }
 	fi
-	if [ "$(cat "$dir/tracing_on")" != 1 ]; then
-		cat "$dir/tracing_on" > "$T/tracing_on" || { echo "failed restore tracing_on"; failed=1; }
+	if [ "$($bb cat "$dir/tracing_on")" != 1 ]; then
+		$bb cat "$dir/tracing_on" > "$T/tracing_on" || { echo "failed restore tracing_on"; failed=1; }
 	fi
-	if ! cmp -s "$T/kprobe_events" "$dir/kprobe_events"; then
+	if ! $bb cmp -s "$T/kprobe_events" "$dir/kprobe_events"; then
 		echo "differs"
 		prefixed K "$T/kprobe_events"
 		failed=1
 	fi
 	[ "$failed" = 1 ] || printf '%s\n' "$releases" >> "$ledger"
-	rm -r "$dir"
+	$bb rm -r "$dir"
 	exit "$failed"
 	;;
 *)

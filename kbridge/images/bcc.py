@@ -38,7 +38,8 @@ FORMAT = 1  # bump when the flavour's layout changes
 PACKAGES = ("python3-bpfcc",)
 FLAVOURS: dict[str, tuple[str, ...]] = {
     "bcc": PACKAGES,
-    "bench": (*PACKAGES, "bpfcc-tools", "bpftrace", "perf-tools-unstable", "gawk"),
+    # kprobe-perf is a bash script that needs the usual tools (Essential, so no package depends on them).
+    "bench": (*PACKAGES, "bpfcc-tools", "bpftrace", "perf-tools-unstable", "bash", "coreutils", "grep", "sed", "gawk"),
 }
 # Guest drivers for the rootfs disk; crc32c_generic because ext4/jbd2 ask the crypto
 # API for crc32c and there is no modprobe to load it on demand (crc32c-intel fails under TCG).
