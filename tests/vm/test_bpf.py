@@ -84,3 +84,15 @@ def test_the_default_image_needs_no_bcc(session: Session) -> None:
         assert "ksys_write" not in s.kprobes_list()
     finally:
         targets.shutdown(guest)
+
+
+def test_btf_from_the_kernel_file_is_the_guests(session: Session) -> None:
+    """kbridge.images.btf reads the BTF out of the file QEMU boots (an ELF vmlinux, or an arm64 Image):
+    byte for byte what the running kernel serves, so vmlinux.h and the minimal BTF describe it."""
+    import hashlib
+
+    from kbridge.images import btf
+
+    blob = btf.extract(session.image.kernel.read_bytes())
+    res = session.target.run(["/bin/busybox", "sha256sum", "/sys/kernel/btf/vmlinux"])
+    assert res.ok and res.text.split()[0] == hashlib.sha256(blob).hexdigest()
