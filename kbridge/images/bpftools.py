@@ -54,6 +54,7 @@ GUEST_ROOT = "/usr/lib/kbridge/bpf"
 LIB_SUITE = "bookworm"
 LIB_PACKAGES = ("libbpf-dev", "libelf-dev", "zlib1g-dev")
 HOST_GCC = "12"
+LINUX_TOOLS = Path("/usr/lib/linux-tools")  # Ubuntu's per-kernel tools (bpftool before 25.04)
 BUILD_TIMEOUT_S = 300.0
 
 
@@ -88,8 +89,24 @@ def digest() -> str:
 
 
 def _bpftool() -> str | None:
-    # Debian installs it in /usr/sbin, which a user's PATH may not have.
-    return shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
+    """The host's bpftool binary. Debian's package puts it in /usr/sbin (not on every user's PATH);
+    Ubuntu before 25.04 has no bpftool package: linux-tools-common's /usr/sbin/bpftool is a shell
+    script that runs the one of the *running* kernel's linux-tools, so the binary linux-tools-generic
+    installs under LINUX_TOOLS is used directly (any version dumps and cuts BTF files alike)."""
+    found = [shutil.which("bpftool"), shutil.which("bpftool", path="/usr/sbin:/sbin")]
+    found += [str(p) for p in sorted(LINUX_TOOLS.glob("*/bpftool"), reverse=True)]
+    for path in found:
+        if path is not None and _is_elf(path):
+            return path
+    return None
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def _libc_a(arch: Arch) -> Path:

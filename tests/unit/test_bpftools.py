@@ -38,3 +38,27 @@ def test_the_digest_names_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_path)
         f"/usr/lib/kbridge/bpf/{changed}/probe.bpf.o",
         f"/usr/lib/kbridge/bpf/{changed}/min.btf",
     ]
+
+
+def test_bpftool_is_a_binary_not_ubuntus_wrapper(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Ubuntu before 25.04: /usr/sbin/bpftool is linux-tools-common's script, which fails unless the
+    # running kernel's linux-tools are installed; linux-tools-generic's binary is the one that works.
+    bindir, tools = tmp_path / "bin", tmp_path / "linux-tools"
+    for d in (bindir, tools / "5.15.0-91-generic", tools / "6.8.0-40-generic"):
+        d.mkdir(parents=True)
+    (bindir / "bpftool").write_text('#!/bin/sh\nexec "/usr/lib/linux-tools/$(uname -r)/bpftool" "$@"\n')
+    for d in ("5.15.0-91-generic", "6.8.0-40-generic"):
+        (tools / d / "bpftool").write_bytes(b"\x7fELF\x02\x01\x01")
+    for p in (bindir / "bpftool", *tools.glob("*/bpftool")):
+        p.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setattr(bpftools, "LINUX_TOOLS", tools)
+    monkeypatch.setattr(bpftools.shutil, "which", lambda name, path=None: str(bindir / name) if path is None else None)
+    assert bpftools._bpftool() == str(tools / "6.8.0-40-generic" / "bpftool")
+    # Debian's package: the binary itself, on PATH.
+    (bindir / "bpftool").write_bytes(b"\x7fELF\x02\x01\x01")
+    assert bpftools._bpftool() == str(bindir / "bpftool")
+    # The wrapper alone: missing, named as such before anything is built.
+    (bindir / "bpftool").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(bpftools, "LINUX_TOOLS", tmp_path / "none")
+    assert bpftools._bpftool() is None and "bpftool" in bpftools.host_missing(X86_64)
