@@ -63,6 +63,7 @@ PEERS: dict[str, dict] = {
     "bpftrace": {
         "argv": [
             "/usr/bin/bpftrace",
+            *("-B", "none"),  # as at a terminal: each line when printed (a pipe is fully buffered)
             "-e",
             'kprobe:ksys_write /comm == "dd"/ { @n = count(); printf("hit %d\\n", pid); }',
         ],
@@ -79,6 +80,10 @@ PEERS: dict[str, dict] = {
         "count": "ksys_write ",
     },
 }
+
+
+class PeerFailed(Exception):
+    """A peer that did not get to its first hit: its row says so, the run goes on."""
 
 
 def median(xs: list[float]) -> float:
@@ -173,7 +178,8 @@ def stop_guest(vm: Target, proc: object, sig: str = "-INT") -> None:
 
 def peer_argv(vm: Target, name: str) -> list[str]:
     """Peer NAME run in the bench image's root filesystem, its output (stdout and stderr) on the trace port."""
-    run = 'p=$1; shift; exec chroot "$@" > "$p" 2>&1'
+    # As at a terminal: bcc's Python tools print each line when it is printed, not at exit.
+    run = 'p=$1; shift; export PYTHONUNBUFFERED=1; exec chroot "$@" > "$p" 2>&1'
     return ["/bin/sh", "-c", run, "kbridge-peer", vm.stream_path(PORT), ROOTFS, *PEERS[name]["argv"]]
 
 
@@ -195,7 +201,7 @@ def peer_once(vm: Target, name: str) -> dict:
             line = next(stream)
             if line is None:
                 if proc.poll() is not None:
-                    raise SystemExit(f"{name} exited: {lines[-10:]}")
+                    raise PeerFailed(f"{name} exited: {lines[-10:]}")
                 continue
             lines.append(line)
             now = time.perf_counter() - start
@@ -208,7 +214,7 @@ def peer_once(vm: Target, name: str) -> dict:
                 hit = now
                 break
         else:
-            raise SystemExit(f"{name}: no hit within 300 s: {lines[-10:]}")
+            raise PeerFailed(f"{name}: no hit within 300 s: {lines[-10:]}")
     finally:
         stop_guest(vm, proc)
         stop_guest(vm, writer, "-KILL")
@@ -227,7 +233,12 @@ def peer_load(vm: Target, name: str, calls: int) -> dict:
     lines: list[str] = []
     ready = False
     hits = 0
+    deadline = time.perf_counter() + 300
     while not ready:
+        if time.perf_counter() > deadline:
+            proc.stop()
+            vm.close_stream(PORT)
+            raise PeerFailed(f"{name}: not ready within 300 s: {lines[-10:]}")
         line = next(stream)
         if line is not None:
             lines.append(line)
@@ -354,12 +365,18 @@ def bench_arch(arch: str, runs: int, sections: set[str], calls: int, log: Callab
             log(f"{arch} floor {median(res['floor_s']):.3f} s")
         if "warm" in sections:
             res["warm"] = warm_rows(arch, runs)
-            log(f"{arch} warm done")
+            for name, m in res["warm"].items():
+                log(f"{arch} warm {name}: first hit {median(m['first_hit_s']):.3f} s, exit {median(m['exit_s']):.3f} s")
         if "peers" in sections:
             res["peers"] = {}
             with attached(arch) as vm:
                 for name in PEERS:
-                    found = [peer_once(vm, name) for _ in range(runs)]
+                    try:
+                        found = [peer_once(vm, name) for _ in range(runs)]
+                    except PeerFailed as e:
+                        res.setdefault("peers_failed", {})[name] = str(e)
+                        log(f"{arch} {e}")
+                        continue
                     res["peers"][name] = {k: [f[k] for f in found] for k in ("ready_s", "first_hit_s")}
                     log(f"{arch} {name}: first hit {median(res['peers'][name]['first_hit_s']):.2f} s")
         if "load" in sections:
@@ -367,7 +384,12 @@ def bench_arch(arch: str, runs: int, sections: set[str], calls: int, log: Callab
             log(f"{arch} load (kbridge) done")
             if "peers" in sections:
                 with attached(arch) as vm:
-                    res["peer_load"] = {name: peer_load(vm, name, calls) for name in PEERS}
+                    res["peer_load"] = {}
+                    for name in set(PEERS) - set(res.get("peers_failed", {})):
+                        try:
+                            res["peer_load"][name] = peer_load(vm, name, calls)
+                        except PeerFailed as e:
+                            log(f"{arch} {e}")
                 log(f"{arch} load (peers) done")
     return res
 
@@ -464,6 +486,8 @@ def show(report: dict) -> None:
         for name, p in a.get("peers", {}).items():
             label = f"peer: {name}" + (" (ready: counts only)" if PEERS[name]["hit"] is None else "")
             row(label, base, p["first_hit_s"])
+        for name, why in a.get("peers_failed", {}).items():
+            print(f"peer: {name}: FAILED ({why})")
         for name, m in a.get("warm", {}).items():
             row(f"kbridge warm {name}", base, m["first_hit_s"], m["exit_s"], m["host_cpu_s"])
         for name, m in a.get("cold", {}).items():
