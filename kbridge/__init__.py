@@ -8,7 +8,9 @@ with kbridge.vm(arch="x86_64") as vm:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing's: `kbridge --help` imports nothing it does not print
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.2.0"
 __all__ = ["Guest", "GuestCrash", "KbridgeError", "vm"]

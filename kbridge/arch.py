@@ -6,7 +6,7 @@ is adding a row to this table (and its image packages), nothing else.
 
 from __future__ import annotations
 
-import platform
+import os
 from dataclasses import dataclass, field
 
 from kbridge.errors import KbridgeError
@@ -35,13 +35,17 @@ class Arch:
     syscall_prefix: str  # the syscall entry wrapper (CONFIG_ARCH_HAS_SYSCALL_WRAPPER), "" when there is none
     syscall_wrapper_since: str  # the Linux version that introduced the wrappers on this arch
     arg_registers: tuple[str, ...]  # tracefs register names of the C calling convention
-    # The syscall ABI's argument registers as `struct pt_regs` fields (bcc: regs->FIELD) and
+    # The syscall ABI's argument registers as `struct pt_regs` fields (eBPF: regs->FIELD) and
     # their offsetof() (tracefs: +OFFSET($arg1) through the user pt_regs a wrapper receives).
     syscall_arg_fields: tuple[str, ...]
     syscall_arg_offsets: tuple[int, ...]
-    c_arg_fields: tuple[str, ...]  # pt_regs fields of the C calling convention's arguments (bcc)
+    c_arg_fields: tuple[str, ...]  # pt_regs fields of the C calling convention's arguments (eBPF)
     dwarf_arg_registers: tuple[int, ...]  # DWARF numbers of those registers (a clone's parameters, kbridge.clones)
     tracefs_registers: frozenset[str]  # names regs_query_register_offset() accepts (%REG)
+    # kbridge's eBPF probe (kbridge/guest/bpf/probe.bpf.c): clang's -D__TARGET_ARCH_ name, and the
+    # pt_regs fields its KB_REG table reads, in table order (the loader's --regs are indexes here).
+    bpf_target: str
+    bpf_registers: tuple[str, ...]
     ip_register: str  # the instruction pointer, as tracefs and kbridge's JSON name it
     flags_register: str  # the flags / processor state register, likewise
     regs_ip: str  # the C expression of the instruction pointer in a struct pt_regs *regs
@@ -62,7 +66,7 @@ class Arch:
     trap_kind: str  # "trapnr" (the x86 trap vector) or "esr" (the arm64 exception syndrome)
     # -- host-side tools
     capstone: tuple[str, str]  # capstone's CS_ARCH_* and CS_MODE_* names for its instructions
-    host_aliases: tuple[str, ...] = field(default=())  # platform.machine() names of a host of this arch
+    host_aliases: tuple[str, ...] = field(default=())  # `uname -m` names of a host of this arch
 
     def cross_compile(self) -> str:
         """CROSS_COMPILE= for kbuild: empty when the host already is this arch."""
@@ -176,6 +180,8 @@ X86_64 = Arch(
     syscall_arg_offsets=(112, 104, 96, 56, 72, 64),
     c_arg_fields=("di", "si", "dx", "cx", "r8", "r9"),
     dwarf_arg_registers=(5, 4, 1, 2, 8, 9),  # the x86-64 psABI's DWARF numbering: rdi rsi rdx rcx r8 r9
+    bpf_target="x86",
+    bpf_registers=("di", "si", "dx", "cx", "r8", "r9", "r10"),
     tracefs_registers=frozenset("r15 r14 r13 r12 r11 r10 r9 r8 bx cx dx si di bp ax orig_ax ip cs flags sp ss".split()),
     ip_register="ip",
     flags_register="flags",
@@ -222,6 +228,8 @@ ARM64 = Arch(
     syscall_arg_offsets=(0, 8, 16, 24, 32, 40),
     c_arg_fields=tuple(f"regs[{i}]" for i in range(8)),
     dwarf_arg_registers=tuple(range(8)),  # x0..x7 are DWARF registers 0..7 (AAPCS64)
+    bpf_target="arm64",
+    bpf_registers=tuple(f"regs[{i}]" for i in range(8)),
     tracefs_registers=frozenset([f"x{i}" for i in range(31)] + ["lr", "sp", "pc", "pstate"]),
     ip_register="pc",
     flags_register="pstate",
@@ -250,7 +258,7 @@ _ALIASES = {alias: a.name for a in ARCHES.values() for alias in (*a.host_aliases
 
 def host_arch() -> str:
     """kbridge's name for the machine kbridge runs on."""
-    m = platform.machine()
+    m = os.uname().machine  # platform.machine(), without importing platform
     return _ALIASES.get(m, m)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kbridge import progress
 from kbridge.errors import KbridgeError
+from kbridge.images import bpftools
 from kbridge.mechanisms import NAMES
 from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.engine import MechanismResult, StopRule
@@ -165,8 +166,10 @@ def compare(
             get_mechanism(n).check(spec, session.arch)
         except KbridgeError as e:
             st.skipped = e.message
-    if "bpf" in stats and not stats["bpf"].skipped and session.target.bcc_python() is None:
-        stats["bpf"].skipped = f"{session.target.name} has no bcc (kbridge vm up --bcc, or a --bcc box)"
+    bpf_unbuildable = "bpf" in stats and bpftools.built(session.image) is None and bpftools.host_missing(session.arch)
+    if bpf_unbuildable and not stats["bpf"].skipped:
+        missing = bpftools.host_missing(session.arch)
+        stats["bpf"].skipped = f"kbridge's eBPF probe needs {', '.join(missing)} on this host"
     with progress.step(f"unprobed runs of {command!r} (x{repeats})"):
         _unprobed(session, timed_script(command, run_id, "base0", repeats))
     for n, st in stats.items():

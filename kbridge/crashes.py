@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbridge import debuginfo, elf, oops
+from kbridge import oops
 from kbridge.paths import cache_dir
 
 HEAD_FRAMES = 6  # of the call trace, shown at once; the whole report is in the file
@@ -40,6 +40,8 @@ class Crash:
     def _source_line(self) -> str | None:
         if self.site is None or self.site.module is None:
             return None
+        from kbridge import debuginfo, elf  # pyelftools: only for a crash in a module kbridge built
+
         found = debuginfo.built_module(self.site.module, self.krel, self.arch)
         if found is None:
             return None

@@ -21,7 +21,6 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from kbridge import elf
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.paths import cache_dir
@@ -96,6 +95,8 @@ def clone_args(spec: ProbeSpec, arch: Arch, krel: str) -> tuple[ProbeSpec, list[
     found = built_module(module, krel, arch.name) if module else None
     if found is not None:
         with contextlib.suppress(Exception):  # unreadable debug info: the positions stay, with the note
+            from kbridge import elf  # pyelftools: only for a clone of a module kbridge built
+
             params = elf.clone_parameters(found[0].read_bytes(), func)
     if not params:
         return spec, [

@@ -36,6 +36,9 @@ def _open(data: bytes, what: str) -> ELFFile:
         raise KbridgeError(f"{what} is not an ELF file ({e})") from None
 
 
+EM_BPF = 247  # an eBPF object (clang -target bpf): the same file on every arch
+
+
 def is_elf(data: bytes) -> bool:
     return data[:4] == b"\x7fELF"
 

@@ -29,8 +29,8 @@ from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.kbuild import build_generated
 from kbridge.mechanisms import templates
-from kbridge.mechanisms.kmod.errors import explain_refusal
 from kbridge.mechanisms.kmod.render import ModuleSource, name_for
+from kbridge.mechanisms.refusals import explain_refusal
 from kbridge.session import Session
 from kbridge.spec import validate_symbol
 from kbridge.symbols import SymbolError

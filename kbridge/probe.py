@@ -7,12 +7,15 @@ with its boot; a bad symbol then fails before any VM starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kbridge import debuginfo, kbuild, kernels, progress
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+from kbridge import debuginfo, kernels, progress
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors
@@ -121,8 +124,9 @@ def probe(
     where = parse_target(target)
     suite = kernels.resolve(kernel)
     early: Plan | None = None
-    prepared: Future[object] | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool, _builds_end_with_the_command():
+    prepared: object = None  # the mechanism's prepared work when it was done before ...
+    pending: Future[object] | None = None  # ... or while it is done in the pool
+    with _builds_end_with_the_command() as pool:
         if where.kind == "qemu":
             img = kept_image(arch, suite, mirrors)
             try:
@@ -135,23 +139,48 @@ def probe(
                 resolution = None
             if resolution is not None:
                 early = plan(spec, resolution, via, arch, img.krel)
-                if mech.prepare is not None:
-                    prepared = pool.submit(mech.prepare, early.spec, img)
+                if mech.ready is not None and (done := mech.ready(early.spec, img)) is not None:
+                    prepared = done  # no thread
+                elif mech.prepare is not None:
+                    pending = pool().submit(mech.prepare, early.spec, img)
         with acquire(arch, mech.flavour, kernel=suite, target=where, mirrors=mirrors) as guest:
             return probe_on(
-                Session(guest), spec, early, workload, stop, on_hit, via, prepared.result() if prepared else None
+                Session(guest),
+                spec,
+                early,
+                workload,
+                stop,
+                on_hit,
+                via,
+                prepared if pending is None else pending.result(),
             )
 
 
 @contextmanager
-def _builds_end_with_the_command() -> Iterator[None]:
-    """A build running in the pool's thread is killed when the command ends early (an error, Ctrl-C,
-    SIGTERM): the pool would otherwise wait for it, however long it takes."""
+def _builds_end_with_the_command() -> Iterator[Callable[[], ThreadPoolExecutor]]:
+    """A thread pool for work that may run while the guest boots (made on first use); a build running in
+    it is killed when the command ends early (an error, Ctrl-C, SIGTERM): the pool would otherwise wait
+    for it, however long it takes."""
+    made: list[ThreadPoolExecutor] = []
+
+    def pool() -> ThreadPoolExecutor:
+        if not made:
+            from concurrent.futures import ThreadPoolExecutor
+
+            made.append(ThreadPoolExecutor(max_workers=1))
+        return made[0]
+
     try:
-        yield
+        yield pool
     except BaseException:
-        kbuild.abort_builds()
+        if made:
+            from kbridge import kbuild
+
+            kbuild.abort_builds()
         raise
+    finally:
+        for p in made:
+            p.shutdown(wait=True)
 
 
 def probe_on(

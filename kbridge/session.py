@@ -13,14 +13,17 @@ import dataclasses
 import gzip
 import json
 import os
+from typing import TYPE_CHECKING
 
 from kbridge import progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
-from kbridge.kprobe_events import Grammar
 from kbridge.symbols import Resolution, SymbolError, SymbolTable, parse_blacklist, resolve_in_modules
 from kbridge.targets.base import Target
+
+if TYPE_CHECKING:
+    from kbridge.kprobe_events import Grammar
 
 KPROBES_DEBUGFS = "/sys/kernel/debug/kprobes"
 

@@ -1,8 +1,9 @@
-"""`kbridge bpf render|up|image`: the generated bcc program, and the bcc image flavour."""
+"""`kbridge bpf render|up|image`: how --via bpf plants a probe, and the bcc image flavour (for bcc written by hand)."""
 
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Annotated
 
 import typer
@@ -22,6 +23,7 @@ from kbridge.cli.options import (
     PostOpt,
     PreOpt,
     RetOpt,
+    TidOpt,
     handlers,
 )
 from kbridge.cli.output import command, emit_json, err, out
@@ -29,7 +31,8 @@ from kbridge.errors import KbridgeError
 from kbridge.spec import make_spec
 
 bpf_app = typer.Typer(
-    help="eBPF through bcc in the guest: render programs, build and boot the bcc image.", no_args_is_help=True
+    help="eBPF: how --via bpf plants a probe (render), and the bcc image for bcc programs written by hand.",
+    no_args_is_help=True,
 )
 app.add_typer(bpf_app, name="bpf")
 
@@ -46,25 +49,39 @@ def render_cmd(
     offset: OffsetOpt = 0,
     maxactive: MaxactiveOpt = 0,
     pid: PidOpt = None,
+    tid: TidOpt = None,
     comm: CommOpt = None,
     arch: ArchOpt = None,
+    source: Annotated[bool, typer.Option("--source", help="Also print the BPF program's C source.")] = False,
     json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object: the program text and attach plan.")
+        bool, typer.Option("--json", help="One JSON object: the loader's command line and the config it sets.")
     ] = False,
 ) -> None:
-    """Print the BPF C program and the attach plan for SYMBOL; run nothing."""
-    from kbridge.mechanisms.bpf.render import render
+    """Print how --via bpf plants SYMBOL: the loader's command line and the .rodata config it sets; run nothing.
+
+    Nothing is compiled per probe: one CO-RE object per guest kernel serves every probe.
+    """
+    from kbridge.images import bpftools
+    from kbridge.mechanisms.bpf.plan import config, plan
 
     a = get_arch(arch)
-    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm)
-    prog = render(spec, a)
+    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, tid=tid)
+    p = plan(spec, a)
+    d = f"{bpftools.GUEST_ROOT}/{bpftools.digest()}"
+    argv = p.argv(
+        f"{d}/kbridge-bpf", f"{d}/probe.bpf.o", f"{d}/min.btf", [], "/dev/virtio-ports/org.kbridge.bpf", "RUN", None
+    )
+    text = (bpftools.SOURCE_DIR / "probe.bpf.c").read_text()
     if json_out:
-        emit_json({"text": prog.text, "attach": prog.attach})
+        emit_json({"argv": argv, "config": config(p), **({"source": text} if source else {})})
         return
-    out.print("/* ==== BPF program (bcc) ==== */", style="dim")
-    out.print(prog.text, markup=False, highlight=False, end="", soft_wrap=True)
-    out.print("/* ==== attach plan ==== */", style="dim")
-    out.print(json.dumps(prog.attach, indent=1), markup=False, highlight=False, soft_wrap=True)
+    if source:
+        out.print("/* the BPF program: one object for every probe, compiled on the host */", style="dim")
+        out.print(text, markup=False, highlight=False, end="", soft_wrap=True)
+    out.print("# the loader's command line (RUN and the excluded pids: per run)", style="dim")
+    out.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
+    out.print("# what it writes into the object's .rodata (struct kb_config)", style="dim")
+    out.print(json.dumps(config(p), indent=1), markup=False, highlight=False, soft_wrap=True)
 
 
 @bpf_app.command("image")

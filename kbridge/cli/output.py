@@ -1,4 +1,8 @@
-"""Terminal plumbing for the CLI: rich on stderr for people, JSON Lines on stdout for programs."""
+"""Terminal plumbing for the CLI: text with rich's markup on stderr for people, JSON Lines on stdout for programs.
+
+Neither typer nor rich is imported here: a warm probe prints its hits and its JSON before either
+would have finished importing (kbridge.cli.term prints the markup; rich draws the tables, `out`).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard, TypeVar
-
-import typer
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from kbridge import progress
 from kbridge.arch import get_arch
+from kbridge.cli.term import Term, escape
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.engine import MechanismResult
 from kbridge.mechanisms.histogram import durations_of
@@ -27,8 +28,18 @@ from kbridge.targets.base import GuestCrash
 if TYPE_CHECKING:
     from kbridge.kprobe_events import EventSyntaxError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line when piped
-out = Console(highlight=False)
+err = Term(stderr=True)  # an error stays one line when piped
+
+
+def __getattr__(name: str) -> Any:
+    """`out`: a rich Console on stdout (tables, rendered programs), made on first use."""
+    if name == "out":
+        from rich.console import Console
+
+        globals()["out"] = console = Console(highlight=False)
+        return console
+    raise AttributeError(name)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,68 +94,87 @@ def write_line(text: str) -> None:
         _raise_for(_deferred.pop())
 
 
+class CommandExit(Exception):
+    """End the command with exit status CODE (its message already printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Run a command: progress to stderr, KbridgeError and Ctrl-C to a clean exit; its exit status."""
+    progress.add_sink(_sink)
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every cleanup block still runs.
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _deferred.clear()
+    try:
+        fn(*args, **kwargs)
+        return 0
+    except CommandExit as e:
+        return e.code
+    except Terminated:
+        return _stopped("SIGTERM", "terminated", 143)
+    except GuestCrash as e:
+        _interrupted_summary("crash", 3)
+        err.print(f"[bold red]error:[/] {escape(e.message)}")
+        if e.crash is not None:
+            err.print(escape(e.crash.head()), markup=False, highlight=False)
+            if e.crash.file is not None:
+                err.print(f"[dim]the whole report: {escape(str(e.crash.file))}[/]")
+        else:
+            err.print(escape(e.text), markup=False, highlight=False)
+        if e.hint:
+            err.print(f"[dim]hint: {escape(e.hint)}[/]")
+        return 3
+    except KbridgeError as e:
+        if _syntax_error(e):  # a kprobe_events line: the message, then a caret under the bad part
+            err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
+            err.print(escape(e.caret()), markup=False, highlight=False)
+            return 2
+        err.print(f"[bold red]error:[/] {escape(e.message)}")
+        if e.hint:
+            err.print(f"[dim]hint: {escape(e.hint)}[/]")
+        return 2
+    except KeyboardInterrupt:
+        return _stopped("SIGINT", "interrupted", 130)
+    except Exception as e:
+        if (typer := sys.modules.get("typer")) is not None and isinstance(e, typer.Exit):
+            raise  # a typer command's own exit status
+        if os.environ.get("KBRIDGE_DEBUG"):
+            traceback.print_exc()
+        err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(str(e))[:500]}")
+        err.print("[dim]hint: this is a kbridge bug; KBRIDGE_DEBUG=1 shows the traceback[/]")
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        progress.remove_sink(_sink)
+        _json_stream.clear()
+
+
+def _stopped(signal_name: str, verb: str, code: int) -> int:
+    """The end of a command a signal stopped: its summary, what was cleaned up; its exit code."""
+    _interrupted_summary(signal_name, code)
+    cleaned = "what kbridge armed in the guest was removed; a VM started for this command was stopped"
+    err.print(f"[yellow]{verb}: {cleaned}[/]")
+    return code
+
+
 def command(fn: F) -> F:
-    """Wrap a CLI command: progress to stderr, KbridgeError and Ctrl-C to a clean exit."""
+    """Wrap a typer command with guarded(): a nonzero status becomes typer.Exit."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        progress.add_sink(_sink)
-        # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every cleanup block still runs.
-        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        _deferred.clear()
-        try:
-            return fn(*args, **kwargs)
-        except Terminated:
-            _stopped("SIGTERM", "terminated", 143)
-        except typer.Exit:
-            raise
-        except GuestCrash as e:
-            _interrupted_summary("crash", 3)
-            err.print(f"[bold red]error:[/] {escape(e.message)}")
-            if e.crash is not None:
-                err.print(escape(e.crash.head()), markup=False, highlight=False)
-                if e.crash.file is not None:
-                    err.print(f"[dim]the whole report: {escape(str(e.crash.file))}[/]")
-            else:
-                err.print(escape(e.text), markup=False, highlight=False)
-            if e.hint:
-                err.print(f"[dim]hint: {escape(e.hint)}[/]")
-            raise typer.Exit(3) from None
-        except KbridgeError as e:
-            if _syntax_error(e):  # a kprobe_events line: the message, then a caret under the bad part
-                err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
-                err.print(escape(e.caret()), markup=False, highlight=False)
-                raise typer.Exit(2) from None
-            err.print(f"[bold red]error:[/] {escape(e.message)}")
-            if e.hint:
-                err.print(f"[dim]hint: {escape(e.hint)}[/]")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            _stopped("SIGINT", "interrupted", 130)
-        except Exception as e:  # noqa: BLE001 - a bug must still end in one line and an exit code
-            if os.environ.get("KBRIDGE_DEBUG"):
-                traceback.print_exc()
-            err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(str(e))[:500]}")
-            err.print("[dim]hint: this is a kbridge bug; KBRIDGE_DEBUG=1 shows the traceback[/]")
-            raise typer.Exit(1) from None
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            progress.remove_sink(_sink)
-            _json_stream.clear()
+        if code := guarded(fn, *args, **kwargs):
+            import typer
+
+            raise typer.Exit(code)
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature; mypy cannot see it
 
 
 _json_stream: list[HitPrinter] = []  # the --json hit stream of the running command, if any
-
-
-def _stopped(signal: str, verb: str, code: int) -> NoReturn:
-    """The end of a command a signal stopped: its summary, what was cleaned up, the exit code."""
-    _interrupted_summary(signal, code)
-    cleaned = "what kbridge armed in the guest was removed; a VM started for this command was stopped"
-    err.print(f"[yellow]{verb}: {cleaned}[/]")
-    raise typer.Exit(code) from None
 
 
 def _interrupted_summary(signal_name: str, code: int) -> None:

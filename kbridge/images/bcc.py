@@ -1,4 +1,8 @@
-"""The bcc image flavour: the default image plus a Debian root filesystem with python3-bpfcc.
+"""The bcc image flavours: the default image plus a Debian root filesystem with python3-bpfcc.
+
+"bcc" holds python3-bpfcc (bcc programs written by hand: the three-ways lab); "bench" adds the
+tools kbridge is measured against in the same guest kernel (bench/bench_speed.py): bcc's own tools
+(funccount), bpftrace and perf-tools' `kprobe`.
 
 Built from Debian packages like the default image (a private apt state, the
 package closure unpacked with dpkg-deb: no chroot, no maintainer scripts, so a
@@ -32,6 +36,11 @@ from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the flavour's layout changes
 PACKAGES = ("python3-bpfcc",)
+FLAVOURS: dict[str, tuple[str, ...]] = {
+    "bcc": PACKAGES,
+    # kprobe-perf is a bash script that needs the usual tools (Essential, so no package depends on them).
+    "bench": (*PACKAGES, "bpfcc-tools", "bpftrace", "perf-tools-unstable", "bash", "coreutils", "grep", "sed", "gawk"),
+}
 # Guest drivers for the rootfs disk; crc32c_generic because ext4/jbd2 ask the crypto
 # API for crc32c and there is no modprobe to load it on demand (crc32c-intel fails under TCG).
 DISK_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
@@ -40,14 +49,14 @@ _PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info"
 ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts it (kbridge/guest/init)
 
 
-def flavour_dir(arch: Arch, suite: str) -> Path:
-    return cache_dir() / "images" / f"{suite}-{arch.name}-bcc"
+def flavour_dir(arch: Arch, suite: str, flavour: str = "bcc") -> Path:
+    return cache_dir() / "images" / f"{suite}-{arch.name}-{flavour}"
 
 
-def load(arch: Arch, suite: str = images.DEFAULT_SUITE) -> images.Image | None:
-    """The cached bcc image, or None when missing, partial or built for another default image."""
+def load(arch: Arch, suite: str = images.DEFAULT_SUITE, flavour: str = "bcc") -> images.Image | None:
+    """The cached FLAVOUR image, or None when missing, partial or built for another default image."""
     base = images.load(arch, suite, verify=False)
-    d = flavour_dir(arch, suite)
+    d = flavour_dir(arch, suite, flavour)
     try:
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -57,11 +66,12 @@ def load(arch: Arch, suite: str = images.DEFAULT_SUITE) -> images.Image | None:
         or manifest.get("format") != FORMAT
         or manifest.get("krel") != base.krel
         or manifest.get("base_guest") != images.guest_digest()
+        or tuple(manifest.get("packages", PACKAGES)) != FLAVOURS[flavour]
     ):
         return None
     if not all((d / f).exists() for f in ("kernel", "initramfs.cpio", "rootfs.ext4", "headers")):
         return None
-    return images.Image(d, arch, suite, base.krel, base.version, flavour="bcc")
+    return images.Image(d, arch, suite, base.krel, base.version, flavour=flavour)
 
 
 def ensure(
@@ -69,25 +79,29 @@ def ensure(
     suite: str = images.DEFAULT_SUITE,
     mirrors: Mirrors | None = None,
     rebuild: bool = False,
+    flavour: str = "bcc",
 ) -> images.Image:
-    """The bcc image for ARCH and SUITE, built (about a minute, ~400 MB) when missing or stale."""
+    """The FLAVOUR image for ARCH and SUITE, built (about a minute, ~400 MB) when missing or stale."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
-    if not rebuild and (img := load(arch, suite)):
+    if flavour not in FLAVOURS:
+        raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
+    if not rebuild and (img := load(arch, suite, flavour)):
         return img
     base = images.ensure(arch, suite, mirrors)
-    with images._locked(cache_dir() / "images" / f".{suite}-{arch.name}-bcc.lock"):
-        if not rebuild and (img := load(arch, suite)):
+    with images._locked(cache_dir() / "images" / f".{suite}-{arch.name}-{flavour}.lock"):
+        if not rebuild and (img := load(arch, suite, flavour)):
             return img
-        _build(arch, suite, base, mirrors or images._mirrors_from_env(suite))
-    img = load(arch, suite)
+        _build(arch, suite, base, mirrors or images._mirrors_from_env(suite), flavour)
+    img = load(arch, suite, flavour)
     if img is None:
-        raise KbridgeError(f"the bcc image for {suite}/{arch.name} did not validate after building")
+        raise KbridgeError(f"the {flavour} image for {suite}/{arch.name} did not validate after building")
     return img
 
 
-def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None:
+def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors, flavour: str) -> None:
     root = cache_dir()
-    final = flavour_dir(arch, suite)
+    packages = FLAVOURS[flavour]
+    final = flavour_dir(arch, suite, flavour)
     with images.staged(final) as work:
         # The same archive pockets as the default image (it may have done without -security).
         security = json.loads((base.dir / "manifest.json").read_text()).get("security", True)
@@ -104,17 +118,17 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
             )
         common = list(pkgs.headers[1:])
         debs = work / "debs"
-        with progress.step(f"downloading python3-bpfcc and its closure, kernel {krel} headers ({arch.debian})"):
-            user = apt.download_closure(list(PACKAGES), debs / "user")
+        with progress.step(f"downloading {', '.join(packages)}, their closure, kernel {krel} headers ({arch.debian})"):
+            user = apt.download_closure(list(packages), debs / "user")
             kernel = apt.download([*pkgs.binary, *pkgs.headers], debs / "kernel")
         rootfs = work / "rootfs"
-        with progress.step(f"unpacking {len(user) + len(kernel) - 1} packages into the bcc root filesystem"):
+        with progress.step(f"unpacking {len(user) + len(kernel) - 1} packages into the {flavour} root filesystem"):
             for deb in user:
                 extract(deb, rootfs)
             for deb in kernel:
                 extract(deb, rootfs if deb.name.startswith("linux-headers-") else work / "kpkg")
             _finish_rootfs(rootfs, krel, common)
-        with progress.step("building the bcc initramfs and ext4 root filesystem"):
+        with progress.step(f"building the {flavour} initramfs and ext4 root filesystem"):
             _initramfs(base, images._modroot(work / "kpkg", krel), krel, work / "initramfs.cpio")
             _mkfs(rootfs, work / "rootfs.ext4")
         for tmp in ("debs", "kpkg", "rootfs"):
@@ -129,12 +143,12 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors) -> None
                     "suite": suite,
                     "krel": krel,
                     "base_guest": images.guest_digest(),
-                    "packages": list(PACKAGES),
+                    "packages": list(packages),
                 },
                 indent=1,
             )
         )
-    progress.info(f"bcc image ready: Debian {suite} {arch.name}, kernel {krel}")
+    progress.info(f"{flavour} image ready: Debian {suite} {arch.name}, kernel {krel}")
 
 
 def _finish_rootfs(rootfs: Path, krel: str, common: list[str]) -> None:

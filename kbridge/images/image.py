@@ -18,20 +18,22 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kbridge import elf, progress
+from kbridge import progress
 from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
 from kbridge.images.apt import UNRELEASED, FetchError, Mirrors, PrivateApt, extract, host_mirrors
 from kbridge.images.cpio import CpioWriter
-from kbridge.kprobe_events import Grammar, grammar_for
 from kbridge.paths import cache_dir
+
+if TYPE_CHECKING:
+    from kbridge.kprobe_events import Grammar
 
 DEFAULT_SUITE = "bookworm"
 FORMAT = 4  # bump when the image layout changes, so old caches are rebuilt
@@ -182,6 +184,8 @@ def staged(final: Path) -> Iterator[Path]:
     the cache never holds a half-built image under the real name.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
     work = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
     try:
         yield work
@@ -450,6 +454,8 @@ def module_closure(modroot: Path, names: tuple[str, ...], optional: tuple[str, .
             return
         if name not in by_name:
             raise KbridgeError(f"guest kernel has no module {name!r} (and it is not built in)")
+        from kbridge import elf  # pyelftools: only to build an image
+
         deps = elf.modinfo(module_bytes(by_name[name]), name).get("depends", "")
         for dep in filter(None, deps.split(",")):
             visit(dep)
@@ -498,6 +504,8 @@ def _copy_with_libs(w: CpioWriter, sysroot: Path, rel: str) -> None:
         seen.add(cur)
         data = _inside(sysroot, cur).read_bytes()
         w.file(cur, data, 0o755)
+        from kbridge import elf
+
         if interp := elf.interpreter(data):
             interp = interp.lstrip("/")
             if interp not in seen:
@@ -538,6 +546,8 @@ def _multiarch(sysroot: Path) -> str:
 
 def grammar(img: Image | None, arch: Arch, suite: str) -> Grammar:
     """The kprobe_events grammar of IMG's kernel (its .config and release), else SUITE's from the table."""
+    from kbridge.kprobe_events import grammar_for  # the grammar tables: only commands that parse event lines
+
     if img is not None and (cfg := img.headers / ".config").is_file():
         return grammar_for(suite, arch, _config_file(str(cfg), cfg.stat().st_mtime_ns), img.krel)
     return grammar_for(suite, arch)

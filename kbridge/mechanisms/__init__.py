@@ -47,6 +47,8 @@ class Mechanism:
     check: Callable[[ProbeSpec, Arch], None]
     prepare: Callable[[ProbeSpec, Image], object] | None
     arm: ArmFn
+    # What prepare() would return when that costs nothing (built before), else None: no thread for it.
+    ready: Callable[[ProbeSpec, Image], object] | None = None
 
     def run(
         self,

@@ -199,11 +199,14 @@ MODE_TEXT = {
 }
 
 
-def armed_as(target: Target, spec: ProbeSpec) -> dict[str, kprobes_list.ListedProbe]:
-    """How the kernel armed SPEC's probes, read from kprobes/list while they are armed: an int3/BRK
-    breakpoint, an ftrace callback or an optimized jump (what the per-hit text must say)."""
+def armed_as(target: Target, spec: ProbeSpec, text: str | None = None) -> dict[str, kprobes_list.ListedProbe]:
+    """How the kernel armed SPEC's probes, read from kprobes/list while they are armed (TEXT: as the
+    mechanism read it when arming): an int3/BRK breakpoint, an ftrace callback or an optimized jump
+    (what the per-hit text must say)."""
     try:
-        listed = kprobes_list.parse(target.read_file(KPROBES_LIST).decode(errors="replace"))
+        listed = kprobes_list.parse(
+            text if text is not None else target.read_file(KPROBES_LIST).decode(errors="replace")
+        )
     except KbridgeError:
         return {}
     out = {}
@@ -235,7 +238,8 @@ def drive(
     result = MechanismResult(name, spec, notes=list(notes or ()))
     work: WorkloadRun | None = None
     with armed as probe:
-        result.armed = armed_as(target, spec)
+        # A mechanism that read kprobes/list while arming says so (`listed`): no second read.
+        result.armed = armed_as(target, spec, getattr(probe, "listed", None))
         for kind, listed in result.armed.items():
             progress.info(
                 f"{kind} on {listed.symbol}+{listed.offset:#x} armed as {MODE_TEXT[listed.mode](target.arch)} "

@@ -1,12 +1,14 @@
-"""The one Jinja environment for every C template: the module templates in kmod/, and the templates a
-mechanism keeps in its own folder (mechanisms/bpf/bpf.c.j2)."""
+"""The one Jinja environment for the C templates of kbridge's modules (kmod/): jinja2 is imported when a
+module is rendered, never for one built before (kbridge.mechanisms.kmod remembers those)."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 
 def template_dir() -> Path:
@@ -18,8 +20,10 @@ def template_dir() -> Path:
 @functools.cache
 def environment() -> jinja2.Environment:
     """StrictUndefined: a template that names a value the renderer did not pass fails loudly."""
+    import jinja2
+
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(template_dir()), str(Path(__file__).resolve().parent / "bpf")]),
+        loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING
 
 from kbridge import kernels, oops, progress
 from kbridge.arch import Arch, get_arch
-from kbridge.crashes import Crash
 from kbridge.errors import KbridgeError
-from kbridge.images.apt import Mirrors
 from kbridge.targets import ownership
 from kbridge.targets.base import GuestCrash, Target
 
 if TYPE_CHECKING:
+    from kbridge.images.apt import Mirrors
     from kbridge.images.image import Image
 
-FLAVOURS = ("default", "bcc")
+FLAVOURS = ("default", "bcc", "bench")
 _MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -56,10 +55,10 @@ def parse_target(text: str | None) -> TargetSpec:
 
 def resolve_image(arch: Arch, suite: str, flavour: str = "default", mirrors: Mirrors | None = None) -> Image:
     """The image a fresh VM of ARCH, SUITE and FLAVOUR boots (built on first use)."""
-    if flavour == "bcc":
+    if flavour != "default":
         from kbridge.images import bcc
 
-        return bcc.ensure(arch, suite, mirrors)
+        return bcc.ensure(arch, suite, mirrors, flavour=flavour)
     from kbridge.images import image
 
     return image.ensure(arch, suite, mirrors)
@@ -118,6 +117,7 @@ def acquire(
         else:
             yield guest
     finally:
+        ownership.flush(guest)
         guest.release()
 
 
@@ -139,6 +139,8 @@ def watch(guest: Target) -> Iterator[Target]:
 def reported(guest: Target, text: str) -> GuestCrash:
     """The GuestCrash for report TEXT: attributed, saved, and the guest marked for a restart when the
     kernel cannot be trusted after it (a WARN alone leaves it running)."""
+    from kbridge.crashes import Crash
+
     crash = Crash.of(text, guest.arch.name, guest.krel)
     crash.save()
     fatal = any(oops.is_crash(line) for line in text.splitlines())

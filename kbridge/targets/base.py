@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kbridge.arch import Arch
-from kbridge.crashes import Crash
 from kbridge.errors import KbridgeError
 
 if TYPE_CHECKING:
+    from kbridge.crashes import Crash
     from kbridge.images.image import Image
 
 

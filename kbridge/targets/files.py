@@ -65,7 +65,7 @@ def check_machine(target: Target, local: Path) -> None:
         machine = elf.machine(head + b"\0" * 64)
     except KbridgeError:
         return  # not an ELF file pyelftools can read: data, copied as it is
-    if machine != target.arch.elf_machine:
+    if machine not in (target.arch.elf_machine, elf.EM_BPF):  # an eBPF object loads on every arch
         built = by_elf_machine(machine)
         what = built.name if built else f"ELF machine {machine}"
         raise KbridgeError(

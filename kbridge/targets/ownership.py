@@ -13,7 +13,10 @@ The record names TAG and is written before the spawn: a kill at any point leaves
 nothing started or processes whose environment names TAG, and reclaim() finds them all.
 
 Records live in the guest's /run (a tmpfs): a rebooted guest has none. The ledger
-is one append-only file ("+" JSON when claimed, "-" KEY when released).
+is one append-only file ("+" JSON when claimed, "-" KEY when released). A claim costs no round trip
+of its own when it goes with the command that makes the thing (recorded(): a process, a module);
+releases wait for the next write to the ledger, or for flush() at the end of the command (a record
+left by a killed kbridge is only reclaimed, which finds nothing to undo).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import contextlib
 import json
 import os
 import re
-import secrets
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import psutil
-
+from kbridge import procs
 from kbridge.errors import KbridgeError
 from kbridge.targets.base import ExecResult, Target
 
@@ -59,36 +61,70 @@ class Record:
         return f"{self.kind}-{self.name.replace('/', '+')}"
 
     def owner_alive(self) -> bool:
-        try:
-            p = psutil.Process(self.owner)
-            return abs(p.create_time() - self.owner_start) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return procs.alive(self.owner, self.owner_start)
 
 
 def _me() -> tuple[int, float]:
-    return os.getpid(), psutil.Process().create_time()
+    start = procs.start_time(os.getpid())
+    assert start is not None  # this very process
+    return os.getpid(), start
 
 
-def claim(target: Target, kind: str, name: str) -> Record:
-    """Record that this kbridge process owns NAME (of KIND) in TARGET's guest: before it exists."""
+# Releases not written yet, per target: they go with the next write to its ledger, or flush().
+_pending: weakref.WeakKeyDictionary[Target, list[str]] = weakref.WeakKeyDictionary()
+# Appends $1 (ledger lines) to the ledger $2, then runs the rest of the arguments in its place (exec: the
+# same pid): the record is in the ledger before what it records exists, in the same guest command.
+RECORDED = 'd=${2%/*}; [ -d "$d" ] || mkdir -p "$d"; printf "%s\\n" "$1" >> "$2" || exit 126; shift 2; exec "$@"'
+
+
+def record(kind: str, name: str) -> tuple[Record, str]:
+    """The record that this kbridge process owns NAME (of KIND), and its ledger line (nothing written)."""
     if kind not in KINDS or not _NAME.fullmatch(name):
         raise ValueError(f"bad ownership record {kind!r} {name!r}")
     pid, start = _me()
     rec = Record(kind, name, pid, start)
-    line = f"+{json.dumps(rec.__dict__)}\n".encode()
-    try:
-        target.write_file(LEDGER, line, mode="a")
-    except KbridgeError:  # a guest without /run/kbridge yet (a machine kbridge did not build)
-        target.run(["/bin/busybox", "mkdir", "-p", LEDGER.rsplit("/", 1)[0]], timeout=10)
-        target.write_file(LEDGER, line, mode="a")
+    return rec, f"+{json.dumps(rec.__dict__)}"
+
+
+def take_pending(target: Target) -> list[str]:
+    """The releases waiting for TARGET's ledger, for a guest command that appends them itself."""
+    return _pending.pop(target, None) or []
+
+
+def claim(target: Target, kind: str, name: str) -> Record:
+    """Record that this kbridge process owns NAME (of KIND) in TARGET's guest: before it exists."""
+    rec, line = record(kind, name)
+    _append(target, [*take_pending(target), line])
     return rec
 
 
+def recorded(target: Target, kind: str, name: str, argv: list[str]) -> tuple[Record, list[str]]:
+    """ARGV, run so that it first appends the record of NAME (of KIND) to the ledger: claim() in the
+    same guest command as what makes NAME (insmod, a process's exec)."""
+    rec, line = record(kind, name)
+    lines = "\n".join([*take_pending(target), line])
+    return rec, ["/bin/busybox", "sh", "-c", RECORDED, "kbridge-own", lines, LEDGER, *argv]
+
+
+def _append(target: Target, lines: list[str]) -> None:
+    data = "".join(f"{ln}\n" for ln in lines).encode()
+    try:
+        target.write_file(LEDGER, data, mode="a")
+    except KbridgeError:  # a guest without /run/kbridge yet (a machine kbridge did not build)
+        target.run(["/bin/busybox", "mkdir", "-p", LEDGER.rsplit("/", 1)[0]], timeout=10)
+        target.write_file(LEDGER, data, mode="a")
+
+
 def release(target: Target, rec: Record) -> None:
-    """NAME is gone from the guest: forget it (best effort; a stale record is harmless)."""
-    with contextlib.suppress(Exception):
-        target.write_file(LEDGER, f"-{rec.key}\n".encode(), mode="a")
+    """NAME is gone from the guest: forget it, with the next write to the ledger (flush() at the latest)."""
+    _pending.setdefault(target, []).append(f"-{rec.key}")
+
+
+def flush(target: Target) -> None:
+    """Write the releases still waiting (best effort: a stale record is harmless, reclaim finds nothing)."""
+    if lines := take_pending(target):
+        with contextlib.suppress(Exception):
+            _append(target, lines)
 
 
 @contextlib.contextmanager
@@ -106,16 +142,14 @@ class OwnedProcess:
 
     def __init__(self, target: Target, argv: list[str], stdin: bytes | None = None) -> None:
         self.target = target
-        self.tag = f"kb-{secrets.token_hex(6)}"
-        rec = claim(target, "process", self.tag)
+        self.tag = f"kb-{os.urandom(6).hex()}"
+        # env, sh (recording it in the ledger) and setsid each exec the next program: the spawned pid is
+        # ARGV's own, its session's. The agent's children are not process-group leaders: setsid does not fork.
+        rec, recording = recorded(target, "process", self.tag, ["/bin/busybox", "setsid", *argv])
         self.record: Record | None = rec
         self.result: ExecResult | None = None
         try:
-            # env and setsid each exec the next program: the spawned pid is ARGV's own, its session's.
-            # The agent's children are not process-group leaders, so setsid does not fork.
-            self.handle = target.spawn(
-                ["/bin/busybox", "env", f"{OWNER_VAR}={self.tag}", "/bin/busybox", "setsid", *argv], stdin
-            )
+            self.handle = target.spawn(["/bin/busybox", "env", f"{OWNER_VAR}={self.tag}", *recording], stdin)
         except BaseException:
             release(target, rec)
             raise

@@ -74,7 +74,7 @@ def test_the_tree_keeps_every_contract(tree: Path) -> None:
         ),
         ("spec.py", "import rich", "only the CLI draws", "kbridge.spec is not allowed to import rich"),
         (
-            "mechanisms/bpf/render.py",
+            "mechanisms/bpf/plan.py",
             "import kbridge.mechanisms.kmod.render",
             "one way of driving",
             "kbridge.mechanisms.bpf",

@@ -125,10 +125,12 @@ def test_module_render_prints_exactly_what_is_built() -> None:
 
 
 def test_bpf_render_json() -> None:
-    res = run("bpf", "render", "vfs_read", "--ret", "--arg", "n=3", "--json", "--arch", "x86_64")
+    res = run("bpf", "render", "vfs_read", "--ret", "--arg", "n=3", "--json", "--arch", "x86_64", "--source")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert "kb_ret" in doc["text"] and [a["type"] for a in doc["attach"]] == ["kprobe", "kretprobe"]
+    assert doc["argv"][2:7] == ["--kretprobe", "vfs_read", "--emit", "ret", "--regs"] and doc["argv"][7] == "2"
+    assert doc["config"]["arg_reg"] == ["n: dx"] and doc["config"]["track_ret"] is True
+    assert 'SEC("kretprobe")' in doc["source"]
 
 
 def test_bpf_render_refuses_post() -> None:

@@ -24,7 +24,7 @@ def test_help_imports_no_command_module() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('kbridge.') or m in ('psutil', 'jinja2')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "['kbridge.cli']"
+    assert out.strip().splitlines()[-1] == "['kbridge.cli', 'kbridge.cli.root']"
 
 
 def test_unknown_command_suggests() -> None:

@@ -1,7 +1,7 @@
 """VM tests boot real guests through kbridge's own pytest plugin (fixtures kbridge_vm, kbridge_session).
 
-This suite runs with --kbridge-bcc (pyproject's addopts): the kept VMs boot the image with bcc, so
-kmod, tracefs and bpf tests share one VM per arch and kernel.
+This suite runs with --kbridge-bcc (pyproject's addopts): the kept VMs boot the image with bcc, so the
+three-ways lab (bcc written by hand) shares one VM per arch and kernel with every mechanism's tests.
 """
 
 from collections.abc import Iterator
@@ -27,7 +27,7 @@ def bcc_kept(kbridge_vm: Guest) -> Guest:
 
 
 @pytest.fixture
-def session(bcc_kept: Guest) -> Iterator[Session]:
-    """A Session on the kept bcc VM (eBPF and compare tests)."""
-    with bcc_kept.session() as s:
+def session(kbridge_vm: Guest) -> Iterator[Session]:
+    """A Session on the kept VM (eBPF and compare tests)."""
+    with kbridge_vm.session() as s:
         yield s

@@ -11,6 +11,7 @@ from kbridge import kprobe_events
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.engine import StopRule
+from kbridge.mechanisms.tracefs import guest
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
@@ -19,8 +20,9 @@ T = "/sys/kernel/tracing"
 TEXT = 'kbridge says "hi" x=1'  # spaces, quotes and a NAME=VALUE look-alike, then \n
 
 
-def snapshot(session: Session) -> tuple[str, str]:
-    """kprobe_events and buffer_size_kb, the guest state a run must leave as it found it."""
+def snapshot(session: Session) -> tuple[str, str, str]:
+    """kprobe_events, buffer_size_kb and the run directories (kbridge/guest/tracefs.sh keeps a run's
+    state in one until it is undone): the guest state a run must leave as it found it."""
     vm = session.target
     size = vm.read_file(f"{T}/buffer_size_kb").decode()
     if "expanded" in size:
@@ -28,7 +30,8 @@ def snapshot(session: Session) -> tuple[str, str]:
         # use of tracing, which no run can undo; grow it now so before == after.
         vm.write_file(f"{T}/buffer_size_kb", size.split("expanded:")[1].strip(" )\n").encode())
         size = vm.read_file(f"{T}/buffer_size_kb").decode()
-    return (vm.read_file(f"{T}/kprobe_events").decode(), size)
+    runs = vm.run(["/bin/sh", "-c", "ls -d /run/kbridge/tracefs-* 2>/dev/null; true"]).text
+    return (vm.read_file(f"{T}/kprobe_events").decode(), size, runs)
 
 
 def sh(cmd: str) -> Workload:
@@ -133,13 +136,13 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     before = snapshot(s)
     for line in good:
         ev = kprobe_events.parse(line, s.grammar)
-        tracefs.guest.define(s.target, line)
-        tracefs.guest.remove(s.target, ev)  # type: ignore[arg-type]
+        guest.define(s.target, line)
+        guest.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
         with pytest.raises(kprobe_events.EventSyntaxError) as offline:
             kprobe_events.parse(line, s.grammar)
         with pytest.raises(kprobe_events.EventSyntaxError) as kernel:
-            tracefs.guest.define(s.target, line)
+            guest.define(s.target, line)
         got = (kernel.value.error, kernel.value.kernel_position, kernel.value.command)
         assert got == (offline.value.error, offline.value.kernel_position, offline.value.command), line
     assert snapshot(s) == before

@@ -1,246 +1,231 @@
-"""The eBPF mechanism: bcc in the guest (the bcc image flavour), hits streamed through a perf buffer.
+"""The eBPF mechanism: kbridge's CO-RE probe, compiled on the host, loaded in the guest by a libbpf loader.
 
-render.py writes the program from bpf.c.j2 and its attach plan; runner.py is pushed
-into the guest and run in the bcc root filesystem with chroot; it writes lines to the
-target's bpf stream, which collect.py reads (JSON, and raw hits). Counts come from a
-BPF array map, so hits the perf buffer dropped show up as `lost` (and the lost
-callback's count is kept in the notes), never as missing hits.
+plan.py turns a ProbeSpec into the loader's options (nothing is compiled per probe: the one
+object, kbridge/guest/bpf/probe.bpf.c, takes the probe as load-time configuration);
+kbridge.images.bpftools builds the loader and the object and puts them in the guest's initramfs.
+The loader writes lines to the target's bpf stream, which collect.py reads (JSON, and raw hit
+records). Counts come from per-CPU counters in the kernel, and hits the ring buffer had no room
+for are counted there too: they show up as `lost`, never as missing hits. Any guest with a BTF
+kernel runs it: the default image, a Vagrant box (the files are pushed on first use).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import secrets
+import errno as errnos
+import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 
 from kbridge.errors import KbridgeError
+from kbridge.images import bpftools
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.bpf import collect
-from kbridge.mechanisms.bpf.render import check, render
+from kbridge.mechanisms.bpf.plan import check, has_func_ip, plan
 from kbridge.mechanisms.engine import Totals
+from kbridge.mechanisms.refusals import explain_refusal
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
 from kbridge.targets.base import BPF_PORT, Target
 
-# bcc import + clang compile under TCG: 10-50 s on x86_64, 40-90 s on arm64, 3x that on a loaded host
-READY_TIMEOUT_S = 600.0
+READY_TIMEOUT_S = 120.0  # the loader's open + load + attach: 0.1-0.6 s under TCG, seconds on a loaded host
 STOP_TIMEOUT_S = 60.0
-RUNNER_SOURCE = Path(__file__).with_name("runner.py")
-RUNNER = "/tmp/kbridge_bpf_runner.py"  # /tmp is bound into the bcc rootfs at the same path
-PLAN = "/tmp/kbridge_bpf_plan.json"
-SERVE_PID = "/run/kbridge/bpf-runner.pid"  # a kept runner's pid and the hash of its text (runner.py)
+POLL_S = 0.25  # how often a loader that has not said "ready" is checked for having exited
 
 
 class BpfError(KbridgeError):
-    """bcc could not compile or attach the program (nothing stays attached)."""
+    """The eBPF loader could not load or attach the probe (nothing stays attached)."""
 
 
-def require_bcc(session: Session) -> list[str]:
-    """The argv prefix of the guest's python3 with bcc; a clear error when the guest has none."""
-    python = session.target.bcc_python()
-    if python is None:
-        arch = session.arch.name
-        raise KbridgeError(
-            f"{session.target.name} has no bcc: it was booted from the default image, which has no python3-bpfcc",
-            f"stop it (kbridge vm down --arch {arch}) so --via bpf boots the bcc image, or keep one with "
-            f"kbridge bpf up --arch {arch}",
-        )
-    return python
+class _NotInGuest(Exception):
+    """The guest has no loader at the path the tools' digest names: they are pushed."""
 
 
 class _Attached:
-    """The program compiled and attached by the guest's runner, as the engine's Armed probe."""
+    """The probe loaded and attached by the guest's loader, as the engine's Armed probe."""
 
     def __init__(self, session: Session, spec: ProbeSpec) -> None:
         self.session = session
         self.target = session.target
         self.spec = spec
-        self.python = require_bcc(session)
-        self.run_id = secrets.token_hex(4)
-        self.prog = render(spec, session.arch)
+        self.plan = plan(spec, session.arch)
+        self.run_id = os.urandom(4).hex()
         self.stream = collect.messages(self.target.stream(BPF_PORT, idle=0.05), self.run_id)
         self.proc: ownership.OwnedProcess | None = None
-        self.kept_pid: int | None = None  # a runner kept on a kept VM, told to run this plan
-        self.kept_record: ownership.Record | None = None
-        self.decoder: collect.Decoder | None = None
+        self.decoder = collect.Decoder([a.name for a in spec.args], spec.symbol, session.arch.name)
         self.notes: list[str] = []
         self.ended = False
         self._totals: Totals | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.kept_pid if self.kept_pid is not None else self.proc.pid if self.proc else 0
-
     def __enter__(self) -> _Attached:
-        target = self.target
-        plan = self.prog.plan(target.plumbing_pids(), target.stream_path(BPF_PORT), self.run_id)
-        next(self.stream)  # connect the host end before the runner opens the port
-        target.write_file(PLAN, json.dumps(plan).encode())
-        runner = RUNNER_SOURCE.read_bytes()
+        tools = bpftools.built(self.session.image) or bpftools.ensure(self.session.image)
+        next(self.stream)  # connect the host end before the loader opens the port
         try:
-            self.kept_pid = _serving_runner(target, runner) if target.kept else None
-            if self.kept_pid is not None:
-                # A kept runner: bcc imported, programs compiled before kept by text hash. Owned for
-                # this run: if this kbridge is killed mid-run, the next command stops it.
-                self.kept_record = ownership.claim_running(target, self.kept_pid)
-                target.run(["/bin/busybox", "kill", "-USR1", str(self.kept_pid)], timeout=30)
-            else:
-                target.write_file(RUNNER, runner)
-                # On a kept VM the runner stays for the next probe (runner.py --serve): it is not
-                # owned then, it outlives the command on purpose; an ephemeral VM's is.
-                argv = [*self.python, "-u", RUNNER, *(["--serve"] if target.kept else []), PLAN]
-                self.proc = ownership.spawn(target, argv)
-            ready = self._wait_ready(plan)
+            try:
+                ready = self._start(tools)
+            except _NotInGuest:
+                push(self.target, tools)
+                ready = self._start(tools)
         except BaseException:
-            self._stop_runner()
+            self._stop_loader()
             raise
-        if ready.get("layout"):
-            self.decoder = collect.Decoder(ready["layout"], plan["args"], self.spec.symbol, self.session.arch.name)
+        if ready.get("format") != collect.FORMAT:
+            self._stop_loader()
+            raise BpfError(
+                f"the guest's eBPF loader writes records of format {ready.get('format')}, not {collect.FORMAT}"
+            )
+        ms = ready.get("ms") or {}
         self.notes.append(
-            f"bcc import {ready.get('import_s')} s, compile {ready.get('compile_s')} s"
-            + (" (compiled earlier, kept by the runner)" if ready.get("cached") else "")
+            f"eBPF loader: open {ms.get('open')} ms, load and verify {ms.get('load')} ms, attach {ms.get('attach')} ms"
         )
         return self
 
-    def _wait_ready(self, plan: dict) -> dict:
+    def _start(self, tools: bpftools.BpfTools) -> dict:
+        target = self.target
+        d = tools.guest_dir
+        argv = self.plan.argv(
+            f"{d}/kbridge-bpf",
+            f"{d}/probe.bpf.o",
+            f"{d}/min.btf",
+            target.plumbing_pids(),
+            target.stream_path(BPF_PORT),
+            self.run_id,
+            has_func_ip(target.krel),
+        )
+        self.proc = ownership.spawn(target, argv)
+        return self._wait_ready()
+
+    def _wait_ready(self) -> dict:
+        assert self.proc is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
-        next_check = time.monotonic() + 1.0
+        next_poll = 0.0
         while time.monotonic() < deadline:
             msg = next(self.stream)
             if msg is not None:
                 if msg["ev"] == "ready":
                     return msg
                 if msg["ev"] == "error":
-                    stderr = msg.get("stderr") or ""
-                    if not stderr and self.proc is not None and not self.target.kept:
-                        stderr = self.proc.wait(timeout=30).stderr.decode(errors="replace")
-                    raise _explain(msg, self.spec, stderr)
-            if msg is None and self.proc is not None and (res := self.proc.poll()) is not None:
-                raise BpfError(
-                    f"the bcc runner exited ({res.exitcode}) before attaching: "
-                    f"{(res.stderr or res.stdout).decode(errors='replace').strip()[-1500:]}"
+                    raise self._explain(msg)
+                continue
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_S
+                if (res := self.proc.poll()) is not None:
+                    stderr = res.stderr.decode(errors="replace")
+                    if res.exitcode == 127 and "can't execute" in stderr:
+                        raise _NotInGuest
+                    raise BpfError(
+                        f"the eBPF loader exited ({res.exitcode}) before attaching: "
+                        f"{(stderr or res.stdout.decode(errors='replace')).strip()[-1500:]}"
+                    )
+        raise BpfError(f"the eBPF loader did not load and attach within {READY_TIMEOUT_S:.0f} s")
+
+    def _explain(self, msg: dict) -> BpfError:
+        stage, err, detail = msg.get("stage"), int(msg.get("errno") or 0), str(msg.get("message", "")).strip()
+        spec = self.spec
+        if stage == "attach":
+            # The kernel's register_kprobe() refused it, as it would a module's kprobe: the same causes.
+            where = f"{spec.symbol}+{spec.offset:#x}" if spec.kprobe else spec.symbol
+            if not err:
+                return BpfError(
+                    f"the eBPF probe could not attach to {where!r}: {detail}",
+                    "kbridge inspect SYMBOL shows how the kernel sees it; nothing stays attached",
                 )
-            if msg is None and self.kept_pid is not None and time.monotonic() > next_check:
-                next_check = time.monotonic() + 1.0
-                if not _alive(self.target, self.kept_pid):
-                    raise BpfError("the kept bcc runner exited before attaching")
-        raise BpfError(f"bcc did not compile and attach within {READY_TIMEOUT_S:.0f} s")
+            ftraceable = err == errnos.EINVAL and self.session.is_ftraceable(spec.symbol)
+            what = "kprobe" if spec.kprobe else "kretprobe"
+            why = explain_refusal(err, what, self.session.arch, spec.symbol, spec.offset, ftraceable)
+            return BpfError(f"the eBPF probe could not attach to {where!r}: {why.message}", why.hint)
+        if stage == "load":
+            return BpfError(
+                f"the kernel refused kbridge's eBPF probe ({errnos.errorcode.get(err, err)}): {detail}",
+                "run the loader with --verbose in the guest (kbridge bpf render shows its command line)",
+            )
+        return BpfError(f"the eBPF loader failed ({stage}): {detail}")
 
     def hits(self) -> Iterator[Hit | None]:
         while True:
             msg = next(self.stream)
             if msg is not None and msg["ev"] == "hit":
-                yield collect.parse_hit(msg, self.spec.symbol, self.decoder)
+                yield self.decoder.hit(msg["raw"])
             elif msg is not None and msg["ev"] == "error":
-                raise BpfError(f"bcc runner failed while running: {msg.get('message')}")
+                raise BpfError(f"the eBPF loader failed while running: {msg.get('message')}")
             else:
                 yield None
 
     def drain(self) -> Iterator[Hit]:
-        """Stop the run: the runner detaches, drains and reports the exact counts."""
-        self.target.run(["/bin/busybox", "kill", "-INT", str(self.pid)], timeout=30)
+        """Stop the run: the loader detaches, drains the ring buffer and reports the exact counts."""
+        assert self.proc is not None
+        self.target.run(["/bin/busybox", "kill", "-INT", str(self.proc.pid)], timeout=30)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             msg = next(self.stream)
             if msg is None:
                 continue
             if msg["ev"] == "hit":
-                yield collect.parse_hit(msg, self.spec.symbol, self.decoder)
+                yield self.decoder.hit(msg["raw"])
             elif msg["ev"] == "end":
-                counts = msg["counts"]
-                totals = Totals(
-                    {h: counts.get(h, 0) for h in ("pre", "entry", "ret") if h in self.spec.handlers},
-                    dropped=msg.get("lost") or 0,
-                    notes=self.notes,
-                )
-                if msg.get("lost"):
-                    totals.notes.append(f"perf buffer lost callback: {msg['lost']} events")
-                self._totals = totals
+                self._totals = self._settle(msg)
                 self.ended = True
-                if self.proc is not None and not msg.get("kept"):
-                    with contextlib.suppress(Exception):
-                        self.proc.wait(timeout=30)
+                with contextlib.suppress(KbridgeError):
+                    self.proc.wait(timeout=30)  # it exits once the counts are out: its probes go with it
                 break
             elif msg["ev"] == "error":
-                raise BpfError(f"bcc runner failed while stopping: {msg.get('message')}")
+                raise BpfError(f"the eBPF loader failed while stopping: {msg.get('message')}")
         else:
-            raise BpfError(f"the bcc runner did not report its counts within {STOP_TIMEOUT_S:.0f} s of being stopped")
-        left = [ln for ln in self.session.kprobes_list().splitlines() if f" {self.spec.symbol}+" in ln]
-        if left:
-            raise BpfError(f"probes still attached after the bcc runner exited: {left}")
+            raise BpfError(f"the eBPF loader did not report its counts within {STOP_TIMEOUT_S:.0f} s of being stopped")
+
+    def _settle(self, msg: dict) -> Totals:
+        counts, lost = msg.get("counts") or {}, msg.get("lost") or {}
+        handlers = [h for h in ("pre", "entry", "ret") if h in self.spec.handlers]
+        dropped = sum(int(lost.get(h, 0)) for h in handlers) + int(msg.get("unsent") or 0)
+        totals = Totals({h: int(counts.get(h, 0)) for h in handlers}, dropped=dropped, notes=self.notes)
+        if dropped:
+            totals.notes.append(f"the ring buffer had no room for {dropped} hits (counted in the kernel, not streamed)")
+        if msg.get("noslot"):
+            totals.notes.append(
+                f"{msg['noslot']} entries found the in-flight table full: their returns were not reported"
+            )
+        return totals
 
     def totals(self) -> Totals:
         return self._totals or Totals({h: 0 for h in self.spec.handlers}, notes=self.notes)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self.ended:
-            self._stop_runner()
-        elif self.proc is not None and self.proc.result is None:
-            self.proc.disown()  # a kept runner stays, on purpose
-        if self.kept_record is not None:
-            ownership.release(self.target, self.kept_record)
+            self._stop_loader()
         with contextlib.suppress(Exception):
             self.target.close_stream(BPF_PORT)
 
-    def _stop_runner(self) -> None:
-        """Interrupted before the counts: the runner is killed, and with it every probe it attached."""
+    def _stop_loader(self) -> None:
+        """Interrupted before the counts: the loader is killed, and with it every probe it attached."""
         if self.proc is not None:
             self.proc.stop()
-        elif self.kept_pid is not None:
-            with contextlib.suppress(Exception):
-                self.target.run(["/bin/busybox", "kill", "-9", str(self.kept_pid)], timeout=10)
 
 
-def _serving_runner(target: Target, runner: bytes) -> int | None:
-    """The pid of the kept runner of this very runner text, if one waits in the guest."""
-    try:
-        pid_text, digest = target.read_file(SERVE_PID).decode().split()
-        cmdline = target.read_file(f"/proc/{int(pid_text)}/cmdline")
-    except (KbridgeError, ValueError):
-        return None
-    if b"--serve" not in cmdline or RUNNER.encode() not in cmdline:
-        return None  # gone, and the pid reused
-    if digest != hashlib.sha256(runner).hexdigest():
-        # Started by another kbridge version: replace it.
-        with contextlib.suppress(KbridgeError):
-            target.run(["/bin/busybox", "kill", pid_text], timeout=10)
-        return None
-    return int(pid_text)
+def push(target: Target, tools: bpftools.BpfTools) -> None:
+    """Copy the loader, the object and its BTF into a guest booted without them (once per guest)."""
+    from kbridge import progress
 
-
-def _alive(target: Target, pid: int) -> bool:
-    try:
-        return RUNNER.encode() in target.read_file(f"/proc/{pid}/cmdline")
-    except KbridgeError:
-        return False
-
-
-def _explain(msg: dict, spec: ProbeSpec, stderr: str) -> BpfError:
-    stage = msg.get("stage")
-    detail = msg.get("message", "").strip()
-    diag = "\n".join(ln for ln in stderr.splitlines() if "error" in ln.lower())[-1500:]
-    if stage == "compile":
-        return BpfError(
-            f"bcc could not compile the program for {spec.symbol!r}: {detail[:300]}\n{diag}",
-            "kbridge bpf render shows the program; nothing was attached",
-        )
-    if stage == "attach":
-        return BpfError(
-            f"bcc could not attach to {spec.symbol!r}{f'+{spec.offset:#x}' if spec.offset else ''}: {detail}",
-            "kbridge inspect SYMBOL shows how the kernel sees it; nothing stays attached",
-        )
-    return BpfError(f"the bcc runner failed ({stage}): {detail}\n{diag}")
+    with progress.step(f"copying kbridge's eBPF loader into {target.name} (once)"):
+        res = target.run(["/bin/busybox", "mkdir", "-p", tools.guest_dir], timeout=30)
+        if not res.ok:
+            raise BpfError(
+                f"cannot create {tools.guest_dir} in the guest: {res.stderr.decode(errors='replace').strip()}"
+            )
+        for guest, host, mode in tools.guest_files():
+            tmp = f"{guest}.part"
+            target.write_file(tmp, host.read_bytes())
+            res = target.run(
+                ["/bin/busybox", "sh", "-c", 'chmod "$1" "$2" && mv "$2" "$3"', "sh", oct(mode)[2:], tmp, guest]
+            )
+            if not res.ok:
+                raise BpfError(f"cannot install {guest} in the guest: {res.stderr.decode(errors='replace').strip()}")
 
 
 def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Attached:
-    """SPEC's program, to be compiled and attached by the guest's runner when the engine enters it."""
+    """SPEC's probe, to be loaded and attached by the guest's loader when the engine enters it."""
     return _Attached(session, spec)
 
 
-MECHANISM = Mechanism("bpf", "bcc", check, None, arm)
+MECHANISM = Mechanism("bpf", "default", check, None, arm)

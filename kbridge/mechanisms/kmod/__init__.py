@@ -9,8 +9,11 @@ user space writes to /dev/kmsg can never pass for a hit (it is counted as forged
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import secrets
+import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,18 +24,26 @@ from kbridge import oops, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
-from kbridge.kbuild import build_generated
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import Log2Histogram
 from kbridge.mechanisms.kmod.collect import FaultRuns, ModuleEvent, parse_event, parse_hit
-from kbridge.mechanisms.kmod.errors import explain_refusal, register_error
-from kbridge.mechanisms.kmod.render import render
+from kbridge.mechanisms.refusals import explain_refusal, register_error
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
-from kbridge.targets.base import GuestCrash, KmsgRecord
+from kbridge.targets.base import ExecResult, GuestCrash, KmsgRecord
 
+# insmod, in the same guest command as the ledger record (kbridge.targets.ownership.recorded) and the
+# kprobes/list read the engine needs: $1 is the module file, left in the guest's /tmp by an earlier run
+# (exit 200: it is not there, the host writes it), the rest its parameters.
+LOAD = '[ -e "$1" ] || exit 200; /sbin/insmod "$@" || exit $?; cat /sys/kernel/debug/kprobes/list'
+NOT_THERE = 200
+# rmmod, then whether the kernel still lists the module (exit 201), in one guest command.
+UNLOAD = (
+    '/sbin/rmmod "$1" || exit $?; while read -r name rest; do [ "$name" != "$1" ] || exit 201; done < /proc/modules'
+)
+STILL_LOADED = 201
 READY_TIMEOUT_S = 30.0
 UNLOAD_TIMEOUT_S = 30.0
 
@@ -64,10 +75,63 @@ def check(spec: ProbeSpec, arch: Arch) -> None:
             )
 
 
+BUILT = "kmod-probes.json"  # in the image's state: spec -> the module built for it, most recent last
+KEEP_BUILT = 256
+
+
+@functools.cache
+def _sources() -> str:
+    """What a probe module is made from besides its spec: the templates and their renderer."""
+    from kbridge.mechanisms import templates
+
+    h = hashlib.sha256()
+    for path in [*sorted(templates.template_dir().glob("*.j2")), Path(__file__).with_name("render.py")]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _built_key(spec: ProbeSpec, image: Image) -> str:
+    # What the module's text depends on (pid and tid are insmod parameters), in a stable order.
+    fields = [spec.symbol, sorted(spec.handlers), spec.offset, [[a.name, a.index] for a in spec.args]]
+    fields += [spec.maxactive, spec.comm, spec.fault, image.arch.name, image.krel, _sources()]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+
+
+def _remembered(image: Image) -> dict:
+    try:
+        known = json.loads((image.state / BUILT).read_text())
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def ready(spec: ProbeSpec, image: Image) -> BuiltProbe | None:
+    """The module built for SPEC before, if it is still there: no rendering, no build, no hashing of C."""
+    found = _remembered(image).get(_built_key(spec, image))
+    if isinstance(found, dict) and Path(str(found.get("ko"))).is_file():
+        return BuiltProbe(str(found["name"]), Path(found["ko"]))
+    return None
+
+
 def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
     """Render SPEC into C and build it for IMAGE (cached): may run while the guest boots."""
+    if (known := ready(spec, image)) is not None:
+        return known
+    from kbridge.kbuild import build_generated
+    from kbridge.mechanisms.kmod.render import render
+
     mod = render(spec, image.arch, image.krel)  # --fault on 5.14+ is refused here, before any boot
-    return BuiltProbe(mod.name, build_generated(mod.name, mod.files, image))
+    built = BuiltProbe(mod.name, build_generated(mod.name, mod.files, image))
+    with contextlib.suppress(OSError):
+        known_all = _remembered(image)
+        known_all.pop(key := _built_key(spec, image), None)
+        known_all[key] = {"name": built.name, "ko": str(built.ko)}
+        keep = dict(list(known_all.items())[-KEEP_BUILT:])
+        tmp = image.state / f"{BUILT}.{os.getpid()}"
+        image.state.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(keep))
+        tmp.replace(image.state / BUILT)
+    return built
 
 
 class _Loaded:
@@ -79,20 +143,20 @@ class _Loaded:
         self.spec = spec
         self.module = built.name
         self.ko = built.ko.read_bytes()
-        self.run_id = secrets.token_hex(4)
+        self.run_id = os.urandom(4).hex()
         self.stream = self.target.kmsg(idle=0.02)
         self.loaded = False
         self.forged = 0
         self.faults = FaultRuns()
         self._totals: Totals | None = None
         self._record: ownership.Record | None = None
+        self.listed: str | None = None  # kprobes/list once loaded (the engine's armed_as reads it)
 
     def __enter__(self) -> _Loaded:
         target = self.target
-        # Named by content and left in the guest's /tmp: removing it would cost a guest
-        # command per run, and a kept VM probing the same spec again overwrites it in place.
+        # Named by content and left in the guest's /tmp: a kept VM probing the same spec again loads
+        # it from there, and the file is written only when it is not.
         guest_ko = f"/tmp/kbridge-{hashlib.sha256(self.ko).hexdigest()[:16]}.ko"
-        target.write_file(guest_ko, self.ko)
         params = [f"run={self.run_id}"]
         if pids := target.plumbing_pids():
             params.append("exclude=" + ",".join(map(str, pids)))
@@ -100,17 +164,28 @@ class _Loaded:
             params.append(f"target_pid={self.spec.pid}")
         if self.spec.tid:
             params.append(f"target_tid={self.spec.tid}")
-        self._record = ownership.claim(target, "module", self.module)  # a killed kbridge's module is unloaded next time
         try:
-            ins = target.run(["/sbin/insmod", guest_ko, *params], timeout=60)
+            ins = self._insmod(guest_ko, params)
+            if ins.exitcode == NOT_THERE:
+                target.write_file(guest_ko, self.ko)
+                ins = self._insmod(guest_ko, params)
             if not ins.ok:
                 raise self._load_failure(ins.stderr.decode(errors="replace"))
             self.loaded = True
+            self.listed = ins.stdout.decode(errors="replace")
             self._wait_for("ready", READY_TIMEOUT_S)
         except BaseException:
             self._release()
             raise
         return self
+
+    def _insmod(self, guest_ko: str, params: list[str]) -> ExecResult:
+        """insmod, recorded in the ledger first: a killed kbridge's module is unloaded next time."""
+        if self._record is not None:
+            ownership.release(self.target, self._record)  # the earlier attempt loaded nothing
+        load = ["/bin/busybox", "sh", "-c", LOAD, "kbridge-insmod", guest_ko, *params]
+        self._record, argv = ownership.recorded(self.target, "module", self.module, load)
+        return self.target.run(argv, timeout=60)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if isinstance(exc, GuestCrash):
@@ -182,7 +257,9 @@ class _Loaded:
 
     def drain(self) -> Iterator[Hit]:
         """rmmod; the hits printed before it precede the unload message, which holds the counts."""
-        rm = self.target.run(["/sbin/rmmod", self.module], timeout=60)
+        rm = self.target.run(["/bin/busybox", "sh", "-c", UNLOAD, "kbridge-rmmod", self.module], timeout=60)
+        if rm.exitcode == STILL_LOADED:
+            raise KbridgeError(f"{self.module} is still loaded after rmmod")
         if not rm.ok:
             raise KbridgeError(f"rmmod {self.module} failed: {rm.stderr.decode(errors='replace').strip()}")
         self.loaded = False
@@ -203,9 +280,6 @@ class _Loaded:
                 break
         else:
             progress.warn(f"{self.module}: the unload message did not arrive; counters unknown")
-        if self.module in self.session.loaded_modules():
-            self.loaded = True
-            raise KbridgeError(f"{self.module} is still loaded after rmmod")
 
     def _settle(self, ev: ModuleEvent, durations: Log2Histogram | None) -> Totals:
         c = ev.counters or {}
@@ -254,4 +328,4 @@ def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Loaded:
     return _Loaded(session, spec, built)
 
 
-MECHANISM = Mechanism("kmod", "default", check, prepare, arm)
+MECHANISM = Mechanism("kmod", "default", check, prepare, arm, ready)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import secrets
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -30,8 +30,14 @@ from kbridge.errors import KbridgeError
 from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.engine import HitSink, MechanismResult, StopRule, Totals, drive
 from kbridge.mechanisms.histogram import ReturnPairer
-from kbridge.mechanisms.tracefs import guest, render
-from kbridge.mechanisms.tracefs.collect import CpuStats, EventInfo, TracePipeParser, parse_kprobe_profile
+from kbridge.mechanisms.tracefs import guest, render, script
+from kbridge.mechanisms.tracefs.collect import (
+    CpuStats,
+    EventInfo,
+    TracePipeParser,
+    parse_cpu_stats,
+    parse_kprobe_profile,
+)
 from kbridge.mechanisms.tracefs.guest import TRACING, GuestTracingState, build_filter
 from kbridge.mechanisms.tracefs.steps import StepReporter, StepSink, syscall_rewrite_note
 from kbridge.session import Session
@@ -121,7 +127,7 @@ class _Events:
         self.entries = {
             f"{ev.effective_group}/{ev.effective_event}" for ev in parsed if not ev.is_return and not ev.offset
         }
-        self.token = secrets.token_hex(4)
+        self.token = os.urandom(4).hex()
         self.records: list[ownership.Record] = []
         self.defined: list[kprobe_events.ProbeEvent] = []
         self.reader: ownership.OwnedProcess | None = None
@@ -231,19 +237,29 @@ class _Events:
             self.returns.feed(hit)  # a return's duration: since its thread's hit of an entry event on that symbol
         return self.adapt(info, hit) if self.adapt is not None else hit
 
-    def _read_until(self, marker: str) -> Iterator[Hit]:
-        """Hits up to our trace_marker line; lines before the start marker are not ours (a previous,
+    def _started(self, line: str) -> bool:
+        """Whether LINE comes after our start marker; lines before it are not ours (a previous,
         interrupted run may have left some in the port)."""
+        if not self.seen_start and line.endswith(f"tracing_mark_write: kbridge-start-{self.token}"):
+            self.seen_start = True
+            return False
+        return self.seen_start
+
+    def _read_until(self, marker: str) -> Iterator[Hit]:
+        """Hits up to our trace_marker line MARKER."""
         assert self.port is not None
         deadline = time.monotonic() + MARKER_TIMEOUT_S
         while time.monotonic() < deadline:
             line = next(self.port)
             if line is None:
                 continue
+            if not self._started(line):
+                if self.seen_start and marker == f"kbridge-start-{self.token}":
+                    return  # LINE was the start marker
+                continue
             if line.endswith(f"tracing_mark_write: {marker}"):
-                self.seen_start = True
                 return
-            if self.seen_start and (hit := self._handle(line)) is not None:
+            if (hit := self._handle(line)) is not None:
                 yield hit
         raise TimeoutError(marker)
 
@@ -251,7 +267,7 @@ class _Events:
         assert self.port is not None
         while True:
             line = next(self.port)
-            yield self._handle(line) if line is not None else None
+            yield self._handle(line) if line is not None and self._started(line) else None
 
     def drain(self) -> Iterator[Hit]:
         """Disable, then read up to a marker written after the last event."""
@@ -265,12 +281,11 @@ class _Events:
         self.drained = True
 
     def totals(self) -> Totals:
-        vm = self.vm
         self.parser.flush()
         notes: list[str] = []
         if self.undrained:
             notes.append("trace_pipe did not drain to the end marker: some events may be unread")
-        after = guest.read_stats(vm)
+        after = self._stats_after()
         overrun = sum((after[c] - self.stats_before.get(c, CpuStats())).lost for c in after)
         lost = max(overrun, self.parser.lost)
         if self.parser.lost and self.parser.lost != overrun:
@@ -281,7 +296,7 @@ class _Events:
             notes.append(
                 f"{len(self.parser.unparsed)} trace_pipe lines did not parse, e.g. {self.parser.unparsed[0][:200]!r}"
             )
-        profile = parse_kprobe_profile(vm.read_file(f"{TRACING}/kprobe_profile").decode())
+        profile = parse_kprobe_profile(self._profile())
         missed = sum(profile.get(ev.effective_event, (0, 0))[1] for ev in self.defined)
         counters = dict(self.counters)
         if lost:
@@ -305,6 +320,12 @@ class _Events:
             streamable = sum(counters.values())
             counters = {h: counters.get(name, 0) for name, hs in self.handlers.items() for h in hs}
         return Totals(counters, missed=missed, dropped=lost, notes=self.spec_notes + notes, streamable=streamable)
+
+    def _stats_after(self) -> dict[str, CpuStats]:
+        return guest.read_stats(self.vm)
+
+    def _profile(self) -> str:
+        return self.vm.read_file(f"{TRACING}/kprobe_profile").decode()
 
     # -- disarming ------------------------------------------------------------------
 
@@ -356,6 +377,142 @@ class _Events:
             progress.warn(msg)
 
 
+class _Scripted(_Events):
+    """The same run in three guest commands (kbridge/guest/tracefs.sh): arm, stop, undo.
+
+    What _Events does file by file from the host (~40 agent round trips before the first event),
+    the script does in the guest, in the same order, with the same refusals and explanations;
+    `--steps` keeps _Events, since showing each operation and the files after it is its point.
+    """
+
+    def __enter__(self) -> _Scripted:
+        vm = self.vm
+        self.dir = f"{script.RUN_DIR}/tracefs-{self.token}"
+        self.port = vm.stream(TRACE_PORT)
+        next(self.port)  # connect the host side before the guest writes
+        threads: list[int] = [self.tid] if self.tid else []
+        if self.pid:
+            threads += guest.threads_of(vm, self.pid)
+            self.notes.append(
+                f"--pid {self.pid}: its threads when the events were armed ({', '.join(map(str, threads))}): "
+                "an event records the thread (common_pid), and 6.1's events have no process id"
+            )
+        exclude = sorted(vm.plumbing_pids())
+        base = build_filter(self.user_filter, threads, self.comm, exclude)
+        pairs: list[str] = []
+        lines: list[str] = []
+        for ev, original, line in zip(self.parsed, self.checked, self.lines, strict=True):
+            rec, ledger_line = ownership.record("event", f"{ev.effective_group}/{ev.effective_event}")
+            self.records.append(rec)
+            lines.append(ledger_line)
+            pairs += [
+                line if ev == original else kprobe_events.format(ev),
+                f"{ev.effective_group}/{ev.effective_event}",
+            ]
+        self.reader_tag = f"kb-{os.urandom(6).hex()}"
+        reader, reader_line = ownership.record("process", self.reader_tag)
+        self.records.append(reader)
+        res = vm.run(
+            script.argv(
+                "arm",
+                self.dir,
+                ownership.LEDGER,
+                "\n".join([*ownership.take_pending(vm), *lines]),
+                self.reader_tag,
+                reader_line,
+                "" if self.buffer_kb is None else str(self.buffer_kb),
+                str(DEFAULT_BUFFER_KB),
+                vm.stream_path(TRACE_PORT),
+                self.token,
+                base,
+                (self.user_filter or "").strip(),
+                *pairs,
+            ),
+            timeout=120,
+        )
+        out = script.parse(res.text)
+        if not res.ok or not out.verdict.startswith("ok "):
+            error = self._refusal(out, res.stderr.decode(errors="replace"), pairs)
+            self._teardown(completed=False)
+            raise error
+        self.defined = list(self.parsed)
+        self.listed = out.text("L")
+        self.stats_before = {cpu: parse_cpu_stats(text) for cpu, text in out.stats("S0").items()}
+        return self
+
+    def _refusal(self, out: script.Output, stderr: str, pairs: list[str]) -> KbridgeError:
+        """What the arm script's refusal OUT means, as _Events says it."""
+        kind, _, rest = out.verdict.partition(" ")
+        before = kprobe_events.parse_error_log(out.text("E0"))
+        after = kprobe_events.parse_error_log(out.text("E1"))
+        if kind == "clash":
+            how, name, *words = rest.split(" ")
+            if how == "same":
+                return KbridgeError(
+                    f"the guest already has a kprobe event {name}: {' '.join(words).strip()!r}",
+                    "name yours differently: p:GROUP/NAME ...",
+                )
+            other, *words = words
+            return KbridgeError(
+                f"the guest already has a kprobe event {other} ({' '.join(words).strip()!r}): trace_pipe "
+                f"would print its hits and those of {name} alike, as {name.split('/', 1)[1]!r}",
+                "give yours another event name: p:GROUP/NAME ...",
+            )
+        if kind == "define-failed":
+            written = pairs[2 * (int(rest) - 1)]
+            return guest.rejected_line(written, before, after, out.text("W").strip() or "write error")
+        if kind == "filter-failed":
+            ev = self.parsed[int(rest) - 1]
+            return guest.rejected_filter(ev, before, after, out.text("F"))
+        return KbridgeError(f"arming the tracefs events failed: {(out.verdict or stderr).strip()[-800:]}")
+
+    def drain(self) -> Iterator[Hit]:
+        """Disable (the stop script, which reads the counters too), then read up to its end marker."""
+        res = self.vm.run(script.argv("stop", self.dir, self.token), timeout=60)
+        self.stopped = script.parse(res.text)
+        try:
+            yield from self._read_until(f"kbridge-end-{self.token}")
+        except TimeoutError:
+            if not self.seen_start:
+                raise KbridgeError(
+                    f"trace_pipe did not reach the host (no start marker within {MARKER_TIMEOUT_S:.0f} s)",
+                    "kbridge doctor checks the guest's stream ports",
+                ) from None
+            self.undrained = True
+        self.drained = True
+
+    def _stats_after(self) -> dict[str, CpuStats]:
+        return {cpu: parse_cpu_stats(text) for cpu, text in self.stopped.stats("S1").items()}
+
+    def _profile(self) -> str:
+        return self.stopped.text("P")
+
+    def _teardown(self, completed: bool) -> None:
+        """The undo script: disable, stop the reader, remove the events, put the state back, release."""
+        vm = self.vm
+        with contextlib.suppress(Exception):
+            vm.close_stream(TRACE_PORT)
+        releases = [f"-{rec.key}" for rec in self.records]
+        try:
+            res = vm.run(
+                script.argv("undo", self.dir, ownership.LEDGER, "\n".join(releases)),
+                timeout=120,
+            )
+            out = script.parse(res.text)
+            failures = [ln for ln in res.text.splitlines() if ln.startswith("failed ")]
+            if out.verdict == "differs" or "differs" in res.text.splitlines():
+                failures.append(f"kprobe_events differs from before the run: {out.text('K')!r}")
+            if not res.ok and not failures:
+                failures.append(res.stderr.decode(errors="replace").strip() or f"exit {res.exitcode}")
+        except KbridgeError as e:
+            failures = [e.message]
+        if failures:
+            msg = "tracefs cleanup failed: " + "; ".join(failures)
+            if completed:
+                raise KbridgeError(msg, "kbridge vm down stops the VM and with it every probe")
+            progress.warn(msg)
+
+
 def events(
     session: Session,
     lines: list[str],
@@ -385,7 +542,8 @@ def events(
     for n in notes:
         progress.info(n)
     reporter = StepReporter(session.target, steps) if steps else None
-    armed = _Events(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers, tid)
+    cls = _Scripted if reporter is None else _Events  # --steps shows every file operation: one at a time
+    armed = cls(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers, tid)
     armed.notes = notes
     return armed
 

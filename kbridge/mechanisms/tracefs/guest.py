@@ -138,17 +138,25 @@ def define(vm: Target, line: str, steps: StepReporter | None = None) -> None:
     except GuestIOError as e:
         if steps:
             steps.failed(f"echo {shell_quote(line)} >> kprobe_events")
-        why = str(e).rsplit(":", 1)[-1].strip()
-        new = [x for x in _new_entries(before, error_log(vm)) if x.subsystem == "trace_kprobe"]
-        if not new:
-            raise KbridgeError(
-                f"the guest kernel rejected {line!r}: {why} (nothing in error_log)",
-                "see Documentation/trace/kprobetrace.rst",
-            ) from None
-        entry = new[-1]
-        raise kprobe_events.EventSyntaxError(
-            line, entry.error_class, entry.error, map_position(line, entry.position), entry.command, entry.position
-        ) from None
+        raise rejected_line(line, before, error_log(vm), str(e)) from None
+
+
+def rejected_line(
+    line: str, before: list[kprobe_events.ErrorLogEntry], after: list[kprobe_events.ErrorLogEntry], failure: str
+) -> KbridgeError:
+    """The error for LINE, which kprobe_events refused (FAILURE: the write's own error): error_log's
+    verdict and caret from the entries that appeared between BEFORE and AFTER."""
+    why = failure.rsplit(":", 1)[-1].strip()
+    new = [x for x in _new_entries(before, after) if x.subsystem == "trace_kprobe"]
+    if not new:
+        return KbridgeError(
+            f"the guest kernel rejected {line!r}: {why} (nothing in error_log)",
+            "see Documentation/trace/kprobetrace.rst",
+        )
+    entry = new[-1]
+    return kprobe_events.EventSyntaxError(
+        line, entry.error_class, entry.error, map_position(line, entry.position), entry.command, entry.position
+    )
 
 
 def remove(vm: Target, ev: kprobe_events.ProbeEvent) -> None:
@@ -170,12 +178,24 @@ def set_filter(
     except GuestIOError:
         if steps:
             steps.failed(f"echo {shell_quote(text)} > {path}")
-        new = _new_entries(before, error_log(vm))
-        detail = str(new[-1]).rstrip() if new else vm.read_file(path).decode(errors="replace").rstrip()
-        raise KbridgeError(
-            f"the guest kernel rejected the filter for {ev.effective_group}/{ev.effective_event}:\n{detail}",
-            "filters use the event's field names (see its format file), e.g. --filter 'fd == 1'",
-        ) from None
+        after = error_log(vm)
+        shown = "" if _new_entries(before, after) else vm.read_file(path).decode(errors="replace")
+        raise rejected_filter(ev, before, after, shown) from None
+
+
+def rejected_filter(
+    ev: kprobe_events.ProbeEvent,
+    before: list[kprobe_events.ErrorLogEntry],
+    after: list[kprobe_events.ErrorLogEntry],
+    filter_file: str,
+) -> KbridgeError:
+    """The error for a filter the kernel refused: its error_log entry, else what the filter file says."""
+    new = _new_entries(before, after)
+    detail = str(new[-1]).rstrip() if new else filter_file.rstrip()
+    return KbridgeError(
+        f"the guest kernel rejected the filter for {ev.effective_group}/{ev.effective_event}:\n{detail}",
+        "filters use the event's field names (see its format file), e.g. --filter 'fd == 1'",
+    )
 
 
 def read_stats(vm: Target) -> dict[str, CpuStats]:

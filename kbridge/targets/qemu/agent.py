@@ -142,12 +142,8 @@ class GuestAgent:
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
         return self.wait(self.spawn(argv, stdin), timeout)
 
-    def _calls(self, msgs: list[tuple[str, dict[str, object]]], timeout: float = 30.0) -> list[object]:
-        """Send MSGS at once and read their replies in order: one round trip instead of len(MSGS).
-
-        The agent runs them one after the other, whatever each one's outcome; the first
-        error is raised once every reply has been read.
-        """
+    def _exchange(self, msgs: list[tuple[str, dict[str, object]]], timeout: float = 30.0) -> list[dict]:
+        """Send MSGS at once and read their replies in order (each a result or an error)."""
         if self._dirty:
             self._sync(time.monotonic() + 10.0)
         self._dirty = True
@@ -155,6 +151,15 @@ class GuestAgent:
             self.chan.send({"execute": command, "arguments": arguments})
         replies = [self.chan.recv(timeout) for _ in msgs]
         self._dirty = False
+        return replies
+
+    def _calls(self, msgs: list[tuple[str, dict[str, object]]], timeout: float = 30.0) -> list[object]:
+        """Send MSGS at once and read their replies in order: one round trip instead of len(MSGS).
+
+        The agent runs them one after the other, whatever each one's outcome; the first
+        error is raised once every reply has been read.
+        """
+        replies = self._exchange(msgs, timeout)
         for (command, _), reply in zip(msgs, replies, strict=True):
             if "error" in reply:
                 raise GuestIOError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
@@ -184,6 +189,21 @@ class GuestAgent:
         if ret.get("eof") or not ret.get("count"):
             return base64.b64decode(ret.get("buf-b64", ""))
         return self._read_chunks(path)  # longer (a symbol table): read it again, to its end
+
+    def read_small(self, paths: list[str]) -> dict[str, bytes | None]:
+        """Small files (a pid file) in two round trips, however many: each one's bytes, None if unreadable."""
+        opened = self._exchange([("guest-file-open", {"path": p, "mode": "r"}) for p in paths])
+        handles = {p: r["return"] for p, r in zip(paths, opened, strict=True) if "return" in r}
+        msgs: list[tuple[str, dict[str, object]]] = []
+        for h in handles.values():
+            msgs += [("guest-file-read", {"handle": h, "count": 4096}), ("guest-file-close", {"handle": h})]
+        replies = iter(self._exchange(msgs))
+        out: dict[str, bytes | None] = dict.fromkeys(paths)
+        for p in handles:
+            read, _close = next(replies), next(replies)
+            if isinstance(ret := read.get("return"), dict):
+                out[p] = base64.b64decode(ret.get("buf-b64", ""))
+        return out
 
     def _read_chunks(self, path: str) -> bytes:
         return b"".join(self.read_chunks(path))

@@ -18,9 +18,17 @@ ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts an image flavour's root 
 
 
 def qemu_argv(
-    arch: Arch, image: Image, accel: str, rundir: Path, memory_mb: int = 1024, cpus: int = 1, cmdline_extra: str = ""
+    arch: Arch,
+    image: Image,
+    accel: str,
+    rundir: Path,
+    memory_mb: int = 1024,
+    cpus: int = 1,
+    cmdline_extra: str = "",
+    initrd: Path | None = None,
 ) -> list[str]:
-    """The QEMU command line for IMAGE: pure, so it can be read and tested on its own."""
+    """The QEMU command line for IMAGE (booting INITRD, by default the image's initramfs): pure, so it
+    can be read and tested on its own."""
     cpu = "host" if accel == "kvm" else arch.tcg_cpu
     # The guest streams the kernel log to the host one record per write, ~5k records/s
     # under TCG, while a probed tight loop logs far faster: the log buffer must hold a
@@ -49,7 +57,7 @@ def qemu_argv(
         "-kernel",
         str(image.kernel),
         "-initrd",
-        str(image.initramfs),
+        str(initrd or image.initramfs),
         "-append",
         append,
         "-chardev",

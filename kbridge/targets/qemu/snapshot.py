@@ -73,7 +73,8 @@ def key(argv: list[str], image: Image, rundir: Path) -> str:
     """What the saved state of a guest started with ARGV from IMAGE depends on, hashed."""
     h = hashlib.sha256()
     h.update((image.dir / "manifest.json").read_bytes())
-    for f in (image.kernel, image.initramfs):
+    initrd = Path(argv[argv.index("-initrd") + 1]) if "-initrd" in argv else image.initramfs
+    for f in (image.kernel, image.initramfs, initrd):
         st = f.stat()  # the manifest names the files; a file rewritten in place changes these
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(_qemu_version(argv[0]).encode())

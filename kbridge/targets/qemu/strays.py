@@ -7,18 +7,20 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
-
+from kbridge import procs
 from kbridge.paths import state_dir
+
+if TYPE_CHECKING:
+    import psutil
 
 
 def _owner_alive(meta: dict) -> bool:
     """Whether the kbridge process that started an ephemeral VM still runs (pid + start time)."""
     try:
-        owner = psutil.Process(meta["owner"])
-        return abs(owner.create_time() - meta["owner_create_time"]) < 0.01 and owner.is_running()
-    except (KeyError, TypeError, psutil.Error):
+        return procs.alive(int(meta["owner"]), float(meta["owner_create_time"]))
+    except (KeyError, TypeError, ValueError):
         return False
 
 
@@ -38,6 +40,8 @@ def orphans() -> list[psutil.Process]:
     An ephemeral VM whose kbridge command still runs is not a stray (`vm down --all`
     must not kill a probe in progress). Run directories of dead owners are removed.
     """
+    import psutil  # the whole process table: only `vm down --all`, `vm status`, doctor
+
     found = []
     root = state_dir()
     prefix = str(root).rstrip("/") + "/"  # with the slash: .../vms is not .../vms-other

@@ -22,18 +22,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import psutil
-
-from kbridge import crashes, oops, progress
+from kbridge import crashes, oops, procs, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
+from kbridge.images import bpftools
 from kbridge.images.image import DEFAULT_SUITE, Image
 from kbridge.paths import state_dir
 from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
-from kbridge.targets.qemu import kvm, snapshot
+from kbridge.targets.qemu import kvm
 from kbridge.targets.qemu.agent import GuestAgent
 from kbridge.targets.qemu.argv import KMSG_PORT, PORTS, ROOTFS_MOUNT, port_socket, qemu_argv, spawn_prefix
-from kbridge.targets.qemu.qmp import Qmp
 
 _T = TypeVar("_T")
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
@@ -43,7 +41,7 @@ KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
 class QemuVM:
     """A running QEMU guest booted from a kbridge image: the embedded Target."""
 
-    def __init__(self, rundir: Path, image: Image, accel: str, proc: psutil.Process, kept: bool) -> None:
+    def __init__(self, rundir: Path, image: Image, accel: str, proc: procs.Process, kept: bool) -> None:
         self.rundir = rundir
         self.image = image
         self.arch = image.arch
@@ -96,7 +94,9 @@ class QemuVM:
                 f"{image.arch.qemu_binary} is not installed",
                 f"sudo apt-get install {image.arch.qemu_package}",
             )
-        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus)
+        from kbridge.targets.qemu import snapshot  # QMP (asyncio): only to boot, save or restore
+
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus, initrd=_initrd(image))
         state_key = None
         if snapshot.supported(image, accel):
             with contextlib.suppress(Exception):  # no key, no saved state: a normal boot
@@ -128,6 +128,8 @@ class QemuVM:
         """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
         shutil.rmtree(rundir, ignore_errors=True)
         rundir.mkdir(parents=True)
+        from kbridge.targets.qemu import snapshot
+
         if state is not None:
             argv = [*argv, *snapshot.restore_args(state)]
         # A session of its own: Ctrl-C at the terminal reaches kbridge, which stops the
@@ -140,20 +142,20 @@ class QemuVM:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = psutil.Process(popen.pid)
+        proc = procs.Process(popen.pid)
         vm = cls(rundir, image, accel, proc, keep)
         (rundir / "vm.json").write_text(
             json.dumps(
                 {
                     "pid": proc.pid,
-                    "create_time": proc.create_time(),
+                    "create_time": proc.start,
                     "accel": accel,
                     "image": str(image.dir),
                     "suite": image.suite,
                     "arch": image.arch.name,
                     "flavour": image.flavour,
                     "owner": os.getpid(),
-                    "owner_create_time": psutil.Process().create_time(),
+                    "owner_create_time": procs.start_time(os.getpid()),
                     "krel": image.krel,
                     "version": image.version,
                     "memory_mb": memory_mb,
@@ -179,6 +181,8 @@ class QemuVM:
 
     def _resume(self, deadline: float) -> GuestAgent:
         """A restored guest: run it, reconnect the agent, and set its clock (it stopped at the save)."""
+        from kbridge.targets.qemu import snapshot
+
         qmp = snapshot.wait_restored(self.rundir / "qmp.sock", deadline)
         qmp.close()
         while True:
@@ -209,10 +213,10 @@ class QemuVM:
             return mine
         try:
             meta = json.loads((rundir / "vm.json").read_text())
-            proc = psutil.Process(meta["pid"])
-            if abs(proc.create_time() - meta["create_time"]) > 0.01 or not proc.is_running():
-                raise psutil.NoSuchProcess(meta["pid"])
-        except (OSError, ValueError, KeyError, psutil.Error):
+            if not procs.alive(meta["pid"], meta["create_time"]):
+                raise ProcessLookupError(meta["pid"])
+            proc = procs.Process(meta["pid"], meta["create_time"])
+        except (OSError, ValueError, KeyError, TypeError):
             if rundir.exists():
                 shutil.rmtree(rundir, ignore_errors=True)
             return None
@@ -286,13 +290,13 @@ class QemuVM:
         self.detach()
         if self.proc.is_running():
             with contextlib.suppress(Exception):
+                from kbridge.targets.qemu.qmp import Qmp  # asyncio: only to stop or save a VM
+
                 qmp = Qmp(str(self.rundir / "qmp.sock"), timeout=2.0)
                 # Wait for quit's reply before closing, or QEMU may miss the command.
                 qmp.execute("quit", timeout=5.0)
                 qmp.close()
-            with contextlib.suppress(psutil.Error):
-                self.proc.wait(timeout=5)
-            with contextlib.suppress(psutil.Error):
+            if not self.proc.wait(timeout=5):
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         shutil.rmtree(self.rundir, ignore_errors=True)
@@ -356,7 +360,7 @@ class QemuVM:
         return crashes.find(self._console(mark))
 
     def _check_process(self) -> None:
-        if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
+        if self.proc.is_running() and not self.proc.is_zombie():
             return
         console = self._console(self._console_mark)
         if (report := crashes.find(console)) is not None:
@@ -409,11 +413,8 @@ class QemuVM:
 
     def plumbing_pids(self) -> list[int]:
         """The guest agent and the kernel-log streamer (kbridge/guest/init writes their pids): never probed."""
-        pids = []
-        for name in ("qga", "kmsg"):
-            with contextlib.suppress(KbridgeError, ValueError):
-                pids.append(int(self.read_file(f"/run/kbridge/{name}.pid").decode().strip()))
-        return pids
+        found = self._guarded(self.agent.read_small, ["/run/kbridge/qga.pid", "/run/kbridge/kmsg.pid"])
+        return [int(text) for text in found.values() if text is not None and text.strip().isdigit()]
 
     def describe(self) -> dict:
         """What `kbridge vm status` shows of it."""
@@ -434,7 +435,7 @@ class QemuVM:
 
     def bcc_python(self) -> list[str] | None:
         """python3 with bcc: the bcc flavour's root filesystem, entered with chroot."""
-        if self.flavour != "bcc":
+        if self.flavour not in ("bcc", "bench"):
             return None
         return ["/bin/busybox", "chroot", ROOTFS_MOUNT, "/usr/bin/python3"]
 
@@ -521,6 +522,16 @@ class PortReader:
         return self.lines.pop(0).decode(errors="replace")
 
 
+def _initrd(image: Image) -> Path:
+    """The image's initramfs followed by kbridge's eBPF loader and probe (kbridge.images.bpftools), when
+    this host can build them; the image's own otherwise (--via bpf then pushes them, or says what is missing)."""
+    try:
+        return bpftools.boot_initrd(image)
+    except Exception as e:  # noqa: BLE001 - never a reason not to boot
+        progress.warn(f"the guest boots without kbridge's eBPF probe: {e}")
+        return image.initramfs
+
+
 def _user_modules(rundir: Path) -> list[str]:
     """The user's modules kbridge loaded into the VM of RUNDIR (kbridge.modules keeps the list)."""
     try:
@@ -550,10 +561,10 @@ def _image_of(meta: dict, arch: Arch) -> Image | None:
     d = Path(meta.get("image", ""))
     if meta.get("version") and (d / "kernel").is_file() and (d / "headers").is_dir():
         return Image(d, arch, meta["suite"], meta["krel"], meta["version"], meta.get("flavour", "default"))
-    if meta.get("flavour") == "bcc":
+    if meta.get("flavour") in ("bcc", "bench"):
         from kbridge.images import bcc
 
-        return bcc.load(arch, meta["suite"])
+        return bcc.load(arch, meta["suite"], meta["flavour"])
     from kbridge.images.image import load
 
     return load(arch, meta["suite"], verify=False)

@@ -1,4 +1,5 @@
-"""What register_kprobe()/register_kretprobe() errors mean, with the actual cause where kbridge can tell it.
+"""What register_kprobe()/register_kretprobe() errors mean, with the actual cause where kbridge can tell it:
+a generated module's, and the kernel's under an eBPF program's attach (the same registration).
 
 The generic meanings are kernel/kprobes.c's (6.1); the arch-specific causes come from
 the Arch table (instruction alignment, the ftrace site, instruction decoding).
