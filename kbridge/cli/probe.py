@@ -31,11 +31,13 @@ from kbridge.cli.options import (
     RunOpt,
     TargetOpt,
     TidOpt,
+    VagrantfileOpt,
     ViaOpt,
     explain_fault_removed,
     explain_removed,
     guest_arch,
     handlers,
+    use_vagrantfile,
     workload,
 )
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
@@ -77,12 +79,14 @@ def probe_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     mirror: MirrorOpt = None,
     json_out: JsonOpt = False,
     jprobe: JprobeOpt = False,
     fault: FaultOpt = False,
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
+    use_vagrantfile(vagrantfile)
     explain_removed(jprobe)
     suite = kernels.get(kernel)
     if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):

@@ -23,7 +23,9 @@ from kbridge.cli.options import (
     RunOpt,
     TargetOpt,
     TidOpt,
+    VagrantfileOpt,
     guest_arch,
+    use_vagrantfile,
     workload,
 )
 from kbridge.cli.output import HitPrinter, command, emit_json, err, show_durations, show_workload
@@ -117,6 +119,7 @@ def trace_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
     steps: Annotated[
         bool,
@@ -129,6 +132,7 @@ def trace_cmd(
     ] = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
+    use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
     grammar = grammar_of(a, suite)  # the built image's kernel, else the suite's table

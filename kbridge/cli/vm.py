@@ -11,7 +11,7 @@ from rich.markup import escape
 from kbridge import kernels, targets
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
+from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.targets import ownership
@@ -86,11 +86,13 @@ def exec_(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the command (then it is reported).")
     ] = 120.0,
 ) -> None:
     """Run a command in the kept VM (or a Vagrant machine): kbridge vm exec -- CMD ARGS..."""
+    use_vagrantfile(vagrantfile)
     argv = list(ctx.args)
     if not argv:
         raise KbridgeError("no command given", "kbridge vm exec -- uname -a")
@@ -157,8 +159,10 @@ def push(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
+    use_vagrantfile(vagrantfile)
     from pathlib import Path
 
     from kbridge.targets import files
@@ -179,8 +183,10 @@ def pull(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
+    use_vagrantfile(vagrantfile)
     from pathlib import Path
 
     from kbridge.targets import files

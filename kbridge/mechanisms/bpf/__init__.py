@@ -45,12 +45,7 @@ def require_bcc(session: Session) -> list[str]:
     """The argv prefix of the guest's python3 with bcc; a clear error when the guest has none."""
     python = session.target.bcc_python()
     if python is None:
-        arch = session.arch.name
-        raise KbridgeError(
-            f"{session.target.name} has no bcc: it was booted from the default image, which has no python3-bpfcc",
-            f"stop it (kbridge vm down --arch {arch}) so --via bpf boots the bcc image, or keep one with "
-            f"kbridge bpf up --arch {arch}",
-        )
+        raise session.target.bcc_missing()  # the steps differ: the embedded VM's image, a Vagrant box
     return python
 
 
