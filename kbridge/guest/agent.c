@@ -196,6 +196,27 @@ static __attribute__((noreturn)) void die(int code)
 		sc3(NR_exit_group, code, 0, 0);
 }
 
+static unsigned long slen(const char *s);
+static char *put_str(char *p, const char *s);
+static char *put_long(char *p, long v);
+static long write_all(int fd, const void *data, unsigned long n);
+
+/* "kbridge-agent: WHAT PATH: errno N" on stderr (the host shows it), then exit 2. */
+static __attribute__((noreturn)) void fail(const char *what, const char *path, long err)
+{
+	static char msg[512];
+	char *p = put_str(msg, "kbridge-agent: ");
+
+	p = put_str(p, what);
+	*p++ = ' ';
+	p = put_str(p, slen(path) < 400 ? path : "(a long path)");
+	p = put_str(p, ": errno ");
+	p = put_long(p, -err);
+	*p++ = '\n';
+	write_all(2, msg, (unsigned long)(p - msg));
+	die(2);
+}
+
 static unsigned long slen(const char *s)
 {
 	unsigned long n = 0;
@@ -749,9 +770,9 @@ static void serve(const char *dir, const char *lock)
 {
 	char *p;
 
-	dirfd = (int)sc3(NR_openat, AT_FDCWD, dir, O_RDONLY | O_CLOEXEC | 0200000 /* O_DIRECTORY */);
+	dirfd = (int)sc3(NR_openat, AT_FDCWD, dir, O_RDONLY | O_CLOEXEC);
 	if (dirfd < 0)
-		die(2);
+		fail("cannot open its directory", dir, dirfd);
 	lock_machine(lock);
 	p = put_lineage(line);
 	reply(R_READY, (int)sc3(NR_getpid, 0, 0, 0), (unsigned long long)(p - line), 0);
@@ -798,7 +819,7 @@ static void copy(const char *file)
 	char *p;
 
 	if (fd < 0)
-		die(2);
+		fail("cannot read", file, fd);
 	p = put_lineage(line);
 	if (write_all(1, line, (unsigned long)(p - line)))
 		die(0);
@@ -826,12 +847,14 @@ static void copy(const char *file)
 static void hold(const char *link)
 {
 	char target[48], *p = put_str(target, "/proc/");
+	long r;
 
 	p = put_long(p, sc3(NR_getpid, 0, 0, 0));
 	put_str(p, "/fd/1")[0] = 0;
 	sc3(NR_unlinkat, AT_FDCWD, link, 0);
-	if (sc3(NR_symlinkat, target, AT_FDCWD, link) < 0)
-		die(2);
+	r = sc3(NR_symlinkat, target, AT_FDCWD, link);
+	if (r < 0)
+		fail("cannot make the link", link, r);
 	p = put_lineage(line);
 	if (write_all(1, line, (unsigned long)(p - line)) == 0)
 		while (sc3(NR_read, 0, buf, BUFSZ) > 0)

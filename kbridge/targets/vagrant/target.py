@@ -55,8 +55,9 @@ _T = TypeVar("_T")
 MASTER_TIMEOUT_S = 60.0
 TAINT_DIE = 1 << 7  # /proc/sys/kernel/tainted 'D': the kernel oopsed since boot
 LOCK_WAIT_S = 600.0  # another kbridge command using the machine (the kept VM waits as long)
-# A machine without /bin/busybox gets Debian's static one here (kept across connections until reboot).
-BUSYBOX = "/tmp/kbridge-busybox"
+# A machine without /bin/busybox gets Debian's static one here (kept across connections until reboot;
+# named busybox: it takes the applet from its argv[0] unless that is "busybox").
+BUSYBOX = "/tmp/kbridge-tools/busybox"
 
 # What kbridge needs to know of the guest, in one command run as root (before anything is armed);
 # it also removes the directories of connections whose agent is gone (a kbridge killed with -9).
@@ -191,6 +192,7 @@ class VagrantTarget:
     def _push_busybox(self, path: str) -> None:
         data = foreign.static_busybox(self.arch).read_bytes()
         tmp = f"{path}.{self.conn_id}"
+        self.run(["mkdir", "-p", "-m", "700", os.path.dirname(path)], timeout=60)
         self.write_file(tmp, data)
         res = self.run(["/bin/sh", "-c", 'chmod 755 "$1" && mv -f "$1" "$2"', "kbridge", tmp, path], timeout=60)
         if not res.ok:
@@ -558,10 +560,10 @@ class VagrantTarget:
                 f"KBRIDGE_VAGRANT_BCC=1 vagrant up {self.machine} (a machine keeps the disk of its first box)",
             )
         missing = [
-            w
-            for w, ok in (
+            what
+            for what, ok in (
                 ("python3-bpfcc", self.facts.get("bcc") == "yes"),
-                ("the kernel headers", self.facts.get("headers") == "yes"),
+                ("kernel headers (bcc compiles against them)", self.facts.get("headers") == "yes"),
             )
             if not ok
         ]
