@@ -82,8 +82,15 @@ def image_for(kernel: GuestKernel, fetch_headers: Callable[[Image], None], confi
 
 def install_hint(kernel: GuestKernel, machine: str) -> str:
     """How a user installs the headers in the machine (the one thing kbridge cannot do for them)."""
-    pkg = "linux-headers-$(uname -r)" if kernel.os_id in ("debian", "ubuntu") else "the kernel headers package"
-    return f"install them in the machine: vagrant ssh {machine} -c 'sudo apt-get install {pkg}', then run this again"
+    if kernel.os_id in ("debian", "ubuntu"):
+        return (
+            f"install them in the machine: vagrant ssh {machine} -c 'sudo apt-get install linux-headers-$(uname -r)', "
+            "then run this again"
+        )
+    return (
+        f"install the kernel headers package of its distribution in the machine (vagrant ssh {machine}), "
+        "the one that provides /lib/modules/$(uname -r)/build, then run this again"
+    )
 
 
 # -- 1. the guest's own headers ----------------------------------------------------------

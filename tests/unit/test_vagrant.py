@@ -379,6 +379,10 @@ def test_a_foreign_kernel_without_headers_says_how_to_install_them(
         "install them in the machine: vagrant ssh box -c 'sudo apt-get install linux-headers-$(uname -r)', "
         "then run this again"
     )
+    # A guest that is neither Debian nor Ubuntu: no apt-get command, what its package must provide.
+    other = foreign.GuestKernel(get_arch("x86_64"), "6.9.1", "Linux version 6.9.1", "other", "")
+    hint = foreign.install_hint(other, "box")
+    assert "apt-get" not in hint and "vagrant ssh box" in hint and "/lib/modules/$(uname -r)/build" in hint
 
 
 def test_machines_using_a_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
