@@ -8,7 +8,8 @@
 
 The pytest plugin's `kbridge_vm` fixture is the same object. A Guest on a kept
 VM (`kbridge vm up`, or the fixture's) attaches to it for each call only, so
-kbridge commands in other processes can use the VM between calls.
+kbridge commands in other processes can use the VM between calls. A Guest on a
+Vagrant machine keeps one SSH connection (and the machine's lock) for its life.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Guest:
         self.arch = arch.name
         self.suite = suite
         self.where = where
-        self._held = held  # an ephemeral VM this Guest owns for its whole life
+        self._held = held  # an ephemeral VM, or a Vagrant machine's connection: held for the Guest's life
         with self._target() as t:
             self.krel = t.krel
             self.name = t.name
@@ -321,18 +322,30 @@ def _workload(run: str | list[str] | None) -> Workload | None:
 
 @contextlib.contextmanager
 def vm(
-    arch: str | None = None, kernel: str | None = None, target: str | None = None, keep: bool = False, bcc: bool = False
+    arch: str | None = None,
+    kernel: str | None = None,
+    target: str | None = None,
+    keep: bool = False,
+    bcc: bool = False,
+    vagrantfile: str | Path | None = None,
 ) -> Iterator[Guest]:
     """A guest for the block: the kept VM of ARCH and KERNEL if one runs, else a fresh one.
 
     A fresh VM is stopped when the block ends, unless KEEP. BCC boots the image
-    with bcc (for via="bpf"). TARGET "vagrant:NAME" uses a Vagrant machine instead.
+    with bcc (for via="bpf"). TARGET "vagrant:NAME" uses a Vagrant machine instead (of the
+    Vagrantfile in VAGRANTFILE, else VAGRANT_CWD, else the current directory): its own arch,
+    one SSH connection for the whole block.
     """
-    a, suite, where = get_arch(arch), kernels.resolve(kernel), parse_target(target)
+    suite, where = kernels.resolve(kernel), parse_target(target)
+    a = get_arch(arch) if arch is not None or where.kind == "qemu" else None
+    vf = Path(vagrantfile) if vagrantfile is not None else None
     # Each call of the Guest watches the guest for crash reports itself.
-    with acquire(a, "bcc" if bcc else "default", keep=keep, kernel=suite, target=where, watched=False) as t:
-        if t.kept:
+    with acquire(
+        a, "bcc" if bcc else "default", keep=keep, kernel=suite, target=where, vagrantfile=vf, watched=False
+    ) as t:
+        if t.kept and where.kind == "qemu":
             t.release()  # re-attached per call, so other kbridge processes can use it in between
-            yield Guest(a, suite, where)
+            yield Guest(t.arch, suite, where)
         else:
-            yield Guest(a, suite, where, held=t)
+            # An ephemeral VM, or a Vagrant machine: held (one connection) for the Guest's life.
+            yield Guest(t.arch, suite, where, held=t)

@@ -263,3 +263,22 @@ def _entry_register(param: DIE, cu: CompileUnit, locations: LocationParser, dwar
     if len(ops) == 1 and ops[0].op_name == "DW_OP_regx":
         return int(ops[0].args[0])
     return None
+
+
+def segment_offset(header: bytes, vaddr: int, size: int) -> int | None:
+    """Where VADDR..VADDR+SIZE is in the file whose first bytes are HEADER (an ELF64 core such as
+    /proc/kcore: its PT_LOAD segments map kernel addresses to file offsets), or None."""
+    import struct
+
+    if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+        return None  # ELF64 little-endian only (x86_64 and arm64 kernels)
+    (phoff,) = struct.unpack_from("<Q", header, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 56 > len(header):
+            return None
+        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", header, at)
+        if p_type == 1 and p_vaddr <= vaddr and vaddr + size <= p_vaddr + p_filesz:
+            return p_offset + (vaddr - p_vaddr)
+    return None

@@ -4,7 +4,9 @@ A generated module (kmod/inspect.c.j2) registers the kprobe disabled, then the
 host steps it through arm -> remove, reading the instruction bytes at the probe
 address (the module's debugfs `insn` file) and the probe's mode (debugfs
 kprobes/list) between steps. The bytes are disassembled on the host with
-capstone.
+capstone. On a machine kbridge did not build and has no kernel headers for, a
+kprobe event takes the module's place (defined: registered disabled; enabled:
+armed; removed) and the bytes are read from /proc/kcore.
 
 The kernel picks one of three ways to plant a kprobe: an ftrace callback when
 the address is the function's ftrace site (x86_64: KPROBES_ON_FTRACE), a jump
@@ -26,14 +28,18 @@ from pathlib import Path
 
 from kbridge import kprobes_list
 from kbridge.arch import Arch
+from kbridge.elf import segment_offset
 from kbridge.errors import KbridgeError
 from kbridge.kbuild import build_generated
 from kbridge.mechanisms import templates
 from kbridge.mechanisms.kmod.render import ModuleSource, name_for
 from kbridge.mechanisms.refusals import explain_refusal
+from kbridge.mechanisms.tracefs import guest as tracefs_guest
+from kbridge.mechanisms.tracefs.collect import parse_kprobe_profile
 from kbridge.session import Session
 from kbridge.spec import validate_symbol
 from kbridge.symbols import SymbolError
+from kbridge.targets import ownership
 
 NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm64 words
 STEPS = ("before", "armed", "after")
@@ -189,6 +195,11 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         )
         return ins
     ins.optimization = _read_optional(session, OPTIMIZATION)
+    if not session.image.has_headers():
+        # A machine kbridge did not build, whose headers it has not fetched: no module needed.
+        _inspect_with_events(session, ins, force_breakpoint)
+        ins.why = why(ins, session.arch)
+        return ins
     mod = render_inspect(res.symbol, offset)
     ko = build_generated(mod.name, mod.files, session.image)
     if force_breakpoint and session.arch.kprobes_on_ftrace:
@@ -411,6 +422,116 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
     for step, hexbytes in ins.insn.items():
         if hexbytes and hexbytes != "unreadable":
             ins.disasm[step] = disassemble(bytes.fromhex(hexbytes), session.arch, addr)
+
+
+# -- without a module: a kprobe event and /proc/kcore -------------------------------------
+
+EVENT_GROUP = "kbinspect"
+KCORE = "/proc/kcore"
+KCORE_HEADER = 1 << 16  # the ELF header and its program headers come first
+
+
+def _inspect_with_events(session: Session, ins: Inspection, force_breakpoint: bool) -> None:
+    """The same steps through a kprobe event (defined: registered disabled; enabled: armed; removed),
+    the bytes read from /proc/kcore and the counts from kprobe_profile. Needs no kernel headers."""
+    header = _kcore_header(session)
+    if force_breakpoint and session.arch.kprobes_on_ftrace:
+        listed = _events_peek(session, ins)
+        if "[FTRACE]" in listed:
+            site = listed_offset(listed, ins.offset)
+            ins.offset = site + session.arch.ftrace_site_len
+            ins.changes.append(
+                f"{ins.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
+                f"ftrace, never int3: probing {ins.symbol}+{ins.offset:#x}, the instruction after it"
+            )
+    with _optimization_off(session, ins) if force_breakpoint else contextlib.nullcontext():
+        _events_step_through(session, ins, header)
+    addr = ins.probe_address or ins.address + ins.offset
+    for step, hexbytes in ins.insn.items():
+        if hexbytes and hexbytes != "unreadable":
+            ins.disasm[step] = disassemble(bytes.fromhex(hexbytes), session.arch, addr)
+
+
+def _kcore_header(session: Session) -> bytes:
+    res = session.target.run(
+        ["/bin/busybox", "dd", f"if={KCORE}", f"bs={KCORE_HEADER}", "count=1", "status=none"], timeout=60
+    )
+    if not res.ok or not res.stdout.startswith(b"\x7fELF"):
+        raise KbridgeError(
+            f"cannot read {KCORE} in {session.target.name}: {res.stderr.decode(errors='replace').strip() or 'no ELF'}",
+            "inspect reads the kernel's text there when it has no kernel headers to build its module: install "
+            "the headers in the machine, or boot without lockdown (CONFIG_PROC_KCORE is needed)",
+        )
+    return res.stdout
+
+
+def _text_bytes(session: Session, header: bytes, address: int) -> str:
+    """NBYTES at ADDRESS of the live kernel, as hex ('unreadable' when kcore does not map them)."""
+    at = segment_offset(header, address, NBYTES)
+    if at is None:
+        return "unreadable"
+    res = session.target.run(
+        ["/bin/busybox", "dd", f"if={KCORE}", "bs=1", f"skip={at}", f"count={NBYTES}", "status=none"], timeout=60
+    )
+    return res.stdout.hex() if res.ok and len(res.stdout) == NBYTES else "unreadable"
+
+
+def _event_line(ins: Inspection, name: str) -> str:
+    return f"p:{EVENT_GROUP}/{name} {ins.symbol}+{ins.offset}"
+
+
+def _events_peek(session: Session, ins: Inspection) -> str:
+    """Define the event (registered, not armed), read its kprobes/list line, remove it."""
+    vm = session.target
+    name = f"p{secrets.token_hex(4)}"
+    with ownership.owned(vm, "event", f"{EVENT_GROUP}/{name}"):
+        tracefs_guest.define(vm, _event_line(ins, name))
+        try:
+            return find_list_line(session.kprobes_list(), ins.symbol, ins.offset)
+        finally:
+            vm.write_file(tracefs_guest.KPROBE_EVENTS, f"-:{EVENT_GROUP}/{name}\n".encode(), mode="a")
+
+
+def _events_step_through(session: Session, ins: Inspection, header: bytes) -> None:
+    vm = session.target
+    name = f"i{secrets.token_hex(4)}"
+    enable = f"{tracefs_guest.TRACING}/events/{EVENT_GROUP}/{name}/enable"
+
+    def record(step: str) -> None:
+        address = ins.probe_address or ins.address + ins.offset
+        ins.insn[step] = _text_bytes(session, header, address)
+        ins.list_lines[step] = find_list_line(session.kprobes_list(), ins.symbol, ins.offset, ins.probe_address)
+
+    with ownership.owned(vm, "event", f"{EVENT_GROUP}/{name}"):
+        tracefs_guest.define(vm, _event_line(ins, name))  # a refusal is the kernel's own verdict
+        enabled = False
+        try:
+            listed = find_list_line(session.kprobes_list(), ins.symbol, ins.offset)
+            ins.probe_address = int(listed.split()[0], 16) if listed else None
+            ins.ftrace_site = "[FTRACE]" in listed
+            ins.address = _live_address(session, ins.symbol) or (ins.probe_address or 0) - ins.offset
+            record("before")
+            vm.write_file(enable, b"1")
+            enabled = True
+            time.sleep(0.3)  # x86 optimizes a breakpoint into a jump after a delay: let it settle
+            record("armed")
+            ins.mode = mode_of(ins.list_lines["armed"]) if ins.list_lines["armed"] else "unknown"
+            vm.run(["/bin/busybox", "true"], timeout=30)  # some activity, so hits show the probe is live
+            vm.write_file(enable, b"0")
+            enabled = False
+            profile = parse_kprobe_profile(vm.read_file(f"{tracefs_guest.TRACING}/kprobe_profile").decode())
+            ins.hits, ins.nmissed = profile.get(name, profile.get(f"{EVENT_GROUP}/{name}", (0, 0)))
+        finally:
+            if enabled:
+                with contextlib.suppress(KbridgeError):
+                    vm.write_file(enable, b"0")
+            vm.write_file(tracefs_guest.KPROBE_EVENTS, f"-:{EVENT_GROUP}/{name}\n".encode(), mode="a")
+    deadline = time.monotonic() + 2.0  # unoptimizing (x86) is deferred to the optimizer as well
+    while True:
+        record("after")
+        if ins.insn["after"] == ins.insn["before"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
 
 
 def _insmod(session: Session, module: str, guest_ko: str, run_id: str, ins: Inspection) -> None:

@@ -31,7 +31,7 @@ import psutil
 
 from kbridge import debuginfo, elf, kernels, progress, sandbox
 from kbridge.errors import KbridgeError
-from kbridge.images import buildroot
+from kbridge.images import buildroot, programs
 from kbridge.images.image import Image
 from kbridge.paths import cache_dir
 
@@ -196,6 +196,7 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
     if (cached := _from_cache(out, image)) is not None:
         return _remembered(cached, shown)
     box = sandbox.detect() if untrusted else None  # SandboxUnavailable: refused before anything runs
+    image.require_headers()  # a machine's own kernel: its headers are fetched now, or refused
     require_tools(image)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out.parent)
@@ -442,29 +443,5 @@ def check_vermagic(ko: bytes, krel: str) -> str:
 
 
 def build_guest_program(source: Path, image: Image) -> Path:
-    """SOURCE (a freestanding C program: no libc) built static for IMAGE's arch, once, cached.
-
-    It uses no library, so the host's compiler (or its cross build) builds it for every kernel.
-    """
-    cc = image.arch.gcc(HOST_GCC)
-    text = source.read_bytes()
-    digest = hashlib.sha256(text + cc.encode()).hexdigest()[:16]
-    out = cache_dir() / "kbuild" / "programs" / f"{source.stem}-{image.arch.name}-{digest}"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        argv = [
-            cc,
-            *("-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-fno-pie", "-no-pie", "-O2"),
-            *("-o", str(Path(tmp) / "program"), str(source)),
-        ]
-        try:
-            proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
-        except FileNotFoundError:
-            raise KbridgeError(f"{cc} not found", f"sudo apt-get install {image.arch.gcc_package(HOST_GCC)}") from None
-        if proc.returncode != 0:
-            raise KbridgeError(f"building {source.name} for {image.arch.name} failed: {proc.stderr.strip()[-800:]}")
-        with contextlib.suppress(FileExistsError):
-            (Path(tmp) / "program").rename(out)
-    return out
+    """SOURCE (a freestanding C program: no libc) built static for IMAGE's arch, once, cached."""
+    return programs.build(source, image.arch)

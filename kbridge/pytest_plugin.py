@@ -7,7 +7,8 @@
 `kbridge_vm` is a kbridge.Guest (the object `kbridge.vm()` gives) on a VM kept
 for the whole test session, one per arch and kernel, parametrised over
 --kbridge-arch (default: x86_64 and arm64) and --kbridge-kernel (default:
-bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine.
+bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine (its
+own arch, unless --kbridge-arch names it), on one SSH connection for the session.
 `kbridge_session` gives a Session (symbols, guest commands) holding the VM for
 one test.
 """
@@ -76,11 +77,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kbridge_arch" in metafunc.fixturenames:
-        arches = metafunc.config.getoption("--kbridge-arch") or list(ARCHES)
+        arches = metafunc.config.getoption("--kbridge-arch") or _target_arches(metafunc.config) or list(ARCHES)
         metafunc.parametrize("kbridge_arch", [get_arch(a).name for a in arches], scope="session")
     if "kbridge_kernel" in metafunc.fixturenames:
         wanted = metafunc.config.getoption("--kbridge-kernel") or [kernels.DEFAULT]
         metafunc.parametrize("kbridge_kernel", [kernels.resolve(k) for k in wanted], scope="session")
+
+
+_ARCH_OF_TARGET = pytest.StashKey[list[str]]()
+
+
+def _target_arches(config: pytest.Config) -> list[str]:
+    """With --kbridge-target vagrant:NAME and no --kbridge-arch: that machine's arch only (asked once)."""
+    target = config.getoption("--kbridge-target")
+    if parse_target(target).kind == "qemu":
+        return []
+    if _ARCH_OF_TARGET not in config.stash:
+        from kbridge.targets import machine_arch
+
+        arch = machine_arch(target, connect=False)
+        config.stash[_ARCH_OF_TARGET] = [arch.name] if arch else []
+    return config.stash[_ARCH_OF_TARGET]
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +114,9 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
     where = parse_target(request.config.getoption("--kbridge-target"))
     arch = get_arch(kbridge_arch)
     if where.kind != "qemu":
-        yield Guest(arch, kbridge_kernel, where)
+        # One SSH connection (and the machine's lock) for the whole session.
+        with targets.acquire(arch, kernel=kbridge_kernel, target=where, watched=False) as t:
+            yield Guest(t.arch, kbridge_kernel, where, held=t)
         return
     flavour = "bcc" if request.config.getoption("--kbridge-bcc") else "default"
     vm = targets.kept(arch, kbridge_kernel)

@@ -1,4 +1,4 @@
-"""`kbridge box build|list`: Vagrant boxes (libvirt) from the same Debian packages as the images."""
+"""`kbridge box build|list|remove|prune`: Vagrant boxes (libvirt) from the same Debian packages as the images."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import shutil
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from kbridge import progress
 from kbridge.arch import ARCHES, get_arch
 from kbridge.cli import app
 from kbridge.cli.image import MirrorOpt, mirrors_from
 from kbridge.cli.options import JsonDocOpt
-from kbridge.cli.output import command, emit_json, out
+from kbridge.cli.output import command, emit_json, err, out
 from kbridge.images import box as boxes
 from kbridge.images import image as images
 
@@ -73,3 +74,29 @@ def list_cmd(json_out: JsonDocOpt = False) -> None:
     for r in rows:
         state = ("added" if r["added"] else "built, not added") if r["built"] else "not built"
         out.print(f"{r['name']:28} {r['kernel'] or '-':18} {state:17} {r['dir']}")
+
+
+@box_app.command("remove")
+@command
+def remove_cmd(
+    arch: Annotated[Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")] = None,
+    bcc: Annotated[bool, typer.Option("--bcc", help="The box with python3-bpfcc.")] = False,
+    keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep kbridge's build of the box.")] = False,
+) -> None:
+    """Remove the box from Vagrant and its disk from libvirt's pool (and kbridge's build of it)."""
+    done = boxes.remove(get_arch(arch), bcc=bcc, keep_cache=keep_cache)
+    for what in done:
+        err.print(f"[green]✓ removed {escape(what)}[/]")
+    if not done:
+        err.print(f"nothing to remove for {boxes.box_name(get_arch(arch), images.DEFAULT_SUITE, bcc)}")
+
+
+@box_app.command("prune")
+@command
+def prune_cmd() -> None:
+    """Remove older versions of kbridge's boxes from Vagrant and their disks from libvirt's pool."""
+    done = boxes.prune()
+    for what in done:
+        err.print(f"[green]✓ removed {escape(what)}[/]")
+    if not done:
+        err.print("no older box versions")

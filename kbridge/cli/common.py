@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.targets import parse_target
 from kbridge.workload import Workload
 
 
+def use_vagrantfile(vagrantfile: str | None) -> None:
+    """--vagrantfile DIR: Vagrant (and so kbridge) reads the Vagrantfile there, as with VAGRANT_CWD=DIR."""
+    if vagrantfile is None:
+        return
+    path = Path(vagrantfile).expanduser()
+    if path.name == "Vagrantfile" and path.is_file():
+        path = path.parent
+    if not (path / "Vagrantfile").is_file():
+        raise KbridgeError(
+            f"invalid --vagrantfile {vagrantfile!r}: no Vagrantfile there",
+            "give the directory you run `vagrant up` in (the one holding the Vagrantfile)",
+        )
+    os.environ["VAGRANT_CWD"] = str(path.resolve())
+
+
 def guest_arch(arch: str | None, target: str | None) -> Arch:
-    """--arch, else the arch of the --target machine (a Vagrant machine says what it is), else the host's."""
+    """--arch, else the arch of the --target machine (a Vagrant machine says what it is: the connection
+    made to ask it is the one the command then uses), else the host's."""
     if arch is not None or parse_target(target).kind == "qemu":
         return get_arch(arch)
-    from kbridge.targets import acquire
+    from kbridge.targets import machine_arch
 
-    with acquire(None, target=target) as guest:
-        return guest.arch
+    return machine_arch(target) or get_arch(None)
+
+
+def arch_or_machine(arch: str | None, target: str | None) -> Arch | None:
+    """--arch if given; else the host's for the embedded VM, None for a Vagrant machine (its own)."""
+    if arch is not None or parse_target(target).kind == "qemu":
+        return get_arch(arch)
+    return None
 
 
 def handlers(pre: bool = False, post: bool = False, entry: bool = False, ret: bool = False) -> set[str]:

@@ -22,8 +22,10 @@ from kbridge.cli.options import (
     RetOpt,
     TargetOpt,
     TidOpt,
+    VagrantfileOpt,
     guest_arch,
     handlers,
+    use_vagrantfile,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.compare import Comparison, compare, workload_command
@@ -52,9 +54,11 @@ def compare_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
+    use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
     spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm, tid=tid)

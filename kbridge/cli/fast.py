@@ -31,6 +31,7 @@ PROBE: dict[str, tuple[str, str]] = {
     "--arch": ("arch", "str"),
     "--kernel": ("kernel", "str"),
     "--target": ("target", "str"),
+    "--vagrantfile": ("vagrantfile", "str"),
     "--mirror": ("mirror", "str"),
     "--json": ("json_out", "flag"),
     "--jprobe": ("jprobe", "flag"),
@@ -50,6 +51,7 @@ TRACE: dict[str, tuple[str, str]] = {
     "--arch": ("arch", "str"),
     "--kernel": ("kernel", "str"),
     "--target": ("target", "str"),
+    "--vagrantfile": ("vagrantfile", "str"),
     "--json": ("json_out", "flag"),
     "--steps": ("steps", "flag"),
 }

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, KernelOpt, TargetOpt
+from kbridge.cli.options import ArchOpt, KernelOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.inspect import STEPS, Inspection, inspect
 from kbridge.session import Session
@@ -36,11 +36,13 @@ def inspect_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object: symbol, address, mode, why, insn {before, armed, after}.")
     ] = False,
 ) -> None:
     """Show how the target kernel really plants a kprobe on SYMBOL (bytes before, armed, after removal) and why."""
+    use_vagrantfile(vagrantfile)
     validate_symbol(symbol)
     a = get_arch(arch) if arch else None
     with acquire(arch=a, kernel=kernel, target=target) as vm:

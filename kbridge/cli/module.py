@@ -28,6 +28,9 @@ from kbridge.cli.options import (
     PreOpt,
     RetOpt,
     TargetOpt,
+    VagrantfileOpt,
+    arch_or_machine,
+    use_vagrantfile,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
@@ -132,14 +135,16 @@ def load_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Build (if needed), push and load your module into the kept VM (booted if none runs); show its kernel log."""
+    use_vagrantfile(vagrantfile)
     from kbridge import kernels, modules
     from kbridge.targets import acquire
 
     params = dict(modules.parse_param(p) for p in param or ())
-    a = get_arch(arch)
+    a = arch_or_machine(arch, target)  # a Vagrant machine's own arch unless --arch says otherwise
     with acquire(a, keep=True, kernel=kernels.resolve(kernel), target=target) as guest:
         built = modules.build_for(guest, src, name)
         for w in built.warnings:
@@ -174,15 +179,17 @@ def unload_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """rmmod your module from the kept VM; show its exit's kernel log."""
+    use_vagrantfile(vagrantfile)
     from kbridge import kernels
     from kbridge.targets import kept, parse_target
 
-    a = get_arch(arch)
     where = parse_target(target)
     if where.kind == "qemu":
+        a = get_arch(arch)
         vm = kept(a, kernels.resolve(kernel))
         if vm is None:
             raise KbridgeError(
@@ -193,7 +200,7 @@ def unload_cmd(
     else:
         from kbridge.targets import acquire
 
-        with acquire(a, kernel=kernels.resolve(kernel), target=where) as guest:
+        with acquire(arch_or_machine(arch, target), kernel=kernels.resolve(kernel), target=where) as guest:
             _unload(guest, name, json_out)
         return
     try:

@@ -6,9 +6,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from kbridge.cli.common import explain_fault_removed, explain_removed, guest_arch, handlers, workload
+from kbridge.cli.common import (
+    arch_or_machine,
+    explain_fault_removed,
+    explain_removed,
+    guest_arch,
+    handlers,
+    use_vagrantfile,
+    workload,
+)
 
-__all__ = ["explain_fault_removed", "explain_removed", "guest_arch", "handlers", "workload"]
+__all__ = [
+    "arch_or_machine",
+    "explain_fault_removed",
+    "explain_removed",
+    "guest_arch",
+    "handlers",
+    "use_vagrantfile",
+    "workload",
+]
 
 GUEST = "Guest"
 HISTORY = "Kernel history (features that were removed, and what replaced them)"
@@ -30,6 +46,15 @@ TargetOpt = Annotated[
     typer.Option(
         "--target",
         help="qemu (the embedded VM, default) or vagrant[:MACHINE] (a machine of ./Vagrantfile).",
+        rich_help_panel=GUEST,
+    ),
+]
+VagrantfileOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vagrantfile",
+        metavar="DIR",
+        help="With --target vagrant: the directory of the Vagrantfile (default: VAGRANT_CWD, else the current one).",
         rich_help_panel=GUEST,
     ),
 ]

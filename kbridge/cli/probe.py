@@ -31,6 +31,7 @@ from kbridge.cli.options import (
     RunOpt,
     TargetOpt,
     TidOpt,
+    VagrantfileOpt,
     ViaOpt,
 )
 from kbridge.cli.output import command
@@ -57,6 +58,7 @@ def probe_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     mirror: MirrorOpt = None,
     json_out: JsonOpt = False,
     jprobe: JprobeOpt = False,

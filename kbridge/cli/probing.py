@@ -7,7 +7,14 @@ without typer. Both call probe() here.
 from __future__ import annotations
 
 from kbridge import kernels
-from kbridge.cli.common import explain_fault_removed, explain_removed, guest_arch, handlers, workload
+from kbridge.cli.common import (
+    explain_fault_removed,
+    explain_removed,
+    guest_arch,
+    handlers,
+    use_vagrantfile,
+    workload,
+)
 from kbridge.cli.output import HitPrinter, emit_json, err, show_durations, show_workload
 from kbridge.cli.term import escape
 from kbridge.images.apt import Mirrors
@@ -46,6 +53,7 @@ def probe(
     arch: str | None = None,
     kernel: str | None = None,
     target: str | None = None,
+    vagrantfile: str | None = None,
     mirror: str | None = None,
     json_out: bool = False,
     jprobe: bool = False,
@@ -57,6 +65,7 @@ def probe(
     if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):
         raise explain_fault_removed(suite.major_minor)
     get_mechanism(via)  # an unknown --via fails before anything else
+    use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
     spec = make_spec(
         symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault, tid=tid

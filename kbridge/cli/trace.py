@@ -21,6 +21,7 @@ from kbridge.cli.options import (
     RunOpt,
     TargetOpt,
     TidOpt,
+    VagrantfileOpt,
 )
 from kbridge.cli.output import command
 
@@ -43,6 +44,7 @@ def trace_cmd(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
     steps: Annotated[
         bool,

@@ -10,7 +10,7 @@ import math
 
 from kbridge import kernels, kprobe_events
 from kbridge.arch import Arch
-from kbridge.cli.common import guest_arch, workload
+from kbridge.cli.common import guest_arch, use_vagrantfile, workload
 from kbridge.cli.output import CommandExit, HitPrinter, emit_json, err, show_durations, show_workload
 from kbridge.cli.term import escape
 from kbridge.errors import KbridgeError
@@ -99,10 +99,12 @@ def trace(
     arch: str | None = None,
     kernel: str | None = None,
     target: str | None = None,
+    vagrantfile: str | None = None,
     json_out: bool = False,
     steps: bool = False,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
+    use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
     suite = kernels.resolve(kernel)
     grammar = grammar_of(a, suite)  # the built image's kernel, else the suite's table

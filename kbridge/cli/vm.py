@@ -11,7 +11,7 @@ from rich.markup import escape
 from kbridge import kernels, targets
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt
+from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.targets import ownership
@@ -86,11 +86,13 @@ def exec_(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the command (then it is reported).")
     ] = 120.0,
 ) -> None:
     """Run a command in the kept VM (or a Vagrant machine): kbridge vm exec -- CMD ARGS..."""
+    use_vagrantfile(vagrantfile)
     argv = list(ctx.args)
     if not argv:
         raise KbridgeError("no command given", "kbridge vm exec -- uname -a")
@@ -171,8 +173,10 @@ def push(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
+    use_vagrantfile(vagrantfile)
     where, guest = _move("push", src, dst, arch, kernel, target)
     err.print(f"[green]✓ {src} -> {where} in the {guest} guest[/]")
 
@@ -185,7 +189,9 @@ def pull(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
     target: TargetOpt = None,
+    vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
+    use_vagrantfile(vagrantfile)
     where, guest = _move("pull", src, dst, arch, kernel, target)
     err.print(f"[green]✓ {src} in the {guest} guest -> {where}[/]")

@@ -18,9 +18,10 @@ import re
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,8 +50,11 @@ class Image:
     arch: Arch
     suite: str
     krel: str  # the kernel release, `uname -r` in the guest
-    version: str  # the Debian package version of the kernel
+    version: str  # the Debian package version of the kernel (a digest of /proc/version for a machine's own)
     flavour: str = "default"  # "bcc": with a root filesystem holding python3-bpfcc (images/bcc.py)
+    # A machine kbridge did not build (images/foreign.py): how its headers are got on the first
+    # module build, or the refusal that says how to install them.
+    fetch_headers: Callable[[Image], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def kernel(self) -> Path:
@@ -64,6 +68,24 @@ class Image:
     def headers(self) -> Path:
         """The kbuild tree to build modules against (make -C this M=...)."""
         return self.dir / "headers/usr/src" / f"linux-headers-{self.krel}"
+
+    @property
+    def config(self) -> Path:
+        """The kernel's .config: its headers', else the copy a machine's own kernel gave."""
+        cfg = self.headers / ".config"
+        return cfg if cfg.is_file() else self.dir / "config"
+
+    def has_headers(self) -> bool:
+        return (self.headers / "Makefile").is_file()
+
+    def require_headers(self) -> None:
+        """Make sure the headers are there (fetched once for a machine's own kernel), else refuse."""
+        if (self.headers / "Makefile").is_file():
+            return
+        if self.fetch_headers is not None:
+            self.fetch_headers(self)
+        if not (self.headers / "Makefile").is_file():
+            raise KbridgeError(f"no kernel headers for {self.krel} in {self.dir}", "kbridge image build --rebuild")
 
     @property
     def state(self) -> Path:
@@ -184,7 +206,6 @@ def staged(final: Path) -> Iterator[Path]:
     the cache never holds a half-built image under the real name.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
 
     work = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
     try:
@@ -278,7 +299,7 @@ def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Ima
                 extract(deb, work / ("headers" if deb.name.startswith(("linux-headers-", "linux-kbuild-")) else "kpkg"))
             modroot = _modroot(work / "kpkg", krel)
             check_config(_read_config(work / "headers", krel), f"Debian {suite} {arch.name} kernel {krel}")
-            _fix_headers(work / "headers", krel)
+            fix_headers(work / "headers", krel)
             _install_kernel(arch, _vmlinuz(work / "kpkg", krel), work / "kernel")
         with progress.step("building the initramfs"):
             sysroot = work / "sysroot"
@@ -355,7 +376,7 @@ def check_config(config: dict[str, str], what: str) -> None:
             )
 
 
-def _fix_headers(tree: Path, krel: str) -> None:
+def fix_headers(tree: Path, krel: str) -> None:
     """Point the headers' Makefile at the private -common tree instead of /usr/src.
 
     The path is relative (make -C runs in the headers directory), so the tree can move.
@@ -548,7 +569,7 @@ def grammar(img: Image | None, arch: Arch, suite: str) -> Grammar:
     """The kprobe_events grammar of IMG's kernel (its .config and release), else SUITE's from the table."""
     from kbridge.kprobe_events import grammar_for  # the grammar tables: only commands that parse event lines
 
-    if img is not None and (cfg := img.headers / ".config").is_file():
+    if img is not None and (cfg := img.config).is_file():
         return grammar_for(suite, arch, _config_file(str(cfg), cfg.stat().st_mtime_ns), img.krel)
     return grammar_for(suite, arch)
 

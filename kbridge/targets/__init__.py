@@ -92,12 +92,13 @@ def acquire(
         from kbridge.targets import vagrant
 
         guest: Target = vagrant.connect(spec.machine, vagrantfile)
+        # No arch given: the machine's. One given that is not the machine's is a mistake worth saying.
         if arch is not None and get_arch(arch if isinstance(arch, str) else arch.name) != guest.arch:
             guest.release()
             raise KbridgeError(
                 f"--arch {arch if isinstance(arch, str) else arch.name} does not match "
                 f"{guest.name}, which is {guest.arch.name}",
-                "drop --arch with --target vagrant",
+                "drop --arch with --target vagrant: the machine's arch is used",
             )
     else:
         guest = _qemu(
@@ -159,6 +160,30 @@ def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | N
     return QemuVM.boot(resolve_image(arch, suite, flavour, mirrors), keep=keep)
 
 
+def machine_arch(target: str | TargetSpec | None, vagrantfile: Path | None = None, connect: bool = True) -> Arch | None:
+    """The arch of the --target machine (None for the embedded VM, whose arch --arch chooses).
+
+    A Vagrant machine says what it is: with CONNECT the connection made to ask it stays open
+    for this process's later acquire() (one connection per command); without, the arch a
+    connection found before is used (no connection at all) and a connection is made only
+    when this machine was never seen, and closed at once.
+    """
+    where = target if isinstance(target, TargetSpec) else parse_target(target)
+    if where.kind != "vagrant":
+        return None
+    from kbridge.targets import vagrant
+
+    if not connect and (known := vagrant.known_arch(where.machine, vagrantfile)) is not None:
+        return get_arch(known)
+    guest = vagrant.connect(where.machine, vagrantfile)
+    try:
+        if connect:
+            guest.keep_for_process()
+        return guest.arch
+    finally:
+        guest.release()
+
+
 def kept(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
     """The kept VM of ARCH and SUITE if one runs, attached (and locked) for this process: release() it."""
     from kbridge.targets.qemu import QemuVM
@@ -174,7 +199,9 @@ def kept_as_is(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
     return QemuVM.attach(arch, suite, restart_crashed=False)
 
 
-def running(arch: Arch | None, suite: str, target: str | TargetSpec | None = None) -> Target:
+def running(
+    arch: Arch | None, suite: str, target: str | TargetSpec | None = None, vagrantfile: Path | None = None
+) -> Target:
     """A guest that is already up, attached: the kept VM of ARCH and SUITE, or the Vagrant machine TARGET.
 
     Nothing is booted: a one-line error says how to start one.
@@ -183,7 +210,14 @@ def running(arch: Arch | None, suite: str, target: str | TargetSpec | None = Non
     if where.kind == "vagrant":
         from kbridge.targets import vagrant
 
-        return vagrant.connect(where.machine)
+        guest = vagrant.connect(where.machine, vagrantfile)
+        if arch is not None and arch != guest.arch:
+            guest.release()
+            raise KbridgeError(
+                f"--arch {arch.name} does not match {guest.name}, which is {guest.arch.name}",
+                "drop --arch with --target vagrant: the machine's arch is used",
+            )
+        return guest
     a = arch or get_arch(None)
     vm = kept(a, suite)
     if vm is None:

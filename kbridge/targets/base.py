@@ -178,6 +178,9 @@ class Target(Protocol):
     def bcc_python(self) -> list[str] | None:
         """The argv prefix that runs a python3 with bcc in the guest, or None without bcc."""
 
+    def bcc_missing(self) -> KbridgeError:
+        """What --via bpf says when bcc_python() is None: the steps that give this guest bcc."""
+
     def check_alive(self) -> None:
         """Raise GuestCrash if the guest panicked or oopsed."""
 

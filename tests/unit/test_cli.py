@@ -52,6 +52,8 @@ COMMANDS = [
     ["box"],
     ["box", "build"],
     ["box", "list"],
+    ["box", "remove"],
+    ["box", "prune"],
 ]
 
 
@@ -177,3 +179,20 @@ def test_trace_check_refuses_a_non_breaking_space() -> None:
     # The kernel's isspace() counts byte 0xA0 as a space: the line would split where it shows none.
     res = run("trace", "--check", "p:x ksys_write\u00a0fd=$arg1", "--arch", "x86_64")
     assert res.exit_code == 1 and "non-ASCII" in res.output and "^" in res.output
+
+
+def _commands_with(option: str) -> list[list[str]]:
+    return [c for c in COMMANDS if c and any(option in p.opts for p in _command(c).params)]
+
+
+def test_every_command_that_takes_a_target_takes_a_vagrantfile() -> None:
+    """The hint for a missing Vagrantfile names --vagrantfile DIR: every --target command has it."""
+    with_target = _commands_with("--target")
+    assert len(with_target) >= 9
+    assert with_target == _commands_with("--vagrantfile")
+
+
+def test_vagrantfile_that_is_not_one_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    res = run("vm", "exec", "--target", "vagrant", "--vagrantfile", str(tmp_path), "--", "true")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"invalid --vagrantfile {str(tmp_path)!r}: no Vagrantfile there" in res.output, res.output

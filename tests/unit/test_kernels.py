@@ -83,7 +83,7 @@ def test_headers_makefile_is_made_relative(tmp_path, krel, text, fixed):
     mk = tmp_path / "usr/src" / f"linux-headers-{krel}" / "Makefile"
     mk.parent.mkdir(parents=True)
     mk.write_text(text)
-    image._fix_headers(tmp_path, krel)
+    image.fix_headers(tmp_path, krel)
     assert mk.read_text() == fixed
 
 
@@ -92,7 +92,7 @@ def test_unknown_headers_layout_is_an_error(tmp_path):
     mk.parent.mkdir(parents=True)
     mk.write_text("include /opt/elsewhere/Makefile\nKBUILD_OUTPUT=/usr/src/x\n")
     with pytest.raises(KbridgeError, match="unexpected headers Makefile"):
-        image._fix_headers(tmp_path, "9.9-amd64")
+        image.fix_headers(tmp_path, "9.9-amd64")
 
 
 @pytest.mark.parametrize(

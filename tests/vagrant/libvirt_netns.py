@@ -35,6 +35,7 @@ APT_PACKAGES = (
     "iptables",
     "qemu-utils",
     "openssh-client",
+    "netcat-openbsd",  # nc: the tests' SSH proxy into the namespace (config.ssh.proxy_command)
 )
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
@@ -44,7 +45,7 @@ URI = "qemu:///system"
 def missing_tools() -> list[str]:
     return [
         t
-        for t in ("vagrant", "libvirtd", "virtlogd", "virsh", "qemu-img", "dnsmasq", "iptables", "ssh")
+        for t in ("vagrant", "libvirtd", "virtlogd", "virsh", "qemu-img", "dnsmasq", "iptables", "ssh", "nc")
         if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
     ]
 

@@ -439,6 +439,14 @@ class QemuVM:
             return None
         return ["/bin/busybox", "chroot", ROOTFS_MOUNT, "/usr/bin/python3"]
 
+    def bcc_missing(self) -> KbridgeError:
+        arch = self.arch.name
+        return KbridgeError(
+            f"{self.name} has no bcc: it was booted from the default image, which has no python3-bpfcc",
+            f"stop it (kbridge vm down --arch {arch}) so --via bpf boots the bcc image, or keep one with "
+            f"kbridge bpf up --arch {arch}",
+        )
+
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
         """Write DATA to PATH in the guest; mode "a" appends (kprobe_events without clearing it)."""
         self._guarded(self.agent.write_file, path, data, mode)

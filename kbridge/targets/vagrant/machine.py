@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -11,8 +12,95 @@ from pathlib import Path
 from typing import NoReturn
 
 from kbridge.errors import KbridgeError
+from kbridge.paths import state_dir
 
 INSTALL_HINT = "sudo apt-get install vagrant vagrant-libvirt"
+NO_VAGRANTFILE_HINT = "cd to the directory with the Vagrantfile, or pass --vagrantfile DIR (or set VAGRANT_CWD)"
+
+
+def environment(vagrantfile_dir: Path | str | None = None) -> tuple[dict[str, str], str]:
+    """Vagrant's environment for the Vagrantfile in VAGRANTFILE_DIR, VAGRANT_CWD or the current
+    directory, and how to name that place in messages."""
+    if shutil.which("vagrant") is None:
+        raise KbridgeError("vagrant is not installed", INSTALL_HINT)
+    if shutil.which("ssh") is None:
+        raise KbridgeError(
+            "ssh is not installed (kbridge drives Vagrant machines over OpenSSH)", "sudo apt-get install openssh-client"
+        )
+    env = dict(os.environ)
+    if vagrantfile_dir is not None:
+        if not (Path(vagrantfile_dir) / "Vagrantfile").is_file():
+            raise KbridgeError(
+                f"no Vagrantfile in {str(vagrantfile_dir)!r}", "give the directory that holds the Vagrantfile"
+            )
+        env["VAGRANT_CWD"] = str(Path(vagrantfile_dir).resolve())
+        return env, str(vagrantfile_dir)
+    if env.get("VAGRANT_CWD"):
+        return env, env["VAGRANT_CWD"]
+    env.pop("VAGRANT_CWD", None)  # set but empty: Vagrant would refuse it
+    return env, "the current directory"
+
+
+def ssh_options(ssh_config: str, machine: str) -> list[str]:
+    """`vagrant ssh-config MACHINE`'s Host block as ssh -o options (no config file to leave behind)."""
+    block = host_block(ssh_config, machine) or ssh_config
+    opts: list[str] = []
+    for line in block.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key and value and key.lower() != "host":
+            opts += ["-o", f"{key} {value.strip()}"]
+    return opts
+
+
+def running_machine(env: dict[str, str], where: str) -> str:
+    """The one machine of the Vagrantfile that runs (`--target vagrant` without a name)."""
+    status = vagrant_cmd(["status", "--machine-readable"], env)
+    if status.returncode != 0:
+        _status_failed(status, None, env, where)
+    machines = parse_status(status.stdout)
+    running = [m for m, (state, _) in machines.items() if state == "running"]
+    if len(running) == 1:
+        return running[0]
+    names = ", ".join(f"vagrant:{n}" for n in (running or machines))
+    if running:
+        raise KbridgeError(f"several machines of the Vagrantfile in {where} are running", f"name one: --target {names}")
+    raise KbridgeError(
+        f"no machine of the Vagrantfile in {where} is running",
+        f"vagrant up NAME, then --target vagrant (or name one: --target {names})",
+    )
+
+
+def _arch_file() -> Path:
+    return state_dir() / "vagrant-arches.json"
+
+
+def _machine_id(env: dict[str, str], machine: str) -> str:
+    """The id of MACHINE's current incarnation (Vagrant writes it when it creates the machine)."""
+    for p in sorted((dotdir(env) / "machines" / machine).glob("*/id")):
+        with contextlib.suppress(OSError):
+            return p.read_text().strip()
+    return ""
+
+
+def remember_arch(env: dict[str, str], machine: str, arch: str) -> None:
+    """What arch MACHINE is, kept until the machine is created again (a new id)."""
+    key = f"{dotdir(env).resolve()}:{machine}:{_machine_id(env, machine)}"
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(_arch_file().read_text()) if _arch_file().is_file() else {}
+        if known.get(key) != arch:
+            known[key] = arch
+            _arch_file().parent.mkdir(parents=True, exist_ok=True)
+            tmp = _arch_file().with_suffix(f".{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(_arch_file())
+
+
+def known_arch(env: dict[str, str], machine: str) -> str | None:
+    """MACHINE's arch as a connection found it, if this incarnation of it was seen before."""
+    key = f"{dotdir(env).resolve()}:{machine}:{_machine_id(env, machine)}"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(_arch_file().read_text()).get(key)
+    return None
 
 
 def vagrant_cmd(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -76,34 +164,30 @@ def provider_of(env: dict[str, str], machine: str) -> str:
     return "vagrant"
 
 
+def _status_failed(
+    status: subprocess.CompletedProcess[str], machine: str | None, env: dict[str, str], where: str
+) -> NoReturn:
+    msg = vagrant_message(status)
+    if "provider" in msg.lower() and "libvirt" in msg and plugin_missing(env):
+        raise KbridgeError(f"the vagrant-libvirt plugin is missing: {msg}", INSTALL_HINT)
+    if "not found configured" in msg or "was not found" in msg:
+        raise KbridgeError(
+            f"no machine {machine!r} in the Vagrantfile of {where}: {msg}", "see `vagrant status` for the machine names"
+        )
+    if "A Vagrant environment or target machine is required" in msg:
+        raise KbridgeError(f"no Vagrantfile in {where}", NO_VAGRANTFILE_HINT)
+    raise KbridgeError(f"vagrant status failed: {msg}")
+
+
 def explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh_config_error: str) -> NoReturn:
     """Raise the one-line reason a machine cannot be reached: no Vagrantfile, no such machine,
     a missing plugin, not created, not running."""
     status = vagrant_cmd(["status", "--machine-readable", *([machine] if machine else [])], env)
     if status.returncode != 0:
-        msg = vagrant_message(status)
-        if "provider" in msg.lower() and "libvirt" in msg and plugin_missing(env):
-            raise KbridgeError(f"the vagrant-libvirt plugin is missing: {msg}", INSTALL_HINT)
-        if "not found configured" in msg or "was not found" in msg:
-            raise KbridgeError(
-                f"no machine {machine!r} in the Vagrantfile of {where}: {msg}",
-                "see `vagrant status` for the machine names",
-            )
-        if "A Vagrant environment or target machine is required" in msg:
-            raise KbridgeError(
-                f"no Vagrantfile in {where}",
-                "cd to the directory with the Vagrantfile, or pass --vagrantfile DIR / set VAGRANT_CWD",
-            )
-        raise KbridgeError(f"vagrant status failed: {msg}")
+        _status_failed(status, machine, env, where)
     machines = parse_status(status.stdout)
     if machine is None:
-        if len(machines) != 1:
-            names = ", ".join(f"vagrant:{n}" for n in machines)
-            raise KbridgeError(
-                f"no machine of the Vagrantfile in {where} is running",
-                f"vagrant up, then --target vagrant (or name one: --target {names})",
-            )
-        machine = next(iter(machines))
+        machine = running_machine(env, where)
     state, provider = machines.get(machine, ("", ""))
     if provider == "libvirt" and plugin_missing(env):
         raise KbridgeError(f"the vagrant-libvirt plugin is missing (the provider of {machine})", INSTALL_HINT)
@@ -111,13 +195,6 @@ def explain_not_ready(machine: str | None, env: dict[str, str], where: str, ssh_
         why = {"not_created": "not created", "shutoff": "shut off", "": "in an unknown state"}.get(state, state)
         raise KbridgeError(f"vagrant machine {machine!r} is {why}", f"vagrant up {machine}")
     raise KbridgeError(f"vagrant ssh-config {machine} failed: {ssh_config_error}", f"vagrant reload {machine}")
-
-
-# A root shell kept open over one SSH channel runs run()'s commands: no sudo, PAM or
-# login-shell start per command (under TCG those cost ~0.5-1 s each). Commands run one
-# at a time; each is framed by a random marker the host chose, its stdout goes straight
-# to the channel (as qemu-guest-agent's exec output does, so the only writes are the
-# command's own), stderr through a file.
 
 
 def readiness() -> list[dict]:

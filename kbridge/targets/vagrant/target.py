@@ -1,178 +1,278 @@
-"""VagrantTarget: the Target protocol over one OpenSSH control master to a Vagrant machine."""
+"""VagrantTarget: the Target protocol over one OpenSSH connection to a Vagrant machine.
+
+One connection per command (and per Guest of the Python API, for its whole life): a
+process that asks for the same machine again gets the connection it has open. On it,
+kbridge's agent (kbridge/guest/agent.c, installed in the guest's /tmp for the connection)
+runs every command and file operation as root, holding the machine's lock so that two
+kbridge commands never drive one machine at once; the kernel log and the trace/bpf
+streams each get a channel of their own. kbridge's guest helpers (the agents, sudo and
+sshd's session processes) are known by tgid from the moment they start, before anything
+is armed, so a probe counts what the workload (or the whole guest, with --duration) did.
+
+kbridge never destroys, halts or reboots a machine: release() closes the channels and
+the connection; the agents end with them and remove their files.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import hashlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from kbridge import crashes, oops, progress
-from kbridge.arch import Arch, get_arch, host_arch
+from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
+from kbridge.images import foreign
 from kbridge.images import image as images
 from kbridge.paths import state_dir
 from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
-from kbridge.targets.vagrant.machine import (
-    INSTALL_HINT,
-    dotdir,
-    explain_not_ready,
-    host_block,
-    provider_of,
-    vagrant_cmd,
-    vagrant_message,
-)
-from kbridge.targets.vagrant.shell import (
-    AGENT_SCRIPT,
-    MASTER_TIMEOUT_S,
-    PROBE,
+from kbridge.targets.vagrant import machine as machines
+from kbridge.targets.vagrant.agent import (
+    CONN_PREFIX,
     RUN_DIR,
-    TAINT_DIE,
+    Agent,
+    Helper,
     PipeLines,
-    RootShell,
-    Spawned,
     die_with_parent,
+    helper_argv,
+    install_argv,
+    install_input,
+    parse_lineage,
+    remote,
 )
+
+_T = TypeVar("_T")
+MASTER_TIMEOUT_S = 60.0
+TAINT_DIE = 1 << 7  # /proc/sys/kernel/tainted 'D': the kernel oopsed since boot
+LOCK_WAIT_S = 600.0  # another kbridge command using the machine (the kept VM waits as long)
+# A machine without /bin/busybox gets Debian's static one here (kept across connections until reboot;
+# named busybox: it takes the applet from its argv[0] unless that is "busybox").
+BUSYBOX = "/tmp/kbridge-tools/busybox"
+
+# What kbridge needs to know of the guest, in one command run as root (before anything is armed);
+# it also removes the directories of connections whose agent is gone (a kbridge killed with -9).
+FACTS = r"""
+echo "krel=$(uname -r)"; echo "machine=$(uname -m)"; echo "tainted=$(cat /proc/sys/kernel/tainted)"
+echo "hostname=$(cat /proc/sys/kernel/hostname)"; echo "version=$(cat /proc/version)"
+[ -x /bin/busybox ] && echo busybox=yes
+[ -n "$1" ] && [ -x "$1" ] && echo pushed_busybox=yes
+[ -e /usr/lib/python3/dist-packages/bcc/__init__.py ] && echo bcc=yes
+[ -e /etc/kbridge/box.json ] && echo kbridge_box=yes
+[ -f "/lib/modules/$(uname -r)/build/Makefile" ] && echo headers=yes
+[ -r "/boot/config-$(uname -r)" ] && echo "config=/boot/config-$(uname -r)"
+if [ -r /etc/os-release ]; then . /etc/os-release; echo "os=$ID"; echo "codename=${VERSION_CODENAME:-}"; fi
+command -v dpkg-query >/dev/null 2>&1 && dpkg-query -W -f='kpkg=${Package} ${Version}\n' \
+    "linux-image-$(uname -r)" "linux-image-$(uname -r)-unsigned" 2>/dev/null
+dmesg 2>/dev/null | grep -q -e 'Hypervisor detected: KVM' -e 'KVM: hypervisor services' && echo kvm=yes
+for d in PREFIX*; do
+    [ -d "$d" ] || continue; p=$(cat "$d/pid" 2>/dev/null)
+    [ -n "$p" ] && [ -d "/proc/$p" ] || rm -rf "$d"
+done
+true
+""".replace("PREFIX", CONN_PREFIX)
+
+# The connections this process has open, by (Vagrantfile directory, machine): one per machine.
+_open: dict[tuple[str, str], VagrantTarget] = {}
 
 
 class VagrantTarget:
-    """A running Vagrant machine, reached over one OpenSSH control master."""
+    """A running Vagrant machine, reached over one OpenSSH connection."""
 
-    def __init__(self, machine: str, ssh_config: str, provider: str, env: dict[str, str]) -> None:
+    def __init__(self, machine: str, ssh_config: str, provider: str, env: dict[str, str], where: str) -> None:
         self.machine = machine
         self.name = f"vagrant:{machine}"
         self.provider = provider
         self.env = env
+        self.where = where
         self.kept = True  # the user's machine: never shut down by kbridge
         self.flavour = "default"
-        self.accel = provider
+        self.accel = f"{provider}/tcg"
         self.arch: Arch = get_arch(None)
         self.krel = ""
+        self.hostname = ""
         self.image: images.Image
-        key = hashlib.sha256(f"{env.get('VAGRANT_CWD', os.getcwd())}\0{machine}\0{os.getpid()}".encode())
-        state_dir().mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"vg-{key.hexdigest()[:6]}-", dir=state_dir()))
-        self.ssh_config = self.dir / "ssh_config"
-        self.ssh_config.write_text(ssh_config)
-        self.control = self.dir / "ctl"
-        self.host = machine
+        self.facts: dict[str, str] = {}
+        self.ssh_options = machines.ssh_options(ssh_config, machine)
+        self.conn_id = secrets.token_hex(6)
+        self.control = _control_path(self.conn_id)
+        self._users = 1
         self._master: subprocess.Popen[bytes] | None = None
-        self._spawned: dict[int, Spawned] = {}
-        self._next = 1
-        self._readers: dict[str, tuple[subprocess.Popen[bytes], PipeLines]] = {}
+        self._agent: Agent | None = None
+        self._lock = threading.RLock()  # one agent request at a time
+        self._helpers: dict[str, Helper] = {}
         self._kmsg: tuple[subprocess.Popen[bytes], PipeLines] | None = None
-        self._sshd_pid: int | None = None
+        self._readers: dict[str, tuple[subprocess.Popen[bytes], PipeLines]] = {}
+        self._spawned: dict[int, tuple[int, str]] = {}
+        self._results: dict[int, ExecResult] = {}
+        self._next = 1
+        self._busybox: str | None = None
         self._crashed = False
-        self._agent: RootShell | None = None
-        self._agent_lock = threading.Lock()
+        self._keys: list[tuple[str, str]] = []
 
     # -- connection ----------------------------------------------------------------
 
-    def _ssh(self, remote: str, master: bool = False) -> list[str]:
-        opts = ["-F", str(self.ssh_config), "-o", f"ControlPath={self.control}", "-o", "BatchMode=yes", "-T"]
+    def _ssh(self, command: str | None, master: bool = False) -> list[str]:
+        opts = ["-F", "/dev/null", *self.ssh_options, "-o", f"ControlPath={self.control}", "-o", "BatchMode=yes"]
         if master:
             opts += ["-M", "-N", "-o", "ControlPersist=no", "-o", "ServerAliveInterval=10"]
         else:
-            opts += ["-o", "ControlMaster=no"]
-        return ["ssh", *opts, self.host, *([remote] if remote else [])]
+            opts += ["-o", "ControlMaster=no", "-T"]
+        return ["ssh", *opts, self.machine, *([command] if command else [])]
 
     def _start(self) -> None:
         with progress.step(f"connecting to {self.name} over SSH"):
-            with open(self.dir / "master.log", "wb") as err:
-                self._master = subprocess.Popen(
-                    self._ssh("", master=True),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    env=self.env,
-                    preexec_fn=die_with_parent,
-                )
+            self._master = subprocess.Popen(
+                self._ssh(None, master=True),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=self.env,
+                preexec_fn=die_with_parent,
+            )
             deadline = time.monotonic() + MASTER_TIMEOUT_S
-            while not self.control.exists():
+            while not os.path.exists(self.control):
                 if self._master.poll() is not None or time.monotonic() > deadline:
-                    log = (self.dir / "master.log").read_text(errors="replace").strip()
-                    why = " ".join(log.split())[-300:] or "timed out"
+                    if self._master.poll() is None:
+                        self._master.kill()
+                    _, log = self._master.communicate()
+                    why = " ".join(log.decode(errors="replace").split())[-300:] or "timed out"
                     raise KbridgeError(
                         f"cannot reach {self.name} over SSH: {why}",
                         f"try `vagrant ssh {self.machine}`; `vagrant reload {self.machine}` if it hangs",
                     )
                 time.sleep(0.02)
-            facts = self._facts()
+            with self._lock:
+                self._agent_up()  # sudo -n once, the machine's lock, kbridge's agent
+            self.facts = self._facts(BUSYBOX)
+        facts = self.facts
         self.krel = facts.get("krel", "")
-        machine = facts.get("machine", "")
+        self.hostname = facts.get("hostname", "")
         try:
-            self.arch = get_arch(machine)
+            self.arch = get_arch(facts.get("machine", ""))
         except KbridgeError:
             raise KbridgeError(
-                f"{self.name} runs on {machine!r}, which kbridge does not support", "use an x86_64 or arm64 machine"
+                f"{self.name} runs on {facts.get('machine')!r}, which kbridge does not support",
+                "use an x86_64 or arm64 machine",
             ) from None
+        machines.remember_arch(self.env, self.machine, self.arch.name)
         if int(facts.get("tainted", "0") or 0) & TAINT_DIE:
             raise KbridgeError(
                 f"the kernel of {self.name} has oopsed since it booted (tainted D)", f"vagrant reload {self.machine}"
             )
-        self._sshd_pid = int(facts["ppid"]) if facts.get("ppid", "").isdigit() else None
-        with self._agent_lock:
-            self._agent_up()  # sudo -n once, for every later command (and its refusal, said here)
-        if self._sshd_pid:
-            # sshd's session process carries every byte kbridge gets back: never probe it.
-            # qga.pid is where sessions look for "the channel kbridge drives the guest through"
-            # (qemu-guest-agent's in the embedded VM).
-            pid = f"{self._sshd_pid}\n".encode()
-            self.write_file(f"{RUN_DIR}/ssh.pid", pid)
-            self.write_file(f"{RUN_DIR}/qga.pid", pid)
-        self.flavour = "bcc" if facts.get("bcc") == "yes" else "default"
-        self.accel = f"{self.provider}/" + (
-            "kvm" if facts.get("kvm") == "yes" else "tcg" if self.arch.name != host_arch() else "qemu"
+        if facts.get("busybox") != "yes":
+            if facts.get("pushed_busybox") != "yes":
+                self._push_busybox(BUSYBOX)
+            self._busybox = BUSYBOX
+        self.flavour = "bcc" if facts.get("bcc") == "yes" and facts.get("headers") == "yes" else "default"
+        # The same label on every arch for the same accelerator: what the guest's kernel found.
+        self.accel = f"{self.provider}/" + ("kvm" if facts.get("kvm") == "yes" else "tcg")
+        self.image = self._image()
+
+    def _facts(self, busybox: str) -> dict[str, str]:
+        res = self.run(["/bin/sh", "-c", FACTS, "kbridge-facts", busybox], timeout=120)
+        found: dict[str, str] = {}
+        for line in res.text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                found.setdefault(key, value)
+        if "krel" not in found:
+            raise KbridgeError(f"cannot read the kernel of {self.name}: {res.stderr.decode(errors='replace')[-300:]}")
+        return found
+
+    def _push_busybox(self, path: str) -> None:
+        data = foreign.static_busybox(self.arch).read_bytes()
+        tmp = f"{path}.{self.conn_id}"
+        self.run(["mkdir", "-p", "-m", "700", os.path.dirname(path)], timeout=60)
+        self.write_file(tmp, data)
+        res = self.run(["/bin/sh", "-c", 'chmod 755 "$1" && mv -f "$1" "$2"', "kbridge", tmp, path], timeout=60)
+        if not res.ok:
+            raise KbridgeError(f"could not install busybox in {self.name}: {res.stderr.decode(errors='replace')}")
+
+    def _image(self) -> images.Image:
+        """The kernel's headers and facts: kbridge's own image for its boxes, else the machine's own kernel."""
+        own = images.load(self.arch, images.DEFAULT_SUITE, verify=False)
+        version = self.facts.get("kpkg", "").split()[1:2]
+        if own is not None and own.krel == self.krel and (self.facts.get("kbridge_box") or version == [own.version]):
+            return own
+        if self.facts.get("kbridge_box"):
+            own = images.ensure(self.arch)
+            if own.krel != self.krel:
+                raise KbridgeError(
+                    f"{self.name} was made from an older kbridge box (kernel {self.krel}; the image has {own.krel})",
+                    f"kbridge box build --arch {self.arch.name}, then vagrant destroy {self.machine} "
+                    f"and vagrant up {self.machine}",
+                )
+            return own
+        kernel = self.guest_kernel()
+        config = None
+        if (path := self.facts.get("config")) and not (foreign.kernel_dir(kernel) / "config").is_file():
+            with contextlib.suppress(KbridgeError):
+                config = self.read_file(path)
+        return foreign.image_for(kernel, self._fetch_headers, config)
+
+    def guest_kernel(self) -> foreign.GuestKernel:
+        f = self.facts
+        return foreign.GuestKernel(
+            self.arch, self.krel, f.get("version", ""), f.get("os", ""), f.get("codename", ""), f.get("kpkg", "")
         )
-        self.image = self._headers_image()
 
-    def _facts(self) -> dict[str, str]:
-        proc = subprocess.run(self._ssh(PROBE), capture_output=True, env=self.env, timeout=60, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0 and not proc.stdout:
-            raise KbridgeError(
-                f"cannot run commands in {self.name}: {proc.stderr.decode(errors='replace').strip()[-300:]}"
-            )
-        return dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
-
-    def _headers_image(self) -> images.Image:
-        """kbridge's image of the guest's kernel: its headers build the modules loaded here."""
-        img = images.ensure(self.arch)
-        if img.krel != self.krel:
-            raise KbridgeError(
-                f"no kernel headers for {self.krel} (the kernel of {self.name}): kbridge's {self.arch.name} "
-                f"image has {img.krel}",
-                f"use a box built from kbridge's image (kbridge box build --arch {self.arch.name}) or update "
-                "the image (kbridge image build --rebuild)",
-            )
-        return img
+    def _fetch_headers(self, img: images.Image) -> None:
+        """The headers of the machine's own kernel: its own /lib/modules/KREL/build, else Debian's package."""
+        kernel = self.guest_kernel()
+        if self.facts.get("headers") == "yes":
+            with progress.step(f"copying the kernel headers of {self.name} ({self.krel}) to the host, once"):
+                trees = self.run(["/bin/sh", "-c", foreign.GUEST_TREES, "kbridge", self.krel], timeout=60)
+                if trees.ok and trees.text.split():
+                    tar = self.run(["tar", "-C", "/", "-cf", "-", *trees.text.split()], timeout=900)
+                    if not tar.ok:
+                        raise KbridgeError(
+                            f"could not copy the kernel headers out of {self.name}: "
+                            f"{tar.stderr.decode(errors='replace').strip()[-300:]}"
+                        )
+            if trees.ok and trees.text.split():
+                foreign.from_guest_tar(img, tar.stdout)
+                return
+        if foreign.from_archive(img, kernel):
+            return
+        where = f"; Debian {kernel.codename} has no linux-headers-{self.krel}" if kernel.debian else ""
+        raise KbridgeError(
+            f"no kernel headers for {self.krel} (the kernel of {self.name}): the machine has no "
+            f"/lib/modules/{self.krel}/build{where}",
+            foreign.install_hint(kernel, self.machine),
+        )
 
     def release(self) -> None:
-        """Close the readers, the root shell and the control master; the machine keeps running."""
+        """Done with it: the last user closes the channels and the connection; the machine keeps running."""
+        self._users -= 1
+        if self._users > 0:
+            return
+        for key in self._keys:
+            if _open.get(key) is self:
+                del _open[key]
         for port in list(self._readers):
             with contextlib.suppress(Exception):
                 self.close_stream(port)
         if self._kmsg is not None:
             proc = self._kmsg[0]
             self._kmsg = None
-            with contextlib.suppress(Exception):
-                self._kill_reader("kmsg", proc)
+            self._helpers.pop("kmsg", None)
+            _close_reader(proc)
         with contextlib.suppress(Exception):
-            self._agent_down()  # last: the readers above are stopped through it
-        for sp in self._spawned.values():
-            if sp.proc.poll() is None:
-                sp.proc.terminate()
+            self._agent_down()
         if self._master is not None and self._master.poll() is None:
             with contextlib.suppress(Exception):
                 subprocess.run(
-                    ["ssh", "-F", str(self.ssh_config), "-o", f"ControlPath={self.control}", "-O", "exit", self.host],
+                    ["ssh", "-o", f"ControlPath={self.control}", "-O", "exit", self.machine],
                     capture_output=True,
                     timeout=10,
                     env=self.env,
@@ -182,8 +282,17 @@ class VagrantTarget:
             if self._master.poll() is None:
                 self._master.kill()
                 self._master.wait()
+        if self._master is not None and self._master.stderr:
+            self._master.stderr.close()
         self._master = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self.control)
+
+    def keep_for_process(self) -> None:
+        """Keep the connection open until this process exits (a command that asked for the machine's
+        arch before it acquired the machine: one connection for the whole command)."""
+        self._users += 1
+        atexit.register(self.release)
 
     def __enter__(self) -> VagrantTarget:
         return self
@@ -191,241 +300,184 @@ class VagrantTarget:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    # -- commands ------------------------------------------------------------------
-
-    @staticmethod
-    def _wrap(argv: list[str], report_pid: bool) -> str:
-        """The remote command line: ARGV as root under a shell that reports pid and status.
-
-        The command runs as the shell's child, so a signal that kills it comes back
-        as status 128+N (ssh itself would exit 255 for a killed remote process).
-        """
-        if not argv:
-            raise KbridgeError("empty guest command")
-        script = (
-            'exec 3<&0; "$@" <&3 3<&- & c=$!; '
-            + ('echo "$c"; ' if report_pid else "")
-            + 'trap "kill \\$c 2>/dev/null" TERM HUP; wait "$c"; exit $?'
-        )
-        return shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *argv])
+    # -- the agent -----------------------------------------------------------------
 
     def _check_master(self) -> None:
         if self._master is None or self._master.poll() is not None:
             self.check_alive()
             raise GuestIOError(f"the SSH connection to {self.name} is closed")
 
-    @staticmethod
-    def _result(code: int, out: bytes, err: bytes) -> ExecResult:
-        return ExecResult(code, out, err, code - 128 if 128 < code < 192 else None)
-
-    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
-        """Run ARGV as root in the guest and wait for it (through the root shell: one round trip)."""
-        if not argv:
-            raise KbridgeError("empty guest command")
-        return self._shell(argv, stdin, timeout)
-
-    def _shell(
-        self, argv: list[str], stdin: bytes | None, timeout: float | None, write_to: tuple[str, str] | None = None
-    ) -> ExecResult:
-        with self._agent_lock:
-            agent = self._agent_up()
-            try:
-                return agent.run(argv, stdin, timeout, write_to)
-            except TimeoutError:
-                self._agent_down(kill_children=True)
-                raise GuestIOError(f"guest command {shlex.join(argv)[:80]!r} still running after {timeout} s") from None
-            except (GuestIOError, OSError) as e:
-                self._agent_down()
-                self._check_master()
-                raise GuestIOError(f"the root shell in {self.name} failed: {e}") from None
-
-    def _agent_up(self) -> RootShell:
+    def _agent_up(self) -> Agent:
         if self._agent is not None and self._agent.proc.poll() is None:
             return self._agent
         self._check_master()
-        errlog = self.dir / "agent.log"
-        with open(errlog, "wb") as err:
-            proc = subprocess.Popen(
-                self._ssh(shlex.join(["sudo", "-n", "/bin/sh", "-s"])),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=self.env,
-                preexec_fn=die_with_parent,
-            )
-        agent = RootShell(proc)
+        proc = subprocess.Popen(
+            self._ssh(remote(install_argv(self.conn_id))),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            preexec_fn=die_with_parent,
+        )
+        agent = Agent(proc, self.name)
+        told: list[bool] = []
+
+        def busy() -> None:
+            if not told:
+                progress.info(f"waiting for another kbridge command using {self.name}")
+                told.append(True)
+
         try:
-            agent.stdin.write(AGENT_SCRIPT.encode())
-            agent.stdin.flush()
-            agent.ready(60)
-        except (TimeoutError, GuestIOError, OSError, ValueError, IndexError):
+            helper = agent.ready(LOCK_WAIT_S, busy, install_input())
+        except (TimeoutError, GuestIOError, OSError) as e:
             proc.kill()
-            proc.wait()
-            why = " ".join(errlog.read_text(errors="replace").split())[:300]
-            if "sudo" in why:
+            _, errout = proc.communicate()
+            why = " ".join(errout.decode(errors="replace").split())[-300:]
+            if "sudo" in why and ("password" in why or "not allowed" in why or "sudoers" in why):
                 raise KbridgeError(
                     f"sudo -n is refused in {self.name}: {why}",
                     "kbridge runs guest commands as root with sudo -n: give the SSH user "
                     "passwordless sudo (Vagrant boxes do)",
                 ) from None
-            raise GuestIOError(f"could not start a root shell in {self.name} (sudo -n /bin/sh): {why}") from None
+            if isinstance(e, TimeoutError) and told:
+                raise KbridgeError(
+                    f"{self.name} stayed busy with another kbridge command for {LOCK_WAIT_S:.0f} s"
+                ) from None
+            raise KbridgeError(f"could not start kbridge's agent in {self.name}: {why or e}") from None
         self._agent = agent
+        self._helpers["agent"] = helper
         return agent
 
-    def _agent_down(self, kill_children: bool = False) -> None:
+    def _agent_down(self) -> None:
+        """Close the agent's channel: it stops what it runs, removes its files and the machine's lock."""
         agent, self._agent = self._agent, None
-        if agent is None:
-            return
-        if kill_children and agent.pid and self._master is not None and self._master.poll() is None:
-            # A command that overran its timeout: stop it, not just the shell waiting for it.
-            with contextlib.suppress(Exception):
-                subprocess.run(
-                    self._ssh(f"sudo -n pkill -KILL -P {agent.pid}; sudo -n kill {agent.pid}"),
-                    capture_output=True,
-                    env=self.env,
-                    timeout=30,
-                    stdin=subprocess.DEVNULL,
-                )
-        with contextlib.suppress(OSError):
-            agent.stdin.close()  # the shell exits at end of input (its trap removes its directory)
+        self._helpers.pop("agent", None)
+        if agent is not None:
+            _close_reader(agent.proc)
+
+    def _call(self, fn: Callable[[Agent], _T]) -> _T:
+        with self._lock:
+            agent = self._agent_up()
+            try:
+                return fn(agent)
+            except GuestIOError:
+                self._agent_down()
+                self._check_master()
+                raise
+            except BaseException:
+                # Interrupted mid-request (Ctrl-C, a timeout): its framing is lost. The next call
+                # starts a fresh agent (the old one stops what it ran when its channel closes).
+                self._agent_down()
+                raise
+
+    def _argv(self, argv: list[str]) -> list[str]:
+        if not argv:
+            raise KbridgeError("empty guest command")
+        if self._busybox is None:
+            return argv
+        return [self._busybox if a == "/bin/busybox" else a for a in argv]
+
+    # -- commands ------------------------------------------------------------------
+
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
+        """Run ARGV as root in the guest and wait for it; past TIMEOUT s it is killed."""
+        argv = self._argv(argv)
         try:
-            agent.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            agent.proc.kill()
-            agent.proc.wait()
-        if agent.proc.stdout:
-            agent.proc.stdout.close()
+            return self._call(lambda a: a.run(argv, stdin, timeout))
+        except TimeoutError:
+            raise GuestIOError(
+                f"guest command {shlex.join(argv)[:80]!r} still running after {timeout} s: stopped"
+            ) from None
 
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
         """Start ARGV as root in the guest; a handle for poll()/wait()/guest_pid()."""
-        self._check_master()
-        # Output goes to files, not pipes: nothing to drain while it runs. Closed in _finish().
-        out = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115 - outlives this call: closed by _finish
-        err = tempfile.TemporaryFile(dir=self.dir)  # noqa: SIM115 - likewise
-        proc = subprocess.Popen(
-            self._ssh(self._wrap(argv, True)),
-            stdin=subprocess.PIPE,
-            stdout=out,
-            stderr=err,
-            env=self.env,
-            preexec_fn=die_with_parent,
-        )
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            if stdin:
-                proc.stdin.write(stdin)
-            proc.stdin.close()
+        argv = self._argv(argv)
         handle = self._next
         self._next += 1
-        self._spawned[handle] = Spawned(proc, out, err)
-        self.guest_pid(handle)  # one round trip: the guest has it running when spawn returns
+        tag = f"s{handle}-{secrets.token_hex(3)}"
+        pid = self._call(lambda a: a.spawn(tag, argv, stdin))
+        self._spawned[handle] = (pid, tag)
         return handle
 
-    def _spawned_of(self, handle: int) -> Spawned:
+    def _spawned_of(self, handle: int) -> tuple[int, str]:
         try:
             return self._spawned[handle]
         except KeyError:
             raise KbridgeError(f"no guest command with handle {handle} in {self.name}") from None
 
     def guest_pid(self, handle: int) -> int:
-        """The guest tgid of a spawned command (its first output line, written by the wrapper)."""
-        sp = self._spawned_of(handle)
-        deadline = time.monotonic() + 60
-        while sp.guest_pid is None:
-            data = os.pread(sp.out.fileno(), 32, 0)
-            if b"\n" in data:
-                sp.guest_pid = int(data.split(b"\n", 1)[0])
-                break
-            if sp.proc.poll() is not None or time.monotonic() > deadline:
-                err = os.pread(sp.err.fileno(), 300, 0).decode(errors="replace").strip()
-                raise GuestIOError(f"guest command did not start in {self.name}: {err or 'no pid reported'}")
-            time.sleep(0.005)
-        return sp.guest_pid
+        return self._spawned_of(handle)[0]
 
     def poll(self, pid: int) -> ExecResult | None:
         """The result of spawned command PID (a handle), or None while it runs."""
-        sp = self._spawned_of(pid)
-        if sp.result is None:
-            code = sp.proc.poll()
-            if code is None:
-                return None
-            sp.result = self._finish(sp, code)
-        return sp.result
+        if pid in self._results:
+            return self._results[pid]
+        gpid, tag = self._spawned_of(pid)
+        res = self._status(gpid, tag, 0.0)
+        if res is not None:
+            self._results[pid] = res
+        return res
+
+    def _status(self, gpid: int, tag: str, wait_s: float) -> ExecResult | None:
+        return self._call(lambda a: a.status(gpid, tag, wait_s))
 
     def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
         """Wait for spawned command PID (a handle); GuestIOError after TIMEOUT s."""
-        sp = self._spawned_of(pid)
-        if sp.result is None:
-            try:
-                code = sp.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise GuestIOError(f"guest command (handle {pid}) still running after {timeout} s") from None
-            sp.result = self._finish(sp, code)
-        return sp.result
-
-    def _finish(self, sp: Spawned, code: int) -> ExecResult:
-        sp.out.seek(0)
-        sp.err.seek(0)
-        out, err = sp.out.read(), sp.err.read()
-        sp.out.close()
-        sp.err.close()
-        if code == 255 and not out:
-            self._check_master()
-        out = out.split(b"\n", 1)[1] if b"\n" in out else b""  # the pid line
-        return self._result(code, out, err)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pid not in self._results:
+            gpid, tag = self._spawned_of(pid)
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                raise GuestIOError(f"guest command (handle {pid}) still running after {timeout} s")
+            if (res := self._status(gpid, tag, left)) is not None:
+                self._results[pid] = res
+        return self._results[pid]
 
     def write_file(self, path: str, data: bytes, mode: str = "w") -> None:
-        """Write DATA to PATH; mode "a" appends. One write(2) (a tracefs file parses each write)."""
+        """Write DATA to PATH; mode "a" appends. One write(2) up to 1 MiB (a tracefs file parses each write)."""
         if mode not in ("w", "a"):
             raise KbridgeError(f"unknown write mode {mode!r}")
-        res = self._shell([], data, 60, write_to=(path, mode))
-        if not res.ok:
-            lines = res.stderr.decode(errors="replace").strip().splitlines()
-            why = lines[-1].rsplit(":", 1)[-1].strip() if lines else f"exit {res.exitcode}"
-            raise GuestIOError(f"writing {path} in {self.name} failed: {why}")
+        if errno := self._call(lambda a: a.write(path, data, mode)):
+            raise GuestIOError(f"writing {path} in {self.name} failed: {os.strerror(errno)}")
 
     def read_file(self, path: str) -> bytes:
-        """The bytes of PATH in the guest."""
-        res = self.run(["cat", path], timeout=60)
-        if not res.ok:
-            why = res.stderr.decode(errors="replace").strip().rsplit(":", 1)[-1].strip() or f"exit {res.exitcode}"
-            raise GuestIOError(f"reading {path} in {self.name} failed: {why}")
-        return res.stdout
+        """The bytes of PATH in the guest (read by the agent itself)."""
+        try:
+            return self._call(lambda a: a.read_all(path))
+        except OSError as e:
+            raise GuestIOError(f"reading {path} in {self.name} failed: {e.strerror}") from None
 
     def read_chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
-        """PATH's bytes, SIZE at a time: one dd per chunk on the root shell."""
-        n = 0
+        """PATH's bytes, SIZE at a time (one agent request each)."""
+        offset = 0
         while True:
-            res = self.run(["dd", f"if={path}", f"bs={size}", f"skip={n}", "count=1", "status=none"], timeout=60)
-            if not res.ok:
-                why = res.stderr.decode(errors="replace").strip().rsplit(":", 1)[-1].strip() or f"exit {res.exitcode}"
-                raise GuestIOError(f"reading {path} in {self.name} failed: {why}")
-            if not res.stdout:
+            try:
+                chunk = self._read_at(path, offset, size)
+            except OSError as e:
+                raise GuestIOError(f"reading {path} in {self.name} failed: {e.strerror}") from None
+            if not chunk:
                 return
-            yield res.stdout
-            if len(res.stdout) < size:
+            yield chunk
+            if len(chunk) < size:
                 return
-            n += 1
+            offset += len(chunk)
+
+    def _read_at(self, path: str, offset: int, size: int) -> bytes:
+        return self._call(lambda a: a.read_all(path, offset, size))
 
     # -- streams -------------------------------------------------------------------
 
-    def _reader(
-        self, what: str, remote_argv: list[str], hold_stdin: bool = False
-    ) -> tuple[subprocess.Popen[bytes], PipeLines]:
-        """A long-lived `ssh ... sudo sh -c 'echo $$ > PIDFILE; echo $$; exec ARGV'` whose stdout we read.
-
-        Returns once the guest process has written its pid (file and first line), so a
-        probe armed after this call already knows to exclude it.
-        """
-        pidfile = f"{RUN_DIR}/{what}.pid"
-        script = f'mkdir -p {RUN_DIR}; echo $$ > {pidfile}; echo $$; exec "$@"'
-        remote = shlex.join(["sudo", "-n", "/bin/sh", "-c", script, "kbridge", *remote_argv])
-        # HOLD_STDIN: the guest side waits on its stdin, which ends when this ssh goes away.
+    def _reader(self, what: str, mode: str, arg: str) -> tuple[subprocess.Popen[bytes], PipeLines]:
+        """`agent copy|hold` on a channel of its own, once it has said its pids (so a probe armed after
+        this call already excludes it). Its stdin stays open: it ends when kbridge closes it or dies."""
+        self._check_master()
+        with self._lock:
+            self._agent_up()  # installs the agent binary the helper runs
         proc = subprocess.Popen(
-            self._ssh(remote),
-            stdin=subprocess.PIPE if hold_stdin else subprocess.DEVNULL,
+            self._ssh(remote(helper_argv(self.conn_id, mode, arg))),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env=self.env,
             preexec_fn=die_with_parent,
         )
@@ -434,46 +486,30 @@ class VagrantTarget:
         lines.idle = 0.2
         deadline = time.monotonic() + 60
         first = None
-        while first is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise GuestIOError(f"the {what} reader did not start in {self.name}")
-            first = next(lines)
-        if not first.strip().isdigit():
-            proc.kill()
-            proc.wait()
-            raise GuestIOError(f"the {what} reader in {self.name} said {first[:80]!r} instead of its pid")
-        return proc, lines
-
-    def _kill_reader(self, what: str, proc: subprocess.Popen[bytes]) -> None:
-        pidfile = f"{RUN_DIR}/{what}.pid"
-        if proc.stdin:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        if self._master is not None and self._master.poll() is None:
-            self.run(["/bin/sh", "-c", f'[ -s {pidfile} ] && kill "$(cat {pidfile})"; rm -f {pidfile}'], timeout=10)
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+            while first is None:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise GuestIOError(f"the {what} reader did not start in {self.name}")
+                first = next(lines)
+            self._helpers[what] = Helper(*parse_lineage(first))
+        except BaseException:
+            _close_reader(proc)
+            raise
+        return proc, lines
 
     def kmsg(self, idle: float = 0.05) -> Iterator[KmsgRecord | None]:
         """Kernel log records as they arrive; the first read replays the log buffer."""
         if self._kmsg is None or self._kmsg[0].poll() is not None:
-            self._kmsg = self._reader("kmsg", ["cat", "/dev/kmsg"])
+            self._kmsg = self._reader("kmsg", "copy", "/dev/kmsg")
         self._kmsg[1].idle = idle
         return KmsgRecords(self._kmsg[1])
 
     def stream_path(self, port: str) -> str:
         """The guest path a program writes to so its lines arrive on stream PORT.
 
-        stream() makes it a link to the stdout of a holder process, which is the SSH
-        channel itself: the writer's bytes go straight to sshd, and no relay process
-        (which a probe on the write path would see) sits in between.
+        stream() makes it a link to the stdout of `agent hold`, which is the SSH channel
+        itself: the writer's bytes go straight to sshd, and no relay process (which a probe
+        on the write path would see) sits in between.
         """
         if port not in STREAM_PORTS:
             raise KbridgeError(f"unknown stream port {port!r}")
@@ -483,35 +519,20 @@ class VagrantTarget:
         """The host end of stream PORT, open before the guest writes; writers come and go."""
         link = self.stream_path(port)
         if port not in self._readers or self._readers[port][0].poll() is not None:
-            # The holder never writes; it keeps the channel open between writers (like a
-            # virtio-serial port) until its stdin ends: when we close it, or when kbridge dies.
-            script = 'ln -sfn "/proc/$$/fd/1" "$1" && read -r _; rm -f "$1"'
-            self._readers[port] = self._reader(port, ["/bin/sh", "-c", script, "kbridge", link], hold_stdin=True)
-            deadline = time.monotonic() + 30
-            while not self.run(["test", "-L", link], timeout=30).ok:
-                if self._readers[port][0].poll() is not None or time.monotonic() > deadline:
-                    raise KbridgeError(f"could not open stream {port} in {self.name}")
-                time.sleep(0.05)
+            self._readers[port] = self._reader(port, "hold", link)
         reader = self._readers[port][1]
         reader.idle = idle
         return reader
 
     def close_stream(self, port: str) -> None:
-        """Stop the reader of stream PORT and remove its link."""
+        """Stop the holder of stream PORT (it removes its link)."""
         if entry := self._readers.pop(port, None):
-            self._kill_reader(port, entry[0])
-            with contextlib.suppress(Exception):
-                self.run(["rm", "-f", self.stream_path(port)], timeout=10)
+            self._helpers.pop(port, None)
+            _close_reader(entry[0])
 
     def plumbing_pids(self) -> list[int]:
-        """Guest tgids that carry kbridge's own traffic (sshd's session, the readers): never probed."""
-        names = ["kmsg", *self._readers]
-        script = "; ".join(f"cat {RUN_DIR}/{n}.pid 2>/dev/null" for n in names) + "; true"
-        pids: list[int] = []
-        with contextlib.suppress(KbridgeError):
-            pids += [int(x) for x in self.run(["/bin/sh", "-c", script], timeout=10).text.split() if x.isdigit()]
-        pids += [p for p in (self._sshd_pid, self._agent.pid if self._agent else None) if p]
-        return sorted(set(pids))
+        """Guest tgids of kbridge's own helpers (the agent, the readers, their sudo and sshd): never probed."""
+        return sorted({p for h in self._helpers.values() for p in h.pids})
 
     def describe(self) -> dict:
         """What a status listing shows of it."""
@@ -522,12 +543,34 @@ class VagrantTarget:
             "accel": self.accel,
             "flavour": self.flavour,
             "machine": self.machine,
+            "hostname": self.hostname,
             "provider": self.provider,
         }
 
     def bcc_python(self) -> list[str] | None:
-        """python3 with bcc (python3-bpfcc), run as root, or None when the box has none."""
+        """python3 with bcc (python3-bpfcc) and the headers it compiles against, or None."""
         return ["/usr/bin/python3"] if self.flavour == "bcc" else None
+
+    def bcc_missing(self) -> KbridgeError:
+        """What --via bpf says on this machine without bcc: the Vagrant steps that give it one."""
+        if self.facts.get("kbridge_box"):
+            return KbridgeError(
+                f"{self.name} has no bcc: it was made from the default kbridge box, which has no python3-bpfcc",
+                f"kbridge box build --bcc --arch {self.arch.name}, then vagrant destroy {self.machine} and "
+                f"KBRIDGE_VAGRANT_BCC=1 vagrant up {self.machine} (a machine keeps the disk of its first box)",
+            )
+        missing = [
+            what
+            for what, ok in (
+                ("python3-bpfcc", self.facts.get("bcc") == "yes"),
+                ("kernel headers (bcc compiles against them)", self.facts.get("headers") == "yes"),
+            )
+            if not ok
+        ]
+        return KbridgeError(
+            f"{self.name} has no {' and no '.join(missing)}: --via bpf runs bcc in the machine",
+            f"vagrant ssh {self.machine} -c 'sudo apt-get install python3-bpfcc linux-headers-$(uname -r)'",
+        )
 
     # -- health --------------------------------------------------------------------
 
@@ -535,23 +578,17 @@ class VagrantTarget:
         """Raise GuestCrash if the guest kernel oopsed (tainted D) or stopped answering after a panic."""
         if self._crashed:
             raise GuestCrash(f"the kernel of {self.name} oopsed", self.console_tail())
-        if self._master is None or self._master.poll() is not None:
+        if self._master is None or self._master.poll() is not None or self._agent is None:
             console = self.console_tail(60)
             if oops.is_oops(console):
                 self._crashed = True
                 raise GuestCrash(f"the kernel of {self.name} panicked", console)
             return
-        proc = subprocess.run(
-            self._ssh("cat /proc/sys/kernel/tainted"),
-            capture_output=True,
-            env=self.env,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-        text = proc.stdout.decode().strip()
-        if proc.returncode == 0 and text.isdigit() and int(text) & TAINT_DIE:
-            self._crashed = True
-            raise GuestCrash(f"the kernel of {self.name} oopsed", self.console_tail())
+        with contextlib.suppress(GuestIOError, OSError):
+            text = self._agent.read_all("/proc/sys/kernel/tainted").decode().strip()
+            if text.isdigit() and int(text) & TAINT_DIE:
+                self._crashed = True
+                raise GuestCrash(f"the kernel of {self.name} oopsed", self.console_tail())
 
     def crashed(self) -> bool:
         return self._crashed
@@ -562,11 +599,11 @@ class VagrantTarget:
         progress.warn(f"the kernel of {self.name} oopsed: `vagrant reload {self.machine}` restarts it")
 
     def _dmesg(self) -> list[str]:
-        res = self.run(["dmesg"], timeout=30)
+        res = self.run(["/bin/busybox", "dmesg"], timeout=30)
         return res.text.splitlines() if res.ok else []
 
     def log_mark(self) -> int:
-        """The kernel log's length now (dmesg over the root shell)."""
+        """The kernel log's length now."""
         with contextlib.suppress(KbridgeError):
             return len(self._dmesg())
         return 0
@@ -582,10 +619,10 @@ class VagrantTarget:
         return d
 
     def console_tail(self, lines: int = 40) -> str:
-        """The end of the kernel log (dmesg over SSH), else of the libvirt serial console log."""
-        if self._master is not None and self._master.poll() is None:
+        """The end of the kernel log (over SSH), else of the libvirt serial console log."""
+        if self._master is not None and self._master.poll() is None and self._agent is not None:
             with contextlib.suppress(Exception):
-                res = self.run(["dmesg"], timeout=20)
+                res = self.run(["/bin/busybox", "dmesg"], timeout=20)
                 if res.ok:
                     return "\n".join(res.text.splitlines()[-lines:])
         path = self._console_log()
@@ -599,7 +636,7 @@ class VagrantTarget:
         if shutil.which("virsh") is None:
             return None
         try:
-            uuid = (dotdir(self.env) / "machines" / self.machine / "libvirt" / "id").read_text().strip()
+            uuid = (machines.dotdir(self.env) / "machines" / self.machine / "libvirt" / "id").read_text().strip()
             xml = subprocess.run(
                 ["virsh", "-c", "qemu:///system", "dumpxml", uuid], capture_output=True, text=True, timeout=20
             ).stdout
@@ -609,47 +646,67 @@ class VagrantTarget:
         return Path(m.group(1)) if m else None
 
 
+def _close_reader(proc: subprocess.Popen[bytes]) -> None:
+    """End a helper's channel by closing its stdin (it exits and cleans up), then reap the ssh."""
+    if proc.stdin:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for f in (proc.stdout, proc.stderr):
+        if f:
+            f.close()
+
+
+def _control_path(conn_id: str) -> str:
+    """The control master's socket: in kbridge's state directory (short enough for a socket path)."""
+    d = state_dir() / "vagrant"
+    d.mkdir(parents=True, exist_ok=True)
+    path = str(d / f"ssh-{conn_id}")
+    if len(path) > 90:  # sun_path is 108 bytes, and ssh adds a suffix while it creates the socket
+        path = f"/tmp/kbridge-ssh-{os.getuid()}-{conn_id}"
+    return path
+
+
 def connect(machine: str | None, vagrantfile_dir: Path | None = None) -> VagrantTarget:
-    """The running Vagrant machine MACHINE (None: the Vagrantfile's primary machine)."""
-    if shutil.which("vagrant") is None:
-        raise KbridgeError("vagrant is not installed", INSTALL_HINT)
-    if shutil.which("ssh") is None:
-        raise KbridgeError(
-            "ssh is not installed (kbridge drives Vagrant machines over OpenSSH)", "sudo apt-get install openssh-client"
-        )
-    env = dict(os.environ)
-    where = "the current directory"
-    if vagrantfile_dir is not None:
-        if not (Path(vagrantfile_dir) / "Vagrantfile").is_file():
-            raise KbridgeError(
-                f"no Vagrantfile in {str(vagrantfile_dir)!r}", "give the directory that holds the Vagrantfile"
-            )
-        env["VAGRANT_CWD"] = str(Path(vagrantfile_dir).resolve())
-        where = str(vagrantfile_dir)
-    elif env.get("VAGRANT_CWD"):
-        where = env["VAGRANT_CWD"]
-    elif "VAGRANT_CWD" in env:
-        del env["VAGRANT_CWD"]  # set but empty: Vagrant would refuse it
-    # `vagrant ssh-config` succeeds only for a running machine: one Vagrant call on the
-    # usual path; `vagrant status` says why when it fails.
-    cfg = vagrant_cmd(["ssh-config", *([machine] if machine else [])], env)
-    hosts = re.findall(r"^Host (\S+)", cfg.stdout, re.M)
-    if machine is None and len(hosts) > 1:
-        # Without a name, ssh-config answers for every running machine.
-        raise KbridgeError(
-            f"several machines of the Vagrantfile in {where} are running",
-            "name one: --target " + ", ".join(f"vagrant:{h}" for h in hosts),
-        )
-    if len(hosts) != 1 or (machine is not None and cfg.returncode != 0):
-        explain_not_ready(machine, env, where, vagrant_message(cfg))
-    if machine is None:  # the one running machine: only its block is kept
-        machine = hosts[0]
-        cfg = subprocess.CompletedProcess(cfg.args, 0, host_block(cfg.stdout, machine), "")
-    provider = provider_of(env, machine)
-    target = VagrantTarget(machine, cfg.stdout, provider, env)
+    """The running Vagrant machine MACHINE (None: the one machine of the Vagrantfile that runs).
+
+    A machine this process is connected to already gives that connection.
+    """
+    env, where = machines.environment(vagrantfile_dir)
+    base = str(machines.dotdir(env).resolve())
+    asked = (base, machine or "")
+    if (live := _open.get(asked)) is not None:
+        live._users += 1
+        return live
+    if machine is None:
+        machine = machines.running_machine(env, where)
+        if (live := _open.get((base, machine))) is not None:
+            live._users += 1
+            live._keys.append(asked)
+            _open[asked] = live
+            return live
+    cfg = machines.vagrant_cmd(["ssh-config", machine], env)
+    if cfg.returncode != 0 or not re.search(r"^Host ", cfg.stdout, re.M):
+        machines.explain_not_ready(machine, env, where, machines.vagrant_message(cfg))
+    target = VagrantTarget(machine, cfg.stdout, machines.provider_of(env, machine), env, where)
     try:
         target._start()
     except BaseException:
         target.release()
         raise
+    target._keys = sorted({asked, (base, machine)})
+    for key in target._keys:
+        _open[key] = target
     return target
+
+
+def known_arch(machine: str | None, vagrantfile_dir: Path | None = None) -> str | None:
+    """MACHINE's arch as an earlier connection found it (None: never seen, or created again since)."""
+    if machine is None:
+        return None
+    env, _ = machines.environment(vagrantfile_dir)
+    return machines.known_arch(env, machine)
