@@ -21,6 +21,7 @@ from kbridge.cli.options import (
     JprobeOpt,
     JsonOpt,
     KernelOpt,
+    KernelTreeOpt,
     MaxactiveOpt,
     MirrorOpt,
     OffsetOpt,
@@ -76,6 +77,7 @@ def probe_cmd(
     via: ViaOpt = "kmod",
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     mirror: MirrorOpt = None,
     json_out: JsonOpt = False,
@@ -84,9 +86,10 @@ def probe_cmd(
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
     explain_removed(jprobe)
-    suite = kernels.get(kernel)
-    if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):
-        raise explain_fault_removed(suite.major_minor)
+    key = kernels.resolve(kernel, kernel_tree)
+    version = kernels.version_of(key)
+    if fault and (version is None or version >= (5, 14)):
+        raise explain_fault_removed(version)
     get_mechanism(via)  # an unknown --via fails before anything else
     a = guest_arch(arch, target)
     spec = make_spec(
@@ -100,8 +103,8 @@ def probe_cmd(
         StopRule(count=count, duration=duration),
         printer,
         via=via,
-        kernel=suite.name,
-        mirrors=mirrors_from(mirror, suite.name),
+        kernel=key,
+        mirrors=mirrors_from(mirror, kernels.suite_of(key)),
         target=target,
     )
     if json_out:

@@ -19,6 +19,7 @@ from kbridge.cli.options import (
     DurationOpt,
     JsonOpt,
     KernelOpt,
+    KernelTreeOpt,
     PidOpt,
     RunOpt,
     TargetOpt,
@@ -116,6 +117,7 @@ def trace_cmd(
     ] = None,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     json_out: JsonOpt = False,
     steps: Annotated[
@@ -130,7 +132,7 @@ def trace_cmd(
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
     a = guest_arch(arch, target)
-    suite = kernels.resolve(kernel)
+    suite = kernels.resolve(kernel, kernel_tree)
     grammar = grammar_of(a, suite)  # the built image's kernel, else the suite's table
     if check:
         bad = 0
