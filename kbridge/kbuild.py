@@ -15,7 +15,6 @@ a copy without debug info, the host keeps the one with it (oops lines, gdb).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -186,11 +185,14 @@ def kbuild_argv(image: Image, moddir: Path, source: Path | None = None) -> list[
         headers_tree = (image.dir / "headers").resolve()
         root = buildroot.ensure(image.suite, arch, headers_tree)
         return buildroot.wrap(root, headers_tree, moddir, buildroot.make_argv(image.krel, arch))
+    # Through the resolved tree: an image flavour's headers are a symlink to the default image's,
+    # and the sandbox binds the tree itself, not the link (a bcc image's build found no headers).
+    headers = (image.dir / "headers").resolve() / image.headers.relative_to(image.dir / "headers")
     argv = [
         "make",
         "-s",
         "-C",
-        str(image.headers),
+        str(headers),
         f"M={moddir}",
         f"ARCH={arch.kernel_arch}",
         f"CROSS_COMPILE={arch.cross_compile()}",
@@ -354,10 +356,7 @@ def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox, source: Path
         rw: list[sandbox.Bind] = [(work, buildroot.MODULE_AT)]
         cwd = buildroot.MODULE_AT
     else:
-        # Only the headers' real path is bound in the sandbox (a bcc image's are a symlink to the
-        # default image's): make is pointed there.
-        real = dataclasses.replace(image, dir=headers_tree.parent)
-        argv, ro, rw, cwd = kbuild_argv(real, work, source), [headers_tree], [work], str(work)
+        argv, ro, rw, cwd = kbuild_argv(image, work, source), [headers_tree], [work], str(work)
     res = sandbox.run(
         argv,
         ro=ro,

@@ -91,6 +91,7 @@ def acquire(
     mirrors: Mirrors | None = None,
     vagrantfile: Path | None = None,
     watched: bool = True,
+    reuse_kept: bool = True,
 ) -> Iterator[Target]:
     """The guest a command runs in, released (stopped if ephemeral) when the block ends.
 
@@ -98,7 +99,8 @@ def acquire(
     ("bcc" boots the image with bcc for eBPF), kept running afterwards if KEEP.
     vagrant: the named (or primary) machine, which must be up.
     WATCHED: a crash report the kernel prints during the block fails it (kbridge.targets.watch);
-    the labs watch each check themselves.
+    the labs watch each check themselves. REUSE_KEPT False: a fresh VM even when a kept one runs
+    (one of several VMs grading at once).
     """
     if flavour not in FLAVOURS:
         raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
@@ -116,7 +118,12 @@ def acquire(
             )
     else:
         guest = _qemu(
-            get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel), flavour, keep, mirrors
+            get_arch(arch) if not isinstance(arch, Arch) else arch,
+            kernels.resolve(kernel),
+            flavour,
+            keep,
+            mirrors,
+            reuse_kept,
         )
     try:
         if guest.kept and (done := ownership.reclaim(guest)):
@@ -195,10 +202,10 @@ def _lockdep_turned_off(guest: Target) -> bool:
     return re.search(r"^\s*debug_locks:\s+0\s*$", stats, re.M) is not None
 
 
-def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None) -> Target:
+def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None, reuse_kept: bool = True) -> Target:
     from kbridge.targets.qemu import QemuVM
 
-    vm = QemuVM.attach(arch, suite)
+    vm = QemuVM.attach(arch, suite) if reuse_kept else None
     if vm is not None and (stale := _rebuilt_tree(vm, arch, suite, mirrors)) is not None:
         progress.warn(f"{kernels.label(suite)} was rebuilt since its kept VM booted: the VM restarts with it")
         meta = vm.describe()

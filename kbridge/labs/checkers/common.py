@@ -4,27 +4,33 @@ from __future__ import annotations
 
 from kbridge.errors import KbridgeError
 from kbridge.labs.context import LabContext
+from kbridge.labs.diagnose import build_hint, load_failure
 from kbridge.labs.grading import Grader
 from kbridge.labs.kmodule import LoadedModule, build_student_module, imports, kprobes_list, loaded_modules
 
 
-def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...] = ()) -> LoadedModule | None:
-    """The 'builds' and 'loads' checks; the loaded module, or None when either failed."""
+def build_and_load(
+    ctx: LabContext, g: Grader, name: str, params: tuple[str, ...] = (), registers: str = "register_kprobe"
+) -> LoadedModule | None:
+    """The 'builds' and 'loads' checks; the loaded module, or None when either failed. REGISTERS is the
+    call the lab's init makes, named when insmod fails with its error."""
     src = f"{name}.c"
     try:
         ctx.module = build_student_module(name, ctx.files[src], ctx.directory, ctx.target.image)
     except KbridgeError as e:
-        g.fail("builds", e.message)
+        g.fail("builds", e.message, build_hint(e.message))
         return None
     g.result("builds", True, "\n".join(ctx.module.warnings[:10]) or f"{src} compiled for {ctx.target.krel}")
     assert ctx.log is not None
     lm = LoadedModule(ctx.target, ctx.module, ctx.log)
     ctx.cleanups.append(lm.cleanup)
-    ok, said = lm.insmod(*params)
-    in_modules = name in loaded_modules(ctx.target)
+    ok, err, said = lm.insmod(*params)
     if not ok:
-        g.fail("loads", f"insmod {name}.ko failed:\n{said}")
+        names = set(ctx.session.symbols.entries) if err is not None else None
+        detail, hint = load_failure(err, _quiet(said), ctx.files[src], src, registers, names)
+        g.fail("loads", detail, hint)
         return None
+    in_modules = name in loaded_modules(ctx.target)
     g.result(
         "loads",
         in_modules,
@@ -33,6 +39,11 @@ def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...
         else f"insmod returned 0 but {name} is not in /proc/modules",
     )
     return lm if in_modules else None
+
+
+def _quiet(said: list[str]) -> list[str]:
+    """The module's own lines, without the kernel's notes on every out-of-tree module."""
+    return [s for s in said if "taints kernel" not in s and "module verification failed" not in s]
 
 
 def probe_entry(ctx: LabContext, kind: str, symbol: str, offset: int = 0) -> tuple[str, str, str, str] | None:
