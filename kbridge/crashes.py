@@ -86,7 +86,9 @@ class Crash:
         if self.site is None:
             return first
         where = f"in module {self.site.module}" if self.site.module else "in the kernel itself"
-        return f"{first} at {self.site} ({where})" + (f", {self.where}" if self.where else "")
+        # A WARN's line names the site already ("WARNING: CPU: 0 PID: 150 at FILE:LINE f+0xf/0x20 [m]").
+        at = "" if str(self.site) in first else f" at {self.site}"
+        return f"{first}{at} ({where})" + (f", {self.where}" if self.where else "")
 
     def head(self, frames: int = HEAD_FRAMES) -> str:
         """The report's head: the BUG/WARN line, RIP/pc with [module], the first FRAMES of the call trace."""

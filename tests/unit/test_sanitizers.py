@@ -157,3 +157,35 @@ def test_the_kasan_report_is_mapped_to_the_users_source_line(tmp_path: Path, mon
     assert lockdep.where is not None and lockdep.where.startswith(
         "/home/me/kbdebug/kbdebug.c:91 "
     )  # mutex_lock(&lock_a)
+
+
+def test_a_warn_on_debians_kernel_names_its_site_once_and_keeps_the_vm() -> None:
+    """A WARN's own line holds the blamed frame: the title does not repeat it."""
+    text = (DATA / "stock-warn-x86_64.txt").read_text()
+    crash = crashes.Crash.of(text, "x86_64", "6.1.0-57-amd64")
+    assert crash.checker is None and crash.site is not None and crash.site.module == "kbdebug"
+    assert crash.title.count("kbdebug_warn+0xf/0x20") == 1, crash.title
+    assert "kbdebug_warn+0xf/0x20 [kbdebug] (in module kbdebug)" in crash.title, crash.title
+    assert sanitizers.restarts(text) is None and not any(oops.is_crash(ln) for ln in text.splitlines())
+
+
+def test_a_guest_crash_is_printed_without_markup_escapes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The report's `[kbdebug]` is printed as the kernel wrote it, not as `\\[kbdebug]`."""
+    import typer
+
+    from kbridge.cli import output
+    from kbridge.targets.base import GuestCrash
+
+    text = (DATA / "stock-warn-x86_64.txt").read_text()
+    crash = crashes.Crash.of(text, "x86_64", "6.1.0-57-amd64")
+
+    @output.command
+    def fails() -> None:
+        raise GuestCrash(f"the x86_64 guest kernel reported {crash.title}", text, crash, fatal=False)
+
+    with pytest.raises(typer.Exit) as e:
+        fails()
+    assert e.value.exit_code == 3
+    err = capsys.readouterr().err
+    assert "RIP: 0010:kbdebug_warn+0xf/0x20 [kbdebug]" in err, err
+    assert "\\[" not in err

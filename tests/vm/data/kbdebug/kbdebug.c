@@ -13,6 +13,7 @@
  *   sleep   msleep() under a spinlock (it does sleep: "scheduling while atomic" too)
  *   oob     an out-of-bounds array index (UBSAN)
  *   hello   no bug: kbdebug_poke() for a gdb breakpoint
+ *   warn    a WARN_ON (every kernel reports it, Debian's stock one too)
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -124,6 +125,11 @@ static noinline int kbdebug_poke(const char *word, size_t len)
 	return (int)len;
 }
 
+static noinline void kbdebug_warn(size_t len)
+{
+	WARN_ON(len != 0); /* the bug */
+}
+
 static noinline ssize_t kbdebug_write(struct file *file, const char __user *ubuf, size_t count, loff_t *ppos)
 {
 	char word[16] = {};
@@ -148,6 +154,8 @@ static noinline ssize_t kbdebug_write(struct file *file, const char __user *ubuf
 		pr_info("oob read %d\n", kbdebug_oob());
 	else if (!strcmp(word, "hello"))
 		kbdebug_poke(word, strlen(word));
+	else if (!strcmp(word, "warn"))
+		kbdebug_warn(strlen(word));
 	else
 		return -EINVAL;
 	return count;
@@ -164,7 +172,7 @@ static int __init kbdebug_init(void)
 		kbdebug_uaf();
 	dir = debugfs_create_dir("kbdebug", NULL);
 	debugfs_create_file("trigger", 0200, dir, NULL, &trigger_fops);
-	pr_info("loaded: write uaf|kfence|ab|ba|gfp|sleep|oob|hello to /sys/kernel/debug/kbdebug/trigger\n");
+	pr_info("loaded: write uaf|kfence|ab|ba|gfp|sleep|oob|hello|warn to /sys/kernel/debug/kbdebug/trigger\n");
 	return 0;
 }
 
