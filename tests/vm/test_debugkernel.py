@@ -195,7 +195,7 @@ def test_a_probe_whose_workload_hits_the_bug_fails_with_the_report_after_its_hit
         "--arch", debug_vm.arch, "--run", f"echo uaf > {TRIGGER}",
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
-    assert re.search(r"pre +sh\[\d+\] cpu\d kbdebug_write count=4", res.stdout + res.stderr), res.stdout
+    assert re.search(r"pre +sh\[\d+\] cpu\d kbdebug:kbdebug_write count=4", res.stdout + res.stderr), res.stdout
     assert "BUG: KASAN: use-after-free in kbdebug_uaf" in res.stderr and f"kbdebug.c:{UAF_LINE}" in res.stderr
 
 
@@ -266,7 +266,7 @@ def test_kernel_tree_boots_the_debug_kernels_own_build_and_probes_a_module_built
         assert [h["args"] for h in hits] == [{"len": 5}], lines
         assert lines[-1]["summary"]["kernel"].endswith("-kbridge-debug")
         status = json.loads(_kbridge("vm", "status", "--json").stdout)["vms"]
-        assert any(v["suite"] == f"tree:{tree}" and v["flavour"] == "tree" for v in status), status
+        assert any(v["suite"] == f"tree:{tree.resolve()}" and v["flavour"] == "tree" for v in status), status
     finally:
         _kbridge("vm", "down", "--arch", arch, "--kernel-tree", str(tree))
 
