@@ -38,19 +38,20 @@ def _kbridge(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture(scope="module")
-def stock_vm(kbridge_arch: str) -> Iterator[Guest]:
+def stock_vm(request: pytest.FixtureRequest, kbridge_arch: str) -> Iterator[Guest]:
     """A Guest on the kept stock VM, (re)started with QEMU's gdb stub, kbdebug loaded. A kept VM this
-    worker had is replaced by one with the stub and left running: every later command attaches to it
-    as it would have to the other."""
+    worker had is replaced by one of the same image flavour (bcc under --kbridge-bcc) with the stub,
+    and left running: every later command attaches to it as it would have to the other."""
     a = get_arch(kbridge_arch)
     old = targets.kept(a, kernels.DEFAULT)
     had = old is not None
+    flavour = old.flavour if old is not None else "bcc" if request.config.getoption("--kbridge-bcc") else "default"
     if old is not None and old.describe().get("gdb"):
         old.release()
     else:
         if old is not None:
             targets.shutdown(old)
-        targets.boot(a, kernels.DEFAULT, keep=True, gdb=True).release()
+        targets.boot(a, kernels.DEFAULT, flavour, keep=True, gdb=True).release()
     with kbridge.vm(kbridge_arch) as vm:
         vm.load_module(DATA, reload=True)
         yield vm
