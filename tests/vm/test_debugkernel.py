@@ -125,8 +125,15 @@ def test_a_probe_with_arguments_is_exact(debug_vm: Guest) -> None:
 
 
 def test_gdb_in_batch_mode_reads_an_argument_at_a_breakpoint_in_the_users_module(
-    debug_vm: Guest, tmp_path: Path
+    debug_vm: Guest, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    if debug_vm.arch == "arm64":
+        # Measured with gdb-multiarch 13.1: add-symbol-file of the aarch64 module (a relocatable object)
+        # puts the DWARF addresses of functions gcc moved to .text.unlikely (kbdebug_poke.isra.0) at .text's
+        # address, where the x86_64 object's are placed right: the breakpoint lands in another function.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="gdb places an arm64 module's .text.unlikely at .text")
+        )
     debug_vm.load_module(DATA, reload=True)
     shown = _kbridge("gdb", "--kernel", "debug", "--arch", debug_vm.arch, "--show")
     assert shown.returncode == 0, shown.stderr
