@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from kbridge import sandbox
+from kbridge.sandbox import submission
 from tests.sandbox.helpers import HONEST_C, Headers, Secret, build_submission, kbuild_argv, tree_bytes, write_submission
 
 MODULE_TAIL = """
@@ -348,15 +349,15 @@ def test_student_makefile_and_kbuild_are_ignored(
 
 
 def test_too_large_a_tree_is_refused(tmp_path: Path) -> None:
-    sub = write_submission(tmp_path / "sub", {f"f{i}.c": "" for i in range(sandbox.MAX_FILES + 1)})
+    sub = write_submission(tmp_path / "sub", {f"f{i}.c": "" for i in range(submission.MAX_FILES + 1)})
     with pytest.raises(sandbox.SubmissionRefused, match="more than"):
         sandbox.check_tree(sub)
-    big = write_submission(tmp_path / "big", {"hello.c": "x" * (sandbox.MAX_SOURCE_BYTES + 1)})
+    big = write_submission(tmp_path / "big", {"hello.c": "x" * (submission.MAX_SOURCE_BYTES + 1)})
     with pytest.raises(sandbox.SubmissionRefused, match="larger than"):
         sandbox.copy_submission(big, tmp_path / "work")
     deep = tmp_path / "deep"
     d = deep
-    for i in range(sandbox.MAX_DEPTH + 2):
+    for i in range(submission.MAX_DEPTH + 2):
         d = d / f"d{i}"
     d.mkdir(parents=True)
     with pytest.raises(sandbox.SubmissionRefused, match="nested deeper"):

@@ -5,8 +5,15 @@ from __future__ import annotations
 from kbridge.errors import KbridgeError
 from kbridge.labs.context import LabContext
 from kbridge.labs.diagnose import build_hint, load_failure
-from kbridge.labs.grading import Grader
+from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.kmodule import LoadedModule, build_student_module, imports, kprobes_list, loaded_modules
+
+LOADS = CheckSpec(
+    "loads",
+    "insmod succeeds and the module is in /proc/modules",
+    "insmod runs your init function: it returns 0 once register_kprobe(&kp) succeeded, and register_kprobe()'s "
+    "error otherwise, so that insmod fails with it (TODO 5)",
+)
 
 
 def build_and_load(
@@ -53,6 +60,18 @@ def probe_entry(ctx: LabContext, kind: str, symbol: str, offset: int = 0) -> tup
         if entry[1] == kind and entry[2] == want:
             return entry
     return None
+
+
+def check_registered(ctx: LabContext, g: Grader, kind: str, symbol: str) -> tuple[str, str, str, str] | None:
+    """The 'registered' check: an enabled probe of KIND at SYMBOL+0x0 in kprobes/list; its line."""
+    entry = probe_entry(ctx, kind, symbol)
+    what = "return probe" if kind == "r" else "kprobe"
+    g.result(
+        "registered",
+        entry is not None and "[DISABLED]" not in entry[3],
+        f"kprobes/list: {' '.join(entry)}" if entry else f"no {what} at {symbol}+0x0 in kprobes/list",
+    )
+    return entry
 
 
 def probes_on(ctx: LabContext, symbols: set[str]) -> list[tuple[str, str, str, str]]:

@@ -8,7 +8,7 @@ from collections import Counter
 from kbridge import kprobes_list
 from kbridge.arch import Arch
 from kbridge.labs import evidence
-from kbridge.labs.checkers.common import build_and_load, probes_on, unload
+from kbridge.labs.checkers.common import LOADS, build_and_load, probes_on, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.diagnose import flood
 from kbridge.labs.grading import CheckSpec, Grader
@@ -27,12 +27,7 @@ CHECKS = [
         "the module compiles against the guest kernel's headers",
         "fix the first error shown, at the line it names (the errors after it often follow from it)",
     ),
-    CheckSpec(
-        "loads",
-        "insmod succeeds and the module is in /proc/modules",
-        "insmod runs your init function: it returns 0 once register_kprobe(&kp) succeeded, and register_kprobe()'s "
-        "error otherwise, so that insmod fails with it (TODO 5)",
-    ),
+    LOADS,
     CheckSpec(
         "registered",
         "kprobes/list shows an armed kprobe at the write syscall's entry (+0x0)",

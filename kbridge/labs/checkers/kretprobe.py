@@ -6,7 +6,7 @@ import errno
 import secrets
 
 from kbridge.labs import evidence
-from kbridge.labs.checkers.common import build_and_load, probe_entry, unload
+from kbridge.labs.checkers.common import build_and_load, check_registered, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import WORKLOAD, WORKLOAD_COMM, guest_run
@@ -79,12 +79,7 @@ def run(ctx: LabContext, g: Grader) -> None:
     lm = build_and_load(ctx, g, MODULE, registers="register_kretprobe")
     if lm is None:
         return
-    entry = probe_entry(ctx, "r", SYMBOL)
-    g.result(
-        "registered",
-        entry is not None and "[DISABLED]" not in entry[3],
-        f"kprobes/list: {' '.join(entry)}" if entry else f"no return probe at {SYMBOL}+0x0 in kprobes/list",
-    )
+    entry = check_registered(ctx, g, "r", SYMBOL)
     calls = MIN_CALLS + secrets.randbelow(MAX_CALLS - MIN_CALLS + 1)
     ret_sum = calls * (calls + 1) // 2
     work = [WORKLOAD, "write", str(calls)]
