@@ -79,9 +79,10 @@ class Guest:
     """A guest kernel: probe, trace, compare, inspect, run commands, move files, load modules.
 
     Attributes: ``arch`` (the arch's name: "x86_64", "arm64"), ``arch_info`` (its kbridge.arch.Arch:
-    registers, syscall prefix, breakpoint...), ``suite`` (the Debian suite of the kernel),
+    registers, syscall prefix, breakpoint...), ``suite`` (the kernel: a Debian suite, "debug" or
+    "tree:PATH", as kbridge.kernels.resolve gives it),
     ``krel`` (`uname -r` in the guest), ``name`` ("qemu:x86_64", "vagrant:MACHINE"), ``accel``
-    ("tcg", "kvm", or the provider's), ``flavour`` ("default" or "bcc"), ``where`` (the parsed
+    ("tcg", "kvm", or the provider's), ``flavour`` ("default", "bcc", "debug", "tree"), ``where`` (the parsed
     target). Every call attaches to the guest for its duration; a crash report the kernel prints
     during a call (an oops, a WARN, a sanitizer's report) makes it raise GuestCrash.
     """
@@ -328,15 +329,17 @@ def vm(
     keep: bool = False,
     bcc: bool = False,
     vagrantfile: str | Path | None = None,
+    kernel_tree: str | Path | None = None,
 ) -> Iterator[Guest]:
     """A guest for the block: the kept VM of ARCH and KERNEL if one runs, else a fresh one.
 
-    A fresh VM is stopped when the block ends, unless KEEP. BCC boots the image
-    with bcc (for via="bpf"). TARGET "vagrant:NAME" uses a Vagrant machine instead (of the
-    Vagrantfile in VAGRANTFILE, else VAGRANT_CWD, else the current directory): its own arch,
-    one SSH connection for the whole block.
+    KERNEL is a Debian suite or its version ("6.1"), or "debug" (kbridge's KASAN/lockdep kernel);
+    KERNEL_TREE a kernel tree you built, instead. A fresh VM is stopped when the block ends, unless
+    KEEP. BCC boots the image with bcc. TARGET "vagrant:NAME" uses a Vagrant machine instead (of the
+    Vagrantfile in VAGRANTFILE, else VAGRANT_CWD, else the current directory): its own arch, one SSH
+    connection for the whole block.
     """
-    suite, where = kernels.resolve(kernel), parse_target(target)
+    suite, where = kernels.resolve(kernel, kernel_tree), parse_target(target)
     a = get_arch(arch) if arch is not None or where.kind == "qemu" else None
     vf = Path(vagrantfile) if vagrantfile is not None else None
     # Each call of the Guest watches the guest for crash reports itself.

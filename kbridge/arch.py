@@ -66,6 +66,7 @@ class Arch:
     trap_kind: str  # "trapnr" (the x86 trap vector) or "esr" (the arm64 exception syndrome)
     # -- host-side tools
     capstone: tuple[str, str]  # capstone's CS_ARCH_* and CS_MODE_* names for its instructions
+    gdb_architecture: str  # `set architecture` for gdb-multiarch when it has no vmlinux to read it from
     host_aliases: tuple[str, ...] = field(default=())  # `uname -m` names of a host of this arch
 
     def cross_compile(self) -> str:
@@ -200,6 +201,7 @@ X86_64 = Arch(
     ibt_entry_offset=4,
     trap_kind="trapnr",
     capstone=("CS_ARCH_X86", "CS_MODE_64"),
+    gdb_architecture="i386:x86-64",
     host_aliases=("amd64", "x86-64", "x64"),
 )
 
@@ -249,6 +251,7 @@ ARM64 = Arch(
     ibt_entry_offset=0,
     trap_kind="esr",
     capstone=("CS_ARCH_ARM64", "CS_MODE_ARM"),
+    gdb_architecture="aarch64",
     host_aliases=("aarch64",),
 )
 

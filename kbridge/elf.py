@@ -179,7 +179,9 @@ def _row_at(program: LineProgram, sections: list[int], section: int, addr: int) 
             continue
         if st.end_sequence:
             if current == section and rows and rows[0][0] <= addr < st.address:
-                _, file_index, line = max((r for r in rows if r[0] <= addr), key=lambda r: r[0])
+                # The last row at or before ADDR: of several rows at one address (gcc emits them where
+                # code of two lines meets), the later one describes the instructions that follow.
+                _, file_index, line = [r for r in rows if r[0] <= addr][-1]
                 return file_index, line
             rows, current = [], None
             continue

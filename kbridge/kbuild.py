@@ -15,6 +15,7 @@ a copy without debug info, the host keeps the one with it (oops lines, gdb).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -126,12 +127,38 @@ def source_files(src: Path) -> dict[str, bytes]:
     return files
 
 
-def cache_key(files: Mapping[str, bytes], image: Image) -> str:
-    """Content of the source + kernel release + arch (+ the headers' package version)."""
-    h = hashlib.sha256(f"{FORMAT}|{image.krel}|{image.arch.name}|{image.version}".encode())
+def cache_key(files: Mapping[str, bytes], image: Image, source: Path | None = None) -> str:
+    """Content of the source + kernel release + arch + the kernel build itself (its headers'
+    Module.symvers and .config: two builds of one release, such as the debug kernel with and
+    without KASAN, take different modules) + where the source lives (its debug info names it)."""
+    h = hashlib.sha256(f"{FORMAT}|{image.krel}|{image.arch.name}|{image.version}|{source or ''}".encode())
+    h.update(kernel_build_digest(image.headers).encode())
     for rel in sorted(files):
         h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
     return h.hexdigest()[:24]
+
+
+def kernel_build_digest(headers: Path) -> str:
+    """A digest of the kernel build HEADERS is for: its Module.symvers (every exported symbol's CRC)
+    and .config. Read once per file version."""
+    stamps = []
+    for name in ("Module.symvers", ".config"):
+        try:
+            st = (headers / name).stat()
+        except OSError:
+            stamps.append((name, 0, 0))
+            continue
+        stamps.append((name, st.st_size, st.st_mtime_ns))
+    return _digest_files(str(headers), tuple(stamps))
+
+
+@functools.lru_cache(maxsize=32)
+def _digest_files(headers: str, stamps: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, size, _ in stamps:
+        if size:
+            h.update(name.encode() + b"\0" + hashlib.sha256((Path(headers) / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 # -- kbuild ---------------------------------------------------------------------------
@@ -143,12 +170,15 @@ def uses_build_root(image: Image) -> bool:
     return suite is not None and not suite.host_gcc
 
 
-def kbuild_argv(image: Image, moddir: Path) -> list[str]:
+def kbuild_argv(image: Image, moddir: Path, source: Path | None = None) -> list[str]:
     """make -C <headers> M=<moddir> ARCH=... CROSS_COMPILE=... modules (an argv, never a shell string).
 
     bullseye's headers ask for gcc-10 (CC in .kernelvariables): the host's gcc-12 builds
     modules that load on 5.10, so CC is overridden. trixie (gcc-14) and sid (gcc-16) run
     make inside their suite's build root (made on first use) with the headers as shipped.
+    A kernel kbridge or the user built (the debug kernel, --kernel-tree) takes the compiler
+    its .config names. SOURCE: the directory the module's files came from; the build copy's
+    paths in its debug info and __FILE__ (UBSAN reports, WARN lines, gdb) become SOURCE's.
     """
     arch = image.arch
     if uses_build_root(image):
@@ -158,7 +188,7 @@ def kbuild_argv(image: Image, moddir: Path) -> list[str]:
     # Through the resolved tree: an image flavour's headers are a symlink to the default image's,
     # and the sandbox binds the tree itself, not the link (a bcc image's build found no headers).
     headers = (image.dir / "headers").resolve() / image.headers.relative_to(image.dir / "headers")
-    return [
+    argv = [
         "make",
         "-s",
         "-C",
@@ -166,23 +196,41 @@ def kbuild_argv(image: Image, moddir: Path) -> list[str]:
         f"M={moddir}",
         f"ARCH={arch.kernel_arch}",
         f"CROSS_COMPILE={arch.cross_compile()}",
-        f"CC={arch.gcc(HOST_GCC)}",
-        "modules",
+        f"CC={built_with(image) or arch.gcc(HOST_GCC)}",
     ]
+    # make hands KCFLAGS to a shell: a path with a space or a quote would split; it is left unmapped.
+    if source is not None and re.fullmatch(r"[\w./+-]+", f"{moddir}{source}"):
+        argv.append(f"KCFLAGS=-ffile-prefix-map={moddir}={source}")
+    return [*argv, "modules"]
+
+
+def built_with(image: Image) -> str | None:
+    """The compiler a kernel kbridge or the user built was built with (CONFIG_CC_VERSION_TEXT's first
+    word, e.g. gcc-12 or aarch64-linux-gnu-gcc-12) when it is on this host; None for Debian's kernels."""
+    if image.flavour not in ("debug", "tree"):
+        return None
+    try:
+        text = (image.headers / ".config").read_text()
+    except OSError:
+        return None
+    m = re.search(r'^CONFIG_CC_VERSION_TEXT="(\S+)', text, re.M)
+    return m[1] if m and shutil.which(m[1]) else None
 
 
 def require_tools(image: Image) -> None:
     """make and the arch's gcc-12 (for kernels the host's compiler builds), or an error naming the packages."""
     if uses_build_root(image):
         return
-    if missing := [t for t in ("make", image.arch.gcc(HOST_GCC)) if shutil.which(t) is None]:
+    if missing := [t for t in ("make", built_with(image) or image.arch.gcc(HOST_GCC)) if shutil.which(t) is None]:
         raise KbridgeError(
             f"cannot build modules: {', '.join(missing)} not found",
             f"sudo apt-get install make {image.arch.gcc_package(HOST_GCC)} (kbridge doctor checks the rest)",
         )
 
 
-def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool = False) -> list[Built]:
+def build(
+    files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool = False, source: Path | None = None
+) -> list[Built]:
     """Every module (obj-m) FILES make, built for IMAGE's kernel; from the cache when unchanged.
 
     SHOWN names the source in messages (the user's directory, a lab file's path): the
@@ -190,9 +238,11 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
     in kbridge.sandbox: it sees only the headers, the toolchain and its own files, no network,
     as nobody, with a time and output limit; without a working sandbox it is not built at all.
     Trusted code (kbridge's own modules, the user's own directory and its Makefile) runs
-    kbuild as the user does.
+    kbuild as the user does. SOURCE: the directory FILES came from, which the module's debug
+    info and __FILE__ then name (gdb, UBSAN's reports).
     """
-    out = cache_dir() / "kbuild" / cache_key(files, image)
+    source = source.resolve() if source is not None else None
+    out = cache_dir() / "kbuild" / cache_key(files, image, source)
     if (cached := _from_cache(out, image)) is not None:
         return _remembered(cached, shown)
     box = sandbox.detect() if untrusted else None  # SandboxUnavailable: refused before anything runs
@@ -207,7 +257,7 @@ def build(files: Mapping[str, bytes], image: Image, shown: str, untrusted: bool 
             (work / rel).write_bytes(data)
         # A failed build fails its step (shown as failed, never as done before the error).
         with progress.step(f"building {shown} for {image.krel} ({image.arch.name})"):
-            output, code = _make(image, work) if box is None else _make_sandboxed(image, work, box)
+            output, code = _make(image, work, source) if box is None else _make_sandboxed(image, work, box, source)
             output = map_paths(output, work, shown)
             if code != 0:
                 raise BuildError(explain_build_failure(output, shown), "fix the code above and build again")
@@ -252,11 +302,11 @@ def _remembered(built: list[Built], shown: str) -> list[Built]:
     return built
 
 
-def _make(image: Image, work: Path) -> tuple[str, int]:
+def _make(image: Image, work: Path, source: Path | None = None) -> tuple[str, int]:
     """Run kbuild in WORK; its output and exit code. Bounded: a build never hangs kbridge, and an
     interrupted or killed kbridge leaves no make behind (its own session, killed as one; SIGKILL
     to make when kbridge dies)."""
-    argv = kbuild_argv(image, work)
+    argv = kbuild_argv(image, work, source)
     if shutil.which("setpriv"):
         argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     proc = subprocess.Popen(
@@ -296,7 +346,7 @@ def _kill_session(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox) -> tuple[str, int]:
+def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox, source: Path | None = None) -> tuple[str, int]:
     """kbuild for untrusted sources, in the sandbox: the headers and the build root read-only."""
     headers_tree = (image.dir / "headers").resolve()
     root = None
@@ -307,7 +357,7 @@ def _make_sandboxed(image: Image, work: Path, box: sandbox.Sandbox) -> tuple[str
         rw: list[sandbox.Bind] = [(work, buildroot.MODULE_AT)]
         cwd = buildroot.MODULE_AT
     else:
-        argv, ro, rw, cwd = kbuild_argv(image, work), [headers_tree], [work], str(work)
+        argv, ro, rw, cwd = kbuild_argv(image, work, source), [headers_tree], [work], str(work)
     res = sandbox.run(
         argv,
         ro=ro,

@@ -174,7 +174,8 @@ def loaded_modules(target: Target) -> dict[str, str]:
 
 def build_for(target: Target, src: Path, name: str | None = None) -> Built:
     """The module NAME of the directory SRC, built for TARGET's kernel (cached)."""
-    return kbuild.pick(kbuild.build(kbuild.source_files(src), target.image, str(src)), str(src), name)
+    files = kbuild.source_files(src)
+    return kbuild.pick(kbuild.build(files, target.image, str(src), source=src), str(src), name)
 
 
 def load_module(
@@ -247,8 +248,10 @@ def load_module(
             "the module cannot be removed from this guest",
             text,
         )
-    if any(oops.is_oops(line) for line in lines):  # a WARN in init: the module loaded, the log shows the warning
-        progress.warn(f"{built.name}'s init triggered a kernel warning (WARN_ON): see its log")
+    if any(oops.is_oops(line) for line in lines):
+        # A WARN or a bug checker's report (KASAN, lockdep...) in init: the module loaded and the kernel
+        # went on; the command fails with the report once it ends (kbridge.targets.watch).
+        progress.warn(f"{built.name}'s init made the kernel report a bug or a warning; {built.name} is loaded")
     if not res.ok:
         err = res.exitcode if 0 < res.exitcode < 250 else None
         why = "the loader could not open the module file" if res.exitcode == 250 else res.text

@@ -1,9 +1,10 @@
 """Kernel crash reports in a kernel log: where one starts, where it ends, and the frame it blames.
 
-A report starts at a line with one of OOPS_MARKERS and runs to the kernel's
-"---[ end trace ... ]---" line (or until the log goes quiet). The faulting frame is
-the RIP (x86_64) or pc (arm64) line: FUNCTION+0xOFF/0xSIZE, with [MODULE] when the
-function is in a loaded module.
+A report starts at a line with one of OOPS_MARKERS, or at a bug checker's first line
+(kbridge.sanitizers: KASAN, KFENCE, UBSAN, lockdep, sleeping in atomic context), and runs to
+the kernel's "---[ end trace ... ]---" line, the checker's own end (or until the log goes
+quiet). The faulting frame is the RIP (x86_64) or pc (arm64) line: FUNCTION+0xOFF/0xSIZE,
+with [MODULE] when the function is in a loaded module.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+from kbridge import sanitizers
 
 OOPS_MARKERS = (
     "Oops",
@@ -46,6 +49,8 @@ def head(text: str, frames: int = 6) -> list[str]:
     call trace: on arm64 the pc line comes after a dozen lines of abort decoding."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     start = next((i for i, ln in enumerate(lines) if is_oops(ln)), 0)
+    if lines and sanitizers.kind(lines[start]) is not None:
+        return sanitizers.head(text, frames)
     keep = set(range(start, min(start + 4, len(lines))))
     for i, line in enumerate(lines):
         if _FAULT_LINE.match(line) or _CALLER_LINE.match(line):
@@ -57,13 +62,13 @@ def head(text: str, frames: int = 6) -> list[str]:
 
 
 def is_oops(text: str) -> bool:
-    """Whether a log line starts (or is part of the head of) a crash report."""
-    return any(m in text for m in OOPS_MARKERS)
+    """Whether a log line starts (or is part of the head of) a crash report or a bug checker's report."""
+    return any(m in text for m in OOPS_MARKERS) or sanitizers.kind(text) is not None
 
 
 def is_crash(text: str) -> bool:
-    """Like is_oops, but a WARN (the kernel carries on) does not count."""
-    return any(m in text for m in CRASH_MARKERS)
+    """Like is_oops, but a WARN or a bug checker's report (the kernel carries on) does not count."""
+    return any(m in text for m in CRASH_MARKERS) and sanitizers.kind(text) is None
 
 
 @dataclass(frozen=True)

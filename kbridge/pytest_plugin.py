@@ -46,6 +46,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"guest kernel for kbridge VM tests (repeatable; {kernels.choices()}; default: bookworm)",
     )
     group.addoption(
+        "--kbridge-kernel-tree",
+        action="append",
+        default=None,
+        help="a kernel tree you built, as a guest kernel for kbridge VM tests (repeatable; with --kbridge-kernel too)",
+    )
+    group.addoption(
         "--kbridge-target", default=None, help="run kbridge VM tests on vagrant:MACHINE instead of the embedded QEMU VM"
     )
     group.addoption(
@@ -80,8 +86,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         arches = metafunc.config.getoption("--kbridge-arch") or _target_arches(metafunc.config) or list(ARCHES)
         metafunc.parametrize("kbridge_arch", [get_arch(a).name for a in arches], scope="session")
     if "kbridge_kernel" in metafunc.fixturenames:
-        wanted = metafunc.config.getoption("--kbridge-kernel") or [kernels.DEFAULT]
-        metafunc.parametrize("kbridge_kernel", [kernels.resolve(k) for k in wanted], scope="session")
+        trees = metafunc.config.getoption("--kbridge-kernel-tree") or []
+        wanted = metafunc.config.getoption("--kbridge-kernel") or ([] if trees else [kernels.DEFAULT])
+        keys = [kernels.resolve(k) for k in wanted] + [kernels.resolve(None, t) for t in trees]
+        metafunc.parametrize("kbridge_kernel", keys, ids=[_kernel_id(k) for k in keys], scope="session")
+
+
+def _kernel_id(key: str) -> str:
+    """A test id part for kernel KEY: a tree by its directory's name."""
+    tree = kernels.tree_of(key)
+    return f"tree-{tree.name}" if tree is not None else key
 
 
 _ARCH_OF_TARGET = pytest.StashKey[list[str]]()
@@ -102,7 +116,8 @@ def _target_arches(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(scope="session")
 def kbridge_kernel() -> str:
-    """The guest kernel's suite (parametrised by --kbridge-kernel when a test asks for it)."""
+    """The guest kernel's key: a suite, "debug" or "tree:PATH" (parametrised by --kbridge-kernel and
+    --kbridge-kernel-tree when a test asks for it)."""
     return kernels.DEFAULT
 
 
@@ -118,7 +133,10 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
         with targets.acquire(arch, kernel=kbridge_kernel, target=where, watched=False) as t:
             yield Guest(t.arch, kbridge_kernel, where, held=t)
         return
-    flavour = "bcc" if request.config.getoption("--kbridge-bcc") else "default"
+    # bcc's root filesystem exists for Debian's kernels: the debug kernel and a tree boot without it
+    # (tests that need bpf skip there, as on any VM without bcc).
+    bcc = request.config.getoption("--kbridge-bcc") and kernels.is_debian(kbridge_kernel)
+    flavour = "bcc" if bcc else "default"
     vm = targets.kept(arch, kbridge_kernel)
     if vm is not None and flavour == "bcc" and vm.flavour != "bcc":
         targets.shutdown(vm)  # a VM without bcc cannot serve via="bpf"
@@ -172,7 +190,10 @@ def pytest_runtest_makereport(
     exc = call.excinfo.value if call.excinfo is not None else None
     if isinstance(exc, GuestCrash) and exc.crash is not None:
         where = f"\nthe whole report: {exc.crash.file}" if exc.crash.file else ""
-        report.sections.append(("kbridge guest crash", exc.crash.head(frames=30) + where))
+        title = (
+            "kbridge guest crash" if exc.crash.checker is None else f"kbridge guest kernel report ({exc.crash.checker})"
+        )
+        report.sections.append((title, exc.crash.head(frames=30) + where))
     with contextlib.suppress(Exception):  # a guest that cannot answer any more has said what it could
         lines = item.stash[_GUEST].kernel_log(since=item.stash[_STARTED]).splitlines()
         if len(lines) > LOG_LINES:  # the end is what led to the failure; the rest is in `kbridge vm exec -- dmesg`

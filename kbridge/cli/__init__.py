@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("image", "Guest images (kernel, headers, initramfs) built from Debian packages."),
     "module": ("module", "Kernel modules: kbridge's generated probes (render) and your own (build, load, unload)."),
     "vm": ("vm", "A kept guest VM, reused by later commands."),
+    "gdb": ("gdb", "Attach gdb-multiarch to the kept VM's kernel (kbridge vm up --gdb), with your modules' symbols."),
     "lab": ("lab", "Kernel-course labs: start one, check it in a real kernel, see the solution."),
     "box": ("box", "Vagrant boxes (libvirt provider) with kbridge's kernel, for --target vagrant:NAME."),
 }

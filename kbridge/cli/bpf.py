@@ -94,7 +94,13 @@ def image_cmd(
     """Build (or check) the bcc image flavour: Debian python3-bpfcc + kernel headers on an ext4 disk."""
     from kbridge.images import bcc
 
-    img = bcc.ensure(get_arch(arch), kernels.resolve(kernel), rebuild=rebuild)
+    suite = kernels.resolve(kernel)
+    if not kernels.is_debian(suite):
+        raise KbridgeError(
+            f"the bcc image is built for Debian's kernels, not {kernels.label(suite)}",
+            "choose a Debian kernel (--kernel 6.1); --via kmod and --via tracefs work on every kernel",
+        )
+    img = bcc.ensure(get_arch(arch), suite, rebuild=rebuild)
     err.print(f"[green]✓ bcc image: {img.dir} ({img.krel})[/]")
 
 

@@ -17,6 +17,7 @@ from kbridge.cli.options import (
     EntryOpt,
     JsonOpt,
     KernelOpt,
+    KernelTreeOpt,
     PidOpt,
     PreOpt,
     RetOpt,
@@ -53,6 +54,7 @@ def compare_cmd(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Mechanisms to run (default: all three).")] = None,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
@@ -60,7 +62,7 @@ def compare_cmd(
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
     use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
-    suite = kernels.resolve(kernel)
+    suite = kernels.resolve(kernel, kernel_tree)
     spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm, tid=tid)
     names = tuple(only or NAMES)
     for n in names:

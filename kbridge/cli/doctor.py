@@ -30,6 +30,25 @@ def _sandbox_row() -> dict:
     return {"check": "sandbox (bwrap)", "ok": ok, "detail": detail, "package": "bubblewrap"}
 
 
+def _debug_kernel_rows() -> list[dict]:
+    """What building the debug kernel (--kernel debug) needs beyond a module build."""
+    from pathlib import Path
+
+    from kbridge.images import debugkernel
+
+    why = "builds the debug kernel (--kernel debug)"
+    rows = [
+        {"check": t, "ok": bool(shutil.which(t)), "detail": shutil.which(t) or f"missing: {why}", "package": pkg}
+        for t, pkg in debugkernel.HOST_TOOLS.items()
+        if t != "make"
+    ]
+    rows += [
+        {"check": pkg, "ok": Path(h).is_file(), "detail": h if Path(h).is_file() else f"missing: {why}", "package": pkg}
+        for h, pkg in debugkernel.HOST_HEADERS.items()
+    ]
+    return rows
+
+
 def checks() -> list[dict]:
     """Each check: name, ok, detail, and the apt package that provides it."""
 
@@ -51,6 +70,8 @@ def checks() -> list[dict]:
         },
         tool("mmdebstrap", "mmdebstrap", "makes the build roots of newer kernels (--kernel 6.12, latest)"),
         tool("zstd", "zstd", "compresses the saved state a VM starts from (without it every start boots)"),
+        tool("gdb-multiarch", "gdb-multiarch", "kbridge gdb"),
+        *_debug_kernel_rows(),
         _sandbox_row(),
         {
             "check": "debian-archive-keyring",
@@ -79,6 +100,8 @@ def checks() -> list[dict]:
             "optional": True,
         }
     )
+    from kbridge.images import debugkernel
+
     for a in ARCHES.values():
         img = images.load(a, verify=False)
         res.append(
@@ -88,6 +111,18 @@ def checks() -> list[dict]:
                 "optional": True,
                 "package": None,
                 "detail": f"cached: {img.krel}" if img else "not built yet (built on first use, ~20 s)",
+            }
+        )
+        dbg = debugkernel.load(a)
+        res.append(
+            {
+                "check": f"debug kernel {a.name}",
+                "ok": dbg is not None,
+                "optional": True,
+                "package": None,
+                "detail": f"cached: {dbg.krel}"
+                if dbg
+                else f"not built yet (kbridge image build --kernel debug --arch {a.name}: ~13 min)",
             }
         )
     found = strays()

@@ -8,9 +8,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from kbridge import kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, KernelOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
+from kbridge.cli.options import ArchOpt, KernelOpt, KernelTreeOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.inspect import STEPS, Inspection, inspect
 from kbridge.session import Session
@@ -35,6 +36,7 @@ def inspect_cmd(
     ] = False,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[
@@ -45,7 +47,7 @@ def inspect_cmd(
     use_vagrantfile(vagrantfile)
     validate_symbol(symbol)
     a = get_arch(arch) if arch else None
-    with acquire(arch=a, kernel=kernel, target=target) as vm:
+    with acquire(arch=a, kernel=kernels.resolve(kernel, kernel_tree), target=target) as vm:
         ins = inspect(Session(vm), symbol, offset, force_breakpoint=force_breakpoint)
     if json_out:
         emit_json(ins.to_json())

@@ -22,6 +22,7 @@ from kbridge.cli.options import (
     EntryOpt,
     JsonDocOpt,
     KernelOpt,
+    KernelTreeOpt,
     MaxactiveOpt,
     OffsetOpt,
     PostOpt,
@@ -99,6 +100,7 @@ def build_cmd(
     src: DirArg,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Build your module against the guest kernel's headers (cross-compiled for arm64), cached."""
@@ -106,8 +108,8 @@ def build_cmd(
     from kbridge.targets import kept_image
 
     a = get_arch(arch)
-    img = kept_image(a, kernels.resolve(kernel))
-    mods = kbuild.build(kbuild.source_files(src), img, str(src))
+    img = kept_image(a, kernels.resolve(kernel, kernel_tree))
+    mods = kbuild.build(kbuild.source_files(src), img, str(src), source=src)
     if json_out:
         emit_json(
             {
@@ -134,6 +136,7 @@ def load_cmd(
     name: Annotated[str | None, typer.Option("--name", help="Which module, when obj-m builds several.")] = None,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
@@ -145,7 +148,7 @@ def load_cmd(
 
     params = dict(modules.parse_param(p) for p in param or ())
     a = arch_or_machine(arch, target)  # a Vagrant machine's own arch unless --arch says otherwise
-    with acquire(a, keep=True, kernel=kernels.resolve(kernel), target=target) as guest:
+    with acquire(a, keep=True, kernel=kernels.resolve(kernel, kernel_tree), target=target) as guest:
         built = modules.build_for(guest, src, name)
         for w in built.warnings:
             err.print(f"[yellow]{escape(w)}[/]")
@@ -178,6 +181,7 @@ def unload_cmd(
     name: Annotated[str, typer.Argument(help="The module's name (as lsmod shows it).", show_default=False)],
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
@@ -190,7 +194,7 @@ def unload_cmd(
     where = parse_target(target)
     if where.kind == "qemu":
         a = get_arch(arch)
-        vm = kept(a, kernels.resolve(kernel))
+        vm = kept(a, kernels.resolve(kernel, kernel_tree))
         if vm is None:
             raise KbridgeError(
                 f"no {a.name} VM is up, so no module of yours is loaded",
@@ -200,7 +204,7 @@ def unload_cmd(
     else:
         from kbridge.targets import acquire
 
-        with acquire(arch_or_machine(arch, target), kernel=kernels.resolve(kernel), target=where) as guest:
+        with acquire(arch_or_machine(arch, target), kernel=kernels.resolve(kernel, kernel_tree), target=where) as guest:
             _unload(guest, name, json_out)
         return
     try:

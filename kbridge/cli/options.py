@@ -37,8 +37,18 @@ KernelOpt = Annotated[
     Optional[str],
     typer.Option(
         "--kernel",
-        help="Guest kernel: bullseye|5.10, bookworm|6.1 (default), trixie|6.12, sid|latest.",
+        help="Guest kernel: bullseye|5.10, bookworm|6.1 (default), trixie|6.12, sid|latest, or debug "
+        "(6.1 with KASAN, KFENCE, lockdep, UBSAN and DWARF, built by kbridge).",
         rich_help_panel=GUEST,
+    ),
+]
+KernelTreeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--kernel-tree",
+        help="Boot the kernel you built in this directory (vmlinux, .config, Module.symvers) instead of --kernel.",
+        rich_help_panel=GUEST,
+        show_default=False,
     ),
 ]
 TargetOpt = Annotated[

@@ -119,18 +119,19 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
         _interrupted_summary("crash", 3)
         err.print(f"[bold red]error:[/] {escape(e.message)}")
         if e.crash is not None:
-            err.print(escape(e.crash.head()), markup=False, highlight=False)
+            # markup=False prints the text as it is: escape() here would print its backslashes.
+            err.print(e.crash.head(), markup=False, highlight=False)
             if e.crash.file is not None:
                 err.print(f"[dim]the whole report: {escape(str(e.crash.file))}[/]")
         else:
-            err.print(escape(e.text), markup=False, highlight=False)
+            err.print(e.text, markup=False, highlight=False)
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]")
         return 3
     except KbridgeError as e:
         if _syntax_error(e):  # a kprobe_events line: the message, then a caret under the bad part
             err.print(f"[bold red]error:[/] {escape(e.message)}{f' ({e.error})' if e.error else ''}")
-            err.print(escape(e.caret()), markup=False, highlight=False)
+            err.print(e.caret(), markup=False, highlight=False)
             return 2
         err.print(f"[bold red]error:[/] {escape(e.message)}")
         if e.hint:

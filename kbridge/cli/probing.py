@@ -52,6 +52,7 @@ def probe(
     via: str = "kmod",
     arch: str | None = None,
     kernel: str | None = None,
+    kernel_tree: str | None = None,
     target: str | None = None,
     vagrantfile: str | None = None,
     mirror: str | None = None,
@@ -61,9 +62,10 @@ def probe(
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
     explain_removed(jprobe)
-    suite = kernels.get(kernel)
-    if fault and (suite.major_minor is None or suite.major_minor >= (5, 14)):
-        raise explain_fault_removed(suite.major_minor)
+    key = kernels.resolve(kernel, kernel_tree)
+    version = kernels.version_of(key)
+    if fault and (version is None or version >= (5, 14)):
+        raise explain_fault_removed(version)
     get_mechanism(via)  # an unknown --via fails before anything else
     use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
@@ -78,8 +80,8 @@ def probe(
         StopRule(count=count, duration=duration),
         printer,
         via=via,
-        kernel=suite.name,
-        mirrors=mirrors_from(mirror, suite.name),
+        kernel=key,
+        mirrors=mirrors_from(mirror, kernels.suite_of(key)),
         target=target,
     )
     if json_out:

@@ -98,6 +98,7 @@ def trace(
     buffer_kb: int | None = None,
     arch: str | None = None,
     kernel: str | None = None,
+    kernel_tree: str | None = None,
     target: str | None = None,
     vagrantfile: str | None = None,
     json_out: bool = False,
@@ -106,7 +107,7 @@ def trace(
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
     use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
-    suite = kernels.resolve(kernel)
+    suite = kernels.resolve(kernel, kernel_tree)
     grammar = grammar_of(a, suite)  # the built image's kernel, else the suite's table
     if check:
         bad = 0

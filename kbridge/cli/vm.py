@@ -11,7 +11,7 @@ from rich.markup import escape
 from kbridge import kernels, targets
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
+from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, KernelTreeOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.targets import ownership
@@ -26,19 +26,30 @@ app.add_typer(vm_app, name="vm")
 def up(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     bcc: Annotated[bool, typer.Option("--bcc", help="Boot the image with bcc (for --via bpf).")] = False,
     memory: Annotated[int, typer.Option("--memory", min=256, max=65536, help="Guest memory in MiB.")] = 1024,
     cpus: Annotated[int, typer.Option("--cpus", min=1, max=64, help="Guest CPUs.")] = 1,
+    gdb: Annotated[
+        bool,
+        typer.Option("--gdb", help="Start QEMU's gdb stub on a Unix socket (for kbridge gdb); boots with nokaslr."),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Boot a VM and keep it running for later commands (one per arch and kernel)."""
     a = get_arch(arch)
-    suite = kernels.resolve(kernel)
+    suite = kernels.resolve(kernel, kernel_tree)
     vm = targets.kept(a, suite)
+    if vm is not None and gdb and targets.gdb_socket(vm) is None:
+        vm.release()
+        raise KbridgeError(
+            f"the {a.name} {kernels.label(suite)} VM is up without the gdb stub",
+            f"kbridge vm down --arch {a.name}, then {kernels.up_hint(a.name, suite)} --gdb",
+        )
     if vm is None:
-        vm = targets.boot(a, suite, "bcc" if bcc else "default", keep=True, memory_mb=memory, cpus=cpus)
+        vm = targets.boot(a, suite, "bcc" if bcc else "default", keep=True, memory_mb=memory, cpus=cpus, gdb=gdb)
     else:
-        err.print(f"[cyan]• a {a.name} {suite} VM is already up[/]")
+        err.print(f"[cyan]• a {a.name} {escape(kernels.label(suite))} VM is already up[/]")
     info = vm.describe()
     vm.release()
     if json_out:
@@ -47,6 +58,8 @@ def up(
         err.print(
             f"[green]✓ {a.name} VM up: {info['kernel']} ({info['accel']}, {info['flavour']}), pid {info['pid']}[/]"
         )
+        if info.get("gdb"):
+            err.print(f"[dim]  gdb stub: {escape(info['gdb'])} (kbridge gdb --arch {a.name} attaches to it)[/]")
 
 
 @vm_app.command("status")
@@ -64,7 +77,9 @@ def status(json_out: JsonOpt = False) -> None:
     if not vms:
         err.print("no kept VM is running (kbridge vm up starts one)")
     for v in vms:
-        out.print(f"{v['arch']:7} {v['suite']:9} {v['kernel']:22} {v['accel']:4} {v['flavour']:8} pid {v['pid']}")
+        suite = v["suite"] if not v["suite"].startswith(kernels.TREE) else "tree"
+        gdb = "  gdb stub" if v.get("gdb") else ""
+        out.print(f"{v['arch']:7} {suite:9} {v['kernel']:22} {v['accel']:4} {v['flavour']:8} pid {v['pid']}{gdb}")
         if v.get("user_modules"):
             err.print(f"  your modules loaded: {', '.join(v['user_modules'])}")
         if v.get("crashed"):
@@ -85,6 +100,7 @@ def exec_(
     ctx: typer.Context,
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
     timeout: Annotated[
@@ -96,7 +112,7 @@ def exec_(
     argv = list(ctx.args)
     if not argv:
         raise KbridgeError("no command given", "kbridge vm exec -- uname -a")
-    guest = _running(arch, kernel, target)
+    guest = _running(arch, kernels.resolve(kernel, kernel_tree), target)
     try:
         with targets.watch(guest):  # an oops the command causes is shown and saved, and fails it
             res = guest.run(argv, timeout=timeout)
@@ -109,13 +125,13 @@ def exec_(
     raise typer.Exit(res.exitcode if res.signal is None else 128 + res.signal)
 
 
-def _move(way: str, src: str, dst: str, arch: str | None, kernel: str | None, target: str | None) -> tuple[str, str]:
-    """A file moved into (push) or out of (pull) the kept VM: where it landed, and the guest's arch."""
+def _move(way: str, src: str, dst: str, arch: str | None, key: str, target: str | None) -> tuple[str, str]:
+    """A file moved into (push) or out of (pull) the kept VM of kernel KEY: where it landed, and the guest's arch."""
     from pathlib import Path
 
     from kbridge.targets import files
 
-    vm = _running(arch, kernel, target)
+    vm = _running(arch, key, target)
     try:
         where = files.push(vm, Path(src), dst) if way == "push" else files.pull(vm, src, Path(dst))
     finally:
@@ -123,12 +139,12 @@ def _move(way: str, src: str, dst: str, arch: str | None, kernel: str | None, ta
     return str(where), vm.arch.name
 
 
-def _running(arch: str | None, kernel: str | None, target: str | None) -> Target:
-    """A guest that is already up: the kept VM of ARCH and KERNEL, or the Vagrant machine.
+def _running(arch: str | None, key: str, target: str | None) -> Target:
+    """A guest that is already up: the kept VM of ARCH and kernel KEY, or the Vagrant machine.
 
     What a killed kbridge left in it is reclaimed first, as every command does.
     """
-    guest = targets.running(get_arch(arch) if arch else None, kernels.resolve(kernel), target)
+    guest = targets.running(get_arch(arch) if arch else None, key, target)
     try:
         if done := ownership.reclaim(guest):
             err.print(f"[yellow]! {guest.name}: cleaned up after a kbridge that was killed: {', '.join(done)}[/]")
@@ -143,14 +159,16 @@ def _running(arch: str | None, kernel: str | None, target: str | None) -> Target
 def down(
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     all_: Annotated[bool, typer.Option("--all", help="Every kept VM and stray kbridge QEMU.")] = False,
 ) -> None:
     """Stop the kept VM (with --all: every kept VM and every QEMU left by a killed kbridge)."""
     stopped = 0
-    suite = kernels.resolve(kernel)
+    suite = kernels.resolve(kernel, kernel_tree)
     for vm in targets.kept_vms():
-        if all_ or ((arch is None or vm.arch == get_arch(arch)) and (kernel is None or vm.image.suite == suite)):
-            name = f"{vm.arch.name} {vm.image.suite}"
+        chosen = kernel is None and kernel_tree is None
+        if all_ or ((arch is None or vm.arch == get_arch(arch)) and (chosen or vm.image.key == suite)):
+            name = f"{vm.arch.name} {kernels.label(vm.image.key)}"
             targets.shutdown(vm)
             stopped += 1
             err.print(f"[green]✓ {name} VM stopped[/]")
@@ -172,12 +190,13 @@ def push(
     ],
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
     use_vagrantfile(vagrantfile)
-    where, guest = _move("push", src, dst, arch, kernel, target)
+    where, guest = _move("push", src, dst, arch, kernels.resolve(kernel, kernel_tree), target)
     err.print(f"[green]✓ {src} -> {where} in the {guest} guest[/]")
 
 
@@ -188,10 +207,11 @@ def pull(
     dst: Annotated[str, typer.Argument(help="A local file or directory.", show_default=False)],
     arch: ArchOpt = None,
     kernel: KernelOpt = None,
+    kernel_tree: KernelTreeOpt = None,
     target: TargetOpt = None,
     vagrantfile: VagrantfileOpt = None,
 ) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
     use_vagrantfile(vagrantfile)
-    where, guest = _move("pull", src, dst, arch, kernel, target)
+    where, guest = _move("pull", src, dst, arch, kernels.resolve(kernel, kernel_tree), target)
     err.print(f"[green]✓ {src} in the {guest} guest -> {where}[/]")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kbridge import progress
+from kbridge import kernels, progress
 from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
@@ -50,11 +50,20 @@ class Image:
     arch: Arch
     suite: str
     krel: str  # the kernel release, `uname -r` in the guest
-    version: str  # the Debian package version of the kernel (a digest of /proc/version for a machine's own)
-    flavour: str = "default"  # "bcc": with a root filesystem holding python3-bpfcc (images/bcc.py)
+    # the kernel's Debian package version (a built tree's: a digest of its build; a machine's own: of /proc/version)
+    version: str
+    flavour: str = "default"  # "bcc": with a root filesystem holding python3-bpfcc (images/bcc.py);
+    # "debug": kbridge's sanitizer kernel (images/debugkernel.py); "tree": a user's kernel tree (kerneltree.py)
+    kernel_id: str = ""  # the --kernel key it serves (kbridge.kernels) when that is not its suite
+    cmdline: str = ""  # kernel arguments it boots with besides kbridge's own (kasan_multi_shot)
     # A machine kbridge did not build (images/foreign.py): how its headers are got on the first
     # module build, or the refusal that says how to install them.
     fetch_headers: Callable[[Image], None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        """The kernel key (kbridge.kernels.resolve) of this image: its suite, "debug" or "tree:PATH"."""
+        return self.kernel_id or self.suite
 
     @property
     def kernel(self) -> Path:
@@ -91,6 +100,12 @@ class Image:
     def state(self) -> Path:
         """Where per-image facts learnt at run time are cached (symbol table, KVM verdict)."""
         return self.dir / "state"
+
+    @property
+    def vmlinux(self) -> Path | None:
+        """The kernel's vmlinux with DWARF, for gdb (a built kernel's; Debian ships it in -dbg packages)."""
+        path = self.dir / "gdb" / "vmlinux"
+        return path if path.is_file() else None
 
 
 # The guest-side files the initramfs holds (the others are pushed by the commands that use them).
@@ -507,10 +522,16 @@ def _build_initramfs(arch: Arch, krel: str, modroot: Path, sysroot: Path, out: P
             rel = rel[: rel.index(".ko") + 3]
             w.file(rel, module_bytes(ko))
             listed.append("/" + rel)
-        w.file("etc/kbridge/modules", ("\n".join(listed) + "\n").encode())
+        w.file("etc/kbridge/modules", module_list(listed))
         w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         w.file("etc/group", b"root:x:0:\n")
         w.close()
+
+
+def module_list(paths: list[str]) -> bytes:
+    """/etc/kbridge/modules: one module path a line, and an empty file for none (a kernel with its
+    virtio drivers built in): the init's `while read` would read one empty line and insmod ''."""
+    return "".join(f"{p}\n" for p in paths).encode()
 
 
 def _copy_with_libs(w: CpioWriter, sysroot: Path, rel: str) -> None:
@@ -565,6 +586,50 @@ def _multiarch(sysroot: Path) -> str:
     raise KbridgeError("guest libc not found in the unpacked packages")
 
 
+def fetch_dbg_vmlinux(img: Image, mirrors: Mirrors | None = None) -> Path:
+    """IMG's vmlinux with DWARF, from Debian's linux-image-KREL-dbg (~860 MB for 6.1: only vmlinux is
+    unpacked, streamed out of the package), into the image's gdb/ directory."""
+    import tarfile
+
+    dest = img.dir / "gdb" / "vmlinux"
+    if dest.is_file():
+        return dest
+    package = f"linux-image-{img.krel}-dbg"
+    apt = PrivateApt(
+        cache_dir() / "apt" / f"{img.suite}-{img.arch.debian}",
+        img.suite,
+        img.arch.debian,
+        mirrors or _mirrors_from_env(img.suite),
+    )
+    with progress.step(f"reading Debian {img.suite} package lists ({img.arch.debian})"):
+        apt.update()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        with progress.step(f"downloading {package} ({apt.version(package)})"):
+            (deb,) = apt.download([package], Path(tmp))
+        with progress.step(f"unpacking its vmlinux into {dest.parent}"):
+            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            found = False
+            with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith((f"/boot/vmlinux-{img.krel}", f"/{img.krel}/vmlinux")):
+                        src = tar.extractfile(member)
+                        assert src is not None
+                        part = Path(tmp) / "vmlinux"
+                        with part.open("wb") as out:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                        part.rename(dest)
+                        found = True
+                        break
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
+    if not found:
+        raise KbridgeError(f"{package} has no vmlinux (unexpected layout)")
+    return dest
+
+
 def grammar(img: Image | None, arch: Arch, suite: str) -> Grammar:
     """The kprobe_events grammar of IMG's kernel (its .config and release), else SUITE's from the table."""
     from kbridge.kprobe_events import grammar_for  # the grammar tables: only commands that parse event lines
@@ -575,7 +640,14 @@ def grammar(img: Image | None, arch: Arch, suite: str) -> Grammar:
 
 
 def grammar_of(arch: Arch, suite: str) -> Grammar:
-    """The grammar of the SUITE kernel kbridge boots on ARCH: its built image's, else the table's."""
+    """The grammar of the kernel kbridge boots on ARCH for SUITE (a kernel key): its built image's,
+    else the table's (the debug kernel's and a tree's: bookworm's until built or laid out)."""
+    if not kernels.is_debian(suite):
+        from kbridge.images import debugkernel, kerneltree
+
+        tree = kernels.tree_of(suite)
+        img = debugkernel.load(arch) if tree is None else kerneltree.load_dir(kerneltree.image_dir(tree, arch), arch)
+        return grammar(img, arch, suite)
     return grammar(load(arch, suite, verify=False), arch, suite)
 
 

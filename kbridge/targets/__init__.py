@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kbridge import kernels, oops, progress
+from kbridge import crashes, kernels, oops, progress, sanitizers
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.targets import ownership
@@ -25,7 +26,11 @@ if TYPE_CHECKING:
     from kbridge.images.apt import Mirrors
     from kbridge.images.image import Image
 
-FLAVOURS = ("default", "bcc", "bench")
+FLAVOURS = (
+    "default",
+    "bcc",
+    "bench",
+)  # what acquire() may ask for; "debug" and "tree" images come with their kernel key
 _MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -54,7 +59,21 @@ def parse_target(text: str | None) -> TargetSpec:
 
 
 def resolve_image(arch: Arch, suite: str, flavour: str = "default", mirrors: Mirrors | None = None) -> Image:
-    """The image a fresh VM of ARCH, SUITE and FLAVOUR boots (built on first use)."""
+    """The image a fresh VM of ARCH, kernel SUITE (a kernel key: kbridge.kernels.resolve) and FLAVOUR
+    boots (built on first use): Debian's kernel, kbridge's debug kernel, or a user's kernel tree."""
+    if not kernels.is_debian(suite):
+        if flavour != "default":
+            raise KbridgeError(
+                f"the {flavour} image is built for Debian's kernels, not {kernels.label(suite)}",
+                "use the default image on this kernel (--via kmod, tracefs and bpf run there)",
+            )
+        if (tree := kernels.tree_of(suite)) is not None:
+            from kbridge.images import kerneltree
+
+            return kerneltree.ensure(tree, arch, mirrors)
+        from kbridge.images import debugkernel
+
+        return debugkernel.ensure(arch, mirrors)
     if flavour != "default":
         from kbridge.images import bcc
 
@@ -125,35 +144,79 @@ def acquire(
 @contextlib.contextmanager
 def watch(guest: Target) -> Iterator[Target]:
     """GUEST for a command: a crash report the kernel prints meanwhile (an oops, a panic, a BUG, a
-    WARN, an RCU stall, a sanitizer's report) fails the command, shown at once and saved to a file."""
+    WARN, an RCU stall, a bug checker's report: KASAN, KFENCE, UBSAN, lockdep, sleeping in atomic
+    context) fails the command, shown at once and saved to a file."""
     mark = guest.log_mark()
     try:
         yield guest
     except GuestCrash as e:
         if e.crash is not None:
             raise
-        raise reported(guest, guest.crash_since(mark) or e.text) from None
-    if not guest.crashed() and (text := guest.crash_since(mark)) is not None:
+        raise reported(guest, _whole_report(guest, mark) or e.text) from None
+    if not guest.crashed() and (text := _whole_report(guest, mark)) is not None:
         raise reported(guest, text)
+
+
+REPORT_SETTLE_S = 3.0  # a report still being printed when the command ended: wait this long for its end
+
+
+def _whole_report(guest: Target, mark: int) -> str | None:
+    """The first report the kernel printed after MARK, waiting (briefly) for the kernel to finish
+    printing it: a checker's report can still be on its way to the console when the command returns."""
+    deadline = time.monotonic() + REPORT_SETTLE_S
+    text = guest.crash_since(mark)
+    while text is not None and time.monotonic() < deadline:
+        found = crashes.first_report(text)
+        if found is None or found[1]:
+            break
+        time.sleep(0.3)
+        again = guest.crash_since(mark)
+        if again == text:  # the kernel printed nothing more: that is all of it (arm64 traces end unmarked)
+            break
+        text = again
+    return text
 
 
 def reported(guest: Target, text: str) -> GuestCrash:
     """The GuestCrash for report TEXT: attributed, saved, and the guest marked for a restart when the
-    kernel cannot be trusted after it (a WARN alone leaves it running)."""
+    kernel cannot be trusted after it (an oops, a panic, scheduling while atomic) or a checker is off
+    (lockdep after its own first report, and after KASAN's); after a WARN, or a KFENCE, UBSAN or
+    sleeping-function report, the kernel went on with every checker, and the VM is kept."""
     from kbridge.crashes import Crash
 
     crash = Crash.of(text, guest.arch.name, guest.krel)
     crash.save()
-    fatal = any(oops.is_crash(line) for line in text.splitlines())
+    why = sanitizers.restarts(text)
+    fatal = any(oops.is_crash(line) for line in text.splitlines()) or why is not None
+    if not fatal and crash.checker is not None and _lockdep_turned_off(guest):
+        # 6.1's KASAN report taints with LOCKDEP_NOW_UNRELIABLE, which turns lockdep off for the boot.
+        why = "the kernel turned lockdep off with this report (debug_locks 0): a later lock-order bug would go unseen"
+        fatal = True
     if fatal:
         guest.mark_crashed(crash.file)
-    return GuestCrash(f"the {guest.arch.name} guest kernel reported {crash.title}", text, crash, fatal)
+    what = "reported" if crash.checker is None else f"reported a {crash.checker} report:"
+    return GuestCrash(f"the {guest.arch.name} guest kernel {what} {crash.title}", text, crash, fatal, why)
+
+
+def _lockdep_turned_off(guest: Target) -> bool:
+    """Whether the guest's lockdep switched itself off (/proc/lockdep_stats: debug_locks 0). A kernel
+    without lockdep has no such file: nothing was turned off."""
+    try:
+        stats = guest.read_file("/proc/lockdep_stats").decode(errors="replace")
+    except KbridgeError:
+        return False
+    return re.search(r"^\s*debug_locks:\s+0\s*$", stats, re.M) is not None
 
 
 def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None, reuse_kept: bool = True) -> Target:
     from kbridge.targets.qemu import QemuVM
 
     vm = QemuVM.attach(arch, suite) if reuse_kept else None
+    if vm is not None and (stale := _rebuilt_tree(vm, arch, suite, mirrors)) is not None:
+        progress.warn(f"{kernels.label(suite)} was rebuilt since its kept VM booted: the VM restarts with it")
+        meta = vm.describe()
+        vm.shutdown()
+        return QemuVM.boot(stale, keep=True, gdb=bool(meta.get("gdb")))
     if vm is not None:
         progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
         return vm
@@ -182,6 +245,15 @@ def machine_arch(target: str | TargetSpec | None, vagrantfile: Path | None = Non
         return guest.arch
     finally:
         guest.release()
+
+
+def _rebuilt_tree(vm: Target, arch: Arch, suite: str, mirrors: Mirrors | None) -> Image | None:
+    """For a kept VM of a user's kernel tree: the tree's new image when it was rebuilt since the VM
+    booted (the VM runs the old kernel, and modules would build against the new one), else None."""
+    if kernels.tree_of(suite) is None:
+        return None
+    current = resolve_image(arch, suite, "default", mirrors)
+    return current if current.version != vm.image.version else None
 
 
 def kept(arch: Arch, suite: str = kernels.DEFAULT) -> Target | None:
@@ -221,8 +293,9 @@ def running(
     a = arch or get_arch(None)
     vm = kept(a, suite)
     if vm is None:
-        up_hint = f"kbridge vm up --arch {a.name}" + (f" --kernel {suite}" if suite != kernels.DEFAULT else "")
-        raise KbridgeError(f"no {a.name} {suite} VM is up", f"start one with {up_hint}")
+        raise KbridgeError(
+            f"no {a.name} {kernels.label(suite)} VM is up", f"start one with {kernels.up_hint(a.name, suite)}"
+        )
     return vm
 
 
@@ -241,23 +314,33 @@ def boot(
     memory_mb: int = 1024,
     cpus: int = 1,
     mirrors: Mirrors | None = None,
+    gdb: bool = False,
 ) -> Target:
-    """A fresh embedded VM of ARCH, SUITE and FLAVOUR; with KEEP, the kept VM later commands reuse."""
+    """A fresh embedded VM of ARCH, kernel SUITE (a kernel key) and FLAVOUR; with KEEP, the kept VM later
+    commands reuse; with GDB, QEMU's gdb stub listens on a Unix socket in its directory (kbridge gdb)."""
     from kbridge.targets.qemu import QemuVM
 
-    return QemuVM.boot(resolve_image(arch, suite, flavour, mirrors), keep=keep, memory_mb=memory_mb, cpus=cpus)
+    image = resolve_image(arch, suite, flavour, mirrors)
+    return QemuVM.boot(image, keep=keep, memory_mb=memory_mb, cpus=cpus, gdb=gdb)
+
+
+def gdb_socket(target: Target) -> Path | None:
+    """The Unix socket of TARGET's gdb stub (a VM booted with gdb=True), else None."""
+    from kbridge.targets.qemu import QemuVM
+
+    return target.gdb_socket if isinstance(target, QemuVM) else None
 
 
 def kept_vms() -> list[Target]:
     """Every running kept VM as it is (a crashed one is not restarted), attached: release() each
     (or shutdown() it)."""
-    from kbridge.targets.qemu import QemuVM, kept_dirs
+    from kbridge.targets.qemu import QemuVM, kept_dirs, kept_key
 
     found: list[Target] = []
     for rundir in kept_dirs():
-        arch_name, _, suite = rundir.name.partition("-")
+        arch_name, key = kept_key(rundir)
         with contextlib.suppress(KbridgeError):
-            if (vm := QemuVM.attach(get_arch(arch_name), suite or kernels.DEFAULT, restart_crashed=False)) is not None:
+            if (vm := QemuVM.attach(get_arch(arch_name), key, restart_crashed=False)) is not None:
                 found.append(vm)
     return found
 
@@ -316,8 +399,10 @@ def kept_image(arch: Arch, suite: str, mirrors: Mirrors | None = None) -> Image:
     from kbridge.targets.qemu import QemuVM
 
     vm = QemuVM.attach(arch, suite)
-    if vm is not None:
+    if vm is not None and _rebuilt_tree(vm, arch, suite, mirrors) is None:
         img = vm.image
         vm.detach()
         return img
+    if vm is not None:
+        vm.detach()
     return resolve_image(arch, suite, "default", mirrors)

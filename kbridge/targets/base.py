@@ -43,12 +43,23 @@ class ExecResult:
 
 
 class GuestCrash(KbridgeError):
-    """The guest kernel reported a crash (an oops, a panic, a BUG, a WARN, an RCU stall); `text`
-    holds what it printed, `crash` what kbridge makes of it (the blamed frame, the source line, the
-    file the whole report was saved to), once a target attached it."""
+    """The guest kernel reported a crash (an oops, a panic, a BUG, a WARN, an RCU stall) or a bug
+    checker's report (KASAN, KFENCE, UBSAN, lockdep, sleeping in atomic context); `text` holds what
+    it printed, `crash` what kbridge makes of it (the blamed frame, the source line, the file the
+    whole report was saved to), once a target attached it. FATAL: the VM is restarted before the
+    next command (the kernel cannot be trusted, or its checker is off); else it is kept."""
 
-    def __init__(self, message: str, text: str, crash: Crash | None = None, fatal: bool = True) -> None:
-        hint = "the VM is restarted by the next kbridge command" if fatal else "the kernel went on: the VM is kept"
+    def __init__(
+        self, message: str, text: str, crash: Crash | None = None, fatal: bool = True, why: str | None = None
+    ) -> None:
+        if fatal:
+            hint = (
+                f"{why}: the VM is restarted by the next kbridge command"
+                if why
+                else ("the VM is restarted by the next kbridge command")
+            )
+        else:
+            hint = "the kernel went on: the VM is kept"
         super().__init__(message, hint)
         self.text = text
         self.crash = crash

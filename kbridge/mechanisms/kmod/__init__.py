@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from kbridge import oops, progress
+from kbridge import oops, progress, sanitizers
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images.image import Image
@@ -214,7 +214,9 @@ class _Loaded:
                 if rec.text.startswith(f"{self.module}: "):
                     self.forged += 1  # written to /dev/kmsg from user space: never a hit
                 continue
-            if oops.is_oops(rec.text):
+            # A bug checker's report (KASAN, lockdep, ...) leaves the kernel running: the probe runs
+            # to its end and is removed, and the command fails with the report afterwards (targets.watch).
+            if oops.is_oops(rec.text) and sanitizers.kind(rec.text) is None:
                 self.target.mark_crashed()
                 report = oops.collect(rec.text, _texts(self.stream))
                 raise GuestCrash(crash_message(report, self.module), report)

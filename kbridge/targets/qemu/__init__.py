@@ -2,6 +2,6 @@
 
 from kbridge.targets.qemu.kvm import kvm_usable
 from kbridge.targets.qemu.strays import orphans
-from kbridge.targets.qemu.vm import QemuVM, kept_dir, kept_dirs
+from kbridge.targets.qemu.vm import QemuVM, kept_dir, kept_dirs, kept_key
 
-__all__ = ["QemuVM", "kept_dir", "kept_dirs", "kvm_usable", "orphans"]
+__all__ = ["QemuVM", "kept_dir", "kept_dirs", "kept_key", "kvm_usable", "orphans"]

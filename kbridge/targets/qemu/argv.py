@@ -15,6 +15,7 @@ KMSG_PORT = "org.kbridge.kmsg"
 # program at (Target.stream_path), e.g. trace_pipe or bcc output.
 PORTS = (KMSG_PORT, *STREAM_PORTS)
 ROOTFS_MOUNT = "/rootfs"  # where the guest init mounts an image flavour's root filesystem
+GDB_SOCKET = "gdb.sock"  # QEMU's gdb stub, in the VM's directory (kbridge vm up --gdb)
 
 
 def qemu_argv(
@@ -26,9 +27,17 @@ def qemu_argv(
     cpus: int = 1,
     cmdline_extra: str = "",
     initrd: Path | None = None,
+    gdb: bool = False,
 ) -> list[str]:
     """The QEMU command line for IMAGE (booting INITRD, by default the image's initramfs): pure, so it
-    can be read and tested on its own."""
+    can be read and tested on its own.
+
+    The image's own kernel arguments come too (the debug kernel's kasan_multi_shot). GDB adds QEMU's
+    gdb stub on a Unix socket (never a TCP port: nothing off this host reaches the guest's memory)
+    and `nokaslr`, so the addresses in vmlinux are the running kernel's (arm64 randomizes its base
+    from the seed QEMU's device tree gives; x86 KASLR is the bzImage decompressor's).
+    """
+    cmdline_extra = " ".join(x for x in (image.cmdline, cmdline_extra, "nokaslr" if gdb else "") if x)
     cpu = "host" if accel == "kvm" else arch.tcg_cpu
     # The guest streams the kernel log to the host one record per write, ~5k records/s
     # under TCG, while a probed tight loop logs far faster: the log buffer must hold a
@@ -79,6 +88,13 @@ def qemu_argv(
             f"socket,id=port{i},path={rundir / port_socket(port)},server=on,wait=off",
             "-device",
             f"virtserialport,chardev=port{i},name={port}",
+        ]
+    if gdb:
+        argv += [
+            "-chardev",
+            f"socket,id=gdb0,path={rundir / GDB_SOCKET},server=on,wait=off",
+            "-gdb",
+            "chardev:gdb0",
         ]
     rootfs = image.dir / "rootfs.ext4"
     if rootfs.is_file():

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from kbridge import crashes, oops, procs, progress
+from kbridge import crashes, kernels, oops, procs, progress, sanitizers
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images import bpftools
@@ -31,7 +31,15 @@ from kbridge.paths import state_dir
 from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
 from kbridge.targets.qemu import kvm
 from kbridge.targets.qemu.agent import GuestAgent
-from kbridge.targets.qemu.argv import KMSG_PORT, PORTS, ROOTFS_MOUNT, port_socket, qemu_argv, spawn_prefix
+from kbridge.targets.qemu.argv import (
+    GDB_SOCKET,
+    KMSG_PORT,
+    PORTS,
+    ROOTFS_MOUNT,
+    port_socket,
+    qemu_argv,
+    spawn_prefix,
+)
 
 _T = TypeVar("_T")
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
@@ -41,7 +49,9 @@ KVM_PROBE_TIMEOUT_S = 10.0  # nested KVM that hangs is caught by this bound
 class QemuVM:
     """A running QEMU guest booted from a kbridge image: the embedded Target."""
 
-    def __init__(self, rundir: Path, image: Image, accel: str, proc: procs.Process, kept: bool) -> None:
+    def __init__(
+        self, rundir: Path, image: Image, accel: str, proc: procs.Process, kept: bool, gdb: bool = False
+    ) -> None:
         self.rundir = rundir
         self.image = image
         self.arch = image.arch
@@ -51,6 +61,8 @@ class QemuVM:
         self.name = f"qemu:{self.arch.name}"
         self.proc = proc
         self.kept = kept
+        # QEMU's gdb stub (kbridge vm up --gdb): a Unix socket, never a TCP port.
+        self.gdb_socket: Path | None = rundir / GDB_SOCKET if gdb else None
         self._agent: GuestAgent | None = None
         self._ports: dict[str, PortReader] = {}
         self._lock: int | None = None
@@ -61,10 +73,11 @@ class QemuVM:
     # -- lifecycle ---------------------------------------------------------------
 
     @classmethod
-    def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1) -> QemuVM:
-        """Boot IMAGE: KVM when a bounded probe shows it works, else TCG."""
+    def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1, gdb: bool = False) -> QemuVM:
+        """Boot IMAGE: KVM when a bounded probe shows it works, else TCG. GDB: with QEMU's gdb stub on
+        a Unix socket in the VM's directory, and the kernel told not to randomize its addresses."""
         rundir = (
-            kept_dir(image.arch, image.suite)
+            kept_dir(image.arch, image.key)
             if keep
             else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         )
@@ -76,18 +89,26 @@ class QemuVM:
         try_kvm, why = kvm.kvm_usable(image.arch)
         if try_kvm:
             try:
-                return cls._boot(image, "kvm", rundir, keep, KVM_PROBE_TIMEOUT_S, memory_mb, cpus)
+                return cls._boot(image, "kvm", rundir, keep, KVM_PROBE_TIMEOUT_S, memory_mb, cpus, gdb)
             except KbridgeError as e:  # hung (nested KVM) or QEMU refused: either way, TCG
                 kvm.record_verdict(False)
                 first = e.message.strip().splitlines()[0][:160]
                 progress.warn(f"KVM did not boot the guest ({first}); falling back to TCG")
         elif why:
             progress.info(f"using TCG (software emulation): {why}")
-        return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus)
+        return cls._boot(image, "tcg", rundir, keep, BOOT_TIMEOUT_S, memory_mb, cpus, gdb)
 
     @classmethod
     def _boot(
-        cls, image: Image, accel: str, rundir: Path, keep: bool, timeout: float, memory_mb: int, cpus: int
+        cls,
+        image: Image,
+        accel: str,
+        rundir: Path,
+        keep: bool,
+        timeout: float,
+        memory_mb: int,
+        cpus: int,
+        gdb: bool = False,
     ) -> QemuVM:
         if shutil.which(image.arch.qemu_binary) is None:
             raise KbridgeError(
@@ -96,17 +117,17 @@ class QemuVM:
             )
         from kbridge.targets.qemu import snapshot  # QMP (asyncio): only to boot, save or restore
 
-        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus, initrd=_initrd(image))
+        argv = qemu_argv(image.arch, image, accel, rundir, memory_mb, cpus, initrd=_initrd(image), gdb=gdb)
         state_key = None
         if snapshot.supported(image, accel):
             with contextlib.suppress(Exception):  # no key, no saved state: a normal boot
                 state_key = snapshot.key(argv, image, rundir)
         if state_key is not None and (state := snapshot.path_for(image, state_key)).is_file():
             try:
-                return cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, state)
+                return cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, state, gdb)
             except Exception:  # noqa: BLE001 - any failure to restore: boot instead, and save afresh
                 snapshot.discard(image, state_key)
-        vm = cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, None)
+        vm = cls._launch(image, accel, rundir, keep, argv, memory_mb, cpus, timeout, None, gdb)
         if state_key is not None:
             with contextlib.suppress(Exception):  # not saved: the next fresh VM boots too
                 snapshot.save(rundir / "qmp.sock", image, state_key)
@@ -124,6 +145,7 @@ class QemuVM:
         cpus: int,
         timeout: float,
         state: Path | None,
+        gdb: bool = False,
     ) -> QemuVM:
         """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
         shutil.rmtree(rundir, ignore_errors=True)
@@ -143,7 +165,7 @@ class QemuVM:
                 start_new_session=True,
             )
         proc = procs.Process(popen.pid)
-        vm = cls(rundir, image, accel, proc, keep)
+        vm = cls(rundir, image, accel, proc, keep, gdb)
         (rundir / "vm.json").write_text(
             json.dumps(
                 {
@@ -152,6 +174,7 @@ class QemuVM:
                     "accel": accel,
                     "image": str(image.dir),
                     "suite": image.suite,
+                    "kernel": image.key,
                     "arch": image.arch.name,
                     "flavour": image.flavour,
                     "owner": os.getpid(),
@@ -160,6 +183,7 @@ class QemuVM:
                     "version": image.version,
                     "memory_mb": memory_mb,
                     "cpus": cpus,
+                    "gdb": gdb,
                 }
             )
         )
@@ -232,15 +256,24 @@ class QemuVM:
             if image is None:
                 return None
             said = f" (its report: {report})" if report else ""
+            what = "had crashed"
+            if (title := _report_title(report)) and (checker := sanitizers.kind(title)) is not None:
+                what = f"reported {checker}, whose kernel is not reused"  # lockdep is off after its first report
             gone = (
                 f"; {', '.join(sorted(lost))} {'was' if len(lost) == 1 else 'were'} loaded in it and "
                 f"{'is' if len(lost) == 1 else 'are'} not now (kbridge module load DIR)"
                 if lost
                 else ""
             )
-            progress.warn(f"the kept {arch.name} VM had crashed{said}: it was stopped and restarts now{gone}")
-            return cls.boot(image, keep=True, memory_mb=meta.get("memory_mb", 1024), cpus=meta.get("cpus", 1))
-        vm = cls(rundir, image, meta["accel"], proc, True)
+            progress.warn(f"the kept {arch.name} VM {what}{said}: it was stopped and restarts now{gone}")
+            return cls.boot(
+                image,
+                keep=True,
+                memory_mb=meta.get("memory_mb", 1024),
+                cpus=meta.get("cpus", 1),
+                gdb=bool(meta.get("gdb")),
+            )
+        vm = cls(rundir, image, meta["accel"], proc, True, bool(meta.get("gdb")))
         vm._take_lock()
         return vm
 
@@ -421,7 +454,7 @@ class QemuVM:
         return {
             "target": self.name,
             "arch": self.arch.name,
-            "suite": self.image.suite,
+            "suite": self.image.key,
             "kernel": self.krel,
             "accel": self.accel,
             "flavour": self.flavour,
@@ -431,6 +464,7 @@ class QemuVM:
             "crashed": self.crashed(),
             "crash_report": (self.rundir / "crashed").read_text().strip() or None if self.crashed() else None,
             "user_modules": _user_modules(self.rundir),
+            "gdb": str(self.gdb_socket) if self.gdb_socket else None,
         }
 
     def bcc_python(self) -> list[str] | None:
@@ -553,8 +587,20 @@ _attached: dict[Path, QemuVM] = {}
 
 
 def kept_dir(arch: Arch, suite: str = DEFAULT_SUITE) -> Path:
-    """The kept VM of ARCH and SUITE (one each, e.g. vms/x86_64, vms/arm64-sid)."""
-    return state_dir() / (arch.name if suite == DEFAULT_SUITE else f"{arch.name}-{suite}")
+    """The kept VM of ARCH and kernel SUITE (a kernel key; one each, e.g. vms/x86_64, vms/arm64-sid,
+    vms/x86_64-debug, vms/x86_64-tree-HASH for a user's kernel tree)."""
+    return state_dir() / (arch.name if suite == DEFAULT_SUITE else f"{arch.name}-{kernels.slug(suite)}")
+
+
+def kept_key(rundir: Path) -> tuple[str, str]:
+    """(arch name, kernel key) of the kept VM in RUNDIR, from its vm.json (a tree's key is not in
+    the directory's name), else from the name."""
+    arch_name, _, slug = rundir.name.partition("-")
+    try:
+        meta = json.loads((rundir / "vm.json").read_text())
+        return str(meta.get("arch", arch_name)), str(meta.get("kernel") or meta.get("suite") or DEFAULT_SUITE)
+    except (OSError, ValueError, AttributeError):
+        return arch_name, slug or DEFAULT_SUITE
 
 
 def kept_dirs() -> list[Path]:
@@ -568,7 +614,17 @@ def _image_of(meta: dict, arch: Arch) -> Image | None:
     command run with another cache directory attaches the VM too (and does not stop it)."""
     d = Path(meta.get("image", ""))
     if meta.get("version") and (d / "kernel").is_file() and (d / "headers").is_dir():
-        return Image(d, arch, meta["suite"], meta["krel"], meta["version"], meta.get("flavour", "default"))
+        key = meta.get("kernel") or meta["suite"]
+        return Image(
+            d,
+            arch,
+            meta["suite"],
+            meta["krel"],
+            meta["version"],
+            meta.get("flavour", "default"),
+            kernel_id="" if key == meta["suite"] else key,
+            cmdline=_manifest_cmdline(d),
+        )
     if meta.get("flavour") in ("bcc", "bench"):
         from kbridge.images import bcc
 
@@ -576,3 +632,19 @@ def _image_of(meta: dict, arch: Arch) -> Image | None:
     from kbridge.images.image import load
 
     return load(arch, meta["suite"], verify=False)
+
+
+def _manifest_cmdline(d: Path) -> str:
+    try:
+        return str(json.loads((d / "manifest.json").read_text()).get("cmdline", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _report_title(report: str) -> str:
+    """The first line of the saved report at path REPORT (its title), or ""."""
+    try:
+        with open(report, errors="replace") as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
