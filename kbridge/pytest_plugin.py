@@ -6,8 +6,10 @@
 
 `kbridge_vm` is a kbridge.Guest (the object `kbridge.vm()` gives) on a VM kept
 for the whole test session, one per arch and kernel, parametrised over
---kbridge-arch (default: x86_64 and arm64) and --kbridge-kernel (default:
+--kbridge-arch (default: x86_64 and arm64; arm too with the option) and --kbridge-kernel (default:
 bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine.
+A test marked `@pytest.mark.kbridge_arches("arm")` runs on those arches instead of the
+default ones, and on those of them --kbridge-arch names when it is given.
 `kbridge_session` gives a Session (symbols, guest commands) holding the VM for
 one test.
 """
@@ -29,6 +31,11 @@ from kbridge.session import Session
 from kbridge.targets import parse_target
 from kbridge.targets.base import GuestCrash
 
+# The arches a kbridge_vm test runs on when neither --kbridge-arch nor a kbridge_arches marker
+# says otherwise. 32-bit arm boots in every default run through the tests marked for it
+# (tests/vm/test_arm.py); its whole suite is `--kbridge-arch arm`.
+DEFAULT_ARCHES = ("x86_64", "arm64")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kbridge")
@@ -36,7 +43,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--kbridge-arch",
         action="append",
         default=None,
-        help="guest arch for kbridge VM tests (repeatable; default: x86_64 and arm64)",
+        help=f"guest arch for kbridge VM tests (repeatable; {', '.join(ARCHES)}; "
+        f"default: {' and '.join(DEFAULT_ARCHES)})",
     )
     group.addoption(
         "--kbridge-kernel",
@@ -57,6 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real guest VM through kbridge (slow; needs QEMU)")
+    config.addinivalue_line(
+        "markers", "kbridge_arches(*names): the arches this test runs on (instead of the default ones)"
+    )
     # Under pytest-xdist each worker keeps VMs of its own: a kept VM serves one command at a time,
     # and a worker's session teardown must not stop a VM another worker is using.
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -76,8 +87,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kbridge_arch" in metafunc.fixturenames:
-        arches = metafunc.config.getoption("--kbridge-arch") or list(ARCHES)
-        metafunc.parametrize("kbridge_arch", [get_arch(a).name for a in arches], scope="session")
+        given = [get_arch(a).name for a in metafunc.config.getoption("--kbridge-arch") or ()]
+        if (marker := metafunc.definition.get_closest_marker("kbridge_arches")) is not None:
+            own = [get_arch(a).name for a in marker.args]
+            arches = [a for a in own if a in given] if given else own
+        else:
+            arches = given or list(DEFAULT_ARCHES)
+        metafunc.parametrize("kbridge_arch", arches, scope="session")
     if "kbridge_kernel" in metafunc.fixturenames:
         wanted = metafunc.config.getoption("--kbridge-kernel") or [kernels.DEFAULT]
         metafunc.parametrize("kbridge_kernel", [kernels.resolve(k) for k in wanted], scope="session")
@@ -99,7 +115,8 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
     if where.kind != "qemu":
         yield Guest(arch, kbridge_kernel, where)
         return
-    flavour = "bcc" if request.config.getoption("--kbridge-bcc") else "default"
+    # --kbridge-bcc asks for bcc where it works; an arch bcc cannot serve boots its default image.
+    flavour = "bcc" if request.config.getoption("--kbridge-bcc") and not arch.bcc_refusal else "default"
     vm = targets.kept(arch, kbridge_kernel)
     if vm is not None and flavour == "bcc" and vm.flavour != "bcc":
         targets.shutdown(vm)  # a VM without bcc cannot serve via="bpf"

@@ -45,12 +45,13 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
             )
         return
     t = Table(
-        title="kbridge labs (x86_64 and arm64)",
-        caption="check: seconds per `kbridge lab check` with the VM up (x86_64 / arm64)",
+        title="kbridge labs",
+        caption="check: seconds per `kbridge lab check` with the VM up, per arch",
     )
     t.add_column("lab", no_wrap=True)
     t.add_column("what it teaches")
     t.add_column("kernel", no_wrap=True)
+    t.add_column("arches", no_wrap=True)
     t.add_column("student", no_wrap=True)
     t.add_column("check", no_wrap=True)
     for lab in LABS.values():
@@ -59,6 +60,7 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
             lab.name,
             f"{lab.title}: {lab.teaches}",
             lab.kernel or "6.1",
+            " ".join(lab.arches),
             f"~{lab.minutes} min",
             f"{secs} s" if secs else "?",
         )

@@ -72,6 +72,8 @@ def ensure(
 ) -> images.Image:
     """The bcc image for ARCH and SUITE, built (about a minute, ~400 MB) when missing or stale."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
+    if arch.bcc_refusal:
+        raise KbridgeError(arch.bcc_refusal, f"on {arch.name} use --via kmod or --via tracefs (the default image)")
     if not rebuild and (img := load(arch, suite)):
         return img
     base = images.ensure(arch, suite, mirrors)

@@ -75,6 +75,8 @@ def render(spec: ProbeSpec, arch: Arch) -> BpfProgram:
 
 def check(spec: ProbeSpec, arch: Arch) -> None:
     """What eBPF cannot do for SPEC, said before any VM boots."""
+    if arch.bcc_refusal:
+        raise KbridgeError(arch.bcc_refusal, f"on {arch.name} use --via kmod or --via tracefs")
     if "post" in spec.handlers:
         raise KbridgeError(
             "eBPF kprobes have no post handler (BPF programs run before the probed instruction)",
