@@ -31,8 +31,8 @@ def inspect_cmd(
         bool,
         typer.Option(
             "--breakpoint",
-            help="Force the breakpoint (int3 / BRK #4): jump optimization off while armed and the probe moved "
-            "past an ftrace site if needed; both restored and reported.",
+            help="Force the breakpoint (int3 / BRK #4 / UDF #24): jump optimization off while armed and the "
+            "probe moved past an ftrace site if needed; both restored and reported.",
         ),
     ] = False,
     arch: Annotated[
