@@ -20,6 +20,7 @@ import pytest
 from kbridge import kernels, kprobe_events
 from kbridge.arch import get_arch
 from kbridge.images.image import grammar_of
+from kbridge.kprobe_events.grammar import NEWEST_KNOWN
 from kbridge.targets import acquire
 from kbridge.targets.base import Target
 from tests.unit.test_events_kernels import KERNEL_ONLY
@@ -83,7 +84,7 @@ def test_error_log_verdicts_are_the_captured_ones(guests, suite, arch):
 
 def _trampoline(suite: str, arch: str) -> str:
     """Where a kretprobe'd function returns to, by kernel: the symbol names changed twice."""
-    version = kernels.SUITES[suite].major_minor or kprobe_events.NEWEST_KNOWN
+    version = kernels.SUITES[suite].major_minor or NEWEST_KNOWN
     if version < (5, 11):
         return "kretprobe_trampoline"  # renamed __kretprobe_trampoline in 5.11
     if arch == "x86_64":

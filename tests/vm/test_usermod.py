@@ -18,6 +18,7 @@ from kbridge.images import image as images
 from kbridge.paths import cache_dir
 from kbridge.targets.base import GuestCrash
 from kbridge.targets.qemu import QemuVM
+from tests.vm.fetch import arg
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "chardev"
 OOPS = Path(__file__).parent / "data" / "oops_init"
@@ -97,7 +98,8 @@ def test_module_functions_resolve_for_tracefs_and_kprobes(kbridge_vm):
     kbridge_vm.load_module(EXAMPLE)
     try:
         # tracefs takes MOD:SYM as written; $arg3 is write's count.
-        res = kbridge_vm.trace("p:kbw kbchardev:kbchardev_write count=$arg3:u64", run="echo hello > /dev/kbchardev")
+        count = arg(kbridge_vm.arch_info, 3)
+        res = kbridge_vm.trace(f"p:kbw kbchardev:kbchardev_write count={count}:u64", run="echo hello > /dev/kbchardev")
         assert [h.args["count"] for h in res.hits] == [6]
         # A plain name that only a module defines resolves too (read live from /proc/kallsyms).
         run = kbridge_vm.probe("kbchardev_read", ret=True, run="cat /dev/kbchardev")
