@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
+
+from typing_extensions import Unpack
 
 from kbridge import kernels
 from kbridge.arch import Arch, get_arch
@@ -35,6 +37,21 @@ if TYPE_CHECKING:
     from kbridge.compare import Comparison
     from kbridge.inspect import Inspection
     from kbridge.modules import LoadedModule
+
+
+class ProbeOptions(TypedDict, total=False):
+    """What a probe is, for Guest.spec() and Guest.probe(); no handler given means pre."""
+
+    pre: bool
+    post: bool
+    entry: bool
+    ret: bool
+    args: dict[str, int] | list[str] | None
+    offset: int
+    maxactive: int
+    pid: int | None
+    comm: str | None
+    tid: int | None
 
 
 @dataclass(frozen=True)
@@ -112,60 +129,42 @@ class Guest:
 
     # -- probes ------------------------------------------------------------------
 
-    def spec(
-        self,
-        symbol: str,
-        *,
-        pre: bool = False,
-        post: bool = False,
-        entry: bool = False,
-        ret: bool = False,
-        args: dict[str, int] | list[str] | None = None,
-        offset: int = 0,
-        maxactive: int = 0,
-        pid: int | None = None,
-        comm: str | None = None,
-        tid: int | None = None,
-    ) -> ProbeSpec:
+    def spec(self, symbol: str, **opts: Unpack[ProbeOptions]) -> ProbeSpec:
         """A validated ProbeSpec; args as {"count": 3} or ["count=3"]. No handler given means pre."""
-        handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
+        unknown = sorted(opts.keys() - ProbeOptions.__annotations__.keys())
+        if unknown:
+            raise TypeError(f"spec() got an unexpected keyword argument {unknown[0]!r}")
+        on = {h for h in ("pre", "post", "entry", "ret") if opts.get(h)}
+        args = opts.get("args")
         arg_list = [f"{k}={v}" for k, v in args.items()] if isinstance(args, dict) else list(args or [])
-        return make_spec(symbol, handlers or {"pre"}, arg_list, self.arch_info, offset, maxactive, pid, comm, tid=tid)
+        return make_spec(
+            symbol,
+            on or {"pre"},
+            arg_list,
+            self.arch_info,
+            opts.get("offset", 0),
+            opts.get("maxactive", 0),
+            opts.get("pid"),
+            opts.get("comm"),
+            tid=opts.get("tid"),
+        )
 
     def probe(
         self,
         symbol: str,
         *,
-        pre: bool = False,
-        post: bool = False,
-        entry: bool = False,
-        ret: bool = False,
-        args: dict[str, int] | list[str] | None = None,
-        offset: int = 0,
-        maxactive: int = 0,
-        pid: int | None = None,
-        comm: str | None = None,
-        tid: int | None = None,
         run: str | list[str] | None = None,
         count: int | None = None,
         duration: float | None = None,
         via: str = "kmod",
         on_hit: HitSink | None = None,
+        **opts: Unpack[ProbeOptions],
     ) -> ProbeRun:
-        """Probe SYMBOL through VIA while RUN runs in the guest; `.hits`, `.counts` on the result."""
-        spec = self.spec(
-            symbol,
-            pre=pre,
-            post=post,
-            entry=entry,
-            ret=ret,
-            args=args,
-            offset=offset,
-            maxactive=maxactive,
-            pid=pid,
-            comm=comm,
-            tid=tid,
-        )
+        """Probe SYMBOL through VIA while RUN runs in the guest; `.hits`, `.counts` on the result.
+
+        OPTS are spec()'s: pre, post, entry, ret, args, offset, maxactive, pid, comm, tid.
+        """
+        spec = self.spec(symbol, **opts)
         with self.session() as s:
             return probe_on(s, spec, None, _workload(run), StopRule(count=count, duration=duration), on_hit, via)
 

@@ -14,12 +14,16 @@ from pathlib import PurePosixPath
 
 from elftools.common.exceptions import ELFError
 from elftools.dwarf.compileunit import CompileUnit
+from elftools.dwarf.constants import DW_LNE
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.dwarfinfo import DWARFInfo
+from elftools.dwarf.lineprogram import LineProgram
 from elftools.dwarf.locationlists import LocationEntry, LocationExpr, LocationParser
+from elftools.elf.constants import SH_FLAGS
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationHandler
 from elftools.elf.sections import SymbolTableSection
 
 from kbridge.errors import KbridgeError
@@ -107,8 +111,11 @@ def interpreter(data: bytes, what: str = "file") -> str | None:
 def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | None:
     """(file, line) of FUNCTION+OFFSET in an object built with debug info (a .ko), from DWARF.
 
-    A module's sections all start at 0 (it is relocatable): the function's own compile
-    unit and address range pick the right line-table sequence.
+    FUNCTION may be a part the compiler moved out of line (f.cold, in .text.unlikely). A
+    module is relocatable: each of its code sections (.text, .text.unlikely, .init.text)
+    starts at 0, so an address alone names a place in each of them. The line table's
+    sequences are told apart by the section each one's DW_LNE_set_address is relocated
+    against; the row is looked up in the sequences of FUNCTION's own section.
     """
     f = _open(data, "module")
     if not f.has_dwarf_info():
@@ -117,55 +124,64 @@ def source_line(data: bytes, function: str, offset: int) -> tuple[str, int] | No
     if not isinstance(symtab, SymbolTableSection):
         return None
     syms = [s for s in symtab.get_symbol_by_name(function) or () if s["st_info"]["type"] == "STT_FUNC"]
-    if not syms:
+    if len(syms) != 1 or not isinstance(syms[0]["st_shndx"], int):
         return None
-    # FUNCTION+OFFSET counts from the symbol; arm64's DWARF starts the function past its
-    # patchable-entry NOPs (ftrace), so the DIE's low_pc only picks the line-table sequence.
-    start, size = syms[0]["st_value"], syms[0]["st_size"]
+    section, addr = syms[0]["st_shndx"], syms[0]["st_value"] + offset
     dwarf = f.get_dwarf_info()
     for cu in dwarf.iter_CUs():
-        for die in cu.iter_DIEs():
-            if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
-                continue
-            name = die.attributes.get("DW_AT_name")
-            if name is None or name.value.decode(errors="replace") != function:
-                continue
-            low = die.attributes["DW_AT_low_pc"].value
-            found = _line_at(dwarf.line_program_for_CU(cu), low, start + offset, start + (size or offset + 1))
-            if found is not None:
-                return found
+        program = dwarf.line_program_for_CU(cu)
+        if program is None:
+            continue
+        if (row := _row_at(program, _sequence_sections(f, program), section, addr)) is not None:
+            file_index, line = row
+            names = program.header["file_entry"]
+            entry_i = file_index if program.header["version"] >= 5 else file_index - 1
+            fname = names[entry_i].name.decode(errors="replace") if 0 <= entry_i < len(names) else "?"
+            return PurePosixPath(fname).name, line
     return None
 
 
-def _line_at(program: object, low: int, addr: int, high: int) -> tuple[str, int] | None:
-    """The row of the line program covering ADDR, in a sequence that also covers LOW (the function)."""
-    if program is None:
-        return None
-    entries = program.get_entries()  # type: ignore[attr-defined]
-    header = program.header  # type: ignore[attr-defined]
-    best: tuple[int, int, int] | None = None  # (address, file, line)
-    seq: list[tuple[int, int, int]] = []
-    for entry in entries:
+def _sequence_sections(f: ELFFile, program: LineProgram) -> list[int]:
+    """The code section of each DW_LNE_set_address of PROGRAM, in order: the sections of the
+    relocations .debug_line has in PROGRAM's range that point into code (the others are
+    the header's string offsets)."""
+    debug_line = f.get_section_by_name(".debug_line")
+    rel = RelocationHandler(f).find_relocations_for_section(debug_line) if debug_line is not None else None
+    if rel is None:
+        return []
+    symtab = f.get_section(rel["sh_link"])
+    if not isinstance(symtab, SymbolTableSection):
+        return []
+    out = []
+    for r in sorted(rel.iter_relocations(), key=lambda r: r["r_offset"]):
+        if not program.program_start_offset <= r["r_offset"] < program.program_end_offset:
+            continue
+        shndx = symtab.get_symbol(r["r_info_sym"])["st_shndx"]
+        if isinstance(shndx, int) and f.get_section(shndx)["sh_flags"] & SH_FLAGS.SHF_EXECINSTR:
+            out.append(shndx)
+    return out
+
+
+def _row_at(program: LineProgram, sections: list[int], section: int, addr: int) -> tuple[int, int] | None:
+    """(file index, line) of the row covering ADDR in a sequence of SECTION."""
+    current: int | None = None  # the section of the sequence being read (None: not known)
+    placed = 0
+    rows: list[tuple[int, int, int]] = []
+    for entry in program.get_entries():
+        if entry.is_extended and entry.command == DW_LNE.set_address:
+            current = sections[placed] if placed < len(sections) else None
+            placed += 1
         st = entry.state
         if st is None:
             continue
-        seq.append((st.address, st.file, st.line))
         if st.end_sequence:
-            if any(a == low for a, _, _ in seq):
-                rows = [r for r in seq if r[0] <= addr < high]
-                if rows:
-                    best = max(rows, key=lambda r: r[0])
-            seq = []
-            if best is not None:
-                break
-    if best is None:
-        return None
-    _, file_index, line = best
-    names = header["file_entry"]
-    version = header["version"]
-    entry_i = file_index if version >= 5 else file_index - 1
-    fname = names[entry_i].name.decode(errors="replace") if 0 <= entry_i < len(names) else "?"
-    return PurePosixPath(fname).name, int(line)
+            if current == section and rows and rows[0][0] <= addr < st.address:
+                _, file_index, line = max((r for r in rows if r[0] <= addr), key=lambda r: r[0])
+                return file_index, line
+            rows, current = [], None
+            continue
+        rows.append((st.address, st.file, int(st.line)))
+    return None
 
 
 @dataclass(frozen=True)

@@ -155,11 +155,14 @@ def kbuild_argv(image: Image, moddir: Path) -> list[str]:
         headers_tree = (image.dir / "headers").resolve()
         root = buildroot.ensure(image.suite, arch, headers_tree)
         return buildroot.wrap(root, headers_tree, moddir, buildroot.make_argv(image.krel, arch))
+    # Through the resolved tree: an image flavour's headers are a symlink to the default image's,
+    # and the sandbox binds the tree itself, not the link (a bcc image's build found no headers).
+    headers = (image.dir / "headers").resolve() / image.headers.relative_to(image.dir / "headers")
     return [
         "make",
         "-s",
         "-C",
-        str(image.headers),
+        str(headers),
         f"M={moddir}",
         f"ARCH={arch.kernel_arch}",
         f"CROSS_COMPILE={arch.cross_compile()}",

@@ -19,6 +19,7 @@ OOPS_MARKERS = (
     "BUG: ",
     "Kernel panic",
     "general protection fault",
+    "invalid opcode: ",  # x86 die() for #UD, as "Oops" for a page fault: "invalid opcode: 0000 [#1]"
     "Unable to handle kernel",
     "Internal error:",
     "WARNING: CPU:",

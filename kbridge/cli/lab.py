@@ -1,4 +1,4 @@
-"""`kbridge lab list|start|check|solution`: kernel-course labs graded in a real guest kernel."""
+"""`kbridge lab list|start|check|solution|report|ci`: kernel-course labs graded in a real guest kernel."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from rich.table import Table
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt
 from kbridge.cli.output import command, emit_json, err, out
-from kbridge.labs import LABS, get, labdir
+from kbridge.errors import KbridgeError
+from kbridge.labs import LABS, ci, get, gradebook, labdir
 from kbridge.labs.grading import Report, Status
-from kbridge.labs.runner import check_dirs, require_dirs
+from kbridge.labs.parallel import check_parallel, default_jobs, parse_shard, shard
+from kbridge.labs.runner import require_dirs
 
 lab_app = typer.Typer(
     help="Kernel-course labs: start one, check it in a real kernel, see the solution.", no_args_is_help=True
@@ -109,13 +111,34 @@ def check(
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the VM running afterwards (kbridge vm down stops it).")
     ] = False,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Grade on this many VMs at once (default: one per core, as memory allows); output in order.",
+        ),
+    ] = None,
+    shard_spec: Annotated[
+        Optional[str],
+        typer.Option("--shard", help="Grade share K of N of the directories (K/N), for parallel CI jobs."),
+    ] = None,
 ) -> None:
-    """Build, load, run and grade each lab directory in a real guest kernel (one VM for all).
+    """Build, load, run and grade each lab directory in a real guest kernel (one VM per job).
 
     Exit status: 0 when every check of every directory passed, 1 otherwise.
     """
+    directories = require_dirs(dirs)
+    if shard_spec is not None:
+        k, n = parse_shard(shard_spec)
+        directories = shard(directories, k, n)
+        err.print(f"shard {k}/{n}: {len(directories)} of {len(set(require_dirs(dirs)))} directories")
+        if not directories:
+            return
     all_ok = True
-    for report in check_dirs(require_dirs(dirs), arch, keep=keep):
+    n_jobs = jobs if jobs is not None else default_jobs(len(directories))
+    for report in check_parallel(directories, arch, n_jobs, keep=keep):
         all_ok &= report.ok
         if json_out:
             emit_json(report.to_json())
@@ -147,5 +170,61 @@ def show(report: Report) -> None:
     style = "green" if report.ok else "red"
     err.print(
         f"  [{style}]{got}/{total} checks passed[/] ({report.seconds:.0f} s)"
-        + (" [red]the VM was restarted: the code crashed the kernel or left it unsafe[/]" if report.crashed else "")
+        + (" [red]the code crashed the kernel: the VM was restarted[/]" if report.crashed else "")
+        + (
+            " [yellow]the VM was restarted: the code left the kernel unsafe[/]"
+            if report.vm_restarted and not report.crashed
+            else ""
+        )
     )
+
+
+@lab_app.command("report")
+@command
+def report_cmd(
+    files: Annotated[list[Path], typer.Argument(help="JSON lines of `kbridge lab check --json` (shards merged).")],
+    csv_path: Annotated[
+        Path, typer.Option("--csv", help="Where to write the CSV: one row per student, one column per check.")
+    ] = Path("gradebook.csv"),
+    html_path: Annotated[
+        Path, typer.Option("--html", help="Where to write the HTML page: pass rates, each student's failures.")
+    ] = Path("gradebook.html"),
+    title: Annotated[str, typer.Option("--title", help="The page's title.")] = "kbridge lab grades",
+) -> None:
+    """Merge graded shards into a gradebook: a CSV for an LMS import and one self-contained HTML page."""
+    book = gradebook.read(files)
+    for path, text in ((csv_path, gradebook.to_csv(book)), (html_path, gradebook.to_html(book, title))):
+        try:
+            path.write_text(text)
+        except OSError as e:
+            raise KbridgeError(f"cannot write {str(path)!r}: {e.strerror}") from None
+    s = gradebook.summary(book)
+    err.print(
+        f"[green]✓[/] {s['students']} students, {s['reports']} reports ({s['ok']} with every check passed): "
+        f"wrote {escape(str(csv_path))} and {escape(str(html_path))}"
+        + (f" ({s['replaced']} graded twice: the last report counts)" if s["replaced"] else "")
+    )
+
+
+@lab_app.command("ci")
+@command
+def ci_cmd(
+    github: Annotated[bool, typer.Option("--github", help="A GitHub Actions workflow (the only kind so far).")] = False,
+    lab: Annotated[str, typer.Option("--lab", help="The lab to grade (kbridge lab list).")] = "kprobe-module",
+    submissions: Annotated[
+        Optional[str], typer.Option("--submissions", help="Glob of the students' lab directories.")
+    ] = None,
+    shards: Annotated[int, typer.Option("--shards", help="Parallel jobs per arch, each grading a share.")] = 4,
+    arch: Annotated[
+        Optional[list[str]], typer.Option("--arch", help="An arch to grade on (repeat it; default: the lab's arches).")
+    ] = None,
+    install: Annotated[
+        str, typer.Option("--install", help="What pip installs kbridge from (default: a checkout at ./kbridge).")
+    ] = "./kbridge",
+    runs_on: Annotated[str, typer.Option("--runs-on", help="The runner image.")] = "ubuntu-24.04",
+) -> None:
+    """Print a CI workflow that grades a class: arches x shards, the image cache kept, a gradebook artifact."""
+    if not github:
+        raise KbridgeError("say which CI: --github", "kbridge lab ci --github > .github/workflows/grade.yml")
+    text = ci.github_workflow(lab, submissions, shards, tuple(arch or ()), install, runs_on)
+    out.print(text, end="", markup=False, highlight=False, soft_wrap=True)

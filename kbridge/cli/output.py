@@ -9,7 +9,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard, TypeVar
 
 import typer
 from rich.console import Console
@@ -95,12 +95,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Terminated:
-            _interrupted_summary("SIGTERM", 143)
-            err.print(
-                "[yellow]terminated: what kbridge armed in the guest was removed; "
-                "a VM started for this command was stopped[/]"
-            )
-            raise typer.Exit(143) from None
+            _stopped("SIGTERM", "terminated", 143)
         except typer.Exit:
             raise
         except GuestCrash as e:
@@ -125,12 +120,7 @@ def command(fn: F) -> F:
                 err.print(f"[dim]hint: {escape(e.hint)}[/]")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            _interrupted_summary("SIGINT", 130)
-            err.print(
-                "[yellow]interrupted: what kbridge armed in the guest was removed; "
-                "a VM started for this command was stopped[/]"
-            )
-            raise typer.Exit(130) from None
+            _stopped("SIGINT", "interrupted", 130)
         except Exception as e:  # noqa: BLE001 - a bug must still end in one line and an exit code
             if os.environ.get("KBRIDGE_DEBUG"):
                 traceback.print_exc()
@@ -147,6 +137,14 @@ def command(fn: F) -> F:
 
 
 _json_stream: list[HitPrinter] = []  # the --json hit stream of the running command, if any
+
+
+def _stopped(signal: str, verb: str, code: int) -> NoReturn:
+    """The end of a command a signal stopped: its summary, what was cleaned up, the exit code."""
+    _interrupted_summary(signal, code)
+    cleaned = "what kbridge armed in the guest was removed; a VM started for this command was stopped"
+    err.print(f"[yellow]{verb}: {cleaned}[/]")
+    raise typer.Exit(code) from None
 
 
 def _interrupted_summary(signal_name: str, code: int) -> None:

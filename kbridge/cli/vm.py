@@ -107,6 +107,20 @@ def exec_(
     raise typer.Exit(res.exitcode if res.signal is None else 128 + res.signal)
 
 
+def _move(way: str, src: str, dst: str, arch: str | None, kernel: str | None, target: str | None) -> tuple[str, str]:
+    """A file moved into (push) or out of (pull) the kept VM: where it landed, and the guest's arch."""
+    from pathlib import Path
+
+    from kbridge.targets import files
+
+    vm = _running(arch, kernel, target)
+    try:
+        where = files.push(vm, Path(src), dst) if way == "push" else files.pull(vm, src, Path(dst))
+    finally:
+        vm.release()
+    return str(where), vm.arch.name
+
+
 def _running(arch: str | None, kernel: str | None, target: str | None) -> Target:
     """A guest that is already up: the kept VM of ARCH and KERNEL, or the Vagrant machine.
 
@@ -159,16 +173,8 @@ def push(
     target: TargetOpt = None,
 ) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
-    from pathlib import Path
-
-    from kbridge.targets import files
-
-    vm = _running(arch, kernel, target)
-    try:
-        where = files.push(vm, Path(src), dst)
-    finally:
-        vm.release()
-    err.print(f"[green]✓ {src} -> {where} in the {vm.arch.name} guest[/]")
+    where, guest = _move("push", src, dst, arch, kernel, target)
+    err.print(f"[green]✓ {src} -> {where} in the {guest} guest[/]")
 
 
 @vm_app.command("pull")
@@ -181,13 +187,5 @@ def pull(
     target: TargetOpt = None,
 ) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
-    from pathlib import Path
-
-    from kbridge.targets import files
-
-    vm = _running(arch, kernel, target)
-    try:
-        where = files.pull(vm, src, Path(dst))
-    finally:
-        vm.release()
-    err.print(f"[green]✓ {src} in the {vm.arch.name} guest -> {where}[/]")
+    where, guest = _move("pull", src, dst, arch, kernel, target)
+    err.print(f"[green]✓ {src} in the {guest} guest -> {where}[/]")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 from kbridge import progress
@@ -28,6 +27,7 @@ from kbridge.errors import KbridgeError
 from kbridge.images import image as images
 from kbridge.images.apt import Mirrors, PrivateApt, extract
 from kbridge.images.cpio import CpioWriter
+from kbridge.images.ext4 import make_ext4
 from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the flavour's layout changes
@@ -182,28 +182,4 @@ def _initramfs(base: images.Image, modroot: Path, krel: str, out: Path) -> None:
 
 def _mkfs(rootfs: Path, out: Path) -> None:
     size = sum(p.lstat().st_size for p in rootfs.rglob("*"))
-    mb = int(size * 1.25 / 2**20) + 128
-    proc = subprocess.run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            "kbridge-bcc",
-            "-O",
-            "^has_journal",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            str(rootfs),
-            str(out),
-            f"{mb}M",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise KbridgeError(
-            f"mkfs.ext4 of the bcc root filesystem failed: {proc.stderr.strip()}",
-            "install e2fsprogs >= 1.43 (mkfs.ext4 -d)",
-        )
+    make_ext4(rootfs, out, int(size * 1.25 / 2**20) + 128, "kbridge-bcc", "bcc", journal=False)

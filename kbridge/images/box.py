@@ -42,6 +42,7 @@ from kbridge.guest import GUEST_DIR
 from kbridge.images import image as images
 from kbridge.images.apt import Mirrors, PrivateApt, extract
 from kbridge.images.cpio import CpioWriter
+from kbridge.images.ext4 import make_ext4
 from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the box layout changes, so old boxes are rebuilt
@@ -385,16 +386,7 @@ def _mkfs(rootfs: Path, out: Path) -> None:
     if os.geteuid() == 0:
         for p in [rootfs / "home/vagrant", *(rootfs / "home/vagrant").rglob("*")]:
             os.lchown(p, VAGRANT_UID, VAGRANT_UID)
-    proc = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-L", "kbridge-box", "-E", "root_owner=0:0", "-d", str(rootfs), str(out), f"{mb}M"],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise KbridgeError(
-            f"mkfs.ext4 of the box root filesystem failed: {proc.stderr.strip()}",
-            "install e2fsprogs >= 1.43 (mkfs.ext4 -d)",
-        )
+    make_ext4(rootfs, out, mb, "kbridge-box", "box")
     if os.geteuid() != 0:
         cmds = []
         for p in rootfs.rglob("*"):

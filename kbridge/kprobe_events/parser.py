@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import NoReturn
 
 from kbridge.arch import Arch
+from kbridge.kprobe_events import model as m
 from kbridge.kprobe_events.error_log import EventSyntaxError
 from kbridge.kprobe_events.grammar import (
     BASIC_TYPES,
@@ -27,33 +28,12 @@ from kbridge.kprobe_events.grammar import (
     Grammar,
 )
 from kbridge.kprobe_events.kstrtox import is_good_name, isdigit, kstrtoll, kstrtouint, kstrtoull, simple_strtoul
-from kbridge.kprobe_events.model import (
-    AllArgs,
-    Arg,
-    Bitfield,
-    BtfArg,
-    Comm,
-    Deref,
-    Event,
-    Fetch,
-    FetchArg,
-    Imm,
-    ImmStr,
-    Mem,
-    ProbeEvent,
-    Reg,
-    RemoveEvent,
-    Retval,
-    Stack,
-    StackPtr,
-    SymMem,
-)
 
 _WORD = re.compile(r"[^ \t\n\v\f\r]+")  # argv_split() splits on isspace()
 _TOKENS = tuple[tuple[int, str], ...]
 
 
-def parse(line: str, grammar: Grammar | None = None) -> Event:
+def parse(line: str, grammar: Grammar | None = None) -> m.Event:
     """Parse one kprobe_events line as the kernel of GRAMMAR would, or raise EventSyntaxError.
 
     GRAMMAR (default: bookworm's 6.1 on x86_64) gives the kernel version, the arch's
@@ -78,7 +58,7 @@ def parse(line: str, grammar: Grammar | None = None) -> Event:
             "kprobe_events words at byte 0xA0 and names are ASCII",
             col,
         )
-    words = tuple((m.start(), m.group()) for m in _WORD.finditer(text))
+    words = tuple((w.start(), w.group()) for w in _WORD.finditer(text))
     # create_or_delete_trace_kprobe() looks at the raw first byte, before
     # argv_split(): " -:foo" is not a removal (and is then rejected).
     if text.startswith("-"):
@@ -112,7 +92,7 @@ def _unlogged(line: str, why: str) -> NoReturn:
     raise EventSyntaxError(line, None, why)
 
 
-def _parse_remove(line: str, words: _TOKENS) -> RemoveEvent:
+def _parse_remove(line: str, words: _TOKENS) -> m.RemoveEvent:
     """dyn_event_release(): no error_log entries, only -EINVAL."""
     head = words[0][1]
     if head[1:2] != ":":
@@ -123,7 +103,7 @@ def _parse_remove(line: str, words: _TOKENS) -> RemoveEvent:
         group, event = None, head[2:]
         if not event:
             _unlogged(line, "'-:' needs an event or 'GROUP/' (-EINVAL, nothing logged)")
-    return RemoveEvent(group, event or None, tuple(w for _, w in words[1:]))
+    return m.RemoveEvent(group, event or None, tuple(w for _, w in words[1:]))
 
 
 class _ProbeParser:
@@ -156,7 +136,7 @@ class _ProbeParser:
 
     # -- the command head -----------------------------------------------------
 
-    def parse(self) -> ProbeEvent:
+    def parse(self) -> m.ProbeEvent:
         argv = self.argv
         if not argv:
             _unlogged(self.line, "empty command (the kernel ignores it)")
@@ -172,7 +152,7 @@ class _ProbeParser:
         target = self._target(kind)
         self.index = 0
         group, event = (None, None) if colon < 0 else self._event_name(head[colon + 1 :], colon + 1)
-        probe = ProbeEvent(
+        probe = m.ProbeEvent(
             kind="r" if target.pop("is_return") else "p", maxactive=maxactive, group=group, event=event, **target
         )
         args = self._args()
@@ -266,7 +246,7 @@ class _ProbeParser:
 
     # -- arguments -------------------------------------------------------------
 
-    def _args(self) -> tuple[FetchArg, ...]:
+    def _args(self) -> tuple[m.FetchArg, ...]:
         names: list[str] = []
         args = []
         # 6.1 parses at most MAX_TRACE_ARGS and silently drops the rest
@@ -276,7 +256,7 @@ class _ProbeParser:
             args.append(self._arg(word, i, names))
         return tuple(args)
 
-    def _arg(self, word: str, i: int, names: list[str]) -> FetchArg:
+    def _arg(self, word: str, i: int, names: list[str]) -> m.FetchArg:
         """traceprobe_parse_probe_arg(): NAME=, then the body."""
         eq = word.find("=")
         if eq >= 0:
@@ -294,9 +274,9 @@ class _ProbeParser:
             self.fail(0, "USED_ARG_NAME")
         names.append(name)
         arg = self._body(body, start)
-        return FetchArg(arg.fetch, name if eq >= 0 else None, arg.type, arg.array)
+        return m.FetchArg(arg.fetch, name if eq >= 0 else None, arg.type, arg.array)
 
-    def _body(self, body: str, offset: int) -> FetchArg:
+    def _body(self, body: str, offset: int) -> m.FetchArg:
         """traceprobe_parse_probe_arg_body(): type, array, fetch, store ops."""
         if len(body) > MAX_ARGSTR_LEN:
             self.fail(offset, "ARG_TOO_LONG")
@@ -316,20 +296,20 @@ class _ProbeParser:
                 if self.grammar.logs_string_type:
                     self.fail(offset + tpos, "NEED_STRING_TYPE")
                 _unlogged(self.line, "$comm and immediate strings only take ':string' (-EINVAL, nothing logged by 6.1)")
-            type_: str | Bitfield | None = type_text
+            type_: str | m.Bitfield | None = type_text
             kind = "string"
         else:
             type_ = self._fetch_type(type_text, offset + tpos)
             kind = type_text or "x64"
         fetch, code = self._fetch(expr, offset, 0)
         store, code = self._store(fetch, kind, count, code, offset, tpos)
-        if isinstance(type_, Bitfield):
+        if isinstance(type_, m.Bitfield):
             code = self._check_bitfield(type_, code, offset + tpos)
         if count is not None:
             if store not in ("ST_MEM", "ST_STRING", "ST_USTRING"):
                 self.fail(offset + tpos, "BAD_STRING")
             code = self._next(code, offset, "TOO_MANY_OPS")
-        return FetchArg(fetch, None, type_, count)
+        return m.FetchArg(fetch, None, type_, count)
 
     def _array(self, type_text: str, tpos: int) -> tuple[str, int]:
         """TYPE[N]: returns TYPE and N."""
@@ -347,7 +327,7 @@ class _ProbeParser:
             self.fail(t2, "ARRAY_TOO_BIG")
         return type_text, count
 
-    def _fetch_type(self, text: str | None, pos: int) -> str | Bitfield | None:
+    def _fetch_type(self, text: str | None, pos: int) -> str | m.Bitfield | None:
         """find_fetch_type(); bitfield syntax proper is checked after the fetch."""
         if text is None:
             return None
@@ -359,8 +339,8 @@ class _ProbeParser:
             rest = text[1 + used :]
             bit_offset, used2 = simple_strtoul(rest[1:])
             if width == 0 or rest[:1] != "@" or used2 == 0 or rest[1 + used2 : 2 + used2] != "/":
-                return Bitfield(0, 0, size)  # invalid: reported as BAD_BITFIELD later
-            return Bitfield(width, bit_offset, size)
+                return m.Bitfield(0, 0, size)  # invalid: reported as BAD_BITFIELD later
+            return m.Bitfield(width, bit_offset, size)
         if (
             text not in BASIC_TYPES + STRING_TYPES + ("char",)
             or (text == "symstr" and not self.grammar.symstr)
@@ -369,7 +349,7 @@ class _ProbeParser:
             self.fail(pos, "BAD_TYPE")
         return text
 
-    def _check_bitfield(self, bf: Bitfield, code: int, pos: int) -> int:
+    def _check_bitfield(self, bf: m.Bitfield, code: int, pos: int) -> int:
         """__parse_bitfield_probe_arg()."""
         if bf.width == 0:
             self.fail(pos, "BAD_BITFIELD")
@@ -378,17 +358,19 @@ class _ProbeParser:
             self.fail(pos, "BAD_BITFIELD")
         return code
 
-    def _store(self, fetch: Fetch, kind: str, count: int | None, code: int, offset: int, tpos: int) -> tuple[str, int]:
+    def _store(
+        self, fetch: m.Fetch, kind: str, count: int | None, code: int, offset: int, tpos: int
+    ) -> tuple[str, int]:
         """The store op of traceprobe_parse_probe_arg_body(), with its checks."""
-        user = isinstance(fetch, Deref) and fetch.user
-        deref = isinstance(fetch, (Deref, Mem, SymMem))
+        user = isinstance(fetch, m.Deref) and fetch.user
+        deref = isinstance(fetch, (m.Deref, m.Mem, m.SymMem))
         if kind == "symstr":
-            if not (isinstance(fetch, (Reg, Stack, Retval, Arg)) or (deref and not user)):
+            if not (isinstance(fetch, (m.Reg, m.Stack, m.Retval, m.Arg)) or (deref and not user)):
                 self.fail(offset + tpos, "BAD_SYMSTRING")
-        elif kind in STRING_TYPES and not (deref or isinstance(fetch, (Imm, Comm, ImmStr))):
+        elif kind in STRING_TYPES and not (deref or isinstance(fetch, (m.Imm, m.Comm, m.ImmStr))):
             self.fail(offset + tpos, "BAD_STRING")
         if kind in STRING_TYPES:
-            if kind == "symstr" or isinstance(fetch, (Imm, Comm, ImmStr)) or count:
+            if kind == "symstr" or isinstance(fetch, (m.Imm, m.Comm, m.ImmStr)) or count:
                 code = self._next(code, offset, "TOO_MANY_OPS")
             if kind == "ustring" or user:
                 return "ST_USTRING", code
@@ -404,7 +386,7 @@ class _ProbeParser:
             self.fail(pos, error)
         return code
 
-    def _fetch(self, arg: str, offs: int, code: int) -> tuple[Fetch, int]:
+    def _fetch(self, arg: str, offs: int, code: int) -> tuple[m.Fetch, int]:
         """parse_probe_arg(): the fetch tree and the last fetch_insn slot used."""
         first = arg[:1]
         if first == "$":
@@ -412,7 +394,7 @@ class _ProbeParser:
         if first == "%":
             if arg[1:] not in self.registers:
                 self.fail(offs, "BAD_REG_NAME")
-            return Reg(arg[1:]), code
+            return m.Reg(arg[1:]), code
         if first == "@":
             return self._memory(arg, offs, code)
         if first in ("+", "-"):
@@ -420,31 +402,31 @@ class _ProbeParser:
         if first == "\\":
             return self._immediate(arg, offs), code
         if self.grammar.btf_args and self.flags_fentry and re.fullmatch(r"[A-Za-z_]\w*", arg):
-            return BtfArg(arg), code  # 6.6: an argument by name; the kernel checks BTF
+            return m.BtfArg(arg), code  # 6.6: an argument by name; the kernel checks BTF
         self.fail(offs, "BAD_FETCH_ARG")
 
-    def _var(self, var: str, offs: int) -> Fetch:
+    def _var(self, var: str, offs: int) -> m.Fetch:
         """parse_probe_vars()."""
         if var == "retval":
             if not self.flags_return:
                 self.fail(offs, "RETVAL_ON_PROBE")
-            return Retval()
+            return m.Retval()
         if var.startswith("stack"):
             rest = var[5:]
             if not rest:
-                return StackPtr()
+                return m.StackPtr()
             n = kstrtoull(rest, 10) if isdigit(rest[0]) else None
             if n is None:
                 self.fail(offs, "BAD_VAR")
             if n > PARAM_MAX_STACK:
                 self.fail(offs, "BAD_STACK_NUM")
-            return Stack(n)
+            return m.Stack(n)
         if var in ("comm", "COMM"):
-            return Comm()
+            return m.Comm()
         # $argN needs flags == KERNEL|FENTRY: symbol at function entry and not
         # a return probe (6.1 has no $argN on kretprobes or addresses).
         if self.grammar.btf_args and var == "arg*" and self.flags_fentry:
-            return AllArgs()
+            return m.AllArgs()
         # 6.9 saves the entry's arguments for the return handler, so $argN works there too.
         # Without HAVE_FUNCTION_ARG_ACCESS_API (32-bit arm) there is no $argN at all: BAD_VAR.
         at_entry = self.flags_fentry and (not self.flags_return or self.grammar.args_on_return)
@@ -454,18 +436,18 @@ class _ProbeParser:
                 self.fail(offs, "BAD_VAR")
             if not n or n > PARAM_MAX_STACK:
                 self.fail(offs, "BAD_ARG_NUM")
-            return Arg(n)
+            return m.Arg(n)
         if not self.grammar.args and (n := _arg_number(var)):
             self.fail(offs, "BAD_VAR", _by_register(n, self.grammar.arch))
         self.fail(offs, "BAD_VAR")
 
-    def _memory(self, arg: str, offs: int, code: int) -> tuple[Fetch, int]:
+    def _memory(self, arg: str, offs: int, code: int) -> tuple[m.Fetch, int]:
         """'@' case: @ADDR, @+FILEOFFS (uprobes only), @SYM[+|-offs]."""
         if isdigit(arg[1:2]):
             addr = kstrtoull(arg[1:])
             if addr is None:
                 self.fail(offs, "BAD_MEM_ADDR")
-            fetch: Fetch = Mem(addr)
+            fetch: m.Fetch = m.Mem(addr)
         elif arg[1:2] == "+":
             self.fail(offs, "FILE_ON_KPROBE")
         else:
@@ -473,7 +455,7 @@ class _ProbeParser:
             code = self._next(code, offs, "TOO_MANY_OPS")  # NOP_SYMBOL, then IMM
         return fetch, self._next(code, offs, "TOO_MANY_OPS")  # then DEREF
 
-    def _symbol_memory(self, text: str) -> SymMem:
+    def _symbol_memory(self, text: str) -> m.SymMem:
         """@SYM[+|-offs] stays text until registration (traceprobe_update_arg())."""
         cut = min((i for i in (text.find("+"), text.find("-")) if i >= 0), default=-1)
         sym, offs = (text, 0) if cut < 0 else (text[:cut], kstrtoll(text[cut:]))
@@ -481,9 +463,9 @@ class _ProbeParser:
             self.register_errors.append("FAIL_REG_PROBE")  # kstrtol(): -EINVAL
         elif not sym:
             self.register_errors.append("BAD_PROBE_ADDR")  # no symbol "": -ENOENT
-        return SymMem(sym, offs or 0)
+        return m.SymMem(sym, offs or 0)
 
-    def _deref(self, arg: str, offs: int, code: int) -> tuple[Fetch, int]:
+    def _deref(self, arg: str, offs: int, code: int) -> tuple[m.Fetch, int]:
         """'+'/'-' case, including the kernel's own caret arithmetic."""
         user = arg[1:2] == "u"
         if user:
@@ -505,22 +487,22 @@ class _ProbeParser:
             self.fail(offs + len(inner), "DEREF_OPEN_BRACE")
         # Text after the last ')' is silently dropped by 6.1.
         fetch, code = self._fetch(inner[:close], offs, code)
-        if isinstance(fetch, (Comm, ImmStr)):
+        if isinstance(fetch, (m.Comm, m.ImmStr)):
             self.fail(offs, "COMM_CANT_DEREF")
         code = self._next(code, offs, "TOO_MANY_OPS")
-        return Deref(offset, fetch, user), code
+        return m.Deref(offset, fetch, user), code
 
-    def _immediate(self, arg: str, offs: int) -> Fetch:
+    def _immediate(self, arg: str, offs: int) -> m.Fetch:
         r"""'\' case: \"string" or \IMM (str_to_immediate())."""
         if arg[1:2] == '"':
             text = arg[2:]
             # The kernel tests str[len - 1]; for `\"` alone that byte is the
             # opening quote itself, so 6.1 accepts it as an empty string.
             if text == "":
-                return ImmStr("")
+                return m.ImmStr("")
             if not text.endswith('"'):
                 self.fail(offs + 2 + len(text), "IMMSTR_NO_CLOSE")
-            return ImmStr(text[:-1])
+            return m.ImmStr(text[:-1])
         num = arg[1:]
         if isdigit(num[:1]):
             value = kstrtoull(num)
@@ -532,11 +514,11 @@ class _ProbeParser:
             value = None
         if value is None:
             self.fail(offs + 1, "BAD_IMM")
-        return Imm(value)
+        return m.Imm(value)
 
     # -- registration-time checks that need no kernel ----------------------------
 
-    def _check_symbols_at_register(self, probe: ProbeEvent) -> None:
+    def _check_symbols_at_register(self, probe: m.ProbeEvent) -> None:
         """traceprobe_update_arg() resolves @SYM when registering; errors land on argv[1].
 
         -ENOENT is forgiven (the probe waits) when the target is a MOD:SYM or

@@ -57,7 +57,7 @@ LABS: dict[str, Lab] = {
             "does to the instruction pointer",
             ("kprobe_lab.c",),
             45,
-            check_seconds={"x86_64": 7, "arm64": 7},
+            check_seconds={"x86_64": 7, "arm64": 9},
         ),
         Lab(
             "kprobe-events",
@@ -66,7 +66,7 @@ LABS: dict[str, Lab] = {
             "trace, disable, remove with -:",
             ("events.sh",),
             30,
-            check_seconds={"x86_64": 4, "arm64": 5},
+            check_seconds={"x86_64": 5, "arm64": 6},
         ),
         Lab(
             "kretprobe",

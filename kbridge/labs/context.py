@@ -22,6 +22,7 @@ class LabContext:
     module: StudentModule | None = None  # set once built: an oops is mapped to its source lines
     cleanups: list = field(default_factory=list)  # callables run after the check, last first
     restart: bool = False  # the student's code left the kernel unsafe (no oops yet): restart the VM
+    probes: list[tuple[str, int]] = field(default_factory=list)  # (symbol, offset) the student's code probes
 
     def student_path(self, name: str) -> str:
         return str(self.directory / name)

@@ -38,6 +38,8 @@ class CheckResult:
         return self.status is Status.PASS
 
     def to_json(self) -> dict:
+        if self.status is Status.SKIP:  # a check that did not run has a reason, nothing else
+            return {"name": self.name, "status": self.status.value, "passed": False, "score": 0, "reason": self.detail}
         return {
             "name": self.name,
             "status": self.status.value,
@@ -47,6 +49,12 @@ class CheckResult:
             "hint": None if self.passed else self.hint,
             "seconds": round(self.seconds, 2),
         }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CheckResult:
+        status = Status(obj["status"])
+        detail = str(obj.get("reason", "") if status is Status.SKIP else obj.get("detail", ""))
+        return cls(str(obj["name"]), status, detail, str(obj.get("hint") or ""), float(obj.get("seconds", 0.0)))
 
 
 @dataclass
@@ -60,7 +68,8 @@ class Report:
     checks: list[CheckResult] = field(default_factory=list)
     seconds: float = 0.0
     skipped: str | None = None  # the whole lab could not run here (e.g. its kernel is not built)
-    crashed: bool = False  # the student's code oopsed or hung the guest (it was restarted)
+    crashed: bool = False  # the student's code oopsed, panicked or hung the guest kernel
+    vm_restarted: bool = False  # the VM was replaced afterwards (after a crash, or as a precaution)
 
     @property
     def ok(self) -> bool:
@@ -88,9 +97,25 @@ class Report:
             "total": total,
             "skipped": self.skipped,
             "crashed": self.crashed,
+            "vm_restarted": self.vm_restarted,
             "seconds": round(self.seconds, 1),
             "checks": [c.to_json() for c in self.checks],
         }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Report:
+        """A report as to_json wrote it (`lab report` reads them back; KeyError/ValueError if malformed)."""
+        return cls(
+            lab=str(obj["lab"]),
+            directory=str(obj["directory"]),
+            arch=str(obj["arch"]),
+            kernel=str(obj.get("kernel") or ""),
+            checks=[CheckResult.from_json(c) for c in obj.get("checks") or []],
+            seconds=float(obj.get("seconds") or 0.0),
+            skipped=None if obj.get("skipped") is None else str(obj["skipped"]),
+            crashed=bool(obj.get("crashed")),
+            vm_restarted=bool(obj.get("vm_restarted")),
+        )
 
 
 class StudentCrash(KbridgeError):
@@ -99,6 +124,23 @@ class StudentCrash(KbridgeError):
     def __init__(self, message: str, text: str) -> None:
         super().__init__(message)
         self.text = text
+
+
+class StepTimeout(KbridgeError):
+    """A command of the check did not finish in time, in a guest that still answers: it was killed
+    (STUCK: it did not die, being inside the kernel) and the guest is kept unless stuck."""
+
+    def __init__(self, what: str, limit: float, elapsed: float, stuck: bool = False) -> None:
+        tail = (
+            "; it did not die when killed: it is stuck inside the kernel, so the VM is restarted"
+            if stuck
+            else "; it was killed, the VM is kept"
+        )
+        super().__init__(f"{what} did not finish within {limit:.0f} s (stopped after {elapsed:.1f} s){tail}")
+        self.what = what
+        self.limit = limit
+        self.elapsed = elapsed
+        self.stuck = stuck
 
 
 class Grader:

@@ -9,14 +9,16 @@ import contextlib
 import hashlib
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from kbridge import oops
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
-from kbridge.labs.grading import StudentCrash
+from kbridge.labs.grading import StepTimeout, StudentCrash
 from kbridge.paths import cache_dir
 from kbridge.targets import ownership
 from kbridge.targets.base import GuestIOError, Target
@@ -24,6 +26,7 @@ from kbridge.targets.base import GuestIOError, Target
 GUEST_DIR = "/tmp/kblab"
 WORKLOAD = f"{GUEST_DIR}/kblab"  # its comm is "kblab": the labs' filters select it
 WORKLOAD_COMM = "kblab"
+FLOOD_LINES = 5000  # lines in one read of the log past which it is a flood, not output to wait for
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -49,12 +52,14 @@ class LogWatch:
     def poll(self, quiet: float = 0.3, limit: float = 10.0) -> list[str]:
         """Read the log until QUIET s pass without a record (at most LIMIT s); StudentCrash on an oops."""
         new: list[str] = []
-        deadline = time.monotonic() + limit
-        last = time.monotonic()
+        start = last = time.monotonic()
+        deadline = start + limit
         crashed = False
         while time.monotonic() < deadline:
             rec = next(self.stream)
             now = time.monotonic()
+            if len(new) > FLOOD_LINES and now - start > 2.0 and not crashed:
+                break  # a log that never goes quiet (a handler printing for every call): enough read
             if rec is None:
                 if now - last >= (1.5 if crashed else quiet):
                     break
@@ -80,45 +85,53 @@ def _oops_lines(console: str) -> set[str]:
     return {ln for ln in console.splitlines() if oops.is_oops(ln)}
 
 
-def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0) -> tuple[int, str]:
-    """Run ARGV in the guest; (exit code, output). An oops or a hang becomes StudentCrash.
+def guest_run(
+    target: Target, argv: list[str], log: LogWatch | None = None, timeout: float = 60.0, what: str | None = None
+) -> tuple[int, str]:
+    """Run ARGV in the guest; (exit code, output). An oops or a hung guest becomes StudentCrash; a
+    command that does not finish within TIMEOUT s in a guest that still answers becomes StepTimeout
+    (it is killed, and the guest is kept). WHAT names the command in messages (default: ARGV).
 
     The guest's console is watched on the host while ARGV runs: an oops that takes the guest's
     agent or log streamer down with it (a kprobe calling freed handlers hits them first) is
     reported at once, instead of after the agent's own timeout.
     """
+    what = what or " ".join(argv)
     seen = _oops_lines(target.console_tail(400))
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
     proc: ownership.OwnedProcess | None = None
     try:
         proc = ownership.spawn(target, argv)  # owned: a check killed now leaves nothing running
         while True:
-            fresh = _oops_lines(target.console_tail(400)) - seen
-            if fresh:
-                if log is not None:
-                    with contextlib.suppress(StudentCrash, KbridgeError):
-                        log.poll(quiet=0.5, limit=3.0)
-                raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(120)))
+            _raise_on_oops(target, log, seen)
             res = proc.poll()
             if res is not None:
                 break
-            if time.monotonic() > deadline:
-                raise KbridgeError(f"still running after {timeout:.0f} s")
+            if time.monotonic() - t0 > timeout:
+                break
             time.sleep(0.05)
-    except (GuestIOError, KbridgeError) as e:
-        if proc is not None:
-            with contextlib.suppress(Exception):
-                proc.stop()
-        if isinstance(e, StudentCrash):
-            raise
+    except GuestIOError:
+        _hung(target, log, what, t0, proc)
+    if res is None:  # still running at the deadline
+        assert proc is not None
+        elapsed = time.monotonic() - t0
+        try:
+            proc.stop()
+            alive = target.run(["/bin/busybox", "true"], timeout=10).ok
+        except GuestIOError:
+            alive = False
+        if not alive:
+            _hung(target, log, what, t0, None)
         if log is not None:
-            log.poll(quiet=1.0)  # an oops explains the hang better than the timeout does
-        what = (
-            f"did not finish within {timeout:.0f} s"
-            if not isinstance(e, GuestIOError)
-            else f"stopped the guest from answering ({e.message})"
-        )
-        raise StudentCrash(f"{' '.join(argv)} {what}: the guest hung", target.console_tail(40) or str(e)) from None
+            log.poll(quiet=0.5)  # an oops explains it better than the timeout does
+        raise StepTimeout(what, timeout, elapsed, stuck=proc.result is None)
+    if res.signal in _CRASH_SIGNALS:
+        # Killed by the kernel (an oops in its system call kills it): the report may still be on its
+        # way to the console; wait for it before blaming the program.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            _raise_on_oops(target, log, seen)
+            time.sleep(0.2)
     if log is not None:
         log.poll()
     output = (res.stdout + res.stderr).decode(errors="replace")
@@ -127,11 +140,46 @@ def guest_run(target: Target, argv: list[str], log: LogWatch | None = None, time
     return res.exitcode, output
 
 
-def _console_oops(console: str) -> str:
-    """The console from the first oops line on (what the kernel said about the crash)."""
+_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGKILL, signal.SIGBUS, signal.SIGILL, signal.SIGTRAP)
+
+
+def _raise_on_oops(target: Target, log: LogWatch | None, seen: set[str]) -> None:
+    """StudentCrash with the whole report if the console shows an oops line not in SEEN."""
+    if not _oops_lines(target.console_tail(400)) - seen:
+        return
+    # The report is still being printed: wait until the console has been quiet for a second.
+    size, quiet_since, deadline = len(target.console_tail(400)), time.monotonic(), time.monotonic() + 8.0
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+        time.sleep(0.2)
+        if (now := len(target.console_tail(400))) != size:
+            size, quiet_since = now, time.monotonic()
+    if log is not None:
+        with contextlib.suppress(StudentCrash, KbridgeError):
+            log.poll(quiet=0.5, limit=3.0)
+    raise StudentCrash("the guest kernel oopsed", _console_oops(target.console_tail(200), seen))
+
+
+def _hung(target: Target, log: LogWatch | None, what: str, t0: float, proc: ownership.OwnedProcess | None) -> NoReturn:
+    """The guest stopped answering while WHAT ran: an oops explains it, else the guest hung."""
+    if proc is not None:
+        with contextlib.suppress(Exception):
+            proc.stop(timeout=5)
+    target.check_alive()  # GuestCrash if the console shows an oops or QEMU is gone
+    if log is not None:
+        with contextlib.suppress(KbridgeError):
+            log.poll(quiet=1.0, limit=3.0)  # StudentCrash on an oops
+    elapsed = time.monotonic() - t0
+    raise StudentCrash(
+        f"the guest kernel stopped answering while {what} ran (after {elapsed:.0f} s): it hung",
+        target.console_tail(40),
+    )
+
+
+def _console_oops(console: str, seen: set[str] | frozenset[str] = frozenset()) -> str:
+    """The console from the first new oops line on (what the kernel said about the crash)."""
     lines = console.splitlines()
-    first = next((i for i, ln in enumerate(lines) if oops.is_oops(ln)), 0)
-    return "\n".join(lines[max(0, first - 2) : first + 45])
+    first = next((i for i, ln in enumerate(lines) if oops.is_oops(ln) and ln not in seen), 0)
+    return "\n".join(lines[max(0, first - 2) : first + 60])
 
 
 def workload_binary(arch: Arch) -> Path:

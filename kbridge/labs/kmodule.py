@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kbridge import elf, kbuild, oops
+from kbridge.guest import GUEST_DIR as GUEST_SOURCES
 from kbridge.images.image import Image
 from kbridge.labs.grading import StudentCrash
 from kbridge.labs.guest import GUEST_DIR, LogWatch, guest_run
@@ -46,7 +47,9 @@ def imports(mod: StudentModule) -> set[str]:
 def oops_site(text: str, mod: StudentModule) -> str | None:
     """'file:line (function+0xOFF)' of the first frame in the student's module in an oops, if any."""
     for site in oops.module_sites(text, mod.name):
-        where = elf.source_line(mod.built.debug_ko.read_bytes(), site.function, site.offset)
+        ko = mod.built.debug_ko.read_bytes()
+        # A frame below the faulting one is a return address: its call is the instruction before it.
+        where = elf.source_line(ko, site.function, site.offset) or elf.source_line(ko, site.function, site.offset - 1)
         if where is not None:
             return f"{mod.student_file}:{where[1]} ({site.function}+{site.offset:#x})"
         return f"{site.function}+{site.offset:#x} in {mod.name} (no line information)"
@@ -72,17 +75,25 @@ class LoadedModule:
         self.record: ownership.Record | None = None
         target.write_file(self.guest_ko, mod.built.ko.read_bytes())
 
-    def insmod(self, *params: str) -> tuple[bool, str]:
-        """Load it; (loaded, what insmod and the module's own log lines said)."""
+    def insmod(self, *params: str) -> tuple[bool, int | None, list[str]]:
+        """Load it with kbridge's loader (finit_module once: busybox insmod would run a failing init
+        twice); (loaded, the errno it failed with, the module's and the loader's kernel log lines)."""
         self.unload_leftover()
         if self.record is None:
             self.record = ownership.claim(self.target, "module", self.mod.name)
-        code, out = guest_run(self.target, ["/sbin/insmod", self.guest_ko, *params], self.log)
+        loader = kbuild.build_guest_program(GUEST_SOURCES / "insmod.c", self.target.image)
+        guest_loader = f"{GUEST_DIR}/kbridge-insmod"
+        self.target.write_file(guest_loader, loader.read_bytes())
+        self.target.run(["/bin/busybox", "chmod", "0700", guest_loader], timeout=30)
+        mark = len(self.log.lines)
+        args = [guest_loader, self.guest_ko] + ([" ".join(params)] if params else [])
+        code, _ = guest_run(self.target, args, self.log, what=f"insmod {self.mod.name}.ko")
         self.loaded = code == 0
         if not self.loaded:
             self._release()
-        said = "\n".join(self.log.mine(self.mod.name)[-10:])
-        return self.loaded, (out.strip() + ("\n" + said if said else "")).strip()
+        said = [t for t in self.log.lines[mark:] if t.startswith(f"{self.mod.name}: ") or "Unknown symbol" in t]
+        err = code if 0 < code < 250 else None
+        return self.loaded, err, said
 
     def rmmod(self) -> tuple[bool, str]:
         # rmmod takes well under a second; a hang here is a broken exit function (or a probe

@@ -75,6 +75,7 @@ def acquire(
     mirrors: Mirrors | None = None,
     vagrantfile: Path | None = None,
     watched: bool = True,
+    reuse_kept: bool = True,
 ) -> Iterator[Target]:
     """The guest a command runs in, released (stopped if ephemeral) when the block ends.
 
@@ -82,7 +83,8 @@ def acquire(
     ("bcc" boots the image with bcc for eBPF), kept running afterwards if KEEP.
     vagrant: the named (or primary) machine, which must be up.
     WATCHED: a crash report the kernel prints during the block fails it (kbridge.targets.watch);
-    the labs watch each check themselves.
+    the labs watch each check themselves. REUSE_KEPT False: a fresh VM even when a kept one runs
+    (one of several VMs grading at once).
     """
     if flavour not in FLAVOURS:
         raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
@@ -100,7 +102,12 @@ def acquire(
             )
     else:
         guest = _qemu(
-            get_arch(arch) if not isinstance(arch, Arch) else arch, kernels.resolve(kernel), flavour, keep, mirrors
+            get_arch(arch) if not isinstance(arch, Arch) else arch,
+            kernels.resolve(kernel),
+            flavour,
+            keep,
+            mirrors,
+            reuse_kept,
         )
     try:
         if guest.kept and (done := ownership.reclaim(guest)):
@@ -140,10 +147,10 @@ def reported(guest: Target, text: str) -> GuestCrash:
     return GuestCrash(f"the {guest.arch.name} guest kernel reported {crash.title}", text, crash, fatal)
 
 
-def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None) -> Target:
+def _qemu(arch: Arch, suite: str, flavour: str, keep: bool, mirrors: Mirrors | None, reuse_kept: bool = True) -> Target:
     from kbridge.targets.qemu import QemuVM
 
-    vm = QemuVM.attach(arch, suite)
+    vm = QemuVM.attach(arch, suite) if reuse_kept else None
     if vm is not None:
         progress.info(f"using the running {arch.name} VM ({vm.krel}, {vm.accel})")
         return vm

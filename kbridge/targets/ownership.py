@@ -142,8 +142,14 @@ class OwnedProcess:
             with contextlib.suppress(Exception):
                 self.target.run(["/bin/busybox", "kill", "-9", f"-{self.pid}", str(self.pid)], timeout=timeout)
                 self.result = self.target.wait(self.handle, timeout=timeout)
-        if self.result is not None:
+        # A wait cut short (a loaded host) does not mean it runs: the record goes once it is gone.
+        if self.result is not None or not self._running():
             self._forget()
+
+    def _running(self) -> bool:
+        with contextlib.suppress(Exception):
+            return self.target.run(["/bin/busybox", "kill", "-0", str(self.pid)], timeout=10).ok
+        return True  # the guest cannot tell: keep the record, the next command reclaims it
 
     def disown(self) -> None:
         """It outlives this kbridge on purpose (a runner kept on a kept VM): no longer reclaimed."""

@@ -176,6 +176,7 @@ def test_host_uid_is_nobody_when_root(tmp_path: Path, box: sandbox.Sandbox) -> N
     if box.mode != "nobody":
         pytest.skip("only mode nobody changes the host uid")
     found: dict[str, object] = {}
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. a kept VM's QEMU
 
     def go() -> None:
         found["res"] = sandbox.run(["sleep", "3"], ro=[], rw=[], cwd="/", env={}, timeout_s=20, max_output=100, box=box)
@@ -185,6 +186,8 @@ def test_host_uid_is_nobody_when_root(tmp_path: Path, box: sandbox.Sandbox) -> N
     time.sleep(1.5)
     uids = {}
     for p in psutil.Process().children(recursive=True):
+        if p.pid in before:
+            continue
         with contextlib.suppress(psutil.NoSuchProcess):
             uids[" ".join(p.cmdline()[:1])] = p.uids().real
     t.join()

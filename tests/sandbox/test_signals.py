@@ -125,7 +125,8 @@ def test_interrupting_run_in_the_caller_kills_the_tree(tmp_path: Path, box: sand
     fired: list[list[tuple[psutil.Process, str]]] = []
 
     def interrupt(signum: int, frame: object) -> None:
-        fired.append([(p, name(p)) for p in psutil.Process().children(recursive=True)])
+        # Only what run() started: a test session may have children of its own (a kept VM's QEMU).
+        fired.append([(p, name(p)) for p in psutil.Process().children(recursive=True) if p.pid not in before])
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)

@@ -262,6 +262,11 @@ def test_cli_list_start_solution(tmp_path: Path) -> None:
         (["lab", "start", "nope"], "unknown lab 'nope'"),
         (["lab", "solution", "nope"], "unknown lab 'nope'"),
         (["lab", "check", "/nonexistent/dir"], "is not a lab directory"),
+        (["lab", "check", "--shard", "5/4", "d"], "invalid --shard '5/4'"),
+        (["lab", "check", "--jobs", "0", "d"], "Invalid value for '--jobs'"),
+        (["lab", "report", "/nonexistent/grades.jsonl"], "cannot read '/nonexistent/grades.jsonl'"),
+        (["lab", "ci", "--github", "--lab", "nope"], "unknown lab 'nope'"),
+        (["lab", "ci", "--github", "--submissions", "a b"], "invalid --submissions 'a b'"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(args: list[str], words: str) -> None:
@@ -281,3 +286,36 @@ def test_cli_check_refuses_a_bad_directory_before_any_vm(tmp_path: Path, monkeyp
     (tmp_path / "bad").mkdir()
     res = runner.invoke(app, ["lab", "check", str(tmp_path / "good"), str(tmp_path / "bad")])
     assert res.exit_code == 2 and "bad" in res.output and "not made by" in res.output
+
+
+COLD = """\
+extern void report(const char *) __attribute__((cold));
+int counter;
+
+int handler_pre(void *p, void *r)
+{
+\tcounter++;
+\tif (counter == 3) {
+\t\t*(volatile int *)p = 0;
+\t\treport("three");
+\t}
+\treturn counter > 100;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc-12") is None, reason="needs the host gcc-12")
+def test_an_oops_in_the_part_gcc_split_off_is_mapped_to_its_line(tmp_path: Path) -> None:
+    # gcc -O2 moves the unlikely branch to handler_pre.cold (in .text.unlikely): an oops there
+    # (as the labs' deliberate oops at pre_count == 3 gives on x86_64) still names the line.
+    src = tmp_path / "kprobe_lab.c"
+    src.write_text(COLD)
+    obj = tmp_path / "kprobe_lab.ko"
+    subprocess.run(["gcc-12", "-g", "-O2", "-c", str(src), "-o", str(obj)], check=True)
+    dis = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True, check=True).stdout
+    cold = dis[dis.index("<handler_pre.cold>:") :]
+    store = next(ln for ln in cold.splitlines() if "mov" in ln and ",(%rdi)" in ln)
+    off = int(store.split(":")[0].strip(), 16)
+    mod = StudentModule("kprobe_lab", Built("kprobe_lab", obj, obj, "6.1.0-57-amd64", "x86_64"), "km/kprobe_lab.c")
+    text = OOPS.replace("handler_pre+0x{off:x}/0xeaa", "handler_pre.cold+0x{off:x}/0x1c").format(off=off)
+    assert oops_site(text, mod) == f"km/kprobe_lab.c:8 (handler_pre.cold+{off:#x})"

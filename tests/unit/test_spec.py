@@ -46,3 +46,18 @@ def test_spec_rules():
         make_spec("vfs_read", {"ret"}, maxactive=5000)
     with pytest.raises(KbridgeError, match="--comm"):
         make_spec("vfs_read", {"pre"}, comm='a"b')
+
+
+def test_guest_spec_takes_the_probe_options_and_refuses_others():
+    import pytest
+
+    from kbridge.api import Guest
+    from kbridge.arch import get_arch
+
+    guest = object.__new__(Guest)  # spec() reads only the arch; no VM is needed
+    guest.arch_info = get_arch("arm64")
+    spec = guest.spec("ksys_write", ret=True, args={"count": 3}, comm="dd")
+    assert spec.handlers == frozenset({"ret"}) and spec.comm == "dd"
+    assert guest.spec("ksys_write").handlers == frozenset({"pre"})
+    with pytest.raises(TypeError, match="'rett'"):
+        guest.spec("ksys_write", rett=True)  # type: ignore[call-arg]

@@ -102,7 +102,7 @@ def test_cli_json_lines(kbridge_vm):
             "--run",
             "echo hello > /tmp/x",
             "--arch",
-            kbridge_vm.arch_info,
+            kbridge_vm.arch,
             "--json",
         ],
         capture_output=True,

@@ -69,8 +69,6 @@ def test_key_changes_with_the_image(kbridge_arch: str, tmp_path: Path, monkeypat
     import dataclasses
     import shutil
 
-    from kbridge.targets.qemu import qemu_argv
-
     monkeypatch.setattr(snapshot, "root", lambda: tmp_path)
     img = images.ensure(get_arch(kbridge_arch))
     copy = tmp_path / "image"

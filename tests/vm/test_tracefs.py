@@ -138,13 +138,13 @@ def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     before = snapshot(s)
     for line in good:
         ev = kprobe_events.parse(line, s.grammar)
-        tracefs.define(s.target, line)
-        tracefs.remove(s.target, ev)  # type: ignore[arg-type]
+        tracefs.guest.define(s.target, line)
+        tracefs.guest.remove(s.target, ev)  # type: ignore[arg-type]
     for line in bad:
         with pytest.raises(kprobe_events.EventSyntaxError) as offline:
             kprobe_events.parse(line, s.grammar)
         with pytest.raises(kprobe_events.EventSyntaxError) as kernel:
-            tracefs.define(s.target, line)
+            tracefs.guest.define(s.target, line)
         got = (kernel.value.error, kernel.value.kernel_position, kernel.value.command)
         assert got == (offline.value.error, offline.value.kernel_position, offline.value.command), line
     assert snapshot(s) == before

@@ -114,6 +114,14 @@ def _compare(g: Grader, name: str, answer: str, seen: str, how: str) -> None:
     g.result(name, answer == seen, f"you answered {answer!r}; the kernel: {seen!r} ({how})")
 
 
+def _compare_site(g: Grader, which: str, ans: dict[str, str], ins: Inspection, how: str) -> None:
+    """The WHICH-mode and WHICH-armed checks: the answers against what inspect saw at the site."""
+    seen = ins.list_lines.get("armed", "")
+    _compare(g, f"{which}-mode", ans.get(f"{which}_mode", ""), ins.mode or "", f"{how}: {seen}")
+    armed = (ins.disasm.get("armed") or ["?"])[0]
+    _compare(g, f"{which}-armed", ans.get(f"{which}_armed", ""), _armed(ins), f"armed: {armed}")
+
+
 def run(ctx: LabContext, g: Grader) -> None:
     arch = ctx.target.arch.name
     ans = parse_answers(ctx.files["answers.txt"], arch)
@@ -156,28 +164,10 @@ def run(ctx: LabContext, g: Grader) -> None:
         g.fail("inner-offset", f"the kernel refused {SYMBOL}+{offset:#x}: {e.message}")
         return
     g.result("inner-offset", True, f"{SYMBOL}+{offset:#x} accepted: {inner.list_lines.get('armed', '')}")
-    _compare(
-        g,
-        "inner-mode",
-        ans.get("inner_mode", ""),
-        inner.mode or "",
-        f"kprobes/list while armed: {inner.list_lines.get('armed', '')}",
-    )
-    _compare(
-        g, "inner-armed", ans.get("inner_armed", ""), _armed(inner), f"armed: {(inner.disasm.get('armed') or ['?'])[0]}"
-    )
+    _compare_site(g, "inner", ans, inner, "kprobes/list while armed")
     noopt = inspect(ctx.session, SYMBOL, offset, force_breakpoint=True)
     if noopt.offset != offset:
         # inspect moved the probe off an ftrace site: that is not the student's offset any more.
         g.fail("noopt-mode", f"{SYMBOL}+{offset:#x} is an ftrace site: choose an offset past it")
         return
-    _compare(
-        g,
-        "noopt-mode",
-        ans.get("noopt_mode", ""),
-        noopt.mode or "",
-        f"kprobes-optimization 0: {noopt.list_lines.get('armed', '')}",
-    )
-    _compare(
-        g, "noopt-armed", ans.get("noopt_armed", ""), _armed(noopt), f"armed: {(noopt.disasm.get('armed') or ['?'])[0]}"
-    )
+    _compare_site(g, "noopt", ans, noopt, "kprobes-optimization 0")

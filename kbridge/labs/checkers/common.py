@@ -4,27 +4,40 @@ from __future__ import annotations
 
 from kbridge.errors import KbridgeError
 from kbridge.labs.context import LabContext
-from kbridge.labs.grading import Grader
+from kbridge.labs.diagnose import build_hint, load_failure
+from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.kmodule import LoadedModule, build_student_module, imports, kprobes_list, loaded_modules
 
+LOADS = CheckSpec(
+    "loads",
+    "insmod succeeds and the module is in /proc/modules",
+    "insmod runs your init function: it returns 0 once register_kprobe(&kp) succeeded, and register_kprobe()'s "
+    "error otherwise, so that insmod fails with it (TODO 5)",
+)
 
-def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...] = ()) -> LoadedModule | None:
-    """The 'builds' and 'loads' checks; the loaded module, or None when either failed."""
+
+def build_and_load(
+    ctx: LabContext, g: Grader, name: str, params: tuple[str, ...] = (), registers: str = "register_kprobe"
+) -> LoadedModule | None:
+    """The 'builds' and 'loads' checks; the loaded module, or None when either failed. REGISTERS is the
+    call the lab's init makes, named when insmod fails with its error."""
     src = f"{name}.c"
     try:
         ctx.module = build_student_module(name, ctx.files[src], ctx.directory, ctx.target.image)
     except KbridgeError as e:
-        g.fail("builds", e.message)
+        g.fail("builds", e.message, build_hint(e.message))
         return None
     g.result("builds", True, "\n".join(ctx.module.warnings[:10]) or f"{src} compiled for {ctx.target.krel}")
     assert ctx.log is not None
     lm = LoadedModule(ctx.target, ctx.module, ctx.log)
     ctx.cleanups.append(lm.cleanup)
-    ok, said = lm.insmod(*params)
-    in_modules = name in loaded_modules(ctx.target)
+    ok, err, said = lm.insmod(*params)
     if not ok:
-        g.fail("loads", f"insmod {name}.ko failed:\n{said}")
+        names = set(ctx.session.symbols.entries) if err is not None else None
+        detail, hint = load_failure(err, _quiet(said), ctx.files[src], src, registers, names)
+        g.fail("loads", detail, hint)
         return None
+    in_modules = name in loaded_modules(ctx.target)
     g.result(
         "loads",
         in_modules,
@@ -35,6 +48,11 @@ def build_and_load(ctx: LabContext, g: Grader, name: str, params: tuple[str, ...
     return lm if in_modules else None
 
 
+def _quiet(said: list[str]) -> list[str]:
+    """The module's own lines, without the kernel's notes on every out-of-tree module."""
+    return [s for s in said if "taints kernel" not in s and "module verification failed" not in s]
+
+
 def probe_entry(ctx: LabContext, kind: str, symbol: str, offset: int = 0) -> tuple[str, str, str, str] | None:
     """The kprobes/list line of a probe of KIND (k: kprobe, r: kretprobe) at SYMBOL+OFFSET."""
     want = f"{symbol}+{offset:#x}"
@@ -42,6 +60,18 @@ def probe_entry(ctx: LabContext, kind: str, symbol: str, offset: int = 0) -> tup
         if entry[1] == kind and entry[2] == want:
             return entry
     return None
+
+
+def check_registered(ctx: LabContext, g: Grader, kind: str, symbol: str) -> tuple[str, str, str, str] | None:
+    """The 'registered' check: an enabled probe of KIND at SYMBOL+0x0 in kprobes/list; its line."""
+    entry = probe_entry(ctx, kind, symbol)
+    what = "return probe" if kind == "r" else "kprobe"
+    g.result(
+        "registered",
+        entry is not None and "[DISABLED]" not in entry[3],
+        f"kprobes/list: {' '.join(entry)}" if entry else f"no {what} at {symbol}+0x0 in kprobes/list",
+    )
+    return entry
 
 
 def probes_on(ctx: LabContext, symbols: set[str]) -> list[tuple[str, str, str, str]]:

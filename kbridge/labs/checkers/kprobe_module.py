@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import secrets
+from collections import Counter
+
 from kbridge import kprobes_list
 from kbridge.arch import Arch
-from kbridge.labs.checkers.common import build_and_load, probe_entry, probes_on, unload
+from kbridge.labs import evidence
+from kbridge.labs.checkers.common import LOADS, build_and_load, probes_on, unload
 from kbridge.labs.context import LabContext
+from kbridge.labs.diagnose import flood
 from kbridge.labs.grading import CheckSpec, Grader
-from kbridge.labs.guest import WORKLOAD, guest_run
+from kbridge.labs.guest import WORKLOAD, WORKLOAD_COMM, guest_run
 from kbridge.labs.kmodule import read_state
 from kbridge.mechanisms.singlestep import expected_ips
 
 MODULE = "kprobe_lab"
-CALLS = 25  # kblab write 25: exactly 25 write() calls
+# kblab write N: exactly N write() calls, N drawn per run: a count the student's code cannot know
+MIN_CALLS, MAX_CALLS = 11, 49
 STATE = f"/sys/kernel/debug/{MODULE}/state"
 
 CHECKS = [
     CheckSpec(
         "builds",
         "the module compiles against the guest kernel's headers",
-        "fix the compiler errors shown, at the line they name; kernel code is C89-ish: "
-        "declare variables at the top of a block",
+        "fix the first error shown, at the line it names (the errors after it often follow from it)",
     ),
-    CheckSpec(
-        "loads",
-        "insmod succeeds and the module is in /proc/modules",
-        "init must return 0; register_kprobe's error codes: -ENOENT no such symbol, "
-        "-EINVAL not probeable (blacklisted, or not at an instruction boundary)",
-    ),
+    LOADS,
     CheckSpec(
         "registered",
         "kprobes/list shows an armed kprobe at the write syscall's entry (+0x0)",
@@ -36,12 +36,13 @@ CHECKS = [
     ),
     CheckSpec(
         "pre-count",
-        f"the pre-handler ran once per write() of the workload ({CALLS} calls)",
+        "the pre-handler ran once per write() of the workload (a number of calls drawn for each run), "
+        "as many times as the checker's own kprobe on the same symbol",
         "count every call in handler_pre (atomic_inc(&pre_count)) and attach it: .pre_handler",
     ),
     CheckSpec(
         "post-count",
-        f"the post-handler ran once per write() of the workload ({CALLS} calls)",
+        "the post-handler ran once per write() of the workload, as many times as the checker's own kprobe",
         "count every call in handler_post and attach it: .post_handler (TODO 3, 4)",
     ),
     CheckSpec(
@@ -52,7 +53,8 @@ CHECKS = [
     ),
     CheckSpec(
         "post-ip",
-        "the ip seen by each handler is where the breakpoint and single-step leave it",
+        "the address and ips the handlers kept at each hit: the live probe address, and where the "
+        "breakpoint and the single-step leave the ip",
         "keep instruction_pointer(regs) in last_pre_ip / last_post_ip; x86_64 reports the ip after "
         "the int3 byte in the pre-handler (+1) and after the probed instruction in the post-handler "
         "(an ftrace-based probe emulates the 5-byte call: +5); arm64 reports the BRK's own address "
@@ -72,62 +74,123 @@ def wrapper_symbol(arch: Arch) -> str:
     return arch.syscall_entry("write")
 
 
+def pick_calls() -> int:
+    """How many write() calls the workload makes this run: a number the student's code cannot know."""
+    return MIN_CALLS + secrets.randbelow(MAX_CALLS - MIN_CALLS + 1)
+
+
+def _state(ctx: LabContext) -> dict[str, int]:
+    raw = read_state(ctx.target, STATE)
+    out = {}
+    for key in ("pre", "post", "addr", "pre_ip", "post_ip"):
+        try:
+            out[key] = int(raw.get(key, "0"), 10 if key in ("pre", "post") else 16)
+        except ValueError:
+            out[key] = 0
+    return out
+
+
+def _new_entries(ctx: LabContext, symbol: str, before: Counter) -> list[tuple[str, str, str, str]]:
+    now = Counter(probes_on(ctx, {symbol, "ksys_write", "sys_write"}))
+    return list((now - before).elements())
+
+
 def run(ctx: LabContext, g: Grader) -> None:
-    symbol = wrapper_symbol(ctx.target.arch)
-    work = [WORKLOAD, "write", str(CALLS)]
-    before = set(probes_on(ctx, {symbol, "ksys_write", "sys_write"}))
+    t = ctx.target
+    symbol = wrapper_symbol(t.arch)
+    calls = pick_calls()
+    work = [WORKLOAD, "write", str(calls)]
+    before = Counter(probes_on(ctx, {symbol, "ksys_write", "sys_write"}))
     lm = build_and_load(ctx, g, MODULE)
     if lm is None:
         return
     assert ctx.log is not None
-    entry = probe_entry(ctx, "k", symbol)
-    if entry is None or "[DISABLED]" in entry[3] or "[GONE]" in entry[3]:
-        added = [e for e in probes_on(ctx, {symbol, "ksys_write", "sys_write"}) if e not in before]
+    added = _new_entries(ctx, symbol, before)
+    entry = next((e for e in added if e[1] == "k" and e[2] == f"{symbol}+0x0" and "[DISABLED]" not in e[3]), None)
+    if entry is None:
         seen = "; ".join(" ".join(e) for e in added) or "nothing new in kprobes/list"
         g.fail("registered", f"no armed kprobe at {symbol}+0x0 while {MODULE} is loaded ({seen})")
     else:
+        ctx.probes.append((symbol, 0))
         g.result("registered", True, f"kprobes/list: {' '.join(entry)}")
     ctx.log.poll()
+    idle = _state(ctx)  # before the workload made any call: a handler has had nothing to count yet
     mark = len(ctx.log.lines)
-    code, out = guest_run(ctx.target, work, ctx.log)
+    count = evidence.CallCount(t, symbol, WORKLOAD_COMM)
+    ctx.cleanups.append(count.remove)
+    if entry is not None:
+        count.start()  # the checker's own kprobe on the same symbol, counting the same calls
+    code, out = guest_run(t, work, ctx.log)
+    counted = count.stop() if entry is not None else None
+    count.remove()
     ctx.log.poll()
     lines = ctx.log.lines[mark:]
     if code != 0:
         g.fail("pre-count", f"the workload {' '.join(work)} failed ({code}): {out}")
         return
-    state = read_state(ctx.target, STATE)
-    pre, post = int(state.get("pre", "0")), int(state.get("post", "0"))
+    s = _state(ctx)
     # Counts only mean something for a probe the kernel shows registered: counters set by other
     # code (or text printed without a probe) must not pass.
-    if g.ready("pre-count", "registered"):
-        g.result("pre-count", pre == CALLS, f"pre_count = {pre}, the workload made {CALLS} write() calls")
-    if g.ready("post-count", "registered"):
-        g.result("post-count", post == CALLS, f"post_count = {post}, the workload made {CALLS} write() calls")
+    mine = [ln for ln in lines if ln.startswith(f"{MODULE}: ")]
+    flooded = flood(len(mine), calls)
+    for check, key in (("pre-count", "pre"), ("post-count", "post")):
+        if g.ready(check, "registered"):
+            g.result(check, *_count(key, idle[key], s[key], calls, counted, flooded))
     if entry is None:
         g.ready("prints", "registered")
         g.ready("post-ip", "registered")
     else:
         addr = int(entry[0], 16)
-        mine = [t for t in lines if t.startswith(f"{MODULE}: ")]
-        naming = [t for t in mine if f"{addr:x}" in t.lower()]
+        live = evidence.live_address(t, symbol)
+        naming = [ln for ln in mine if f"{addr:x}" in ln.lower()]
         g.result(
             "prints",
-            len(naming) == 2 * CALLS,
-            f"{len(naming)} lines name the probe address {addr:#x} (want {2 * CALLS}: pre and post "
-            f"for each of {CALLS} calls); {len(mine)} lines in all" + (f", e.g. {mine[0]!r}" if mine else ""),
+            len(naming) == 2 * calls,
+            f"{len(naming)} lines name the probe address {addr:#x} (want {2 * calls}: pre and post for each "
+            f"of the {calls} calls); {len(mine)} lines in all"
+            + (f", e.g. {mine[0]}" if mine else "")
+            + (f"\n{flooded}" if flooded else ""),
         )
-        want_pre, (lo, hi) = expected_ips(ctx.target.arch, kprobes_list.mode_of(" ".join(entry)))
-        got_addr = int(state.get("addr", "0"), 16)
-        pre_d = int(state.get("pre_ip", "0"), 16) - addr
-        post_d = int(state.get("post_ip", "0"), 16) - addr
-        mode = "ftrace" if "[FTRACE]" in entry[3] else "breakpoint"
-        ok = got_addr == addr and pre_d == want_pre and lo <= post_d <= hi
-        want_post = f"+{lo}" if lo == hi else f"+{lo}..+{hi}"
-        g.result(
-            "post-ip",
-            ok,
-            f"probe {addr:#x} ({mode}); module saw addr {got_addr:#x}, pre ip "
-            f"{pre_d:+d}, post ip {post_d:+d} from it (want pre {want_pre:+d}, post {want_post})",
-        )
+        g.result("post-ip", *_ips(ctx, entry, addr, live, idle, s))
     if g.ready("unloads", "registered"):
         unload(ctx, g, lm, MODULE, symbol, "k", work)
+
+
+def _count(key: str, idle: int, got: int, calls: int, counted: int | None, flooded: str | None) -> tuple[bool, str]:
+    """Whether the handler counted exactly the calls the checker's own probe counted, and what was seen."""
+    name = f"{key}_count"
+    if idle:
+        return False, (
+            f"{name} was already {idle} before the workload made any call: the count must come from "
+            f"the handler, one per call (it was {got} after {calls} calls)"
+        )
+    theirs = f"; the checker's own kprobe on the same symbol counted {counted}" if counted is not None else ""
+    ok = got == calls and counted == calls
+    detail = f"{name} = {got}, the workload made {calls} write() calls{theirs}"
+    if counted is not None and counted != calls:
+        detail += " (the calls did not all reach the probed function: the check is not trusted)"
+    return ok, detail + (f"\n{flooded}" if flooded and got > calls else "")
+
+
+def _ips(
+    ctx: LabContext, entry: tuple[str, str, str, str], addr: int, live: int | None, idle: dict, s: dict
+) -> tuple[bool, str]:
+    """Whether the addresses the handlers kept are the live probe address and where the trap and the
+    single-step leave the instruction pointer, seen during the workload (not set beforehand)."""
+    # The address may be kept at registration (kp.addr); the ips only a hit can give.
+    early = [k for k in ("pre_ip", "post_ip") if idle[k]]
+    if early:
+        return False, (
+            f"the module reported {', '.join(early)} before the workload made any call: the handlers "
+            "must keep what they see at each hit"
+        )
+    want_pre, (lo, hi) = expected_ips(ctx.target.arch, kprobes_list.mode_of(" ".join(entry)))
+    pre_d, post_d = s["pre_ip"] - addr, s["post_ip"] - addr
+    mode = "ftrace" if "[FTRACE]" in entry[3] else "breakpoint"
+    want_post = f"+{lo}" if lo == hi else f"+{lo}..+{hi}"
+    ok = s["addr"] == addr == live and pre_d == want_pre and lo <= post_d <= hi
+    where = f"{live:#x}" if live is not None else "unknown"
+    return ok, (
+        f"probe {addr:#x} ({mode}; the symbol is at {where} in this boot); module saw addr {s['addr']:#x}, "
+        f"pre ip {pre_d:+d}, post ip {post_d:+d} from it (want pre {want_pre:+d}, post {want_post})"
+    )

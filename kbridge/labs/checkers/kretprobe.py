@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from kbridge.labs.checkers.common import build_and_load, probe_entry, unload
+import errno
+import secrets
+
+from kbridge.labs import evidence
+from kbridge.labs.checkers.common import build_and_load, check_registered, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
-from kbridge.labs.guest import WORKLOAD, guest_run
+from kbridge.labs.guest import WORKLOAD, WORKLOAD_COMM, guest_run
 from kbridge.labs.kmodule import LoadedModule, int_state
 
 MODULE = "kretprobe_lab"
 SYMBOL = "ksys_write"
-CALLS = 30  # kblab write 30: write() of 1, 2, ... 30 bytes to /dev/null
-RET_SUM = CALLS * (CALLS + 1) // 2
+# kblab write N: write() of 1, 2, ... N bytes to /dev/null, N drawn per run (the student's code cannot know it)
+MIN_CALLS, MAX_CALLS = 15, 45
 BLOCKERS = 4  # kblab block 4: four writes asleep in ksys_write at once
 STATE = f"/sys/kernel/debug/{MODULE}/state"
 KEYS = ("entries", "returns", "ret_sum", "mismatches", "min_ns", "max_ns", "nmissed", "maxactive")
@@ -25,7 +29,8 @@ CHECKS = [
     CheckSpec(
         "loads",
         "insmod succeeds and the module is in /proc/modules",
-        "init must return 0: register_kretprobe(&rp) returns 0 or a negative errno",
+        "insmod runs your init function: it returns 0 once register_kretprobe(&rp) succeeded, and "
+        "register_kretprobe()'s error otherwise, so that insmod fails with it (TODO 5)",
     ),
     CheckSpec(
         "registered",
@@ -34,13 +39,13 @@ CHECKS = [
     ),
     CheckSpec(
         "entries",
-        f"the entry handler ran once per call of the workload ({CALLS} calls)",
+        "the entry handler ran once per call of the workload (a number drawn per run), as many times as "
+        "the checker's own kprobe on the same function",
         "count each call the entry handler keeps (return 0 for it), and attach it: .entry_handler",
     ),
     CheckSpec(
         "return-values",
-        f"the return handler saw every return value the kernel gave "
-        f"({CALLS} returns of 1..{CALLS} bytes: sum {RET_SUM})",
+        "the return handler saw every return value the kernel gave (N returns of 1..N bytes: sum N(N+1)/2)",
         "regs_return_value(regs) in the return handler is the function's return value; attach it with .handler",
     ),
     CheckSpec(
@@ -71,28 +76,39 @@ CHECKS = [
 
 
 def run(ctx: LabContext, g: Grader) -> None:
-    lm = build_and_load(ctx, g, MODULE)
+    lm = build_and_load(ctx, g, MODULE, registers="register_kretprobe")
     if lm is None:
         return
-    entry = probe_entry(ctx, "r", SYMBOL)
-    g.result(
-        "registered",
-        entry is not None and "[DISABLED]" not in entry[3],
-        f"kprobes/list: {' '.join(entry)}" if entry else f"no return probe at {SYMBOL}+0x0 in kprobes/list",
-    )
-    work = [WORKLOAD, "write", str(CALLS)]
+    entry = check_registered(ctx, g, "r", SYMBOL)
+    calls = MIN_CALLS + secrets.randbelow(MAX_CALLS - MIN_CALLS + 1)
+    ret_sum = calls * (calls + 1) // 2
+    work = [WORKLOAD, "write", str(calls)]
+    idle = int_state(ctx.target, STATE, KEYS)  # before any call: nothing to have counted yet
+    count = evidence.CallCount(ctx.target, SYMBOL, WORKLOAD_COMM)
+    ctx.cleanups.append(count.remove)
+    if entry is not None:
+        count.start()
     code, out = guest_run(ctx.target, work, ctx.log)
+    counted = count.stop() if entry is not None else None
+    count.remove()
     if code != 0:
         g.fail("entries", f"the workload {' '.join(work)} failed ({code}): {out}")
         return
     s = int_state(ctx.target, STATE, KEYS)
+    early = [k for k in ("entries", "returns", "ret_sum") if idle[k]]
     if g.ready("entries", "registered"):
-        g.result("entries", s["entries"] == CALLS, f"entries = {s['entries']} for {CALLS} write() calls")
+        g.result(
+            "entries",
+            s["entries"] == calls == counted and not early,
+            f"{', '.join(early)} already set before the workload made any call: counts must come from the handlers"
+            if early
+            else f"entries = {s['entries']} for {calls} write() calls; the checker's own kprobe counted {counted}",
+        )
     if g.ready("return-values", "registered"):
         g.result(
             "return-values",
-            s["returns"] == CALLS and s["ret_sum"] == RET_SUM,
-            f"returns = {s['returns']}, sum of return values = {s['ret_sum']} (want {CALLS} and {RET_SUM})",
+            s["returns"] == calls and s["ret_sum"] == ret_sum and not early,
+            f"returns = {s['returns']}, sum of return values = {s['ret_sum']} (want {calls} and {ret_sum})",
         )
     if g.ready("entry-data", "return-values"):
         g.result(
@@ -114,9 +130,10 @@ def run(ctx: LabContext, g: Grader) -> None:
     assert ctx.module is not None and ctx.log is not None
     again = LoadedModule(ctx.target, ctx.module, ctx.log)
     ctx.cleanups.append(again.cleanup)
-    ok, said = again.insmod("maxactive=1")
+    ok, err, said = again.insmod("maxactive=1")
     if not ok:
-        g.fail("nmissed", f"insmod {MODULE}.ko maxactive=1 failed: {said}")
+        why = f"-{errno.errorcode.get(err, err)}" if err is not None else "no error code"
+        g.fail("nmissed", f"insmod {MODULE}.ko maxactive=1 failed ({why}): " + "\n".join(said))
         return
     code, out = guest_run(ctx.target, [WORKLOAD, "block", str(BLOCKERS)], ctx.log, timeout=90)
     s = int_state(ctx.target, STATE, KEYS)

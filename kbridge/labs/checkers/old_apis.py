@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from kbridge.labs.checkers.common import build_and_load, probe_entry, unload
+from kbridge.labs.checkers.common import LOADS, build_and_load, check_registered, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.grading import CheckSpec, Grader
 from kbridge.labs.guest import WORKLOAD, guest_run
@@ -23,11 +23,7 @@ CHECKS = [
         "fix the compiler errors shown; on 5.14+ kernels .fault_handler does not exist any more "
         "(this lab runs on 5.10)",
     ),
-    CheckSpec(
-        "loads",
-        "insmod succeeds and the module is in /proc/modules",
-        "init must return 0: register_kprobe(&kp) returns 0 or a negative errno",
-    ),
+    LOADS,
     CheckSpec(
         "registered",
         f"kprobes/list shows a kprobe at {SYMBOL}+0x0",
@@ -62,12 +58,7 @@ def run(ctx: LabContext, g: Grader) -> None:
     lm = build_and_load(ctx, g, MODULE)
     if lm is None:
         return
-    entry = probe_entry(ctx, "k", SYMBOL)
-    g.result(
-        "registered",
-        entry is not None and "[DISABLED]" not in entry[3],
-        f"kprobes/list: {' '.join(entry)}" if entry else f"no kprobe at {SYMBOL}+0x0 in kprobes/list",
-    )
+    check_registered(ctx, g, "k", SYMBOL)
     work = [WORKLOAD, "write", str(CALLS)]
     code, out = guest_run(ctx.target, work, ctx.log)
     if code != 0:

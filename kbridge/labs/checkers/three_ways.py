@@ -36,7 +36,8 @@ CHECKS = [
     CheckSpec(
         "loads",
         "insmod succeeds and the module is in /proc/modules",
-        "init must return 0: register_kprobe(&kp) returns 0 or a negative errno",
+        "insmod runs your init function: it returns 0 once register_kprobe(&kp) succeeded, and register_kprobe()'s "
+        "error otherwise, so that insmod fails with it",
     ),
     CheckSpec(
         "module-count",
