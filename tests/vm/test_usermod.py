@@ -147,7 +147,10 @@ def test_a_warning_in_init_loads_an_oops_crashes(kbridge_arch):
             modules.load_module(vm, built)
         assert "loading oops_init crashed the guest kernel in its init" in e.value.message
         assert "about to oops" in e.value.text
-        assert "NULL pointer dereference" in e.value.text
+        # 32-bit arm (6.1 armmp, CPU_SW_DOMAIN_PAN): address 0 is user space, closed to the kernel
+        # by its domain, so the store faults as a domain fault ("Unhandled fault: page domain fault").
+        cause = "page domain fault" if kbridge_arch == "arm" else "NULL pointer dereference"
+        assert cause in e.value.text
         assert "oops_init_init" in e.value.text  # the backtrace names the user's function
         assert (vm.rundir / "crashed").exists()  # a kept VM in this state would be restarted
     finally:
