@@ -78,7 +78,7 @@ class RunResult:
 class Guest:
     """A guest kernel: probe, trace, compare, inspect, run commands, move files, load modules.
 
-    Attributes: ``arch`` (the arch's name: "x86_64", "arm64"), ``arch_info`` (its kbridge.arch.Arch:
+    Attributes: ``arch`` (the arch's name: "x86_64", "arm64", "arm"), ``arch_info`` (its kbridge.arch.Arch:
     registers, syscall prefix, breakpoint...), ``suite`` (the kernel: a Debian suite, "debug" or
     "tree:PATH", as kbridge.kernels.resolve gives it),
     ``krel`` (`uname -r` in the guest), ``name`` ("qemu:x86_64", "vagrant:MACHINE"), ``accel``

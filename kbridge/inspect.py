@@ -10,8 +10,12 @@ armed; removed) and the bytes are read from /proc/kcore.
 
 The kernel picks one of three ways to plant a kprobe: an ftrace callback when
 the address is the function's ftrace site (x86_64: KPROBES_ON_FTRACE), a jump
-to a detour buffer when the instructions there can be relocated (x86_64:
-OPTPROBES, after a first int3), else a breakpoint (int3, BRK #4 on arm64).
+to a detour buffer when the instructions there can be relocated (x86_64 and
+32-bit arm: OPTPROBES, after a first breakpoint), else a breakpoint (int3 on
+x86_64, BRK #4 on arm64, the undefined instruction UDF #24 on 32-bit arm).
+Where the arch table lists them (Arch.insn_facts: 32-bit arm), the module also
+reports how the kernel decoded the probed instruction: simulated, emulated from
+a slot, or run in the detour buffer.
 `force_breakpoint=True` forces the last: optimization off for the duration, and the
 probe moved past an ftrace site; both are restored and reported.
 """
@@ -34,6 +38,7 @@ from kbridge.kbuild import build_generated
 from kbridge.mechanisms import templates
 from kbridge.mechanisms.kmod.render import ModuleSource, name_for
 from kbridge.mechanisms.refusals import explain_refusal
+from kbridge.mechanisms.singlestep import insn_run
 from kbridge.mechanisms.tracefs import guest as tracefs_guest
 from kbridge.mechanisms.tracefs.collect import parse_kprobe_profile
 from kbridge.session import Session
@@ -41,7 +46,7 @@ from kbridge.spec import validate_symbol
 from kbridge.symbols import SymbolError
 from kbridge.targets import ownership
 
-NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm64 words
+NBYTES = 16  # enough for an x86 5-byte call/jump and the instruction after it, or 4 arm/arm64 words
 STEPS = ("before", "armed", "after")
 OPTIMIZATION = "/proc/sys/debug/kprobes-optimization"  # CONFIG_OPTPROBES only (Arch.optprobes)
 
@@ -72,6 +77,10 @@ class Inspection:
     ftrace_site: bool = False  # the kernel flagged the address as an ftrace site at registration
     optimization: str | None = None  # kprobes-optimization as found (None: no CONFIG_OPTPROBES)
     changes: list[str] = field(default_factory=list)  # what --breakpoint changed, and that it was restored
+    # The live kprobe's decoded instruction (Arch.insn_facts, e.g. arm's handler, slot, direct_exec).
+    insn_facts: dict[str, str] = field(default_factory=dict)
+    breakpoint_word: str = ""  # hex, memory order: the breakpoint the arch's kernel writes over these bytes
+    insn_run: str = ""  # how the probed instruction runs while armed, from the mode and insn_facts
     why: str = ""  # one sentence: why the kernel chose this mode, and how to get the others
 
     def to_json(self) -> dict:
@@ -88,6 +97,9 @@ class Inspection:
             "ftrace_site": self.ftrace_site,
             "mode": self.mode,
             "why": self.why,
+            "insn_run": self.insn_run,
+            "insn_facts": self.insn_facts,
+            "breakpoint_word": self.breakpoint_word,
             "breakpoint_forced": self.breakpoint,
             "kprobes_optimization": self.optimization,
             "changes": self.changes,
@@ -101,14 +113,15 @@ class Inspection:
         }
 
 
-def render_inspect(symbol: str, offset: int) -> ModuleSource:
-    """The inspect module for SYMBOL+OFFSET (SYMBOL already validated and resolved)."""
+def render_inspect(symbol: str, offset: int, arch: Arch | None = None) -> ModuleSource:
+    """The inspect module for SYMBOL+OFFSET (SYMBOL already validated and resolved) on ARCH."""
     validate_symbol(symbol)
     if offset < 0:
         raise KbridgeError(f"invalid --offset {offset}: must be >= 0")
     env = templates.environment()
     name = name_for("insp", symbol, f"{symbol}+{offset}")
-    ctx = {"module": name, "symbol": symbol, "offset": offset, "nbytes": NBYTES}
+    facts = arch.insn_facts if arch else ()
+    ctx = {"module": name, "symbol": symbol, "offset": offset, "nbytes": NBYTES, "insn_facts": facts}
     return ModuleSource(
         name,
         {
@@ -140,13 +153,31 @@ def disassemble(data: bytes, arch: Arch, address: int) -> list[str]:
     md = capstone.Cs(getattr(capstone, arch.capstone[0]), getattr(capstone, arch.capstone[1]))
     lines = []
     end = address
-    for insn in md.disasm(data, address):
-        lines.append(f"{insn.address:x}: {insn.bytes.hex(' ')} {insn.mnemonic} {insn.op_str}".rstrip())
-        end = insn.address + insn.size
-    if end < address + len(data):  # bytes capstone cannot decode (a breakpoint mid-instruction, padding)
-        rest = data[end - address :]
-        lines.append(f"{end:x}: {rest.hex(' ')} (bytes)")
+    while end < address + len(data):
+        for insn in md.disasm(data[end - address :], end):
+            lines.append(f"{insn.address:x}: {insn.bytes.hex(' ')} {insn.mnemonic} {insn.op_str}".rstrip())
+            end = insn.address + insn.size
+        if end >= address + len(data):
+            break
+        word = data[end - address : end - address + arch.insn_align]
+        if arch.insn_align == 1 or len(word) < arch.insn_align:
+            # x86: bytes capstone cannot decode (a breakpoint mid-instruction, padding), to the end.
+            lines.append(f"{end:x}: {data[end - address :].hex(' ')} (bytes)")
+            break
+        # Fixed-length instructions: name the word capstone cannot decode and carry on after it.
+        lines.append(f"{end:x}: {word.hex(' ')} {_undecoded(word, arch)}")
+        end += arch.insn_align
     return lines
+
+
+def _undecoded(word: bytes, arch: Arch) -> str:
+    """A word capstone does not decode: arm's kprobe breakpoint with a condition field, or unknown."""
+    value, bkpt = int.from_bytes(word, "little"), int.from_bytes(arch.breakpoint_insn, "little")
+    if arch.breakpoint_keeps_cond and (value ^ bkpt) & 0x0FFFFFFF == 0:
+        # arch_arm_kprobe() keeps the probed instruction's condition: capstone decodes only the "always" form.
+        ours = next(iter(disassemble(arch.breakpoint_insn, arch, 0)), "").split(" ", 5)[-1]
+        return f"{ours} (the kprobe breakpoint, with the condition field {value >> 28:#x} of the instruction)"
+    return "(bytes)"
 
 
 def aliases_of(session: Session, symbol: str, address: int) -> list[str]:
@@ -200,7 +231,7 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
         _inspect_with_events(session, ins, force_breakpoint)
         ins.why = why(ins, session.arch)
         return ins
-    mod = render_inspect(res.symbol, offset)
+    mod = render_inspect(res.symbol, offset, session.arch)
     ko = build_generated(mod.name, mod.files, session.image)
     if force_breakpoint and session.arch.kprobes_on_ftrace:
         state = _peek(session, mod.name, ko, ins)
@@ -213,10 +244,13 @@ def inspect(session: Session, name: str, offset: int = 0, force_breakpoint: bool
                 f"{res.symbol}+{site:#x} is the ftrace site, which a kprobe uses through "
                 f"ftrace, never int3: probing {res.symbol}+{ins.offset:#x}, the instruction after it"
             )
-            mod = render_inspect(res.symbol, ins.offset)
+            mod = render_inspect(res.symbol, ins.offset, session.arch)
             ko = build_generated(mod.name, mod.files, session.image)
     with _optimization_off(session, ins) if force_breakpoint else contextlib.nullcontext():
         _step_through(session, mod.name, ko, ins)
+    if before := ins.insn.get("before"):
+        ins.breakpoint_word = session.arch.breakpoint_for(bytes.fromhex(before)).hex()
+    ins.insn_run = insn_run(session.arch, ins.mode or "", ins.insn_facts)
     ins.why = why(ins, session.arch)
     return ins
 
@@ -247,7 +281,7 @@ def _optimization_off(session: Session, ins: Inspection) -> Iterator[None]:
         now = _read_optional(session, OPTIMIZATION)
         ins.changes.append(
             f"{OPTIMIZATION} set to 0 while armed (every optimized kprobe in the guest "
-            f"falls back to int3), then restored to {now}"
+            f"falls back to a breakpoint), then restored to {now}"
         )
         if now != was:
             raise KbridgeError(
@@ -312,6 +346,9 @@ def why(ins: Inspection, arch: Arch) -> str:
     if offset != ins.offset:
         where += f" (the kernel moved the probe from +{ins.offset:#x}: IBT's endbr64 comes first)"
     trap = arch.breakpoint_name
+    if ins.breakpoint_word and ins.breakpoint_word != arch.breakpoint_insn.hex():
+        word = int.from_bytes(bytes.fromhex(ins.breakpoint_word), "little")
+        trap += f" with the probed instruction's condition field kept ({word:#010x})"
     if ins.mode == "ftrace":
         return (
             f"{where} is {ins.symbol}'s ftrace site (the {arch.ftrace_site_len}-byte nop that ftrace turns into "
@@ -331,9 +368,10 @@ def why(ins: Inspection, arch: Arch) -> str:
         )
     if ins.mode == "breakpoint":
         if not arch.kprobes_on_ftrace and not arch.optprobes:
+            site = f"{ins.symbol}+{arch.ftrace_site:#x}" if arch.ftrace_site is not None else arch.ftrace_site_text
             cause = (
                 f"{arch.name} has no kprobes-on-ftrace and no jump optimization: every kprobe is one "
-                f"(the ftrace site, {ins.symbol}+{arch.ftrace_site:#x}, is refused)"
+                f"(the ftrace site, {site}, is refused)"
             )
         elif ins.breakpoint:
             cause = "--breakpoint turned jump optimization off" + (
@@ -350,10 +388,11 @@ def why(ins: Inspection, arch: Arch) -> str:
         if arch.kprobes_on_ftrace:
             others.append("the function's entry uses ftrace")
         if arch.optprobes:
-            others.append("other offsets usually an optimized jump")
+            # x86: away from the ftrace site; arm (no kprobes-on-ftrace): the entry too.
+            others.append("other offsets usually an optimized jump" if arch.kprobes_on_ftrace else "an optimized jump")
         return (
             f"{where} is a {trap} because {cause}; the trap runs the pre-handler, the original "
-            "instruction is single-stepped, then the post-handler runs"
+            f"instruction is {ins.insn_run or arch.insn_after_trap}, then the post-handler runs"
             + (f"; without --breakpoint {' and '.join(others)}" if others else "")
         )
     return f"the kernel reported mode {ins.mode!r} for {where}"
@@ -399,6 +438,7 @@ def _step_through(session: Session, module: str, ko: Path, ins: Inspection) -> N
         time.sleep(0.3)
         state = _record(session, module, ins, "armed")
         ins.mode = mode_of(ins.list_lines["armed"]) if ins.list_lines["armed"] else "unknown"
+        ins.insn_facts = {k.removeprefix("insn_"): v for k, v in state.items() if k.startswith("insn_")}
         vm.run(["/bin/busybox", "true"], timeout=30)  # some activity, so hits show the probe is live
         _ctl(session, module, "remove")
         # After unregister_kprobe() no handler runs: these are the final counts, the ones the

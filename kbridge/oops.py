@@ -25,6 +25,9 @@ OOPS_MARKERS = (
     "invalid opcode: ",  # x86 die() for #UD, as "Oops" for a page fault: "invalid opcode: 0000 [#1]"
     "Unable to handle kernel",
     "Internal error:",
+    # 32-bit arm's do_DataAbort() names a fault it has no handler for (a kernel store to a user
+    # address closed by its domain, 6.1 armmp) on the line before die()'s "Internal error:".
+    "Unhandled fault: ",
     "WARNING: CPU:",
     "rcu: INFO: rcu_sched detected stalls",
     "rcu: INFO: rcu_preempt detected stalls",
@@ -41,12 +44,14 @@ _STAMP = r"^(?:\[\s*\d+\.\d+\]\s?)?\s*"
 _FAULT_LINE = re.compile(_STAMP + r"(RIP: [0-9a-f]{4}:|pc : |PC is at )")
 _CALLER_LINE = re.compile(_STAMP + r"(lr : |LR is at )")
 _TRACE_START = re.compile(_STAMP + r"Call [Tt]race:")
+# 32-bit arm (6.1) prints no header: its backtrace is lines of "kbring_ioctl [kbring] from sys_ioctl+0x134/0xc78".
+_ARM_FRAME = re.compile(_STAMP + r"[A-Za-z_][\w.]*(?: \[\w+\])? from [A-Za-z_][\w.]*\+0x")
 
 
 def head(text: str, frames: int = 6) -> list[str]:
     """What a reader needs of report TEXT at once: its first lines (the BUG/WARN line and what the
-    kernel says of the access), the faulting RIP/pc line (and arm64's lr), and the start of the
-    call trace: on arm64 the pc line comes after a dozen lines of abort decoding."""
+    kernel says of the access), the faulting RIP/pc line (and arm64's lr, arm's "LR is at"), and the
+    start of the call trace: on arm64 the pc line comes after a dozen lines of abort decoding."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     start = next((i for i, ln in enumerate(lines) if is_oops(ln)), 0)
     if lines and sanitizers.kind(lines[start]) is not None:
@@ -57,6 +62,10 @@ def head(text: str, frames: int = 6) -> list[str]:
             keep.add(i)
         elif _TRACE_START.match(line):
             keep.update(range(i, min(i + 1 + frames, len(lines))))
+            break
+        elif _ARM_FRAME.match(line):
+            arm_frames = [j for j in range(i, min(i + frames, len(lines))) if _ARM_FRAME.match(lines[j])]
+            keep.update(arm_frames)
             break
     return [lines[i] for i in sorted(keep)]
 

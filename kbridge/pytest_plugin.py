@@ -6,9 +6,11 @@
 
 `kbridge_vm` is a kbridge.Guest (the object `kbridge.vm()` gives) on a VM kept
 for the whole test session, one per arch and kernel, parametrised over
---kbridge-arch (default: x86_64 and arm64) and --kbridge-kernel (default:
-bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine (its
-own arch, unless --kbridge-arch names it), on one SSH connection for the session.
+--kbridge-arch (default: x86_64 and arm64; arm too with the option) and --kbridge-kernel (default:
+bookworm); with --kbridge-target vagrant:NAME it is that Vagrant machine (its own arch, unless
+--kbridge-arch names it), on one SSH connection for the session.
+A test marked `@pytest.mark.kbridge_arches("arm")` runs on those arches instead of the
+default ones, and on those of them --kbridge-arch names when it is given.
 `kbridge_session` gives a Session (symbols, guest commands) holding the VM for
 one test.
 """
@@ -30,6 +32,11 @@ from kbridge.session import Session
 from kbridge.targets import parse_target
 from kbridge.targets.base import GuestCrash
 
+# The arches a kbridge_vm test runs on when neither --kbridge-arch nor a kbridge_arches marker
+# says otherwise. 32-bit arm boots in every default run through the tests marked for it
+# (tests/vm/test_arm.py); its whole suite is `--kbridge-arch arm`.
+DEFAULT_ARCHES = ("x86_64", "arm64")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kbridge")
@@ -37,7 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--kbridge-arch",
         action="append",
         default=None,
-        help="guest arch for kbridge VM tests (repeatable; default: x86_64 and arm64)",
+        help=f"guest arch for kbridge VM tests (repeatable; {', '.join(ARCHES)}; "
+        f"default: {' and '.join(DEFAULT_ARCHES)})",
     )
     group.addoption(
         "--kbridge-kernel",
@@ -64,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real guest VM through kbridge (slow; needs QEMU)")
+    config.addinivalue_line(
+        "markers", "kbridge_arches(*names): the arches this test runs on (instead of the default ones)"
+    )
     # Under pytest-xdist each worker keeps VMs of its own: a kept VM serves one command at a time,
     # and a worker's session teardown must not stop a VM another worker is using.
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -83,8 +94,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kbridge_arch" in metafunc.fixturenames:
-        arches = metafunc.config.getoption("--kbridge-arch") or _target_arches(metafunc.config) or list(ARCHES)
-        metafunc.parametrize("kbridge_arch", [get_arch(a).name for a in arches], scope="session")
+        given = [get_arch(a).name for a in metafunc.config.getoption("--kbridge-arch") or ()]
+        if (marker := metafunc.definition.get_closest_marker("kbridge_arches")) is not None:
+            own = [get_arch(a).name for a in marker.args]
+            arches = [a for a in own if a in given] if given else own
+        else:
+            arches = given or [get_arch(a).name for a in _target_arches(metafunc.config)] or list(DEFAULT_ARCHES)
+        metafunc.parametrize("kbridge_arch", arches, scope="session")
     if "kbridge_kernel" in metafunc.fixturenames:
         trees = metafunc.config.getoption("--kbridge-kernel-tree") or []
         wanted = metafunc.config.getoption("--kbridge-kernel") or ([] if trees else [kernels.DEFAULT])
@@ -133,9 +149,9 @@ def kbridge_vm(request: pytest.FixtureRequest, kbridge_arch: str, kbridge_kernel
         with targets.acquire(arch, kernel=kbridge_kernel, target=where, watched=False) as t:
             yield Guest(t.arch, kbridge_kernel, where, held=t)
         return
-    # bcc's root filesystem exists for Debian's kernels: the debug kernel and a tree boot without it
-    # (tests that need bpf skip there, as on any VM without bcc).
-    bcc = request.config.getoption("--kbridge-bcc") and kernels.is_debian(kbridge_kernel)
+    # bcc's root filesystem exists for Debian's kernels, on the arches bcc serves: the debug kernel,
+    # a tree and 32-bit arm boot without it (tests that need bcc skip there).
+    bcc = request.config.getoption("--kbridge-bcc") and kernels.is_debian(kbridge_kernel) and not arch.bcc_refusal
     flavour = "bcc" if bcc else "default"
     vm = targets.kept(arch, kbridge_kernel)
     if vm is not None and flavour == "bcc" and vm.flavour != "bcc":

@@ -102,8 +102,9 @@ def parse_arg(text: str, arch: Arch | None = None) -> ArgSpec:
     limit = arch.max_args if arch else 8
     if not 1 <= n <= limit:
         where = f" on {arch.name}" if arch else ""
+        stack = f" ({len(arch.arg_registers)} in registers, then the stack)" if arch and arch.stack_args else ""
         raise KbridgeError(
-            f"argument position {n} in --arg {text!r} is out of range{where}", f"register arguments are 1..{limit}"
+            f"argument position {n} in --arg {text!r} is out of range{where}", f"arguments are 1..{limit}{stack}"
         )
     return ArgSpec(name, n)
 
@@ -163,7 +164,7 @@ class Hit:
 
     ``addr`` is the probe address; ``ip`` and ``flags`` are the instruction
     pointer and flags register the handler saw in its pt_regs (on arm64 the pc
-    and pstate: JSON names them so). A pre-handler runs from the breakpoint, a
+    and pstate, on arm the pc and cpsr: JSON names them so). A pre-handler runs from the breakpoint, a
     post-handler after the probed instruction was single-stepped, so ``ip``
     moves across that instruction. ``duration_ns`` is a return hit's time
     since the function's entry; ``trap`` a fault hit's trap number and
@@ -183,7 +184,7 @@ class Hit:
     addr: int | None = None
     ip: int | None = None
     flags: int | None = None
-    arch: str | None = None  # names ip/flags in JSON: "pc"/"pstate" on arm64
+    arch: str | None = None  # names ip/flags in JSON: "pc"/"pstate" on arm64, "pc"/"cpsr" on arm
     duration_ns: int | None = None
     trap: int | None = None
     fault_at: str | None = None  # a fault hit's faulting instruction, as the kernel's %pS prints it
@@ -196,7 +197,7 @@ class Hit:
 
     @property
     def flags_name(self) -> str:
-        """The flags register's name on the hit's arch (flags, pstate)."""
+        """The flags register's name on the hit's arch (flags, pstate, cpsr)."""
         return get_arch(self.arch).flags_register if self.arch else "flags"
 
     def to_json(self) -> dict:

@@ -110,8 +110,8 @@ class SymbolTable:
     def _alias(self, name: str, arch: Arch) -> tuple[str, list[int], str]:
         m = re.fullmatch(r"(?:sys|SyS|__sys)_(\w+)", name)
         if m:
-            entry = f"{arch.syscall_prefix}{m.group(1)}"
-            if addrs := self.text(entry):
+            entry = arch.syscall_entry(m.group(1))  # __x64_sys_write, __arm64_sys_write, sys_write (arm)
+            if entry != name and (addrs := self.text(entry)):
                 return entry, addrs, f"{name} -> {entry} (the syscall entry on {arch.name})"
         clones = sorted(s for s in self.entries if s.startswith(name + ".") and _CLONE.match(s) and self.text(s))
         if len(clones) == 1:

@@ -1,10 +1,11 @@
-"""Integration tests of the kbchardev driver, in real x86_64 and arm64 guest kernels.
+"""Integration tests of the kbchardev driver, in real x86_64, arm64 (and 32-bit arm) guest kernels.
 
 Only kbridge's public API: the `kbridge_vm` fixture (a guest kept for the test
 session), `load_module`, `push`, `run`, `probe`, `unload_module`. Run them with
 
-    pytest examples/chardev                         # both arches
+    pytest examples/chardev                         # x86_64 and arm64
     pytest examples/chardev --kbridge-arch arm64    # one
+    pytest examples/chardev --kbridge-arch arm      # 32-bit arm
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ CLIENT = "/tmp/kbchardev-client"
 pytestmark = pytest.mark.vm
 
 
-def compiler(arch: str) -> str:
-    """A C compiler for static user-space programs of ARCH (Debian: gcc, gcc-aarch64-linux-gnu)."""
-    names = ["gcc-12", "gcc"] if arch == "x86_64" else ["aarch64-linux-gnu-gcc-12", "aarch64-linux-gnu-gcc"]
-    for name in names:
-        if path := shutil.which(name):
-            return path
-    pkg = "gcc-12" if arch == "x86_64" else "gcc-12-aarch64-linux-gnu libc6-dev-arm64-cross"
-    pytest.fail(f"no compiler for static {arch} programs: sudo apt-get install {pkg}")
+def compiler(vm) -> str:
+    """A C compiler for static user-space programs of the guest's arch (Debian: gcc-12, or its
+    cross build: aarch64-linux-gnu-gcc-12, arm-linux-gnueabihf-gcc-12)."""
+    info = vm.arch_info
+    if path := shutil.which(info.gcc(12)):
+        return path
+    pytest.fail(
+        f"no compiler for static {vm.arch} programs: sudo apt-get install {info.gcc_package(12)} "
+        f"{info.libc_dev_package()}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def client(kbridge_vm, tmp_path_factory) -> str:
     """The user-space client, built static for the guest's arch and pushed into it."""
     out = tmp_path_factory.mktemp(f"client-{kbridge_vm.arch}") / "kbchardev-client"
     subprocess.run(
-        [compiler(kbridge_vm.arch), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
+        [compiler(kbridge_vm), "-static", "-O2", "-Wall", "-o", str(out), str(HERE / "client.c")], check=True
     )
     return kbridge_vm.push(out, CLIENT)
 

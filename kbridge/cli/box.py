@@ -26,7 +26,9 @@ app.add_typer(box_app, name="box")
 @box_app.command("build")
 @command
 def build_cmd(
-    arch: Annotated[Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's).")] = None,
+    arch: Annotated[
+        Optional[str], typer.Option("--arch", help="x86_64 or arm64 (default: the host's; no box for arm).")
+    ] = None,
     bcc: Annotated[bool, typer.Option("--bcc", help="Add python3-bpfcc and the kernel headers (--via bpf).")] = False,
     mirror: MirrorOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if cached.")] = False,
@@ -51,6 +53,8 @@ def list_cmd(json_out: JsonDocOpt = False) -> None:
     added = boxes.added_boxes()
     rows = []
     for a in ARCHES.values():
+        if a.box_refusal:
+            continue
         for bcc in (False, True):
             box = boxes.load(a, bcc=bcc)
             name = boxes.box_name(a, images.DEFAULT_SUITE, bcc)

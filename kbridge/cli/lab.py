@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kbridge.arch import ARCHES
 from kbridge.cli import app
 from kbridge.cli.options import ArchOpt
 from kbridge.cli.output import command, emit_json, err, out
@@ -48,12 +47,13 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
             )
         return
     t = Table(
-        title="kbridge labs (x86_64 and arm64)",
-        caption="check: seconds per `kbridge lab check` with the VM up (x86_64 / arm64)",
+        title="kbridge labs",
+        caption="check: seconds per `kbridge lab check` with the VM up, per arch",
     )
     t.add_column("lab", no_wrap=True)
     t.add_column("what it teaches")
     t.add_column("kernel", no_wrap=True)
+    t.add_column("arches", no_wrap=True)
     t.add_column("student", no_wrap=True)
     t.add_column("check", no_wrap=True)
     for lab in LABS.values():
@@ -62,6 +62,7 @@ def list_cmd(json_out: Annotated[bool, typer.Option("--json", help="One JSON obj
             lab.name,
             f"{lab.title}: {lab.teaches}",
             lab.kernel or "6.1",
+            " ".join(lab.arches),
             f"~{lab.minutes} min",
             f"{secs} s" if secs else "?",
         )
@@ -215,7 +216,7 @@ def ci_cmd(
     ] = None,
     shards: Annotated[int, typer.Option("--shards", help="Parallel jobs per arch, each grading a share.")] = 4,
     arch: Annotated[
-        Optional[list[str]], typer.Option("--arch", help="An arch to grade on (repeat it; default: both).")
+        Optional[list[str]], typer.Option("--arch", help="An arch to grade on (repeat it; default: the lab's arches).")
     ] = None,
     install: Annotated[
         str, typer.Option("--install", help="What pip installs kbridge from (default: a checkout at ./kbridge).")
@@ -225,5 +226,5 @@ def ci_cmd(
     """Print a CI workflow that grades a class: arches x shards, the image cache kept, a gradebook artifact."""
     if not github:
         raise KbridgeError("say which CI: --github", "kbridge lab ci --github > .github/workflows/grade.yml")
-    text = ci.github_workflow(lab, submissions, shards, tuple(arch) if arch else tuple(ARCHES), install, runs_on)
+    text = ci.github_workflow(lab, submissions, shards, tuple(arch or ()), install, runs_on)
     out.print(text, end="", markup=False, highlight=False, soft_wrap=True)

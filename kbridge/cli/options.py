@@ -31,7 +31,11 @@ HISTORY = "Kernel history (features that were removed, and what replaced them)"
 
 ArchOpt = Annotated[
     Optional[str],
-    typer.Option("--arch", help="Guest architecture: x86_64 or arm64 (default: the host's).", rich_help_panel=GUEST),
+    typer.Option(
+        "--arch",
+        help="Guest architecture: x86_64, arm64 or arm (32-bit, armhf) (default: the host's).",
+        rich_help_panel=GUEST,
+    ),
 ]
 KernelOpt = Annotated[
     Optional[str],

@@ -32,7 +32,8 @@ def check_verdict(line: str, grammar: kprobe_events.Grammar, arch: Arch) -> dict
     try:
         _check_one(line, grammar, arch)
     except kprobe_events.EventSyntaxError as e:
-        return {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
+        refused = {"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": line}
+        return refused | ({"hint": e.specific_hint} if e.specific_hint else {})
     except KbridgeError as e:
         return {"ok": False, "error": "NO_BTF_ENTRY", "position": None, "message": e.message, "line": line}
     verdict: dict = {"ok": True, "error": None, "position": None, "message": None, "line": line}
@@ -55,7 +56,9 @@ def _show_syntax_error(e: kprobe_events.EventSyntaxError, json_out: bool) -> Non
         emit_json({"ok": False, "error": e.error, "position": e.position, "message": e.message, "line": e.line})
     label = f" ({e.error})" if e.error else ""
     err.print(f"[bold red]error:[/] {escape(e.message)}{label}")
-    err.print(escape(e.caret()), markup=False, highlight=False)
+    err.print(e.caret(), markup=False, highlight=False)  # as it is: markup=False prints no escapes away
+    if e.specific_hint:
+        err.print(f"[dim]{escape(e.specific_hint)}[/]")
 
 
 def _hit_text(hit: Hit) -> str:

@@ -35,6 +35,22 @@ static long sys3(long n, long a, long b, long c)
 	__asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2) : "memory");
 	return x0;
 }
+#elif defined(__arm__)
+/* EABI: the number in r7 (arch/arm/tools/syscall.tbl), arguments in r0-r2. */
+#define NR_OPENAT 322
+#define NR_FINIT_MODULE 379
+#define NR_EXIT_GROUP 248
+__asm__(".globl _start\n_start:\n\tmov r0, sp\n\tbl cmain\n");
+static long sys3(long n, long a, long b, long c)
+{
+	register long r7 __asm__("r7") = n;
+	register long r0 __asm__("r0") = a;
+	register long r1 __asm__("r1") = b;
+	register long r2 __asm__("r2") = c;
+
+	__asm__ volatile("svc 0" : "+r"(r0) : "r"(r7), "r"(r1), "r"(r2) : "memory");
+	return r0;
+}
 #endif
 
 void cmain(long *sp)

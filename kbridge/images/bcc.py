@@ -85,6 +85,8 @@ def ensure(
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     if flavour not in FLAVOURS:
         raise KbridgeError(f"unknown image flavour {flavour!r}", f"use one of: {', '.join(FLAVOURS)}")
+    if arch.bcc_refusal:
+        raise KbridgeError(arch.bcc_refusal, f"on {arch.name} use --via kmod or --via tracefs (the default image)")
     if not rebuild and (img := load(arch, suite, flavour)):
         return img
     base = images.ensure(arch, suite, mirrors)

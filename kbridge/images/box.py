@@ -134,6 +134,8 @@ def ensure(
 ) -> Box:
     """The box for ARCH, built (about a minute) when missing, partial or stale."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
+    if arch.box_refusal:
+        raise KbridgeError(arch.box_refusal, f"use the embedded VM: kbridge vm up --arch {arch.name}")
     if not rebuild and (box := load(arch, suite, bcc)):
         return box
     base = images.ensure(arch, suite, mirrors)

@@ -303,6 +303,8 @@ def _build_object(image: Image, d: str) -> tuple[Path, Path]:
 def boot_initrd(image: Image) -> Path:
     """The initramfs a VM of IMAGE boots: the image's, followed by the eBPF tools when this host can build
     them (built here the first time, a few seconds); the image's alone when it cannot."""
+    if not image.arch.bpf_target:
+        return image.initramfs  # no eBPF probe for this arch (kbridge.arch)
     tools = built(image)
     if tools is None:
         failed = _image_dir(image, digest()) / "failed"

@@ -245,17 +245,17 @@ class KernelPackages:
 
 
 def kernel_packages(apt: PrivateApt, arch: Arch) -> KernelPackages:
-    """Follow the linux-image-ARCH metapackage to the packages of its kernel.
+    """Follow the arch's kernel metapackage (linux-image-amd64, -arm64, -armmp) to the packages of its kernel.
 
     Up to trixie the versioned linux-image-KREL holds vmlinuz and modules; sid (7.x)
     made it a metapackage of linux-binary-KREL (vmlinuz), linux-modules-KREL and
     linux-base-KREL (System.map, config, modules.builtin).
     """
-    meta = f"linux-image-{arch.debian}"
+    meta = arch.kernel_package
     image_pkg = next((d for d in apt.depends(meta) if re.fullmatch(r"linux-image-\d.*", d)), None)
     if image_pkg is None:
         raise KbridgeError(
-            f"no kernel package behind linux-image-{arch.debian} in Debian {apt.suite}",
+            f"no kernel package behind {meta} in Debian {apt.suite}",
             "the suite may not carry a kernel for this architecture",
         )
     krel = image_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
@@ -342,7 +342,7 @@ def _build_from(arch: Arch, suite: str, mirrors: Mirrors, security: bool) -> Ima
 
 
 def _kernel_package(apt: PrivateApt, arch: Arch) -> str:
-    """The versioned linux-image-KREL package behind the linux-image-ARCH metapackage."""
+    """The versioned linux-image-KREL package behind the arch's kernel metapackage."""
     pkgs = kernel_packages(apt, arch)
     return pkgs.binary[0]
 
@@ -579,9 +579,10 @@ def _inside(sysroot: Path, rel: str) -> Path:
 
 
 def _multiarch(sysroot: Path) -> str:
+    # The multiarch directory: x86_64-linux-gnu, aarch64-linux-gnu, arm-linux-gnueabihf (armhf).
     for lib in (sysroot / "lib", sysroot / "usr/lib"):
         for cand in lib.iterdir() if lib.is_dir() and not lib.is_symlink() else ():
-            if cand.is_dir() and cand.name.endswith("-linux-gnu"):
+            if cand.is_dir() and cand.name.endswith(("-linux-gnu", "-linux-gnueabihf")):
                 return cand.name
     raise KbridgeError("guest libc not found in the unpacked packages")
 

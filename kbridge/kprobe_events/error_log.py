@@ -28,13 +28,15 @@ class EventSyntaxError(KbridgeError):
         position: int | None = None,
         command: str | None = None,
         kernel_position: int | None = None,
+        hint: str | None = None,
     ) -> None:
         where = f" at column {position}" if position is not None else ""
         label = f" ({error})" if error else ""
         super().__init__(
             f"kprobe_events would reject {line!r}: {message}{label}{where}",
-            hint="see Documentation/trace/kprobetrace.rst of that kernel",
+            hint=hint or "see Documentation/trace/kprobetrace.rst of that kernel",
         )
+        self.specific_hint = hint  # what to write instead, where kbridge knows it
         self.message = message
         self.error = error
         self.line = line

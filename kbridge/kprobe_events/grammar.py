@@ -21,8 +21,9 @@ MAX_ARRAY_LEN = 64
 MAX_ARG_NAME_LEN = 32
 FETCH_INSN_MAX = 16  # trace_probe.h: fetch + deref*N + store + mod + end
 KRETPROBE_MAXACTIVE_MAX = 4096  # trace_kprobe.c
-# PARAM_MAX_STACK = THREAD_SIZE / sizeof(long): 16 KiB stacks on both x86_64
-# (page_64_types.h, no KASAN) and arm64 (memory.h, 4 KiB pages).
+# PARAM_MAX_STACK = THREAD_SIZE / sizeof(long): 16 KiB stacks of 8-byte words on x86_64
+# (page_64_types.h, no KASAN) and arm64 (memory.h, 4 KiB pages), 8 KiB of 4-byte words on
+# 32-bit arm (thread_info.h, THREAD_SIZE_ORDER 1): 2048 on all three.
 PARAM_MAX_STACK = 16384 // 8
 DEFAULT_GROUP = "kprobes"  # KPROBE_EVENT_SYSTEM
 
@@ -154,6 +155,12 @@ class Grammar:
         return self.version >= (6, 1)
 
     @property
+    def args(self) -> bool:
+        """$argN at all: CONFIG_HAVE_FUNCTION_ARG_ACCESS_API, which x86_64 and arm64 select and 32-bit
+        arm does not (6.1 armmp logs BAD_VAR "Invalid $-variable specified" at the '$')."""
+        return self.arch.arg_access_api
+
+    @property
     def args_on_return(self) -> bool:
         """$argN in a return probe (6.9: the entry's arguments are saved for the exit)."""
         return self.version >= (6, 9)
@@ -198,6 +205,7 @@ def grammar_for(
             btf_args=config.get("CONFIG_PROBE_EVENTS_BTF_ARGS") == "y",
         )
     version = suite.major_minor or NEWEST_KNOWN
-    # Debian turns both on from trixie (6.12); bullseye and bookworm have neither.
+    # Debian turns both on from trixie (6.12); bullseye and bookworm have neither. BTF arguments
+    # depend on HAVE_FUNCTION_ARG_ACCESS_API too (kernel/trace/Kconfig): never on 32-bit arm.
     newer = version >= (6, 12)
-    return Grammar(version, arch, ibt=newer and arch.ibt_entry_offset > 0, btf_args=newer)
+    return Grammar(version, arch, ibt=newer and arch.ibt_entry_offset > 0, btf_args=newer and arch.arg_access_api)

@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 from typing import NoReturn
 
+from kbridge.arch import Arch
 from kbridge.kprobe_events import model as m
 from kbridge.kprobe_events.error_log import EventSyntaxError
 from kbridge.kprobe_events.grammar import (
@@ -74,6 +75,21 @@ def dropped_args(line: str) -> int:
     return max(0, len(words) - 2 - MAX_TRACE_ARGS) if words and not words[0].startswith("-") else 0
 
 
+def _arg_number(var: str) -> int:
+    """N of an "argN" variable (1 or more), else 0."""
+    return int(var[3:]) if re.fullmatch(r"arg[1-9]\d{0,3}", var) else 0
+
+
+def _by_register(n: int, arch: Arch) -> str:
+    """Where ARCH's calling convention passes argument N at a function's entry, as a fetch argument."""
+    regs = arch.arg_registers
+    where = f"%{regs[n - 1]}" if n <= len(regs) else f"$stack{n - 1 - len(regs)}"
+    return (
+        f"{arch.name} kernels have no $argN (no HAVE_FUNCTION_ARG_ACCESS_API): at a function's entry "
+        f"argument {n} is {where} (arguments 1-{len(regs)} in %{regs[0]}-%{regs[-1]}, then $stack0, $stack1...)"
+    )
+
+
 def _unlogged(line: str, why: str) -> NoReturn:
     raise EventSyntaxError(line, None, why)
 
@@ -110,7 +126,7 @@ class _ProbeParser:
         self.flags_fentry = False
         self.register_errors: list[str] = []  # from @SYM, raised at registration
 
-    def fail(self, offset: int, error: str) -> NoReturn:
+    def fail(self, offset: int, error: str, hint: str | None = None) -> NoReturn:
         """__trace_probe_log_err(): caret = offset of argv[index] in the joined command + offset."""
         command = " ".join(self.argv)
         joined = [sum(len(w) + 1 for w in self.argv[:i]) for i in range(len(self.argv))]
@@ -118,7 +134,7 @@ class _ProbeParser:
         kpos = joined[self.index] + offset if self.index < len(self.argv) else len(command) + 1
         word = max(i for i, j in enumerate(joined) if j <= kpos)
         position = self.starts[word] + kpos - joined[word]
-        raise EventSyntaxError(self.line, error, self.grammar.message(error), position, command, kpos)
+        raise EventSyntaxError(self.line, error, self.grammar.message(error), position, command, kpos, hint)
 
     # -- the command head -----------------------------------------------------
 
@@ -414,13 +430,17 @@ class _ProbeParser:
         if self.grammar.btf_args and var == "arg*" and self.flags_fentry:
             return m.AllArgs()
         # 6.9 saves the entry's arguments for the return handler, so $argN works there too.
-        if self.flags_fentry and (not self.flags_return or self.grammar.args_on_return) and var.startswith("arg"):
+        # Without HAVE_FUNCTION_ARG_ACCESS_API (32-bit arm) there is no $argN at all: BAD_VAR.
+        at_entry = self.flags_fentry and (not self.flags_return or self.grammar.args_on_return)
+        if self.grammar.args and at_entry and var.startswith("arg"):
             n = kstrtoull(var[3:], 10)
             if n is None:
                 self.fail(offs, "BAD_VAR")
             if not n or n > PARAM_MAX_STACK:
                 self.fail(offs, "BAD_ARG_NUM")
             return m.Arg(n)
+        if not self.grammar.args and (n := _arg_number(var)):
+            self.fail(offs, "BAD_VAR", _by_register(n, self.grammar.arch))
         self.fail(offs, "BAD_VAR")
 
     def _memory(self, arg: str, offs: int, code: int) -> tuple[m.Fetch, int]:

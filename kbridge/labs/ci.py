@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import re
 
-from kbridge.arch import ARCHES
+from kbridge.arch import ARCHES, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.labs import get
 
-INSTALL_LINE = (
-    "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-system-x86 qemu-system-arm make gcc-12 "
-    "gcc-12-aarch64-linux-gnu binutils-aarch64-linux-gnu debian-archive-keyring e2fsprogs zstd bubblewrap "
-    "python3-venv"
-)
+# GitHub's ubuntu runners are x86_64: every other arch's modules are cross-built there.
+RUNNER_ARCH = "x86_64"
+_APT = "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y"
+_TOOLS = "debian-archive-keyring e2fsprogs zstd bubblewrap python3-venv"
 _GLOB = re.compile(r"[A-Za-z0-9_.*?/\[\]-]+")
 _PIP = re.compile(r"[A-Za-z0-9_.:/@+=~-]+")
 _RUNNER = re.compile(r"[a-z0-9.-]+")
@@ -30,7 +29,7 @@ def github_workflow(
     lab: str,
     submissions: str | None = None,
     shards: int = 4,
-    arches: tuple[str, ...] = tuple(ARCHES),
+    arches: tuple[str, ...] = (),
     install: str = "./kbridge",
     runs_on: str = "ubuntu-24.04",
 ) -> str:
@@ -46,11 +45,15 @@ def github_workflow(
         )
     if not 1 <= shards <= 64:
         raise KbridgeError(f"invalid --shards {shards}: from 1 to 64 jobs per arch")
+    arches = arches or the_lab.arches
     for a in arches:
         if a not in ARCHES:
             raise KbridgeError(f"unknown arch {a!r}", f"use one of: {', '.join(ARCHES)}")
-    if not arches:
-        raise KbridgeError("no arch given", f"use one of: {', '.join(ARCHES)}")
+        if a not in the_lab.arches:
+            raise KbridgeError(
+                f"lab {the_lab.name!r} does not run on {a!r}: its material is written for {', '.join(the_lab.arches)}",
+                f"use --arch {' --arch '.join(the_lab.arches)}",
+            )
     if not _PIP.fullmatch(install) or install.startswith("-"):
         raise KbridgeError(
             f"invalid --install {install!r}: a pip requirement or path without spaces or quotes",
@@ -92,7 +95,7 @@ jobs:
 {checkout}      - name: Install QEMU, the compilers and bubblewrap
         run: |
           sudo apt-get update
-          {INSTALL_LINE}
+          {install_line(arches)}
       - name: Let bubblewrap sandbox the builds (unprivileged user namespaces, Ubuntu 23.10+)
         run: sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0
       - name: Install kbridge
@@ -133,3 +136,12 @@ jobs:
             gradebook.csv
             gradebook.html
 """
+
+
+def install_line(arches: tuple[str, ...]) -> str:
+    """The runner's apt-get install: QEMU for both ARM arches (one package), gcc, and each other arch's
+    cross compiler and binutils (from the arch table's triplet: gcc-12-arm-linux-gnueabihf...)."""
+    cross = [get_arch(a).gnu_triplet.replace("_", "-") for a in arches if get_arch(a).name != RUNNER_ARCH]
+    packages = ["qemu-system-x86 qemu-system-arm make gcc-12"]
+    packages += [f"gcc-12-{t} binutils-{t}" for t in cross]
+    return " ".join([_APT, *packages, _TOOLS])

@@ -193,7 +193,9 @@ KIND_OF = {"pre": "kprobe", "post": "kprobe", "fault": "kprobe", "entry": "kretp
 
 
 MODE_TEXT = {
-    "breakpoint": lambda arch: f"a breakpoint, {arch.breakpoint_name}: a trap, then the instruction single-stepped",
+    "breakpoint": lambda arch: (
+        f"a breakpoint, {arch.breakpoint_name}: a trap, then the instruction {arch.insn_after_trap}"
+    ),
     "ftrace": lambda arch: "an ftrace callback: no trap and no single-step",
     "optimized": lambda arch: "an optimized jump to a detour buffer: no trap",
 }

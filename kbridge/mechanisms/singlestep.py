@@ -3,6 +3,9 @@
 x86_64: the pre-handler runs from int3 (or its ftrace emulation) with ip = addr + 1;
 the post-handler runs after the probed instruction was stepped, with ip = addr + its
 length. arm64: pc = addr in the pre-handler (BRK does not advance it), addr + 4 after.
+32-bit arm: pc = addr in the pre-handler (the undefined instruction leaves it there), and
+no single-step at all: the trap handler simulates or emulates the instruction
+(arch/arm/probes), so the post-handler sees addr + 4, or a branch's target.
 """
 
 from __future__ import annotations
@@ -11,6 +14,30 @@ from dataclasses import dataclass
 
 from kbridge.arch import Arch, get_arch
 from kbridge.spec import Hit
+
+
+def insn_run(arch: Arch, mode: str, facts: dict[str, str]) -> str:
+    """How the probed instruction runs while a probe armed in MODE is live.
+
+    From the live kprobe's decoded instruction where the arch table lists its facts (32-bit
+    arm: the handler decode-arm.c chose, whether it uses an instruction slot, whether an
+    optimized probe runs the instruction itself); otherwise from the arch's one way.
+    """
+    if mode == "ftrace":
+        return "not at all: the ftrace call site is a nop, skipped (no trap, no single-step)"
+    handler = facts.get("handler", "").split("+", 1)[0]
+    if mode == "optimized":
+        if not facts or facts.get("direct_exec") == "1":
+            return "copied into the detour buffer and run there (no trap)"
+        # arm: an instruction that reads pc cannot run elsewhere; optimized_callback() calls its handler.
+        return f"simulated by {handler}, called from the detour buffer (it reads pc, so it cannot run there)"
+    if mode != "breakpoint":
+        return "-"
+    if not handler:
+        return arch.insn_after_trap
+    if facts.get("slot") == "1":
+        return f"emulated by {handler} from an instruction slot, in the trap handler (no single-step)"
+    return f"simulated by {handler} in C, in the trap handler (no slot, no single-step)"
 
 
 def expected_ips(arch: Arch, mode: str) -> tuple[int, tuple[int, int]]:
@@ -60,10 +87,13 @@ class SingleStep:
             if pre
             else f"probe +0: the {arch.breakpoint_name} leaves {name} at the probe"
         )
-        return (
-            f"single-step: {moved} (pre: {trap}; post: the original {self.length}-byte instruction "
-            f"was single-stepped out of line)"
-        )
+        lo, hi = arch.insn_lengths
+        if self.length is not None and lo <= self.length <= hi:
+            post = f"the original {self.length}-byte instruction was {arch.insn_after_trap}"
+        else:  # a branch (b, bl, pop {pc}...): simulated, so pc is where it went
+            post = f"the original instruction, a branch, was {arch.insn_after_trap}: {name} is its target"
+        step = "single-step" if arch.single_steps else "no single-step"
+        return f"{step}: {moved} (pre: {trap}; post: {post})"
 
 
 class StepPairer:

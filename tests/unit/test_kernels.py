@@ -275,3 +275,27 @@ def test_trixie_kernel_package_holds_the_kernel():
     pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
     assert pkgs.binary == (f"linux-image-{k}",)
     assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-6.12.118+deb13-common")
+
+
+def test_a_missing_security_index_is_built_without_security(tmp_path, monkeypatch):
+    """apt-get update failing (exit 100) only on -security's index, as bullseye-security's armhf index
+    did here (404), is a FetchError: the image is built from the point release and -updates."""
+    import subprocess
+
+    from kbridge.images import apt
+    from kbridge.images.apt import FetchError
+
+    stderr = (
+        "E: Failed to fetch http://deb.debian.org/debian-security/dists/bullseye-security/main/binary-armhf/"
+        "Packages  404  Not Found [IP: 203.0.113.80 80]\n"
+        "E: Some index files failed to download. They have been ignored, or old ones used instead.\n"
+    )
+    monkeypatch.setattr(apt.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 100, "", stderr))
+    mirrors = Mirrors("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
+    with pytest.raises(FetchError):
+        PrivateApt(tmp_path, "bullseye", "armhf", mirrors).update()
+    main = stderr.replace("debian-security/dists/bullseye-security", "debian/dists/bullseye")
+    monkeypatch.setattr(apt.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 100, "", main))
+    with pytest.raises(KbridgeError) as e:
+        PrivateApt(tmp_path, "bullseye", "armhf", mirrors).update(force=True)
+    assert type(e.value) is KbridgeError  # the main archive unreachable: no fallback

@@ -255,3 +255,19 @@ def test_readme_ci_snippet_is_the_command_output() -> None:
     block = re.search(r"<!-- lab-ci -->\n```yaml\n(.*?)```", text, re.S)
     assert block is not None, "README: the CI snippet follows <!-- lab-ci -->"
     assert block[1] == ci.github_workflow("kprobe-module")
+
+
+def test_workflow_grades_on_the_labs_own_arches_with_their_cross_compilers() -> None:
+    """The default matrix is the lab's arches (32-bit arm only for the breakpoint lab), each non-x86_64
+    arch's cross gcc and binutils installed; an arch the lab's material is not written for is refused."""
+    assert "arch: [x86_64, arm64]\n" in ci.github_workflow("kprobe-module")
+    assert "gcc-12-arm-linux-gnueabihf" not in ci.github_workflow("kprobe-module")
+    bp = ci.github_workflow("breakpoint")
+    assert "arch: [x86_64, arm64, arm]\n" in bp
+    assert "gcc-12-arm-linux-gnueabihf binutils-arm-linux-gnueabihf" in bp and "gcc-12-aarch64-linux-gnu" in bp
+    only_arm = ci.github_workflow("breakpoint", arches=("arm",))
+    assert "arch: [arm]\n" in only_arm and "aarch64" not in only_arm
+    with pytest.raises(KbridgeError, match="'kprobe-module' does not run on 'arm'"):
+        ci.github_workflow("kprobe-module", arches=("arm",))
+    res = runner.invoke(app, ["lab", "ci", "--github", "--arch", "arm"])
+    assert res.exit_code != 0 and "does not run on 'arm'" in res.output and "Traceback" not in res.output

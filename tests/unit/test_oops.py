@@ -30,6 +30,20 @@ def test_the_head_has_the_bug_line_the_faulting_line_and_the_call_trace(arch: st
     assert len(head) < len(text.splitlines())
 
 
+def test_arm_head_starts_at_the_unhandled_fault_and_ends_with_its_headerless_backtrace() -> None:
+    """32-bit arm (6.1 armmp): the store to address 0 is a domain fault (user space is closed to the
+    kernel), named on "Unhandled fault:" before die()'s "Internal error:"; the backtrace has no header."""
+    text = (DATA / "oops-ioctl-arm.txt").read_text()
+    assert str(oops.faulting_site(text)) == "kbring_ioctl+0x24/0x3c [kbring]"
+    head = oops.head(text)
+    assert head[0].endswith("Unhandled fault: page domain fault (0x01b) at 0x00000000")
+    assert any(line.endswith("PC is at kbring_ioctl+0x24/0x3c [kbring]") for line in head)
+    assert any(line.endswith("LR is at sys_ioctl+0x134/0xc78") for line in head)
+    assert head[-2].endswith("kbring_ioctl [kbring] from sys_ioctl+0x134/0xc78")
+    assert head[-1].endswith("sys_ioctl from ret_fast_syscall+0x0/0x1c")  # the frames, not the stack dump after
+    assert oops.is_crash(head[0]) and len(head) < len(text.splitlines())
+
+
 def test_a_timestamped_fault_line_is_preferred_to_the_first_frame() -> None:
     text = "[ 1.0] BUG: x\n[ 1.1]  caller+0x1/0x2\n[ 1.2] RIP: 0010:culprit+0x3/0x4 [mod]\n"
     assert str(oops.faulting_site(text)) == "culprit+0x3/0x4 [mod]"

@@ -21,6 +21,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def bcc_kept(kbridge_vm: Guest) -> Guest:
     """The kept VM, which has bcc (eBPF tests)."""
+    if kbridge_vm.arch_info.bcc_refusal:
+        pytest.skip(kbridge_vm.arch_info.bcc_refusal)
     if kbridge_vm.flavour != "bcc":
         pytest.skip("the kept VM has no bcc: run with --kbridge-bcc")
     return kbridge_vm

@@ -6,6 +6,7 @@ import pytest
 
 import kbridge
 from kbridge.api import Guest
+from tests.vm.fetch import arg
 
 DD = "dd if=/dev/zero of=/dev/null bs=7 count=3"
 
@@ -28,7 +29,7 @@ def test_probe_via_tracefs_counts_exactly(kbridge_vm: Guest) -> None:
 
 
 def test_trace_lines_as_written(kbridge_vm: Guest) -> None:
-    r = kbridge_vm.trace("p:apitest/w ksys_write fd=$arg1:s32", run=DD, comm="dd")
+    r = kbridge_vm.trace(f"p:apitest/w ksys_write fd={arg(kbridge_vm.arch_info, 1)}:s32", run=DD, comm="dd")
     assert r.counters["apitest/w"] == sum(1 for h in r.hits) >= 3
     assert "apitest" not in kbridge_vm.read_file("/sys/kernel/tracing/kprobe_events").decode()
 

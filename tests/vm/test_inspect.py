@@ -13,6 +13,7 @@ from kbridge.session import Session
 pytestmark = pytest.mark.vm
 
 BRK_4 = "800020d4"  # BRK #4 (0xd4200080), little endian
+UDF = "f801f0e7"  # 32-bit arm: 0xe7f001f8, KPROBE_ARM_BREAKPOINT_INSTRUCTION ("always"), little endian
 
 
 def _unload_counts(session: Session, symbol: str, offset: int) -> tuple[int, int]:
@@ -40,7 +41,13 @@ def test_entry_probe_bytes_and_mode(kbridge_session: Session) -> None:
     assert ins.hits > 0  # the armed probe really fired
     # The count inspect reports is the module's own, exactly what it says when unloaded.
     assert (ins.hits, ins.nmissed) == _unload_counts(kbridge_session, "ksys_write", 0)
-    if kbridge_session.arch.name == "arm64":
+    if kbridge_session.arch.name == "arm":
+        # No kprobes-on-ftrace, but OPTPROBES: a pre-handler-only probe is one `b` even at the entry.
+        assert ins.mode == "optimized" and "[OPTIMIZED]" in ins.list_lines["armed"]
+        assert ins.disasm["armed"][0].split()[5] == "b"
+        assert ins.insn["armed"][8:] == ins.insn["before"][8:]
+        assert ins.insn_facts["slot"] == "1" and "detour buffer" in ins.insn_run
+    elif kbridge_session.arch.name == "arm64":
         # 6.1 arm64 has no kprobes-on-ftrace: a BRK #4 (0xd4200080, little endian) at +0.
         assert ins.mode == "breakpoint"
         assert ins.insn["armed"][:8] == BRK_4
@@ -61,12 +68,17 @@ def test_entry_probe_bytes_and_mode(kbridge_session: Session) -> None:
 
 
 def test_offset_probe_is_a_breakpoint_or_jump(kbridge_session: Session) -> None:
-    arm64 = kbridge_session.arch.name == "arm64"
-    offset = 8 if arm64 else 5  # arm64: past the ftrace site (+4); x86: after the 5-byte nop
+    name = kbridge_session.arch.name
+    arm64 = name == "arm64"
+    # arm64: past the ftrace site (+4); x86: after the 5-byte nop; arm: the second instruction.
+    offset = {"arm64": 8, "arm": 4}.get(name, 5)
     ins = inspect(kbridge_session, "ksys_write", offset)
     assert ins.probe_address == ins.address + offset
     assert ins.insn["before"] == ins.insn["after"]
-    if arm64:
+    if name == "arm":
+        assert ins.mode in ("optimized", "breakpoint")
+        assert ins.insn["armed"][:8] == UDF if ins.mode == "breakpoint" else ins.disasm["armed"][0].split()[5] == "b"
+    elif arm64:
         assert ins.mode == "breakpoint" and ins.insn["armed"][:8] == BRK_4
     else:
         # A non-ftrace x86 probe starts as int3 and is optimized into a 5-byte jump.
@@ -84,7 +96,12 @@ def test_breakpoint_mode_plants_int3_or_brk_and_restores_everything(kbridge_sess
     assert ins.insn["before"] == ins.insn["after"] != ins.insn["armed"]
     assert ins.list_lines["after"] == "" and ins.hits > 0
     assert _optimization(kbridge_session) == optimization_before  # restored
-    if arm64:
+    if kbridge_session.arch.name == "arm":
+        # No ftrace site at +0 to move past; the optimizer was off while armed, then restored.
+        assert ins.offset == 0 and ins.insn["armed"][:8] == UDF and ins.insn["armed"][8:] == ins.insn["before"][8:]
+        assert any(f"restored to {optimization_before}" in c for c in ins.changes)
+        assert "UDF #24" in ins.why and "no single-step" in ins.why
+    elif arm64:
         assert ins.offset == 0 and ins.insn["armed"][:8] == BRK_4
         assert optimization_before is None  # no OPTPROBES on arm64: nothing was changed
     else:
@@ -101,10 +118,10 @@ def test_breakpoint_mode_plants_int3_or_brk_and_restores_everything(kbridge_sess
 
 
 def test_bad_offset_is_refused_and_nothing_stays(kbridge_session: Session) -> None:
-    arm64 = kbridge_session.arch.name == "arm64"
+    arm64 = kbridge_session.arch.name in ("arm64", "arm")  # fixed 4-byte instructions
     with pytest.raises(KbridgeError) as e:
         inspect(kbridge_session, "ksys_write", 2 if arm64 else 1)
-    # Measured on 6.1: x86_64 -EILSEQ (inside an instruction), arm64 -EINVAL (not 4-byte aligned).
+    # Measured on 6.1: x86_64 -EILSEQ (inside an instruction), arm64 and arm -EINVAL (not 4-byte aligned).
     assert ("-EINVAL" if arm64 else "-EILSEQ") in e.value.message
     assert ("multiple of 4" if arm64 else "inside an instruction") in e.value.message
     assert not any(m.startswith("kb_insp_") for m in kbridge_session.loaded_modules())
@@ -123,6 +140,10 @@ def test_arm64_ftrace_site_refusal_names_the_cause(kbridge_session: Session) -> 
 
 
 def test_blacklisted_symbol_is_reported(kbridge_session: Session) -> None:
-    sym = "kprobe_int3_handler" if kbridge_session.arch.name == "x86_64" else "kprobe_breakpoint_handler"
+    # Each arch's own breakpoint handler (arm: the undefined-instruction hook, kprobe_trap_handler;
+    # its kprobe_handler is inlined into it on 6.1 armmp, no symbol of its own).
+    sym = {"x86_64": "kprobe_int3_handler", "arm": "kprobe_trap_handler"}.get(
+        kbridge_session.arch.name, "kprobe_breakpoint_handler"
+    )
     ins = inspect(kbridge_session, sym)
     assert ins.blacklisted and ins.mode == "blacklisted" and not ins.insn

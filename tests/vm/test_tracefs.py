@@ -15,6 +15,7 @@ from kbridge.mechanisms.tracefs import guest
 from kbridge.session import Session
 from kbridge.spec import make_spec
 from kbridge.workload import Workload
+from tests.vm.fetch import arg
 
 T = "/sys/kernel/tracing"
 TEXT = 'kbridge says "hi" x=1'  # spaces, quotes and a NAME=VALUE look-alike, then \n
@@ -44,13 +45,16 @@ def test_fetch_arg_kinds_and_types(kbridge_session: Session) -> None:
     s = kbridge_session
     before = snapshot(s)
     off = s.arch.syscall_arg_offsets
-    wrapper = f"{s.arch.syscall_prefix}write"
+    wrapper = s.arch.syscall_entry("write")
+    a1, a2, a3 = (arg(s.arch, n) for n in (1, 2, 3))
     lines = [
-        "p:kbt/w ksys_write fd=$arg1:u64 buf=+0($arg2):ustring count=$arg3:u64 c=$comm",
-        f"p:kbt/sw {wrapper} fd=+{off[0]}($arg1):s32 buf=+0(+{off[1]}($arg1)):ustring "
-        f"count=+{off[2]}($arg1):x64 first=+0(+{off[1]}($arg1)):u8",
+        f"p:kbt/w ksys_write fd={a1}:u64 buf=+0({a2}):ustring count={a3}:u64 c=$comm",
+        f"p:kbt/sw {wrapper} fd=+{off[0]}({a1}):s32 buf=+0(+{off[1]}({a1})):ustring "
+        f"count=+{off[2]}({a1}):x64 first=+0(+{off[1]}({a1})):u8",
         "r:kbt/wr ksys_write ret=$retval:s64",
     ]
+    if not s.arch.is_syscall_wrapper(wrapper):  # 32-bit arm: sys_write takes its arguments itself
+        lines[1] = f"p:kbt/sw {wrapper} fd={a1}:s32 buf=+0({a2}):ustring count={a3}:x64 first=+0({a2}):u8"
     # busybox sh's printf is a builtin: one write(1, TEXT"\n") by the shell itself.
     res = tracefs.run_lines(s, lines, sh(f"printf '%s\\n' '{TEXT}' > /tmp/kbt"), comm="sh")
     n = len(TEXT) + 1
@@ -84,7 +88,7 @@ def test_probe_spec_via_tracefs(kbridge_session: Session) -> None:
 def test_filters_pid_and_comm(kbridge_session: Session) -> None:
     s = kbridge_session
     before = snapshot(s)
-    line = "p:kbt/w ksys_write fd=$arg1:u64 count=$arg3:u64"
+    line = f"p:kbt/w ksys_write fd={arg(s.arch, 1)}:u64 count={arg(s.arch, 3)}:u64"
     res = tracefs.run_lines(
         s,
         [line],
@@ -113,11 +117,12 @@ def test_filters_pid_and_comm(kbridge_session: Session) -> None:
 def test_kernel_verdicts_match_offline(kbridge_session: Session) -> None:
     """Good lines are accepted; bad lines get the same class and caret offline and from error_log."""
     s = kbridge_session
-    reg = "di" if s.arch.name == "x86_64" else "x1"
+    reg = s.arch.arg_registers[1]
+    a1, a2 = arg(s.arch, 1), arg(s.arch, 2)
     good = [
-        f'p:kbv/a ksys_write fd=%{reg} +8($stack):u32 $comm x=\\123 s=\\"abc" b=$arg1:b3@2/32',
+        f'p:kbv/a ksys_write fd=%{reg} +8($stack):u32 $comm x=\\123 s=\\"abc" b={a1}:b3@2/32',
         "r5:kbv/b vfs_read%return",
-        "p:kbv.c vfs_read arr=+0($arg2):x8[4] sym=$arg1:symbol",
+        f"p:kbv.c vfs_read arr=+0({a2}):x8[4] sym={a1}:symbol",
         "p vfs_write",
     ]
     bad = [
@@ -192,7 +197,7 @@ def test_more_events_than_the_ring_buffer_holds(kbridge_session: Session) -> Non
     before = snapshot(s)
     calls = 3000
     # 512 bytes of stack per event: a 4 KiB buffer (2 pages) holds about 15 of them.
-    line = "p:kbt/w ksys_write fd=$arg1:u64 count=$arg3:u64 pad=+0($stack):x64[64]"
+    line = f"p:kbt/w ksys_write fd={arg(s.arch, 1)}:u64 count={arg(s.arch, 3)}:u64 pad=+0($stack):x64[64]"
     res = tracefs.run_lines(
         s,
         [line],

@@ -27,20 +27,21 @@ CHECKS = [
     CheckSpec(
         "answers",
         "answers.txt answers every question for this arch",
-        "write each answer after the '=' on the line for this arch (x86_64.NAME or arm64.NAME)",
+        "write each answer after the '=' on the line for this arch (x86_64.NAME, arm64.NAME or arm.NAME)",
     ),
     CheckSpec(
         "entry-mode",
         f"entry_mode is how the kernel planted a kprobe at {SYMBOL}+0",
         "kbridge inspect ksys_write shows the mode: on x86_64 a function's first bytes are ftrace's "
         "5-byte nop, and a kprobe there becomes an ftrace callback (no trap at all); arm64 6.1 has "
-        "no kprobes-on-ftrace: always a BRK",
+        "no kprobes-on-ftrace and no optimization: always a BRK; arm optimizes the entry too",
     ),
     CheckSpec(
         "entry-armed",
         f"entry_armed is the instruction at {SYMBOL}+0 while armed",
         "the 'armed' lines of kbridge inspect: ftrace turns its nop into a call to its trampoline; "
-        "a breakpoint is int3 (x86_64) or brk #0x4 (arm64)",
+        "a breakpoint is int3 (x86_64), brk #0x4 (arm64) or udf #0x18 (arm); an optimized probe a jmp "
+        "(x86_64) or b (arm)",
     ),
     CheckSpec(
         "restored",
@@ -51,19 +52,20 @@ CHECKS = [
         "inner-offset",
         f"the kernel accepts a kprobe at {SYMBOL}+inner_offset",
         "pick the address of an instruction from the disassembly (not the middle of one: -EILSEQ); "
-        "on arm64 skip ksys_write+4, ftrace's call site, which 6.1 refuses",
+        "on arm64 skip ksys_write+4, ftrace's call site, which 6.1 refuses; on arm the site is the "
+        "`add sp, sp, #4` after `str lr, [sp, #-4]!` (push {lr}), refused too",
     ),
     CheckSpec(
         "inner-mode",
         "inner_mode is how the kernel planted the kprobe at inner_offset",
         "away from the ftrace site, x86_64 first plants an int3 and then, when the instructions "
-        "under a 5-byte jump can be moved, optimizes it into a jmp to a detour (OPTPROBES); arm64 "
-        "has no optimization",
+        "under a 5-byte jump can be moved, optimizes it into a jmp to a detour (OPTPROBES); arm does "
+        "the same with one 4-byte b; arm64 has no optimization",
     ),
     CheckSpec(
         "inner-armed",
         "inner_armed is the instruction planted at inner_offset",
-        "an optimized probe is a jmp (e9 + rel32) to its detour buffer; a breakpoint is int3 or brk",
+        "an optimized probe is a jmp (e9 + rel32) or b (arm) to its detour buffer; a breakpoint is int3, brk or udf",
     ),
     CheckSpec(
         "noopt-mode",
@@ -74,7 +76,8 @@ CHECKS = [
     CheckSpec(
         "noopt-armed",
         "noopt_armed is the breakpoint instruction itself",
-        "x86_64: int3 (0xcc, one byte); arm64: brk #0x4 (0xd4200080, KPROBES_BRK_IMM)",
+        "x86_64: int3 (0xcc, one byte); arm64: brk #0x4 (0xd4200080, KPROBES_BRK_IMM); arm: udf #0x18 "
+        "(0xe7f001f8, KPROBE_ARM_BREAKPOINT_INSTRUCTION, an undefined instruction)",
     ),
 ]
 

@@ -65,8 +65,37 @@ static long sc(long n, long a, long b, long c, long d, long e)
 }
 
 __asm__(".globl _start\n_start:\n\tmov x0, sp\n\tbl start_c\n\tb .\n");
+#elif defined(__arm__)
+/* 32-bit arm, EABI (arch/arm/tools/syscall.tbl); nanosleep and clock_gettime take the
+ * 32-bit struct timespec, which struct ts is with a 4-byte long. */
+#define NR_READ 3
+#define NR_WRITE 4
+#define NR_CLOSE 6
+#define NR_PIPE2 359
+#define NR_OPENAT 322
+#define NR_NANOSLEEP 162
+#define NR_CLONE 120
+#define NR_WAIT4 114
+#define NR_FCNTL 55
+#define NR_EXIT_GROUP 248
+#define NR_CLOCK_GETTIME 263
+
+static long sc(long n, long a, long b, long c, long d, long e)
+{
+	register long r7 __asm__("r7") = n;
+	register long r0 __asm__("r0") = a;
+	register long r1 __asm__("r1") = b;
+	register long r2 __asm__("r2") = c;
+	register long r3 __asm__("r3") = d;
+	register long r4 __asm__("r4") = e;
+
+	__asm__ volatile("svc 0" : "+r"(r0) : "r"(r7), "r"(r1), "r"(r2), "r"(r3), "r"(r4) : "memory");
+	return r0;
+}
+
+__asm__(".globl _start\n_start:\n\tmov r0, sp\n\tbl start_c\n\tb .\n");
 #else
-#error "kblab: x86_64 or aarch64 only"
+#error "kblab: x86_64, aarch64 or arm only"
 #endif
 
 #define AT_FDCWD -100

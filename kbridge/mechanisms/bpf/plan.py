@@ -20,6 +20,11 @@ HANDLERS = ("pre", "post", "entry", "ret")  # the record's handler ids (kb_event
 
 def check(spec: ProbeSpec, arch: Arch) -> None:
     """What eBPF cannot do for SPEC, said before any VM boots."""
+    if not arch.bpf_target:
+        raise KbridgeError(
+            f"kbridge's eBPF probe is built for x86_64 and arm64, not {arch.name}",
+            f"on {arch.name} use --via kmod or --via tracefs",
+        )
     if "post" in spec.handlers:
         raise KbridgeError(
             "eBPF kprobes have no post handler (BPF programs run before the probed instruction)",

@@ -28,7 +28,9 @@ from kbridge.mechanisms import Mechanism
 from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import Log2Histogram
 from kbridge.mechanisms.kmod.collect import FaultRuns, ModuleEvent, parse_event, parse_hit
+from kbridge.mechanisms.kmod.render import render
 from kbridge.mechanisms.refusals import explain_refusal, register_error
+from kbridge.mechanisms.singlestep import insn_run
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
@@ -118,7 +120,6 @@ def prepare(spec: ProbeSpec, image: Image) -> BuiltProbe:
     if (known := ready(spec, image)) is not None:
         return known
     from kbridge.kbuild import build_generated
-    from kbridge.mechanisms.kmod.render import render
 
     mod = render(spec, image.arch, image.krel)  # --fault on 5.14+ is refused here, before any boot
     built = BuiltProbe(mod.name, build_generated(mod.name, mod.files, image))
@@ -148,6 +149,7 @@ class _Loaded:
         self.loaded = False
         self.forged = 0
         self.faults = FaultRuns()
+        self.insn_facts: dict[str, str] = {}  # how the kernel decoded the probed instruction (Arch.insn_facts)
         self._totals: Totals | None = None
         self._record: ownership.Record | None = None
         self.listed: str | None = None  # kprobes/list once loaded (the engine's armed_as reads it)
@@ -227,6 +229,8 @@ class _Loaded:
         while time.monotonic() < deadline:
             rec = self._next()
             ev = parse_event(rec.text, self.module) if rec else None
+            if ev and ev.run == self.run_id and ev.kind == "insn" and ev.facts is not None:
+                self.insn_facts = ev.facts  # printed between "planted" and "ready"
             if ev and ev.run == self.run_id and ev.kind == kind:
                 return ev
         raise KbridgeError(f"{self.module}: no '{kind}' message in the guest log within {timeout:.0f} s")
@@ -298,6 +302,13 @@ class _Loaded:
             )
         if note := self.faults.note():
             totals.notes.append(note)
+        if self.insn_facts:
+            arch = self.session.arch
+            how = insn_run(arch, "breakpoint", self.insn_facts)
+            totals.notes.append(
+                f"{self.spec.symbol}+{self.spec.offset:#x} on {arch.name}, when the breakpoint fires: the probed "
+                f"instruction is {how} (how arch_prepare_kprobe() decoded it, read from the live kprobe)"
+            )
         if self.forged:
             totals.notes.append(
                 f"{self.forged} lines in the kernel log looked like {self.module}'s hits but were written "

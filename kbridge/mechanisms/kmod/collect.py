@@ -5,14 +5,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kbridge.arch import ARCHES
 from kbridge.spec import Hit
 
+# The registers a handler prints, named as each arch names them (ip/pc, flags/pstate/cpsr).
+_IPS = "|".join(sorted({a.ip_register for a in ARCHES.values()}))
+_FLAGS = "|".join(sorted({a.flags_register for a in ARCHES.values()}))
 # Fixed fields come first and cannot be mistaken for an --arg (printed as NAME=DECIMAL):
 # registers are hex with 0x, a duration ends in "ns"; a fault line has no arguments.
 _HIT = re.compile(
     r"^(?P<mod>[\w]+): hit=(?P<handler>pre|post|entry|ret|fault) pid=(?P<pid>\d+) tid=(?P<tid>\d+) "
     r"cpu=(?P<cpu>\d+)"
-    r"(?: addr=0x(?P<addr>[0-9a-f]+) (?P<ipname>ip|pc)=0x(?P<ip>[0-9a-f]+) (?:flags|pstate)=0x(?P<flags>[0-9a-f]+))?"
+    rf"(?: addr=0x(?P<addr>[0-9a-f]+) (?:{_IPS})=0x(?P<ip>[0-9a-f]+) (?:{_FLAGS})=0x(?P<flags>[0-9a-f]+))?"
     r"(?: at=(?P<at>\S+(?: \[\w+\])?))?"
     r"(?: took=(?P<took>\d+)ns)?"
     r"(?P<kv>(?: \w+=-?\d+)*) comm=(?P<comm>.*)$"
@@ -21,6 +25,7 @@ _KV = re.compile(r" (\w+)=(-?\d+)")
 _FAIL = re.compile(r"^(?P<mod>\w+): register_(?P<what>kprobe|kretprobe) failed: (?P<err>-?\d+) run=(?P<run>\S*)")
 _UNLOADED = re.compile(r"^(?P<mod>\w+): unloaded run=(?P<run>\S*)(?P<kv>(?: \w+=-?\d+)*)")
 _READY = re.compile(r"^(?P<mod>\w+): ready run=(?P<run>\S*)")
+_INSN = re.compile(r"^(?P<mod>\w+): insn(?P<kv>(?: \w+=\S+)*) run=(?P<run>\S*)$")
 _DURATIONS = re.compile(r"^(?P<mod>\w+): durations run=(?P<run>\S*) log2_ns=(?P<buckets>-|\d+:\d+(?:,\d+:\d+)*)$")
 
 
@@ -59,12 +64,13 @@ def parse_hit(text: str, module: str, symbol: str, usec: int | None = None, arch
 class ModuleEvent:
     """A lifecycle line of a kbridge module: ready, failed (errno) or unloaded (final counters)."""
 
-    kind: str  # "ready" | "failed" | "durations" | "unloaded"
+    kind: str  # "ready" | "failed" | "insn" | "durations" | "unloaded"
     run: str
     errno: int = 0
     what: str = ""
     counters: dict[str, int] | None = None
     buckets: dict[int, int] | None = None  # durations: log2 bucket -> count
+    facts: dict[str, str] | None = None  # insn: the kprobe's decoded instruction (Arch.insn_facts)
 
 
 def parse_buckets(text: str) -> dict[int, int]:
@@ -75,11 +81,14 @@ def parse_buckets(text: str) -> dict[int, int]:
 
 
 def parse_event(text: str, module: str) -> ModuleEvent | None:
-    """A lifecycle line of MODULE: ready, register failure, return-duration histogram, unloaded."""
+    """A lifecycle line of MODULE: ready, register failure, the decoded instruction, return-duration
+    histogram, unloaded."""
     if (m := _READY.match(text)) and m["mod"] == module:
         return ModuleEvent("ready", m["run"])
     if (m := _FAIL.match(text)) and m["mod"] == module:
         return ModuleEvent("failed", m["run"], errno=-int(m["err"]), what=m["what"])
+    if (m := _INSN.match(text)) and m["mod"] == module:
+        return ModuleEvent("insn", m["run"], facts=dict(kv.split("=", 1) for kv in m["kv"].split()))
     if (m := _DURATIONS.match(text)) and m["mod"] == module:
         return ModuleEvent("durations", m["run"], buckets=parse_buckets(m["buckets"]))
     if (m := _UNLOADED.match(text)) and m["mod"] == module:

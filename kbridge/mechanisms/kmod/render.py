@@ -50,10 +50,6 @@ def module_name(spec: ProbeSpec) -> str:
     )
 
 
-def is_syscall_wrapper(symbol: str, arch: Arch) -> bool:
-    return symbol.startswith(arch.syscall_prefix)
-
-
 FAULT_HANDLER_REMOVED = (5, 14)  # commit ec6aba3d2be1 "kprobes: Remove kprobe::fault_handler"
 
 
@@ -83,7 +79,7 @@ def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource
     KREL, the target kernel's release when known, lets --fault fail here with
     an explanation on 5.14+; the generated C refuses it too (#error).
     """
-    if is_syscall_wrapper(spec.symbol, arch) and any(a.index > 6 for a in spec.args):
+    if arch.is_syscall_wrapper(spec.symbol) and any(a.index > 6 for a in spec.args):
         raise KbridgeError(f"{spec.symbol} is a syscall: it has at most 6 arguments")
     if spec.fault and krel is not None and kernel_version(krel) >= FAULT_HANDLER_REMOVED:
         raise fault_handler_removed(krel)
@@ -99,12 +95,20 @@ def render(spec: ProbeSpec, arch: Arch, krel: str | None = None) -> ModuleSource
         "args": spec.args,
         "maxactive": spec.maxactive,
         "comm": spec.comm,
-        "syscall_wrapper": is_syscall_wrapper(spec.symbol, arch),
+        "syscall_wrapper": arch.is_syscall_wrapper(spec.symbol),
         "arch": arch.name,
         "fault": spec.fault,
-        # The pt_regs fields a handler reports (x86_64: ip, flags; arm64: pc, pstate).
+        # The registers a handler reports (x86_64: ip, flags; arm64: pc, pstate; arm: pc, cpsr).
         "ipreg": arch.ip_register,
         "flagsreg": arch.flags_register,
+        "regs_flags": arch.regs_flags,
+        "insn_after_trap": arch.insn_after_trap,
+        "insn_facts": arch.insn_facts,
+        # Where each argument is at the function's entry: regs_get_kernel_argument(), or on
+        # 32-bit arm (no HAVE_FUNCTION_ARG_ACCESS_API) r0-r3 and then the stack.
+        "arg_access_api": arch.arg_access_api,
+        "arg_registers": len(arch.c_arg_fields),
+        "arg_exprs": [arch.c_arg(a.index - 1) for a in spec.args],
     }
     return ModuleSource(
         name,

@@ -10,7 +10,8 @@ A spec becomes at most two events in the ``kbridge`` group:
   $argN on return probes, so arguments are reported by the ``p`` event.
 
 Arguments are fetched by position (``$argN``, what regs_get_kernel_argument()
-reads), as u64, which is how the kbridge module prints them (%lu).  A syscall
+reads; on 32-bit arm, which has neither, ``%r0``-``%r3`` then ``$stackN``), as u64,
+which is how the kbridge module prints them (%lu).  A syscall
 entry wrapper (``__x64_sys_*``, ``__arm64_sys_*``) takes one argument, the
 user's pt_regs, so the syscall's own arguments are read through it at the
 offsets of struct pt_regs (x86_64: the syscall ABI's di, si, dx, r10, r8, r9;
@@ -31,7 +32,8 @@ from kbridge.spec import ProbeSpec
 
 GROUP = "kbridge"
 # The registers a kprobe event records for --pre/--post/--entry, as the module's handlers
-# print them: the instruction pointer and the flags register (x86_64 %ip %flags, arm64 %pc %pstate).
+# print them: the instruction pointer and the flags register (x86_64 %ip %flags, arm64 %pc %pstate,
+# arm %pc %cpsr).
 IP_ARG, FLAGS_ARG = "kb_ip", "kb_flags"
 
 
@@ -63,6 +65,13 @@ def fetch_for(arg_index: int, symbol: str, arch: Arch) -> kprobe_events.Fetch:
                 f"{symbol} is a syscall: it has at most {len(offsets)} arguments, not argument {arg_index}"
             )
         return kprobe_events.Deref(offsets[arg_index - 1], kprobe_events.Arg(1))
+    if not arch.arg_access_api:
+        # No $argN (32-bit arm): the registers of the calling convention, then the stack slots
+        # at the function's entry ($stack0 is the first argument passed on the stack).
+        regs = arch.arg_registers
+        if arg_index <= len(regs):
+            return kprobe_events.Reg(regs[arg_index - 1])
+        return kprobe_events.Stack(arg_index - 1 - len(regs))
     return kprobe_events.Arg(arg_index)
 
 

@@ -137,7 +137,7 @@ class StepReporter:
 
 def syscall_rewrite_note(requested: str, resolved: str, arch: Arch) -> str | None:
     """One line when a syscall name the kernel no longer has was rewritten to its entry wrapper."""
-    if requested == resolved or not resolved.startswith(arch.syscall_prefix):
+    if requested == resolved or not arch.is_syscall_wrapper(resolved):
         return None
     since = arch.syscall_wrapper_since
     return (
