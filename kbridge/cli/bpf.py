@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,23 +12,15 @@ from kbridge import kernels
 from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import (
+    FILTER_OPTIONS,
+    SPEC_OPTIONS,
     ArchOpt,
-    ArgOpt,
-    CommOpt,
-    EntryOpt,
     KernelOpt,
-    MaxactiveOpt,
-    OffsetOpt,
-    PidOpt,
-    PostOpt,
-    PreOpt,
-    RetOpt,
-    TidOpt,
-    handlers,
+    spec_of,
+    with_options,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.spec import make_spec
 
 bpf_app = typer.Typer(
     help="eBPF: how --via bpf plants a probe (render), and the bcc image for bcc programs written by hand.",
@@ -39,23 +31,15 @@ app.add_typer(bpf_app, name="bpf")
 
 @bpf_app.command("render")
 @command
+@with_options(SPEC_OPTIONS, FILTER_OPTIONS)
 def render_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function (used as written: no guest is asked).")],
-    pre: PreOpt = False,
-    post: PostOpt = False,
-    entry: EntryOpt = False,
-    ret: RetOpt = False,
-    arg: ArgOpt = None,
-    offset: OffsetOpt = 0,
-    maxactive: MaxactiveOpt = 0,
-    pid: PidOpt = None,
-    tid: TidOpt = None,
-    comm: CommOpt = None,
     arch: ArchOpt = None,
     source: Annotated[bool, typer.Option("--source", help="Also print the BPF program's C source.")] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object: the loader's command line and the config it sets.")
     ] = False,
+    **opts: Any,
 ) -> None:
     """Print how --via bpf plants SYMBOL: the loader's command line and the .rodata config it sets; run nothing.
 
@@ -65,7 +49,7 @@ def render_cmd(
     from kbridge.mechanisms.bpf.plan import config, plan
 
     a = get_arch(arch)
-    spec = make_spec(symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, tid=tid)
+    spec = spec_of(symbol, a, **opts)
     p = plan(spec, a)
     d = f"{bpftools.GUEST_ROOT}/{bpftools.digest()}"
     argv = p.argv(

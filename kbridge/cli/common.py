@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
+from kbridge.spec import ProbeSpec, make_spec
 from kbridge.targets import parse_target
 from kbridge.workload import Workload
 
@@ -46,6 +47,27 @@ def arch_or_machine(arch: str | None, target: str | None) -> Arch | None:
 def handlers(pre: bool = False, post: bool = False, entry: bool = False, ret: bool = False) -> set[str]:
     """The handler set from the four handler flags."""
     return {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
+
+
+def spec_of(
+    symbol: str,
+    arch: Arch,
+    pre: bool = False,
+    post: bool = False,
+    entry: bool = False,
+    ret: bool = False,
+    arg: list[str] | None = None,
+    offset: int = 0,
+    maxactive: int = 0,
+    pid: int | None = None,
+    tid: int | None = None,
+    comm: str | None = None,
+    fault: bool = False,
+) -> ProbeSpec:
+    """The ProbeSpec the options of a command that names a probe describe."""
+    return make_spec(
+        symbol, handlers(pre, post, entry, ret), arg, arch, offset, maxactive, pid, comm, fault=fault, tid=tid
+    )
 
 
 def workload(run: str | None) -> Workload | None:

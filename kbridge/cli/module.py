@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -17,25 +17,20 @@ from rich.markup import escape
 from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import (
+    SPEC_OPTIONS,
     ArchOpt,
-    ArgOpt,
-    EntryOpt,
     JsonDocOpt,
     KernelOpt,
     KernelTreeOpt,
-    MaxactiveOpt,
-    OffsetOpt,
-    PostOpt,
-    PreOpt,
-    RetOpt,
     TargetOpt,
     VagrantfileOpt,
     arch_or_machine,
+    spec_of,
     use_vagrantfile,
+    with_options,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
-from kbridge.spec import make_spec
 from kbridge.targets.base import Target
 
 module_app = typer.Typer(
@@ -46,17 +41,12 @@ app.add_typer(module_app, name="module")
 
 @module_app.command("render")
 @command
+@with_options(SPEC_OPTIONS)
 def render_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function (used as written: no guest is asked).")],
-    pre: PreOpt = False,
-    post: PostOpt = False,
-    entry: EntryOpt = False,
-    ret: RetOpt = False,
-    arg: ArgOpt = None,
-    offset: OffsetOpt = 0,
-    maxactive: MaxactiveOpt = 0,
     arch: ArchOpt = None,
     json_out: JsonDocOpt = False,
+    **opts: Any,
 ) -> None:
     """Print the module's C source and Kbuild file for SYMBOL; build and load nothing."""
     from kbridge.images import image as images
@@ -64,8 +54,7 @@ def render_cmd(
     from kbridge.session import cached_blacklist, cached_symbols
 
     a = get_arch(arch)
-    handlers = {h for h, on in (("pre", pre), ("post", post), ("entry", entry), ("ret", ret)) if on}
-    spec = make_spec(symbol, handlers, arg, a, offset, maxactive)
+    spec = spec_of(symbol, a, **opts)
     # With the image's symbol table cached (after a first probe), resolve as a probe
     # would (sys_write -> __x64_sys_write); otherwise render the name as written.
     img = images.load(a, verify=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -12,6 +14,7 @@ from kbridge.cli.common import (
     explain_removed,
     guest_arch,
     handlers,
+    spec_of,
     use_vagrantfile,
     workload,
 )
@@ -22,6 +25,7 @@ __all__ = [
     "explain_removed",
     "guest_arch",
     "handlers",
+    "spec_of",
     "use_vagrantfile",
     "workload",
 ]
@@ -118,3 +122,39 @@ FaultOpt = Annotated[
         "(--kernel 5.10); elsewhere explains what replaced it.",
     ),
 ]
+
+
+# Option groups several commands take, declared once: with_options() puts them in a command's
+# signature where its **opts stands, and typer reads them from there like any other parameter.
+SPEC_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "pre": (PreOpt, False),
+    "post": (PostOpt, False),
+    "entry": (EntryOpt, False),
+    "ret": (RetOpt, False),
+    "arg": (ArgOpt, None),
+    "offset": (OffsetOpt, 0),
+    "maxactive": (MaxactiveOpt, 0),
+}
+FILTER_OPTIONS: dict[str, tuple[Any, Any]] = {"pid": (PidOpt, None), "tid": (TidOpt, None), "comm": (CommOpt, None)}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
+    """Declare the options of GROUPS on a command in place of its **opts, which receives them."""
+
+    def declare(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)  # the command's own annotations as objects, as typer reads them
+        params = list(sig.parameters.values())
+        at = next(i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD)
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for group in groups
+            for name, (annotation, default) in group.items()
+        ]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[:at] + params[at + 1 :]]
+        fn.__signature__ = sig.replace(parameters=own[:1] + added + own[1:])  # type: ignore[attr-defined]
+        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
+        return fn
+
+    return declare

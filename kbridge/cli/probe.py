@@ -5,53 +5,37 @@ The options as typer declares them (help, usage errors); the command is kbridge.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from kbridge.cli import app, probing
 from kbridge.cli.options import (
+    FILTER_OPTIONS,
+    SPEC_OPTIONS,
     ArchOpt,
-    ArgOpt,
-    CommOpt,
     CountOpt,
     DurationOpt,
-    EntryOpt,
     FaultOpt,
     JprobeOpt,
     JsonOpt,
     KernelOpt,
     KernelTreeOpt,
-    MaxactiveOpt,
     MirrorOpt,
-    OffsetOpt,
-    PidOpt,
-    PostOpt,
-    PreOpt,
-    RetOpt,
     RunOpt,
     TargetOpt,
-    TidOpt,
     VagrantfileOpt,
     ViaOpt,
+    with_options,
 )
 from kbridge.cli.output import command
 
 
 @app.command("probe")
 @command
+@with_options(SPEC_OPTIONS, FILTER_OPTIONS)
 def probe_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function, e.g. sys_write, ksys_write, vfs_read.")],
-    pre: PreOpt = False,
-    post: PostOpt = False,
-    entry: EntryOpt = False,
-    ret: RetOpt = False,
-    arg: ArgOpt = None,
-    offset: OffsetOpt = 0,
-    maxactive: MaxactiveOpt = 0,
-    pid: PidOpt = None,
-    tid: TidOpt = None,
-    comm: CommOpt = None,
     run: RunOpt = None,
     count: CountOpt = None,
     duration: DurationOpt = None,
@@ -65,6 +49,8 @@ def probe_cmd(
     json_out: JsonOpt = False,
     jprobe: JprobeOpt = False,
     fault: FaultOpt = False,
+    **opts: Any,
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
-    probing.probe(**locals())
+    given = dict(locals())
+    probing.probe(**given.pop("opts"), **given)

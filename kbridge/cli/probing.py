@@ -11,7 +11,7 @@ from kbridge.cli.common import (
     explain_fault_removed,
     explain_removed,
     guest_arch,
-    handlers,
+    spec_of,
     use_vagrantfile,
     workload,
 )
@@ -22,7 +22,6 @@ from kbridge.mechanisms import get as get_mechanism
 from kbridge.mechanisms.engine import StopRule
 from kbridge.probe import ProbeRun
 from kbridge.probe import probe as run_probe
-from kbridge.spec import make_spec
 
 
 def mirrors_from(mirror: str | None, suite: str) -> Mirrors | None:
@@ -69,9 +68,7 @@ def probe(
     get_mechanism(via)  # an unknown --via fails before anything else
     use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
-    spec = make_spec(
-        symbol, handlers(pre, post, entry, ret), arg, a, offset, maxactive, pid, comm, fault=fault, tid=tid
-    )
+    spec = spec_of(symbol, a, pre, post, entry, ret, arg, offset, maxactive, pid, tid, comm, fault)
     printer = HitPrinter(json_out)
     result = run_probe(
         spec,
