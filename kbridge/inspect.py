@@ -1,5 +1,8 @@
 """`kbridge inspect SYMBOL`: how the target kernel really plants a kprobe there.
 
+(Over 500 lines: one walk through one probe's life, arm -> remove, and the explanation of what
+was seen at each step; the per-arch facts it reads are arch.py's.)
+
 A generated module (kmod/inspect.c.j2) registers the kprobe disabled, then the
 host steps it through arm -> remove, reading the instruction bytes at the probe
 address (the module's debugfs `insn` file) and the probe's mode (debugfs

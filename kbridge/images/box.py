@@ -1,5 +1,8 @@
 """Vagrant boxes (libvirt provider) from the same Debian packages as the embedded image.
 
+(Over 500 lines: a box is a root filesystem written by hand, file by file, in place of the
+maintainer scripts; each step is short and they only make sense in order.)
+
 A box is built like the images: a private apt state, the package closure unpacked
 with dpkg-deb -x (no chroot, no maintainer scripts, so an arm64 box needs no
 qemu-user emulation), configuration files written directly. What the maintainer

@@ -1,5 +1,8 @@
 """The tracefs mechanism: kprobe_events lines, event filters, trace_pipe streamed to the host.
 
+(Over 500 lines: the two ways of arming events, a step per file operation for --steps and the
+labs, one guest script for a warm probe, share one class and one cleanup contract.)
+
 render.py turns a ProbeSpec into lines (kbridge.kprobe_events checks them offline),
 guest.py does each tracefs file operation, collect.py parses trace_pipe, steps.py
 shows the operations (`trace --steps`). One run: check the lines, resolve their
@@ -43,7 +46,7 @@ from kbridge.mechanisms.tracefs.steps import StepReporter, StepSink, syscall_rew
 from kbridge.session import Session
 from kbridge.spec import Hit, ProbeSpec
 from kbridge.targets import ownership
-from kbridge.targets.base import TRACE_PORT, LineStream
+from kbridge.targets.base import TRACE_PORT, LineStream, Target
 from kbridge.workload import Workload
 
 # Copy a file (trace_pipe) to a stream's guest path; the paths are arguments, never pasted into the script.
@@ -169,13 +172,7 @@ class _Events:
             self.stats_before = guest.read_stats(vm)
             self.reader = ownership.spawn(vm, [*STREAM, f"{TRACING}/trace_pipe", vm.stream_path(TRACE_PORT)])
             exclude = sorted({*vm.plumbing_pids(), self.reader.pid})
-            threads: list[int] = [self.tid] if self.tid else []
-            if self.pid:
-                threads += guest.threads_of(vm, self.pid)
-                self.notes.append(
-                    f"--pid {self.pid}: its threads when the events were armed ({', '.join(map(str, threads))}): "
-                    "an event records the thread (common_pid), and 6.1's events have no process id"
-                )
+            threads = _threads(vm, self.pid, self.tid, self.notes)
             text = build_filter(self.user_filter, threads, self.comm, exclude)
             why = (
                 f"kbridge adds 'common_pid != ...' for {', '.join(map(str, exclude))}: its own guest helpers "
@@ -390,13 +387,7 @@ class _Scripted(_Events):
         self.dir = f"{script.RUN_DIR}/tracefs-{self.token}"
         self.port = vm.stream(TRACE_PORT)
         next(self.port)  # connect the host side before the guest writes
-        threads: list[int] = [self.tid] if self.tid else []
-        if self.pid:
-            threads += guest.threads_of(vm, self.pid)
-            self.notes.append(
-                f"--pid {self.pid}: its threads when the events were armed ({', '.join(map(str, threads))}): "
-                "an event records the thread (common_pid), and 6.1's events have no process id"
-            )
+        threads = _threads(vm, self.pid, self.tid, self.notes)
         exclude = sorted(vm.plumbing_pids())
         base = build_filter(self.user_filter, threads, self.comm, exclude)
         pairs: list[str] = []
@@ -609,3 +600,15 @@ def arm(session: Session, spec: ProbeSpec, prepared: object = None) -> _Events:
 
 
 MECHANISM = Mechanism("tracefs", "default", check, None, arm)
+
+
+def _threads(vm: Target, pid: int | None, tid: int | None, notes: list[str]) -> list[int]:
+    """The threads --pid/--tid name, for the filter: an event records the thread (common_pid)."""
+    threads: list[int] = [tid] if tid else []
+    if pid:
+        threads += guest.threads_of(vm, pid)
+        notes.append(
+            f"--pid {pid}: its threads when the events were armed ({', '.join(map(str, threads))}): "
+            "an event records the thread (common_pid), and 6.1's events have no process id"
+        )
+    return threads

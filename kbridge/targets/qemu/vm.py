@@ -1,5 +1,8 @@
 """The embedded QEMU target: kbridge boots its own image and owns the QEMU process.
 
+(Over 500 lines: QemuVM implements the whole Target protocol for one QEMU process; what can
+stand alone, the argv, KVM, snapshots and the agent, already does.)
+
 A VM is a directory (sockets, console log, vm.json) plus a QEMU process recorded
 by pid and start time, so a stale pid that now belongs to something else is never
 mistaken for it. Ephemeral VMs die with kbridge (PR_SET_PDEATHSIG) and are shut

@@ -1,5 +1,8 @@
 """VagrantTarget: the Target protocol over one OpenSSH connection to a Vagrant machine.
 
+(Over 500 lines: VagrantTarget implements the whole Target protocol over that connection; the
+machine lookup and the agent's host end are files of their own.)
+
 One connection per command (and per Guest of the Python API, for its whole life): a
 process that asks for the same machine again gets the connection it has open. On it,
 kbridge's agent (kbridge/guest/agent.c, installed in the guest's /tmp for the connection)
