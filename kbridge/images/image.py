@@ -1,7 +1,7 @@
 """The default guest image: a Debian kernel, its headers and a busybox + qemu-guest-agent initramfs.
 
 (Over 500 lines: one build, package closure -> kernel -> modules -> initramfs -> manifest, read
-top to bottom; the apt, cpio, ext4 and BTF pieces are files of their own.)
+top to bottom; the apt and cpio pieces are files of their own.)
 
 Built once per (suite, arch) from Debian packages into the cache, in a temporary
 directory that is renamed into place only when complete; a manifest with SHA-256
