@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from kbridge import kernels
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.spec import ProbeSpec, make_spec
@@ -25,6 +27,28 @@ def use_vagrantfile(vagrantfile: str | None) -> None:
             "give the directory you run `vagrant up` in (the one holding the Vagrantfile)",
         )
     os.environ["VAGRANT_CWD"] = str(path.resolve())
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The guest a command's options choose: --arch (None: the host's, or a Vagrant machine's own),
+    the kernel key (kbridge.kernels.resolve) and --target."""
+
+    arch: str | None
+    key: str
+    target: str | None
+
+
+def chosen(
+    arch: str | None = None,
+    kernel: str | None = None,
+    kernel_tree: str | None = None,
+    target: str | None = None,
+    vagrantfile: str | None = None,
+) -> Chosen:
+    """The guest the options of GUEST_OPTIONS choose (--vagrantfile applies at once)."""
+    use_vagrantfile(vagrantfile)
+    return Chosen(arch, kernels.resolve(kernel, kernel_tree), target)
 
 
 def guest_arch(arch: str | None, target: str | None) -> Arch:

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from kbridge import kernels, progress
+from kbridge import progress
 from kbridge.arch import Arch
 from kbridge.cli import app
 from kbridge.cli.options import (
-    ArchOpt,
+    FILTER_OPTIONS,
+    GUEST_OPTIONS,
     ArgOpt,
-    CommOpt,
     EntryOpt,
     JsonOpt,
-    KernelOpt,
-    KernelTreeOpt,
-    PidOpt,
     PreOpt,
     RetOpt,
-    TargetOpt,
-    TidOpt,
-    VagrantfileOpt,
+    chosen,
     guest_arch,
     handlers,
-    use_vagrantfile,
+    with_options,
 )
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.compare import Comparison, compare, workload_command
@@ -40,34 +35,27 @@ from kbridge.targets import acquire, kept_running, parse_target, resolve_image
 
 @app.command("compare")
 @command
+@with_options(FILTER_OPTIONS, GUEST_OPTIONS)
 def compare_cmd(
     symbol: Annotated[str, typer.Argument(help="Kernel function, e.g. ksys_write, vfs_read.")],
     pre: PreOpt = False,
     entry: EntryOpt = False,
     ret: RetOpt = False,
     arg: ArgOpt = None,
-    pid: PidOpt = None,
-    tid: TidOpt = None,
-    comm: CommOpt = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Guest shell command (the workload).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=100, help="Workload repetitions per mechanism.")] = 5,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Mechanisms to run (default: all three).")] = None,
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
+    **opts: Any,
 ) -> None:
     """Run one probe through kmod, tracefs and bpf on one VM and compare hits, losses, args and overhead."""
-    use_vagrantfile(vagrantfile)
-    a = guest_arch(arch, target)
-    suite = kernels.resolve(kernel, kernel_tree)
-    spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, pid, comm, tid=tid)
+    g = chosen(**{k: opts.pop(k) for k in GUEST_OPTIONS})
+    a = guest_arch(g.arch, g.target)
+    spec = make_spec(symbol, handlers(pre, False, entry, ret) or {"pre"}, arg, a, 0, 0, **opts)
     names = tuple(only or NAMES)
     for n in names:
         get_mechanism(n)  # an unknown name in --only fails here
-    with acquire(a, _flavour(a, suite, target), kernel=suite, target=target) as guest:
+    with acquire(a, _flavour(a, g.key, g.target), kernel=g.key, target=g.target) as guest:
         comp = compare(Session(guest), spec, workload_command(run, symbol), repeats, names)
     if json_out:
         for st in comp.mechanisms.values():

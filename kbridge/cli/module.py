@@ -17,16 +17,15 @@ from rich.markup import escape
 from kbridge.arch import get_arch
 from kbridge.cli import app
 from kbridge.cli.options import (
+    GUEST_OPTIONS,
     SPEC_OPTIONS,
     ArchOpt,
     JsonDocOpt,
     KernelOpt,
     KernelTreeOpt,
-    TargetOpt,
-    VagrantfileOpt,
     arch_or_machine,
+    chosen,
     spec_of,
-    use_vagrantfile,
     with_options,
 )
 from kbridge.cli.output import command, emit_json, err, out
@@ -119,25 +118,22 @@ def build_cmd(
 
 @module_app.command("load")
 @command
+@with_options(GUEST_OPTIONS)
 def load_cmd(
     src: DirArg,
     param: Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE, a module_param (repeatable).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Which module, when obj-m builds several.")] = None,
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    **opts: Any,
 ) -> None:
     """Build (if needed), push and load your module into the kept VM (booted if none runs); show its kernel log."""
-    use_vagrantfile(vagrantfile)
-    from kbridge import kernels, modules
+    from kbridge import modules
     from kbridge.targets import acquire
 
+    g = chosen(**opts)
     params = dict(modules.parse_param(p) for p in param or ())
-    a = arch_or_machine(arch, target)  # a Vagrant machine's own arch unless --arch says otherwise
-    with acquire(a, keep=True, kernel=kernels.resolve(kernel, kernel_tree), target=target) as guest:
+    a = arch_or_machine(g.arch, g.target)  # a Vagrant machine's own arch unless --arch says otherwise
+    with acquire(a, keep=True, kernel=g.key, target=g.target) as guest:
         built = modules.build_for(guest, src, name)
         for w in built.warnings:
             err.print(f"[yellow]{escape(w)}[/]")
@@ -166,24 +162,20 @@ def load_cmd(
 
 @module_app.command("unload")
 @command
+@with_options(GUEST_OPTIONS)
 def unload_cmd(
     name: Annotated[str, typer.Argument(help="The module's name (as lsmod shows it).", show_default=False)],
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    **opts: Any,
 ) -> None:
     """rmmod your module from the kept VM; show its exit's kernel log."""
-    use_vagrantfile(vagrantfile)
-    from kbridge import kernels
     from kbridge.targets import kept, parse_target
 
-    where = parse_target(target)
+    g = chosen(**opts)
+    where = parse_target(g.target)
     if where.kind == "qemu":
-        a = get_arch(arch)
-        vm = kept(a, kernels.resolve(kernel, kernel_tree))
+        a = get_arch(g.arch)
+        vm = kept(a, g.key)
         if vm is None:
             raise KbridgeError(
                 f"no {a.name} VM is up, so no module of yours is loaded",
@@ -193,7 +185,7 @@ def unload_cmd(
     else:
         from kbridge.targets import acquire
 
-        with acquire(arch_or_machine(arch, target), kernel=kernels.resolve(kernel, kernel_tree), target=where) as guest:
+        with acquire(arch_or_machine(g.arch, g.target), kernel=g.key, target=where) as guest:
             _unload(guest, name, json_out)
         return
     try:

@@ -10,6 +10,7 @@ import typer
 
 from kbridge.cli.common import (
     arch_or_machine,
+    chosen,
     explain_fault_removed,
     explain_removed,
     guest_arch,
@@ -21,6 +22,7 @@ from kbridge.cli.common import (
 
 __all__ = [
     "arch_or_machine",
+    "chosen",
     "explain_fault_removed",
     "explain_removed",
     "guest_arch",
@@ -136,6 +138,13 @@ SPEC_OPTIONS: dict[str, tuple[Any, Any]] = {
     "maxactive": (MaxactiveOpt, 0),
 }
 FILTER_OPTIONS: dict[str, tuple[Any, Any]] = {"pid": (PidOpt, None), "tid": (TidOpt, None), "comm": (CommOpt, None)}
+GUEST_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "arch": (ArchOpt, None),
+    "kernel": (KernelOpt, None),
+    "kernel_tree": (KernelTreeOpt, None),
+    "target": (TargetOpt, None),
+    "vagrantfile": (VagrantfileOpt, None),
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,7 +162,9 @@ def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
             for name, (annotation, default) in group.items()
         ]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[:at] + params[at + 1 :]]
-        fn.__signature__ = sig.replace(parameters=own[:1] + added + own[1:])  # type: ignore[attr-defined]
+        lead = next((i for i, p in enumerate(own) if p.default is not inspect.Parameter.empty), len(own))
+        # After the command's arguments (those without a default), where --help lists them first.
+        fn.__signature__ = sig.replace(parameters=own[:lead] + added + own[lead:])  # type: ignore[attr-defined]
         fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
         return fn
 

@@ -5,30 +5,26 @@ The options as typer declares them (help, usage errors); the command is kbridge.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from kbridge.cli import app, tracing
 from kbridge.cli.options import (
-    ArchOpt,
-    CommOpt,
+    FILTER_OPTIONS,
+    GUEST_OPTIONS,
     CountOpt,
     DurationOpt,
     JsonOpt,
-    KernelOpt,
-    KernelTreeOpt,
-    PidOpt,
     RunOpt,
-    TargetOpt,
-    TidOpt,
-    VagrantfileOpt,
+    with_options,
 )
 from kbridge.cli.output import command
 
 
 @app.command("trace", context_settings={"ignore_unknown_options": True})
 @command
+@with_options(FILTER_OPTIONS, GUEST_OPTIONS)
 def trace_cmd(
     lines: Annotated[list[str], typer.Argument(help="kprobe_events lines, e.g. 'p:myw ksys_write fd=$arg1'.")],
     check: Annotated[bool, typer.Option("--check", help="Only validate the lines offline (no VM).")] = False,
@@ -36,17 +32,9 @@ def trace_cmd(
     duration: DurationOpt = None,
     count: CountOpt = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", help="Event filter, e.g. 'fd == 1'.")] = None,
-    pid: PidOpt = None,
-    tid: TidOpt = None,
-    comm: CommOpt = None,
     buffer_kb: Annotated[
         Optional[int], typer.Option("--buffer-kb", min=1, help="Ring buffer size per CPU (KiB), restored after.")
     ] = None,
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
     json_out: JsonOpt = False,
     steps: Annotated[
         bool,
@@ -57,6 +45,8 @@ def trace_cmd(
             "back.",
         ),
     ] = False,
+    **opts: Any,
 ) -> None:
     """Define kprobe events in a guest, run a workload, stream the events from trace_pipe, remove them."""
-    tracing.trace(**locals())
+    given = dict(locals())
+    tracing.trace(**given.pop("opts"), **given)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -11,7 +11,18 @@ from rich.markup import escape
 from kbridge import kernels, targets
 from kbridge.arch import get_arch
 from kbridge.cli import app
-from kbridge.cli.options import ArchOpt, JsonOpt, KernelOpt, KernelTreeOpt, TargetOpt, VagrantfileOpt, use_vagrantfile
+from kbridge.cli.options import (
+    GUEST_OPTIONS,
+    ArchOpt,
+    JsonOpt,
+    KernelOpt,
+    KernelTreeOpt,
+    TargetOpt,
+    VagrantfileOpt,
+    chosen,
+    use_vagrantfile,
+    with_options,
+)
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.errors import KbridgeError
 from kbridge.targets import ownership
@@ -125,13 +136,14 @@ def exec_(
     raise typer.Exit(res.exitcode if res.signal is None else 128 + res.signal)
 
 
-def _move(way: str, src: str, dst: str, arch: str | None, key: str, target: str | None) -> tuple[str, str]:
-    """A file moved into (push) or out of (pull) the kept VM of kernel KEY: where it landed, and the guest's arch."""
+def _move(way: str, src: str, dst: str, **opts: str | None) -> tuple[str, str]:
+    """A file moved into (push) or out of (pull) the kept VM OPTS choose: where it landed, and the guest's arch."""
     from pathlib import Path
 
     from kbridge.targets import files
 
-    vm = _running(arch, key, target)
+    g = chosen(**opts)
+    vm = _running(g.arch, g.key, g.target)
     try:
         where = files.push(vm, Path(src), dst) if way == "push" else files.pull(vm, src, Path(dst))
     finally:
@@ -182,36 +194,28 @@ def down(
 
 @vm_app.command("push")
 @command
+@with_options(GUEST_OPTIONS)
 def push(
     src: Annotated[str, typer.Argument(help="A local file (e.g. your static test program).", show_default=False)],
     dst: Annotated[
         str,
         typer.Argument(help="Where in the guest: an absolute path, or a directory ending in /.", show_default=False),
     ],
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
+    **opts: Any,
 ) -> None:
     """Copy a file into the kept VM (its mode kept): kbridge vm push ./client /tmp/client"""
-    use_vagrantfile(vagrantfile)
-    where, guest = _move("push", src, dst, arch, kernels.resolve(kernel, kernel_tree), target)
+    where, guest = _move("push", src, dst, **opts)
     err.print(f"[green]✓ {src} -> {where} in the {guest} guest[/]")
 
 
 @vm_app.command("pull")
 @command
+@with_options(GUEST_OPTIONS)
 def pull(
     src: Annotated[str, typer.Argument(help="A file in the guest (absolute path).", show_default=False)],
     dst: Annotated[str, typer.Argument(help="A local file or directory.", show_default=False)],
-    arch: ArchOpt = None,
-    kernel: KernelOpt = None,
-    kernel_tree: KernelTreeOpt = None,
-    target: TargetOpt = None,
-    vagrantfile: VagrantfileOpt = None,
+    **opts: Any,
 ) -> None:
     """Copy a file out of the kept VM: kbridge vm pull /tmp/out.log ."""
-    use_vagrantfile(vagrantfile)
-    where, guest = _move("pull", src, dst, arch, kernels.resolve(kernel, kernel_tree), target)
+    where, guest = _move("pull", src, dst, **opts)
     err.print(f"[green]✓ {src} in the {guest} guest -> {where}[/]")
