@@ -74,7 +74,9 @@ def _me() -> tuple[int, float]:
 _pending: weakref.WeakKeyDictionary[Target, list[str]] = weakref.WeakKeyDictionary()
 # Appends $1 (ledger lines) to the ledger $2, then runs the rest of the arguments in its place (exec: the
 # same pid): the record is in the ledger before what it records exists, in the same guest command.
-RECORDED = 'd=${2%/*}; [ -d "$d" ] || mkdir -p "$d"; printf "%s\\n" "$1" >> "$2" || exit 126; shift 2; exec "$@"'
+# The append runs in a subshell: a write(2) by the pid that becomes the workload would be the
+# workload's in a trace (ftrace shows each pid's latest comm, so even under the workload's name).
+RECORDED = '(d=${2%/*}; [ -d "$d" ] || mkdir -p "$d"; printf "%s\\n" "$1" >> "$2") || exit 126; shift 2; exec "$@"'
 
 
 def record(kind: str, name: str) -> tuple[Record, str]:
