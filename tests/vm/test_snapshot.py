@@ -18,7 +18,7 @@ pytestmark = pytest.mark.vm
 def _boot(arch: str) -> tuple[QemuVM, bool]:
     """A fresh ephemeral VM and whether it was restored (QEMU started with -incoming)."""
     vm = QemuVM.boot(images.ensure(get_arch(arch)))
-    return vm, "-incoming" in vm.proc.cmdline()
+    return vm, b"-incoming" in Path(f"/proc/{vm.proc.pid}/cmdline").read_bytes().split(b"\0")
 
 
 def test_restore_then_corrupt_state_boots_and_saves_again(
