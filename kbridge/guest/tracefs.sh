@@ -37,6 +37,22 @@ arm)
 	filter=$1 user_filter=$2
 	shift 2
 	$bb mkdir -p "$dir" || exit 1
+	# One arming at a time, and none while a command reclaims (kbridge.targets.ownership.ARMING): a
+	# kbridge killed meanwhile leaves this script running on, and its events must be recorded and
+	# defined before the next command reads the ledger. A holder that died leaves a stale lock.
+	lock=/run/kbridge/arming n=0
+	until $bb mkdir "$lock" 2> /dev/null; do
+		h=$($bb cat "$lock/pid" 2> /dev/null)
+		if [ -n "$h" ] && [ ! -d "/proc/$h" ]; then
+			$bb rm -rf "$lock"
+			continue
+		fi
+		n=$((n + 1))
+		[ "$n" -lt 600 ] || exit 1
+		$bb sleep 0.05
+	done
+	echo $$ > "$lock/pid"
+	trap '$bb rm -rf "$lock"' EXIT
 	: > "$dir/lines"
 	: > "$dir/names"
 	while [ $# -ge 2 ]; do

@@ -34,6 +34,14 @@ from kbridge.errors import KbridgeError
 from kbridge.targets.base import ExecResult, Target
 
 LEDGER = "/run/kbridge/owned.log"
+ARMING = "/run/kbridge/arming"  # the lock kbridge/guest/tracefs.sh holds while it arms a run
+# Waits (at most 30 s) for ARMING ($1) to be free, or held by a process that is gone, then prints the
+# ledger ($2; nothing when there is none yet).
+_SETTLED = (
+    'n=0; while [ -d "$1" ] && [ "$n" -lt 600 ]; do h=$(cat "$1/pid" 2>/dev/null); '
+    'if [ -n "$h" ] && [ ! -d "/proc/$h" ]; then rm -rf "$1"; break; fi; n=$((n + 1)); sleep 0.05; done; '
+    'cat "$2" 2>/dev/null; true'
+)
 COMPACT_AT = 256  # ledger lines past which reclaim() rewrites it with only the live records
 KINDS = ("process", "event", "module")  # reclaimed in this order: stop readers before removing events
 _NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
@@ -219,10 +227,10 @@ def records(target: Target) -> list[Record]:
 
 
 def _read(target: Target) -> list[str]:
-    try:
-        return target.read_file(LEDGER).decode(errors="replace").splitlines()
-    except KbridgeError:
-        return []  # nothing claimed in this guest yet
+    """The ledger, once no tracefs arming script runs (ARMING): one of a killed kbridge runs on in the
+    guest, recording and defining its events; read before it ends, they would stay unowned."""
+    res = target.run(["/bin/sh", "-c", _SETTLED, "kbridge-ledger", ARMING, LEDGER], timeout=60)
+    return res.text.splitlines() if res.ok else []
 
 
 def _fold(lines: list[str]) -> dict[str, Record]:
