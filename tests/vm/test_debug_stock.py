@@ -77,6 +77,11 @@ def test_a_warn_in_the_users_module_fails_vm_exec_with_the_report_and_keeps_the_
 def test_gdb_reads_an_argument_at_a_breakpoint_in_the_users_module_on_debians_kernel(
     stock_vm: Guest, tmp_path: Path
 ) -> None:
+    if stock_vm.arch == "arm64":
+        # gdb-multiarch 13.1 places an arm64 module's .text.unlikely (kbdebug_poke.isra.0) at .text's
+        # address: the breakpoint never hits (README, "Debugging your module"). test_debugkernel.py
+        # keeps that case as a strict xfail (-m matrix); here it would only cost two timeouts.
+        pytest.skip("gdb places an arm64 module's .text.unlikely at .text: the breakpoint never hits")
     shown = _kbridge("gdb", "--arch", stock_vm.arch, "--show")
     assert shown.returncode == 0, shown.stderr
     assert "linux-image-" in shown.stderr and "-dbg" in shown.stderr  # what the kernel's DWARF would take
