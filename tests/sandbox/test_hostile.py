@@ -268,7 +268,8 @@ def test_include_of_a_host_fifo_fails_fast(tmp_path: Path, x86: Headers, box: sa
     fifo = tmp_path / "host.fifo"
     os.mkfifo(fifo)
     sub = write_submission(tmp_path / "sub", {"hello.c": evil(f'#include "{fifo}"\n')})
-    res = build_submission(sub, x86, tmp_path / "work", box, timeout_s=8)
+    # The limit is far above a module build on a loaded 2-core host (~5-20 s): reaching it means a hang.
+    res = build_submission(sub, x86, tmp_path / "work", box, timeout_s=90)
     assert not res.ok and not res.timed_out
     assert "No such file or directory" in res.output, res.output
 
