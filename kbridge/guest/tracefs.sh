@@ -114,7 +114,8 @@ arm)
 		< /dev/null > /dev/null 2>&1 &
 	reader=$!
 	echo "$reader" > "$dir/reader"
-	filter="${filter:+$filter && }common_pid != $reader"
+	# Neither the reader nor this shell, whose own writes after enabling (its output) would be hits.
+	filter="${filter:+$filter && }common_pid != $reader && common_pid != $$"
 	i=0
 	while IFS= read -r name; do
 		i=$((i + 1))

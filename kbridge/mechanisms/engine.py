@@ -75,9 +75,9 @@ class Armed(Protocol):
 class WorkloadRun:
     """A workload started in the guest, owned (a kill of kbridge at any moment leaves it stopped)."""
 
-    def __init__(self, target: Target, workload: Workload) -> None:
+    def __init__(self, target: Target, workload: Workload, reserved: ownership.Reservation | None = None) -> None:
         self.started = time.monotonic()
-        self.proc = ownership.spawn(target, list(workload.argv))
+        self.proc = ownership.spawn(target, list(workload.argv), reserved=reserved)
         self._next_poll = 0.0
 
     @property
@@ -239,25 +239,32 @@ def drive(
     """
     result = MechanismResult(name, spec, notes=list(notes or ()))
     work: WorkloadRun | None = None
-    with armed as probe:
-        # A mechanism that read kprobes/list while arming says so (`listed`): no second read.
-        result.armed = armed_as(target, spec, getattr(probe, "listed", None))
-        for kind, listed in result.armed.items():
-            progress.info(
-                f"{kind} on {listed.symbol}+{listed.offset:#x} armed as {MODE_TEXT[listed.mode](target.arch)} "
-                f"(kprobes/list: {listed.line})"
-            )
-        work = WorkloadRun(target, workload)
-        try:
-            for hit in probe.hits():
-                if hit is not None:
-                    result.take(hit, stop, on_hit, work.started)
-                if stopping(stop, work, len(result.hits), hit is not None):
-                    break
-        finally:
-            work.stop()
-        for hit in probe.drain():
-            result.take(hit, stop, on_hit, None)
-        result.settle(probe.totals(), stop)
+    # The workload's record goes to the ledger with the arming's: no ledger write while the probe counts.
+    reserved: ownership.Reservation | None = ownership.reserve(target)
+    try:
+        with armed as probe:
+            # A mechanism that read kprobes/list while arming says so (`listed`): no second read.
+            result.armed = armed_as(target, spec, getattr(probe, "listed", None))
+            for kind, listed in result.armed.items():
+                progress.info(
+                    f"{kind} on {listed.symbol}+{listed.offset:#x} armed as {MODE_TEXT[listed.mode](target.arch)} "
+                    f"(kprobes/list: {listed.line})"
+                )
+            work = WorkloadRun(target, workload, reserved)
+            reserved = None  # the workload owns its record now
+            try:
+                for hit in probe.hits():
+                    if hit is not None:
+                        result.take(hit, stop, on_hit, work.started)
+                    if stopping(stop, work, len(result.hits), hit is not None):
+                        break
+            finally:
+                work.stop()
+            for hit in probe.drain():
+                result.take(hit, stop, on_hit, None)
+            result.settle(probe.totals(), stop)
+    finally:
+        if reserved is not None:
+            ownership.unreserve(target, reserved)
     result.record_workload(work)
     return result

@@ -143,6 +143,9 @@ class Target(Protocol):
     flavour: str  # "default" | "bcc": whether bcc_python() can run eBPF programs
     image: Image  # the kernel's headers (module builds) and the per-kernel fact cache (state)
     kept: bool  # outlives this command (kbridge vm up, a Vagrant machine)
+    # Whether a tracefs run may arm in one guest command (kbridge/guest/tracefs.sh) rather than one
+    # file operation per round trip.
+    scripted_tracefs: bool
 
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = 120) -> ExecResult:
         """Run ARGV as root in the guest and wait for it."""

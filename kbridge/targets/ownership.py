@@ -147,15 +147,52 @@ def owned(target: Target, kind: str, name: str) -> Iterator[Record]:
         release(target, rec)
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """A process record made before its spawn(), written by the next guest command that writes the ledger."""
+
+    tag: str
+    record: Record
+    line: str
+
+
+def reserve(target: Target) -> Reservation:
+    """The record of a process to spawn() after a probe is armed: the arming writes it to the ledger (its
+    insmod, event or loader records carry the pending lines), so the process starts with no ledger write
+    of its own, which the armed probe would count as the workload's."""
+    tag = f"kb-{os.urandom(6).hex()}"
+    rec, line = record("process", tag)
+    _pending.setdefault(target, []).append(line)
+    return Reservation(tag, rec, line)
+
+
+def unreserve(target: Target, reserved: Reservation) -> None:
+    """RESERVED will not be spawned: drop its record (pending, or written already)."""
+    pending = _pending.get(target, [])
+    if reserved.line in pending:
+        pending.remove(reserved.line)
+    else:
+        release(target, reserved.record)
+
+
 class OwnedProcess:
     """A guest process started by spawn(): recorded before it ran, stopped with its whole session."""
 
-    def __init__(self, target: Target, argv: list[str], stdin: bytes | None = None) -> None:
+    def __init__(
+        self, target: Target, argv: list[str], stdin: bytes | None = None, reserved: Reservation | None = None
+    ) -> None:
         self.target = target
-        self.tag = f"kb-{os.urandom(6).hex()}"
+        self.tag = reserved.tag if reserved is not None else f"kb-{os.urandom(6).hex()}"
         # env, sh (recording it in the ledger) and setsid each exec the next program: the spawned pid is
         # ARGV's own, its session's. The agent's children are not process-group leaders: setsid does not fork.
-        rec, recording = recorded(target, "process", self.tag, ["/bin/busybox", "setsid", *argv])
+        if reserved is not None:
+            if reserved.line in _pending.get(target, []):
+                # The arming wrote nothing to the ledger (a module kept loaded): the agent writes it, whose
+                # own writes every mechanism leaves out, not a shell on its way to becoming the workload.
+                _append(target, take_pending(target))
+            rec, recording = reserved.record, ["/bin/busybox", "setsid", *argv]
+        else:
+            rec, recording = recorded(target, "process", self.tag, ["/bin/busybox", "setsid", *argv])
         self.record: Record | None = rec
         self.result: ExecResult | None = None
         try:
@@ -216,9 +253,12 @@ def claim_running(target: Target, pid: int) -> Record | None:
     return claim(target, "process", tag) if tag and _NAME.fullmatch(tag) else None
 
 
-def spawn(target: Target, argv: list[str], stdin: bytes | None = None) -> OwnedProcess:
-    """Start ARGV in TARGET's guest, owned by this kbridge: a kill at any moment leaves nothing running."""
-    return OwnedProcess(target, argv, stdin)
+def spawn(
+    target: Target, argv: list[str], stdin: bytes | None = None, reserved: Reservation | None = None
+) -> OwnedProcess:
+    """Start ARGV in TARGET's guest, owned by this kbridge: a kill at any moment leaves nothing running.
+    RESERVED: its record, made by reserve() before a probe was armed."""
+    return OwnedProcess(target, argv, stdin, reserved)
 
 
 def records(target: Target) -> list[Record]:

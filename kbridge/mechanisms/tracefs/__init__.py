@@ -533,7 +533,8 @@ def events(
     for n in notes:
         progress.info(n)
     reporter = StepReporter(session.target, steps) if steps else None
-    cls = _Scripted if reporter is None else _Events  # --steps shows every file operation: one at a time
+    # --steps shows every file operation: one at a time (and so on a target that runs no script).
+    cls = _Scripted if reporter is None and session.target.scripted_tracefs else _Events
     armed = cls(session, lines, checked, parsed, filter, pid, comm, buffer_kb, adapt, reporter, handlers, tid)
     armed.notes = notes
     return armed

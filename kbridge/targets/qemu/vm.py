@@ -61,6 +61,7 @@ class QemuVM:
         self.krel = image.krel
         self.accel = accel
         self.flavour = image.flavour
+        self.scripted_tracefs = True
         self.name = f"qemu:{self.arch.name}"
         self.proc = proc
         self.kept = kept

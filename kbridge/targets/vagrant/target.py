@@ -99,6 +99,9 @@ class VagrantTarget:
         self.where = where
         self.kept = True  # the user's machine: never shut down by kbridge
         self.flavour = "default"
+        # Over the SSH connection, a run armed by guest/tracefs.sh ends with the connection closed
+        # (tests/vm/test_vagrant.py, both arches): one file operation per round trip, as --steps does.
+        self.scripted_tracefs = False
         self.accel = f"{provider}/tcg"
         self.arch: Arch = get_arch(None)
         self.krel = ""
