@@ -42,6 +42,11 @@ _SETTLED = (
     'if [ -n "$h" ] && [ ! -d "/proc/$h" ]; then rm -rf "$1"; break; fi; n=$((n + 1)); sleep 0.05; done; '
     'cat "$2" 2>/dev/null; true'
 )
+# Under the ARMING lock ($1), replaces the ledger ($2) with stdin if it still has $3 bytes.
+_COMPACT = (
+    'mkdir "$1" 2>/dev/null || exit 0; echo $$ > "$1/pid"; '
+    '[ "$(($(wc -c < "$2")))" -eq "$3" ] && cat > "$2.new" && mv "$2.new" "$2"; rm -rf "$1"'
+)
 COMPACT_AT = 256  # ledger lines past which reclaim() rewrites it with only the live records
 KINDS = ("process", "event", "module")  # reclaimed in this order: stop readers before removing events
 _NAME = re.compile(r"[A-Za-z0-9_.:/@-]{1,200}")
@@ -293,9 +298,12 @@ def reclaim(target: Target) -> list[str]:
     live = _fold(lines)
     dead = [r for r in live.values() if not r.owner_alive()]
     if not dead and len(lines) > COMPACT_AT:
-        # Only live owners' records are kept; one command uses a kept VM at a time (its lock).
+        # Only live owners' records are kept, rewritten under ARMING and only if nothing was appended
+        # since the read: an arming script a killed kbridge left running appends its records meanwhile.
+        kept = "".join(f"+{json.dumps(r.__dict__)}\n" for r in live.values()).encode()
+        size = str(sum(len(ln.encode()) + 1 for ln in lines))
         with contextlib.suppress(Exception):
-            target.write_file(LEDGER, "".join(f"+{json.dumps(r.__dict__)}\n" for r in live.values()).encode())
+            target.run(["/bin/sh", "-c", _COMPACT, "kbridge-ledger", ARMING, LEDGER, size], stdin=kept, timeout=60)
     done: list[str] = []
     for kind in KINDS:
         for rec in (r for r in dead if r.kind == kind):

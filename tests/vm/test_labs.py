@@ -8,6 +8,8 @@ Directories are graded in batches (one check_dirs call, one VM) to keep the VM t
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,8 +412,10 @@ def test_jobs_grade_on_two_vms_in_order_and_a_crash_stays_in_its_vm(
 ) -> None:
     if kbridge_arch != "x86_64":
         pytest.skip("the workers are arch-neutral: the arm64 class timing is bench/bench_labs.py's")
-    # Fresh VMs only (a state directory of this test's own): the session's kept VM is not used.
-    monkeypatch.setenv("KBRIDGE_STATE", str(tmp_path / "state"))
+    # Fresh VMs only (a state directory of this test's own): the session's kept VM is not used. Short:
+    # a VM's unix sockets live under it (108 bytes at most), and pytest-xdist's tmp_path is long.
+    state = Path(tempfile.mkdtemp(prefix="kbs-", dir="/tmp"))
+    monkeypatch.setenv("KBRIDGE_STATE", str(state))
     oops = make(tmp_path, "kprobe-module", "solution", "oops", OOPS_EDIT, strict=True)
     good = make(tmp_path, "kprobe-module", "solution")
     fake = next(b for b in BUGS if b.tag == "fake")
@@ -426,7 +430,8 @@ def test_jobs_grade_on_two_vms_in_order_and_a_crash_stays_in_its_vm(
     assert_solution(rest[0])
     assert failed(rest[1]) == fake.checks
     assert_solution(rest[2])
-    assert not list((tmp_path / "state").glob("run-*"))  # every VM the workers booted was stopped
+    assert not list(state.glob("run-*"))  # every VM the workers booted was stopped
+    shutil.rmtree(state)
 
 
 def test_messages_name_the_cause(kbridge_vm: Guest, tmp_path: Path) -> None:
@@ -513,7 +518,13 @@ def test_pre_handler_returning_non_zero_is_named(kbridge_vm: Guest, tmp_path: Pa
     (r,) = grade(arch, [d])
     assert r.crashed and r.vm_restarted and failed(r) == ["pre-count"], show(r)
     detail = r.checks[3].detail
-    assert detail.startswith("your pre_handler returned non-zero: the kernel then skips the probed instruction"), detail
     symbol = "__x64_sys_write+0x1" if arch == "x86_64" else "BRK #4 at __arm64_sys_write+0x0"
+    if detail.startswith("the guest kernel oopsed:"):
+        # Resumed in the middle of an instruction, the CPU may run on a while and fault elsewhere (seen on
+        # x86_64 under load: RIP ksys_pread64+0x3): the cause is named only from a fault at the probe.
+        rip = re.search(r"RIP: [0-9a-f]{4}:(\S+)|pc : (\S+)", detail)
+        assert rip and not (rip[1] or rip[2]).startswith(("__x64_sys_write+", "__arm64_sys_write+")), detail
+        return
+    assert detail.startswith("your pre_handler returned non-zero: the kernel then skips the probed instruction"), detail
     assert symbol in detail
     assert "return 0 from the pre-handler" in r.checks[3].hint
