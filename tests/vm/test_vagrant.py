@@ -449,8 +449,10 @@ def test_two_probes_at_once(vagrant_env: LibvirtInNetns, machines: Callable[[str
         f"vagrant:{machine}",
         "--json",
     ]
+    # The first holds the machine for a while (its workload sleeps after dd, which --comm dd does not
+    # count): the second, started meanwhile, finds the machine busy whatever the host's speed.
     first = subprocess.Popen(
-        [*argv, "--run", DD.format(n=40)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*argv, "--run", DD.format(n=40) + "; sleep 15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     time.sleep(1.0)
     second = subprocess.Popen(

@@ -458,7 +458,11 @@ class _Scripted(_Events):
         return KbridgeError(f"arming the tracefs events failed: {(out.verdict or stderr).strip()[-800:]}")
 
     def drain(self) -> Iterator[Hit]:
-        """Disable (the stop script, which reads the counters too), then read up to its end marker."""
+        """Disable, then the stop script (the end marker, the counters), then read up to its end marker."""
+        # The guest agent disables: its writes are left out of the events, where the stop script's
+        # shell, a new pid, would be counted for its own writes while the events are still on.
+        for ev in self.defined:
+            self.vm.write_file(f"{TRACING}/events/{ev.effective_group}/{ev.effective_event}/enable", b"0")
         res = self.vm.run(script.argv("stop", self.dir, self.token), timeout=60)
         self.stopped = script.parse(res.text)
         try:
