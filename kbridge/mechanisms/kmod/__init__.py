@@ -168,8 +168,9 @@ class _Loaded:
             params.append(f"target_tid={self.spec.tid}")
         try:
             ins = self._insmod(guest_ko, params)
-            if ins.exitcode == NOT_THERE:
-                target.write_file(guest_ko, self.ko)
+            # Not there, or damaged (a file this fix did not yet write whole): written, then loaded again.
+            if ins.exitcode == NOT_THERE or b"invalid module format" in ins.stderr:
+                self._push(guest_ko)
                 ins = self._insmod(guest_ko, params)
             if not ins.ok:
                 raise self._load_failure(ins.stderr.decode(errors="replace"))
@@ -180,6 +181,18 @@ class _Loaded:
             self._release()
             raise
         return self
+
+    def _push(self, guest_ko: str) -> None:
+        """The module at GUEST_KO, whole or not at all: written under another name, then renamed (a
+        kbridge killed while writing leaves no file that a later probe would take for the module)."""
+        part = f"{guest_ko}.{os.getpid()}.part"
+        self.target.write_file(part, self.ko)
+        put = 'chmod 600 "$1" && mv -f "$1" "$2"'  # root's alone: insmod loads what this file holds
+        moved = self.target.run(["/bin/busybox", "sh", "-c", put, "kbridge-put", part, guest_ko], timeout=30)
+        if not moved.ok:
+            raise KbridgeError(
+                f"cannot put the module at {guest_ko} in the guest: {moved.stderr.decode(errors='replace')}"
+            )
 
     def _insmod(self, guest_ko: str, params: list[str]) -> ExecResult:
         """insmod, recorded in the ledger first: a killed kbridge's module is unloaded next time."""
