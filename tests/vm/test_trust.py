@@ -181,6 +181,7 @@ def test_a_json_run_cut_short_still_ends_with_a_summary(kbridge_vm: Guest) -> No
 def test_a_damaged_module_file_in_the_guest_is_written_again(kbridge_vm: Guest) -> None:
     """The generated module stays in the guest's /tmp by content hash; a file cut short there (a kill
     while it was written, before writes became write-then-rename) is written again, root's alone."""
+    assert kbridge_vm.run(["/bin/sh", "-c", "rm -f /tmp/kbridge-*.ko"]).ok  # only this test's module from here
     assert kbridge_vm.probe("ksys_write", comm="dd", run=DD3).counts["pre"] == 3
     cut = "for f in /tmp/kbridge-*.ko; do head -c 100 $f > $f.x && mv $f.x $f; done"
     assert kbridge_vm.run(["/bin/sh", "-c", cut]).ok
