@@ -1,14 +1,12 @@
 """The embedded QEMU target: kbridge boots its own image and owns the QEMU process.
 
-(Over 500 lines: QemuVM implements the whole Target protocol for one QEMU process; what can
-stand alone, the argv, KVM, snapshots and the agent, already does.)
-
-A VM is a directory (sockets, console log, vm.json) plus a QEMU process recorded
-by pid and start time, so a stale pid that now belongs to something else is never
-mistaken for it. Ephemeral VMs die with kbridge (PR_SET_PDEATHSIG) and are shut
-down on exit, Ctrl-C or error; a kept VM (`kbridge vm up`) outlives the command
-and is reused by later ones. The command line is built in argv.py, the KVM check
-is kvm.py's, saved guest states snapshot.py's, and the guest agent client agent.py's.
+QemuVM is the Target: how a guest is booted (KVM or TCG, fresh or from a saved state), how a
+kept one is attached, shared and locked, and the protocol over the guest agent and stream
+ports. Ephemeral VMs die with kbridge (PR_SET_PDEATHSIG) and are shut down on exit, Ctrl-C or
+error; a kept VM (`kbridge vm up`) outlives the command and is reused by later ones. The
+QEMU process itself (start, console log, stop) is process.py's, the run directory and its
+vm.json rundirs.py's, the stream ports' reader ports.py's, the command line argv.py's, the
+KVM check kvm.py's, saved guest states snapshot.py's, and the guest agent client agent.py's.
 """
 
 from __future__ import annotations
@@ -19,30 +17,22 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from kbridge import crashes, kernels, oops, procs, progress, sanitizers
+from kbridge import crashes, oops, procs, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images import bpftools
 from kbridge.images.image import DEFAULT_SUITE, Image
-from kbridge.paths import state_dir
 from kbridge.targets.base import STREAM_PORTS, ExecResult, GuestCrash, GuestIOError, KmsgRecord, KmsgRecords
-from kbridge.targets.qemu import kvm
+from kbridge.targets.qemu import kvm, process, rundirs
 from kbridge.targets.qemu.agent import GuestAgent
-from kbridge.targets.qemu.argv import (
-    GDB_SOCKET,
-    KMSG_PORT,
-    PORTS,
-    ROOTFS_MOUNT,
-    port_socket,
-    qemu_argv,
-    spawn_prefix,
-)
+from kbridge.targets.qemu.argv import GDB_SOCKET, KMSG_PORT, PORTS, ROOTFS_MOUNT, port_socket, qemu_argv
+from kbridge.targets.qemu.ports import PortReader
+from kbridge.targets.qemu.process import QemuProcess
 
 _T = TypeVar("_T")
 BOOT_TIMEOUT_S = 120.0  # TCG on a loaded 2-core machine; a normal boot takes 2-5 s
@@ -64,6 +54,9 @@ class QemuVM:
         self.scripted_tracefs = True
         self.name = f"qemu:{self.arch.name}"
         self.proc = proc
+        # The process and its console; its mark is where this process took the VM: an older
+        # report is not this command's.
+        self.qemu = QemuProcess(rundir, self.arch, proc)
         self.kept = kept
         # QEMU's gdb stub (kbridge vm up --gdb): a Unix socket, never a TCP port.
         self.gdb_socket: Path | None = rundir / GDB_SOCKET if gdb else None
@@ -71,8 +64,6 @@ class QemuVM:
         self._ports: dict[str, PortReader] = {}
         self._lock: int | None = None
         self._refs = 1
-        # What the console held when this process took the VM: an older report is not this command's.
-        self._console_mark = self.log_mark()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -80,16 +71,7 @@ class QemuVM:
     def boot(cls, image: Image, keep: bool = False, memory_mb: int = 1024, cpus: int = 1, gdb: bool = False) -> QemuVM:
         """Boot IMAGE: KVM when a bounded probe shows it works, else TCG. GDB: with QEMU's gdb stub on
         a Unix socket in the VM's directory, and the kernel told not to randomize its addresses."""
-        rundir = (
-            kept_dir(image.arch, image.key)
-            if keep
-            else state_dir() / f"run-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-        )
-        if len(str(rundir / "qga.sock")) > 100:
-            raise KbridgeError(
-                f"the VM state directory {rundir} is too long for unix sockets",
-                "set KBRIDGE_STATE to a shorter directory",
-            )
+        rundir = rundirs.for_boot(image, keep)
         try_kvm, why = kvm.kvm_usable(image.arch)
         if try_kvm:
             try:
@@ -152,52 +134,18 @@ class QemuVM:
         gdb: bool = False,
     ) -> QemuVM:
         """Start QEMU with ARGV, booting, or restoring the saved guest STATE; wait for the agent."""
-        shutil.rmtree(rundir, ignore_errors=True)
-        rundir.mkdir(parents=True)
         from kbridge.targets.qemu import snapshot
 
-        if state is not None:
-            argv = [*argv, *snapshot.restore_args(state)]
-        # A session of its own: Ctrl-C at the terminal reaches kbridge, which stops the
-        # VM itself, instead of killing QEMU first (the guest would look crashed).
-        with open(rundir / "qemu.log", "wb") as log:
-            popen = subprocess.Popen(
-                [*spawn_prefix(keep), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        proc = procs.Process(popen.pid)
+        proc = process.spawn(argv, rundir, keep, state)
         vm = cls(rundir, image, accel, proc, keep, gdb)
-        (rundir / "vm.json").write_text(
-            json.dumps(
-                {
-                    "pid": proc.pid,
-                    "create_time": proc.start,
-                    "accel": accel,
-                    "image": str(image.dir),
-                    "suite": image.suite,
-                    "kernel": image.key,
-                    "arch": image.arch.name,
-                    "flavour": image.flavour,
-                    "owner": os.getpid(),
-                    "owner_create_time": procs.start_time(os.getpid()),
-                    "krel": image.krel,
-                    "version": image.version,
-                    "memory_mb": memory_mb,
-                    "cpus": cpus,
-                    "gdb": gdb,
-                }
-            )
-        )
+        rundirs.write_record(rundir, proc, image, accel, memory_mb, cpus, gdb)
         try:
             if state is not None:
                 with progress.step(f"starting {image.arch.name} guest ({image.krel}, {accel}) from its saved state"):
-                    vm._agent = vm._resume(time.monotonic() + snapshot.RESTORE_TIMEOUT_S)
+                    vm._agent = vm.qemu.resume(time.monotonic() + snapshot.RESTORE_TIMEOUT_S)
             else:
                 with progress.step(f"booting {image.arch.name} guest ({image.krel}, {accel})"):
-                    vm._agent = vm._connect(timeout)
+                    vm._agent = vm.qemu.connect(timeout)
             if keep:
                 vm._take_lock()
             if accel == "kvm":
@@ -207,26 +155,6 @@ class QemuVM:
             raise
         return vm
 
-    def _resume(self, deadline: float) -> GuestAgent:
-        """A restored guest: run it, reconnect the agent, and set its clock (it stopped at the save)."""
-        from kbridge.targets.qemu import snapshot
-
-        qmp = snapshot.wait_restored(self.rundir / "qmp.sock", deadline)
-        qmp.close()
-        while True:
-            self._check_process()
-            try:
-                # The agent misses syncs sent while the restored guest settles: resend every 20 ms.
-                agent = GuestAgent(
-                    str(self.rundir / "qga.sock"), timeout=max(0.05, deadline - time.monotonic()), retry_s=0.02
-                )
-                break
-            except GuestIOError:
-                if time.monotonic() > deadline:
-                    raise
-        agent.call("guest-set-time", time=time.time_ns())
-        return agent
-
     @classmethod
     def attach(cls, arch: Arch, suite: str = DEFAULT_SUITE, restart_crashed: bool = True) -> QemuVM | None:
         """The kept VM for ARCH and SUITE if one is running, else None (stale state is removed).
@@ -235,7 +163,7 @@ class QemuVM:
         place, and the user told which of their modules it held and no longer does. With
         RESTART_CRASHED False it is attached as it is (`vm status`).
         """
-        rundir = kept_dir(arch, suite)
+        rundir = rundirs.kept_dir(arch, suite)
         if (mine := _attached.get(rundir)) is not None and mine.proc.is_running():
             mine._refs += 1  # nested use in this process shares the one agent connection
             return mine
@@ -248,28 +176,16 @@ class QemuVM:
             if rundir.exists():
                 shutil.rmtree(rundir, ignore_errors=True)
             return None
-        image = _image_of(meta, arch)
+        image = rundirs.image_of(meta, arch)
         if image is None or ((rundir / "crashed").exists() and restart_crashed):
-            lost = _user_modules(rundir)
-            report = (rundir / "crashed").read_text(errors="replace").strip() if image is not None else ""
-            if image is not None:
-                cls(rundir, image, meta["accel"], proc, True).shutdown()
-            else:
-                proc.kill()
-            shutil.rmtree(rundir, ignore_errors=True)
             if image is None:
+                proc.kill()
+                shutil.rmtree(rundir, ignore_errors=True)
                 return None
-            said = f" (its report: {report})" if report else ""
-            what = "had crashed"
-            if (title := _report_title(report)) and (checker := sanitizers.kind(title)) is not None:
-                what = f"reported {checker}, whose kernel is not reused"  # lockdep is off after its first report
-            gone = (
-                f"; {', '.join(sorted(lost))} {'was' if len(lost) == 1 else 'were'} loaded in it and "
-                f"{'is' if len(lost) == 1 else 'are'} not now (kbridge module load DIR)"
-                if lost
-                else ""
-            )
-            progress.warn(f"the kept {arch.name} VM {what}{said}: it was stopped and restarts now{gone}")
+            notice = rundirs.restart_notice(rundir, arch)
+            cls(rundir, image, meta["accel"], proc, True).shutdown()
+            shutil.rmtree(rundir, ignore_errors=True)
+            progress.warn(notice)
             return cls.boot(
                 image,
                 keep=True,
@@ -302,41 +218,17 @@ class QemuVM:
                     raise KbridgeError(f"the {self.arch.name} VM stayed busy for {timeout:.0f} s") from None
                 time.sleep(0.1)
 
-    def _connect(self, timeout: float) -> GuestAgent:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_process()
-            try:
-                return GuestAgent(str(self.rundir / "qga.sock"), timeout=min(1.0, deadline - time.monotonic()))
-            except GuestIOError:
-                if time.monotonic() > deadline:
-                    raise GuestIOError(
-                        f"the {self.arch.name} guest did not come up within {timeout:.0f} s; "
-                        f"console: {self.console_tail()!r}"
-                    ) from None
-
     @property
     def agent(self) -> GuestAgent:
         if self._agent is None:
-            self._agent = self._connect(10.0)
+            self._agent = self.qemu.connect(10.0)
         return self._agent
 
     def shutdown(self) -> None:
         """Stop QEMU (QMP quit, then SIGKILL if it lingers) and remove its directory."""
         self._refs = 1
         self.detach()
-        if self.proc.is_running():
-            with contextlib.suppress(Exception):
-                from kbridge.targets.qemu.qmp import Qmp  # asyncio: only to stop or save a VM
-
-                qmp = Qmp(str(self.rundir / "qmp.sock"), timeout=2.0)
-                # Wait for quit's reply before closing, or QEMU may miss the command.
-                qmp.execute("quit", timeout=5.0)
-                qmp.close()
-            if not self.proc.wait(timeout=5):
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        self.qemu.stop()
 
     def __enter__(self) -> QemuVM:
         return self
@@ -372,43 +264,19 @@ class QemuVM:
     # -- health ------------------------------------------------------------------
 
     def console_tail(self, lines: int = 40) -> str:
-        try:
-            text = (self.rundir / "console.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _console(self, since: int = 0) -> str:
-        try:
-            with open(self.rundir / "console.log", "rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return self.qemu.console_tail(lines)
 
     def log_mark(self) -> int:
         """The console log's size now: the kernel prints its reports there (loglevel=5: warnings too)."""
-        try:
-            return (self.rundir / "console.log").stat().st_size
-        except OSError:
-            return 0
+        return self.qemu.log_mark()
 
     def crash_since(self, mark: int) -> str | None:
-        return crashes.find(self._console(mark))
-
-    def _check_process(self) -> None:
-        if self.proc.is_running() and not self.proc.is_zombie():
-            return
-        console = self._console(self._console_mark)
-        if (report := crashes.find(console)) is not None:
-            raise GuestCrash(f"the {self.arch.name} guest kernel panicked", report)
-        qlog = (self.rundir / "qemu.log").read_text(errors="replace") if (self.rundir / "qemu.log").exists() else ""
-        raise KbridgeError(f"QEMU exited unexpectedly: {qlog.strip()[-500:] or console[-500:]}")
+        return crashes.find(self.qemu.console(mark))
 
     def check_alive(self) -> None:
         """Raise GuestCrash if the guest panicked (QEMU gone) or oopsed since this process attached."""
-        self._check_process()
-        report = crashes.find(self._console(self._console_mark))
+        self.qemu.check()
+        report = crashes.find(self.qemu.console(self.qemu.console_mark))
         if report is not None and any(oops.is_crash(ln) for ln in report.splitlines()):
             self.mark_crashed()
             raise GuestCrash(f"the {self.arch.name} guest kernel oopsed", report)
@@ -467,7 +335,7 @@ class QemuVM:
             "image": str(self.image.dir),
             "crashed": self.crashed(),
             "crash_report": (self.rundir / "crashed").read_text().strip() or None if self.crashed() else None,
-            "user_modules": _user_modules(self.rundir),
+            "user_modules": rundirs.user_modules(self.rundir),
             "gdb": str(self.gdb_socket) if self.gdb_socket else None,
         }
 
@@ -536,38 +404,6 @@ class QemuVM:
             reader.sock.close()
 
 
-class PortReader:
-    """Lines from a guest->host stream port; None after `idle` s without data.
-
-    An iterator object rather than a generator: an exception (Ctrl-C) raised
-    while it waits leaves it usable, so cleanup can keep reading.
-    """
-
-    def __init__(self, sock: socket.socket, port: str, check_alive: Callable[[], None]) -> None:
-        self.sock = sock
-        self.port = port
-        self.idle = 0.05
-        self.check_alive = check_alive
-        self.buf = b""
-        self.lines: list[bytes] = []
-
-    def __iter__(self) -> PortReader:
-        return self
-
-    def __next__(self) -> str | None:
-        while not self.lines:
-            self.sock.settimeout(self.idle)
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except TimeoutError:
-                return None
-            if not chunk:
-                self.check_alive()
-                raise KbridgeError(f"the guest stream {self.port} closed")
-            *self.lines, self.buf = (self.buf + chunk).split(b"\n")
-        return self.lines.pop(0).decode(errors="replace")
-
-
 def _initrd(image: Image) -> Path:
     """The image's initramfs followed by kbridge's eBPF loader and probe (kbridge.images.bpftools), when
     this host can build them; the image's own otherwise (--via bpf then pushes them, or says what is missing)."""
@@ -578,77 +414,5 @@ def _initrd(image: Image) -> Path:
         return image.initramfs
 
 
-def _user_modules(rundir: Path) -> list[str]:
-    """The user's modules kbridge loaded into the VM of RUNDIR (kbridge.modules keeps the list)."""
-    try:
-        return list(json.loads((rundir / "modules.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return []
-
-
 # Kept VMs this process has attached (and locked), shared by nested users.
 _attached: dict[Path, QemuVM] = {}
-
-
-def kept_dir(arch: Arch, suite: str = DEFAULT_SUITE) -> Path:
-    """The kept VM of ARCH and kernel SUITE (a kernel key; one each, e.g. vms/x86_64, vms/arm64-sid,
-    vms/x86_64-debug, vms/x86_64-tree-HASH for a user's kernel tree)."""
-    return state_dir() / (arch.name if suite == DEFAULT_SUITE else f"{arch.name}-{kernels.slug(suite)}")
-
-
-def kept_key(rundir: Path) -> tuple[str, str]:
-    """(arch name, kernel key) of the kept VM in RUNDIR, from its vm.json (a tree's key is not in
-    the directory's name), else from the name."""
-    arch_name, _, slug = rundir.name.partition("-")
-    try:
-        meta = json.loads((rundir / "vm.json").read_text())
-        return str(meta.get("arch", arch_name)), str(meta.get("kernel") or meta.get("suite") or DEFAULT_SUITE)
-    except (OSError, ValueError, AttributeError):
-        return arch_name, slug or DEFAULT_SUITE
-
-
-def kept_dirs() -> list[Path]:
-    """Every kept VM's directory (vm.json inside), whatever its arch and suite."""
-    root = state_dir()
-    return sorted(p.parent for p in root.glob("*/vm.json") if not p.parent.name.startswith("run-"))
-
-
-def _image_of(meta: dict, arch: Arch) -> Image | None:
-    """The image a kept VM was booted from, as its vm.json records it: found by that path, so a
-    command run with another cache directory attaches the VM too (and does not stop it)."""
-    d = Path(meta.get("image", ""))
-    if meta.get("version") and (d / "kernel").is_file() and (d / "headers").is_dir():
-        key = meta.get("kernel") or meta["suite"]
-        return Image(
-            d,
-            arch,
-            meta["suite"],
-            meta["krel"],
-            meta["version"],
-            meta.get("flavour", "default"),
-            kernel_id="" if key == meta["suite"] else key,
-            cmdline=_manifest_cmdline(d),
-        )
-    if meta.get("flavour") in ("bcc", "bench"):
-        from kbridge.images import bcc
-
-        return bcc.load(arch, meta["suite"], meta["flavour"])
-    from kbridge.images.image import load
-
-    return load(arch, meta["suite"], verify=False)
-
-
-def _manifest_cmdline(d: Path) -> str:
-    try:
-        return str(json.loads((d / "manifest.json").read_text()).get("cmdline", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
-def _report_title(report: str) -> str:
-    """The first line of the saved report at path REPORT (its title), or ""."""
-    try:
-        with open(report, errors="replace") as f:
-            return f.readline().strip()
-    except OSError:
-        return ""
