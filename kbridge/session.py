@@ -124,7 +124,7 @@ class Session:
     @property
     def grammar(self) -> Grammar:
         """The kprobe_events grammar of this guest's kernel (its image's .config)."""
-        from kbridge.images.image import grammar
+        from kbridge.images.grammar import grammar
 
         return grammar(self.image, self.arch, self.image.suite)
 

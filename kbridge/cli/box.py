@@ -16,6 +16,7 @@ from kbridge.cli.options import JsonDocOpt
 from kbridge.cli.output import command, emit_json, err, out
 from kbridge.images import box as boxes
 from kbridge.images import image as images
+from kbridge.images import vagrantboxes
 
 box_app = typer.Typer(
     help="Vagrant boxes (libvirt provider) with kbridge's kernel, for --target vagrant:NAME.", no_args_is_help=True
@@ -38,7 +39,7 @@ def build_cmd(
     box = boxes.ensure(get_arch(arch), bcc=bcc, mirrors=mirrors_from(mirror), rebuild=rebuild)
     if add and shutil.which("vagrant"):
         with progress.step(f"vagrant box add {box.name} (version {box.version})"):
-            boxes.vagrant_add(box)
+            vagrantboxes.vagrant_add(box)
     elif add:
         progress.warn(
             "vagrant is not installed: install vagrant and vagrant-libvirt, then run this command again to add the box"
@@ -50,7 +51,7 @@ def build_cmd(
 @command
 def list_cmd(json_out: JsonDocOpt = False) -> None:
     """Built boxes and whether Vagrant has them (`vagrant box list`)."""
-    added = boxes.added_boxes()
+    added = vagrantboxes.added_boxes()
     rows = []
     for a in ARCHES.values():
         if a.box_refusal:
@@ -88,7 +89,7 @@ def remove_cmd(
     keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep kbridge's build of the box.")] = False,
 ) -> None:
     """Remove the box from Vagrant and its disk from libvirt's pool (and kbridge's build of it)."""
-    done = boxes.remove(get_arch(arch), bcc=bcc, keep_cache=keep_cache)
+    done = vagrantboxes.remove(get_arch(arch), bcc=bcc, keep_cache=keep_cache)
     for what in done:
         err.print(f"[green]✓ removed {escape(what)}[/]")
     if not done:
@@ -99,7 +100,7 @@ def remove_cmd(
 @command
 def prune_cmd() -> None:
     """Remove older versions of kbridge's boxes from Vagrant and their disks from libvirt's pool."""
-    done = boxes.prune()
+    done = vagrantboxes.prune()
     for what in done:
         err.print(f"[green]✓ removed {escape(what)}[/]")
     if not done:

@@ -63,7 +63,7 @@ def gdb_cmd(
         if dbg and vm.image.vmlinux is None:
             if not kernels.is_debian(vm.image.key):
                 raise KbridgeError("--dbg fetches Debian's debug package: this kernel is not Debian's")
-            from kbridge.images.image import fetch_dbg_vmlinux
+            from kbridge.images.dbgvmlinux import fetch_dbg_vmlinux
 
             fetch_dbg_vmlinux(vm.image)
         plan = debugger.prepare(vm)

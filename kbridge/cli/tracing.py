@@ -14,7 +14,7 @@ from kbridge.cli.common import guest_arch, use_vagrantfile, workload
 from kbridge.cli.output import CommandExit, HitPrinter, emit_json, err, show_durations, show_workload
 from kbridge.cli.term import escape
 from kbridge.errors import KbridgeError
-from kbridge.images.image import grammar_of
+from kbridge.images.grammar import grammar_of
 from kbridge.mechanisms import tracefs
 from kbridge.mechanisms.engine import MechanismResult, StopRule
 from kbridge.mechanisms.tracefs import render

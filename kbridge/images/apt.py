@@ -53,6 +53,15 @@ def host_mirrors(suite: str, sources: Path = Path("/etc/apt")) -> Mirrors:
     return Mirrors(main or DEFAULT_MIRROR, security or DEFAULT_SECURITY)
 
 
+def mirrors_from_env(suite: str) -> Mirrors:
+    """The mirrors for SUITE: KBRIDGE_MIRROR and KBRIDGE_SECURITY_MIRROR, else the host's (host_mirrors)."""
+    found = host_mirrors(suite)
+    return Mirrors(
+        os.environ.get("KBRIDGE_MIRROR", found.main),
+        os.environ.get("KBRIDGE_SECURITY_MIRROR", found.security),
+    )
+
+
 def _entries(text: str, deb822: bool) -> list[tuple[list[str], list[str]]]:
     out = []
     if deb822:

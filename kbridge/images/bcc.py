@@ -29,9 +29,13 @@ from kbridge import progress
 from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
-from kbridge.images.apt import Mirrors, PrivateApt, extract
+from kbridge.images import modtree
+from kbridge.images.apt import Mirrors, PrivateApt, extract, mirrors_from_env
+from kbridge.images.cache import locked, staged
 from kbridge.images.cpio import CpioWriter
 from kbridge.images.ext4 import make_ext4
+from kbridge.images.initramfs import GUEST_MODULES
+from kbridge.images.kernelpkgs import kernel_packages
 from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the flavour's layout changes
@@ -90,10 +94,10 @@ def ensure(
     if not rebuild and (img := load(arch, suite, flavour)):
         return img
     base = images.ensure(arch, suite, mirrors)
-    with images._locked(cache_dir() / "images" / f".{suite}-{arch.name}-{flavour}.lock"):
+    with locked(cache_dir() / "images" / f".{suite}-{arch.name}-{flavour}.lock"):
         if not rebuild and (img := load(arch, suite, flavour)):
             return img
-        _build(arch, suite, base, mirrors or images._mirrors_from_env(suite), flavour)
+        _build(arch, suite, base, mirrors or mirrors_from_env(suite), flavour)
     img = load(arch, suite, flavour)
     if img is None:
         raise KbridgeError(f"the {flavour} image for {suite}/{arch.name} did not validate after building")
@@ -104,14 +108,14 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors, flavour
     root = cache_dir()
     packages = FLAVOURS[flavour]
     final = flavour_dir(arch, suite, flavour)
-    with images.staged(final) as work:
+    with staged(final) as work:
         # The same archive pockets as the default image (it may have done without -security).
         security = json.loads((base.dir / "manifest.json").read_text()).get("security", True)
         tag = "" if security else "-nosecurity"
         apt = PrivateApt(root / "apt" / f"{suite}-{arch.debian}{tag}", suite, arch.debian, mirrors, security)
         with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
             apt.update()
-        pkgs = images.kernel_packages(apt, arch)
+        pkgs = kernel_packages(apt, arch)
         krel = pkgs.krel
         if krel != base.krel:
             raise KbridgeError(
@@ -131,7 +135,7 @@ def _build(arch: Arch, suite: str, base: images.Image, mirrors: Mirrors, flavour
                 extract(deb, rootfs if deb.name.startswith("linux-headers-") else work / "kpkg")
             _finish_rootfs(rootfs, krel, common)
         with progress.step(f"building the {flavour} initramfs and ext4 root filesystem"):
-            _initramfs(base, images._modroot(work / "kpkg", krel), krel, work / "initramfs.cpio")
+            _initramfs(base, modtree.modroot(work / "kpkg", krel), krel, work / "initramfs.cpio")
             _mkfs(rootfs, work / "rootfs.ext4")
         for tmp in ("debs", "kpkg", "rootfs"):
             shutil.rmtree(work / tmp)
@@ -184,11 +188,11 @@ def _initramfs(base: images.Image, modroot: Path, krel: str, out: Path) -> None:
         f.write(base.initramfs.read_bytes())
         w = CpioWriter(f)
         listed = []
-        for ko in images.module_closure(modroot, images.GUEST_MODULES + DISK_MODULES, optional=("crc32c_generic",)):
+        for ko in modtree.module_closure(modroot, GUEST_MODULES + DISK_MODULES, optional=("crc32c_generic",)):
             # Uncompressed under /lib/modules, as in the default image (busybox insmod).
             rel = f"lib/modules/{krel}/" + ko.relative_to(modroot).as_posix()
             rel = rel[: rel.index(".ko") + 3]
-            w.file(rel, images.module_bytes(ko))
+            w.file(rel, modtree.module_bytes(ko))
             listed.append("/" + rel)
         w.file("etc/kbridge/modules", ("\n".join(listed) + "\n").encode())
         w.close()

@@ -184,8 +184,7 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
 
 def _sysroot(arch: Arch) -> Path:
     """Debian bookworm's libbpf-dev, libelf-dev and zlib1g-dev for ARCH, unpacked (fetched once)."""
-    from kbridge.images.apt import PrivateApt, extract
-    from kbridge.images.image import _mirrors_from_env
+    from kbridge.images.apt import PrivateApt, extract, mirrors_from_env
 
     root = cache_dir() / "bpf" / f"sysroot-{arch.debian}"
     if (root / "done").is_file():
@@ -194,7 +193,7 @@ def _sysroot(arch: Arch) -> Path:
         if (root / "done").is_file():
             return root
         apt = PrivateApt(
-            cache_dir() / "apt" / f"{LIB_SUITE}-{arch.debian}", LIB_SUITE, arch.debian, _mirrors_from_env(LIB_SUITE)
+            cache_dir() / "apt" / f"{LIB_SUITE}-{arch.debian}", LIB_SUITE, arch.debian, mirrors_from_env(LIB_SUITE)
         )
         apt.update()
         work = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))

@@ -25,6 +25,7 @@ from kbridge import progress
 from kbridge.arch import Arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors, host_mirrors
+from kbridge.images.cache import locked, staged
 from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the root's contents change
@@ -62,9 +63,7 @@ def ensure(suite: str, arch: Arch, headers_tree: Path, mirrors: Mirrors | None =
     want = f"{FORMAT} {kbuild_package(headers_tree)}"
     if stamp.is_file() and stamp.read_text().strip() == want:
         return final
-    from kbridge.images.image import _locked, staged  # the image cache's locking and staging
-
-    with _locked(final.parent / f".{final.name}.lock"):
+    with locked(final.parent / f".{final.name}.lock"):
         if stamp.is_file() and stamp.read_text().strip() == want:
             return final
         if shutil.which("mmdebstrap") is None:

@@ -32,7 +32,9 @@ from kbridge.arch import Arch, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
 from kbridge.images import kerneltree
-from kbridge.images.apt import Mirrors, PrivateApt, extract
+from kbridge.images.apt import Mirrors, PrivateApt, extract, mirrors_from_env
+from kbridge.images.cache import locked, staged
+from kbridge.images.kconfig import parse_config
 from kbridge.paths import cache_dir
 
 SUITE = kernels.DEBUG_SUITE  # whose linux-source package, and whose userspace the initramfs gets
@@ -148,10 +150,10 @@ def ensure(
     arch = arch if isinstance(arch, Arch) else get_arch(arch)
     if not rebuild and (img := load(arch)) is not None and (not keep_tree or kept_tree(arch)):
         return img
-    with images._locked(cache_dir() / "images" / f".{FLAVOUR}-{SUITE}-{arch.name}.lock"):
+    with locked(cache_dir() / "images" / f".{FLAVOUR}-{SUITE}-{arch.name}.lock"):
         if not rebuild and (img := load(arch, verify=True)) is not None and (not keep_tree or kept_tree(arch)):
             return img  # another process built it meanwhile
-        return _build(arch, mirrors or images._mirrors_from_env(SUITE), keep_tree, jobs or os.cpu_count() or 1)
+        return _build(arch, mirrors or mirrors_from_env(SUITE), keep_tree, jobs or os.cpu_count() or 1)
 
 
 def check_host(arch: Arch) -> None:
@@ -181,7 +183,7 @@ def _build(arch: Arch, mirrors: Mirrors, keep_tree: bool, jobs: int) -> images.I
         shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True, exist_ok=True)
     try:
-        with images.staged(image_dir(arch)) as work:
+        with staged(image_dir(arch)) as work:
             with progress.step(f"downloading the guest userspace ({arch.debian})"):
                 user_debs = apt.download_closure(list(kerneltree.USERLAND), work / "debs/user")
             if not reuse:
@@ -197,8 +199,8 @@ def _build(arch: Arch, mirrors: Mirrors, keep_tree: bool, jobs: int) -> images.I
                 with progress.step(f"configuring ({arch.name}: allnoconfig + {FRAGMENT.name})"):
                     configure(src, obj, arch)
                 (tree / "recipe").write_text(made)
-            lost = unstuck(fragment_for(arch), images.parse_config((obj / ".config").read_text()))
-            config = images.parse_config((obj / ".config").read_text())
+            lost = unstuck(fragment_for(arch), parse_config((obj / ".config").read_text()))
+            config = parse_config((obj / ".config").read_text())
             if broken := [o for o in PROMISES if config.get(o) != "y"]:
                 raise KbridgeError(
                     f"the debug kernel's configuration lost {', '.join(broken)}", f"Kconfig dropped: {lost}"
@@ -265,7 +267,7 @@ def configure(src: Path, obj: Path, arch: Arch) -> list[str]:
     _make(
         src, arch, 1, obj / "config.log", f"O={obj}", f"KCONFIG_ALLCONFIG={obj / 'kbridge-debug.config'}", "allnoconfig"
     )
-    return unstuck(fragment, images.parse_config((obj / ".config").read_text()))
+    return unstuck(fragment, parse_config((obj / ".config").read_text()))
 
 
 def make_kernel(obj: Path, arch: Arch, jobs: int, tree: Path) -> dict[str, float]:

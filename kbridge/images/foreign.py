@@ -32,7 +32,10 @@ from kbridge import kernels, progress
 from kbridge.arch import Arch, get_arch, host_arch
 from kbridge.errors import KbridgeError
 from kbridge.images.apt import Mirrors, PrivateApt, extract, host_mirrors
-from kbridge.images.image import Image, check_config, fix_headers, parse_config, staged
+from kbridge.images.cache import staged
+from kbridge.images.image import Image
+from kbridge.images.kconfig import check_config, parse_config
+from kbridge.images.kernelpkgs import fix_headers
 from kbridge.paths import cache_dir
 
 

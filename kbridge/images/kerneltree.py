@@ -38,7 +38,10 @@ from kbridge import kernels, progress
 from kbridge.arch import Arch
 from kbridge.errors import KbridgeError
 from kbridge.images import image as images
-from kbridge.images.apt import Mirrors, PrivateApt, extract
+from kbridge.images.apt import Mirrors, PrivateApt, extract, mirrors_from_env
+from kbridge.images.cache import files_intact, locked, sha256, staged
+from kbridge.images.initramfs import build_initramfs
+from kbridge.images.kconfig import parse_config
 from kbridge.paths import cache_dir
 
 FORMAT = 1  # bump when the layout changes: laid-out trees are laid out again
@@ -167,7 +170,7 @@ def cmdline(config: dict[str, str]) -> str:
 
 def install(tree: Path, arch: Arch, work: Path, user_debs: list[Path], pvh_safe: bool = False) -> dict[str, object]:
     """Lay out a kbridge image in WORK from the built kernel TREE; its release, sizes, boot facts, warnings."""
-    config = images.parse_config(_read(tree / ".config", tree))
+    config = parse_config(_read(tree / ".config", tree))
     warnings = check_config(config, arch, f"kernel tree {tree}")
     krel = krel_of(tree)
     boot, elf = boot_file(tree, arch, config, pvh_safe)
@@ -193,7 +196,7 @@ def install(tree: Path, arch: Arch, work: Path, user_debs: list[Path], pvh_safe:
     sysroot = work / "sysroot"
     for deb in user_debs:
         extract(deb, sysroot)
-    images._build_initramfs(arch, krel, modroot, sysroot, work / "initramfs.cpio")
+    build_initramfs(arch, krel, modroot, sysroot, work / "initramfs.cpio")
     shutil.rmtree(sysroot)
     shutil.rmtree(modroot)
     shutil.copyfile(tree / ".config", work / "config")
@@ -321,7 +324,7 @@ def userland_debs(arch: Arch, mirrors: Mirrors | None, dest: Path) -> list[Path]
     """busybox and the guest agent (with its libraries) for ARCH, from Debian bookworm, into DEST."""
     suite = kernels.DEBUG_SUITE
     apt = PrivateApt(
-        cache_dir() / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors or images._mirrors_from_env(suite)
+        cache_dir() / "apt" / f"{suite}-{arch.debian}", suite, arch.debian, mirrors or mirrors_from_env(suite)
     )
     with progress.step(f"reading Debian {suite} package lists ({arch.debian})"):
         apt.update()
@@ -342,7 +345,7 @@ def write_manifest(work: Path, arch: Arch, key: str, flavour: str, krel: str, ve
         "krel": krel,
         "version": version,
         "cmdline": cmd,
-        "files": {rel: images._sha256(work / rel) for rel in ("kernel", "initramfs.cpio")},
+        "files": {rel: sha256(work / rel) for rel in ("kernel", "initramfs.cpio")},
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
@@ -361,7 +364,7 @@ def load_dir(d: Path, arch: Arch, verify: bool = False) -> images.Image | None:
         or manifest.get("arch") != arch.name
     ):
         return None
-    if not images.files_intact(d, manifest["files"], full=verify):
+    if not files_intact(d, manifest["files"], full=verify):
         return None
     img = images.Image(
         d,
@@ -401,7 +404,7 @@ def ensure(tree: Path, arch: Arch, mirrors: Mirrors | None = None) -> images.Ima
     """The image of the kernel built in TREE for ARCH: laid out on first use and again when the tree
     was rebuilt (seconds: nothing is compiled); its configuration checked first."""
     tree = tree.resolve()
-    config = images.parse_config(_read(tree / ".config", tree))
+    config = parse_config(_read(tree / ".config", tree))
     made_for = tree_arch(config)
     if made_for != arch.name:
         raise KbridgeError(
@@ -414,10 +417,10 @@ def ensure(tree: Path, arch: Arch, mirrors: Mirrors | None = None) -> images.Ima
         return img
     check_config(config, arch, f"kernel tree {tree}")  # before any download
     key = kernels.TREE + str(tree)
-    with images._locked(final.parent / f".{final.name}.lock"):
+    with locked(final.parent / f".{final.name}.lock"):
         if (img := load_dir(final, arch)) is not None and img.version == version:
             return img
-        with images.staged(final) as work:
+        with staged(final) as work:
             debs = userland_debs(arch, mirrors, work / "debs")
             with progress.step(f"laying out the kernel built in {tree} ({krel_of(tree)})"):
                 info = install(tree, arch, work, debs)

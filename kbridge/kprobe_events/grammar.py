@@ -194,7 +194,7 @@ def grammar_for(
     """The grammar of KERNEL (a --kernel value) on ARCH.
 
     With CONFIG (the kernel's .config) and KREL (its release) the kernel's own facts are
-    used; without, the suite table's (kbridge.images.image.grammar reads a built image's).
+    used; without, the suite table's (kbridge.images.grammar.grammar reads a built image's).
     """
     suite = kernels.get(kernel)
     if config is not None and krel is not None:

@@ -13,7 +13,9 @@ from kbridge import debugger, kbuild, kernels
 from kbridge.arch import ARM64, X86_64
 from kbridge.errors import KbridgeError
 from kbridge.images import debugkernel, kerneltree
-from kbridge.images.image import Image, module_list, parse_config
+from kbridge.images.image import Image
+from kbridge.images.kconfig import parse_config
+from kbridge.images.modtree import module_list
 from kbridge.targets.qemu.argv import qemu_argv
 
 DATA = Path(__file__).parent / "data"

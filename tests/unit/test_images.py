@@ -8,7 +8,8 @@ from pathlib import Path
 from kbridge.arch import ARM64, X86_64
 from kbridge.images.apt import host_mirrors
 from kbridge.images.cpio import CpioWriter
-from kbridge.images.image import Image, extract_vmlinux
+from kbridge.images.image import Image
+from kbridge.images.kernelpkgs import extract_vmlinux
 from kbridge.targets.qemu.argv import qemu_argv
 
 

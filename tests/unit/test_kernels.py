@@ -9,7 +9,7 @@ import pytest
 from kbridge import kernels
 from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
-from kbridge.images import buildroot, image
+from kbridge.images import buildroot, image, kconfig, kernelpkgs, modtree
 from kbridge.images.apt import Mirrors, PrivateApt
 from kbridge.kbuild import kbuild_argv, uses_build_root
 
@@ -83,7 +83,7 @@ def test_headers_makefile_is_made_relative(tmp_path, krel, text, fixed):
     mk = tmp_path / "usr/src" / f"linux-headers-{krel}" / "Makefile"
     mk.parent.mkdir(parents=True)
     mk.write_text(text)
-    image.fix_headers(tmp_path, krel)
+    kernelpkgs.fix_headers(tmp_path, krel)
     assert mk.read_text() == fixed
 
 
@@ -92,7 +92,7 @@ def test_unknown_headers_layout_is_an_error(tmp_path):
     mk.parent.mkdir(parents=True)
     mk.write_text("include /opt/elsewhere/Makefile\nKBUILD_OUTPUT=/usr/src/x\n")
     with pytest.raises(KbridgeError, match="unexpected headers Makefile"):
-        image.fix_headers(tmp_path, "9.9-amd64")
+        kernelpkgs.fix_headers(tmp_path, "9.9-amd64")
 
 
 @pytest.mark.parametrize(
@@ -107,27 +107,27 @@ def test_vmlinuz_in_either_layout(tmp_path, layout, vmlinuz):
     p = tmp_path / layout.format(k=k)
     p.parent.mkdir(parents=True)
     p.write_bytes(b"x")
-    assert image._vmlinuz(tmp_path, k) == p
+    assert kernelpkgs.vmlinuz(tmp_path, k) == p
 
 
 def test_missing_vmlinuz_and_modules_are_errors(tmp_path):
     with pytest.raises(KbridgeError, match="no vmlinuz"):
-        image._vmlinuz(tmp_path, "6.12.1-amd64")
+        kernelpkgs.vmlinuz(tmp_path, "6.12.1-amd64")
     with pytest.raises(KbridgeError, match=r"no modules\.builtin"):
-        image._modroot(tmp_path, "6.12.1-amd64")
+        modtree.modroot(tmp_path, "6.12.1-amd64")
 
 
 def test_a_kernel_without_kprobes_is_refused():
-    config = image.parse_config("CONFIG_MODULES=y\n# CONFIG_KPROBES is not set\nCONFIG_KPROBE_EVENTS=y\n")
+    config = kconfig.parse_config("CONFIG_MODULES=y\n# CONFIG_KPROBES is not set\nCONFIG_KPROBE_EVENTS=y\n")
     with pytest.raises(KbridgeError, match="without CONFIG_KPROBES"):
-        image.check_config(config, "Debian x 1.0")
-    image.check_config({"CONFIG_MODULES": "y", "CONFIG_KPROBES": "y", "CONFIG_KPROBE_EVENTS": "y"}, "ok")
+        kconfig.check_config(config, "Debian x 1.0")
+    kconfig.check_config({"CONFIG_MODULES": "y", "CONFIG_KPROBES": "y", "CONFIG_KPROBE_EVENTS": "y"}, "ok")
 
 
 def test_module_names_with_compression_suffixes():
-    assert image._module_name(Path("virtio_pci.ko.xz")) == "virtio_pci"
-    assert image._module_name(Path("virtio-console.ko")) == "virtio_console"
-    assert image._module_name(Path("crc32c_generic.ko.zst")) == "crc32c_generic"
+    assert modtree._module_name(Path("virtio_pci.ko.xz")) == "virtio_pci"
+    assert modtree._module_name(Path("virtio-console.ko")) == "virtio_console"
+    assert modtree._module_name(Path("crc32c_generic.ko.zst")) == "crc32c_generic"
 
 
 @pytest.mark.parametrize(
@@ -215,9 +215,9 @@ def test_unreachable_sources_are_errors():
 
 def test_optional_module_absent_from_a_kernel_is_skipped(tmp_path):
     (tmp_path / "modules.builtin").write_text("kernel/drivers/virtio/virtio.ko\n")
-    assert image.module_closure(tmp_path, ("virtio", "crc32c_generic"), optional=("crc32c_generic",)) == []
+    assert modtree.module_closure(tmp_path, ("virtio", "crc32c_generic"), optional=("crc32c_generic",)) == []
     with pytest.raises(KbridgeError, match="no module 'crc32c_generic'"):
-        image.module_closure(tmp_path, ("crc32c_generic",))
+        modtree.module_closure(tmp_path, ("crc32c_generic",))
 
 
 class _Apt:
@@ -250,7 +250,7 @@ def test_sid_kernel_packages_are_split_in_three():
             ],
         }
     )
-    pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
+    pkgs = kernelpkgs.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
     assert pkgs.krel == k
     assert pkgs.binary == (f"linux-image-{k}", f"linux-base-{k}", f"linux-binary-{k}", f"linux-modules-{k}")
     assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-7.2.13+deb14-common")
@@ -272,7 +272,7 @@ def test_trixie_kernel_package_holds_the_kernel():
             ],
         }
     )
-    pkgs = image.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
+    pkgs = kernelpkgs.kernel_packages(apt, get_arch("x86_64"))  # type: ignore[arg-type]
     assert pkgs.binary == (f"linux-image-{k}",)
     assert pkgs.headers == (f"linux-headers-{k}", "linux-headers-6.12.118+deb13-common")
 

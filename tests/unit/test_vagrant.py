@@ -17,7 +17,7 @@ import pytest
 from kbridge.arch import get_arch
 from kbridge.errors import KbridgeError
 from kbridge.guest import GUEST_DIR
-from kbridge.images import box, programs
+from kbridge.images import box, boxdisk, programs, vagrantboxes
 from kbridge.images.image import Image
 from kbridge.targets import vagrant
 from kbridge.targets.base import GuestIOError
@@ -274,7 +274,7 @@ def test_ssh_options_from_ssh_config() -> None:
 def test_box_filesystem_owned_by_root_when_built_unprivileged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Built without root, mkfs.ext4 -d copies the builder's uid: debugfs gives files to root,
     the vagrant home to uid 1000, and sudo its setuid bit back."""
-    if not all(box.shutil.which(t) for t in ("mkfs.ext4", "debugfs")) or box.os.geteuid() != 0:
+    if not all(boxdisk.shutil.which(t) for t in ("mkfs.ext4", "debugfs")) or boxdisk.os.geteuid() != 0:
         pytest.skip("needs e2fsprogs, and root to make files owned by another user")
     root = tmp_path / "rootfs"
     (root / "usr/bin").mkdir(parents=True)
@@ -283,9 +283,9 @@ def test_box_filesystem_owned_by_root_when_built_unprivileged(tmp_path: Path, mo
     (root / "usr/bin/sudo").chmod(0o755)  # as an unprivileged dpkg-deb -x leaves it
     (root / "home/vagrant/.ssh/authorized_keys").write_text("ssh-rsa AAAA vagrant\n")
     for p in [root, *root.rglob("*")]:
-        box.os.lchown(p, 4321, 4321)
-    monkeypatch.setattr(box.os, "geteuid", lambda: 4321)
-    box._mkfs(root, tmp_path / "fs.ext4")
+        boxdisk.os.lchown(p, 4321, 4321)
+    monkeypatch.setattr(boxdisk.os, "geteuid", lambda: 4321)
+    boxdisk.mkfs(root, tmp_path / "fs.ext4")
 
     def stat(path: str) -> str:
         return subprocess.run(
@@ -395,5 +395,5 @@ def test_machines_using_a_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         '"vagrantfile_path":"/src/kbridge","extra_data":{"box":{"name":"kbridge/bookworm-arm64",'
         '"provider":"libvirt","version":"0.1.17"}}}}}'
     )
-    assert box.machines_using("kbridge/bookworm-arm64") == [("kbridge-arm64", "0.1.17", "/src/kbridge")]
-    assert box.machines_using("kbridge/bookworm-x86_64") == []
+    assert vagrantboxes.machines_using("kbridge/bookworm-arm64") == [("kbridge-arm64", "0.1.17", "/src/kbridge")]
+    assert vagrantboxes.machines_using("kbridge/bookworm-x86_64") == []

@@ -19,7 +19,7 @@ import pytest
 
 from kbridge import kernels, kprobe_events
 from kbridge.arch import get_arch
-from kbridge.images.image import grammar_of
+from kbridge.images.grammar import grammar_of
 from kbridge.kprobe_events.grammar import NEWEST_KNOWN
 from kbridge.targets import acquire
 from kbridge.targets.base import Target

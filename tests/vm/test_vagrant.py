@@ -35,7 +35,7 @@ import kbridge
 from kbridge import kbuild, netns
 from kbridge.arch import get_arch
 from kbridge.images import box as boxes
-from kbridge.images import foreign
+from kbridge.images import foreign, vagrantboxes
 from kbridge.images.apt import PrivateApt, host_mirrors
 from kbridge.images.image import Image
 from kbridge.mechanisms.kmod.render import render
@@ -163,7 +163,7 @@ def machines(vagrant_env: LibvirtInNetns) -> Iterator[Callable[[str], str]]:
         else:
             t0 = time.monotonic()
             box = boxes.ensure(get_arch(arch_name))
-            boxes.vagrant_add(box)
+            vagrantboxes.vagrant_add(box)
             TIMINGS[f"{arch_name} box build/check + add"] = time.monotonic() - t0
             remove_stale_domain(f"{REPO.name}_{machine}")  # vagrant-libvirt's domain name: <dir>_<machine>
             started.append(machine)
@@ -570,22 +570,22 @@ def test_box_remove_takes_vagrants_box_and_libvirts_volume(
 ) -> None:
     machine = machines("arm64")
     box = boxes.load(get_arch("arm64"))
-    assert box is not None and box.version in boxes.added_boxes().get(box.name, [])
-    assert box.version in boxes.box_volumes(box.name).values()  # `vagrant up` copied the disk into the pool
+    assert box is not None and box.version in vagrantboxes.added_boxes().get(box.name, [])
+    assert box.version in vagrantboxes.box_volumes(box.name).values()  # `vagrant up` copied the disk into the pool
     refused = kb("box", "remove", "--arch", "arm64", "--keep-cache")
     assert refused.returncode == 2 and f"used by the Vagrant machine {machine!r}" in refused.stderr, refused.stderr
-    assert box.version in boxes.added_boxes().get(box.name, [])  # nothing changed
+    assert box.version in vagrantboxes.added_boxes().get(box.name, [])  # nothing changed
     assert _vagrant("destroy", "-f", machine).returncode == 0
     gone = kb("box", "remove", "--arch", "arm64", "--keep-cache")
     assert gone.returncode == 0, gone.stderr
-    assert box.name not in boxes.added_boxes() and not boxes.box_volumes(box.name)
+    assert box.name not in vagrantboxes.added_boxes() and not vagrantboxes.box_volumes(box.name)
     assert boxes.load(get_arch("arm64")) is not None  # --keep-cache: the build stays
     pruned = kb("box", "prune")
     assert pruned.returncode == 0, pruned.stderr
     current = boxes.load(get_arch("x86_64"))
     assert current is not None
-    assert set(boxes.added_boxes().get(current.name, [])) <= {current.version}
-    assert set(boxes.box_volumes(current.name).values()) <= {current.version}
+    assert set(vagrantboxes.added_boxes().get(current.name, [])) <= {current.version}
+    assert set(vagrantboxes.box_volumes(current.name).values()) <= {current.version}
 
 
 # -- a box kbridge did not build ----------------------------------------------------------
@@ -623,7 +623,7 @@ def foreign_machine(
         )
     )
     env = {**os.environ, "VAGRANT_CWD": str(d), "VAGRANT_DOTFILE_PATH": str(d / ".vagrant")}
-    if name not in boxes.added_boxes():
+    if name not in vagrantboxes.added_boxes():
         add = subprocess.run(["vagrant", "box", "add", "--name", name, str(box_file)], capture_output=True, text=True)
         assert add.returncode == 0, add.stderr
     remove_stale_domain(f"{d.name}_{FOREIGN}")

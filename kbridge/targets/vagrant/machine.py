@@ -201,6 +201,7 @@ def readiness() -> list[dict]:
     """`kbridge doctor`'s Vagrant checks (all optional): vagrant, the libvirt plugin, libvirtd, boxes."""
     from kbridge.arch import ARCHES
     from kbridge.images import box as boxes
+    from kbridge.images import vagrantboxes
 
     def row(check: str, ok: bool, detail: str) -> dict:
         return {"check": check, "ok": ok, "detail": detail, "package": None, "optional": True}
@@ -235,7 +236,7 @@ def readiness() -> list[dict]:
         )
     else:
         res.append(row("libvirtd", sock.exists(), "install libvirt-daemon-system libvirt-clients"))
-    added = boxes.added_boxes()
+    added = vagrantboxes.added_boxes()
     for a in ARCHES.values():
         if a.box_refusal:
             continue  # no box is built for it (32-bit arm): nothing to report
