@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from kbridge import kernels
 from kbridge.arch import Arch, get_arch
@@ -122,3 +125,39 @@ def explain_fault_removed(krel_version: tuple[int, int] | None = None) -> Kbridg
         "handled faults in it; handlers that touch memory use the *_nofault accessors instead",
         "use --kernel 5.10 to see the fault handler fire on a kernel that still has it",
     )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
+    """Declare the options of GROUPS (name: (annotation, default)) on a command in place of its **opts,
+    which receives them. typer reads the signature for a command's options, the fast path's tests for
+    the parameters it may fill."""
+
+    def declare(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)  # the command's own annotations as objects, as typer reads them
+        params = list(sig.parameters.values())
+        at = next(i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD)
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for group in groups
+            for name, (annotation, default) in group.items()
+        ]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[:at] + params[at + 1 :]]
+        lead = next((i for i, p in enumerate(own) if p.default is not inspect.Parameter.empty), len(own))
+        # After the command's arguments (those without a default), where --help lists them first.
+        fn.__signature__ = sig.replace(parameters=own[:lead] + added + own[lead:])  # type: ignore[attr-defined]
+        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
+        return fn
+
+    return declare
+
+
+def options_of(fn: Callable[..., Any], *skip: str) -> dict[str, tuple[Any, Any]]:
+    """FN's parameters but SKIP as an option group for with_options()."""
+    return {
+        p.name: (p.annotation, p.default)
+        for p in inspect.signature(fn, eval_str=True).parameters.values()
+        if p.name not in skip
+    }

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -17,6 +15,7 @@ from kbridge.cli.common import (
     handlers,
     spec_of,
     use_vagrantfile,
+    with_options,
     workload,
 )
 
@@ -29,6 +28,7 @@ __all__ = [
     "handlers",
     "spec_of",
     "use_vagrantfile",
+    "with_options",
     "workload",
 ]
 
@@ -126,8 +126,8 @@ FaultOpt = Annotated[
 ]
 
 
-# Option groups several commands take, declared once: with_options() puts them in a command's
-# signature where its **opts stands, and typer reads them from there like any other parameter.
+# Option groups several commands take, declared once: with_options() (kbridge.cli.common) puts them in a
+# command's signature where its **opts stands, and typer reads them from there like any other parameter.
 SPEC_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pre": (PreOpt, False),
     "post": (PostOpt, False),
@@ -145,27 +145,3 @@ GUEST_OPTIONS: dict[str, tuple[Any, Any]] = {
     "target": (TargetOpt, None),
     "vagrantfile": (VagrantfileOpt, None),
 }
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
-    """Declare the options of GROUPS on a command in place of its **opts, which receives them."""
-
-    def declare(fn: F) -> F:
-        sig = inspect.signature(fn, eval_str=True)  # the command's own annotations as objects, as typer reads them
-        params = list(sig.parameters.values())
-        at = next(i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD)
-        added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for group in groups
-            for name, (annotation, default) in group.items()
-        ]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[:at] + params[at + 1 :]]
-        lead = next((i for i, p in enumerate(own) if p.default is not inspect.Parameter.empty), len(own))
-        # After the command's arguments (those without a default), where --help lists them first.
-        fn.__signature__ = sig.replace(parameters=own[:lead] + added + own[lead:])  # type: ignore[attr-defined]
-        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
-        return fn
-
-    return declare

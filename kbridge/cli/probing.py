@@ -6,13 +6,17 @@ without typer. Both call probe() here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kbridge import kernels
 from kbridge.cli.common import (
     explain_fault_removed,
     explain_removed,
     guest_arch,
+    options_of,
     spec_of,
     use_vagrantfile,
+    with_options,
     workload,
 )
 from kbridge.cli.output import HitPrinter, emit_json, err, show_durations, show_workload
@@ -33,18 +37,11 @@ def mirrors_from(mirror: str | None, suite: str) -> Mirrors | None:
     return parse(mirror, suite)
 
 
+# spec_of()'s options (--pre ... --comm) stand in probe()'s signature where **spec_opts does: the fast
+# path fills every parameter of that signature (tests/unit/test_cli_fast.py checks it against typer's).
+@with_options(options_of(spec_of, "symbol", "arch", "fault"))
 def probe(
     symbol: str,
-    pre: bool = False,
-    post: bool = False,
-    entry: bool = False,
-    ret: bool = False,
-    arg: list[str] | None = None,
-    offset: int = 0,
-    maxactive: int = 0,
-    pid: int | None = None,
-    tid: int | None = None,
-    comm: str | None = None,
     run: str | None = None,
     count: int | None = None,
     duration: float | None = None,
@@ -58,6 +55,7 @@ def probe(
     json_out: bool = False,
     jprobe: bool = False,
     fault: bool = False,
+    **spec_opts: Any,
 ) -> None:
     """Probe SYMBOL in a guest kernel and show every hit (default mechanism: a generated module)."""
     explain_removed(jprobe)
@@ -68,7 +66,7 @@ def probe(
     get_mechanism(via)  # an unknown --via fails before anything else
     use_vagrantfile(vagrantfile)
     a = guest_arch(arch, target)
-    spec = spec_of(symbol, a, pre, post, entry, ret, arg, offset, maxactive, pid, tid, comm, fault)
+    spec = spec_of(symbol, a, fault=fault, **spec_opts)
     printer = HitPrinter(json_out)
     result = run_probe(
         spec,

@@ -12,13 +12,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kbridge.api import Guest
 from kbridge.paths import cache_dir
+from tests.vm import cli
 
 DATA = Path(__file__).parent / "data" / "kbring"
 CLIENT = "/tmp/kbring_client"
@@ -26,10 +26,6 @@ LINE = next(i for i, ln in enumerate((DATA / "kbring.c").read_text().splitlines(
 CACHE = cache_dir()  # before pytester moves HOME
 
 pytest_plugins = ["pytester"]
-
-
-def _kbridge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kbridge", *args], capture_output=True, text=True, timeout=900)
 
 
 def _armed(vm: Guest, tmp_path: Path) -> None:
@@ -65,11 +61,11 @@ def _assert_reported(text: str, arch: str) -> Path:
 
 def _assert_restarted_without_kbring(arch: str) -> None:
     """`vm status` keeps the crashed VM and names its report; the next command restarts it and says kbring is gone."""
-    status = _kbridge("vm", "status")
+    status = cli.run("vm", "status")
     assert status.returncode == 0 and "its kernel crashed" in status.stderr, status.stderr
-    listed = json.loads(_kbridge("vm", "status", "--json").stdout)["vms"]
+    listed = json.loads(cli.run("vm", "status", "--json").stdout)["vms"]
     assert any(v["arch"] == arch and v.get("crashed") for v in listed)
-    again = _kbridge("vm", "exec", "--arch", arch, "--", "/bin/busybox", "true")
+    again = cli.run("vm", "exec", "--arch", arch, "--", "/bin/busybox", "true")
     assert again.returncode == 0, again.stderr
     assert "had crashed" in again.stderr and "kbring was loaded in it and is not now" in again.stderr, again.stderr
 
@@ -78,7 +74,7 @@ def test_an_oops_in_vm_exec_is_shown_saved_and_the_restart_says_what_was_lost(
     kbridge_vm: Guest, tmp_path: Path
 ) -> None:
     _armed(kbridge_vm, tmp_path)
-    res = _kbridge("vm", "exec", "--arch", kbridge_vm.arch, "--", CLIENT, "oops")
+    res = cli.run("vm", "exec", "--arch", kbridge_vm.arch, "--", CLIENT, "oops")
     assert res.returncode == 3, res.stderr
     _assert_reported(res.stderr, kbridge_vm.arch)
     _assert_restarted_without_kbring(kbridge_vm.arch)
@@ -86,7 +82,7 @@ def test_an_oops_in_vm_exec_is_shown_saved_and_the_restart_says_what_was_lost(
 
 def test_an_oops_in_a_probes_workload_blames_the_users_module(kbridge_vm: Guest, tmp_path: Path) -> None:
     _armed(kbridge_vm, tmp_path)
-    res = _kbridge("probe", "kbring_ioctl", "--pre", "--arch", kbridge_vm.arch, "--run", f"{CLIENT} oops")
+    res = cli.run("probe", "kbring_ioctl", "--pre", "--arch", kbridge_vm.arch, "--run", f"{CLIENT} oops")
     assert res.returncode == 3, res.stderr
     _assert_reported(res.stderr, kbridge_vm.arch)
     assert "in module kbring" in res.stderr

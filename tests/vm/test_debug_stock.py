@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from kbridge import kernels, targets
 from kbridge.api import Guest
 from kbridge.arch import get_arch
 from kbridge.paths import state_dir
+from tests.vm import cli
 
 DATA = Path(__file__).parent / "data" / "kbdebug"
 SOURCE = (DATA / "kbdebug.c").read_text().splitlines()
@@ -31,10 +31,6 @@ TRIGGER = "/sys/kernel/debug/kbdebug/trigger"
 WARN_LINE = next(i for i, ln in enumerate(SOURCE, 1) if "WARN_ON(len != 0)" in ln)
 
 pytestmark = pytest.mark.xdist_group("stock-gdb")
-
-
-def _kbridge(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kbridge", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +57,20 @@ def stock_vm(request: pytest.FixtureRequest, kbridge_arch: str) -> Iterator[Gues
         targets.shutdown(left)
 
 
+def _trigger(arch: str, word: str) -> subprocess.CompletedProcess[str]:
+    """`kbridge vm exec` writing WORD to kbdebug's trigger file."""
+    return cli.run("vm", "exec", "--arch", arch, "--", "/bin/sh", "-c", f"echo {word} > {TRIGGER}", timeout=600)
+
+
 def test_a_warn_in_the_users_module_fails_vm_exec_with_the_report_and_keeps_the_vm(stock_vm: Guest) -> None:
-    res = _kbridge("vm", "exec", "--arch", stock_vm.arch, "--", "/bin/sh", "-c", f"echo warn > {TRIGGER}")
+    res = _trigger(stock_vm.arch, "warn")
     assert res.returncode == 3, res.stderr
     assert "WARNING: CPU:" in res.stderr and "kbdebug_warn" in res.stderr, res.stderr
     assert f"{DATA.resolve()}/kbdebug.c:{WARN_LINE}" in res.stderr, res.stderr  # the module's DWARF, the user's file
     saved = re.search(r"the whole report: (\S+)", res.stderr)
     assert saved and "---[ end trace" in Path(saved[1]).read_text()
     # The kernel went on after a WARN: the VM is kept as it is, the module still loaded.
-    again = _kbridge("vm", "exec", "--arch", stock_vm.arch, "--", "/bin/sh", "-c", f"echo hello > {TRIGGER}")
+    again = _trigger(stock_vm.arch, "hello")
     assert again.returncode == 0 and "restart" not in again.stderr, again.stderr
     assert "kbdebug" in stock_vm.loaded_modules()
 
@@ -82,7 +83,7 @@ def test_gdb_reads_an_argument_at_a_breakpoint_in_the_users_module_on_debians_ke
         # address: the breakpoint never hits (README, "Debugging your module"). test_debugkernel.py
         # keeps that case as a strict xfail (-m matrix); here it would only cost two timeouts.
         pytest.skip("gdb places an arm64 module's .text.unlikely at .text: the breakpoint never hits")
-    shown = _kbridge("gdb", "--arch", stock_vm.arch, "--show")
+    shown = cli.run("gdb", "--arch", stock_vm.arch, "--show", timeout=600)
     assert shown.returncode == 0, shown.stderr
     assert "linux-image-" in shown.stderr and "-dbg" in shown.stderr  # what the kernel's DWARF would take
     add = next(ln for ln in shown.stdout.splitlines() if ln.startswith("add-symbol-file"))
@@ -93,20 +94,10 @@ def test_gdb_reads_an_argument_at_a_breakpoint_in_the_users_module_on_debians_ke
     script.write_text(
         f"break kbdebug_poke\nshell touch {ready}\ncontinue\ninfo args\nprint *word@len\nprint $pc\n"
     )  # gdb's piped output is block-buffered: the file says it is waiting at `continue`
-    gdb = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "gdb", "--arch", stock_vm.arch, "--batch", "-x", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    gdb = cli.gdb_waiting("--arch", stock_vm.arch, "--batch", "-x", str(script), ready=ready)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert gdb.poll() is None, gdb.communicate()[0]
-            assert time.monotonic() < deadline, "gdb did not get ready"
-            time.sleep(0.1)
         started = time.monotonic()
-        res = _kbridge("vm", "exec", "--arch", stock_vm.arch, "--", "/bin/sh", "-c", f"echo hello > {TRIGGER}")
+        res = _trigger(stock_vm.arch, "hello")
         out, _ = gdb.communicate(timeout=120)
     finally:
         if gdb.poll() is None:

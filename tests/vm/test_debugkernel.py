@@ -18,8 +18,6 @@ import contextlib
 import json
 import re
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from kbridge.api import Guest
 from kbridge.arch import get_arch
 from kbridge.images import debugkernel
 from kbridge.paths import cache_dir, state_dir
+from tests.vm import cli
 
 DATA = Path(__file__).parent / "data" / "kbdebug"
 SOURCE = (DATA / "kbdebug.c").read_text().splitlines()
@@ -55,10 +54,6 @@ def _arch_params() -> list:  # type: ignore[type-arg]
         pytest.param("x86_64", marks=pytest.mark.xdist_group("debug-x86_64")),
         pytest.param("arm64", marks=(pytest.mark.matrix, pytest.mark.xdist_group("debug-arm64"))),
     ]
-
-
-def _kbridge(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kbridge", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _image(request: pytest.FixtureRequest, arch: str) -> None:
@@ -91,7 +86,7 @@ def debug_vm(request: pytest.FixtureRequest) -> Iterator[Guest]:
 def _trigger(arch: str, *words: str) -> subprocess.CompletedProcess[str]:
     """`kbridge vm exec` writing each of WORDS to kbdebug's trigger file."""
     script = "; ".join(f"echo {w} >{TRIGGER}" for w in words)
-    return _kbridge("vm", "exec", "--kernel", "debug", "--arch", arch, "--", "/bin/sh", "-c", script)
+    return cli.run("vm", "exec", "--kernel", "debug", "--arch", arch, "--", "/bin/sh", "-c", script)
 
 
 def _saved(text: str) -> Path:
@@ -135,7 +130,7 @@ def test_gdb_in_batch_mode_reads_an_argument_at_a_breakpoint_in_the_users_module
             pytest.mark.xfail(strict=True, reason="gdb places an arm64 module's .text.unlikely at .text")
         )
     debug_vm.load_module(DATA, reload=True)
-    shown = _kbridge("gdb", "--kernel", "debug", "--arch", debug_vm.arch, "--show")
+    shown = cli.run("gdb", "--kernel", "debug", "--arch", debug_vm.arch, "--show")
     assert shown.returncode == 0, shown.stderr
     add = next(ln for ln in shown.stdout.splitlines() if ln.startswith("add-symbol-file"))
     assert ".debug.ko" in add and "-s .text.unlikely 0x" in add  # the copy with DWARF, every section placed
@@ -150,18 +145,8 @@ def test_gdb_in_batch_mode_reads_an_argument_at_a_breakpoint_in_the_users_module
         "print *word@len\n"
         "bt 3\n"
     )
-    gdb = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "gdb", "--kernel", "debug", "--arch", debug_vm.arch, "--batch", "-x", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    gdb = cli.gdb_waiting("--kernel", "debug", "--arch", debug_vm.arch, "--batch", "-x", str(script), ready=ready)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert gdb.poll() is None, gdb.communicate()[0]
-            assert time.monotonic() < deadline, "gdb did not get ready"
-            time.sleep(0.1)
         res = _trigger(debug_vm.arch, "hello")  # stops at the breakpoint until gdb detaches
         out, _ = gdb.communicate(timeout=120)
     finally:
@@ -190,14 +175,14 @@ def test_a_use_after_free_fails_vm_exec_with_kasans_report_and_the_source_line(d
     assert debug_vm.kernel_log().count("BUG: KASAN: use-after-free in kbdebug_uaf") == 2
     # 6.1's KASAN report turns lockdep off for the rest of the boot: the VM is restarted before the next command.
     assert "turned lockdep off" in res.stderr and "restarted by the next kbridge command" in res.stderr
-    again = _kbridge("vm", "exec", "--kernel", "debug", "--arch", debug_vm.arch, "--", "/bin/busybox", "true")
+    again = cli.run("vm", "exec", "--kernel", "debug", "--arch", debug_vm.arch, "--", "/bin/busybox", "true")
     assert again.returncode == 0 and "restarts now" in again.stderr, again.stderr
     assert "kbdebug was loaded in it and is not now" in again.stderr
 
 
 def test_a_probe_whose_workload_hits_the_bug_fails_with_the_report_after_its_hits(debug_vm: Guest) -> None:
     debug_vm.load_module(DATA, reload=True)
-    res = _kbridge(
+    res = cli.run(
         "probe", "kbdebug:kbdebug_write", "--pre", "--arg", "count=3", "--kernel", "debug",
         "--arch", debug_vm.arch, "--run", f"echo uaf > {TRIGGER}",
     )  # fmt: skip
@@ -209,7 +194,7 @@ def test_a_probe_whose_workload_hits_the_bug_fails_with_the_report_after_its_hit
 def test_a_bug_in_the_modules_init_fails_module_load_with_the_report(debug_vm: Guest) -> None:
     with contextlib.suppress(kbridge.GuestCrash, kbridge.KbridgeError):
         debug_vm.unload_module("kbdebug")
-    res = _kbridge("module", "load", str(DATA), "--param", "init_bug=uaf", "--kernel", "debug", "--arch", debug_vm.arch)
+    res = cli.run("module", "load", str(DATA), "--param", "init_bug=uaf", "--kernel", "debug", "--arch", debug_vm.arch)
     assert res.returncode == 3, res.stderr
     assert "init made the kernel report a bug" in res.stderr, res.stderr
     assert "BUG: KASAN: use-after-free in kbdebug_uaf" in res.stderr and f"kbdebug.c:{UAF_LINE}" in res.stderr
@@ -244,7 +229,7 @@ def test_two_locks_taken_in_opposite_orders_get_lockdeps_report_and_a_restart(de
     assert "kbdebug_lock_ba" in res.stderr and "(lock_a)" in res.stderr and "(lock_b)" in res.stderr
     assert f"kbdebug.c:{LOCK_BA_LINE}" in res.stderr, res.stderr
     assert "lockdep turns itself off after its first report" in res.stderr
-    again = _kbridge("vm", "exec", "--kernel", "debug", "--arch", debug_vm.arch, "--", "/bin/busybox", "true")
+    again = cli.run("vm", "exec", "--kernel", "debug", "--arch", debug_vm.arch, "--", "/bin/busybox", "true")
     assert again.returncode == 0 and "restarts now" in again.stderr, again.stderr
     assert "kbdebug was loaded in it" in again.stderr
 
@@ -258,12 +243,12 @@ def test_kernel_tree_boots_the_debug_kernels_own_build_and_probes_a_module_built
     if tree is None:
         pytest.skip(f"the {arch} debug kernel's tree was not kept: kbridge image build --kernel debug --keep-tree")
     try:
-        built = _kbridge("module", "build", str(DATA), "--arch", arch, "--kernel-tree", str(tree))
+        built = cli.run("module", "build", str(DATA), "--arch", arch, "--kernel-tree", str(tree))
         assert built.returncode == 0, built.stderr
         assert "kbdebug.ko for 6.1" in built.stderr
-        loaded = _kbridge("module", "load", str(DATA), "--arch", arch, "--kernel-tree", str(tree))
+        loaded = cli.run("module", "load", str(DATA), "--arch", arch, "--kernel-tree", str(tree))
         assert loaded.returncode == 0, loaded.stderr
-        probe = _kbridge(
+        probe = cli.run(
             "probe", "kbdebug:kbdebug_poke", "--pre", "--arg", "len=2", "--json",
             "--arch", arch, "--kernel-tree", str(tree), "--run", f"echo hello > {TRIGGER}",
         )  # fmt: skip
@@ -272,10 +257,10 @@ def test_kernel_tree_boots_the_debug_kernels_own_build_and_probes_a_module_built
         hits = [ln for ln in lines if "handler" in ln]
         assert [h["args"] for h in hits] == [{"len": 5}], lines
         assert lines[-1]["summary"]["kernel"].endswith("-kbridge-debug")
-        status = json.loads(_kbridge("vm", "status", "--json").stdout)["vms"]
+        status = json.loads(cli.run("vm", "status", "--json").stdout)["vms"]
         assert any(v["suite"] == f"tree:{tree.resolve()}" and v["flavour"] == "tree" for v in status), status
     finally:
-        _kbridge("vm", "down", "--arch", arch, "--kernel-tree", str(tree))
+        cli.run("vm", "down", "--arch", arch, "--kernel-tree", str(tree))
 
 
 def test_a_kernel_tree_without_what_kbridge_needs_is_refused_naming_each_option(tmp_path: Path) -> None:
@@ -284,7 +269,7 @@ def test_a_kernel_tree_without_what_kbridge_needs_is_refused_naming_each_option(
         (tmp_path / name).write_text("")
     (tmp_path / "include/config").mkdir(parents=True)
     (tmp_path / "include/config/kernel.release").write_text("6.1.0-mine\n")
-    res = _kbridge("vm", "up", "--arch", "x86_64", "--kernel-tree", str(tmp_path))
+    res = cli.run("vm", "up", "--arch", "x86_64", "--kernel-tree", str(tmp_path))
     assert res.returncode == 2, res.stderr
     first = res.stderr.splitlines()[0]
     for opt in ("CONFIG_KPROBES", "CONFIG_KPROBE_EVENTS", "CONFIG_VIRTIO_PCI", "CONFIG_DEBUG_FS"):

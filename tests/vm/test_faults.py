@@ -4,15 +4,13 @@ counts wrong or trips over; the next command reclaims it and the guest ends exac
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 import kbridge
 from kbridge.api import Guest
+from tests.vm import cli
 
 LOOP = "while true; do echo x > /dev/null; done"  # sh writes for ever: ksys_write fires until killed
 DD = "dd if=/dev/zero of=/dev/null bs=7 count=3"
@@ -39,13 +37,7 @@ def guest_state(vm: Guest) -> dict:
 def kill_when(args: list[str], ready: str, arch: str) -> str:
     """Start `kbridge ARGS`, SIGKILL it once READY ("hit": its first JSON hit; "insmod": a kb_ module
     is loaded), and return what it printed on stderr."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", *args, "--arch", arch, "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    proc = cli.start(*args, "--arch", arch, "--json")
     try:
         assert proc.stdout is not None
         if ready == "hit":
@@ -112,26 +104,7 @@ def test_sigterm_unwinds_like_ctrl_c(kbridge_vm: Guest) -> None:
     from kbridge.targets.qemu import QemuVM
 
     before = guest_state(kbridge_vm)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--comm",
-            "sh",
-            "--run",
-            LOOP,
-            "--arch",
-            kbridge_vm.arch,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = cli.start("probe", "ksys_write", "--pre", "--comm", "sh", "--run", LOOP, "--arch", kbridge_vm.arch, "--json")
     assert proc.stdout is not None and "handler" in json.loads(proc.stdout.readline())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -24,6 +22,7 @@ from kbridge.kprobe_events.grammar import NEWEST_KNOWN
 from kbridge.targets import acquire
 from kbridge.targets.base import Target
 from tests.unit.test_events_kernels import KERNEL_ONLY
+from tests.vm import cli
 from tests.vm.error_log_capture import DATA, corpus, live_verdicts
 
 ARCHES = ("x86_64", "arm64", "arm")
@@ -171,28 +170,18 @@ def test_arm_refuses_argn_and_the_ftrace_call_site(guests, suite, arch):
 def test_module_built_with_the_suites_compiler_fires(suite, arch):
     """kmod pre + kretprobe: host gcc-12 (5.10, 6.1) or the suite's build root (6.12, sid);
     the template's kretprobe code compiles against ri->rp (5.10) and get_kretprobe() (5.11+)."""
-    env = {**os.environ}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--ret",
-            "--kernel",
-            suite,
-            "--arch",
-            arch,
-            "--json",
-            "--run",
-            "echo hi > /dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+    proc = cli.run(
+        "probe",
+        "ksys_write",
+        "--pre",
+        "--ret",
+        "--kernel",
+        suite,
+        "--arch",
+        arch,
+        "--json",
+        "--run",
+        "echo hi > /dev/null",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
@@ -206,12 +195,7 @@ def test_module_built_with_the_suites_compiler_fires(suite, arch):
 @pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "x86_64"))
 def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
     """`kbridge inspect ksys_write`: the armed probe's kprobes/list line names the real offset."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kbridge", "inspect", "ksys_write", "--kernel", suite, "--arch", arch, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = cli.run("inspect", "ksys_write", "--kernel", suite, "--arch", arch, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     armed = report["kprobes_list"]["armed"]
@@ -227,24 +211,17 @@ def test_inspect_shows_where_the_kernel_plants_an_entry_probe(suite, arch):
 def test_three_mechanisms_agree(suite, arch):
     """compare: kmod, tracefs and eBPF (that suite's bcc image) count the same hits (bpf said skipped,
     with why, on arm)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "compare",
-            "ksys_write",
-            "--comm",
-            "dd",
-            "--run",
-            "dd if=/dev/zero of=/dev/null bs=1 count=50",
-            "--kernel",
-            suite,
-            "--arch",
-            arch,
-        ],
-        capture_output=True,
-        text=True,
+    proc = cli.run(
+        "compare",
+        "ksys_write",
+        "--comm",
+        "dd",
+        "--run",
+        "dd if=/dev/zero of=/dev/null bs=1 count=50",
+        "--kernel",
+        suite,
+        "--arch",
+        arch,
         timeout=1800,
         env={**os.environ, "COLUMNS": "250"},  # the skipped reason on one line
     )
@@ -257,26 +234,9 @@ def test_three_mechanisms_agree(suite, arch):
 @pytest.mark.parametrize(("suite", "arch"), kernels_where(lambda s, a: a == "x86_64"))
 def test_kretprobe_past_endbr64_is_an_entry_only_with_ibt(suite, arch):
     """`r ksys_write+4`: a function entry on IBT kernels (it fires), BAD_RETPROBE elsewhere (before any boot)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "trace",
-            "r:kbibt/r ksys_write+4 ret=$retval",
-            "--kernel",
-            suite,
-            "--arch",
-            arch,
-            "--json",
-            "--count",
-            "1",
-            "--run",
-            "echo hi > /dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    event = "r:kbibt/r ksys_write+4 ret=$retval"
+    proc = cli.run(
+        "trace", event, "--kernel", suite, "--arch", arch, "--json", "--count", "1", "--run", "echo hi > /dev/null"
     )
     if grammar_of(get_arch(arch), suite).ibt:
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,6 +18,7 @@ from kbridge.probe import probe
 from kbridge.spec import make_spec
 from kbridge.symbols import SymbolError
 from kbridge.workload import Workload
+from tests.vm import cli
 
 # Exactly 3 write() calls of 7 bytes to fd 1 (/dev/null), then dd's own report to fd 2.
 DD = Workload(("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=7", "count=3"), "dd bs=7 count=3")
@@ -85,28 +86,21 @@ def test_register_error_is_translated_and_nothing_stays_loaded(kbridge_vm):
 
 
 def test_cli_json_lines(kbridge_vm):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--arg",
-            "fd=1",
-            "--arg",
-            "count=3",
-            "--comm",
-            "sh",
-            "--run",
-            "echo hello > /tmp/x",
-            "--arch",
-            kbridge_vm.arch,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    proc = cli.run(
+        "probe",
+        "ksys_write",
+        "--pre",
+        "--arg",
+        "fd=1",
+        "--arg",
+        "count=3",
+        "--comm",
+        "sh",
+        "--run",
+        "echo hello > /tmp/x",
+        "--arch",
+        kbridge_vm.arch,
+        "--json",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -122,6 +116,18 @@ def test_cli_json_lines(kbridge_vm):
     assert {"pid", "cpu", "args", "symbol"} <= set(hello[0])
 
 
+# Reads for ever: the probe fires until it is stopped.
+READ_LOOP = (
+    "probe",
+    "vfs_read",
+    "--pre",
+    "--duration",
+    "120",
+    "--run",
+    "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done",
+)
+
+
 @pytest.fixture
 def short_dir():
     """A state dir short enough for unix socket paths (pytest's tmp_path can be too long)."""
@@ -133,27 +139,7 @@ def short_dir():
 def test_ctrl_c_leaves_nothing_behind(short_dir, kbridge_arch):
     """An ephemeral VM (own state dir): SIGINT mid-probe unloads, stops QEMU, exits 130."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "vfs_read",
-            "--pre",
-            "--duration",
-            "120",
-            "--run",
-            "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done",
-            "--arch",
-            kbridge_arch,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    proc = cli.start(*READ_LOOP, "--arch", kbridge_arch, "--json", env=env)
     first = proc.stdout.readline()  # the first hit: the probe is armed and firing
     assert json.loads(first)["handler"] == "pre"
     proc.send_signal(signal.SIGINT)
@@ -167,28 +153,7 @@ def test_ctrl_c_at_a_terminal_signals_the_whole_group(short_dir, kbridge_arch):
     """A terminal sends SIGINT to the whole foreground process group: QEMU must not die first and
     be reported as a crash; kbridge says it was interrupted, exits 130 and leaves nothing."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "vfs_read",
-            "--pre",
-            "--duration",
-            "120",
-            "--run",
-            "while true; do dd if=/proc/version of=/dev/null 2>/dev/null; done",
-            "--arch",
-            kbridge_arch,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-        start_new_session=True,
-    )
+    proc = cli.start(*READ_LOOP, "--arch", kbridge_arch, "--json", env=env, start_new_session=True)
     first = proc.stdout.readline()
     assert json.loads(first)["handler"] == "pre"
     os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: every process of the group
@@ -202,26 +167,9 @@ def test_ctrl_c_at_a_terminal_signals_the_whole_group(short_dir, kbridge_arch):
 def test_vm_down_all_leaves_a_running_probe_alone(short_dir, kbridge_arch):
     """An ephemeral VM whose kbridge still runs is not a stray: vm status and vm down --all spare it."""
     env = {**os.environ, "KBRIDGE_STATE": short_dir}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--comm",
-            "dd",
-            "--arch",
-            kbridge_arch,
-            "--run",
-            "sleep 3; dd if=/dev/zero of=/dev/null bs=7 count=3",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
+    run = "sleep 3; dd if=/dev/zero of=/dev/null bs=7 count=3"
+    proc = cli.start(
+        "probe", "ksys_write", "--pre", "--comm", "dd", "--arch", kbridge_arch, "--run", run, "--json", env=env
     )
     deadline = time.monotonic() + 120
     while not [
@@ -231,11 +179,10 @@ def test_vm_down_all_leaves_a_running_probe_alone(short_dir, kbridge_arch):
     ]:
         assert time.monotonic() < deadline and proc.poll() is None, "no QEMU started"
         time.sleep(0.1)
-    status = subprocess.run(
-        [sys.executable, "-m", "kbridge", "vm", "status", "--json"], env=env, capture_output=True, text=True, timeout=60
-    )
+    status = cli.run("vm", "status", "--json", env=env, timeout=60)
     assert json.loads(status.stdout)["stray_qemu_pids"] == []
-    subprocess.run([sys.executable, "-m", "kbridge", "vm", "down", "--all"], env=env, timeout=60, check=True)
+    down = cli.run("vm", "down", "--all", env=env, timeout=60)
+    assert down.returncode == 0, down.stderr
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     hits = [json.loads(line) for line in out.splitlines() if '"handler"' in line]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from kbridge.arch import ARCHES, get_arch
 from kbridge.errors import KbridgeError
 from kbridge.mechanisms.kmod.render import module_name
 from kbridge.spec import make_spec
+from tests.vm import cli
 from tests.vm.test_faults import guest_state
 
 DATA = Path(__file__).parent / "data"
@@ -43,15 +43,6 @@ def test_a_forged_hit_line_is_never_a_hit(kbridge_vm: Guest) -> None:
     assert any("3 lines" in n and "written from user space" in n for n in summary.get("notes", [])), summary
 
 
-def _start(args: list[str], arch: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kbridge", *args, "--arch", arch],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("via", ["kmod", "tracefs"])
 def test_a_kill_at_any_moment_leaves_nothing_that_counts(kbridge_vm: Guest, via: str) -> None:
     """SIGKILL kbridge at a sweep of moments across arming, the workload's start and the trace_pipe
@@ -60,7 +51,7 @@ def test_a_kill_at_any_moment_leaves_nothing_that_counts(kbridge_vm: Guest, via:
     before = guest_state(kbridge_vm)
     args = ["probe", "ksys_write", "--pre", "--comm", "dd", "--run", LONG, "--via", via]
     for delay in [0.15 * k for k in range(1, 11)]:
-        proc = _start(args, arch)
+        proc = cli.start(*args, "--arch", arch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -76,17 +67,9 @@ def test_a_killed_lab_check_leaves_nothing_armed(kbridge_vm: Guest, tmp_path: Pa
     arch = kbridge_vm.arch
     before = guest_state(kbridge_vm)
     lab = tmp_path / "km"
-    subprocess.run(
-        [sys.executable, "-m", "kbridge", "lab", "solution", "kprobe-module", "--dir", str(lab)],
-        check=True,
-        capture_output=True,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kbridge", "lab", "check", str(lab), "--arch", arch, "--json"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    solution = cli.run("lab", "solution", "kprobe-module", "--dir", str(lab))
+    assert solution.returncode == 0, solution.stderr
+    proc = cli.start("lab", "check", str(lab), "--arch", arch, "--json", stdout=subprocess.DEVNULL)
     # The check holds the kept VM while it runs: its own progress says when the module is in.
     assert proc.stderr is not None
     seen = []
@@ -146,27 +129,8 @@ def _elf_header(machine: int) -> bytes:
 
 
 def test_a_json_run_cut_short_still_ends_with_a_summary(kbridge_vm: Guest) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--comm",
-            "dd",
-            "--run",
-            LONG,
-            "--arch",
-            kbridge_vm.arch,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    args = ("probe", "ksys_write", "--pre", "--comm", "dd", "--run", LONG, "--arch", kbridge_vm.arch, "--json")
+    proc = cli.start(*args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert "handler" in json.loads(first)

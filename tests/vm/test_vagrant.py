@@ -42,6 +42,7 @@ from kbridge.mechanisms.kmod.render import render
 from kbridge.paths import cache_dir, state_dir
 from kbridge.spec import ProbeSpec, make_spec
 from kbridge.targets.vagrant import connect
+from tests.vm import cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vagrant"))
 from debian_box import build_debian_box
@@ -126,21 +127,6 @@ def _vagrant(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[s
     return subprocess.run(["vagrant", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def kb(
-    *args: str, timeout: float = 900, cwd: Path | None = None, env: dict | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`kbridge ARGS` as a user types it."""
-    return subprocess.run(
-        [sys.executable, "-m", "kbridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def summary(proc: subprocess.CompletedProcess[str]) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])["summary"]
@@ -202,10 +188,10 @@ def test_counts_equal_the_embedded_vm(
     }
     for what, argv in commands.items():
         t0 = time.monotonic()
-        on_machine = summary(kb(*argv, "--target", target, "--json"))
+        on_machine = summary(cli.run(*argv, "--target", target, "--json"))
         if what == "probe, dd --comm":
             TIMINGS[f"{arch_name} kbridge probe (one command)"] = time.monotonic() - t0
-        embedded = summary(kb(*argv, "--arch", arch_name, "--json"))
+        embedded = summary(cli.run(*argv, "--arch", arch_name, "--json"))
         counts = {
             where: {m: r["counters"] for m, r in s["mechanisms"].items()}
             for where, s in (("vagrant", on_machine), ("embedded", embedded))
@@ -275,7 +261,7 @@ def test_one_connection_per_command_and_per_guest(
         ):
             before = count()
             t0 = time.monotonic()
-            proc = kb(*argv, *([] if "--" in argv else ["--target", f"vagrant:{machine}"]))
+            proc = cli.run(*argv, *([] if "--" in argv else ["--target", f"vagrant:{machine}"]))
             TIMINGS.setdefault(f"{arch_name} kbridge {argv[0]} {argv[1]}", time.monotonic() - t0)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert count() - before == 1, f"{argv}: {count() - before} SSH connections"
@@ -306,7 +292,7 @@ def test_one_connection_per_command_and_per_guest(
 def test_machines_have_their_own_hostnames(vagrant_env: LibvirtInNetns, machines: Callable[[str], str]) -> None:
     names = {}
     for arch_name in MACHINES:
-        proc = kb("vm", "exec", "--target", f"vagrant:{machines(arch_name)}", "--", "hostname")
+        proc = cli.run("vm", "exec", "--target", f"vagrant:{machines(arch_name)}", "--", "hostname")
         assert proc.returncode == 0, proc.stderr
         names[arch_name] = proc.stdout.strip()
     assert names == {"x86_64": "kbridge-x86-64", "arm64": "kbridge-arm64"}
@@ -365,15 +351,17 @@ def test_pytest_plugin_takes_the_machines_arch(
 def test_module_commands_take_the_machines_arch(vagrant_env: LibvirtInNetns, machines: Callable[[str], str]) -> None:
     """`kbridge module load --target vagrant:kbridge-arm64` with no --arch: built for arm64, loaded, probed."""
     target = f"vagrant:{machines('arm64')}"
-    load = kb("module", "load", str(REPO / "examples/chardev"), "--target", target)
+    load = cli.run("module", "load", str(REPO / "examples/chardev"), "--target", target)
     assert load.returncode == 0 and "loaded in the arm64 guest" in load.stderr, load.stderr[-2000:]
     try:
         s = summary(
-            kb("probe", "kbchardev_write", "--ret", "--run", "echo hi > /dev/kbchardev", "--target", target, "--json")
+            cli.run(
+                "probe", "kbchardev_write", "--ret", "--run", "echo hi > /dev/kbchardev", "--target", target, "--json"
+            )
         )
         assert s["arch"] == "arm64" and s["mechanisms"]["kmod"]["hits"] == 1
     finally:
-        unload = kb("module", "unload", "kbchardev", "--target", target)
+        unload = cli.run("module", "unload", "kbchardev", "--target", target)
         assert unload.returncode == 0, unload.stderr[-2000:]
 
 
@@ -381,10 +369,10 @@ def test_vagrantfile_option(vagrant_env: LibvirtInNetns, machines: Callable[[str
     """Away from the Vagrantfile, the hint names an option that exists, and that option works."""
     machine = machines("x86_64")
     env = {k: v for k, v in os.environ.items() if k != "VAGRANT_CWD"}
-    lost = kb("vm", "exec", "--target", "vagrant", "--", "true", cwd=tmp_path, env=env)
+    lost = cli.run("vm", "exec", "--target", "vagrant", "--", "true", cwd=tmp_path, env=env)
     assert lost.returncode == 2 and "no Vagrantfile in the current directory" in lost.stderr, lost.stderr
     assert "--vagrantfile DIR" in lost.stderr and len(lost.stderr.strip().splitlines()) <= 2
-    found = kb(
+    found = cli.run(
         "vm",
         "exec",
         "--target",
@@ -398,7 +386,9 @@ def test_vagrantfile_option(vagrant_env: LibvirtInNetns, machines: Callable[[str
         env=env,
     )
     assert found.returncode == 0 and found.stdout.strip() == "x86_64", found.stderr
-    bad = kb("vm", "exec", "--target", "vagrant", "--vagrantfile", str(tmp_path), "--", "true", cwd=tmp_path, env=env)
+    bad = cli.run(
+        "vm", "exec", "--target", "vagrant", "--vagrantfile", str(tmp_path), "--", "true", cwd=tmp_path, env=env
+    )
     assert bad.returncode == 2 and f"invalid --vagrantfile {str(tmp_path)!r}" in bad.stderr, bad.stderr
 
 
@@ -406,7 +396,7 @@ def test_bpf_on_a_vagrant_machine_counts_like_kmod(vagrant_env: LibvirtInNetns, 
     """--via bpf needs nothing in the box: kbridge's loader and CO-RE object are pushed on first use."""
     machine = machines("x86_64")
     s = summary(
-        kb(
+        cli.run(
             "probe",
             "ksys_write",
             "--pre",
@@ -428,7 +418,7 @@ def test_bpf_on_a_vagrant_machine_counts_like_kmod(vagrant_env: LibvirtInNetns, 
 
 
 def _guest_processes(machine: str) -> str:
-    proc = kb("vm", "exec", "--target", f"vagrant:{machine}", "--", "ps", "-eo", "pid,ppid,args")
+    proc = cli.run("vm", "exec", "--target", f"vagrant:{machine}", "--", "ps", "-eo", "pid,ppid,args")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -436,28 +426,12 @@ def _guest_processes(machine: str) -> str:
 def test_two_probes_at_once(vagrant_env: LibvirtInNetns, machines: Callable[[str], str]) -> None:
     """The second waits for the machine's lock, both count exactly, nothing of either stays in the guest."""
     machine = machines("arm64")
-    argv = [
-        sys.executable,
-        "-m",
-        "kbridge",
-        "probe",
-        "ksys_write",
-        "--pre",
-        "--comm",
-        "dd",
-        "--target",
-        f"vagrant:{machine}",
-        "--json",
-    ]
+    args = ("probe", "ksys_write", "--pre", "--comm", "dd", "--target", f"vagrant:{machine}", "--json")
     # The first holds the machine for a while (its workload sleeps after dd, which --comm dd does not
     # count): the second, started meanwhile, finds the machine busy whatever the host's speed.
-    first = subprocess.Popen(
-        [*argv, "--run", DD.format(n=40) + "; sleep 15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    first = cli.start(*args, "--run", DD.format(n=40) + "; sleep 15")
     time.sleep(1.0)
-    second = subprocess.Popen(
-        [*argv, "--run", DD.format(n=60)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    second = cli.start(*args, "--run", DD.format(n=60))
     out1, err1 = first.communicate(timeout=900)
     out2, err2 = second.communicate(timeout=900)
     assert first.returncode == 0 and second.returncode == 0, err1[-2000:] + err2[-2000:]
@@ -472,22 +446,8 @@ def test_kill_9_leaves_nothing_behind(vagrant_env: LibvirtInNetns, machines: Cal
     machine = machines("x86_64")
     ctl = state_dir() / "vagrant"
     before = set(ctl.glob("*")) if ctl.exists() else set()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--duration",
-            "120",
-            "--target",
-            f"vagrant:{machine}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = cli.start(
+        "probe", "ksys_write", "--pre", "--duration", "120", "--target", f"vagrant:{machine}", stdout=subprocess.DEVNULL
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 300
@@ -499,7 +459,7 @@ def test_kill_9_leaves_nothing_behind(vagrant_env: LibvirtInNetns, machines: Cal
     proc.wait()
     time.sleep(2)
     look = "lsmod; ls -d /tmp/kbridge-vg-*; ps -eo args | grep '[a]gent '"
-    after = kb("vm", "exec", "--target", f"vagrant:{machine}", "--", "sh", "-c", look)
+    after = cli.run("vm", "exec", "--target", f"vagrant:{machine}", "--", "sh", "-c", look)
     assert after.returncode == 0, after.stderr
     assert "cleaned up after a kbridge that was killed: module kb_" in after.stderr, after.stderr  # its probe
     assert "kb_ksys_write" not in after.stdout, after.stdout
@@ -512,25 +472,8 @@ def test_kill_9_leaves_nothing_behind(vagrant_env: LibvirtInNetns, machines: Cal
 def test_vagrant_ssh_workload_under_a_duration(vagrant_env: LibvirtInNetns, machines: Callable[[str], str]) -> None:
     """The habit: arm with --duration, run your own workload from `vagrant ssh` meanwhile."""
     machine = machines("x86_64")
-    probe = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kbridge",
-            "probe",
-            "ksys_write",
-            "--pre",
-            "--comm",
-            "dd",
-            "--duration",
-            "40",
-            "--target",
-            f"vagrant:{machine}",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    probe = cli.start(
+        "probe", "ksys_write", "--pre", "--comm", "dd", "--duration", "40", "--target", f"vagrant:{machine}", "--json"
     )
     assert probe.stderr is not None
     for line in probe.stderr:
@@ -549,15 +492,17 @@ def test_target_vagrant_picks_the_one_running_machine(
     """The primary (x86_64) halted, arm64 running: `--target vagrant` is arm64."""
     machines("arm64")
     machines("x86_64")
-    both = kb("vm", "exec", "--target", "vagrant", "--", "true")
+    both = cli.run("vm", "exec", "--target", "vagrant", "--", "true")
     assert both.returncode == 2 and "several machines" in both.stderr and "vagrant:kbridge-arm64" in both.stderr
     halt = _vagrant("halt", MACHINES["x86_64"])
     assert halt.returncode == 0, halt.stderr
     s = summary(
-        kb("probe", "ksys_write", "--pre", "--comm", "dd", "--run", DD.format(n=7), "--target", "vagrant", "--json")
+        cli.run(
+            "probe", "ksys_write", "--pre", "--comm", "dd", "--run", DD.format(n=7), "--target", "vagrant", "--json"
+        )
     )
     assert s["target"] == "vagrant:kbridge-arm64" and s["arch"] == "arm64" and s["mechanisms"]["kmod"]["hits"] == 7
-    halted = kb("vm", "exec", "--target", "vagrant:kbridge-x86_64", "--", "true")
+    halted = cli.run("vm", "exec", "--target", "vagrant:kbridge-x86_64", "--", "true")
     assert (
         halted.returncode == 2
         and "'kbridge-x86_64' is shut off" in halted.stderr
@@ -572,15 +517,15 @@ def test_box_remove_takes_vagrants_box_and_libvirts_volume(
     box = boxes.load(get_arch("arm64"))
     assert box is not None and box.version in vagrantboxes.added_boxes().get(box.name, [])
     assert box.version in vagrantboxes.box_volumes(box.name).values()  # `vagrant up` copied the disk into the pool
-    refused = kb("box", "remove", "--arch", "arm64", "--keep-cache")
+    refused = cli.run("box", "remove", "--arch", "arm64", "--keep-cache")
     assert refused.returncode == 2 and f"used by the Vagrant machine {machine!r}" in refused.stderr, refused.stderr
     assert box.version in vagrantboxes.added_boxes().get(box.name, [])  # nothing changed
     assert _vagrant("destroy", "-f", machine).returncode == 0
-    gone = kb("box", "remove", "--arch", "arm64", "--keep-cache")
+    gone = cli.run("box", "remove", "--arch", "arm64", "--keep-cache")
     assert gone.returncode == 0, gone.stderr
     assert box.name not in vagrantboxes.added_boxes() and not vagrantboxes.box_volumes(box.name)
     assert boxes.load(get_arch("arm64")) is not None  # --keep-cache: the build stays
-    pruned = kb("box", "prune")
+    pruned = cli.run("box", "prune")
     assert pruned.returncode == 0, pruned.stderr
     current = boxes.load(get_arch("x86_64"))
     assert current is not None
@@ -663,7 +608,7 @@ def test_a_box_kbridge_did_not_build(
     def fk(*args: str) -> subprocess.CompletedProcess[str]:
         """kbridge ARGS on the machine (its options before a `--`, which ends `vm exec`'s)."""
         cut = args.index("--") if "--" in args else len(args)
-        return kb(*args[:cut], *vf, *args[cut:], env=env)
+        return cli.run(*args[:cut], *vf, *args[cut:], env=env)
 
     look = (
         "uname -r; cat /proc/1/comm; "
