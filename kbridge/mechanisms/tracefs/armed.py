@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from kbridge import kprobe_events, progress
+from kbridge.guest import TRACE_BUFFER_KB
 from kbridge.mechanisms.engine import Totals
 from kbridge.mechanisms.histogram import ReturnPairer
 from kbridge.mechanisms.tracefs import guest
@@ -30,8 +31,9 @@ from kbridge.targets.base import LineStream
 
 # The ring buffer per CPU during a run when the user names none: 6.1's default (1408 KiB) overruns
 # while the host reader catches up with a burst (21 % of 200 000 dd writes were lost); 16 MiB
-# holds that burst. The guest's own setting is restored after the run.
-DEFAULT_BUFFER_KB = 16384
+# holds that burst. A guest with less (a Vagrant machine) gets it for the run and its own setting
+# back after; kbridge's VMs boot with it.
+DEFAULT_BUFFER_KB = TRACE_BUFFER_KB
 MARKER_TIMEOUT_S = 60.0  # TCG on a loaded host: trace_pipe -> cat -> virtio -> host
 
 HitAdapter = Callable[[EventInfo, Hit], Hit]

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from kbridge.arch import Arch
+from kbridge.guest import TRACE_BUFFER_KB
 from kbridge.images.image import Image
 from kbridge.targets.base import STREAM_PORTS
 
@@ -43,9 +44,13 @@ def qemu_argv(
     # under TCG, while a probed tight loop logs far faster: the log buffer must hold a
     # burst until the stream catches up. 32 MiB holds ~200k hit lines (6.1 sizes the
     # record descriptors from it too: ~140 MiB of the guest's memory in all).
-    # quiet, then loglevel=5: the boot stays quiet, and warnings (a WARN, lockdep, KASAN) reach the
-    # console with every oops and panic, where kbridge looks for them after each command.
-    append = f"console={arch.console} quiet loglevel=5 panic=-1 log_buf_len=32M {cmdline_extra}".strip()
+    # The same for tracefs's ring buffer (kbridge.guest.TRACE_BUFFER_KB), set at boot so that no run
+    # resizes it. quiet, then loglevel=5: the boot stays quiet, and warnings (a WARN, lockdep, KASAN)
+    # reach the console with every oops and panic, where kbridge looks for them after each command.
+    append = (
+        f"console={arch.console} quiet loglevel=5 panic=-1 log_buf_len=32M "
+        f"trace_buf_size={TRACE_BUFFER_KB}K {cmdline_extra}"
+    ).strip()
     argv = [
         arch.qemu_binary,
         *arch.qemu_machine,
