@@ -15,9 +15,9 @@ from kbridge.arch import ARM64, X86_64
 from kbridge.cli import app
 from kbridge.errors import KbridgeError
 from kbridge.kbuild import Built
-from kbridge.labs import LABS, get, labdir, markers
+from kbridge.labs import LABS, ablation, get, labdir, markers
 from kbridge.labs.checkers import breakpoint as bp
-from kbridge.labs.checkers import three_ways
+from kbridge.labs.checkers import kprobe_module, three_ways
 from kbridge.labs.grading import CheckSpec, Grader, Report, Status, StudentCrash
 from kbridge.labs.guest import workload_binary
 from kbridge.labs.kmodule import StudentModule, crash_detail, oops_site
@@ -169,6 +169,69 @@ def test_mnemonic_from_inspect_disassembly() -> None:
     assert bp.mnemonic("ffffffff81367680: 0f 1f 44 00 00 nopl 0x0(%rax,%rax,1)") == "nopl"
     assert bp.mnemonic("ffffca2e6c3ac154: d4200080 brk #0x4") == "brk"
     assert bp.mnemonic("ffffca2e6c3ac154: aa1e03e9 mov x9, x30") == "mov"
+
+
+# kbcheck_detach's state file as a 6.1 arm64 guest showed it (the lab's reference solution loaded),
+# and with the post-handler not attached (.post_handler left out).
+DETACH_STATE = """\
+addr ffffb670f97ac270
+hits 35
+owned 1
+detached 1
+undetached 0
+others 0
+kprobe0 pre=handler_pre post=handler_post
+"""
+DETACH_NO_POST = DETACH_STATE.replace("detached 1", "detached 0").replace("post=handler_post", "post=none")
+PROBE = 0xFFFFB670F97AC270
+
+
+def detached(text: str, pre: int, post: int) -> ablation.Detached:
+    d = ablation.Detached.parse(text)
+    d.before, d.after = {"pre": 28, "post": 28}, {"pre": 28 + pre, "post": 28 + post}
+    return d
+
+
+def test_detach_state_is_read_as_the_module_writes_it() -> None:
+    d = ablation.Detached.parse(DETACH_STATE + "kprobe1 pre=other_pre post=none\n")
+    assert (d.addr, d.hits, d.owned, d.detached, d.undetached, d.others) == (PROBE, 35, 1, 1, 0, 0)
+    assert d.handlers == [("handler_pre", "handler_post"), ("other_pre", "none")]
+    assert ablation.Detached.parse("hits x\n") == ablation.Detached(0, 0, 0, 0, 0, 0)
+
+
+def test_post_count_passes_only_when_it_stands_still_without_the_post_handler() -> None:
+    ok, detail = kprobe_module.detached_verdict(detached(DETACH_STATE, 35, 0), PROBE, 35)
+    assert ok, detail
+    assert "detached your post-handler handler_post (a no-op in its place) for 35 more write() calls" in detail
+    assert "pre_count +35, post_count +0" in detail and "\n" not in detail
+    # Counted in the pre-handler: it moves with the post-handler detached.
+    ok, detail = kprobe_module.detached_verdict(detached(DETACH_STATE, 35, 35), PROBE, 35)
+    assert not ok and "post_count +35: post_count moved while no post-handler of yours ran" in detail
+    # No post-handler attached: nothing to detach, and no count can come from one.
+    ok, detail = kprobe_module.detached_verdict(detached(DETACH_NO_POST, 35, 35), PROBE, 35)
+    assert not ok and "(pre-handler handler_pre) has no post-handler attached" in detail
+    ok, _ = kprobe_module.detached_verdict(detached(DETACH_NO_POST, 35, 0), PROBE, 35)
+    assert not ok
+
+
+@pytest.mark.parametrize(
+    ("state", "calls", "words"),
+    [
+        (DETACH_STATE.replace("hits 35", "hits 34"), 35, "the calls did not all reach the probe"),
+        (DETACH_STATE.replace("addr ffffb670f97ac270", "addr ffffb670f97ac274"), 35, "not at your probe's"),
+        (DETACH_STATE.replace("owned 1", "owned 0").replace("others 0", "others 2"), 35, "(2 others): not checked"),
+        (DETACH_STATE.replace("owned 1", "owned 17").replace("undetached 0", "undetached 1"), 35, "too many"),
+    ],
+)
+def test_a_detach_step_that_proves_nothing_fails(state: str, calls: int, words: str) -> None:
+    ok, detail = kprobe_module.detached_verdict(detached(state, calls, 0), PROBE, calls)
+    assert not ok and words in detail, detail
+
+
+def test_detach_refuses_names_it_would_pass_to_insmod() -> None:
+    for owner, comm in (("kprobe lab", "kblab"), ("kprobe_lab", "kb lab"), ("x=1", "kblab"), ("kprobe_lab", "")):
+        with pytest.raises(ablation.AblationError, match="not a module name and comm"):
+            ablation.detached_run(None, PROBE, owner, comm, ["true"], dict)  # type: ignore[arg-type]
 
 
 def test_three_ways_keys_keep_everything_after_the_first_equals() -> None:

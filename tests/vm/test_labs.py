@@ -19,8 +19,12 @@ from kbridge import kernels
 from kbridge.api import Guest
 from kbridge.arch import get_arch
 from kbridge.images import image as images
-from kbridge.labs import LABS, get, labdir
+from kbridge.labs import LABS, ablation, evidence, get, labdir
+from kbridge.labs.checkers import kprobe_module
+from kbridge.labs.context import LabContext
 from kbridge.labs.grading import Report, Status
+from kbridge.labs.guest import WORKLOAD, WORKLOAD_COMM, LogWatch, cleanup_guest_dir, install_workload
+from kbridge.labs.kmodule import kprobes_list, loaded_modules
 from kbridge.labs.parallel import check_parallel
 from kbridge.labs.runner import check_dirs, kernel_available
 from kbridge.targets.qemu import QemuVM
@@ -75,6 +79,14 @@ _INIT_SETS_EVERYTHING = (
     "\tlast_pre_ip = last_addr;\n\tlast_post_ip = last_addr + 4;\n#endif\n",
 )
 
+# Edits applied in order, each to every occurrence: the post-handler's count goes first.
+_POST_COUNT_GONE = ("kprobe_lab.c", "\tatomic_inc(&post_count);\n", "")
+_PRE_COUNTS_POST = (
+    "kprobe_lab.c",
+    "\tatomic_inc(&pre_count);\n",
+    "\tatomic_inc(&pre_count);\n\tatomic_inc(&post_count);\n",
+)
+
 OOPS_EDIT = (
     (
         "kprobe_lab.c",
@@ -119,6 +131,25 @@ BUGS = [
         "kprobe-module",
         "pre-count",
         (("kprobe_lab.c", "\tatomic_inc(&pre_count);\n", "\tatomic_inc(&pre_count);\n\tatomic_inc(&pre_count);\n"),),
+    ),
+    # post_count counted by the pre-handler, one per call like the real one; the post-handler still
+    # prints and keeps its ip. Only the checker's ablation (the post-handler detached by its own
+    # module for a second workload: post_count still moves) tells it apart.
+    Bug(
+        "kprobe-module",
+        "post-count",
+        (_POST_COUNT_GONE, _PRE_COUNTS_POST),
+        BOTH,
+        tag="-in-pre",
+    ),
+    # The same count with no post-handler attached at all: nothing prints after the single-step,
+    # no post ip is kept.
+    Bug(
+        "kprobe-module",
+        ("post-count", "prints", "post-ip"),
+        (_POST_COUNT_GONE, _PRE_COUNTS_POST, ("kprobe_lab.c", "\t.post_handler = handler_post,\n", "")),
+        BOTH,
+        tag="-no-post-handler",
     ),
     Bug("kprobe-module", "prints", (("kprobe_lab.c", "p->addr = 0x%px", "p->addr = 0x%p"),)),
     Bug(
@@ -375,6 +406,35 @@ def test_kprobe_left_behind_fails_unloads_and_the_vm_is_replaced(kbridge_vm: Gue
         assert "sys_write" not in vm.read_file("/sys/kernel/debug/kprobes/list").decode()
     finally:
         vm.detach()
+
+
+def test_kprobe_module_detach_step_alone_and_refused_leaves_nothing(kbridge_vm: Guest, tmp_path: Path) -> None:
+    """The checker's own module (the post-handler ablation) on a probe address with no student's kprobe
+    finds nothing to detach and counts the calls; refused by the kernel (an address that is no
+    function), it is a clear failure of the step. Either way nothing stays loaded."""
+    needs("kprobe-module", kbridge_vm.arch)
+    with kbridge_vm.session() as s:
+        t = s.target
+        install_workload(t)
+        ctx = LabContext(t, s, tmp_path, {}, tmp_path, log=LogWatch(t))
+        symbol = kprobe_module.wrapper_symbol(t.arch)
+        addr = evidence.live_address(t, symbol)
+        assert addr is not None
+        try:
+            d = ablation.detached_run(ctx, addr, "kprobe_lab", WORKLOAD_COMM, [WORKLOAD, "write", "3"], dict)
+            # Its kprobe alone at the address (+4 past an IBT endbr64: x86_64 6.12): nothing to detach.
+            assert d.addr - addr in (0, 4) and (d.hits, d.owned, d.detached, d.others) == (3, 0, 0, 0)
+            assert ablation.NAME not in loaded_modules(t)
+            with pytest.raises(
+                ablation.AblationError, match=r"kbcheck_detach did not load \(-E[A-Z]+, .*register_kprobe"
+            ):
+                ablation.detached_run(ctx, 1, "kprobe_lab", WORKLOAD_COMM, [WORKLOAD, "write", "3"], dict)
+        finally:
+            for fn in reversed(ctx.cleanups):
+                fn()
+            cleanup_guest_dir(t)
+        assert ablation.NAME not in loaded_modules(t)
+        assert not [e for e in kprobes_list(t) if e[2].startswith(f"{symbol}+")]
 
 
 def test_old_apis_on_5_10(kbridge_arch: str, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 
 from kbridge import kprobes_list
 from kbridge.arch import Arch
-from kbridge.labs import evidence
+from kbridge.labs import ablation, evidence
 from kbridge.labs.checkers.common import LOADS, build_and_load, probes_on, unload
 from kbridge.labs.context import LabContext
 from kbridge.labs.diagnose import flood
@@ -42,7 +42,9 @@ CHECKS = [
     ),
     CheckSpec(
         "post-count",
-        "the post-handler ran once per write() of the workload, as many times as the checker's own kprobe",
+        "the post-handler ran once per write() of the workload, as many times as the checker's own kprobe; "
+        "and post_count stays still while the checker's own module detaches the post handler for a second "
+        "workload (the pre-handler still runs)",
         "count every call in handler_post and attach it: .post_handler (TODO 3, 4)",
     ),
     CheckSpec(
@@ -133,9 +135,15 @@ def run(ctx: LabContext, g: Grader) -> None:
     # code (or text printed without a probe) must not pass.
     mine = [ln for ln in lines if ln.startswith(f"{MODULE}: ")]
     flooded = flood(len(mine), calls)
-    for check, key in (("pre-count", "pre"), ("post-count", "post")):
-        if g.ready(check, "registered"):
-            g.result(check, *_count(key, idle[key], s[key], calls, counted, flooded))
+    if g.ready("pre-count", "registered"):
+        g.result("pre-count", *_count("pre", idle["pre"], s["pre"], calls, counted, flooded))
+    if g.ready("post-count", "registered"):
+        assert entry is not None
+        ok, detail = _count("post", idle["post"], s["post"], calls, counted, flooded)
+        if not ok:
+            g.fail("post-count", detail)
+        else:
+            _post_detached(ctx, g, int(entry[0], 16), detail)
     if entry is None:
         g.ready("prints", "registered")
         g.ready("post-ip", "registered")
@@ -170,6 +178,63 @@ def _count(key: str, idle: int, got: int, calls: int, counted: int | None, flood
     if counted is not None and counted != calls:
         detail += " (the calls did not all reach the probed function: the check is not trusted)"
     return ok, detail + (f"\n{flooded}" if flooded and got > calls else "")
+
+
+DETACHED_HINT = (
+    "count post_count in handler_post only, and attach it as .post_handler (TODO 3, 4): the post-handler "
+    "runs after the probed instruction, so its count is the proof that the instruction ran; a count made "
+    "in the pre-handler says nothing about that"
+)
+
+
+def _post_detached(ctx: LabContext, g: Grader, addr: int, counted: str) -> None:
+    """The rest of 'post-count': a second workload while the checker's module holds the student's post
+    handlers detached; post_count must not move (COUNTED: what the first workload showed)."""
+    calls = pick_calls()
+    try:
+        d = ablation.detached_run(
+            ctx, addr, MODULE, WORKLOAD_COMM, [WORKLOAD, "write", str(calls)], lambda: _state(ctx)
+        )
+    except ablation.AblationError as e:
+        g.fail("post-count", f"{counted}; then {e.message}: the post count is not proven")
+        return
+    ok, detail = detached_verdict(d, addr, calls)
+    if ok:
+        g.result("post-count", True, f"{counted}; {detail}")
+    else:
+        g.fail("post-count", f"{counted}; {detail}", DETACHED_HINT)
+
+
+def detached_verdict(d: ablation.Detached, addr: int, calls: int) -> tuple[bool, str]:
+    """Whether post_count stood still while the student's post handlers were detached for CALLS more
+    write() calls, and what was seen (one line, for the student)."""
+    module = f"the checker's module {ablation.NAME}"
+    if d.addr != addr:
+        return False, f"then {module} put its kprobe at {d.addr:#x}, not at your probe's {addr:#x}: not checked"
+    if not d.owned:
+        return False, f"then {module} found no kprobe of {MODULE} at {addr:#x} ({d.others} others): not checked"
+    if d.undetached:
+        return False, f"then {module} found {d.owned} kprobes of {MODULE} at {addr:#x}, too many to detach: not checked"
+    pre = d.after.get("pre", 0) - d.before.get("pre", 0)
+    post = d.after.get("post", 0) - d.before.get("post", 0)
+    moved = f"pre_count {pre:+d}, post_count {post:+d}"
+    hits = f"{calls} more write() calls (its own kprobe at {addr:#x} counted {d.hits})"
+    if not d.detached:
+        pres = ", ".join(p for p, _ in d.handlers)
+        return False, (
+            f"your kprobe at {addr:#x} (pre-handler {pres}) has no post-handler attached: post_count is not counted "
+            f"by one; with {module} loaded for {hits}: {moved}"
+        )
+    posts = ", ".join(q for _, q in d.handlers if q != "none")
+    done = f"then {module} detached your post-handler {posts} (a no-op in its place) for {hits}: {moved}"
+    if d.hits != calls:
+        return False, f"{done} (the calls did not all reach the probe: the check is not trusted)"
+    if post:
+        return False, (
+            f"{done}: post_count moved while no post-handler of yours ran, so the post-handler does not count "
+            "it (the pre-handler, or other code, does)"
+        )
+    return True, f"{done}, as it must with no post-handler running"
 
 
 def _ips(
