@@ -36,7 +36,8 @@ from kbridge.images import buildroot, programs
 from kbridge.images.image import Image
 from kbridge.paths import cache_dir
 
-FORMAT = 2  # bump when the cache layout changes
+FORMAT = 3  # bump when the cache layout changes (3: warnings kept with the source's place open)
+SOURCE_MARK = "\x00source"  # where a cached build's warnings name the source: no compiler prints a NUL
 HOST_GCC = "12"  # the host's (bookworm's) gcc, which builds bullseye's and bookworm's modules
 MAX_SOURCE_FILES = 2000
 MAX_SOURCE_BYTES = 64 << 20
@@ -243,7 +244,7 @@ def build(
     """
     source = source.resolve() if source is not None else None
     out = cache_dir() / "kbuild" / cache_key(files, image, source)
-    if (cached := _from_cache(out, image)) is not None:
+    if (cached := _from_cache(out, image, shown)) is not None:
         return _remembered(cached, shown)
     box = sandbox.detect() if untrusted else None  # SandboxUnavailable: refused before anything runs
     image.require_headers()  # a machine's own kernel: its headers are fetched now, or refused
@@ -257,8 +258,8 @@ def build(
             (work / rel).write_bytes(data)
         # A failed build fails its step (shown as failed, never as done before the error).
         with progress.step(f"building {shown} for {image.krel} ({image.arch.name})"):
-            output, code = _make(image, work, source) if box is None else _make_sandboxed(image, work, box, source)
-            output = map_paths(output, work, shown)
+            raw, code = _make(image, work, source) if box is None else _make_sandboxed(image, work, box, source)
+            output = map_paths(raw, work, shown)
             if code != 0:
                 raise BuildError(explain_build_failure(output, shown), "fix the code above and build again")
         mods = []
@@ -279,7 +280,9 @@ def build(
             )
         if not mods:
             raise BuildError(f"building {shown} produced no .ko file", "check the obj-m line names your objects")
-        warnings = [d for d in diagnostics(output) if ": warning: " in d]
+        # Kept with the source's place left open: the same files built from elsewhere (another
+        # student's submission, keyed by content alone) are shown at their own paths.
+        warnings = [d for d in diagnostics(map_paths(raw, work, SOURCE_MARK)) if ": warning: " in d]
         (work / "kbridge-build.json").write_text(json.dumps({"modules": mods, "warnings": warnings}))
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)  # a damaged earlier build under the same key
@@ -290,7 +293,7 @@ def build(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    result = _from_cache(out, image)
+    result = _from_cache(out, image, shown)
     assert result is not None
     return _remembered(result, shown)
 
@@ -413,9 +416,11 @@ def pick(built: list[Built], shown: str, name: str | None = None) -> Built:
     raise KbridgeError(f"{shown!r} builds no module named {name!r} (it builds: {names})")
 
 
-def _from_cache(out: Path, image: Image) -> list[Built] | None:
+def _from_cache(out: Path, image: Image, shown: str) -> list[Built] | None:
     try:
         meta = json.loads((out / "kbridge-build.json").read_text())
+        place = shown.rstrip("/") or "."
+        warnings = tuple(w.replace(SOURCE_MARK, place) for w in meta.get("warnings", ()))
         mods = [
             Built(
                 m["name"],
@@ -424,7 +429,7 @@ def _from_cache(out: Path, image: Image) -> list[Built] | None:
                 image.krel,
                 image.arch.name,
                 dict(m["params"]),
-                tuple(meta.get("warnings", ())),
+                warnings,
             )
             for m in meta["modules"]
         ]

@@ -59,6 +59,24 @@ def test_an_unchanged_module_is_not_rebuilt(kbridge_arch):
     assert first.krel == img.krel and first.arch == kbridge_arch
 
 
+def test_a_cached_builds_warnings_name_the_source_it_was_asked_for(kbridge_arch, tmp_path):
+    """Builds keyed by content alone (a lab's submissions) share the cache: the second copy's
+    warnings name its own path, not the first one's."""
+    img = images.ensure(get_arch(kbridge_arch))
+    dirs = [tmp_path / "alice" / "mydrv", tmp_path / "bob" / "mydrv"]
+    for d in dirs:
+        shutil.copytree(EXAMPLE, d, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        text = (d / "kbchardev.c").read_text()
+        # A warning only this test's files give, so the build is this test's own (not cached before).
+        unused = f"\tint kb_unused_{tmp_path.name.replace('-', '_')};\n\tkb_rejects++;"
+        (d / "kbchardev.c").write_text(text.replace("\tkb_rejects++;", unused, 1))
+    got = [kbuild.pick(kbuild.build(kbuild.source_files(d), img, str(d)), str(d)).warnings for d in dirs]
+    for d, warnings in zip(dirs, got, strict=True):
+        assert [w for w in warnings if "kb_unused_" in w], warnings
+        assert all(w.startswith(f"{d}/kbchardev.c:") for w in warnings if "kb_unused_" in w), warnings
+    assert not [w for w in got[1] if "alice" in w], got[1]
+
+
 def test_refused_parameters_change_nothing_in_the_guest(kbridge_vm, kbridge_session):
     vm = kbridge_session.target
     before = modules.loaded_modules(vm)
