@@ -280,8 +280,7 @@ def build(
             )
         if not mods:
             raise BuildError(f"building {shown} produced no .ko file", "check the obj-m line names your objects")
-        # Kept with the source's place left open: the same files built from elsewhere (another
-        # student's submission, keyed by content alone) are shown at their own paths.
+        # The source's place left open: the same files from elsewhere are shown at their own paths.
         warnings = [d for d in diagnostics(map_paths(raw, work, SOURCE_MARK)) if ": warning: " in d]
         (work / "kbridge-build.json").write_text(json.dumps({"modules": mods, "warnings": warnings}))
         if out.exists():
@@ -419,8 +418,7 @@ def pick(built: list[Built], shown: str, name: str | None = None) -> Built:
 def _from_cache(out: Path, image: Image, shown: str) -> list[Built] | None:
     try:
         meta = json.loads((out / "kbridge-build.json").read_text())
-        place = shown.rstrip("/") or "."
-        warnings = tuple(w.replace(SOURCE_MARK, place) for w in meta.get("warnings", ()))
+        warnings = tuple(w.replace(SOURCE_MARK, shown.rstrip("/") or ".") for w in meta.get("warnings", ()))
         mods = [
             Built(
                 m["name"],
