@@ -59,6 +59,7 @@ def guests() -> Iterator[dict]:
         yield get  # type: ignore[misc]
 
 
+@pytest.mark.matrix  # boots a kept arm VM of its own: with the matrix, not in the default run
 def test_guests_leave_the_kept_vm_to_the_commands(guests):
     """With a kept VM of a kernel up, the module's guest of that kernel is another VM: a `kbridge`
     command started meanwhile attaches the kept one at once instead of waiting for its lock."""
